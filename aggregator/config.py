@@ -1,0 +1,761 @@
+"""Configuration: a TOML file, environment overrides and CLI overrides, validated by pydantic.
+
+Precedence, lowest to highest: model defaults < TOML file < environment < CLI ``overrides``.
+
+Environment variables (``env`` defaults to ``os.environ``):
+
+- ``AGGREGATOR_WORKERS``, ``AGGREGATOR_DATA_DIR``, ``AGGREGATOR_BOOTSTRAP_SERVERS``,
+  ``AGGREGATOR_GROUP_ID``: the common settings. Other ``AGGREGATOR_X`` names are not config
+  (``AGGREGATOR_PURE_CORE`` belongs to the core) and are ignored.
+- ``AGGREGATOR__SECTION__FIELD`` (double underscores, any depth): any field, e.g.
+  ``AGGREGATOR__SERVICE__LMDB_SYNC=false`` or ``AGGREGATOR__SOURCES__ORDERS__TOPIC=x``.
+  Below ``kafka.common|consumer|producer`` the rest is one librdkafka key with ``_`` read
+  as ``.``: ``AGGREGATOR__KAFKA__COMMON__SASL_PASSWORD`` sets ``sasl.password``.
+
+Every problem becomes one :class:`ConfigError` whose message has one line per problem,
+each naming the field path: ``config error: service.workers: must be >= 1 (got 0)``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import logging
+import os
+import re
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+log = logging.getLogger(__name__)
+
+KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
+ENV_PREFIX = "AGGREGATOR_"
+ENV_GENERIC_PREFIX = "AGGREGATOR__"
+ENV_SHORTCUTS = {
+    "AGGREGATOR_WORKERS": "service.workers",
+    "AGGREGATOR_DATA_DIR": "service.data_dir",
+    "AGGREGATOR_BOOTSTRAP_SERVERS": "kafka.bootstrap_servers",
+    "AGGREGATOR_GROUP_ID": "kafka.group_id",
+}
+KAFKA_DICTS = ("common", "consumer", "producer")
+SECRET_MARKERS = (
+    "password", "secret", "token", "sasl.jaas.config", "sasl.oauthbearer.config",
+    "ssl.key.pem", "private.key",
+)
+CONSUMER_DEFAULTS: dict[str, Any] = {
+    "enable.auto.commit": False,  # the supervisor commits the workers' watermark itself
+    "auto.offset.reset": "earliest",
+    "partition.assignment.strategy": "cooperative-sticky",
+    "fetch.queue.backoff.ms": 20,
+    "enable.partition.eof": False,
+}
+# lz4 is in the bundled librdkafka's builtin.features (checked with confluent-kafka 2.16.1).
+PRODUCER_DEFAULTS: dict[str, Any] = {
+    "enable.idempotence": True,
+    "linger.ms": 5,
+    "compression.type": "lz4",
+}
+NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+TOPIC_RE = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+DOC_PATH_RE = re.compile(r"^[^.\s]+(\.[^.\s]+)*$")
+DATA_PATH_RE = re.compile(r"^data(\.[^.\s]+)+$")
+EVENT_ATTRS = ("id", "time", "source", "type", "subject", "partitionkey", "sequence")
+OP_NAMES = ("set", "merge", "unset", "upsert", "remove", "add", "delete")
+
+
+class ConfigError(Exception):
+    """An invalid or unreadable configuration; ``errors`` holds (field path, message) pairs."""
+
+    def __init__(self, errors: list[tuple[str, str]], source: str | None = None) -> None:
+        self.errors = errors
+        self.source = source
+        lines = [f"config error: {p}: {m}" if p else f"config error: {m}" for p, m in errors]
+        super().__init__("\n".join(lines))
+
+    def __reduce__(self) -> tuple[Any, ...]:  # survives pickling between processes
+        return (self.__class__, (self.errors, self.source))
+
+
+class _FieldErrors(ValueError):
+    """Raised inside validators: problems located relative to the value being validated."""
+
+    def __init__(self, items: list[tuple[tuple[str | int, ...], str]]) -> None:
+        self.items = items
+        super().__init__("; ".join(f"{_fmt_loc(loc)}: {msg}" for loc, msg in items))
+
+
+def _check(items: list[tuple[tuple[str | int, ...], str]]) -> None:
+    if items:
+        raise _FieldErrors(items)
+
+
+# ---- small value types --------------------------------------------------------------------
+
+
+def is_secret_key(key: str) -> bool:
+    """True for librdkafka keys whose values must never be logged."""
+    k = key.lower()
+    return any(m in k for m in SECRET_MARKERS)
+
+
+def redact(conf: Mapping[str, Any]) -> dict[str, Any]:
+    """A loggable copy of a librdkafka dict (e.g. ``consumer_conf()``): secrets become ``***``."""
+    return {k: "***" if is_secret_key(k) else v for k, v in conf.items()}
+
+
+def parse_size(value: Any) -> Any:
+    """Bytes as an int, or a string like ``"64MiB"``, ``"1.5 GiB"``, ``"512KiB"``, ``"4096"``."""
+    if isinstance(value, bool):
+        raise ValueError(f"must be a size in bytes (got {value!r})")  # noqa: TRY004 (pydantic)
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if not isinstance(value, str):
+        return value
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]iB|B)?\s*", value, re.IGNORECASE)
+    mult = {"": 1, "b": 1, "kib": KiB, "mib": MiB, "gib": GiB, "tib": TiB}
+    try:
+        n = Decimal(m.group(1)) * mult[(m.group(2) or "").lower()] if m else None
+    except InvalidOperation:
+        n = None
+    if n is None or n != n.to_integral_value():
+        raise ValueError(
+            f"bad size {value!r}: use a number of bytes or a number with B, KiB, MiB, GiB or TiB"
+        )
+    return int(n)
+
+
+def _reject_bool(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError(f"must be an integer (got {value!r})")  # noqa: TRY004 (pydantic)
+    return value
+
+
+def _fmt_size(n: int) -> str:
+    for unit, name in ((TiB, "TiB"), (GiB, "GiB"), (MiB, "MiB"), (KiB, "KiB")):
+        if n >= unit and n % unit == 0:
+            return f"{n // unit} {name}"
+    return f"{n} bytes"
+
+
+Int = Annotated[int, BeforeValidator(_reject_bool)]
+Size = Annotated[int, BeforeValidator(parse_size)]
+KafkaValue = StrictBool | StrictInt | StrictFloat | StrictStr | SecretStr
+_FROZEN = ConfigDict(frozen=True, extra="forbid")
+
+
+# ---- sections -----------------------------------------------------------------------------
+
+
+class KafkaConfig(BaseModel):
+    """Connection settings; dicts hold librdkafka keys, secrets are kept as SecretStr."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
+
+    bootstrap_servers: str = ""
+    group_id: str = Field("aggregator", min_length=1)
+    common: dict[str, KafkaValue] = Field(default_factory=dict)
+    consumer: dict[str, KafkaValue] = Field(default_factory=dict)
+    producer: dict[str, KafkaValue] = Field(default_factory=dict)
+
+    @field_validator("common", "consumer", "producer", mode="before")
+    @classmethod
+    def _librdkafka_dict(cls, value: Any, info: Any) -> Any:
+        if not isinstance(value, Mapping):
+            return value
+        flat: dict[str, Any] = {}
+        _flatten(value, "", flat)  # unquoted dotted TOML keys arrive as nested tables
+        problems: list[tuple[tuple[str | int, ...], str]] = []
+        for key, v in flat.items():
+            if key in ("bootstrap.servers", "group.id"):
+                field = key.replace(".", "_")
+                problems.append(((key,), f"set kafka.{field} instead"))
+            elif not isinstance(v, (bool, int, float, str, SecretStr)):
+                got = type(v).__name__
+                problems.append(((key,), f"must be a string, number or boolean (got {got})"))
+            elif key == "enable.auto.commit" and info.field_name != "producer" and _truthy(v):
+                why = "the supervisor commits offsets after the workers have stored them"
+                problems.append(((key,), f"must stay false: {why}"))
+            elif is_secret_key(key) and not isinstance(v, SecretStr):
+                flat[key] = SecretStr(str(v))
+        _check(problems)
+        return flat
+
+    def _plain(self, d: dict[str, Any]) -> dict[str, Any]:
+        return {k: v.get_secret_value() if isinstance(v, SecretStr) else v for k, v in d.items()}
+
+    def consumer_conf(self) -> dict[str, Any]:
+        """librdkafka consumer settings: our defaults < common < consumer, plus servers, group."""
+        conf = {**CONSUMER_DEFAULTS, **self._plain(self.common), **self._plain(self.consumer)}
+        conf["bootstrap.servers"] = self.bootstrap_servers
+        conf["group.id"] = self.group_id
+        return conf
+
+    def producer_conf(self) -> dict[str, Any]:
+        """librdkafka producer settings: our defaults < common < producer, plus servers."""
+        conf = {**PRODUCER_DEFAULTS, **self._plain(self.common), **self._plain(self.producer)}
+        conf["bootstrap.servers"] = self.bootstrap_servers
+        return conf
+
+    def admin_conf(self) -> dict[str, Any]:
+        """librdkafka admin-client settings: common plus servers."""
+        return {**self._plain(self.common), "bootstrap.servers": self.bootstrap_servers}
+
+    def redacted(self) -> dict[str, Any]:
+        """A loggable copy of this section with every secret as ``***``."""
+        out: dict[str, Any] = {"bootstrap_servers": self.bootstrap_servers,
+                               "group_id": self.group_id}
+        for name in KAFKA_DICTS:
+            out[name] = {k: "***" if isinstance(v, SecretStr) or is_secret_key(k) else v
+                         for k, v in getattr(self, name).items()}
+        return out
+
+
+class ServiceConfig(BaseModel):
+    """Process layout, limits and storage of one aggregator instance."""
+
+    model_config = _FROZEN
+
+    workers: Int = Field(2, ge=1, le=256)
+    data_dir: Path = Path("./data")
+    dead_letter_topic: str = "aggregator.deadletter"
+    max_record_bytes: Size = Field(MiB, ge=1)
+    max_key_bytes: Size = Field(400, ge=1, le=480)  # + our prefixes <= LMDB's 511-byte keys
+    batch_max_records: Int = Field(5000, ge=1)
+    commit_interval_ms: Int = Field(1000, ge=1)
+    ring_bytes: Size = Field(64 * MiB, ge=1)
+    lmdb_map_size: Size = Field(GiB, ge=MiB)
+    lmdb_max_map_size: Size = Field(64 * GiB, ge=MiB)
+    lmdb_sync: bool = True
+    heartbeat_timeout_ms: Int = Field(10_000, ge=1)
+    max_boot_failures: Int = Field(5, ge=1)
+    shutdown_timeout_ms: Int = Field(30_000, ge=1)
+
+    @field_validator("dead_letter_topic")
+    @classmethod
+    def _topic_name(cls, value: str) -> str:
+        return _valid_topic(value)
+
+    @model_validator(mode="after")
+    def _sizes(self) -> ServiceConfig:
+        problems: list[tuple[tuple[str | int, ...], str]] = []
+        need = 2 * self.max_record_bytes + MiB
+        if self.ring_bytes < need:
+            got = _fmt_size(self.ring_bytes)
+            msg = f"must be >= 2*max_record_bytes + 1 MiB = {_fmt_size(need)} (got {got})"
+            problems.append((("ring_bytes",), msg))
+        if self.lmdb_max_map_size < self.lmdb_map_size:
+            want, got = _fmt_size(self.lmdb_map_size), _fmt_size(self.lmdb_max_map_size)
+            msg = f"must be >= lmdb_map_size = {want} (got {got})"
+            problems.append((("lmdb_max_map_size",), msg))
+        _check(problems)
+        return self
+
+
+class DedupConfig(BaseModel):
+    """The generational bloom filter that drops redelivered events."""
+
+    model_config = _FROZEN
+
+    bloom_capacity: Int = Field(1_000_000, ge=1)
+    bloom_fp_rate: float = Field(0.01, gt=0.0, lt=0.5)
+    bloom_generations: Int = Field(4, ge=2, le=64)
+
+
+class GateConfig(BaseModel):
+    """The per-key sequence gate: how many early events may wait, and for how long."""
+
+    model_config = _FROZEN
+
+    max_parked_per_key: Int = Field(1000, ge=1)
+    max_parked_total: Int = Field(100_000, ge=1)
+    gap_timeout_ms: Int = Field(30_000, ge=1)
+    gap_policy: Literal["skip", "dead-letter"] = "skip"
+    max_cached_keys: Int = Field(200_000, ge=1)  # sequence states kept in memory per worker
+
+    @model_validator(mode="after")
+    def _totals(self) -> GateConfig:
+        if self.max_parked_total < self.max_parked_per_key:
+            want, got = self.max_parked_per_key, self.max_parked_total
+            _check([(("max_parked_total",), f"must be >= max_parked_per_key = {want} (got {got})")])
+        return self
+
+
+class SourceConfig(BaseModel):
+    """One input topic and how its sequence numbers are ordered."""
+
+    model_config = _FROZEN
+
+    topic: str
+    ordering: Literal["latest", "strict"] = "latest"
+    initial_sequence: Int = Field(1, ge=0)
+
+    @field_validator("topic")
+    @classmethod
+    def _topic_name(cls, value: str) -> str:
+        return _valid_topic(value)
+
+
+# op -> (path required, takes from/value, extra keys it accepts)
+_OP_RULES: dict[str, tuple[bool, bool, frozenset[str]]] = {
+    "set": (True, True, frozenset({"fields"})),
+    "merge": (False, True, frozenset({"fields"})),
+    "unset": (True, False, frozenset()),
+    "upsert": (True, True, frozenset({"id", "fields"})),
+    "remove": (True, False, frozenset({"id"})),
+    "add": (True, True, frozenset({"negate"})),
+    "delete": (False, False, frozenset()),
+}
+
+
+class OpSpec(BaseModel):
+    """One merge operation; structure only (``merge.compile_ops`` checks the semantics)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    op: Literal["set", "merge", "unset", "upsert", "remove", "add", "delete"]
+    path: str | None = None
+    from_: str | None = Field(None, alias="from")
+    value: Any = None
+    id: str | None = None
+    fields: list[StrictStr] | None = None
+    negate: StrictBool | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _root_path(cls, data: Any) -> Any:
+        # merge.compile_ops spells "merge into the root" as path = ""; delete has no path
+        if isinstance(data, dict) and data.get("op") == "merge" and data.get("path") is None:
+            return {**data, "path": ""}
+        if isinstance(data, dict) and data.get("op") == "delete" and data.get("path") == "":
+            return {k: v for k, v in data.items() if k != "path"}
+        return data
+
+    @model_validator(mode="after")
+    def _structure(self) -> OpSpec:
+        need_path, takes_input, extras = _OP_RULES[self.op]
+        p: list[tuple[tuple[str | int, ...], str]] = []
+        op = f"op '{self.op}'"
+        if self.path is None:
+            if need_path:
+                p.append((("path",), f"required for {op}"))
+        elif self.op == "delete":
+            p.append((("path",), "not allowed: delete removes the whole document"))
+        elif not DOC_PATH_RE.match(self.path) and not (self.op == "merge" and not self.path):
+            p.append((("path",), f"bad path {self.path!r}: use dotted names like 'a.b'"))
+        has_from, has_value = self.from_ is not None, self.value is not None
+        if takes_input and has_from == has_value:
+            got = "both" if has_from else "neither"
+            p.append(((), f"{op} needs exactly one of 'from' or 'value' (got {got})"))
+        elif not takes_input:
+            given = (("from", self.from_), ("value", self.value))
+            p += [((k,), f"not allowed for {op}") for k, v in given if v is not None]
+        if has_from and not _is_selector(self.from_):
+            p.append((("from",), _selector_help(self.from_)))
+        if has_value and self.op == "add" and (isinstance(self.value, bool)
+                                               or not isinstance(self.value, (int, float))):
+            p.append((("value",), f"must be a number for op 'add' (got {self.value!r})"))
+        if has_value and self.op == "merge" and not isinstance(self.value, dict):
+            p.append((("value",), f"must be a table for {op}"))
+        for name in ("id", "fields", "negate"):
+            if getattr(self, name) is not None and name not in extras:
+                p.append(((name,), f"not allowed for {op}"))
+        if "id" in extras and self.id is None:
+            p.append((("id",), f"required for {op} (e.g. id = \"data.item_id\")"))
+        elif self.id is not None and "id" in extras and not _is_selector(self.id):
+            p.append((("id",), _selector_help(self.id)))
+        if self.fields is not None and "fields" in extras:
+            if not self.fields:
+                p.append((("fields",), "must not be empty (omit it to take every field)"))
+            p += [(("fields", i), "must be a non-empty string") for i, f in enumerate(self.fields)
+                  if not f]
+        _check(p)
+        return self
+
+    def to_spec(self) -> dict[str, Any]:
+        """The op as its TOML table (``from`` spelt as in the file, absent keys left out)."""
+        return self.model_dump(by_alias=True, exclude_none=True)
+
+
+class FeedConfig(BaseModel):
+    """Which events of one source update a view, under which key, with which ops."""
+
+    model_config = _FROZEN
+
+    source: str
+    types: list[StrictStr] = Field(min_length=1)
+    key: str
+    ops: list[OpSpec] = Field(min_length=1)
+
+    @field_validator("types")
+    @classmethod
+    def _types(cls, value: list[str]) -> list[str]:
+        p: list[tuple[tuple[str | int, ...], str]] = []
+        seen: set[str] = set()
+        for i, t in enumerate(value):
+            if not t.strip():
+                p.append(((i,), "must be a non-empty event type"))
+            elif t in seen:
+                p.append(((i,), f"duplicate type {t!r}"))
+            seen.add(t)
+        if "*" in seen and len(value) > 1:
+            p.append(((), "'*' (every type) must be the only entry"))
+        _check(p)
+        return value
+
+    @field_validator("key")
+    @classmethod
+    def _key(cls, value: str) -> str:
+        if value != "partitionkey" and not DATA_PATH_RE.match(value):
+            raise ValueError(f"must be 'partitionkey' or 'data.<field>' (got {value!r})")
+        return value
+
+
+class ViewConfig(BaseModel):
+    """A materialised view: one document per key, built by its feeds."""
+
+    model_config = _FROZEN
+
+    feeds: list[FeedConfig] = Field(min_length=1)
+
+
+class Config(BaseModel):
+    """The whole configuration. Build it with :func:`load_config`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
+
+    kafka: KafkaConfig = Field(default_factory=KafkaConfig)
+    service: ServiceConfig = Field(default_factory=ServiceConfig)
+    dedup: DedupConfig = Field(default_factory=DedupConfig)
+    gate: GateConfig = Field(default_factory=GateConfig)
+    sources: dict[str, SourceConfig] = Field(min_length=1)
+    views: dict[str, ViewConfig] = Field(min_length=1)
+    _by_topic: dict[str, tuple[str, SourceConfig]] = PrivateAttr(default_factory=dict)
+
+    def model_post_init(self, context: Any, /) -> None:
+        self._by_topic = {s.topic: (n, s) for n, s in self.sources.items()}
+
+    @field_validator("sources", "views")
+    @classmethod
+    def _names(cls, value: dict[str, Any], info: Any) -> dict[str, Any]:
+        kind = info.field_name[:-1]
+        rule = f"must match {NAME_RE.pattern} (lowercase letters, digits, _)"
+        _check([((n,), f"bad {kind} name {n!r}: {rule}") for n in value if not NAME_RE.match(n)])
+        return value
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Config:
+        p: list[tuple[tuple[str | int, ...], str]] = []
+        owner: dict[str, str] = {}
+        for name, src in self.sources.items():
+            if src.topic in owner:
+                p.append((("sources", name, "topic"),
+                          f"topic {src.topic!r} is already read by source '{owner[src.topic]}'"))
+            owner.setdefault(src.topic, name)
+        dlq = self.service.dead_letter_topic
+        if dlq in owner:
+            msg = f"{dlq!r} is also the topic of source '{owner[dlq]}'"
+            p.append((("service", "dead_letter_topic"), msg))
+        used: set[str] = set()
+        for vname, view in self.views.items():
+            for i, feed in enumerate(view.feeds):
+                used.add(feed.source)
+                if feed.source not in self.sources:
+                    hint = difflib.get_close_matches(feed.source, list(self.sources), 1)
+                    mean = f"did you mean '{hint[0]}'? " if hint else ""
+                    known = ", ".join(self.sources)
+                    msg = f"unknown source {feed.source!r} ({mean}known: {known})"
+                    p.append((("views", vname, "feeds", i, "source"), msg))
+        p += [(("sources", n), f"source '{n}' feeds no view") for n in self.sources
+              if n not in used]
+        _check(p)
+        return self
+
+    def topics(self) -> list[str]:
+        """Source topics sorted by name: the stable ``topic_idx`` order of ring messages."""
+        return sorted(s.topic for s in self.sources.values())
+
+    def source_by_topic(self, topic: str) -> tuple[str, SourceConfig]:
+        """(source name, its config) for a source topic; KeyError for any other topic."""
+        try:
+            return self._by_topic[topic]
+        except KeyError:
+            raise KeyError(f"no source reads topic {topic!r}") from None
+
+    def fingerprint(self) -> str:
+        """Hash of what decides the stored documents: sources, views and the gap policy.
+
+        Kafka settings, worker count, limits and timeouts are left out, so a data dir can
+        tell a changed meaning from a retuned deployment.
+        """
+        views = {n: v.model_dump(mode="json", by_alias=True, exclude_none=True)
+                 for n, v in self.views.items()}
+        for v in views.values():
+            for feed in v["feeds"]:
+                feed["types"] = sorted(feed["types"])
+        canon = {
+            "format": 1,
+            "sources": {n: s.model_dump(mode="json") for n, s in self.sources.items()},
+            "views": views,
+            "gap_policy": self.gate.gap_policy,
+        }
+        blob = json.dumps(canon, sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def redacted(self) -> dict[str, Any]:
+        """The whole configuration as plain data, fit to log or print (secrets as ``***``)."""
+        out = self.model_dump(mode="json", by_alias=True, exclude_none=True, exclude={"kafka"})
+        return {"kafka": self.kafka.redacted(), **out}
+
+
+# ---- loading ------------------------------------------------------------------------------
+
+
+def default_config_path() -> Path:
+    """The repository's ``examples/shop.toml``, used when no config path is given."""
+    path = Path(__file__).resolve().parent.parent / "examples" / "shop.toml"
+    if not path.is_file():
+        msg = (f"no config file given and the default {path} does not exist "
+               f"(installed without examples?); pass a config path")
+        raise ConfigError([("", msg)])
+    return path
+
+
+def load_config(
+    path: str | Path | None,
+    overrides: Mapping[str, object] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Config:
+    """Read ``path`` (None: :func:`default_config_path`), apply env then ``overrides``, validate.
+
+    ``overrides`` keys are dotted field paths (``{"service.workers": 4}``); None values are
+    skipped so CLI options that were not given can be passed straight through.
+    Raises :class:`ConfigError`.
+    """
+    path = Path(path) if path is not None else default_config_path()
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError([(str(path), "file not found")], str(path)) from None
+    except OSError as e:
+        raise ConfigError([(str(path), f"cannot read: {e.strerror or e}")], str(path)) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError([(str(path), f"not valid UTF-8 ({e.reason})")], str(path)) from None
+    except tomllib.TOMLDecodeError as e:
+        msg = str(e)
+        m = re.search(r"\s*\(at (line \d+, column \d+|end of document)\)$", msg)
+        where = f" at {m.group(1)}" if m else ""
+        msg = msg[: m.start()] if m else msg
+        raise ConfigError([(str(path), f"TOML syntax error{where}: {msg}")], str(path)) from None
+    return config_from_dict(data, overrides, env, source=str(path))
+
+
+def config_from_dict(
+    data: Mapping[str, Any],
+    overrides: Mapping[str, object] | None = None,
+    env: Mapping[str, str] | None = None,
+    *,
+    source: str | None = None,
+) -> Config:
+    """Like :func:`load_config` for already-parsed TOML data (``data`` is not modified)."""
+    raw = _deepcopy(data)
+    origins: dict[str, str] = {}
+    env = os.environ if env is None else env
+    for name in sorted(env):
+        if name.startswith(ENV_GENERIC_PREFIX):
+            _set(raw, _env_parts(name), env[name], f"env {name}", origins)
+    for name, dotted in ENV_SHORTCUTS.items():
+        if name in env:
+            long = ENV_GENERIC_PREFIX + dotted.upper().replace(".", "__")
+            if long in env and env[long] != env[name]:
+                raise ConfigError([(dotted, f"env {name} and {long} disagree")], source)
+            _set(raw, dotted.split("."), env[name], f"env {name}", origins)
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            _set(raw, _dotted_parts(key), value, f"override {key!r}", origins)
+    try:
+        config = Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_explain(e, origins), source) from None
+    log.debug("config loaded from %s (fingerprint %s)", source or "data", config.fingerprint())
+    return config
+
+
+def _deepcopy(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _deepcopy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_deepcopy(v) for v in value]
+    return value
+
+
+def _env_parts(name: str) -> list[str]:
+    parts = [p.lower() for p in name[len(ENV_GENERIC_PREFIX):].split("__")]
+    if not all(parts):
+        raise ConfigError([("", f"env {name}: empty name part (use AGGREGATOR__SECTION__FIELD)")])
+    if len(parts) >= 3 and parts[0] == "kafka" and parts[1] in KAFKA_DICTS:
+        parts = parts[:2] + [".".join(parts[2:]).replace("_", ".")]  # one librdkafka key
+    return parts
+
+
+def _dotted_parts(key: str) -> list[str]:
+    parts = key.split(".")
+    if len(parts) > 3 and parts[0] == "kafka" and parts[1] in KAFKA_DICTS:
+        parts = parts[:2] + [".".join(parts[2:])]  # librdkafka keys contain dots
+    if not all(parts):
+        raise ConfigError([("", f"override {key!r}: bad dotted key")])
+    return parts
+
+
+def _set(raw: dict[str, Any], parts: list[str], value: Any, origin: str,
+         origins: dict[str, str]) -> None:
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            where = _fmt_loc(tuple(parts[: i + 1]))
+            msg = f"{origin}: cannot set inside {where}, a {type(child).__name__}"
+            raise ConfigError([(_fmt_loc(tuple(parts)), msg)])
+        node = child
+    if isinstance(value, Mapping) and isinstance(node.get(parts[-1]), dict):
+        for k, v in value.items():
+            _set(raw, [*parts, str(k)], v, origin, origins)
+        return
+    node[parts[-1]] = _deepcopy(value)
+    origins[_fmt_loc(tuple(parts))] = origin
+    log.debug("config: %s set by %s", ".".join(parts), origin)
+
+
+# ---- error messages -----------------------------------------------------------------------
+
+
+def _fmt_loc(loc: tuple[str | int, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            text = part if re.fullmatch(r"[A-Za-z0-9_-]+", part) else json.dumps(part)
+            out += f".{text}" if out else text
+    return out
+
+
+def _explain(exc: ValidationError, origins: dict[str, str]) -> list[tuple[str, str]]:
+    found: list[tuple[str, str]] = []
+    for e in exc.errors(include_url=False):
+        loc = tuple(e["loc"])
+        err = (e.get("ctx") or {}).get("error")
+        items = err.items if isinstance(err, _FieldErrors) else [((), _message(e, loc))]
+        for sub, msg in items:
+            path = _fmt_loc(loc + sub)
+            origin = next((o for p, o in origins.items()
+                           if path == p or path.startswith((p + ".", p + "["))), None)
+            found.append((path, f"{msg} [from {origin}]" if origin else msg))
+    return found
+
+
+def _message(e: Mapping[str, Any], loc: tuple[str | int, ...]) -> str:
+    kind, ctx = e["type"], e.get("ctx") or {}
+    secret = any(isinstance(p, str) and is_secret_key(p) for p in loc)
+    got = "***" if secret else _short(e.get("input"))
+    if kind == "extra_forbidden":
+        known = _known_fields(loc[:-1])
+        hint = difflib.get_close_matches(str(loc[-1]), known, 1)
+        return "unknown key " + (f"(did you mean '{hint[0]}'?)" if hint
+                                 else f"(known: {', '.join(known)})")
+    if kind == "missing":
+        return "required field missing"
+    if kind == "value_error":
+        return str(ctx.get("error", e["msg"]))
+    ops = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=",
+           "less_than": "<"}
+    if kind in ops:
+        bound = next(iter(ctx.values()))
+        return f"must be {ops[kind]} {bound} (got {got})"
+    if kind == "literal_error":
+        return f"must be {ctx['expected']} (got {got})"
+    if kind == "too_short":
+        n = ctx.get("min_length", 1)
+        return "must not be empty" if n == 1 else f"needs at least {n} entries"
+    simple = {"int": "an integer", "bool": "true or false", "float": "a number",
+              "string": "a string", "list": "a list", "dict": "a table", "model": "a table"}
+    for prefix, what in simple.items():
+        if kind.startswith(prefix):
+            return f"must be {what} (got {got})"
+    return f"{e['msg']} (got {got})"
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _known_fields(loc: tuple[str | int, ...]) -> list[str]:
+    tp: Any = Config
+    for part in (*loc, None):
+        while typing.get_origin(tp) in (typing.Union, types.UnionType, Annotated):
+            args = [a for a in typing.get_args(tp) if a is not type(None)]
+            tp = args[0]
+        if part is None:
+            break
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            field = next((f for n, f in tp.model_fields.items() if part in (n, f.alias)), None)
+            tp = field.annotation if field else None
+        elif typing.get_origin(tp) in (dict, list):
+            tp = typing.get_args(tp)[-1]
+        else:
+            return []
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return [f.alias or n for n, f in tp.model_fields.items()]
+    return []
+
+
+def _valid_topic(value: str) -> str:
+    if not TOPIC_RE.match(value) or value in (".", ".."):
+        raise ValueError(f"bad topic name {value!r}: use 1-249 of A-Z a-z 0-9 . _ -")
+    return value
+
+
+def _is_selector(value: str) -> bool:
+    return value == "data" or value in EVENT_ATTRS or bool(DATA_PATH_RE.match(value))
+
+
+def _selector_help(value: str) -> str:
+    return (f"bad selector {value!r}: use 'data', 'data.<field>' or one of "
+            f"{', '.join(EVENT_ATTRS)}")
+
+
+def _truthy(value: Any) -> bool:
+    if isinstance(value, SecretStr):
+        return False
+    return str(value).strip().lower() in ("true", "t", "1", "yes", "y", "on")
+
+
+def _flatten(value: Mapping[str, Any], prefix: str, out: dict[str, Any]) -> None:
+    for k, v in value.items():
+        if isinstance(v, Mapping):
+            _flatten(v, f"{prefix}{k}.", out)
+        else:
+            out[f"{prefix}{k}"] = v

@@ -1,0 +1,338 @@
+"""One worker's LMDB shard: view documents, dedup index, sequences, parked events, offsets.
+
+Layout (named databases; `S` = 2-byte slot prefix, see routing.py):
+
+=============  =====================================  ====================================
+database       key                                    value
+=============  =====================================  ====================================
+views          S + view id (1 byte) + view key        msgpack {"v": version, "d": doc,
+                                                      "s": {source: [seq, time]}}
+dedup          S + identity hash (16)                 generation (8, big-endian)
+dedup_gen      generation (8) + S + identity hash     b""  (prune index by generation)
+seq            S + gate hash (16)                     msgpack [last, topic, partition]
+parked         S + gate hash (16) + seq (8)           msgpack [parked_at, record]
+offsets        topic + b"\\0" + partition (4)          through offset (8, signed)
+links          source worker (2)                      last applied link seq (8)
+outbox         target worker (2) + link seq (8)       msgpack message (view updates)
+meta           name                                   msgpack value
+=============  =====================================  ====================================
+
+The shard is opened inside the worker process (never across a fork). Every batch is one write
+transaction; a MAP_FULL aborts the whole transaction (nothing partial is kept), grows the map up
+to the configured maximum and lets the caller retry the batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+from pathlib import Path
+from typing import Iterator
+
+import lmdb
+import msgpack
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+_DBS = ("views", "dedup", "dedup_gen", "seq", "parked", "offsets", "links", "outbox", "meta")
+_U64 = struct.Struct(">Q")
+_I64 = struct.Struct(">q")
+_U16 = struct.Struct(">H")
+_PART = struct.Struct(">i")
+
+_pack = msgpack.Packer(use_bin_type=True).pack
+
+
+def _unpack(b: bytes):
+    return msgpack.unpackb(b, raw=False, strict_map_key=False)
+
+
+class ShardError(RuntimeError):
+    """A shard cannot be used as it is (format, worker count, or a full disk/map)."""
+
+
+def shard_path(data_dir: str | os.PathLike, index: int) -> Path:
+    return Path(data_dir) / f"shard-{index}"
+
+
+def offset_key(topic: str, partition: int) -> bytes:
+    return topic.encode() + b"\0" + _PART.pack(partition)
+
+
+def parse_offset_key(key: bytes) -> tuple[str, int]:
+    return bytes(key[:-5]).decode(), _PART.unpack(key[-4:])[0]
+
+
+class Shard:
+    """An LMDB environment owned by one worker."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        map_size: int = 1 << 30,
+        max_map_size: int = 64 << 30,
+        sync: bool = True,
+        readonly: bool = False,
+    ):
+        self.path = Path(path)
+        self.max_map_size = max_map_size
+        self.readonly = readonly
+        if not readonly:
+            self.path.mkdir(parents=True, exist_ok=True)
+        self.env = lmdb.open(
+            str(self.path),
+            map_size=map_size,
+            max_dbs=len(_DBS) + 2,
+            sync=sync,
+            metasync=sync,
+            readahead=False,
+            readonly=readonly,
+            lock=True,
+            max_readers=256,
+        )
+        if readonly:
+            with self.env.begin() as txn:
+                names = {name for name, _ in txn.cursor()}
+            self.db = {
+                n: self.env.open_db(n.encode()) for n in _DBS if n.encode() in names
+            }
+        else:
+            self.db = {n: self.env.open_db(n.encode()) for n in _DBS}
+
+    # ---- metadata --------------------------------------------------------------------
+    def get_meta(self, name: str, default=None):
+        db = self.db.get("meta")
+        if db is None:
+            return default
+        with self.env.begin(db=db) as txn:
+            raw = txn.get(name.encode())
+        return default if raw is None else _unpack(raw)
+
+    def put_meta(self, **values) -> None:
+        with self.env.begin(write=True, db=self.db["meta"]) as txn:
+            for name, value in values.items():
+                txn.put(name.encode(), _pack(value))
+
+    def check_layout(self, *, shard: int, workers: int, slots: int) -> None:
+        """Stamp a new shard, or refuse one written for another layout."""
+        fmt = self.get_meta("format")
+        if fmt is None:
+            self.put_meta(format=FORMAT_VERSION, shard=shard, workers=workers, slots=slots)
+            return
+        if fmt != FORMAT_VERSION:
+            raise ShardError(f"{self.path}: data format {fmt}, this build reads {FORMAT_VERSION}")
+        old = (self.get_meta("workers"), self.get_meta("slots"), self.get_meta("shard"))
+        if old != (workers, slots, shard):
+            raise ShardError(
+                f"{self.path}: written by {old[0]} workers, configured for {workers}; "
+                "changing the worker count of an existing data directory is refused "
+                "(use the old worker count, or a new data_dir)"
+            )
+
+    # ---- reads outside the write path -------------------------------------------------
+    def offsets(self) -> dict[tuple[str, int], int]:
+        """Durable through-offsets per (topic, partition)."""
+        db = self.db.get("offsets")
+        if db is None:
+            return {}
+        with self.env.begin(db=db) as txn:
+            return {parse_offset_key(k): _I64.unpack(v)[0] for k, v in txn.cursor()}
+
+    def links(self) -> dict[int, int]:
+        with self.env.begin(db=self.db["links"]) as txn:
+            return {_U16.unpack(k)[0]: _U64.unpack(v)[0] for k, v in txn.cursor()}
+
+    def outbox_after(self, target: int, after: int) -> Iterator[tuple[int, bytes]]:
+        """(link seq, message) for `target` with seq > after, in order."""
+        prefix = _U16.pack(target)
+        with self.env.begin(db=self.db["outbox"]) as txn:
+            cur = txn.cursor()
+            if not cur.set_range(prefix + _U64.pack(after + 1)):
+                return
+            for k, v in cur:
+                if not k.startswith(prefix):
+                    break
+                yield _U64.unpack(k[2:])[0], bytes(v)
+
+    def last_outbox_seq(self, target: int) -> int:
+        prefix = _U16.pack(target)
+        with self.env.begin(db=self.db["outbox"]) as txn:
+            cur = txn.cursor()
+            if cur.set_range(_U16.pack(target + 1)):
+                if cur.prev() and cur.key().startswith(prefix):
+                    return _U64.unpack(cur.key()[2:])[0]
+            elif cur.last() and cur.key().startswith(prefix):
+                return _U64.unpack(cur.key()[2:])[0]
+        return 0
+
+    def dedup_entries(self) -> Iterator[tuple[int, bytes]]:
+        """(generation, identity hash) of the dedup index, oldest generation first."""
+        with self.env.begin(db=self.db["dedup_gen"]) as txn:
+            for k, _ in txn.cursor():
+                yield _U64.unpack(k[:8])[0], bytes(k[10:26])
+
+    def documents(self, views: list[str]) -> Iterator[tuple[str, str, dict]]:
+        """(view, key, stored record) for every document in the shard."""
+        with self.env.begin(db=self.db["views"], buffers=False) as txn:
+            for k, v in txn.cursor():
+                vid = k[2]
+                yield views[vid], k[3:].decode(), _unpack(v)
+
+    def stat(self) -> dict:
+        info = self.env.info()
+        out = {"map_size": info["map_size"], "last_pgno": info["last_pgno"]}
+        with self.env.begin() as txn:
+            for name, db in self.db.items():
+                out[name] = txn.stat(db)["entries"]
+        return out
+
+    def begin(self) -> "Batch":
+        return Batch(self)
+
+    def grow(self) -> bool:
+        """Double the map size up to the maximum. False when already at the maximum."""
+        size = self.env.info()["map_size"]
+        if size >= self.max_map_size:
+            return False
+        new = min(size * 2, self.max_map_size)
+        self.env.set_mapsize(new)  # only valid with no write transaction open
+        log.warning("%s: LMDB map grown from %d to %d bytes", self.path, size, new)
+        return True
+
+    def close(self) -> None:
+        self.env.close()
+
+
+class Batch:
+    """One write transaction: everything a batch changes, committed at once or not at all."""
+
+    __slots__ = ("shard", "txn", "_db")
+
+    def __init__(self, shard: Shard):
+        self.shard = shard
+        self.txn = shard.env.begin(write=True)
+        self._db = shard.db
+
+    # documents
+    def get_doc(self, dkey: bytes) -> dict | None:
+        raw = self.txn.get(dkey, db=self._db["views"])
+        return None if raw is None else _unpack(raw)
+
+    def put_doc(self, dkey: bytes, record: dict) -> None:
+        self.txn.put(dkey, _pack(record), db=self._db["views"])
+
+    def delete_doc(self, dkey: bytes) -> None:
+        self.txn.delete(dkey, db=self._db["views"])
+
+    # dedup index
+    def seen(self, skey: bytes) -> bool:
+        return self.txn.get(skey, db=self._db["dedup"]) is not None
+
+    def mark_seen(self, skey: bytes, generation: int) -> None:
+        g = _U64.pack(generation)
+        self.txn.put(skey, g, db=self._db["dedup"])
+        self.txn.put(g + skey, b"", db=self._db["dedup_gen"])
+
+    def prune_generations(self, upto: int, limit: int = 100_000) -> int:
+        """Delete index entries of generations <= upto; at most `limit` per call."""
+        cur = self.txn.cursor(db=self._db["dedup_gen"])
+        dedup = self._db["dedup"]
+        n = 0
+        if not cur.first():
+            return 0
+        while n < limit:
+            k = cur.key()
+            if not k or _U64.unpack(k[:8])[0] > upto:
+                break
+            skey = k[8:]
+            raw = self.txn.get(skey, db=dedup)
+            if raw is not None and _U64.unpack(raw)[0] <= upto:
+                self.txn.delete(skey, db=dedup)
+            if not cur.delete():
+                break
+            n += 1
+        return n
+
+    # sequences and parked events
+    def get_seq(self, gkey: bytes) -> list | None:
+        raw = self.txn.get(gkey, db=self._db["seq"])
+        return None if raw is None else _unpack(raw)
+
+    def put_seq(self, gkey: bytes, last: int, topic: str, partition: int) -> None:
+        self.txn.put(gkey, _pack([last, topic, partition]), db=self._db["seq"])
+
+    def park(self, gkey: bytes, seq: int, parked_at: float, record: list) -> None:
+        self.txn.put(gkey + _U64.pack(seq), _pack([parked_at, record]), db=self._db["parked"])
+
+    def unpark(self, gkey: bytes, seq: int) -> list | None:
+        """Remove and return the parked record (or None if it is not there)."""
+        k = gkey + _U64.pack(seq)
+        raw = self.txn.pop(k, db=self._db["parked"])
+        return None if raw is None else _unpack(raw)[1]
+
+    def parked_of(self, gkey: bytes) -> list[tuple[int, float]]:
+        cur = self.txn.cursor(db=self._db["parked"])
+        out = []
+        if cur.set_range(gkey):
+            for k, v in cur:
+                if not k.startswith(gkey):
+                    break
+                out.append((_U64.unpack(k[len(gkey):])[0], _unpack(v)[0]))
+        return out
+
+    # offsets and links
+    def put_offset(self, topic: str, partition: int, through: int) -> None:
+        self.txn.put(offset_key(topic, partition), _I64.pack(through), db=self._db["offsets"])
+
+    def put_link(self, source_worker: int, seq: int) -> None:
+        self.txn.put(_U16.pack(source_worker), _U64.pack(seq), db=self._db["links"])
+
+    def put_outbox(self, target: int, seq: int, message: bytes) -> None:
+        self.txn.put(_U16.pack(target) + _U64.pack(seq), message, db=self._db["outbox"])
+
+    def prune_outbox(self, target: int, upto: int) -> int:
+        prefix = _U16.pack(target)
+        cur = self.txn.cursor(db=self._db["outbox"])
+        n = 0
+        if not cur.set_range(prefix):
+            return 0
+        while True:
+            k = cur.key()
+            if not k.startswith(prefix) or _U64.unpack(k[2:])[0] > upto:
+                break
+            if not cur.delete():
+                break
+            n += 1
+        return n
+
+    def put_meta(self, name: str, value) -> None:
+        self.txn.put(name.encode(), _pack(value), db=self._db["meta"])
+
+    def commit(self) -> None:
+        """Commit; raises lmdb.MapFullError (the caller aborts, grows and retries)."""
+        self.txn.commit()
+
+    def abort(self) -> None:
+        try:
+            self.txn.abort()
+        except lmdb.Error:
+            pass
+
+
+def view_key(slot_prefix: bytes, view_id: int, key: str) -> bytes:
+    return slot_prefix + bytes((view_id,)) + key.encode()
+
+
+def read_views(data_dir: str | os.PathLike, views: list[str]) -> dict[str, dict[str, dict]]:
+    """All view documents of every shard in a data directory: {view: {key: document}}."""
+    out: dict[str, dict[str, dict]] = {v: {} for v in views}
+    for path in sorted(Path(data_dir).glob("shard-*")):
+        shard = Shard(path, readonly=True)
+        try:
+            for view, key, rec in shard.documents(views):
+                out[view][key] = rec["d"]
+        finally:
+            shard.close()
+    return out

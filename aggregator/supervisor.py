@@ -1,0 +1,534 @@
+"""The supervisor: consumes Kafka, routes records to workers, owns the worker lifecycle.
+
+Routing: the routing key (`partitionkey` extension, else the Kafka key) → slot → worker; one
+ring message per worker per consumed round, carrying that worker's records and the round's
+"through" offsets (the last offset consumed per partition). A worker that commits a message
+has durably handled everything routed to it up to those offsets.
+
+Commit (see checkpoint.py): Kafka offsets are committed only up to the minimum over workers
+of their acknowledged through-offsets. LMDB is the source of truth: on assignment the start
+offset of a partition is the minimum over shards of their stored through-offset + 1 (the
+beginning if a shard has none), and each shard skips records at or below its own.
+
+Lifecycle (in the shape of gunicorn's arbiter): spawn workers, reap dead ones and respawn
+them after rewinding the partitions to the dead shard's durable offsets, kill workers whose
+heartbeat stops, stop with a clear error when a worker cannot boot, and on SIGTERM/SIGINT
+drain, commit and exit 0.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import multiprocessing
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import msgpack
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+
+from . import core
+from .checkpoint import Checkpoint
+from .config import Config
+from .control import ControlBlock, Slot
+from .deadletter import DeadLetters
+from .envelope import routing_key
+from .ring import Ring, cleanup_stale, segment_prefix
+from .routing import SLOTS, slot_of
+from .store import Shard, ShardError, parse_offset_key, shard_path
+from .worker import BOOT_ERROR_EXIT, MSG_RECORDS, MSG_STOP, ring_names, worker_main
+
+log = logging.getLogger(__name__)
+
+PEER_RING_DIVISOR = 4  # worker→worker rings are a quarter of the supervisor→worker ring
+
+
+class FatalError(RuntimeError):
+    """The service cannot continue (a worker cannot boot, the data dir is locked...)."""
+
+
+@dataclass
+class WorkerHandle:
+    index: int
+    process: multiprocessing.Process | None = None
+    epoch: int = 0  # the EPOCH the running process reached at boot
+    started: float = 0.0
+    failures: int = 0  # consecutive boot failures
+    next_batch: int = 1
+    pending: list = field(default_factory=list)  # encoded messages the ring had no room for
+
+
+@dataclass
+class Stats:
+    """Totals over all workers, for progress output and metrics."""
+
+    records: int = 0
+    applied: int = 0
+    duplicates: int = 0
+    stale: int = 0
+    parked: int = 0
+    gaps_skipped: int = 0
+    deadlettered: int = 0
+    forwarded: int = 0
+    consumed: int = 0
+    restarts: int = 0
+    committed: dict = field(default_factory=dict)
+
+
+class Supervisor:
+    def __init__(self, config: Config, *, log_level: int = logging.INFO,
+                 on_progress: Callable[[Stats], None] | None = None,
+                 stop_when: Callable[[Stats], bool] | None = None):
+        self.cfg = config
+        self.svc = config.service
+        self.n = config.service.workers
+        self.log_level = log_level
+        self.on_progress = on_progress
+        self.stop_when = stop_when
+        self.data_dir = Path(self.svc.data_dir).resolve()
+        self.prefix = segment_prefix(str(self.data_dir))
+        self.topics = config.topics()
+        self.tindex = {t: i for i, t in enumerate(self.topics)}
+        self.workers = [WorkerHandle(i) for i in range(self.n)]
+        self.stop_requested = False
+        self.paused = False
+        self.assigned: set[tuple[int, int]] = set()
+        self.next_offset: dict[tuple[int, int], int] = {}
+        self.stats = Stats()
+        self.checkpoint = Checkpoint(self.n)
+        self._lock_fd: int | None = None
+        self._rings: list[Ring] = []
+
+    # ---- lifecycle ------------------------------------------------------------------------
+    def run(self) -> int:
+        """Run until SIGTERM/SIGINT (or `stop_when`); 0 on a clean stop."""
+        self._install_signals()
+        try:
+            self._lock_data_dir()
+            self._check_layout()
+            self._create_segments()
+            self._start_workers()
+            self._consume_loop()
+            self._shutdown()
+            return 0
+        except FatalError as e:
+            log.error("%s", e)
+            self._abort()
+            return 2
+        finally:
+            self._release()
+
+    def request_stop(self, *_args) -> None:
+        if self.stop_requested:
+            return
+        log.info("stop requested: draining")
+        self.stop_requested = True
+
+    def _install_signals(self) -> None:
+        try:
+            signal.signal(signal.SIGTERM, self.request_stop)
+            signal.signal(signal.SIGINT, self.request_stop)
+        except ValueError:  # not the main thread (tests running the supervisor in a thread)
+            pass
+
+    def _lock_data_dir(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.data_dir / "LOCK", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise FatalError(f"data_dir {self.data_dir} is in use by another aggregator") from None
+        self._lock_fd = fd
+
+    def _check_layout(self) -> None:
+        """Refuse a data dir written for another worker count before anything starts."""
+        shards = sorted(self.data_dir.glob("shard-*"))
+        found = {}
+        for p in shards:
+            try:
+                s = Shard(p, readonly=True)
+            except Exception as e:  # noqa: BLE001 - report any unreadable shard clearly
+                raise FatalError(f"cannot read shard {p}: {e}") from e
+            try:
+                found[p.name] = s.get_meta("workers")
+            finally:
+                s.close()
+        counts = {c for c in found.values() if c is not None}
+        if counts and counts != {self.n}:
+            raise FatalError(
+                f"data_dir {self.data_dir} holds {len(found)} shards written by "
+                f"{sorted(counts)} workers, but service.workers = {self.n}; changing the "
+                "worker count of an existing data directory is refused (keep the old worker "
+                "count or point service.data_dir at a new directory)")
+        core.IMPLEMENTATION  # noqa: B018 - import fails loudly if the compiled core is missing
+        log.info("core implementation: %s; %d workers; data_dir %s",
+                 core.IMPLEMENTATION, self.n, self.data_dir)
+
+    def _create_segments(self) -> None:
+        removed = cleanup_stale(self.prefix)
+        if removed:
+            log.warning("removed %d shared-memory segments left by a previous run", len(removed))
+        names = ring_names(self.prefix, self.n)
+        self.ctl = ControlBlock.create(names["control"], self.n)
+        self.inbound = [Ring.create(name, self.svc.ring_bytes) for name in names["inbound"]]
+        peers = [Ring.create(name, max(self.svc.ring_bytes // PEER_RING_DIVISOR, 1 << 20))
+                 for name in names["peer"].values()]
+        self._rings = self.inbound + peers
+        self.max_message = min(r.capacity for r in self.inbound) // 4
+
+    def _start_workers(self) -> None:
+        for h in self.workers:
+            self._spawn(h)
+        deadline = time.monotonic() + 120
+        for h in self.workers:
+            while self.ctl.get(h.index, Slot.EPOCH) < h.epoch:
+                if not h.process.is_alive():
+                    self._reap(h)  # raises FatalError after repeated boot failures
+                if time.monotonic() > deadline:
+                    raise FatalError(f"worker {h.index} did not boot within 120 s")
+                time.sleep(0.01)
+
+    def _spawn(self, h: WorkerHandle) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self.inbound[h.index].reset()  # its consumer is dead: safe to reset
+        h.pending.clear()
+        h.epoch = self.ctl.get(h.index, Slot.EPOCH) + 1
+        h.process = ctx.Process(target=worker_main, name=f"aggregator-worker-{h.index}",
+                                args=(self.cfg, h.index, self.prefix, self.log_level))
+        h.process.start()
+        h.started = time.monotonic()
+
+    def _reap(self, h: WorkerHandle) -> None:
+        """A worker died: rewind its partitions to its durable offsets and respawn it."""
+        code = h.process.exitcode
+        booted = self.ctl.get(h.index, Slot.EPOCH) >= h.epoch
+        log.error("worker %d (pid %s) exited with code %s%s", h.index, h.process.pid, code,
+                  "" if booted else " before it booted")
+        h.process.join(0)
+        if code == BOOT_ERROR_EXIT:
+            raise FatalError(f"worker {h.index} cannot start (see its error above)")
+        h.failures = 0 if booted else h.failures + 1
+        if h.failures >= self.svc.max_boot_failures:
+            raise FatalError(f"worker {h.index} failed to boot {h.failures} times in a row")
+        self.stats.restarts += 1
+        durable = self._shard_offsets(h.index)
+        self.checkpoint.reset_worker(h.index, durable)
+        self._rewind(durable)
+        time.sleep(min(0.1 * 2 ** h.failures, 5.0))
+        self._spawn(h)
+
+    def _rewind(self, durable: dict[tuple[int, int], int]) -> None:
+        """Seek every assigned partition back to what the given shard has durably applied."""
+        for tp in sorted(self.assigned):
+            start = durable.get(tp)
+            start = self.checkpoint.assign_start.get(tp, 0) if start is None else start + 1
+            if start < self.next_offset.get(tp, 0):
+                topic = self.topics[tp[0]]
+                self.consumer.seek(TopicPartition(topic, tp[1], max(start, 0)))
+                self.next_offset[tp] = start
+                log.info("rewound %s[%d] to %d", topic, tp[1], start)
+
+    def _check_workers(self) -> None:
+        now = time.monotonic_ns()
+        timeout = self.svc.heartbeat_timeout_ms * 1_000_000
+        for h in self.workers:
+            if not h.process.is_alive():
+                self._reap(h)
+                continue
+            booted = self.ctl.get(h.index, Slot.EPOCH) >= h.epoch
+            if booted and now - self.ctl.get(h.index, Slot.HEARTBEAT) > timeout:
+                log.error("worker %d missed its heartbeat for %d ms: killing it", h.index,
+                          self.svc.heartbeat_timeout_ms)
+                os.kill(h.process.pid, signal.SIGKILL)
+                h.process.join(5)
+                self._reap(h)
+
+    def _shard_offsets(self, index: int) -> dict[tuple[int, int], int]:
+        path = shard_path(self.data_dir, index)
+        if not (path / "data.mdb").exists():
+            return {}
+        shard = Shard(path, readonly=True)
+        try:
+            out = {}
+            for (topic, part), off in shard.offsets().items():
+                if topic in self.tindex:
+                    out[(self.tindex[topic], part)] = off
+            return out
+        finally:
+            shard.close()
+
+    # ---- consuming -------------------------------------------------------------------------
+    def _consumer_conf(self) -> dict:
+        conf = self.cfg.kafka.consumer_conf()
+        if not conf.get("bootstrap.servers"):
+            raise FatalError("kafka.bootstrap_servers is empty (set it, or use `aggregator demo`)")
+        return conf
+
+    def _consume_loop(self) -> None:
+        conf = self._consumer_conf()
+        self.cooperative = "cooperative" in str(conf.get("partition.assignment.strategy", ""))
+        self.consumer = Consumer(conf)
+        self.dlq = DeadLetters(self.cfg, self.topics)
+        self.consumer.subscribe(self.topics, on_assign=self._on_assign,
+                                on_revoke=self._on_revoke, on_lost=self._on_lost)
+        batch_max = self.svc.batch_max_records
+        commit_every = self.svc.commit_interval_ms / 1000.0
+        next_commit = time.monotonic() + commit_every
+        next_progress = time.monotonic() + 1.0
+        while not self.stop_requested:
+            self._check_workers()
+            if self.paused:
+                if self._flush_pending():
+                    self._set_paused(False)
+            msgs = self.consumer.consume(batch_max, 0.0 if self.paused else 0.05)
+            if msgs:
+                self._dispatch(msgs)
+            self._collect_acks()
+            now = time.monotonic()
+            if now >= next_commit:
+                self._commit(asynchronous=True)
+                next_commit = now + commit_every
+            if now >= next_progress:
+                self._refresh_stats()
+                if self.on_progress:
+                    self.on_progress(self.stats)
+                if self.stop_when and self.stop_when(self.stats):
+                    self.request_stop()
+                next_progress = now + 0.5
+            if self.paused:
+                time.sleep(0.002)
+
+    def _dispatch(self, msgs: list) -> None:
+        n, tindex, max_bytes = self.n, self.tindex, self.svc.max_record_bytes
+        per: list[list] = [[] for _ in range(n)]
+        through: dict[tuple[int, int], int] = {}
+        oversized = False
+        for m in msgs:
+            err = m.error()
+            if err is not None:
+                if err.code() != KafkaError._PARTITION_EOF:
+                    log.warning("consumer error: %s", err)
+                continue
+            ti = tindex[m.topic()]
+            part, off = m.partition(), m.offset()
+            through[(ti, part)] = off
+            value, key, headers = m.value(), m.key(), m.headers()
+            if value is not None and len(value) > max_bytes:
+                self.dlq.send([ti, part, off, key, value, headers], "too_large",
+                              f"value of {len(value)} bytes exceeds service.max_record_bytes "
+                              f"({max_bytes})")
+                oversized = True
+                continue
+            rk = routing_key(value, headers, key)
+            slot = slot_of(rk) if rk is not None else 0
+            per[slot % n].append([ti, part, off, key, value, headers, m.timestamp()[1], slot])
+        if oversized:
+            self.dlq.flush()
+        if not through:
+            return
+        self.stats.consumed += len(msgs)
+        for tp, off in through.items():
+            self.next_offset[tp] = off + 1
+        thr = [[ti, p, o] for (ti, p), o in through.items()]
+        for h in self.workers:
+            for chunk, last in self._chunks(per[h.index]):
+                bid = h.next_batch
+                h.next_batch += 1
+                msg = msgpack.packb([MSG_RECORDS, bid, thr if last else [], chunk],
+                                    use_bin_type=True)
+                self.checkpoint.dispatched(h.index, bid, through if last else None)
+                if h.pending or not self.inbound[h.index].try_put(msg):
+                    h.pending.append(msg)
+        if any(h.pending for h in self.workers):
+            self._set_paused(True)
+
+    def _chunks(self, records: list):
+        """Split one worker's records into messages that fit the ring (the last one carries
+        the through-offsets)."""
+        if not records:
+            yield [], True
+            return
+        limit = self.max_message - 4096
+        chunk, size = [], 0
+        for r in records:
+            rs = len(r[4] or b"") + len(r[3] or b"") + 64 + sum(
+                len(k) + len(v or b"") for k, v in (r[5] or ()))
+            if chunk and size + rs > limit:
+                yield chunk, False
+                chunk, size = [], 0
+            chunk.append(r)
+            size += rs
+        yield chunk, True
+
+    def _flush_pending(self) -> bool:
+        """Try to hand buffered messages to their rings. True when nothing is left."""
+        for h in self.workers:
+            ring = self.inbound[h.index]
+            while h.pending and ring.try_put(h.pending[0]):
+                h.pending.pop(0)
+        return not any(h.pending for h in self.workers)
+
+    def _set_paused(self, paused: bool) -> None:
+        if paused == self.paused:
+            return
+        parts = [TopicPartition(self.topics[ti], p) for ti, p in self.assigned]
+        if parts:
+            (self.consumer.pause if paused else self.consumer.resume)(parts)
+        self.paused = paused
+        log.debug("partitions %s: a worker ring is full", "paused" if paused else "resumed")
+
+    def _collect_acks(self) -> None:
+        for h in self.workers:
+            self.checkpoint.acked(h.index, self.ctl.get(h.index, Slot.ACK_BATCH))
+
+    def _commit(self, asynchronous: bool, only: set | None = None) -> None:
+        offsets = []
+        for tp, off in self.checkpoint.committable(self.assigned if only is None else only):
+            offsets.append(TopicPartition(self.topics[tp[0]], tp[1], off + 1))
+            self.stats.committed[tp] = off + 1
+        if offsets:
+            try:
+                self.consumer.commit(offsets=offsets, asynchronous=asynchronous)
+            except Exception as e:  # noqa: BLE001 - a failed commit is retried next interval
+                log.warning("offset commit failed: %s", e)
+
+    # ---- rebalance callbacks ----------------------------------------------------------------
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        durable = [self._shard_offsets(i) for i in range(self.n)]
+        for tp in partitions:
+            key = (self.tindex[tp.topic], tp.partition)
+            offs = [d.get(key) for d in durable]
+            if any(o is None for o in offs):
+                tp.offset = OFFSET_BEGINNING
+                start = 0
+            else:
+                start = min(offs) + 1
+                tp.offset = start
+            self.checkpoint.assign(key, start, [d.get(key) for d in durable])
+            self.assigned.add(key)
+            self.next_offset[key] = start
+        log.info("assigned %s", ", ".join(f"{t.topic}[{t.partition}]@{t.offset}"
+                                          for t in partitions))
+        if self.cooperative:
+            consumer.incremental_assign(partitions)
+        else:
+            consumer.assign(partitions)
+        if self.paused:
+            consumer.pause(partitions)
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        keys = {(self.tindex[tp.topic], tp.partition) for tp in partitions}
+        self._drain(deadline=time.monotonic() + self.svc.shutdown_timeout_ms / 1000)
+        self._commit(asynchronous=False, only=keys)
+        self.assigned -= keys
+        log.info("revoked %d partitions", len(keys))
+        if self.cooperative:
+            consumer.incremental_unassign(partitions)
+        else:
+            consumer.unassign()
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        keys = {(self.tindex[tp.topic], tp.partition) for tp in partitions}
+        self.assigned -= keys
+        log.warning("lost %d partitions", len(keys))
+
+    def _drain(self, deadline: float) -> bool:
+        """Hand every buffered message over and wait until workers acknowledged all."""
+        while time.monotonic() < deadline:
+            self._flush_pending()
+            self._collect_acks()
+            if not any(h.pending for h in self.workers) and self.checkpoint.idle():
+                return True
+            for h in self.workers:
+                if not h.process.is_alive():
+                    self._reap(h)
+            time.sleep(0.005)
+        log.warning("drain timed out with unacknowledged batches")
+        return False
+
+    def _links_quiet(self) -> bool:
+        ctl = self.ctl
+        return all(ctl.link_applied(j, i) >= ctl.link_committed(i, j)
+                   for i in range(self.n) for j in range(self.n) if i != j)
+
+    def _shutdown(self) -> None:
+        deadline = time.monotonic() + self.svc.shutdown_timeout_ms / 1000
+        self._set_paused(True)
+        self._drain(deadline)
+        while not self._links_quiet() and time.monotonic() < deadline:
+            self._check_workers()
+            time.sleep(0.005)
+        self._commit(asynchronous=False)
+        self._refresh_stats()
+        for h in self.workers:
+            self.inbound[h.index].put(msgpack.packb([MSG_STOP]), timeout=5)
+        for h in self.workers:
+            h.process.join(max(deadline - time.monotonic(), 1))
+            if h.process.is_alive():
+                log.error("worker %d did not stop in time: killing it", h.index)
+                h.process.kill()
+                h.process.join(5)
+        self.consumer.close()
+        self.dlq.close()
+        log.info("stopped cleanly: %d records consumed, %d applied", self.stats.consumed,
+                 self.stats.applied)
+
+    def _abort(self) -> None:
+        for h in self.workers:
+            if h.process is not None and h.process.is_alive():
+                h.process.terminate()
+        for h in self.workers:
+            if h.process is not None:
+                h.process.join(5)
+                if h.process.is_alive():
+                    h.process.kill()
+        consumer = getattr(self, "consumer", None)
+        if consumer is not None:
+            try:
+                consumer.close()
+            except Exception:  # noqa: BLE001
+                pass
+
+    def _release(self) -> None:
+        ctl = getattr(self, "ctl", None)
+        if ctl is not None:
+            ctl.counters.close()
+            ctl.counters.unlink()
+        for r in self._rings:
+            r.close()
+            r.unlink()
+        self._rings = []
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _refresh_stats(self) -> None:
+        s, ctl = self.stats, self.ctl
+        total = {slot: 0 for slot in Slot if slot < Slot._FIXED}
+        for w in range(self.n):
+            for slot in total:
+                total[slot] += ctl.get(w, slot)
+        s.records, s.applied = total[Slot.RECORDS], total[Slot.APPLIED]
+        s.duplicates, s.stale = total[Slot.DUPLICATES], total[Slot.STALE]
+        s.parked, s.gaps_skipped = total[Slot.PARKED], total[Slot.GAPS_SKIPPED]
+        s.deadlettered, s.forwarded = total[Slot.DEADLETTERED], total[Slot.FORWARDED]
+
+
+def shard_offsets_summary(data_dir: Path) -> dict:
+    """Durable offsets per shard (for tooling and tests)."""
+    out = {}
+    for p in sorted(Path(data_dir).glob("shard-*")):
+        s = Shard(p, readonly=True)
+        try:
+            out[p.name] = {f"{t}[{q}]": o for (t, q), o in s.offsets().items()}
+        finally:
+            s.close()
+    return out
+
+
+__all__ = ["Supervisor", "FatalError", "Stats", "SLOTS", "ShardError", "parse_offset_key"]

@@ -1,0 +1,569 @@
+"""A worker process: owns one LMDB shard and applies every event routed to it exactly once.
+
+Per batch (one LMDB write transaction):
+
+1. skip records at or below this shard's through-offset of their partition (redelivery);
+2. parse the CloudEvent; malformed → dead-letter;
+3. dedup: the bloom filter answers "definitely new" for most events; a "maybe" is confirmed
+   against the exact LMDB index, so a false positive never drops a new event;
+4. sequence gate per (source, partition key): apply / stale / park, then drain parked
+   successors; gap policy for overflowing or timed-out gaps;
+5. merge into view documents owned by this shard, or write the update to the outbox of the
+   shard that owns the view key (forwarded after commit, applied there exactly once by link
+   sequence number);
+6. store through-offsets, link sequences and sequence state, then commit; acknowledge the
+   batch to the supervisor through the control block.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import time
+from collections import deque
+
+import lmdb
+import msgpack
+
+from . import core
+from .config import Config
+from .control import ControlBlock, Slot
+from .deadletter import DeadLetters
+from .envelope import EnvelopeError, parse
+from .merge import MergeError, get_path
+from .plan import Feed, ViewPlan, assign_view_ids
+from .ring import Ring
+from .routing import SLOTS, gate_hash, identity_hash, slot_of, slot_prefix, worker_of
+from .store import Batch, Shard, ShardError, shard_path, view_key
+
+log = logging.getLogger(__name__)
+
+MSG_RECORDS = 1
+MSG_FORWARD = 2
+MSG_STOP = 9
+
+APPLY, STALE, PARK, FULL = core.APPLY, core.STALE, core.PARK, core.FULL
+BOOT_ERROR_EXIT = 3  # the supervisor does not respawn a worker that exits with this code
+
+_pack = msgpack.Packer(use_bin_type=True).pack
+
+
+def _unpack(b):
+    return msgpack.unpackb(b, raw=False, strict_map_key=False, use_list=True)
+
+
+class Forwarded:
+    """The part of an event a view update needs, as carried between shards."""
+
+    __slots__ = ("id", "source", "type", "time", "subject", "sequence", "data", "partitionkey")
+
+    def __init__(self, u):
+        (_, _, _, self.id, self.source, self.type, self.time, self.subject,
+         self.sequence, self.data) = u
+        self.partitionkey = None
+
+
+def ring_names(prefix: str, workers: int) -> dict:
+    return {
+        "control": f"{prefix}-ctl",
+        "inbound": [f"{prefix}-s{w}" for w in range(workers)],
+        "peer": {(a, b): f"{prefix}-p{a}-{b}" for a in range(workers) for b in range(workers)
+                 if a != b},
+    }
+
+
+def _set_parent_death_signal() -> None:
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:  # pragma: no cover - not Linux
+        pass
+
+
+class Worker:
+    def __init__(self, config: Config, index: int, prefix: str):
+        self.cfg = config
+        self.index = index
+        self.n = config.service.workers
+        self.prefix = prefix
+        svc = config.service
+        self.max_bytes = svc.max_record_bytes
+        self.max_key = svc.max_key_bytes
+        self.batch_max = svc.batch_max_records * 4
+        self.stopping = False
+
+    # ---- boot ---------------------------------------------------------------------------
+    def boot(self) -> None:
+        cfg, svc = self.cfg, self.cfg.service
+        self.shard = Shard(shard_path(svc.data_dir, self.index), map_size=svc.lmdb_map_size,
+                           max_map_size=svc.lmdb_max_map_size, sync=svc.lmdb_sync)
+        self.shard.check_layout(shard=self.index, workers=self.n, slots=SLOTS)
+        views = assign_view_ids(self.shard.get_meta("views"), list(cfg.views))
+        self.shard.put_meta(views=views)
+        self.plan = ViewPlan(cfg, {v: i for i, v in enumerate(views)})
+        self.topics = self.plan.topics
+        self.topic_index = {t: i for i, t in enumerate(self.topics)}
+
+        d = cfg.dedup
+        self.bloom = core.BloomFilter(d.bloom_capacity, d.bloom_fp_rate, d.bloom_generations)
+        self._rebuild_bloom()
+        g = cfg.gate
+        self.gate = core.SequenceGate(g.max_parked_per_key, g.max_parked_total)
+        self.gap_timeout = g.gap_timeout_ms / 1000.0
+        self.gap_policy = g.gap_policy
+
+        self.through: dict[tuple[int, int], int] = {}
+        for (topic, part), off in self.shard.offsets().items():
+            ti = self.topic_index.get(topic)
+            if ti is not None:
+                self.through[(ti, part)] = off
+        self.link_in = self.shard.links()  # source worker -> last applied link seq
+        self.link_out = {j: self.shard.last_outbox_seq(j) for j in range(self.n) if j != self.index}
+        self.link_out_base = dict(self.link_out)
+
+        names = ring_names(self.prefix, self.n)
+        self.ctl = ControlBlock.attach(names["control"], self.n)
+        self.inbound = Ring.attach(names["inbound"][self.index])
+        self.peer_in = {j: Ring.attach(names["peer"][(j, self.index)])
+                        for j in range(self.n) if j != self.index}
+        self.peer_out = {j: Ring.attach(names["peer"][(self.index, j)])
+                         for j in range(self.n) if j != self.index}
+        for r in self.peer_in.values():
+            r.reset_consumer()
+        ctl, me = self.ctl, self.index
+        for j in self.peer_in:
+            ctl.set_link_applied(me, j, self.link_in.get(j, 0))
+        for j, seq in self.link_out.items():
+            ctl.set_link_committed(me, j, seq)
+        self.peer_epoch = {j: -1 for j in self.peer_out}
+        self.sent: dict[int, int] = {j: 0 for j in self.peer_out}
+        self.unsent: dict[int, deque] = {j: deque() for j in self.peer_out}
+        self.pruned = {j: 0 for j in self.peer_out}
+        self.dlq = DeadLetters(cfg, self.topics)
+        ctl.set(me, Slot.PID, os.getpid())
+        ctl.set(me, Slot.PARKED, self.gate.parked_total)
+        ctl.heartbeat(me)
+        ctl.set(me, Slot.EPOCH, ctl.get(me, Slot.EPOCH) + 1)
+        log.info("worker %d booted: core=%s, %d dedup ids in %d bloom generations, "
+                 "%d partitions", me, core.IMPLEMENTATION, self._bloom_loaded,
+                 len(self.bloom.live_generations), len(self.through))
+
+    def _rebuild_bloom(self) -> None:
+        gen_meta = self.shard.get_meta("bloom_generation", 0)
+        buf: list[bytes] = []
+        current = None
+        n = 0
+        for gen, h in self.shard.dedup_entries():
+            if gen != current and buf:
+                self.bloom.load(current, b"".join(buf))
+                buf.clear()
+            current = gen
+            buf.append(h)
+            n += 1
+        if buf:
+            self.bloom.load(current, b"".join(buf))
+        while self.bloom.generation < gen_meta:
+            self.bloom.rotate()
+        self._bloom_loaded = n
+
+    # ---- main loop -------------------------------------------------------------------------
+    def run(self) -> int:
+        ctl, me = self.ctl, self.index
+        ppid = os.getppid()
+        while True:
+            ctl.heartbeat(me)
+            self._pump_outbox()
+            sup = self.inbound.get_many(64)
+            peers = []
+            for j, r in self.peer_in.items():
+                if r.used_bytes:
+                    peers.extend(r.get_many(64))
+            if not sup and not peers:
+                if self.stopping:
+                    return 0
+                if os.getppid() != ppid:
+                    log.error("worker %d: supervisor gone, exiting", me)
+                    return 1
+                self._expire_gaps_if_due()
+                self.inbound.wait(0.05)
+                continue
+            stop = self.process([_unpack(m) for m in sup], [_unpack(m) for m in peers])
+            if stop:
+                self.stopping = True
+                self._pump_outbox()
+                return 0
+
+    # ---- one batch -------------------------------------------------------------------------
+    def process(self, sup_msgs: list, peer_msgs: list) -> bool:
+        """Apply a group of ring messages in one transaction. True when told to stop."""
+        while True:
+            self._txn_reset()
+            batch = self.shard.begin()
+            try:
+                stop = self._apply(batch, sup_msgs, peer_msgs)
+                self._finish(batch)
+                t0 = time.monotonic_ns()
+                self.dlq.flush()
+                batch.commit()
+                self.ctl.add(self.index, Slot.COMMIT_NS, time.monotonic_ns() - t0)
+            except lmdb.MapFullError:
+                batch.abort()
+                self.gate.clear()
+                if not self.shard.grow():
+                    raise ShardError(
+                        f"{self.shard.path}: LMDB map full at service.lmdb_max_map_size "
+                        f"({self.shard.max_map_size} bytes); nothing of the batch was kept"
+                    ) from None
+                continue
+            except BaseException:
+                batch.abort()
+                raise
+            self._post_commit()
+            return stop
+
+    def _txn_reset(self) -> None:
+        self.t_through: dict = {}
+        self.t_link_in: dict = {}
+        self.t_out: dict[int, list] = {}
+        self.t_seqpart: dict[bytes, tuple[str, int]] = {}
+        self.t_parked: dict[tuple[bytes, int], tuple] = {}
+        self.t_stats = dict.fromkeys(
+            ("records", "applied", "dup", "stale", "gaps", "dlq", "forwarded"), 0)
+        self.t_ack = -1
+        self.t_docs: dict[bytes, dict | None] = {}
+        self.t_outmsg: dict[int, tuple[int, bytes]] = {}
+
+    def _apply(self, batch: Batch, sup_msgs: list, peer_msgs: list) -> bool:
+        stop = False
+        for m in peer_msgs:
+            _, src, seq, updates = m
+            last = self.t_link_in.get(src, self.link_in.get(src, 0))
+            if seq != last + 1:
+                continue  # duplicate (<=) or gap after our restart (the sender resends)
+            self.t_link_in[src] = seq
+            for u in updates:
+                self._apply_local(batch, self.plan.feeds[u[0]], u[1], u[2], Forwarded(u))
+        events = []
+        through = self.t_through
+        for m in sup_msgs:
+            if m[0] == MSG_STOP:
+                stop = True
+                continue
+            _, batch_id, thr, records = m
+            self.t_ack = max(self.t_ack, batch_id)
+            for rec in records:
+                tp = (rec[0], rec[1])
+                if rec[2] <= through.get(tp, self.through.get(tp, -1)):
+                    continue  # already applied before a rewind
+                self.t_stats["records"] += 1
+                ev = self._parse(rec)
+                if ev is not None:
+                    events.append((ev, rec))
+            for ti, part, off in thr:
+                tp = (ti, part)
+                if off > through.get(tp, self.through.get(tp, -1)):
+                    through[tp] = off
+        if events:
+            self._apply_events(batch, events)
+        return stop
+
+    def _parse(self, rec):
+        try:
+            return parse(rec[4], rec[5], rec[3], self.max_bytes, self.max_key)
+        except EnvelopeError as e:
+            self._dead_letter(rec, e.reason, str(e))
+            return None
+
+    def _dead_letter(self, rec, reason: str, message: str) -> None:
+        self.t_stats["dlq"] += 1
+        self.dlq.send(rec, reason, message)
+
+    def _apply_events(self, batch: Batch, events: list) -> None:
+        # dedup: bloom first, exact index only for "maybe"
+        slots = [rec[7] for _, rec in events]
+        hashes = [identity_hash(ev.source, ev.id) for ev, _ in events]
+        flags = self.bloom.check_and_add(b"".join(hashes))
+        gen = self.bloom.generation
+        kept = []
+        for i, (ev, rec) in enumerate(events):
+            skey = slot_prefix(slots[i]) + hashes[i]
+            if flags[i] and batch.seen(skey):
+                self.t_stats["dup"] += 1
+                continue
+            batch.mark_seen(skey, gen)
+            kept.append((ev, rec))
+        # sequence gate
+        gated = [(i, ev, rec) for i, (ev, rec) in enumerate(kept) if ev.sequence is not None]
+        codes = bytearray(len(kept))  # APPLY by default (no sequence: dedup only)
+        ready: list = []
+        gkeys: list[bytes] = []
+        if gated:
+            gkeys = [slot_prefix(rec[7]) + gate_hash(ev.source, ev.partitionkey)
+                     for _, ev, rec in gated]
+            for g, (_, ev, rec) in zip(gkeys, gated):
+                self.t_seqpart[g] = (self.topics[rec[0]], rec[1])
+            self._load_gate(batch, gkeys, [rec[0] for _, _, rec in gated])
+            strict = bytes(self.plan.strict[rec[0]] for _, _, rec in gated)
+            gcodes, gready = self.gate.decide(gkeys, [ev.sequence for _, ev, _ in gated],
+                                              strict, time.time())
+            for j, (i, _, _) in enumerate(gated):
+                codes[i] = gcodes[j]
+            ready = [(gated[j][0], g, s) for j, g, s in gready]
+        gk_of = {gated[j][0]: gkeys[j] for j in range(len(gated))}
+        rp = 0
+        full = []
+        now = time.time()
+        for i, (ev, rec) in enumerate(kept):
+            code = codes[i]
+            if code == APPLY:
+                self._apply_event(batch, ev, rec)
+            elif code == PARK:
+                g = gk_of[i]
+                batch.park(g, ev.sequence, now, rec)
+                self.t_parked[(g, ev.sequence)] = (ev, rec)
+            elif code == STALE:
+                self.t_stats["stale"] += 1
+            else:
+                full.append(i)
+            while rp < len(ready) and ready[rp][0] == i:
+                self._apply_parked(batch, ready[rp][1], ready[rp][2])
+                rp += 1
+        for i in full:
+            self._on_full(batch, gk_of[i], *kept[i])
+
+    def _load_gate(self, batch: Batch, gkeys: list[bytes], topic_idx: list[int]) -> None:
+        missing = self.gate.missing(gkeys)
+        if not missing:
+            return
+        first_ti = {}
+        for g, ti in zip(gkeys, topic_idx):
+            first_ti.setdefault(g, ti)
+        for g in missing:
+            row = batch.get_seq(g)
+            last = row[0] if row is not None else self.plan.initial[first_ti[g]] - 1
+            self.gate.load(g, last, batch.parked_of(g))
+
+    def _apply_parked(self, batch: Batch, g: bytes, seq: int) -> None:
+        hit = self.t_parked.pop((g, seq), None)
+        rec = batch.unpark(g, seq)
+        if hit is not None:
+            ev, rec = hit
+        else:
+            if rec is None:
+                log.error("worker %d: parked event missing for seq %d", self.index, seq)
+                return
+            ev = self._parse(rec)
+            if ev is None:
+                return
+        self._apply_event(batch, ev, rec)
+
+    def _on_full(self, batch: Batch, g: bytes, ev, rec) -> None:
+        """A sequence ahead of the gap that can no longer be parked: apply the gap policy."""
+        if self.gap_policy == "dead-letter":
+            self._dead_letter(rec, "sequence_gap_overflow",
+                              f"parked-event bound reached; sequence {ev.sequence} not applied")
+            return
+        self._skip_gap(batch, g)
+        codes, ready = self.gate.decide([g], [ev.sequence], b"\x01", time.time())
+        if codes[0] == APPLY:
+            self._apply_event(batch, ev, rec)
+        elif codes[0] == PARK:
+            batch.park(g, ev.sequence, time.time(), rec)
+            self.t_parked[(g, ev.sequence)] = (ev, rec)
+        elif codes[0] == FULL:
+            self._dead_letter(rec, "sequence_gap_overflow", "parked-event bound reached")
+        for _, g2, s in ready:
+            self._apply_parked(batch, g2, s)
+
+    def _skip_gap(self, batch: Batch, g: bytes) -> None:
+        seqs = self.gate.skip_gap(g)
+        if seqs:
+            self.t_stats["gaps"] += 1
+            log.warning("worker %d: sequence gap skipped, resuming at %d", self.index, seqs[0])
+        for s in seqs:
+            self._apply_parked(batch, g, s)
+
+    def _expire_gaps_if_due(self) -> None:
+        if not self.gate.parked_total:
+            return
+        expired = self.gate.expired(time.time(), self.gap_timeout)
+        if expired:
+            self.process([], [])  # the batch path runs _finish, which expires gaps
+
+    def _expire_gaps(self, batch: Batch) -> None:
+        if not self.gate.parked_total:
+            return
+        for g in self.gate.expired(time.time(), self.gap_timeout):
+            if self.gap_policy == "skip":
+                self._skip_gap(batch, g)
+            else:
+                for s in self.gate.drop_parked(g):
+                    rec = batch.unpark(g, s)
+                    self.t_parked.pop((g, s), None)
+                    if rec is not None:
+                        self._dead_letter(rec, "sequence_gap_timeout",
+                                          f"gap not filled within {self.gap_timeout}s")
+
+    # ---- merging ---------------------------------------------------------------------------
+    def _apply_event(self, batch: Batch, ev, rec) -> None:
+        feeds = self.plan.feeds_for(rec[0], ev.type)
+        self.t_stats["applied"] += 1
+        if not feeds:
+            return
+        targets = []
+        for f in feeds:
+            if f.key_path is None:
+                key, slot = ev.partitionkey, rec[7]
+            else:
+                try:
+                    key = get_path(ev.data, f.key_path)
+                except (KeyError, TypeError, IndexError):
+                    self._dead_letter(rec, "merge_error",
+                                      f"view {f.view}: key field data.{'.'.join(f.key_path)} "
+                                      "missing")
+                    return
+                if isinstance(key, bool) or not isinstance(key, (str, int)):
+                    self._dead_letter(rec, "merge_error",
+                                      f"view {f.view}: key must be a string or integer")
+                    return
+                key = str(key)
+                kb = key.encode()
+                if len(kb) > self.max_key:
+                    self._dead_letter(rec, "key_too_long", f"view {f.view}: key too long")
+                    return
+                slot = slot_of(kb)
+            targets.append((f, key, slot))
+        for f, key, slot in targets:
+            owner = worker_of(slot, self.n)
+            if owner == self.index:
+                if not self._apply_local(batch, f, key, slot, ev):
+                    self._dead_letter(rec, "merge_error", f"view {f.view}: merge failed")
+            else:
+                self.t_stats["forwarded"] += 1
+                self.t_out.setdefault(owner, []).append(
+                    [f.feed_id, key, slot, ev.id, ev.source, ev.type, ev.time, ev.subject,
+                     ev.sequence, ev.data])
+
+    def _apply_local(self, batch: Batch, f: Feed, key: str, slot: int, ev) -> bool:
+        dkey = view_key(slot_prefix(slot), f.view_id, key)
+        docs = self.t_docs
+        if dkey in docs:
+            stored = docs[dkey]
+        else:
+            stored = batch.get_doc(dkey)
+        if stored is None:
+            stored = {"v": 0, "d": None, "s": {}}
+        doc = stored["d"]
+        try:
+            new = f.merge.apply(msgpack.unpackb(_pack(doc), raw=False, strict_map_key=False)
+                                if doc is not None else None, ev)
+        except MergeError as e:
+            log.warning("worker %d: merge error in view %s: %s", self.index, f.view, e)
+            return False
+        stored = {"v": stored["v"] + 1, "d": new, "s": stored["s"]}
+        stored["s"][ev.source] = [ev.sequence, ev.time]
+        docs[dkey] = stored
+        return True
+
+    # ---- end of transaction ----------------------------------------------------------------
+    def _finish(self, batch: Batch) -> None:
+        self._expire_gaps(batch)
+        for dkey, stored in self.t_docs.items():
+            batch.put_doc(dkey, stored)
+        for g, last in self.gate.dirty():
+            topic, part = self.t_seqpart.get(g, ("", -1))
+            batch.put_seq(g, last, topic, part)
+        for (ti, part), off in self.t_through.items():
+            batch.put_offset(self.topics[ti], part, off)
+        for src, seq in self.t_link_in.items():
+            batch.put_link(src, seq)
+        for owner, updates in self.t_out.items():
+            seq = self.link_out[owner] + 1
+            msg = _pack([MSG_FORWARD, self.index, seq, updates])
+            batch.put_outbox(owner, seq, msg)
+            self.t_outmsg[owner] = (seq, msg)
+        for j in self.peer_out:
+            acked = self.ctl.link_applied(j, self.index)
+            if acked > self.pruned[j]:
+                batch.prune_outbox(j, acked)
+                self.pruned[j] = acked
+        if self.bloom.full:
+            dropped = self.bloom.rotate()
+            batch.put_meta("bloom_generation", self.bloom.generation)
+            if dropped >= 0:
+                batch.prune_generations(dropped, limit=10_000_000)
+
+    def _post_commit(self) -> None:
+        ctl, me, s = self.ctl, self.index, self.t_stats
+        self.through.update(self.t_through)
+        self.link_in.update(self.t_link_in)
+        for src, seq in self.t_link_in.items():
+            ctl.set_link_applied(me, src, seq)
+        for owner, (seq, msg) in self.t_outmsg.items():
+            self.link_out[owner] = seq
+            self.unsent[owner].append((seq, msg))
+            ctl.set_link_committed(me, owner, seq)
+        for name, slot in (("records", Slot.RECORDS), ("applied", Slot.APPLIED),
+                           ("dup", Slot.DUPLICATES), ("stale", Slot.STALE),
+                           ("gaps", Slot.GAPS_SKIPPED), ("dlq", Slot.DEADLETTERED),
+                           ("forwarded", Slot.FORWARDED)):
+            if s[name]:
+                ctl.add(me, slot, s[name])
+        ctl.add(me, Slot.COMMITS, 1)
+        ctl.set(me, Slot.PARKED, self.gate.parked_total)
+        if self.t_ack >= 0:
+            ctl.set(me, Slot.ACK_BATCH, self.t_ack)
+        self.gate.evict(self.cfg.gate.max_cached_keys)
+        self._pump_outbox()
+
+    def _pump_outbox(self) -> None:
+        """Send committed outbox messages to their shards, in link-sequence order."""
+        ctl, me = self.ctl, self.index
+        for j, ring in self.peer_out.items():
+            epoch = ctl.get(j, Slot.EPOCH)
+            if epoch == 0:
+                continue  # not booted yet: it resets its inbound ring at boot
+            if epoch != self.peer_epoch[j]:
+                self.peer_epoch[j] = epoch
+                self.sent[j] = ctl.link_applied(j, me)
+                self.unsent[j].clear()
+            if self.sent[j] >= self.link_out[j]:
+                continue
+            queue = self.unsent[j]
+            while queue and queue[0][0] <= self.sent[j]:
+                queue.popleft()
+            if not queue or queue[0][0] != self.sent[j] + 1:
+                queue.clear()
+                queue.extend(self.shard.outbox_after(j, self.sent[j]))
+            while queue:
+                seq, msg = queue[0]
+                if not ring.try_put(msg):
+                    break
+                queue.popleft()
+                self.sent[j] = seq
+
+    def close(self) -> None:
+        self.dlq.close()
+        self.shard.close()
+
+
+def worker_main(config: Config, index: int, prefix: str, log_level: int) -> None:
+    """Entry point of a worker process (spawned by the supervisor)."""
+    _set_parent_death_signal()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor coordinates shutdown
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    logging.basicConfig(level=log_level,
+                        format=f"%(asctime)s worker-{index} %(levelname)s %(name)s: %(message)s")
+    w = Worker(config, index, prefix)
+    try:
+        w.boot()
+    except ShardError as e:
+        log.error("worker %d cannot start: %s", index, e)
+        os._exit(BOOT_ERROR_EXIT)
+    try:
+        code = w.run()
+    finally:
+        w.close()
+    os._exit(code)

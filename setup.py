@@ -1,0 +1,50 @@
+"""Build the compiled core ``aggregator._core`` (Cython); metadata lives in pyproject.toml.
+
+The extension is mandatory: a Cython or C compile error fails the build (no optional
+extension, no silent pure-Python install). ``AGGREGATOR_CYTHON_TRACE=1`` makes a debug
+build: line tracing and profiling hooks (for coverage and cProfile), an annotated HTML
+report next to the .pyx (``aggregator/_core.html``), and no optimisation.
+"""
+
+import os
+import sys
+
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+TRACE = os.environ.get("AGGREGATOR_CYTHON_TRACE", "") == "1"
+
+directives = {
+    "language_level": 3,
+    "embedsignature": True,
+    # Per-function boundscheck/wraparound choices are made in the .pyx itself.
+}
+macros = []
+if sys.platform == "win32":
+    compile_args = []
+elif TRACE:
+    compile_args = ["-O0", "-g"]
+else:
+    compile_args = ["-O3"]
+if TRACE:
+    directives.update(linetrace=True, profile=True)
+    macros += [("CYTHON_TRACE", "1"), ("CYTHON_TRACE_NOGIL", "1")]
+
+extensions = [
+    Extension(
+        "aggregator._core",
+        ["aggregator/_core.pyx"],
+        define_macros=macros,
+        extra_compile_args=compile_args,
+    )
+]
+
+setup(
+    ext_modules=cythonize(
+        extensions,
+        compiler_directives=directives,
+        annotate=TRACE,
+        # A trace build must not reuse a C file generated without tracing (and back).
+        force=True,
+    ),
+)
