@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Set up (when needed) and run: a fresh machine needs only Python 3.11+ and gcc.
+#
+#   ./dev.sh demo [options]    embedded broker + 7 simulated services + the aggregator
+#   ./dev.sh test [pytest args] the whole test suite (unit + integration on a real broker)
+#   ./dev.sh bench [args]       the benchmark harness
+#   ./dev.sh run [options]      the service (needs --bootstrap / a config)
+#
+# Set-up: a virtual environment in .venv, `pip install -e '.[test]'` (compiles the Cython
+# core); redone only when pyproject.toml, setup.py or the Cython sources change.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    echo "dev.sh: creating .venv" >&2
+    "$PYTHON" -m venv .venv
+fi
+stamp=".venv/.installed-$(cat pyproject.toml setup.py aggregator/_core.pyx aggregator/_core.pxd \
+    | sha1sum | cut -c1-12)"
+if [ ! -f "$stamp" ]; then
+    echo "dev.sh: installing aggregator and its test dependencies (builds the Cython core)" >&2
+    .venv/bin/python -m pip install --quiet --upgrade pip
+    .venv/bin/python -m pip install --quiet -e '.[test]'
+    rm -f .venv/.installed-*
+    touch "$stamp"
+fi
+
+cmd=${1:-help}
+[ $# -gt 0 ] && shift
+case "$cmd" in
+    demo|run) exec .venv/bin/aggregator "$cmd" "$@" ;;
+    test) exec .venv/bin/python -m pytest "$@" ;;
+    bench) exec .venv/bin/python -m bench "$@" ;;
+    *) sed -n '2,12p' "$0"; exit 2 ;;
+esac
