@@ -326,13 +326,22 @@ def view_key(slot_prefix: bytes, view_id: int, key: str) -> bytes:
 
 
 def read_views(data_dir: str | os.PathLike, views: list[str]) -> dict[str, dict[str, dict]]:
-    """All view documents of every shard in a data directory: {view: {key: document}}."""
+    """All view documents of every shard in a data directory: {view: {key: document}}.
+
+    Tombstones (documents deleted by a `delete` op, stored with ``"d": None``) are left
+    out. View ids are mapped with the order stored in the shard (``meta["views"]``, see
+    plan.assign_view_ids), which may differ from the order of `views`.
+    """
     out: dict[str, dict[str, dict]] = {v: {} for v in views}
     for path in sorted(Path(data_dir).glob("shard-*")):
         shard = Shard(path, readonly=True)
         try:
-            for view, key, rec in shard.documents(views):
-                out[view][key] = rec["d"]
+            if "views" not in shard.db:
+                continue
+            names = shard.get_meta("views") or list(views)
+            for view, key, rec in shard.documents(names):
+                if rec["d"] is not None and view in out:
+                    out[view][key] = rec["d"]
         finally:
             shard.close()
     return out

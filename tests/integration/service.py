@@ -1,0 +1,157 @@
+"""Run the real service (`python -m aggregator run`) as a child process, for integration tests."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from confluent_kafka import Consumer, TopicPartition
+
+from aggregator.config import load_config
+from aggregator.ring import segment_prefix
+from aggregator.store import read_views
+
+ROOT = Path(__file__).resolve().parents[2]
+SHOP = ROOT / "examples" / "shop.toml"
+
+
+def write_config(path: Path, *, bootstrap: str, prefix: str, group: str, data_dir: Path,
+                 workers: int, extra: str = "") -> Path:
+    """shop.toml with the test's topics, group, data dir and worker count."""
+    text = SHOP.read_text()
+    text = re.sub(r'topic = "shop\.', f'topic = "{prefix}shop.', text)
+    text = text.replace('bootstrap_servers = ""', f'bootstrap_servers = "{bootstrap}"')
+    text = text.replace('group_id = "aggregator-shop"', f'group_id = "{group}"')
+    text = text.replace('data_dir = "./data"', f'data_dir = "{data_dir}"')
+    text = text.replace("workers = 2", f"workers = {workers}")
+    text = text.replace('dead_letter_topic = "shop.deadletter"',
+                        f'dead_letter_topic = "{prefix}shop.deadletter"\n'
+                        f"commit_interval_ms = 200")
+    text = text.replace('[kafka.consumer]\n',
+                        '[kafka.consumer]\n"session.timeout.ms" = 6000\n'
+                        '"heartbeat.interval.ms" = 500\n')
+    path.write_text(text + extra)
+    return path
+
+
+class Service:
+    """One `aggregator run` process."""
+
+    def __init__(self, config_path: Path, log_path: Path):
+        self.config_path = config_path
+        self.config = load_config(config_path)
+        self.log_path = log_path
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> Service:
+        log = open(self.log_path, "ab")
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "aggregator", "run", "--config", str(self.config_path)],
+            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        log.close()
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def worker_pids(self) -> list[int]:
+        out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True,
+                             text=True).stdout
+        pids = []
+        for p in out.split():
+            cmd = Path(f"/proc/{p}/cmdline").read_bytes()
+            if b"multiprocessing" in cmd and b"resource_tracker" not in cmd:
+                pids.append(int(p))
+        return pids
+
+    def wait_workers(self, n: int, timeout: float = 60) -> list[int]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pids = self.worker_pids()
+            if len(pids) >= n:
+                return pids
+            assert self.proc.poll() is None, self.log()
+            time.sleep(0.05)
+        raise AssertionError(f"workers did not start:\n{self.log()}")
+
+    def committed(self) -> dict[tuple[str, int], int]:
+        cfg = self.config
+        c = Consumer({"bootstrap.servers": cfg.kafka.bootstrap_servers,
+                      "group.id": cfg.kafka.group_id})
+        try:
+            md = c.list_topics(timeout=10)
+            parts = [TopicPartition(t, p) for t in cfg.topics() for p in md.topics[t].partitions]
+            return {(tp.topic, tp.partition): tp.offset for tp in c.committed(parts, timeout=10)}
+        finally:
+            c.close()
+
+    def wait_committed(self, targets: dict[tuple[str, int], int], timeout: float = 300,
+                       fraction: float = 1.0) -> None:
+        """Wait until the group's committed offsets reach `fraction` of `targets`."""
+        total = sum(targets.values())
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"service exited early:\n{self.log()[-5000:]}"
+            got = self.committed()
+            done = sum(min(max(got.get(tp, 0), 0), high) for tp, high in targets.items())
+            if done >= fraction * total:
+                return
+            time.sleep(0.2)
+        raise AssertionError(f"not caught up within {timeout}s: {got} vs {targets}\n"
+                             f"{self.log()[-5000:]}")
+
+    def stop(self, timeout: float = 60) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def views(self) -> dict:
+        return read_views(self.config.service.data_dir, list(self.config.views))
+
+    def shm_segments(self) -> list[str]:
+        prefix = segment_prefix(str(Path(self.config.service.data_dir).resolve()))
+        return [p for p in os.listdir("/dev/shm") if p.startswith(prefix)]
+
+
+def end_offsets(bootstrap: str, topics: list[str]) -> dict[tuple[str, int], int]:
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": "probe"})
+    try:
+        md = c.list_topics(timeout=10)
+        out = {}
+        for t in topics:
+            for p in md.topics[t].partitions:
+                out[(t, p)] = c.get_watermark_offsets(TopicPartition(t, p), timeout=10)[1]
+        return out
+    finally:
+        c.close()
+
+
+def read_topic(bootstrap: str, topic: str, timeout: float = 20) -> list:
+    """Every record of a topic (all partitions), by assign() from the beginning."""
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": "probe-read",
+                  "enable.auto.commit": False})
+    try:
+        md = c.list_topics(timeout=10)
+        parts = list(md.topics[topic].partitions)
+        highs = {p: c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+                 for p in parts}
+        c.assign([TopicPartition(topic, p, 0) for p in parts])
+        out, seen = [], {p: 0 for p in parts}
+        deadline = time.monotonic() + timeout
+        while any(seen[p] < highs[p] for p in parts) and time.monotonic() < deadline:
+            for m in c.consume(1000, 0.5):
+                if m.error() is None:
+                    out.append(m)
+                    seen[m.partition()] = m.offset() + 1
+        return out
+    finally:
+        c.close()

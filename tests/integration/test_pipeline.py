@@ -1,0 +1,153 @@
+"""The whole service against a real broker, real worker processes and real LMDB files.
+
+Each test publishes the seeded 7-source workload (>= 100k events, >= 5% duplicates, >= 2%
+reordered, plus malformed records interleaved), runs `aggregator run` as a child process and
+compares the views in LMDB with the simulator's independent oracle. Sums and counts (`add`
+ops) in the views make any double or lost apply visible.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from aggregator import simulate
+
+from .service import ROOT, Service, end_offsets, read_topic, write_config
+
+EVENTS = int(os.environ.get("AGGREGATOR_TEST_EVENTS", "100000"))
+
+
+@pytest.fixture(scope="module")
+def workload():
+    w = simulate.generate(7, EVENTS)
+    assert w.stats["duplicates"] >= 0.05 * len(w.events)
+    assert w.stats["reordered"] >= 0.02 * len(w.events)
+    return w
+
+
+@pytest.fixture(scope="module")
+def expected(workload):
+    return simulate.expected_views(workload)
+
+
+@pytest.fixture
+def service_factory(tmp_path, bootstrap, group_id):
+    started: list[Service] = []
+
+    def make(prefix, workers, data_dir=None, name="svc"):
+        data_dir = data_dir or tmp_path / "data"
+        cfg = write_config(tmp_path / f"{name}.toml", bootstrap=bootstrap, prefix=prefix,
+                           group=group_id, data_dir=data_dir, workers=workers)
+        svc = Service(cfg, tmp_path / f"{name}.log")
+        started.append(svc)
+        return svc
+
+    yield make
+    for svc in started:
+        if svc.proc is not None and svc.proc.poll() is None:
+            svc.kill()
+
+
+def produce_prefixed(bootstrap, prefix, workload, with_bad=True):
+    records = [(prefix + t, k, v, h) for t, k, v, h in workload.records]
+    bad = simulate.bad_records(prefix) if with_bad else []
+    step = max(len(records) // (len(bad) + 1), 1)
+    for i, b in enumerate(bad):
+        records.insert((i + 1) * step, tuple(b[:4]))
+    simulate.produce(records, bootstrap)
+    return bad
+
+
+def finish(svc, bootstrap):
+    targets = end_offsets(bootstrap, svc.config.topics())
+    svc.wait_committed(targets)
+    assert svc.stop() == 0, svc.log()[-5000:]
+    assert svc.shm_segments() == [], "shared-memory segments leaked"
+
+
+def assert_views(svc, expected):
+    actual = svc.views()
+    for view, docs in expected.items():
+        got = actual[view]
+        assert set(got) == set(docs), f"{view}: keys differ"
+        wrong = [k for k in docs if got[k] != docs[k]]
+        assert not wrong, f"{view}: {len(wrong)} documents differ, e.g. {wrong[0]}: " \
+                          f"{got[wrong[0]]} != {docs[wrong[0]]}"
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_views_equal_oracle(workers, workload, expected, shop_prefix, bootstrap,
+                            service_factory):
+    bad = produce_prefixed(bootstrap, shop_prefix, workload)
+    svc = service_factory(shop_prefix, workers).start()
+    finish(svc, bootstrap)
+    assert_views(svc, expected)
+    assert "core implementation: cython" in svc.log()
+
+    # malformed records: dead-lettered with their reason, original bytes kept
+    dlq = read_topic(bootstrap, svc.config.service.dead_letter_topic)
+    reasons = sorted(dict(m.headers())["aggregator-dlq-reason"].decode() for m in dlq)
+    assert reasons == sorted(b.reason for b in bad)
+    by_key = {m.key(): m for m in dlq}
+    for b in bad:
+        if b.key is not None:
+            m = by_key[b.key]
+            assert m.value() == b.value
+            h = dict(m.headers())
+            assert h["aggregator-dlq-topic"].decode() == b.topic
+            assert int(h["aggregator-dlq-offset"]) >= 0
+
+
+def test_sigkill_worker_mid_run(workload, expected, shop_prefix, bootstrap, service_factory):
+    produce_prefixed(bootstrap, shop_prefix, workload, with_bad=False)
+    svc = service_factory(shop_prefix, 2).start()
+    pids = svc.wait_workers(2)
+    targets = end_offsets(bootstrap, svc.config.topics())
+    svc.wait_committed(targets, fraction=0.3)
+    os.kill(pids[0], signal.SIGKILL)
+    svc.wait_committed(targets, fraction=0.6)
+    os.kill(svc.worker_pids()[-1], signal.SIGKILL)
+    finish(svc, bootstrap)
+    log = svc.log()
+    assert log.count("exited with code -9") == 2, log[-3000:]
+    assert "rewound" in log
+    assert_views(svc, expected)
+
+
+def test_sigkill_supervisor_then_restart(workload, expected, shop_prefix, bootstrap,
+                                        service_factory):
+    produce_prefixed(bootstrap, shop_prefix, workload, with_bad=False)
+    first = service_factory(shop_prefix, 2, name="first").start()
+    pids = first.wait_workers(2)
+    targets = end_offsets(bootstrap, first.config.topics())
+    first.wait_committed(targets, fraction=0.4)
+    first.kill()  # SIGKILL: no drain, no commit, shared memory left behind
+    deadline = time.monotonic() + 10
+    while any(os.path.exists(f"/proc/{p}") for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)  # workers follow their parent (PR_SET_PDEATHSIG)
+    assert not any(os.path.exists(f"/proc/{p}") for p in pids), "orphaned workers"
+    assert first.shm_segments(), "expected the killed run's segments to be left behind"
+
+    second = service_factory(shop_prefix, 2, name="second").start()
+    finish(second, bootstrap)
+    assert "removed" in second.log() and "shared-memory segments" in second.log()
+    assert_views(second, expected)
+
+
+def test_worker_count_change_is_refused(tmp_path, shop_prefix, bootstrap, service_factory):
+    small = simulate.generate(3, 2000)
+    produce_prefixed(bootstrap, shop_prefix, small, with_bad=False)
+    svc = service_factory(shop_prefix, 2).start()
+    finish(svc, bootstrap)
+    other = service_factory(shop_prefix, 1, name="one")
+    proc = subprocess.run(
+        [sys.executable, "-m", "aggregator", "run", "--config", str(other.config_path)],
+        capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode == 2
+    assert "service.workers = 1" in proc.stderr and "refused" in proc.stderr
