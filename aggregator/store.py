@@ -173,6 +173,21 @@ class Shard:
             for k, _ in txn.cursor():
                 yield _U64.unpack(k[:8])[0], bytes(k[10:26])
 
+    def parked_streams(self) -> dict[bytes, tuple[list | None, list[tuple[int, float]], int]]:
+        """Every gate key with parked events: (its seq row or None, [(seq, parked_at)]
+        ascending, topic index of its first parked record)."""
+        out: dict[bytes, tuple[list | None, list[tuple[int, float]], int]] = {}
+        with self.env.begin() as txn:
+            for k, v in txn.cursor(db=self.db["parked"]):
+                g, seq = bytes(k[:-8]), _U64.unpack(k[-8:])[0]
+                parked_at, record = _unpack(v)
+                entry = out.get(g)
+                if entry is None:
+                    raw = txn.get(g, db=self.db["seq"])
+                    entry = out[g] = (None if raw is None else _unpack(raw), [], record[0])
+                entry[1].append((seq, parked_at))
+        return out
+
     def documents(self, views: list[str]) -> Iterator[tuple[str, str, dict]]:
         """(view, key, stored record) for every document in the shard."""
         with self.env.begin(db=self.db["views"], buffers=False) as txn:

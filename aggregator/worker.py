@@ -113,6 +113,7 @@ class Worker:
         self.gate = core.SequenceGate(g.max_parked_per_key, g.max_parked_total)
         self.gap_timeout = g.gap_timeout_ms / 1000.0
         self.gap_policy = g.gap_policy
+        self._load_parked()
 
         self.through: dict[tuple[int, int], int] = {}
         for (topic, part), off in self.shard.offsets().items():
@@ -120,7 +121,11 @@ class Worker:
             if ti is not None:
                 self.through[(ti, part)] = off
         self.link_in = self.shard.links()  # source worker -> last applied link seq
-        self.link_out = {j: self.shard.last_outbox_seq(j) for j in range(self.n) if j != self.index}
+        # The outbox is pruned up to what the peer applied, so it may be empty: the last link
+        # seq used is also kept in meta "link_out" (a restart must not start again at 1).
+        saved = self.shard.get_meta("link_out", {})
+        self.link_out = {j: max(self.shard.last_outbox_seq(j), saved.get(j, 0))
+                         for j in range(self.n) if j != self.index}
         self.link_out_base = dict(self.link_out)
 
         names = ring_names(self.prefix, self.n)
@@ -168,6 +173,16 @@ class Worker:
             self.bloom.rotate()
         self._bloom_loaded = n
 
+    def _load_parked(self) -> None:
+        """Load every key with parked events into the gate (at boot and after the gate was
+        cleared), so that their gaps expire even if the key never sees another event."""
+        for g, (row, parked, ti) in self.shard.parked_streams().items():
+            if row is not None:
+                last = row[0]
+            else:
+                last = (self.plan.initial[ti] if ti < len(self.plan.initial) else 1) - 1
+            self.gate.load(g, last, parked)
+
     # ---- main loop -------------------------------------------------------------------------
     def run(self) -> int:
         ctl, me = self.ctl, self.index
@@ -211,6 +226,7 @@ class Worker:
             except lmdb.MapFullError:
                 batch.abort()
                 self.gate.clear()
+                self._load_parked()
                 if not self.shard.grow():
                     raise ShardError(
                         f"{self.shard.path}: LMDB map full at service.lmdb_max_map_size "
@@ -233,7 +249,7 @@ class Worker:
             ("records", "applied", "dup", "stale", "gaps", "dlq", "forwarded"), 0)
         self.t_ack = -1
         self.t_docs: dict[bytes, dict | None] = {}
-        self.t_outmsg: dict[int, tuple[int, bytes]] = {}
+        self.t_outmsg: dict[int, list[tuple[int, bytes]]] = {}
 
     def _apply(self, batch: Batch, sup_msgs: list, peer_msgs: list) -> bool:
         stop = False
@@ -473,17 +489,26 @@ class Worker:
         for dkey, stored in self.t_docs.items():
             batch.put_doc(dkey, stored)
         for g, last in self.gate.dirty():
-            topic, part = self.t_seqpart.get(g, ("", -1))
-            batch.put_seq(g, last, topic, part)
+            tp = self.t_seqpart.get(g)
+            if tp is None:  # a gap expired on a key without events in this batch
+                row = batch.get_seq(g)
+                tp = (row[1], row[2]) if row is not None else ("", -1)
+            batch.put_seq(g, last, *tp)
         for (ti, part), off in self.t_through.items():
             batch.put_offset(self.topics[ti], part, off)
         for src, seq in self.t_link_in.items():
             batch.put_link(src, seq)
         for owner, updates in self.t_out.items():
-            seq = self.link_out[owner] + 1
-            msg = _pack([MSG_FORWARD, self.index, seq, updates])
-            batch.put_outbox(owner, seq, msg)
-            self.t_outmsg[owner] = (seq, msg)
+            seq = self.link_out[owner]
+            out = self.t_outmsg[owner] = []
+            for msg in self._forward_messages(owner, seq, updates):
+                seq += 1
+                batch.put_outbox(owner, seq, msg)
+                out.append((seq, msg))
+        if self.t_outmsg:
+            link_out = dict(self.link_out)
+            link_out.update((owner, out[-1][0]) for owner, out in self.t_outmsg.items())
+            batch.put_meta("link_out", link_out)
         for j in self.peer_out:
             acked = self.ctl.link_applied(j, self.index)
             if acked > self.pruned[j]:
@@ -495,16 +520,35 @@ class Worker:
             if dropped >= 0:
                 batch.prune_generations(dropped, limit=10_000_000)
 
+    def _forward_messages(self, owner: int, last_seq: int, updates: list) -> list[bytes]:
+        """The outbox messages (link seqs last_seq+1, ...) carrying `updates`: as many as
+        it takes for each to fit the peer ring's largest message."""
+        limit = self.peer_out[owner].max_message
+        msg = _pack([MSG_FORWARD, self.index, last_seq + 1, updates])
+        if len(msg) <= limit:
+            return [msg]
+        chunks: list[list] = [[]]
+        size = 0
+        for u in updates:
+            n = len(_pack(u))
+            if chunks[-1] and size + n > limit - 64:  # 64: the envelope [2, from, seq, [...]]
+                chunks.append([])
+                size = 0
+            chunks[-1].append(u)
+            size += n
+        return [_pack([MSG_FORWARD, self.index, last_seq + 1 + k, c])
+                for k, c in enumerate(chunks)]
+
     def _post_commit(self) -> None:
         ctl, me, s = self.ctl, self.index, self.t_stats
         self.through.update(self.t_through)
         self.link_in.update(self.t_link_in)
         for src, seq in self.t_link_in.items():
             ctl.set_link_applied(me, src, seq)
-        for owner, (seq, msg) in self.t_outmsg.items():
-            self.link_out[owner] = seq
-            self.unsent[owner].append((seq, msg))
-            ctl.set_link_committed(me, owner, seq)
+        for owner, out in self.t_outmsg.items():
+            self.link_out[owner] = out[-1][0]
+            self.unsent[owner].extend(out)
+            ctl.set_link_committed(me, owner, out[-1][0])
         for name, slot in (("records", Slot.RECORDS), ("applied", Slot.APPLIED),
                            ("dup", Slot.DUPLICATES), ("stale", Slot.STALE),
                            ("gaps", Slot.GAPS_SKIPPED), ("dlq", Slot.DEADLETTERED),

@@ -1,0 +1,447 @@
+"""The LMDB shard (store.py) on real LMDB files: layout, every named database, MAP_FULL."""
+
+from __future__ import annotations
+
+import lmdb
+import msgpack
+import pytest
+
+from aggregator.store import (
+    FORMAT_VERSION,
+    Shard,
+    ShardError,
+    offset_key,
+    parse_offset_key,
+    read_views,
+    shard_path,
+    view_key,
+)
+
+KiB = 1 << 10
+
+
+def sk(slot: int, n: int) -> bytes:
+    """A dedup key: 2-byte slot + 16-byte identity hash."""
+    return slot.to_bytes(2, "big") + n.to_bytes(16, "big")
+
+
+def gk(slot: int, n: int) -> bytes:
+    """A gate key: 2-byte slot + 16-byte gate hash."""
+    return slot.to_bytes(2, "big") + (n + 1000).to_bytes(16, "big")
+
+
+@pytest.fixture
+def shard(tmp_path):
+    s = Shard(tmp_path / "shard-0", map_size=16 << 20, max_map_size=64 << 20, sync=False)
+    yield s
+    s.close()
+
+
+def commit(shard: Shard, fn) -> None:
+    b = shard.begin()
+    try:
+        fn(b)
+        b.commit()
+    except BaseException:
+        b.abort()
+        raise
+
+
+# ---- layout -----------------------------------------------------------------------------
+
+
+def test_check_layout_stamps_a_new_shard(shard):
+    assert shard.get_meta("format") is None
+    shard.check_layout(shard=0, workers=2, slots=4096)
+    assert shard.get_meta("format") == FORMAT_VERSION
+    assert (shard.get_meta("shard"), shard.get_meta("workers"), shard.get_meta("slots")) == (
+        0, 2, 4096)
+    shard.check_layout(shard=0, workers=2, slots=4096)  # same layout: accepted again
+
+
+@pytest.mark.parametrize(("shard_i", "workers", "slots"), [(0, 3, 4096), (1, 2, 4096),
+                                                           (0, 2, 1024)])
+def test_check_layout_refuses_another_layout(shard, shard_i, workers, slots):
+    shard.check_layout(shard=0, workers=2, slots=4096)
+    with pytest.raises(ShardError, match="changing the worker count"):
+        shard.check_layout(shard=shard_i, workers=workers, slots=slots)
+
+
+def test_check_layout_refuses_another_format(shard):
+    shard.check_layout(shard=0, workers=1, slots=4096)
+    shard.put_meta(format=FORMAT_VERSION + 1)
+    with pytest.raises(ShardError, match="data format"):
+        shard.check_layout(shard=0, workers=1, slots=4096)
+
+
+def test_layout_survives_reopen(tmp_path):
+    s = Shard(tmp_path / "s", sync=False)
+    s.check_layout(shard=0, workers=4, slots=4096)
+    s.close()
+    s = Shard(tmp_path / "s", sync=False)
+    try:
+        with pytest.raises(ShardError):
+            s.check_layout(shard=0, workers=2, slots=4096)
+        s.check_layout(shard=0, workers=4, slots=4096)
+    finally:
+        s.close()
+
+
+def test_meta_round_trip_and_default(shard):
+    assert shard.get_meta("nope", 7) == 7
+    shard.put_meta(a=[1, "x"], b={"k": None})
+    assert shard.get_meta("a") == [1, "x"]
+    assert shard.get_meta("b") == {"k": None}
+    commit(shard, lambda b: b.put_meta("a", 3))
+    assert shard.get_meta("a") == 3
+
+
+# ---- documents ----------------------------------------------------------------------------
+
+
+def test_documents_put_get_delete(shard):
+    k1 = view_key(b"\x00\x05", 0, "c-1")
+    k2 = view_key(b"\x0f\xff", 1, "o-1")
+    rec1 = {"v": 1, "d": {"name": "Zoë", "n": [1, 2]}, "s": {"/src": [3, "t"]}}
+    rec2 = {"v": 2, "d": {"x": b"\x00bytes"}, "s": {}}
+
+    def write(b):
+        assert b.get_doc(k1) is None
+        b.put_doc(k1, rec1)
+        b.put_doc(k2, rec2)
+        assert b.get_doc(k1) == rec1  # the transaction sees its own writes
+
+    commit(shard, write)
+    b = shard.begin()
+    assert b.get_doc(k1) == rec1 and b.get_doc(k2) == rec2
+    b.delete_doc(k2)
+    assert b.get_doc(k2) is None
+    b.commit()
+    assert list(shard.documents(["customer", "order"])) == [("customer", "c-1", rec1)]
+
+
+def test_view_key_layout():
+    assert view_key(b"\x01\x02", 3, "ké") == b"\x01\x02\x03" + "ké".encode()
+
+
+def _stamp_views(shard, views):
+    shard.put_meta(views=views)
+
+
+def test_read_views_skips_tombstones_and_reads_every_shard(tmp_path):
+    views = ["customer", "order"]
+    for i, (key, doc) in enumerate([("c-1", {"a": 1}), ("c-2", {"b": 2})]):
+        s = Shard(shard_path(tmp_path, i), sync=False)
+        s.check_layout(shard=i, workers=2, slots=4096)
+        _stamp_views(s, views)
+
+        def write(b, key=key, doc=doc, i=i):
+            b.put_doc(view_key(b"\x00\x00", 0, key), {"v": 1, "d": doc, "s": {}})
+            tomb = {"v": 3, "d": None, "s": {"x": [1, None]}}
+            b.put_doc(view_key(b"\x00\x01", 1, f"o-{i}"), tomb)
+
+        commit(s, write)
+        s.close()
+    got = read_views(tmp_path, views)
+    assert got == {"customer": {"c-1": {"a": 1}, "c-2": {"b": 2}}, "order": {}}
+
+
+def test_read_views_uses_the_stored_view_ids(tmp_path):
+    # The shard numbered its views in the order of an earlier config; a caller listing them
+    # in another order must still get each document under its own view.
+    s = Shard(shard_path(tmp_path, 0), sync=False)
+    _stamp_views(s, ["order", "customer"])
+    doc = {"v": 1, "d": {"o": 1}, "s": {}}
+    commit(s, lambda b: b.put_doc(view_key(b"\x00\x00", 0, "o-1"), doc))
+    s.close()
+    want = {"customer": {}, "order": {"o-1": {"o": 1}}}
+    assert read_views(tmp_path, ["customer", "order"]) == want
+
+
+def test_read_views_of_an_empty_dir(tmp_path):
+    assert read_views(tmp_path, ["a"]) == {"a": {}}
+
+
+# ---- dedup index --------------------------------------------------------------------------
+
+
+def test_mark_seen_and_seen(shard):
+    def write(b):
+        assert not b.seen(sk(1, 1))
+        b.mark_seen(sk(1, 1), 0)
+        assert b.seen(sk(1, 1))
+        assert not b.seen(sk(2, 1))  # same hash in another slot is another key
+
+    commit(shard, write)
+    b = shard.begin()
+    assert b.seen(sk(1, 1))
+    b.abort()
+
+
+def test_dedup_entries_order_oldest_generation_first(shard):
+    def write(b):
+        b.mark_seen(sk(9, 3), 2)
+        b.mark_seen(sk(0, 7), 0)
+        b.mark_seen(sk(5, 1), 1)
+        b.mark_seen(sk(1, 2), 0)
+        b.mark_seen(sk(3, 4), 256)  # generation whose big-endian bytes hold 0x00
+
+    commit(shard, write)
+    got = list(shard.dedup_entries())
+    assert [g for g, _ in got] == [0, 0, 1, 2, 256]
+    assert all(len(h) == 16 for _, h in got)  # the identity hash, without the slot
+    assert {h for g, h in got if g == 0} == {sk(0, 7)[2:], sk(1, 2)[2:]}
+    assert got[-1] == (256, sk(3, 4)[2:])
+
+
+def test_prune_generations_removes_only_up_to(shard):
+    def write(b):
+        for g in range(5):
+            for j in range(3):
+                b.mark_seen(sk(j, g * 10 + j), g)
+
+    commit(shard, write)
+    b = shard.begin()
+    assert b.prune_generations(1) == 6
+    for g in range(5):
+        for j in range(3):
+            assert b.seen(sk(j, g * 10 + j)) == (g > 1), (g, j)
+    assert b.prune_generations(1) == 0  # nothing left at or below 1
+    b.commit()
+    assert sorted({g for g, _ in shard.dedup_entries()}) == [2, 3, 4]
+    assert shard.stat()["dedup"] == 9
+
+
+def test_prune_generations_limit_and_everything(shard):
+    commit(shard, lambda b: [b.mark_seen(sk(0, i), i % 3) for i in range(30)])
+    b = shard.begin()
+    assert b.prune_generations(10, limit=7) == 7
+    assert b.prune_generations(10, limit=100) == 23
+    assert b.prune_generations(10) == 0
+    b.commit()
+    assert list(shard.dedup_entries()) == []
+    assert shard.stat()["dedup"] == 0
+
+
+def test_prune_keeps_an_id_marked_again_in_a_newer_generation(shard):
+    def write(b):
+        b.mark_seen(sk(0, 1), 0)
+        b.mark_seen(sk(0, 1), 3)  # the exact index holds the newest generation
+
+    commit(shard, write)
+    commit(shard, lambda b: b.prune_generations(0))
+    b = shard.begin()
+    assert b.seen(sk(0, 1))
+    b.abort()
+    assert list(shard.dedup_entries()) == [(3, sk(0, 1)[2:])]
+
+
+# ---- sequences and parked events ---------------------------------------------------------
+
+
+def test_seq_round_trip(shard):
+    g = gk(7, 1)
+    commit(shard, lambda b: b.put_seq(g, 41, "shop.orders", 3))
+    b = shard.begin()
+    assert b.get_seq(g) == [41, "shop.orders", 3]
+    assert b.get_seq(gk(7, 2)) is None
+    b.abort()
+
+
+def test_park_unpark_parked_of(shard):
+    g1, g2 = gk(1, 1), gk(1, 2)
+    rec = [4, 0, 17, b"k", b"value", [["ce_id", b"x"]], 5, 1]
+
+    def write(b):
+        b.park(g1, 5, 100.5, rec)
+        b.park(g1, 3, 100.0, rec)
+        b.park(g1, 256, 101.0, rec)  # 0x00 bytes in the sequence
+        b.park(g2, 4, 99.0, rec)
+
+    commit(shard, write)
+    b = shard.begin()
+    assert b.parked_of(g1) == [(3, 100.0), (5, 100.5), (256, 101.0)]
+    assert b.parked_of(g2) == [(4, 99.0)]
+    assert b.parked_of(gk(1, 3)) == []
+    assert b.unpark(g1, 5) == rec
+    assert b.unpark(g1, 5) is None
+    assert b.unpark(g2, 3) is None
+    assert b.parked_of(g1) == [(3, 100.0), (256, 101.0)]
+    b.commit()
+    assert shard.stat()["parked"] == 3
+
+
+def test_parked_of_the_last_key_in_the_database(shard):
+    g = b"\xff\xff" + b"\xff" * 16
+    commit(shard, lambda b: b.park(g, 2, 1.0, [0]))
+    b = shard.begin()
+    assert b.parked_of(g) == [(2, 1.0)]
+    assert b.parked_of(gk(0, 0)) == []
+    b.abort()
+
+
+# ---- offsets and links -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("partition", [0, 1, 255, 256, 65536, 1 << 24, 2**31 - 1])
+def test_offset_key_round_trip(partition):
+    assert parse_offset_key(offset_key("shop.orders", partition)) == ("shop.orders", partition)
+
+
+def test_offsets_round_trip(shard):
+    offs = {("shop.orders", 0): 0, ("shop.orders", 256): 12, ("shop.orders", 1): -1,
+            ("a", 0): 2**40, ("a.b-c_d", 65536): 7, ("shop.orders.x", 0): 9}
+
+    def write(b):
+        for (t, p), o in offs.items():
+            b.put_offset(t, p, o)
+
+    commit(shard, write)
+    assert shard.offsets() == offs
+    commit(shard, lambda b: b.put_offset("shop.orders", 0, 100))
+    assert shard.offsets()[("shop.orders", 0)] == 100
+
+
+def test_links_round_trip(shard):
+    assert shard.links() == {}
+    commit(shard, lambda b: (b.put_link(0, 5), b.put_link(256, 1), b.put_link(3, 2**40)))
+    commit(shard, lambda b: b.put_link(0, 6))
+    assert shard.links() == {0: 6, 256: 1, 3: 2**40}
+
+
+# ---- outbox ----------------------------------------------------------------------------------
+
+
+def test_outbox_several_targets(shard):
+    assert shard.last_outbox_seq(0) == 0
+    assert list(shard.outbox_after(0, 0)) == []
+
+    def write(b):
+        for target in (0, 1, 3, 256):
+            for seq in range(1, 6):
+                b.put_outbox(target, seq, msgpack.packb([target, seq]))
+
+    commit(shard, write)
+    for target in (0, 1, 3, 256):
+        assert shard.last_outbox_seq(target) == 5
+        got = list(shard.outbox_after(target, 2))
+        assert got == [(s, msgpack.packb([target, s])) for s in (3, 4, 5)]
+        assert list(shard.outbox_after(target, 5)) == []
+        assert [s for s, _ in shard.outbox_after(target, 0)] == [1, 2, 3, 4, 5]
+    for target in (2, 4, 255, 257):
+        assert shard.last_outbox_seq(target) == 0
+        assert list(shard.outbox_after(target, 0)) == []
+
+    b = shard.begin()
+    assert b.prune_outbox(1, 3) == 3
+    assert b.prune_outbox(1, 3) == 0
+    assert b.prune_outbox(256, 99) == 5
+    assert b.prune_outbox(2, 99) == 0
+    b.commit()
+    assert [s for s, _ in shard.outbox_after(1, 0)] == [4, 5]
+    assert shard.last_outbox_seq(1) == 5
+    assert shard.last_outbox_seq(256) == 0
+    assert [s for s, _ in shard.outbox_after(0, 0)] == [1, 2, 3, 4, 5]  # neighbours intact
+    assert [s for s, _ in shard.outbox_after(3, 0)] == [1, 2, 3, 4, 5]
+
+
+def test_outbox_seq_order_is_numeric(shard):
+    commit(shard, lambda b: [b.put_outbox(1, s, b"m%d" % s) for s in (255, 256, 1, 65536)])
+    assert [s for s, _ in shard.outbox_after(1, 0)] == [1, 255, 256, 65536]
+    assert shard.last_outbox_seq(1) == 65536
+    assert [s for s, _ in shard.outbox_after(1, 255)] == [256, 65536]
+
+
+# ---- transactions, MAP_FULL and growth ---------------------------------------------------
+
+
+def test_abort_keeps_nothing(shard):
+    b = shard.begin()
+    b.put_doc(b"\x00\x00\x00k", {"v": 1, "d": {}, "s": {}})
+    b.mark_seen(sk(0, 1), 0)
+    b.put_offset("t", 0, 5)
+    b.abort()
+    b.abort()  # twice is harmless
+    assert list(shard.documents(["v"])) == []
+    assert shard.offsets() == {}
+    assert list(shard.dedup_entries()) == []
+
+
+def test_map_full_aborts_the_whole_transaction(tmp_path):
+    s = Shard(tmp_path / "tiny", map_size=64 * KiB, max_map_size=64 * KiB, sync=False)
+    try:
+        commit(s, lambda b: (b.put_offset("t", 0, 1), b.mark_seen(sk(0, 0), 0)))
+        before = s.stat()
+        b = s.begin()
+        with pytest.raises(lmdb.MapFullError):
+            b.put_offset("t", 0, 2)
+            b.mark_seen(sk(0, 1), 0)
+            for i in range(2000):
+                b.put_doc(view_key(b"\x00\x01", 0, f"k{i}"), {"v": 1, "d": "x" * 200, "s": {}})
+            b.commit()
+        b.abort()
+        assert s.offsets() == {("t", 0): 1}
+        assert list(s.documents(["v"])) == []
+        assert [h for _, h in s.dedup_entries()] == [sk(0, 0)[2:]]
+        after = s.stat()
+        assert {k: after[k] for k in s.db} == {k: before[k] for k in s.db}
+        assert s.grow() is False  # already at the maximum
+        # still usable for a transaction that fits
+        commit(s, lambda b: b.put_offset("t", 0, 3))
+        assert s.offsets() == {("t", 0): 3}
+    finally:
+        s.close()
+
+
+def test_grow_doubles_up_to_the_maximum(tmp_path):
+    s = Shard(tmp_path / "g", map_size=64 * KiB, max_map_size=300 * KiB, sync=False)
+    try:
+        sizes = [s.env.info()["map_size"]]
+        while s.grow():
+            sizes.append(s.env.info()["map_size"])
+        assert sizes == [64 * KiB, 128 * KiB, 256 * KiB, 300 * KiB]
+        assert s.grow() is False
+        # the grown map holds what the small one could not
+        commit(s, lambda b: [b.put_doc(view_key(b"\x00\x01", 0, f"k{i}"),
+                                       {"v": 1, "d": "x" * 200, "s": {}}) for i in range(400)])
+        assert len(list(s.documents(["v"]))) == 400
+    finally:
+        s.close()
+
+
+def test_map_full_then_grow_then_retry(tmp_path):
+    s = Shard(tmp_path / "r", map_size=64 * KiB, max_map_size=1 << 20, sync=False)
+
+    def big(b):
+        for i in range(1500):
+            b.put_doc(view_key(b"\x00\x01", 0, f"k{i}"), {"v": 1, "d": "x" * 100, "s": {}})
+
+    try:
+        grows = 0
+        while True:
+            b = s.begin()
+            try:
+                big(b)
+                b.commit()
+                break
+            except lmdb.MapFullError:
+                b.abort()
+                assert s.grow()
+                grows += 1
+        assert grows >= 1
+        assert len(list(s.documents(["v"]))) == 1500
+    finally:
+        s.close()
+
+
+def test_readonly_open_and_stat(tmp_path):
+    s = Shard(tmp_path / "ro", sync=False)
+    commit(s, lambda b: b.put_offset("t", 256, 5))
+    s.close()
+    r = Shard(tmp_path / "ro", readonly=True)
+    try:
+        assert r.offsets() == {("t", 256): 5}
+        st = r.stat()
+        assert st["offsets"] == 1 and st["views"] == 0
+    finally:
+        r.close()

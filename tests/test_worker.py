@@ -1,0 +1,778 @@
+"""Real `Worker` objects driven in-process: no Kafka, no supervisor.
+
+The test plays the supervisor: it creates the control block and the rings, turns simulated
+Kafka records into ring messages the way `Supervisor._dispatch` does, and moves forwarded
+view updates between workers by reading each worker's inbound peer rings.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import tempfile
+import time
+import types
+import uuid
+from pathlib import Path
+
+import msgpack
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import aggregator.worker as worker_mod
+from aggregator import _core, core_ref, simulate
+from aggregator.config import load_config
+from aggregator.control import ControlBlock, Slot
+from aggregator.envelope import parse, routing_key, to_binary
+from aggregator.ring import Ring
+from aggregator.routing import identity_hash, slot_of
+from aggregator.store import Shard, ShardError, read_views, shard_path
+from aggregator.worker import Worker, ring_names
+
+MiB = 1 << 20
+N_EVENTS = 3000
+INBOUND_RING = 8 * MiB
+PEER_RING = 2 * MiB
+PARTITIONS = 3
+
+
+# ---- the harness ---------------------------------------------------------------------------------
+
+
+class FakeDLQ:
+    """Stands in for DeadLetters (which would create a Kafka producer)."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[list, str, str]] = []
+        self.flushes = 0
+
+    def send(self, rec: list, reason: str, message: str) -> None:
+        self.sent.append((rec, reason, message))
+
+    def flush(self, timeout: float = 30.0) -> None:
+        self.flushes += 1
+
+    def close(self) -> None:
+        pass
+
+    @property
+    def reasons(self) -> list[str]:
+        return [r for _, r, _ in self.sent]
+
+
+def _unpack(m: bytes):
+    return msgpack.unpackb(m, raw=False, strict_map_key=False, use_list=True)
+
+
+class Cluster:
+    """A control block, the rings and N in-process workers on one data dir."""
+
+    def __init__(self, data_dir: Path, n: int, overrides: dict | None = None,
+                 peer_ring: int = PEER_RING) -> None:
+        opts = {
+            "service.data_dir": str(data_dir),
+            "service.workers": n,
+            "service.lmdb_sync": False,
+            "service.lmdb_map_size": 64 * MiB,
+            "service.ring_bytes": INBOUND_RING,
+            "gate.gap_timeout_ms": 600_000,
+        }
+        opts.update(overrides or {})
+        self.cfg = load_config(None, opts, env={})
+        self.data_dir = Path(data_dir)
+        self.n = n
+        self.prefix = "aggtest-" + uuid.uuid4().hex[:12]
+        names = ring_names(self.prefix, n)
+        self.ctl = ControlBlock.create(names["control"], n)
+        self.rings = [Ring.create(x, INBOUND_RING) for x in names["inbound"]]
+        self.rings += [Ring.create(x, peer_ring) for x in names["peer"].values()]
+        self.workers: list[Worker | None] = [None] * n
+        self.dlqs: list[FakeDLQ] = [FakeDLQ() for _ in range(n)]
+        self.pending: dict[int, list] = {i: [] for i in range(n)}
+        self.next_batch = [1] * n
+        self.next_offset: dict[tuple[int, int], int] = {}
+        self.tindex = {t: i for i, t in enumerate(self.cfg.topics())}
+
+    # lifecycle
+    def boot(self, i: int | None = None) -> None:
+        for j in range(self.n) if i is None else [i]:
+            w = Worker(self.cfg, j, self.prefix)
+            w.boot()
+            w.dlq = self.dlqs[j]
+            self.workers[j] = w
+
+    def stop(self, i: int) -> None:
+        """Close worker i, as if its process ended: what it had not read from its peer rings
+        is lost (its next boot resets them)."""
+        w = self.workers[i]
+        w.close()
+        for r in [w.inbound, *w.peer_in.values(), *w.peer_out.values()]:
+            r.close()
+        w.ctl.close()
+        self.workers[i] = None
+        self.pending[i] = []
+
+    def restart(self, i: int) -> Worker:
+        self.stop(i)
+        self.boot(i)
+        return self.workers[i]
+
+    def close(self) -> None:
+        for i, w in enumerate(self.workers):
+            if w is not None:
+                self.stop(i)
+        for r in self.rings:
+            r.close()
+            r.unlink()
+        self.ctl.counters.close()
+        self.ctl.counters.unlink()
+
+    def views(self) -> dict:
+        """read_views needs the shards closed (LMDB: one open per process)."""
+        for i, w in enumerate(self.workers):
+            if w is not None:
+                self.stop(i)
+        return read_views(self.data_dir, list(self.cfg.views))
+
+    # records
+    def ring_records(self, records, partition_of=None, offsets=None) -> list[list]:
+        """Kafka records (topic, key, value, headers) → ring records with fresh offsets
+        (continuing per partition, as if produced after everything before)."""
+        out = []
+        for n_, (topic, key, value, headers) in enumerate(records):
+            ti = self.tindex[topic]
+            part = (slot_of(key) % PARTITIONS if key else 0) if partition_of is None \
+                else partition_of(key)
+            if offsets is None:
+                off = self.next_offset.get((ti, part), 0)
+                self.next_offset[(ti, part)] = off + 1
+            else:
+                off = offsets[n_]
+            rk = routing_key(value, headers, key)
+            slot = slot_of(rk) if rk is not None else 0
+            out.append([ti, part, off, key, value, [[k, v] for k, v in headers], 1000 + off,
+                        slot])
+        return out
+
+    # the supervisor side
+    def dispatch(self, recs: list[list]) -> None:
+        """One consume round: each worker gets its records and the through-offsets."""
+        per: list[list] = [[] for _ in range(self.n)]
+        through: dict[tuple[int, int], int] = {}
+        for r in recs:
+            per[r[7] % self.n].append(r)
+            tp = (r[0], r[1])
+            through[tp] = max(through.get(tp, -1), r[2])
+        thr = [[ti, p, o] for (ti, p), o in through.items()]
+        for i, w in enumerate(self.workers):
+            bid = self.next_batch[i]
+            self.next_batch[i] += 1
+            # through a msgpack round trip, exactly as the ring carries it
+            msg = _unpack(msgpack.packb([1, bid, thr, per[i]], use_bin_type=True))
+            peers, self.pending[i] = self.pending[i], []
+            w.process([msg], peers)
+            assert w.ctl.get(i, Slot.ACK_BATCH) == bid
+            self.pump()
+
+    def pump(self) -> None:
+        for w in self.workers:
+            if w is not None:
+                w._pump_outbox()
+        for i, w in enumerate(self.workers):
+            if w is None:
+                continue
+            for r in w.peer_in.values():
+                while True:
+                    msgs = r.get_many(1000)
+                    if not msgs:
+                        break
+                    self.pending[i].extend(_unpack(m) for m in msgs)
+
+    def settle(self, rounds: int = 50) -> None:
+        """Deliver forwarded updates until no worker has any left."""
+        for _ in range(rounds):
+            self.pump()
+            if not any(self.pending.values()):
+                return
+            for i, w in enumerate(self.workers):
+                peers, self.pending[i] = self.pending[i], []
+                if peers:
+                    w.process([], peers)
+        raise AssertionError("forwarded updates did not settle")
+
+    def feed(self, recs: list[list], rng: random.Random, max_batch: int = 300) -> None:
+        i = 0
+        while i < len(recs):
+            k = rng.randint(1, max_batch)
+            self.dispatch(recs[i:i + k])
+            i += k
+        self.settle()
+
+    def stat(self, i: int, slot: Slot) -> int:
+        return self.ctl.get(i, slot)
+
+    def total(self, slot: Slot) -> int:
+        return sum(self.ctl.get(i, slot) for i in range(self.n))
+
+
+@pytest.fixture
+def make_cluster(tmp_path):
+    made: list[Cluster] = []
+
+    def make(n: int, sub: str = "data", **kw) -> Cluster:
+        c = Cluster(tmp_path / sub, n, **kw)
+        made.append(c)
+        c.boot()
+        return c
+
+    yield make
+    for c in made:
+        c.close()
+
+
+@pytest.fixture(scope="module")
+def workload() -> simulate.Workload:
+    return simulate.generate(7, N_EVENTS)
+
+
+@pytest.fixture(scope="module")
+def oracle(workload) -> dict:
+    return simulate.expected_views(workload)
+
+
+def assert_views(got: dict, want: dict) -> None:
+    for view in want:
+        g, w = got[view], want[view]
+        bad = sorted(k for k in set(g) | set(w) if g.get(k) != w.get(k))
+        assert not bad, (f"view {view}: {len(bad)} of {len(w)} documents differ, e.g. "
+                         f"{bad[0]}: got {g.get(bad[0])!r}, want {w.get(bad[0])!r}")
+    assert set(got) == set(want)
+
+
+# ---- 1. the simulated workload -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_workload_equals_oracle(make_cluster, workload, oracle, n):
+    c = make_cluster(n)
+    recs = c.ring_records(workload.records)
+    c.feed(recs, random.Random(n))
+    assert c.total(Slot.RECORDS) == len(workload.records)
+    assert c.total(Slot.DUPLICATES) == workload.stats["duplicates"]
+    assert c.total(Slot.DEADLETTERED) == 0
+    assert c.total(Slot.PARKED) == 0
+    if n > 1:
+        assert c.total(Slot.FORWARDED) > 0
+        for i in range(n):
+            for j in range(n):
+                if i != j:
+                    assert c.ctl.link_applied(j, i) == c.ctl.link_committed(i, j) > 0
+    assert_views(c.views(), oracle)
+    # the shards hold the through-offset of every partition
+    for i in range(n):
+        s = Shard(shard_path(c.data_dir, i), readonly=True)
+        try:
+            offs = s.offsets()
+        finally:
+            s.close()
+        topics = c.cfg.topics()
+        assert {(c.tindex[t], p): o for (t, p), o in offs.items()} == {
+            tp: o - 1 for tp, o in c.next_offset.items()} and len(offs) > len(topics)
+
+
+def test_workload_in_one_big_batch(make_cluster, workload, oracle):
+    c = make_cluster(2)
+    c.dispatch(c.ring_records(workload.records))
+    c.settle()
+    assert_views(c.views(), oracle)
+
+
+# ---- 2. redelivery -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_redelivery_changes_nothing(make_cluster, workload, oracle, n):
+    c = make_cluster(n)
+    recs = c.ring_records(workload.records)
+    c.feed(recs, random.Random(10 + n))
+    applied = c.total(Slot.APPLIED)
+    records = c.total(Slot.RECORDS)
+
+    # same offsets (a rewind after a crash): skipped by the through-offsets
+    c.feed(recs, random.Random(20 + n))
+    assert c.total(Slot.RECORDS) == records  # not even counted: below the through-offset
+    assert c.total(Slot.APPLIED) == applied
+
+    # new offsets (the producer re-sent everything): dropped by dedup
+    again = c.ring_records(workload.records)
+    assert again[0][2] > recs[0][2] or again[0][1] != recs[0][1]
+    c.feed(again, random.Random(30 + n))
+    assert c.total(Slot.RECORDS) == 2 * records
+    assert c.total(Slot.APPLIED) == applied
+    assert c.total(Slot.DUPLICATES) == records + workload.stats["duplicates"]
+    assert_views(c.views(), oracle)
+
+
+# ---- 3. restart ----------------------------------------------------------------------------------
+
+
+def test_restart_single_worker(make_cluster, workload, oracle):
+    c = make_cluster(1)
+    recs = c.ring_records(workload.records)
+    half = len(recs) // 2
+    c.feed(recs[:half], random.Random(1))
+    ids = sum(1 for _ in c.workers[0].shard.dedup_entries())
+    assert ids > 0
+    w = c.restart(0)
+    assert w._bloom_loaded == ids
+    # the rebuilt bloom knows every stored id
+    hashes = _identity_hashes(recs[:half])
+    assert all(w.bloom.contains(b"".join(hashes)))
+    assert w.through == {tp: max(r[2] for r in recs[:half] if (r[0], r[1]) == tp)
+                         for tp in {(r[0], r[1]) for r in recs[:half]}}
+    # the rest, plus a rewind over some of the first half
+    c.feed(recs[half - 400:], random.Random(2))
+    assert_views(c.views(), oracle)
+
+
+def test_restart_redelivered_with_new_offsets(make_cluster, workload, oracle):
+    c = make_cluster(1)
+    recs = c.ring_records(workload.records)
+    half = len(recs) // 2
+    c.feed(recs[:half], random.Random(3))
+    c.restart(0)
+    # everything again with new offsets: the first half only dedup can catch, after a boot
+    c.feed(c.ring_records(workload.records), random.Random(4))
+    assert_views(c.views(), oracle)
+
+
+def _identity_hashes(recs: list[list]) -> list[bytes]:
+    out = []
+    for r in recs:
+        ev = parse(r[4], r[5], r[3])
+        out.append(identity_hash(ev.source, ev.id))
+    return out
+
+
+def test_restart_of_one_of_two_workers(make_cluster, workload, oracle):
+    c = make_cluster(2)
+    recs = c.ring_records(workload.records)
+    third = len(recs) // 3
+    rng = random.Random(5)
+    c.feed(recs[:third], rng)
+    # worker 1 stops with forwarded updates of worker 0 not yet read from its ring
+    c.dispatch(recs[third:2 * third])
+    c.workers[0]._pump_outbox()
+    c.restart(1)
+    c.feed(recs[2 * third - 300:], rng)
+    assert_views(c.views(), oracle)
+
+
+def test_restart_of_a_sender_whose_outbox_was_pruned(make_cluster, workload, oracle):
+    """A worker restarted after its peer applied (and it pruned) every forwarded message
+    must continue the link sequence, not start again at 1 (the peer would drop it all)."""
+    c = make_cluster(2)
+    recs = c.ring_records(workload.records)
+    half = len(recs) // 2
+    c.feed(recs[:half], random.Random(6))
+    c.dispatch([])  # one more batch each: prunes what the peer acknowledged
+    c.settle()
+    c.dispatch([])
+    for i in range(2):
+        s = c.workers[i].shard
+        assert list(s.outbox_after(1 - i, 0)) == [], "outbox should be pruned"
+        assert c.ctl.link_committed(i, 1 - i) > 0
+    c.restart(0)
+    c.restart(1)
+    c.feed(recs[half:], random.Random(7))
+    assert_views(c.views(), oracle)
+
+
+def test_restart_sender_while_forwarded_messages_are_in_flight(make_cluster, workload, oracle):
+    c = make_cluster(2)
+    recs = c.ring_records(workload.records)
+    half = len(recs) // 2
+    c.feed(recs[:half], random.Random(8))
+    c.dispatch(recs[half:half + 500])
+    c.pump()  # worker 1 holds (in `pending`) messages worker 0 forwarded; then 0 restarts
+    c.restart(0)
+    c.feed(recs[half + 500:], random.Random(9))
+    assert_views(c.views(), oracle)
+
+
+# ---- MAP_FULL inside the worker ------------------------------------------------------------------
+
+
+def test_map_full_grows_and_retries(make_cluster, workload, oracle):
+    c = make_cluster(2, overrides={"service.lmdb_map_size": MiB,
+                                   "service.lmdb_max_map_size": 256 * MiB})
+    recs = c.ring_records(workload.records)
+    # big batches: several MAP_FULL aborts and retries (late events park across them)
+    c.feed(recs, random.Random(11), max_batch=1500)
+    sizes = [c.workers[i].shard.env.info()["map_size"] for i in range(2)]
+    assert max(sizes) > MiB
+    assert_views(c.views(), oracle)
+
+
+def test_map_full_at_the_maximum_is_an_error(make_cluster, workload):
+    c = make_cluster(1, overrides={"service.lmdb_map_size": MiB,
+                                   "service.lmdb_max_map_size": MiB})
+    c.dispatch(c.ring_records(workload.records[:10]))
+    assert c.stat(0, Slot.COMMITS) == 1
+    before = c.workers[0].shard.offsets()
+    big = c.ring_records([
+        _event("products", "shop.product.upserted", f"big-{i}", 1,
+               {"product_id": f"big-{i}", "blob": "x" * 8000}, f"big-{i}") for i in range(300)])
+    with pytest.raises(ShardError, match="map full"):
+        c.dispatch(big)
+    assert c.stat(0, Slot.COMMITS) == 1
+    assert c.workers[0].shard.offsets() == before
+    assert not any(k.startswith("big-") for k in c.views()["product"])
+
+
+# ---- 4. property: any interleaving gives the clean views -----------------------------------------
+
+PROP_KEYS = ("k0", "k1", "k2", "k3")
+CORES = {
+    "cython": types.SimpleNamespace(BloomFilter=_core.BloomFilter,
+                                    SequenceGate=_core.SequenceGate, IMPLEMENTATION="cython"),
+    "python": types.SimpleNamespace(BloomFilter=core_ref.BloomFilter,
+                                    SequenceGate=core_ref.SequenceGate, IMPLEMENTATION="python"),
+}
+
+
+def _event(source: str, type_: str, pk: str, seq: int, data: dict, eid: str) -> tuple:
+    topic = simulate.SOURCES[source].topic
+    attrs = {"id": eid, "source": simulate.SOURCES[source].uri, "type": type_,
+             "time": f"2025-01-01T00:00:{seq % 60:02d}.000Z", "partitionkey": pk,
+             "sequence": seq}
+    headers, value = to_binary(attrs, data)
+    return (topic, pk.encode(), value, headers)
+
+
+@st.composite
+def streams(draw):
+    """Clean per-key streams of inventory (strict, `add`) and orders (latest) events."""
+    events = []
+    for k in draw(st.lists(st.sampled_from(PROP_KEYS), min_size=1, max_size=3, unique=True)):
+        for seq in range(1, draw(st.integers(0, 6)) + 1):
+            delta = draw(st.integers(-20, 20))
+            events.append(_event("inventory", "shop.inventory.adjusted", f"p-{k}", seq,
+                                 {"product_id": f"p-{k}", "delta": delta, "n": seq},
+                                 f"inv-{k}-{seq}"))
+        for seq in range(1, draw(st.integers(0, 5)) + 1):
+            data = {"order_id": f"o-{k}", "customer_id": f"c-{k}", "status": f"s{seq}",
+                    "amount_cents": draw(st.integers(0, 10_000))}
+            type_ = "shop.order.placed" if seq == 1 else "shop.order.updated"
+            events.append(_event("orders", type_, f"o-{k}", seq, data, f"ord-{k}-{seq}"))
+    return events
+
+
+@st.composite
+def deliveries(draw):
+    clean = draw(streams())
+    # duplicates: re-sent records (same bytes, their own offsets)
+    dups = draw(st.lists(st.sampled_from(clean), max_size=len(clean))) if clean else []
+    messy = draw(st.permutations(clean + dups))
+    cuts = draw(st.lists(st.integers(1, 6), min_size=1, max_size=20))
+    return clean, messy, cuts, draw(st.sampled_from([1, 2]))
+
+
+def _run(records: list, n: int, cuts: list[int]) -> dict:
+    with tempfile.TemporaryDirectory() as d:
+        c = Cluster(Path(d), n)
+        try:
+            c.boot()
+            recs = c.ring_records(records)
+            i = 0
+            k = 0
+            while i < len(recs):
+                size = cuts[k % len(cuts)]
+                k += 1
+                c.dispatch(recs[i:i + size])
+                i += size
+            c.settle()
+            parked = c.total(Slot.PARKED)
+            dlq = sum(len(q.sent) for q in c.dlqs)
+            views = c.views()
+        finally:
+            c.close()
+    assert parked == 0 and dlq == 0
+    return views
+
+
+def _direct(clean: list) -> dict:
+    """The expected views, straight from the clean streams."""
+    product: dict = {}
+    order: dict = {}
+    customer: dict = {}
+    for _, _, value, headers in clean:
+        h = dict(headers)
+        data = json.loads(value)
+        if h["ce_source"] == b"/shop/inventory":
+            d = product.setdefault(data["product_id"], {})
+            d["stock"] = d.get("stock", 0) + data["delta"]
+            d["adjustments"] = d.get("adjustments", 0) + 1
+        else:
+            order[data["order_id"]] = {"order": data}  # clean order: the last one wins
+            customer[data["customer_id"]] = {"orders": {data["order_id"]: {
+                "status": data["status"], "amount_cents": data["amount_cents"]}}}
+    return {"customer": customer, "order": order, "product": product}
+
+
+@pytest.mark.parametrize("impl", sorted(CORES))
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=deliveries())
+def test_any_interleaving_gives_the_clean_views(impl, case):
+    clean, messy, cuts, n = case
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(worker_mod, "core", CORES[impl])
+        want = _run(clean, n, [len(clean) or 1])
+        assert want == _direct(clean)
+        got = _run(messy, n, cuts)
+    assert got == want
+
+
+def test_the_core_swap_reaches_the_worker(make_cluster, monkeypatch):
+    monkeypatch.setattr(worker_mod, "core", CORES["python"])
+    c = make_cluster(1)
+    assert isinstance(c.workers[0].bloom, core_ref.BloomFilter)
+    assert isinstance(c.workers[0].gate, core_ref.SequenceGate)
+
+
+# ---- 5. gap policy -------------------------------------------------------------------------------
+
+
+def _inventory(c: Cluster, pk: str, seqs, tag: str = "") -> list[list]:
+    return c.ring_records([
+        _event("inventory", "shop.inventory.adjusted", pk, s,
+               {"product_id": pk, "delta": 10 ** s}, f"gap-{pk}-{s}{tag}") for s in seqs])
+
+
+def _parked_rows(c: Cluster, i: int = 0) -> int:
+    return c.workers[i].shard.stat()["parked"]
+
+
+GAP_MS = 300
+
+
+def test_gap_skip_after_timeout(make_cluster):
+    c = make_cluster(1, overrides={"gate.gap_timeout_ms": GAP_MS, "gate.gap_policy": "skip"})
+    c.dispatch(_inventory(c, "p-1", [1, 3, 4, 6]))  # 2 and 5 never come
+    assert c.stat(0, Slot.PARKED) == 3
+    assert _parked_rows(c) == 3
+    c.workers[0].process([], [])  # not yet expired
+    assert c.stat(0, Slot.GAPS_SKIPPED) == 0
+    time.sleep(GAP_MS / 1000 + 0.05)
+    c.workers[0].process([], [])
+    assert c.stat(0, Slot.GAPS_SKIPPED) == 1  # 3 and 4 applied; 6 waits for its own timeout
+    assert c.stat(0, Slot.PARKED) == 1
+    # 6 was parked at the same time: expired as well, next round
+    c.workers[0].process([], [])
+    assert c.stat(0, Slot.GAPS_SKIPPED) == 2
+    assert c.stat(0, Slot.PARKED) == 0
+    assert _parked_rows(c) == 0
+    assert c.dlqs[0].sent == []
+    views = c.views()
+    assert views["product"]["p-1"] == {"stock": 10 + 1000 + 10_000 + 1_000_000,
+                                       "adjustments": 4}
+
+
+def test_gap_skip_then_late_event_is_stale(make_cluster):
+    c = make_cluster(1, overrides={"gate.gap_timeout_ms": GAP_MS, "gate.gap_policy": "skip"})
+    c.dispatch(_inventory(c, "p-1", [1, 3]))
+    time.sleep(GAP_MS / 1000 + 0.05)
+    c.workers[0].process([], [])
+    c.dispatch(_inventory(c, "p-1", [2, 4]))  # 2 is too late now
+    assert c.stat(0, Slot.STALE) == 1
+    assert c.views()["product"]["p-1"] == {"stock": 10 + 1000 + 10_000, "adjustments": 3}
+
+
+def test_gap_dead_letter_after_timeout(make_cluster):
+    c = make_cluster(1, overrides={"gate.gap_timeout_ms": GAP_MS,
+                                   "gate.gap_policy": "dead-letter"})
+    recs = _inventory(c, "p-1", [1, 3, 4])
+    c.dispatch(recs)
+    assert _parked_rows(c) == 2
+    time.sleep(GAP_MS / 1000 + 0.05)
+    c.workers[0].process([], [])
+    assert c.dlqs[0].reasons == ["sequence_gap_timeout"] * 2
+    assert [r[2] for r, _, _ in c.dlqs[0].sent] == [recs[1][2], recs[2][2]]
+    assert [r[4] for r, _, _ in c.dlqs[0].sent] == [recs[1][4], recs[2][4]]
+    assert _parked_rows(c) == 0
+    assert c.stat(0, Slot.PARKED) == 0
+    assert c.stat(0, Slot.DEADLETTERED) == 2
+    # the stream continues after the dead-lettered sequences
+    c.dispatch(_inventory(c, "p-1", [2, 5]))
+    assert c.stat(0, Slot.STALE) == 1
+    assert c.views()["product"]["p-1"] == {"stock": 10 + 100_000, "adjustments": 2}
+
+
+@pytest.mark.parametrize("policy", ["skip", "dead-letter"])
+def test_gap_expires_after_a_restart(make_cluster, policy):
+    """Events parked before a restart must still expire, even if their key sees no new
+    event after the restart."""
+    c = make_cluster(1, overrides={"gate.gap_timeout_ms": GAP_MS, "gate.gap_policy": policy})
+    c.dispatch(_inventory(c, "p-1", [1, 3]) + _inventory(c, "p-2", [2]))
+    assert _parked_rows(c) == 2
+    w = c.restart(0)
+    assert w.gate.parked_total == 2
+    assert c.stat(0, Slot.PARKED) == 2
+    time.sleep(GAP_MS / 1000 + 0.05)
+    w.process([], [])
+    assert _parked_rows(c) == 0
+    views = c.views()
+    if policy == "skip":
+        assert c.dlqs[0].sent == []
+        assert views["product"] == {"p-1": {"stock": 1010, "adjustments": 2},
+                                    "p-2": {"stock": 100, "adjustments": 1}}
+    else:
+        assert sorted(c.dlqs[0].reasons) == ["sequence_gap_timeout"] * 2
+        assert views["product"] == {"p-1": {"stock": 10, "adjustments": 1}}
+
+
+def test_gap_filled_after_a_restart(make_cluster):
+    c = make_cluster(1)
+    c.dispatch(_inventory(c, "p-1", [2, 3]))
+    c.restart(0)
+    c.dispatch(_inventory(c, "p-1", [1]))
+    assert c.stat(0, Slot.PARKED) == 0
+    assert c.views()["product"]["p-1"] == {"stock": 1110, "adjustments": 3}
+
+
+def test_gap_overflow_skip_and_dead_letter(make_cluster):
+    over = {"gate.max_parked_per_key": 2, "gate.max_parked_total": 10}
+    c = make_cluster(1, sub="skip", overrides={**over, "gate.gap_policy": "skip"})
+    c.dispatch(_inventory(c, "p-1", [1, 3, 4, 5]))  # 5 does not fit: skip the gap at 2
+    assert c.stat(0, Slot.GAPS_SKIPPED) == 1
+    assert c.stat(0, Slot.PARKED) == 0
+    assert c.views()["product"]["p-1"]["adjustments"] == 4
+
+    d = make_cluster(1, sub="dlq", overrides={**over, "gate.gap_policy": "dead-letter"})
+    recs = _inventory(d, "p-1", [1, 3, 4, 5])
+    d.dispatch(recs)
+    assert d.dlqs[0].reasons == ["sequence_gap_overflow"]
+    assert d.dlqs[0].sent[0][0][2] == recs[3][2]
+    assert d.stat(0, Slot.PARKED) == 2
+    d.dispatch(_inventory(d, "p-1", [2]))
+    assert d.stat(0, Slot.PARKED) == 0
+    assert d.views()["product"]["p-1"] == {"stock": 11110, "adjustments": 4}
+
+
+# ---- 6. malformed records ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_malformed_records_are_dead_lettered(make_cluster, workload, oracle, n):
+    c = make_cluster(n)
+    bad = simulate.bad_records()
+    good = list(workload.records)
+    mixed = list(good)
+    rng = random.Random(12)
+    for b in bad:
+        mixed.insert(rng.randrange(len(mixed) + 1), tuple(b[:4]))
+    recs = c.ring_records(mixed)
+    c.feed(recs, random.Random(13))
+    sent = [x for q in c.dlqs for x in q.sent]
+    assert sorted(r for _, r, _ in sent) == sorted(b.reason for b in bad)
+    # the dead-lettered record is the ring record (topic index, partition, offset, key,
+    # value, headers): find each bad record by its position
+    by_pos = {(rec[0], rec[1], rec[2]): (rec, reason) for rec, reason, _ in sent}
+    for b in bad:
+        pos = mixed.index(tuple(b[:4]))
+        r = recs[pos]
+        rec, reason = by_pos[(r[0], r[1], r[2])]
+        assert reason == b.reason, b
+        assert (rec[3], bytes(rec[4]), rec[5]) == (b.key, b.value, [list(h) for h in b.headers])
+    assert c.total(Slot.DEADLETTERED) == len(bad)
+    assert all(q.flushes > 0 for q in c.dlqs if q.sent)
+    # the batches still committed every good record, and every offset
+    assert c.total(Slot.RECORDS) == len(mixed)
+    views = c.views()
+    assert_views(views, oracle)
+    for i in range(n):
+        s = Shard(shard_path(c.data_dir, i), readonly=True)
+        try:
+            assert len(s.offsets()) == len(c.next_offset)
+        finally:
+            s.close()
+
+
+def test_merge_error_is_dead_lettered_and_the_rest_applies(make_cluster):
+    c = make_cluster(1)
+    ok = _event("inventory", "shop.inventory.adjusted", "p-1", 1,
+                {"product_id": "p-1", "delta": 5}, "m-1")
+    bad_delta = _event("inventory", "shop.inventory.adjusted", "p-2", 1,
+                       {"product_id": "p-2", "delta": "five"}, "m-2")
+    no_key = _event("orders", "shop.order.placed", "o-1", 1, {"order_id": "o-1"}, "m-3")
+    recs = c.ring_records([ok, bad_delta, no_key])
+    c.dispatch(recs)
+    assert sorted(c.dlqs[0].reasons) == ["merge_error", "merge_error"]
+    views = c.views()
+    assert views["product"] == {"p-1": {"stock": 5, "adjustments": 1}}
+    assert views["order"] == {}  # the event is dead-lettered as a whole
+
+
+# ---- 7. bloom false positives --------------------------------------------------------------------
+
+
+class AlwaysMaybe:
+    """A bloom filter that answers "maybe seen" for everything."""
+
+    def __init__(self, real) -> None:
+        self._real = real
+        self.calls = 0
+
+    def check_and_add(self, hashes):
+        out = self._real.check_and_add(hashes)
+        self.calls += 1
+        return bytearray(b"\x01" * len(out))
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_bloom_false_positives_drop_nothing(make_cluster, workload, oracle, n):
+    c = make_cluster(n)
+    for w in c.workers:
+        w.bloom = AlwaysMaybe(w.bloom)
+    c.feed(c.ring_records(workload.records), random.Random(14))
+    assert all(w.bloom.calls > 0 for w in c.workers)
+    assert c.total(Slot.DUPLICATES) == workload.stats["duplicates"]
+    assert_views(c.views(), oracle)
+
+
+# ---- forwarded messages larger than a peer ring message ------------------------------------------
+
+
+def test_forwarded_updates_larger_than_a_peer_ring_message(make_cluster, workload, oracle):
+    c = make_cluster(2, peer_ring=128 << 10)  # 64 KiB max message
+    c.feed(c.ring_records(workload.records), random.Random(15), max_batch=3000)
+    assert_views(c.views(), oracle)
+
+
+# ---- bloom generations: rotation, pruning of the exact index, rebuild at boot --------------------
+
+
+def test_bloom_rotation_prunes_and_rebuilds(make_cluster, workload, oracle):
+    c = make_cluster(1, overrides={"dedup.bloom_capacity": 300, "dedup.bloom_generations": 3})
+    recs = c.ring_records(workload.records)
+    half = len(recs) // 2
+    c.feed(recs[:half], random.Random(16), max_batch=50)
+    w = c.workers[0]
+    live = w.bloom.live_generations
+    assert w.bloom.generation >= 3  # rotated several times
+    stored = sorted({g for g, _ in w.shard.dedup_entries()})
+    assert stored and set(stored) <= set(live)  # dropped generations are pruned
+    assert w.shard.get_meta("bloom_generation") == w.bloom.generation
+    n_ids = w.shard.stat()["dedup"]
+    assert n_ids == sum(1 for _ in w.shard.dedup_entries())
+    w = c.restart(0)
+    assert w.bloom.live_generations == live
+    assert w._bloom_loaded == n_ids
+    # late duplicates beyond the dedup window are still dropped by the sequence gate
+    c.feed(recs[half - 200:], random.Random(17), max_batch=50)
+    c.feed(c.ring_records(workload.records[:400]), random.Random(18))
+    assert_views(c.views(), oracle)
