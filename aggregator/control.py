@@ -30,7 +30,6 @@ class Slot(IntEnum):
     FORWARDED = 11  # view updates sent to another shard
     COMMITS = 12
     COMMIT_NS = 13  # total ns spent in LMDB commits
-    FENCE = 14  # written by the supervisor only: the epoch a worker must match to write
     _FIXED = 16
 
 

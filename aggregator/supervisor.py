@@ -40,7 +40,7 @@ from .envelope import routing_key
 from .ring import Ring, cleanup_stale, segment_prefix
 from .routing import SLOTS, slot_of
 from .store import Shard, ShardError, parse_offset_key, shard_path
-from .worker import BOOT_ERROR_EXIT, MSG_RECORDS, MSG_STOP, ring_names, worker_main
+from .worker import FATAL_EXIT, MSG_RECORDS, MSG_STOP, ring_names, worker_main
 
 log = logging.getLogger(__name__)
 
@@ -176,8 +176,9 @@ class Supervisor:
         names = ring_names(self.prefix, self.n)
         self.ctl = ControlBlock.create(names["control"], self.n)
         self.inbound = [Ring.create(name, self.svc.ring_bytes) for name in names["inbound"]]
-        peers = [Ring.create(name, max(self.svc.ring_bytes // PEER_RING_DIVISOR, 1 << 20))
-                 for name in names["peer"].values()]
+        peer_bytes = max(self.svc.ring_bytes // PEER_RING_DIVISOR,
+                         4 * self.svc.max_record_bytes + (1 << 20))
+        peers = [Ring.create(name, peer_bytes) for name in names["peer"].values()]
         self._rings = self.inbound + peers
         self.max_message = min(r.capacity for r in self.inbound) // 4
 
@@ -210,8 +211,8 @@ class Supervisor:
         log.error("worker %d (pid %s) exited with code %s%s", h.index, h.process.pid, code,
                   "" if booted else " before it booted")
         h.process.join(0)
-        if code == BOOT_ERROR_EXIT:
-            raise FatalError(f"worker {h.index} cannot start (see its error above)")
+        if code == FATAL_EXIT:
+            raise FatalError(f"worker {h.index} stopped with a fatal error (see above)")
         h.failures = 0 if booted else h.failures + 1
         if h.failures >= self.svc.max_boot_failures:
             raise FatalError(f"worker {h.index} failed to boot {h.failures} times in a row")

@@ -18,6 +18,7 @@ Per batch (one LMDB write transaction):
 from __future__ import annotations
 
 import ctypes
+import json
 import logging
 import os
 import signal
@@ -45,7 +46,8 @@ MSG_FORWARD = 2
 MSG_STOP = 9
 
 APPLY, STALE, PARK, FULL = core.APPLY, core.STALE, core.PARK, core.FULL
-BOOT_ERROR_EXIT = 3  # the supervisor does not respawn a worker that exits with this code
+FATAL_EXIT = 3  # the supervisor does not respawn a worker that exits with this code
+TXN_MAX_BYTES = 4 << 20  # ring bytes taken into one transaction (bounds its duration)
 
 _pack = msgpack.Packer(use_bin_type=True).pack
 
@@ -55,14 +57,31 @@ def _unpack(b):
 
 
 class Forwarded:
-    """The part of an event a view update needs, as carried between shards."""
+    """The part of an event a view update needs, as carried between shards.
 
-    __slots__ = ("id", "source", "type", "time", "subject", "sequence", "data", "partitionkey")
+    Update layout: [feed id, view key, slot, id, source, type, time, subject, sequence, data,
+    partitionkey, topic index, partition, offset].
+    """
+
+    __slots__ = ("id", "source", "type", "time", "subject", "sequence", "data", "partitionkey",
+                 "origin")
 
     def __init__(self, u):
         (_, _, _, self.id, self.source, self.type, self.time, self.subject,
-         self.sequence, self.data) = u
-        self.partitionkey = None
+         self.sequence, self.data, self.partitionkey) = u[:11]
+        self.origin = u[11:14]
+
+    def record(self) -> list:
+        """A dead-letter record for this update: the event in structured JSON mode."""
+        attrs = {"specversion": "1.0", "id": self.id, "source": self.source, "type": self.type,
+                 "time": self.time, "subject": self.subject, "partitionkey": self.partitionkey,
+                 "sequence": None if self.sequence is None else str(self.sequence),
+                 "data": self.data}
+        value = json.dumps({k: v for k, v in attrs.items() if v is not None},
+                           default=repr).encode()
+        ti, part, off = self.origin
+        return [ti, part, off, (self.partitionkey or "").encode(), value,
+                [("content-type", b"application/cloudevents+json")]]
 
 
 def ring_names(prefix: str, workers: int) -> dict:
@@ -91,7 +110,6 @@ class Worker:
         svc = config.service
         self.max_bytes = svc.max_record_bytes
         self.max_key = svc.max_key_bytes
-        self.batch_max = svc.batch_max_records * 4
         self.stopping = False
 
     # ---- boot ---------------------------------------------------------------------------
@@ -101,7 +119,8 @@ class Worker:
                            max_map_size=svc.lmdb_max_map_size, sync=svc.lmdb_sync)
         self.shard.check_layout(shard=self.index, workers=self.n, slots=SLOTS)
         views = assign_view_ids(self.shard.get_meta("views"), list(cfg.views))
-        self.shard.put_meta(views=views)
+        self._check_fingerprint(cfg.fingerprint())
+        self.shard.put_meta(views=views, fingerprint=cfg.fingerprint())
         self.plan = ViewPlan(cfg, {v: i for i, v in enumerate(views)})
         self.topics = self.plan.topics
         self.topic_index = {t: i for i, t in enumerate(self.topics)}
@@ -126,7 +145,6 @@ class Worker:
         saved = self.shard.get_meta("link_out", {})
         self.link_out = {j: max(self.shard.last_outbox_seq(j), saved.get(j, 0))
                          for j in range(self.n) if j != self.index}
-        self.link_out_base = dict(self.link_out)
 
         names = ring_names(self.prefix, self.n)
         self.ctl = ControlBlock.attach(names["control"], self.n)
@@ -154,6 +172,21 @@ class Worker:
         log.info("worker %d booted: core=%s, %d dedup ids in %d bloom generations, "
                  "%d partitions", me, core.IMPLEMENTATION, self._bloom_loaded,
                  len(self.bloom.live_generations), len(self.through))
+
+    def _check_fingerprint(self, fingerprint: str) -> None:
+        """Outbox messages name feeds and parked records name topics by their position in the
+        config: a changed config must not meet such records (drain with the old one first)."""
+        old = self.shard.get_meta("fingerprint")
+        if old is None or old == fingerprint:
+            return
+        pending = self.shard.stat()
+        if pending["outbox"] or pending["parked"]:
+            raise ShardError(
+                f"{self.shard.path}: sources or views changed since the last run while "
+                f"{pending['outbox']} forwarded updates and {pending['parked']} parked events "
+                "are pending; run once more with the previous config and stop it cleanly "
+                "(SIGTERM), or start from a new data_dir")
+        log.warning("worker %d: sources or views changed since the last run", self.index)
 
     def _rebuild_bloom(self) -> None:
         gen_meta = self.shard.get_meta("bloom_generation", 0)
@@ -190,11 +223,11 @@ class Worker:
         while True:
             ctl.heartbeat(me)
             self._pump_outbox()
-            sup = self.inbound.get_many(64)
+            sup = self.inbound.get_many(1024, TXN_MAX_BYTES)
             peers = []
             for j, r in self.peer_in.items():
                 if r.used_bytes:
-                    peers.extend(r.get_many(64))
+                    peers.extend(r.get_many(1024, TXN_MAX_BYTES))
             if not sup and not peers:
                 if self.stopping:
                     return 0
@@ -220,7 +253,7 @@ class Worker:
                 stop = self._apply(batch, sup_msgs, peer_msgs)
                 self._finish(batch)
                 t0 = time.monotonic_ns()
-                self.dlq.flush()
+                self.dlq.flush(self.cfg.service.heartbeat_timeout_ms / 2000)
                 batch.commit()
                 self.ctl.add(self.index, Slot.COMMIT_NS, time.monotonic_ns() - t0)
             except lmdb.MapFullError:
@@ -260,7 +293,11 @@ class Worker:
                 continue  # duplicate (<=) or gap after our restart (the sender resends)
             self.t_link_in[src] = seq
             for u in updates:
-                self._apply_local(batch, self.plan.feeds[u[0]], u[1], u[2], Forwarded(u))
+                fwd = Forwarded(u)
+                feed = self.plan.feeds[u[0]]
+                if not self._apply_local(batch, feed, u[1], u[2], fwd):
+                    self._dead_letter(fwd.record(), "merge_error",
+                                      f"view {feed.view}: merge failed")
         events = []
         through = self.t_through
         for m in sup_msgs:
@@ -460,7 +497,7 @@ class Worker:
                 self.t_stats["forwarded"] += 1
                 self.t_out.setdefault(owner, []).append(
                     [f.feed_id, key, slot, ev.id, ev.source, ev.type, ev.time, ev.subject,
-                     ev.sequence, ev.data])
+                     ev.sequence, ev.data, ev.partitionkey, rec[0], rec[1], rec[2]])
 
     def _apply_local(self, batch: Batch, f: Feed, key: str, slot: int, ev) -> bool:
         dkey = view_key(slot_prefix(slot), f.view_id, key)
@@ -605,9 +642,12 @@ def worker_main(config: Config, index: int, prefix: str, log_level: int) -> None
         w.boot()
     except ShardError as e:
         log.error("worker %d cannot start: %s", index, e)
-        os._exit(BOOT_ERROR_EXIT)
+        os._exit(FATAL_EXIT)
     try:
         code = w.run()
+    except ShardError as e:
+        log.error("worker %d stopped: %s", index, e)
+        code = FATAL_EXIT
     finally:
         w.close()
     os._exit(code)
