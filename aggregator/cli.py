@@ -1,7 +1,8 @@
-"""Command line: `aggregator run`, `aggregator demo`."""
+"""Command line: `aggregator run`, `demo`, `get`, `stats`."""
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 
@@ -73,6 +74,97 @@ def demo(config_path, workers, data_dir, bootstrap, log_level, events, seed, kee
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = _load(config_path or default_config_path(), workers, data_dir, bootstrap)
     sys.exit(run_demo(cfg, events=events, seed=seed, keep=keep or data_dir is not None))
+
+
+_read_options = [
+    click.option("--config", "-c", "config_path", type=click.Path(dir_okay=False),
+                 default=None, help="TOML config (default: the 7-service example)"),
+    click.option("--data-dir", type=click.Path(file_okay=False), default=None),
+    click.option("--workers", "-w", type=int, default=None,
+                 help="worker count the data dir was written with"),
+]
+
+
+def read_options(f):
+    for opt in reversed(_read_options):
+        f = opt(f)
+    return f
+
+
+def _views(cfg):
+    from .query import QueryError, Views
+
+    views = Views.from_config(cfg)
+    try:
+        views.check_layout()
+    except QueryError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    return views
+
+
+@main.command()
+@read_options
+@click.option("--full", is_flag=True, help="also print the version and freshness")
+@click.argument("view")
+@click.argument("key")
+def get(config_path, data_dir, workers, full, view, key):
+    """Print the document VIEW/KEY as JSON (exit 1 if absent); reads the shards read-only."""
+    from .query import UnknownView
+
+    cfg = _load(config_path or default_config_path(), workers, data_dir, None)
+    with _views(cfg) as views:
+        try:
+            doc = views.get(view, key)
+        except UnknownView as e:
+            click.echo(f"error: {e} (configured: {', '.join(cfg.views)})", err=True)
+            sys.exit(2)
+    if doc is None:
+        click.echo(f"no document {key!r} in view {view!r}", err=True)
+        sys.exit(1)
+    click.echo(json.dumps(doc if full else doc["document"], indent=2, ensure_ascii=False,
+                          default=repr))
+
+
+@main.command()
+@read_options
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def stats(config_path, data_dir, workers, as_json):
+    """Per-shard LMDB statistics and, while the service runs, its live counters."""
+    from .metrics import live_counters
+
+    cfg = _load(config_path or default_config_path(), workers, data_dir, None)
+    with _views(cfg) as views:
+        shards = views.stats()
+    live = live_counters(cfg)
+    if as_json:
+        click.echo(json.dumps({"data_dir": str(cfg.service.data_dir), "shards": shards,
+                               "live": live}, indent=2))
+        return
+    click.echo(f"data_dir {cfg.service.data_dir} ({cfg.service.workers} shards)")
+    for st in shards:
+        if not st.get("exists"):
+            click.echo(f"shard {st['shard']}: no data yet ({st['path']})")
+            continue
+        entries = ", ".join(f"{k}={v}" for k, v in sorted(st.get("entries", {}).items()))
+        click.echo(f"shard {st['shard']}: file {_mib(st['file_bytes'])}, "
+                   f"map {_mib(st.get('map_bytes', 0))}, used {_mib(st.get('used_bytes', 0))}; "
+                   f"{entries}")
+    if live is None:
+        click.echo("service: not running (no control block)")
+        return
+    rows = live["workers"]
+    state = "running" if any(r["alive"] for r in rows) else "not running (stale control block)"
+    click.echo(f"service: {state}")
+    for r in rows:
+        counters = ", ".join(f"{k}={v}" for k, v in r.items()
+                             if k not in ("worker", "pid", "alive"))
+        click.echo(f"worker {r['worker']} pid {r['pid']}{'' if r['alive'] else ' (gone)'}: "
+                   f"{counters}")
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import ipaddress
 import json
 import logging
 import os
@@ -251,6 +252,7 @@ class ServiceConfig(BaseModel):
     heartbeat_timeout_ms: Int = Field(10_000, ge=1)
     max_boot_failures: Int = Field(5, ge=1)
     shutdown_timeout_ms: Int = Field(30_000, ge=1)
+    ready_max_lag: Int = Field(1000, ge=0)  # /readyz: max records behind, per partition
 
     @field_validator("dead_letter_topic")
     @classmethod
@@ -271,6 +273,36 @@ class ServiceConfig(BaseModel):
             problems.append((("lmdb_max_map_size",), msg))
         _check(problems)
         return self
+
+
+class HttpConfig(BaseModel):
+    """The read-only HTTP API (server.py): where it listens and who may call it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: Int = Field(8080, ge=0, le=65535)  # 0: any free port (logged at start)
+    token: SecretStr = SecretStr("")  # bearer token; empty: no authentication
+    max_request_bytes: Size = Field(64 * KiB, ge=0)
+
+    @model_validator(mode="after")
+    def _exposed_needs_token(self) -> HttpConfig:
+        if self.enabled and not is_loopback(self.host) and not self.token.get_secret_value():
+            msg = (f"{self.host!r} is not a loopback address: set http.token (a bearer token) "
+                   "to expose the API beyond this host, or bind 127.0.0.1")
+            _check([(("host",), msg)])
+        return self
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback IP literals (127.0.0.0/8, ::1)."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
 
 
 class DedupConfig(BaseModel):
@@ -449,6 +481,7 @@ class Config(BaseModel):
     service: ServiceConfig = Field(default_factory=ServiceConfig)
     dedup: DedupConfig = Field(default_factory=DedupConfig)
     gate: GateConfig = Field(default_factory=GateConfig)
+    http: HttpConfig = Field(default_factory=HttpConfig)
     sources: dict[str, SourceConfig] = Field(min_length=1)
     views: dict[str, ViewConfig] = Field(min_length=1)
     _by_topic: dict[str, tuple[str, SourceConfig]] = PrivateAttr(default_factory=dict)

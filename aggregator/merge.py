@@ -501,8 +501,14 @@ def _compile_one(i: int, spec: Any, need_clone: bool) -> tuple[str, tuple[str, .
     return op, path, op_add
 
 
-def _needs_clone(specs: list[dict], i: int) -> bool:
-    """Whether a value op i takes from the event could be written into by a later op."""
+def _needs_clone(specs: list[dict], i: int, context: list[dict] | None = None) -> bool:
+    """Whether a value op i takes from the event could be written into by a later op.
+
+    With `context` (every op of every feed of the view), any of those ops counts: they run
+    on later events against the same documents, so an event value stored by reference could
+    otherwise be mutated later through the document — and with it every other document or
+    forwarded update that shares the event's data.
+    """
     spec = specs[i]
     op = spec.get("op")
     if op not in ("set", "merge", "upsert") or "from" not in spec:
@@ -510,10 +516,12 @@ def _needs_clone(specs: list[dict], i: int) -> bool:
     path = compile_path(spec.get("path", "") or "")
     prefix, strict = _inserted_region(op, path)
     n = len(prefix)
-    for later in specs[i + 1 :]:
+    for later in (specs[i + 1 :] if context is None else context):
         lop = later.get("op")
         if lop == "delete":
-            return False  # the document (and everything inserted) is dropped
+            if context is None:
+                return False  # the document (and everything inserted) is dropped
+            continue
         for m in _mutated_containers(lop, compile_path(later.get("path", "") or "")):
             if m[:n] == prefix and (len(m) > n if strict else True):
                 return True
@@ -547,8 +555,12 @@ class MergePlan:
         return f"MergePlan({', '.join(f'{op} {p!r}' for op, p in self.ops)})"
 
 
-def compile_ops(specs: list[dict]) -> MergePlan:
-    """Validate and compile a feed's ops; raises `MergeConfigError` naming the op."""
+def compile_ops(specs: list[dict], context: list[dict] | None = None) -> MergePlan:
+    """Validate and compile a feed's ops; raises `MergeConfigError` naming the op.
+
+    `context`: all op specs of the view this feed belongs to (see `_needs_clone`); without
+    it only this plan's later ops are considered, which is safe for one application only.
+    """
     if not isinstance(specs, (list, tuple)) or not specs:
         raise MergeConfigError("ops must be a non-empty list")
     specs = list(specs)
@@ -557,7 +569,7 @@ def compile_ops(specs: list[dict]) -> MergePlan:
         # validate first (so _needs_clone can trust the later specs' shapes)
         compiled.append(_compile_one(i, spec, False))
     compiled = [
-        _compile_one(i, spec, True) if _needs_clone(specs, i) else compiled[i]
+        _compile_one(i, spec, True) if _needs_clone(specs, i, context) else compiled[i]
         for i, spec in enumerate(specs)
     ]
     return MergePlan(compiled)

@@ -38,12 +38,14 @@ class ViewPlan:
         self._wild: list[list[Feed]] = [[] for _ in self.topics]
         index = {name: i for i, name in enumerate(self.source_names)}
         for view_name, view in config.views.items():
+            view_specs = [op.model_dump(by_alias=True, exclude_none=True)
+                          for feed_cfg in view.feeds for op in feed_cfg.ops]
             for feed_cfg in view.feeds:
                 specs = [op.model_dump(by_alias=True, exclude_none=True) for op in feed_cfg.ops]
                 key = feed_cfg.key
                 path = None if key == "partitionkey" else tuple(key.split(".")[1:])
                 feed = Feed(len(self.feeds), view_name, view_ids[view_name], path,
-                            compile_ops(specs))
+                            compile_ops(specs, view_specs))
                 self.feeds.append(feed)
                 si = index[feed_cfg.source]
                 for t in feed_cfg.types:

@@ -39,6 +39,7 @@ from .deadletter import DeadLetters
 from .envelope import routing_key
 from .ring import Ring, cleanup_stale, segment_prefix
 from .routing import SLOTS, slot_of
+from .runtime import tune_gc
 from .store import Shard, ShardError, parse_offset_key, shard_path
 from .worker import FATAL_EXIT, MSG_RECORDS, MSG_STOP, ring_names, worker_main
 
@@ -112,6 +113,7 @@ class Supervisor:
             self._check_layout()
             self._create_segments()
             self._start_workers()
+            tune_gc()
             self._consume_loop()
             self._shutdown()
             return 0
@@ -180,7 +182,8 @@ class Supervisor:
                          4 * self.svc.max_record_bytes + (1 << 20))
         peers = [Ring.create(name, peer_bytes) for name in names["peer"].values()]
         self._rings = self.inbound + peers
-        self.max_message = min(r.capacity for r in self.inbound) // 4
+        self.max_message = min(r.max_message for r in self.inbound)
+        self._packer = msgpack.Packer(use_bin_type=True)
 
     def _start_workers(self) -> None:
         for h in self.workers:
@@ -309,13 +312,16 @@ class Supervisor:
         per: list[list] = [[] for _ in range(n)]
         through: dict[tuple[int, int], int] = {}
         oversized = False
+        last_topic, ti = None, -1
         for m in msgs:
-            err = m.error()
-            if err is not None:
+            if m.error() is not None:
+                err = m.error()
                 if err.code() != KafkaError._PARTITION_EOF:
                     log.warning("consumer error: %s", err)
                 continue
-            ti = tindex[m.topic()]
+            topic = m.topic()
+            if topic is not last_topic:
+                last_topic, ti = topic, tindex[topic]
             part, off = m.partition(), m.offset()
             through[(ti, part)] = off
             value, key, headers = m.value(), m.key(), m.headers()
@@ -327,7 +333,7 @@ class Supervisor:
                 continue
             rk = routing_key(value, headers, key)
             slot = slot_of(rk) if rk is not None else 0
-            per[slot % n].append([ti, part, off, key, value, headers, m.timestamp()[1], slot])
+            per[slot % n].append((ti, part, off, key, value, headers, m.timestamp()[1], slot))
         if oversized:
             self.dlq.flush()
         if not through:
@@ -337,34 +343,30 @@ class Supervisor:
             self.next_offset[tp] = off + 1
         thr = [[ti, p, o] for (ti, p), o in through.items()]
         for h in self.workers:
-            for chunk, last in self._chunks(per[h.index]):
-                bid = h.next_batch
-                h.next_batch += 1
-                msg = msgpack.packb([MSG_RECORDS, bid, thr if last else [], chunk],
-                                    use_bin_type=True)
+            ring = self.inbound[h.index]
+            for bid, msg, last in self._encode(h, per[h.index], thr):
                 self.checkpoint.dispatched(h.index, bid, through if last else None)
-                if h.pending or not self.inbound[h.index].try_put(msg):
+                if h.pending or not ring.try_put(msg):
                     h.pending.append(msg)
         if any(h.pending for h in self.workers):
             self._set_paused(True)
 
-    def _chunks(self, records: list):
-        """Split one worker's records into messages that fit the ring (the last one carries
-        the through-offsets)."""
-        if not records:
-            yield [], True
-            return
-        limit = self.max_message - 4096
-        chunk, size = [], 0
-        for r in records:
-            rs = len(r[4] or b"") + len(r[3] or b"") + 64 + sum(
-                len(k) + len(v or b"") for k, v in (r[5] or ()))
-            if chunk and size + rs > limit:
-                yield chunk, False
-                chunk, size = [], 0
-            chunk.append(r)
-            size += rs
-        yield chunk, True
+    def _encode(self, h: WorkerHandle, records: list, thr: list):
+        """(batch id, message, is last) for one worker's records of a round: one message,
+        or halves until each fits the ring. Only the last carries the through-offsets."""
+        pack = self._packer.pack
+        pending = [records]
+        while pending:
+            chunk = pending.pop(0)
+            last = not pending
+            bid = h.next_batch
+            msg = pack([MSG_RECORDS, bid, thr if last else [], chunk])
+            if len(msg) > self.max_message and len(chunk) > 1:
+                mid = len(chunk) // 2
+                pending[:0] = [chunk[:mid], chunk[mid:]]
+                continue
+            h.next_batch += 1
+            yield bid, msg, last
 
     def _flush_pending(self) -> bool:
         """Try to hand buffered messages to their rings. True when nothing is left."""

@@ -17,7 +17,6 @@ Per batch (one LMDB write transaction):
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
@@ -37,6 +36,7 @@ from .merge import MergeError, get_path
 from .plan import Feed, ViewPlan, assign_view_ids
 from .ring import Ring
 from .routing import SLOTS, gate_hash, identity_hash, slot_of, slot_prefix, worker_of
+from .runtime import set_parent_death_signal, tune_gc
 from .store import Batch, Shard, ShardError, shard_path, view_key
 
 log = logging.getLogger(__name__)
@@ -91,14 +91,6 @@ def ring_names(prefix: str, workers: int) -> dict:
         "peer": {(a, b): f"{prefix}-p{a}-{b}" for a in range(workers) for b in range(workers)
                  if a != b},
     }
-
-
-def _set_parent_death_signal() -> None:
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:  # pragma: no cover - not Linux
-        pass
 
 
 class Worker:
@@ -281,7 +273,8 @@ class Worker:
         self.t_stats = dict.fromkeys(
             ("records", "applied", "dup", "stale", "gaps", "dlq", "forwarded"), 0)
         self.t_ack = -1
-        self.t_docs: dict[bytes, dict | None] = {}
+        self.t_docs: dict[bytes, dict] = {}
+        self.t_log: dict[bytes, list] = {}
         self.t_outmsg: dict[int, list[tuple[int, bytes]]] = {}
 
     def _apply(self, batch: Batch, sup_msgs: list, peer_msgs: list) -> bool:
@@ -295,7 +288,7 @@ class Worker:
             for u in updates:
                 fwd = Forwarded(u)
                 feed = self.plan.feeds[u[0]]
-                if not self._apply_local(batch, feed, u[1], u[2], fwd):
+                if self._apply_local(batch, feed, u[1], u[2], fwd) is None:
                     self._dead_letter(fwd.record(), "merge_error",
                                       f"view {feed.view}: merge failed")
         events = []
@@ -488,37 +481,65 @@ class Worker:
                     return
                 slot = slot_of(kb)
             targets.append((f, key, slot))
+        applied: list[bytes] = []
+        forwards = []
         for f, key, slot in targets:
             owner = worker_of(slot, self.n)
-            if owner == self.index:
-                if not self._apply_local(batch, f, key, slot, ev):
-                    self._dead_letter(rec, "merge_error", f"view {f.view}: merge failed")
-            else:
-                self.t_stats["forwarded"] += 1
-                self.t_out.setdefault(owner, []).append(
-                    [f.feed_id, key, slot, ev.id, ev.source, ev.type, ev.time, ev.subject,
-                     ev.sequence, ev.data, ev.partitionkey, rec[0], rec[1], rec[2]])
+            if owner != self.index:
+                forwards.append((owner, [f.feed_id, key, slot, ev.id, ev.source, ev.type,
+                                         ev.time, ev.subject, ev.sequence, ev.data,
+                                         ev.partitionkey, rec[0], rec[1], rec[2]]))
+                continue
+            dkey = self._apply_local(batch, f, key, slot, ev)
+            if dkey is None:  # all of the event or none of it: undo its other views
+                for d in applied:
+                    self.t_log[d].pop()
+                for d in set(applied):
+                    self._replay(batch, d)
+                self._dead_letter(rec, "merge_error", f"view {f.view}: merge failed")
+                return
+            applied.append(dkey)
+        for owner, update in forwards:
+            self.t_stats["forwarded"] += 1
+            self.t_out.setdefault(owner, []).append(update)
 
-    def _apply_local(self, batch: Batch, f: Feed, key: str, slot: int, ev) -> bool:
+    def _apply_local(self, batch: Batch, f: Feed, key: str, slot: int, ev) -> bytes | None:
+        """Merge one event into a document of this shard: its key, or None (and the document
+        as it was before this event) on a merge error.
+
+        Documents live in `t_docs` for the whole transaction and are changed in place; the
+        updates applied to each are logged so that a failing merge, which may have changed
+        the document before it failed, is undone by replaying them on the stored version.
+        """
         dkey = view_key(slot_prefix(slot), f.view_id, key)
-        docs = self.t_docs
-        if dkey in docs:
-            stored = docs[dkey]
-        else:
-            stored = batch.get_doc(dkey)
+        stored = self.t_docs.get(dkey)
         if stored is None:
-            stored = {"v": 0, "d": None, "s": {}}
-        doc = stored["d"]
+            stored = batch.get_doc(dkey) or {"v": 0, "d": None, "s": {}}
         try:
-            new = f.merge.apply(msgpack.unpackb(_pack(doc), raw=False, strict_map_key=False)
-                                if doc is not None else None, ev)
+            doc = f.merge.apply(stored["d"], ev)
         except MergeError as e:
             log.warning("worker %d: merge error in view %s: %s", self.index, f.view, e)
-            return False
-        stored = {"v": stored["v"] + 1, "d": new, "s": stored["s"]}
+            self._replay(batch, dkey)
+            return None
+        stored["d"] = doc
+        stored["v"] += 1
         stored["s"][ev.source] = [ev.sequence, ev.time]
-        docs[dkey] = stored
-        return True
+        self.t_docs[dkey] = stored
+        self.t_log.setdefault(dkey, []).append((f, ev))
+        return dkey
+
+    def _replay(self, batch: Batch, dkey: bytes) -> None:
+        """Rebuild a document from its stored version and this transaction's updates."""
+        updates = self.t_log.get(dkey)
+        if not updates:
+            self.t_docs.pop(dkey, None)
+            return
+        stored = batch.get_doc(dkey) or {"v": 0, "d": None, "s": {}}
+        for f, ev in updates:
+            stored["d"] = f.merge.apply(stored["d"], ev)
+            stored["v"] += 1
+            stored["s"][ev.source] = [ev.sequence, ev.time]
+        self.t_docs[dkey] = stored
 
     # ---- end of transaction ----------------------------------------------------------------
     def _finish(self, batch: Batch) -> None:
@@ -632,7 +653,7 @@ class Worker:
 
 def worker_main(config: Config, index: int, prefix: str, log_level: int) -> None:
     """Entry point of a worker process (spawned by the supervisor)."""
-    _set_parent_death_signal()
+    set_parent_death_signal()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor coordinates shutdown
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     logging.basicConfig(level=log_level,
@@ -643,6 +664,7 @@ def worker_main(config: Config, index: int, prefix: str, log_level: int) -> None
     except ShardError as e:
         log.error("worker %d cannot start: %s", index, e)
         os._exit(FATAL_EXIT)
+    tune_gc()
     try:
         code = w.run()
     except ShardError as e:

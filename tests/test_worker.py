@@ -776,3 +776,54 @@ def test_bloom_rotation_prunes_and_rebuilds(make_cluster, workload, oracle):
     c.feed(recs[half - 200:], random.Random(17), max_batch=50)
     c.feed(c.ring_records(workload.records[:400]), random.Random(18))
     assert_views(c.views(), oracle)
+
+
+# ---- merge failures undo everything the event changed --------------------------------------------
+
+
+def test_merge_error_after_an_earlier_op_changed_the_document(make_cluster):
+    """The reviews feed upserts, then adds: a bad rating fails after the upsert. Neither the
+    upsert nor the customer view's count may survive, and earlier updates of the same
+    documents in the same transaction must."""
+    c = make_cluster(1)
+    good = _event("reviews", "shop.review.posted", "r-1", 1,
+                  {"review_id": "r-1", "product_id": "p-1", "customer_id": "c-1",
+                   "rating": 4}, "v-1")
+    bad = _event("reviews", "shop.review.posted", "r-2", 1,
+                 {"review_id": "r-2", "product_id": "p-1", "customer_id": "c-1",
+                  "rating": "four"}, "v-2")
+    c.dispatch(c.ring_records([good, bad]))  # one transaction
+    assert c.dlqs[0].reasons == ["merge_error"]
+    views = c.views()
+    assert views["product"] == {"p-1": {"reviews": {"r-1": {"rating": 4, "customer_id": "c-1"}},
+                                        "rating_sum": 4, "review_count": 1}}
+    assert views["customer"] == {"c-1": {"reviews_written": 1}}
+
+
+def test_event_data_shared_by_two_views_is_not_mutated_through_either(make_cluster):
+    """`set` stores the event's data by reference; a later event's op writing inside that
+    value must not reach the other view's document (the plan clones when the view has such
+    an op)."""
+    c = make_cluster(1, overrides={
+        "views": {
+            "a": {"feeds": [
+                {"source": "orders", "types": ["shop.order.placed"], "key": "partitionkey",
+                 "ops": [{"op": "set", "path": "order", "from": "data"}]},
+                {"source": "orders", "types": ["shop.order.updated"], "key": "partitionkey",
+                 "ops": [{"op": "add", "path": "order.changes", "value": 1}]},
+            ]},
+            "b": {"feeds": [
+                {"source": "orders", "types": ["shop.order.placed"], "key": "partitionkey",
+                 "ops": [{"op": "set", "path": "copy", "from": "data"}]},
+            ]},
+        },
+        "sources": {"orders": {"topic": "shop.orders", "ordering": "latest"}},
+    })
+    data = {"order_id": "o-1", "customer_id": "c-1", "status": "placed", "amount_cents": 1}
+    placed = _event("orders", "shop.order.placed", "o-1", 1, data, "e-1")
+    updated = _event("orders", "shop.order.updated", "o-1", 2, data, "e-2")
+    c.dispatch(c.ring_records([placed, updated]))  # one transaction
+    assert c.dlqs[0].sent == []
+    views = c.views()
+    assert views["a"] == {"o-1": {"order": {**data, "changes": 1}}}
+    assert views["b"] == {"o-1": {"copy": data}}

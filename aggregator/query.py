@@ -1,0 +1,374 @@
+"""Read-only access to the view documents in the shards, for the HTTP API and the CLI.
+
+Reads go straight to LMDB, never through the workers: each shard's environment is opened
+read-only (``lmdb.open(readonly=True, lock=True)``), which LMDB allows next to the one writer
+(the worker) and any number of other readers. Rules kept here:
+
+- **One read transaction per call, per shard.** A transaction pins the snapshot it started
+  on and keeps the writer from reusing those pages, so none outlives the call that opened it.
+  Database handles are opened before it, in a transaction of their own: a handle opened
+  inside a read transaction is closed again when that transaction ends.
+- **Map growth by the writer.** When a worker grows its map past the size this process has
+  mapped, ``mdb_txn_begin`` fails with ``MDB_MAP_RESIZED``; the reader then adopts the new
+  size with ``set_mapsize(0)`` (allowed with no transaction open in this process, which the
+  per-shard lock ensures) and begins again.
+- **Shards that do not exist yet** (the service has not booted) read as empty; they are
+  opened on first use once ``data.mdb`` appears.
+
+Listing order (:meth:`Views.list_keys`): shard 0..N-1, and within a shard the LMDB key order
+of that view's rows, which is slot order (``xxh3_64(key) % 4096``) and then key bytes. It is
+stable while keys are added or removed, but it is **not alphabetical**. A cursor is an opaque
+string that encodes (shard, last LMDB key returned); listing resumes strictly after it, so a
+walk over all pages returns every key that existed throughout the walk exactly once.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any, Iterator
+
+import lmdb
+import msgpack
+
+from .routing import slot_of, slot_prefix, worker_of
+from .store import shard_path
+
+log = logging.getLogger(__name__)
+
+MAX_KEY_BYTES = 480  # view keys are bounded by service.max_key_bytes (<= 480)
+_MAX_DBS = 16  # >= the named databases of store.py
+_CURSOR_VERSION = 1
+
+
+def _unpack(raw: bytes) -> Any:
+    return msgpack.unpackb(raw, raw=False, strict_map_key=False)
+
+
+class QueryError(Exception):
+    """A request that cannot be answered as asked (unknown view, bad cursor)."""
+
+
+class UnknownView(QueryError, KeyError):
+    """The view is not configured (or, without a config, not in any shard)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else "unknown view"
+
+
+class BadCursor(QueryError, ValueError):
+    """The cursor was not produced by :meth:`Views.list_keys` for this data directory."""
+
+
+class ShardReader:
+    """One shard's LMDB environment, opened read-only on first use."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._env: lmdb.Environment | None = None
+        self._dbs: dict[str, Any] = {}
+        self._views: list[str] | None = None  # meta "views": view names in id order
+        self._lock = threading.Lock()
+
+    # ---- opening --------------------------------------------------------------------
+    def _open(self) -> lmdb.Environment | None:
+        if self._env is None:
+            if not (self.path / "data.mdb").exists():
+                return None
+            env = lmdb.open(str(self.path), readonly=True, lock=True, map_size=0,
+                            max_dbs=_MAX_DBS, readahead=False, subdir=True)
+            try:
+                env.reader_check()  # free reader slots of dead processes
+            except lmdb.Error:
+                pass
+            self._env = env
+            log.debug("opened %s read-only", self.path)
+        return self._env
+
+    def _retry_resized(self, env: lmdb.Environment, op):
+        try:
+            return op()
+        except lmdb.MapResizedError:
+            env.set_mapsize(0)  # adopt the size the writer grew the map to
+            log.debug("%s: map grown by the writer, now %d bytes", self.path,
+                      env.info()["map_size"])
+            return op()
+
+    def _db(self, env: lmdb.Environment, name: str):
+        """The handle of a named database, or None if the worker has not created it yet.
+
+        Opened in a transaction of its own (py-lmdb commits it), before the read
+        transaction begins: a handle opened inside a read transaction dies with it.
+        """
+        db = self._dbs.get(name)
+        if db is None:
+            try:
+                db = self._retry_resized(env, lambda: env.open_db(name.encode(), create=False))
+            except lmdb.NotFoundError:
+                return None
+            self._dbs[name] = db
+        return db
+
+    def read(self, names: tuple[str, ...], fn):
+        """Run ``fn(txn, dbs) -> value`` in one read transaction; None if no shard yet.
+
+        ``dbs`` maps each of ``names`` to its database handle, or None if the database does
+        not exist yet.
+        """
+        with self._lock:
+            env = self._open()
+            if env is None:
+                return None
+            dbs = {name: self._db(env, name) for name in names}
+            txn = self._retry_resized(env, lambda: env.begin(buffers=False))
+            try:
+                return fn(txn, dbs)
+            finally:
+                txn.abort()  # read-only: releases the snapshot
+
+    def view_ids(self, refresh: bool = False) -> list[str]:
+        """View names in id order (``meta["views"]``); [] before the worker booted."""
+        if self._views is None or refresh:
+            def fn(txn, dbs):
+                meta = dbs["meta"]
+                raw = None if meta is None else txn.get(b"views", db=meta)
+                return None if raw is None else list(_unpack(raw))
+            views = self.read(("meta",), fn)
+            if views is not None:
+                self._views = views
+        return self._views or []
+
+    def view_id(self, view: str) -> int | None:
+        ids = self.view_ids()
+        if view not in ids:
+            ids = self.view_ids(refresh=True)  # a restart with a new view appends ids
+        return ids.index(view) if view in ids else None
+
+    # ---- stats -----------------------------------------------------------------------
+    def stats(self) -> dict:
+        """Entries per named database, map size, data file size."""
+        data = self.path / "data.mdb"
+        out: dict[str, Any] = {"path": str(self.path), "exists": data.exists()}
+        if not out["exists"]:
+            return out
+        out["file_bytes"] = data.stat().st_size
+
+        names = self.read((), lambda txn, dbs: [bytes(k).decode() for k, _ in txn.cursor()])
+
+        def fn(txn, dbs):
+            return {name: txn.stat(db)["entries"] for name, db in dbs.items() if db is not None}
+
+        entries = self.read(tuple(names or ()), fn)
+        with self._lock:
+            env = self._env
+            if entries is None or env is None:
+                return out
+            info, psize = env.info(), env.stat()["psize"]
+        out["entries"] = entries
+        out["map_bytes"] = info["map_size"]
+        out["used_bytes"] = (info["last_pgno"] + 1) * psize
+        out["readers"] = info["num_readers"]
+        return out
+
+    def close(self) -> None:
+        with self._lock:
+            if self._env is not None:
+                self._env.close()
+                self._env = None
+                self._dbs.clear()
+
+
+class Views:
+    """Read-only queries over all shards of a data directory."""
+
+    def __init__(self, data_dir: str | os.PathLike, workers: int,
+                 views: list[str] | None = None):
+        """``views``: the configured view names (None: whatever the shards hold)."""
+        self.data_dir = Path(data_dir)
+        self.workers = workers
+        self.configured = None if views is None else list(views)
+        self.shards = [ShardReader(shard_path(self.data_dir, i)) for i in range(workers)]
+
+    @classmethod
+    def from_config(cls, config) -> Views:
+        return cls(config.service.data_dir, config.service.workers, list(config.views))
+
+    def check_layout(self) -> None:
+        """Raise QueryError if an existing shard was written for another worker count."""
+        for i, shard in enumerate(self.shards):
+            def fn(txn, dbs):
+                meta = dbs["meta"]
+                raw = None if meta is None else txn.get(b"workers", db=meta)
+                return None if raw is None else _unpack(raw)
+            written = shard.read(("meta",), fn)
+            if written is not None and written != self.workers:
+                raise QueryError(f"{shard.path} was written by {written} workers, but "
+                                 f"{self.workers} are configured (service.workers)")
+
+    def views(self) -> list[str]:
+        """The view names that can be queried."""
+        if self.configured is not None:
+            return list(self.configured)
+        names: list[str] = []
+        for s in self.shards:
+            names += [v for v in s.view_ids(refresh=True) if v not in names]
+        return names
+
+    def _check_view(self, view: str) -> None:
+        if self.configured is not None:
+            if view not in self.configured:
+                raise UnknownView(f"unknown view {view!r}")
+        elif view not in self.views():
+            raise UnknownView(f"unknown view {view!r}")
+
+    # ---- documents ------------------------------------------------------------------
+    def get(self, view: str, key: str) -> dict | None:
+        """The document of ``view``/``key`` or None (absent or deleted).
+
+        Returns ``{"view", "key", "version", "document", "freshness": {source: {"sequence",
+        "time"}}}``; freshness holds, per CloudEvents source, the sequence and time of the last
+        event of that source applied to the document.
+        """
+        self._check_view(view)
+        raw_key = key.encode()
+        if not raw_key or len(raw_key) > MAX_KEY_BYTES:
+            return None
+        slot = slot_of(raw_key)
+        shard = self.shards[worker_of(slot, self.workers)]
+        vid = shard.view_id(view)
+        if vid is None:
+            return None
+        lkey = slot_prefix(slot) + bytes((vid,)) + raw_key
+
+        def fn(txn, dbs):
+            db = dbs["views"]
+            return None if db is None else txn.get(lkey, db=db)
+
+        raw = shard.read(("views",), fn)
+        if raw is None:
+            return None
+        rec = _unpack(raw)
+        if rec.get("d") is None:
+            return None  # tombstone
+        return {
+            "view": view,
+            "key": key,
+            "version": rec["v"],
+            "document": rec["d"],
+            "freshness": {src: {"sequence": st[0], "time": st[1]}
+                          for src, st in (rec.get("s") or {}).items()},
+        }
+
+    # ---- listing ----------------------------------------------------------------------
+    def list_keys(self, view: str, limit: int = 100,
+                  cursor: str | None = None) -> tuple[list[str], str | None]:
+        """Up to ``limit`` keys of ``view`` after ``cursor``, and the cursor of the next page
+        (None when there is no more). Deleted documents are left out. The order is shard,
+        then slot, then key bytes: stable, not alphabetical (see the module docstring)."""
+        self._check_view(view)
+        if limit < 1:
+            raise QueryError("limit must be >= 1")
+        start_shard, after = decode_cursor(cursor, self.workers)
+        keys: list[str] = []
+        last: tuple[int, bytes] | None = None
+        for i in range(start_shard, self.workers):
+            want = limit + 1 - len(keys)  # one more than needed: is there a next page?
+            rows = self._scan(i, view, after if i == start_shard else None, want)
+            for lkey in rows:
+                if len(keys) == limit:
+                    return keys, encode_cursor(*last)
+                keys.append(lkey[3:].decode())
+                last = (i, lkey)
+        return keys, None
+
+    def _scan(self, index: int, view: str, after: bytes | None, limit: int) -> list[bytes]:
+        """LMDB keys of live documents of ``view`` in shard ``index``, strictly after
+        ``after``, at most ``limit``. One read transaction."""
+        shard = self.shards[index]
+        vid = shard.view_id(view)
+        if vid is None:
+            return []
+
+        def fn(txn, dbs):
+            db = dbs["views"]
+            if db is None:
+                return []
+            return list(_scan_view(txn.cursor(db=db), vid, after, limit))
+
+        return shard.read(("views",), fn) or []
+
+    def stats(self) -> list[dict]:
+        """Per shard: path, entries per database, map size, file size (see ShardReader)."""
+        return [{"shard": i, **s.stats()} for i, s in enumerate(self.shards)]
+
+    def close(self) -> None:
+        for s in self.shards:
+            s.close()
+
+    def __enter__(self) -> Views:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _scan_view(cur: lmdb.Cursor, vid: int, after: bytes | None,
+               limit: int) -> Iterator[bytes]:
+    """Keys ``slot(2) + vid + key`` of live documents in LMDB order, strictly after ``after``.
+
+    Rows of other views interleave with this view's (the slot comes first), so the scan jumps:
+    on a row of another view it seeks straight to this view's rows in that slot, or in the
+    next slot. The cost is one seek per non-empty slot plus one step per row returned.
+    """
+    v = bytes((vid,))
+    if after is None:
+        found = cur.set_range(b"\0\0" + v)
+    else:
+        found = cur.set_range(after)
+        if found and cur.key() == after:
+            found = cur.next()
+    n = 0
+    while found and n < limit:
+        k = cur.key()
+        if len(k) < 3:
+            found = cur.next()
+            continue
+        slot, kv = k[:2], k[2]
+        if kv == vid:
+            raw = cur.value()
+            if _unpack(raw).get("d") is not None:
+                n += 1
+                yield bytes(k)
+            found = cur.next()
+        elif kv < vid:
+            found = cur.set_range(slot + v)  # this view's rows in the same slot
+        else:
+            nxt = int.from_bytes(slot, "big") + 1  # past this slot: same view, next slot
+            if nxt > 0xFFFF:
+                return
+            found = cur.set_range(nxt.to_bytes(2, "big") + v)
+
+
+def encode_cursor(shard: int, lkey: bytes) -> str:
+    """Opaque page cursor: url-safe base64 of msgpack [version, shard, last LMDB key]."""
+    blob = msgpack.packb([_CURSOR_VERSION, shard, lkey], use_bin_type=True)
+    return base64.urlsafe_b64encode(blob).rstrip(b"=").decode()
+
+
+def decode_cursor(cursor: str | None, workers: int) -> tuple[int, bytes | None]:
+    """(shard, last LMDB key) of a cursor; (0, None) for the first page."""
+    if not cursor:
+        return 0, None
+    try:
+        blob = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        version, shard, lkey = msgpack.unpackb(blob, raw=False)
+    except (binascii.Error, ValueError, TypeError, msgpack.UnpackException):
+        raise BadCursor("invalid cursor") from None
+    if (version != _CURSOR_VERSION or not isinstance(shard, int) or not 0 <= shard < workers
+            or not isinstance(lkey, bytes) or len(lkey) < 3):
+        raise BadCursor("invalid cursor")
+    return shard, lkey
