@@ -65,15 +65,18 @@ def run(config_path, workers, data_dir, bootstrap, log_level):
 @common
 @click.option("--events", "-n", type=int, default=200_000, show_default=True)
 @click.option("--seed", type=int, default=1, show_default=True)
-@click.option("--keep", is_flag=True, help="keep the data dir (service.data_dir) afterwards")
-def demo(config_path, workers, data_dir, bootstrap, log_level, events, seed, keep):
+@click.option("--keep", is_flag=True, help="keep the views in ./demo-data (or --data-dir)")
+@click.option("--serve", is_flag=True,
+              help="afterwards, serve the views over HTTP (http.host/http.port) until Ctrl-C")
+def demo(config_path, workers, data_dir, bootstrap, log_level, events, seed, keep, serve):
     """Embedded broker + 7 simulated services + the aggregator, checked against an oracle."""
     from .demo import run_demo
 
     logging.basicConfig(level=log_level.upper() if log_level != "INFO" else "WARNING",
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = _load(config_path or default_config_path(), workers, data_dir, bootstrap)
-    sys.exit(run_demo(cfg, events=events, seed=seed, keep=keep or data_dir is not None))
+    sys.exit(run_demo(cfg, events=events, seed=seed, data_dir=data_dir, keep=keep,
+                      serve=serve))
 
 
 _read_options = [

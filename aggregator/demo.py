@@ -77,9 +77,34 @@ def _table(stats: Stats, produced: int, total: int, elapsed: float) -> Table:
     return t
 
 
-def run_demo(config: Config, *, events: int, seed: int, keep: bool,
-             console: Console | None = None) -> int:
+DEMO_DIR = Path("demo-data")
+_MARK = ".aggregator-demo"
+
+
+def _demo_dir(data_dir: str | None, keep: bool) -> tuple[Path, bool]:
+    """(data dir, remove afterwards). The demo never reuses state: its broker is new."""
+    if data_dir is not None:
+        path = Path(data_dir)
+        if path.exists() and any(path.iterdir()):
+            raise SystemExit(f"demo: refusing to use non-empty data dir {path} "
+                             "(the demo starts from nothing; pass an empty or new directory)")
+    elif keep:
+        path = DEMO_DIR
+        if path.exists():
+            if any(path.iterdir()) and not (path / _MARK).exists():
+                raise SystemExit(f"demo: {path} exists and was not made by the demo; move it")
+            shutil.rmtree(path)
+    else:
+        return Path(tempfile.mkdtemp(prefix="aggregator-demo-")) / "data", True
+    path.mkdir(parents=True, exist_ok=True)
+    (path / _MARK).touch()
+    return path, False
+
+
+def run_demo(config: Config, *, events: int, seed: int, data_dir: str | None = None,
+             keep: bool = False, serve: bool = False, console: Console | None = None) -> int:
     console = console or Console()
+    path, remove = _demo_dir(data_dir, keep or serve)
     broker = None
     bootstrap = config.kafka.bootstrap_servers
     if not bootstrap:
@@ -93,22 +118,30 @@ def run_demo(config: Config, *, events: int, seed: int, keep: bool,
         config = config.model_copy(update={
             "kafka": config.kafka.model_copy(update={"consumer": consumer})})
         console.print(f"embedded Kafka-protocol broker on {bootstrap}")
-    data_dir = Path(config.service.data_dir)
-    tmp = None
-    if not keep:
-        tmp = tempfile.mkdtemp(prefix="aggregator-demo-")
-        data_dir = Path(tmp) / "data"
     config = config.model_copy(update={
         "kafka": config.kafka.model_copy(update={"bootstrap_servers": bootstrap}),
-        "service": config.service.model_copy(update={"data_dir": data_dir}),
+        "service": config.service.model_copy(update={"data_dir": path}),
     })
+    # the pipeline's own HTTP API takes any free port; --serve uses the configured one
+    run_cfg = config.model_copy(update={"http": config.http.model_copy(update={"port": 0})})
     try:
-        return _run(config, bootstrap, events, seed, console)
+        code = _run(run_cfg, bootstrap, events, seed, console)
+        if code == 0 and not remove:
+            console.print(f"data kept in {path} (try: aggregator get customer c-000001 "
+                          f"--data-dir {path} --workers {config.service.workers})")
+        if code == 0 and serve:
+            from .server import serve as serve_http
+
+            url = f"http://{config.http.host}:{config.http.port}"
+            console.print(f"serving the views read-only on {url} (e.g. curl "
+                          f"'{url}/views/customer?limit=3'); Ctrl-C to stop")
+            serve_http(config)
+        return code
     finally:
         if broker is not None:
             broker.stop()
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+        if remove:
+            shutil.rmtree(path.parent, ignore_errors=True)
 
 
 def _run(config: Config, bootstrap: str, events: int, seed: int, console: Console) -> int:

@@ -472,4 +472,5 @@ def start_server_process(config: Config, *, log_level: int = logging.INFO,
     if kind != "ok":
         proc.join(5)
         raise ServerStartError(detail)
+    proc.port = detail  # the bound port (http.port may be 0: any free port)
     return proc

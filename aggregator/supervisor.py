@@ -37,9 +37,11 @@ from .config import Config
 from .control import ControlBlock, Slot
 from .deadletter import DeadLetters
 from .envelope import routing_key
+from .metrics import create_commit_histogram, partition_label, remove_status, write_status
 from .ring import Ring, cleanup_stale, segment_prefix
 from .routing import SLOTS, slot_of
 from .runtime import tune_gc
+from .server import ServerStartError, start_server_process
 from .store import Shard, ShardError, parse_offset_key, shard_path
 from .worker import FATAL_EXIT, MSG_RECORDS, MSG_STOP, ring_names, worker_main
 
@@ -103,6 +105,9 @@ class Supervisor:
         self.checkpoint = Checkpoint(self.n)
         self._lock_fd: int | None = None
         self._rings: list[Ring] = []
+        self.http = None
+        self.hist = None
+        self.events_in = {config.source_by_topic(t)[0]: 0 for t in self.topics}
 
     # ---- lifecycle ------------------------------------------------------------------------
     def run(self) -> int:
@@ -113,6 +118,10 @@ class Supervisor:
             self._check_layout()
             self._create_segments()
             self._start_workers()
+            try:
+                self.http = start_server_process(self.cfg, log_level=self.log_level)
+            except ServerStartError as e:
+                raise FatalError(str(e)) from None
             tune_gc()
             self._consume_loop()
             self._shutdown()
@@ -129,6 +138,8 @@ class Supervisor:
             return
         log.info("stop requested: draining")
         self.stop_requested = True
+        if getattr(self, "consumer", None) is not None:
+            self._write_status(ready=False)
 
     def _install_signals(self) -> None:
         try:
@@ -177,6 +188,7 @@ class Supervisor:
             log.warning("removed %d shared-memory segments left by a previous run", len(removed))
         names = ring_names(self.prefix, self.n)
         self.ctl = ControlBlock.create(names["control"], self.n)
+        self.hist = create_commit_histogram(self.prefix, self.n)
         self.inbound = [Ring.create(name, self.svc.ring_bytes) for name in names["inbound"]]
         peer_bytes = max(self.svc.ring_bytes // PEER_RING_DIVISOR,
                          4 * self.svc.max_record_bytes + (1 << 20))
@@ -299,6 +311,7 @@ class Supervisor:
                 next_commit = now + commit_every
             if now >= next_progress:
                 self._refresh_stats()
+                self._write_status(ready=True)
                 if self.on_progress:
                     self.on_progress(self.stats)
                 if self.stop_when and self.stop_when(self.stats):
@@ -312,7 +325,8 @@ class Supervisor:
         per: list[list] = [[] for _ in range(n)]
         through: dict[tuple[int, int], int] = {}
         oversized = False
-        last_topic, ti = None, -1
+        last_topic, ti, run = None, -1, 0
+        counts: dict[str, int] = {}
         for m in msgs:
             if m.error() is not None:
                 err = m.error()
@@ -321,7 +335,10 @@ class Supervisor:
                 continue
             topic = m.topic()
             if topic is not last_topic:
-                last_topic, ti = topic, tindex[topic]
+                if last_topic is not None:
+                    counts[last_topic] = counts.get(last_topic, 0) + run
+                last_topic, ti, run = topic, tindex[topic], 0
+            run += 1
             part, off = m.partition(), m.offset()
             through[(ti, part)] = off
             value, key, headers = m.value(), m.key(), m.headers()
@@ -334,6 +351,10 @@ class Supervisor:
             rk = routing_key(value, headers, key)
             slot = slot_of(rk) if rk is not None else 0
             per[slot % n].append((ti, part, off, key, value, headers, m.timestamp()[1], slot))
+        if last_topic is not None:
+            counts[last_topic] = counts.get(last_topic, 0) + run
+        for topic, c in counts.items():
+            self.events_in[self.cfg.source_by_topic(topic)[0]] += c
         if oversized:
             self.dlq.flush()
         if not through:
@@ -478,10 +499,39 @@ class Supervisor:
                 h.process.join(5)
         self.consumer.close()
         self.dlq.close()
+        self._stop_http()
         log.info("stopped cleanly: %d records consumed, %d applied", self.stats.consumed,
                  self.stats.applied)
 
+    def _stop_http(self) -> None:
+        if self.http is not None:
+            self.http.terminate()
+            self.http.join(10)
+            if self.http.is_alive():
+                self.http.kill()
+                self.http.join(5)
+            self.http = None
+
+    def _write_status(self, ready: bool) -> None:
+        """The status file the HTTP process reads for readiness and lag (metrics.py)."""
+        lag = {}
+        for ti, p in sorted(self.assigned):
+            topic = self.topics[ti]
+            try:
+                _, high = self.consumer.get_watermark_offsets(TopicPartition(topic, p),
+                                                              cached=True)
+            except Exception:  # noqa: BLE001 - not known yet
+                high = -1
+            wm = self.checkpoint.watermark((ti, p))
+            nxt = wm + 1 if wm is not None else self.checkpoint.assign_start.get((ti, p), 0)
+            lag[partition_label(topic, p)] = max(high - nxt, 0) if high >= 0 else None
+        write_status(self.data_dir, {
+            "pid": os.getpid(), "workers": self.n, "ready": ready,
+            "assigned": [partition_label(self.topics[ti], p) for ti, p in sorted(self.assigned)],
+            "lag": lag, "events_in": self.events_in})
+
     def _abort(self) -> None:
+        self._stop_http()
         for h in self.workers:
             if h.process is not None and h.process.is_alive():
                 h.process.terminate()
@@ -498,6 +548,11 @@ class Supervisor:
                 pass
 
     def _release(self) -> None:
+        if self.hist is not None:
+            self.hist.close()
+            self.hist.unlink()
+            self.hist = None
+        remove_status(self.data_dir)
         ctl = getattr(self, "ctl", None)
         if ctl is not None:
             ctl.counters.close()

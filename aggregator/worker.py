@@ -33,8 +33,9 @@ from .control import ControlBlock, Slot
 from .deadletter import DeadLetters
 from .envelope import EnvelopeError, parse
 from .merge import MergeError, get_path
+from .metrics import hist_segment_name, record_commit
 from .plan import Feed, ViewPlan, assign_view_ids
-from .ring import Ring
+from .ring import Ring, SharedCounters
 from .routing import SLOTS, gate_hash, identity_hash, slot_of, slot_prefix, worker_of
 from .runtime import set_parent_death_signal, tune_gc
 from .store import Batch, Shard, ShardError, shard_path, view_key
@@ -140,6 +141,7 @@ class Worker:
 
         names = ring_names(self.prefix, self.n)
         self.ctl = ControlBlock.attach(names["control"], self.n)
+        self.hist = SharedCounters.attach(hist_segment_name(self.prefix))
         self.inbound = Ring.attach(names["inbound"][self.index])
         self.peer_in = {j: Ring.attach(names["peer"][(j, self.index)])
                         for j in range(self.n) if j != self.index}
@@ -247,7 +249,9 @@ class Worker:
                 t0 = time.monotonic_ns()
                 self.dlq.flush(self.cfg.service.heartbeat_timeout_ms / 2000)
                 batch.commit()
-                self.ctl.add(self.index, Slot.COMMIT_NS, time.monotonic_ns() - t0)
+                dt = time.monotonic_ns() - t0
+                self.ctl.add(self.index, Slot.COMMIT_NS, dt)
+                record_commit(self.hist, self.index, dt / 1e6)
             except lmdb.MapFullError:
                 batch.abort()
                 self.gate.clear()

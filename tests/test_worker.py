@@ -25,6 +25,7 @@ from aggregator import _core, core_ref, simulate
 from aggregator.config import load_config
 from aggregator.control import ControlBlock, Slot
 from aggregator.envelope import parse, routing_key, to_binary
+from aggregator.metrics import create_commit_histogram
 from aggregator.ring import Ring
 from aggregator.routing import identity_hash, slot_of
 from aggregator.store import Shard, ShardError, read_views, shard_path
@@ -85,6 +86,7 @@ class Cluster:
         self.prefix = "aggtest-" + uuid.uuid4().hex[:12]
         names = ring_names(self.prefix, n)
         self.ctl = ControlBlock.create(names["control"], n)
+        self.hist = create_commit_histogram(self.prefix, n)
         self.rings = [Ring.create(x, INBOUND_RING) for x in names["inbound"]]
         self.rings += [Ring.create(x, peer_ring) for x in names["peer"].values()]
         self.workers: list[Worker | None] = [None] * n
@@ -127,6 +129,8 @@ class Cluster:
             r.unlink()
         self.ctl.counters.close()
         self.ctl.counters.unlink()
+        self.hist.close()
+        self.hist.unlink()
 
     def views(self) -> dict:
         """read_views needs the shards closed (LMDB: one open per process)."""

@@ -1,0 +1,53 @@
+"""`aggregator get` and `aggregator stats`: offline, read-only reads of a data directory."""
+
+from __future__ import annotations
+
+import json
+
+from click.testing import CliRunner
+
+from aggregator.cli import main
+from aggregator.control import ControlBlock, Slot
+from aggregator.metrics import prefix_of
+from aggregator.worker import ring_names
+
+from .viewdata import record, write_docs
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_get(tmp_path):
+    write_docs(tmp_path, 2, {("customer", "c1"): record({"name": "Ada"}, 3),
+                             ("customer", "gone"): record(None)})
+    r = run("get", "customer", "c1", "--data-dir", tmp_path)
+    assert r.exit_code == 0 and json.loads(r.output) == {"name": "Ada"}
+    r = run("get", "customer", "c1", "--data-dir", tmp_path, "--full")
+    assert json.loads(r.output)["version"] == 3
+    r = run("get", "customer", "gone", "--data-dir", tmp_path)
+    assert r.exit_code == 1 and "no document 'gone'" in r.output
+    r = run("get", "nope", "c1", "--data-dir", tmp_path)
+    assert r.exit_code == 2 and "unknown view 'nope'" in r.output
+    r = run("get", "customer", "c1", "--data-dir", tmp_path, "--workers", 3)
+    assert r.exit_code == 2 and "written by 2 workers" in r.output
+
+
+def test_stats(tmp_path):
+    write_docs(tmp_path, 2, {("order", f"o{i}"): record({}) for i in range(10)})
+    r = run("stats", "--data-dir", tmp_path)
+    assert r.exit_code == 0
+    assert "shard 0: file" in r.output and "shard 1: file" in r.output
+    assert "service: not running" in r.output
+    ctl = ControlBlock.create(ring_names(prefix_of(tmp_path), 2)["control"], 2)
+    try:
+        ctl.add(1, Slot.APPLIED, 77)
+        r = run("stats", "--data-dir", tmp_path, "--json")
+        out = json.loads(r.output)
+        assert sum(s["entries"]["views"] for s in out["shards"]) == 10
+        assert out["live"]["workers"][1]["applied"] == 77
+        r = run("stats", "--data-dir", tmp_path)
+        assert "stale control block" in r.output and "applied=77" in r.output
+    finally:
+        ctl.counters.close()
+        ctl.counters.unlink()
