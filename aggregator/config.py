@@ -470,6 +470,19 @@ class ViewConfig(BaseModel):
     model_config = _FROZEN
 
     feeds: list[FeedConfig] = Field(min_length=1)
+    # Publish every change of a document of this view to this topic (change events).
+    changes_topic: str | None = Field(None, min_length=1)
+
+
+class ChangesConfig(BaseModel):
+    """Change events: how document changes are published (views opt in by changes_topic)."""
+
+    model_config = _FROZEN
+
+    coalesce: bool = False  # one event per key and transaction (its last version) instead of
+    #                         one per change
+    format: Literal["json", "msgpack"] = "json"  # data encoding of the change events
+    source: str = Field("/aggregator", min_length=1)  # CloudEvents `source` prefix
 
 
 class Config(BaseModel):
@@ -482,6 +495,7 @@ class Config(BaseModel):
     dedup: DedupConfig = Field(default_factory=DedupConfig)
     gate: GateConfig = Field(default_factory=GateConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
+    changes: ChangesConfig = Field(default_factory=ChangesConfig)
     sources: dict[str, SourceConfig] = Field(min_length=1)
     views: dict[str, ViewConfig] = Field(min_length=1)
     _by_topic: dict[str, tuple[str, SourceConfig]] = PrivateAttr(default_factory=dict)
@@ -512,6 +526,10 @@ class Config(BaseModel):
             p.append((("service", "dead_letter_topic"), msg))
         used: set[str] = set()
         for vname, view in self.views.items():
+            t = view.changes_topic
+            if t is not None and (t in owner or t == dlq):
+                what = f"source '{owner[t]}'" if t in owner else "service.dead_letter_topic"
+                p.append((("views", vname, "changes_topic"), f"{t!r} is also the topic of {what}"))
             for i, feed in enumerate(view.feeds):
                 used.add(feed.source)
                 if feed.source not in self.sources:
@@ -524,6 +542,10 @@ class Config(BaseModel):
               if n not in used]
         _check(p)
         return self
+
+    def changes_topics(self) -> dict[str, str]:
+        """view name → its change-event topic, for views that publish changes."""
+        return {n: v.changes_topic for n, v in self.views.items() if v.changes_topic}
 
     def topics(self) -> list[str]:
         """Source topics sorted by name: the stable ``topic_idx`` order of ring messages."""

@@ -30,6 +30,7 @@ class Slot(IntEnum):
     FORWARDED = 11  # view updates sent to another shard
     COMMITS = 12
     COMMIT_NS = 13  # total ns spent in LMDB commits
+    CHANGES_BACKLOG = 14  # change events committed but not yet delivered (gauge)
     _FIXED = 16
 
 

@@ -89,14 +89,17 @@ class ShardReader:
             log.debug("opened %s read-only", self.path)
         return self._env
 
-    def _retry_resized(self, env: lmdb.Environment, op):
-        try:
-            return op()
-        except lmdb.MapResizedError:
-            env.set_mapsize(0)  # adopt the size the writer grew the map to
-            log.debug("%s: map grown by the writer, now %d bytes", self.path,
-                      env.info()["map_size"])
-            return op()
+    def _retry_resized(self, env: lmdb.Environment, op, attempts: int = 20):
+        """Run `op`; when the writer grew the map meanwhile, adopt its size and retry (the
+        writer may grow it again between our retries, hence a loop)."""
+        for _ in range(attempts - 1):
+            try:
+                return op()
+            except lmdb.MapResizedError:
+                env.set_mapsize(0)  # adopt the size the writer grew the map to
+                log.debug("%s: map grown by the writer, now %d bytes", self.path,
+                          env.info()["map_size"])
+        return op()
 
     def _db(self, env: lmdb.Environment, name: str):
         """The handle of a named database, or None if the worker has not created it yet.

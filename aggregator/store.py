@@ -14,6 +14,8 @@ parked         S + gate hash (16) + seq (8)           msgpack [parked_at, record
 offsets        topic + b"\\0" + partition (4)          through offset (8, signed)
 links          source worker (2)                      last applied link seq (8)
 outbox         target worker (2) + link seq (8)       msgpack message (view updates)
+changes        change seq (8)                         msgpack [view id, key, version, data,
+                                                      ms] (change events not yet delivered)
 meta           name                                   msgpack value
 =============  =====================================  ====================================
 
@@ -36,7 +38,8 @@ import msgpack
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-_DBS = ("views", "dedup", "dedup_gen", "seq", "parked", "offsets", "links", "outbox", "meta")
+_DBS = ("views", "dedup", "dedup_gen", "seq", "parked", "offsets", "links", "outbox", "changes",
+        "meta")
 _U64 = struct.Struct(">Q")
 _I64 = struct.Struct(">q")
 _U16 = struct.Struct(">H")
@@ -166,6 +169,20 @@ class Shard:
             elif cur.last() and cur.key().startswith(prefix):
                 return _U64.unpack(cur.key()[2:])[0]
         return 0
+
+    def changes_after(self, after: int) -> Iterator[tuple[int, bytes]]:
+        """(change seq, entry) of the change outbox with seq > after, in order."""
+        with self.env.begin(db=self.db["changes"]) as txn:
+            cur = txn.cursor()
+            if not cur.set_range(_U64.pack(after + 1)):
+                return
+            for k, v in cur:
+                yield _U64.unpack(k)[0], bytes(v)
+
+    def last_change_seq(self) -> int:
+        with self.env.begin(db=self.db["changes"]) as txn:
+            cur = txn.cursor()
+            return _U64.unpack(cur.key())[0] if cur.last() else 0
 
     def dedup_entries(self) -> Iterator[tuple[int, bytes]]:
         """(generation, identity hash) of the dedup index, oldest generation first."""
@@ -320,6 +337,23 @@ class Batch:
             if not cur.delete():
                 break
             n += 1
+        return n
+
+    def put_change(self, seq: int, entry: bytes) -> None:
+        self.txn.put(_U64.pack(seq), entry, db=self._db["changes"])
+
+    def prune_changes(self, upto: int) -> int:
+        """Delete delivered change events (seq <= upto)."""
+        cur = self.txn.cursor(db=self._db["changes"])
+        n = 0
+        if not cur.first():
+            return 0
+        while _U64.unpack(cur.key())[0] <= upto:
+            if not cur.delete():
+                break
+            n += 1
+            if not cur.key():
+                break
         return n
 
     def put_meta(self, name: str, value) -> None:

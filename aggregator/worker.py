@@ -28,10 +28,12 @@ import lmdb
 import msgpack
 
 from . import core
+from .changes import ChangeEncoder, ChangePublisher
 from .config import Config
 from .control import ControlBlock, Slot
 from .deadletter import DeadLetters
 from .envelope import EnvelopeError, parse
+from .faults import fault_point
 from .merge import MergeError, get_path
 from .metrics import hist_segment_name, record_commit
 from .plan import Feed, ViewPlan, assign_view_ids
@@ -115,6 +117,13 @@ class Worker:
         self._check_fingerprint(cfg.fingerprint())
         self.shard.put_meta(views=views, fingerprint=cfg.fingerprint())
         self.plan = ViewPlan(cfg, {v: i for i, v in enumerate(views)})
+        self.changes = ChangeEncoder(cfg, views)
+        self.change_seq = max(self.shard.last_change_seq(), self.shard.get_meta("change_seq", 0))
+        self.changes_pruned = self.shard.get_meta("changes_published", 0)
+        self.publisher = None
+        if self.changes.enabled:
+            self.publisher = ChangePublisher(cfg, self.changes, self.shard.changes_after,
+                                             self.changes_pruned, self.change_seq)
         self.topics = self.plan.topics
         self.topic_index = {t: i for i, t in enumerate(self.topics)}
 
@@ -217,6 +226,8 @@ class Worker:
         while True:
             ctl.heartbeat(me)
             self._pump_outbox()
+            if self.publisher is not None:
+                self.publisher.pump()
             sup = self.inbound.get_many(1024, TXN_MAX_BYTES)
             peers = []
             for j, r in self.peer_in.items():
@@ -229,12 +240,22 @@ class Worker:
                     log.error("worker %d: supervisor gone, exiting", me)
                     return 1
                 self._expire_gaps_if_due()
-                self.inbound.wait(0.05)
+                if self.publisher is not None:
+                    ctl.set(me, Slot.CHANGES_BACKLOG, self.publisher.backlog)
+                    if self.publisher.published - self.changes_pruned >= 10_000:
+                        self.process([], [])  # prune delivered change events
+                self.inbound.wait(0.05 if self.publisher is None or
+                                  not self.publisher.backlog else 0.005)
                 continue
             stop = self.process([_unpack(m) for m in sup], [_unpack(m) for m in peers])
             if stop:
                 self.stopping = True
                 self._pump_outbox()
+                if self.publisher is not None:
+                    if not self.publisher.flush(self.cfg.service.shutdown_timeout_ms / 2000):
+                        log.warning("worker %d: %d change events not yet delivered; they are "
+                                    "published at the next start", me, self.publisher.backlog)
+                    self.process([], [])  # prune what was delivered
                 return 0
 
     # ---- one batch -------------------------------------------------------------------------
@@ -248,6 +269,7 @@ class Worker:
                 self._finish(batch)
                 t0 = time.monotonic_ns()
                 self.dlq.flush(self.cfg.service.heartbeat_timeout_ms / 2000)
+                fault_point("worker_before_commit")
                 batch.commit()
                 dt = time.monotonic_ns() - t0
                 self.ctl.add(self.index, Slot.COMMIT_NS, dt)
@@ -265,6 +287,7 @@ class Worker:
             except BaseException:
                 batch.abort()
                 raise
+            fault_point("worker_after_commit")  # state durable, nothing acked or published
             self._post_commit()
             return stop
 
@@ -279,6 +302,9 @@ class Worker:
         self.t_ack = -1
         self.t_docs: dict[bytes, dict] = {}
         self.t_log: dict[bytes, list] = {}
+        self.t_changes: list[tuple] = []
+        self.t_chg_out: list[tuple[int, bytes]] = []
+        self.t_pruned = 0
         self.t_outmsg: dict[int, list[tuple[int, bytes]]] = {}
 
     def _apply(self, batch: Batch, sup_msgs: list, peer_msgs: list) -> bool:
@@ -498,6 +524,7 @@ class Worker:
             if dkey is None:  # all of the event or none of it: undo its other views
                 for d in applied:
                     self.t_log[d].pop()
+                    self._drop_last_change(d)
                 for d in set(applied):
                     self._replay(batch, d)
                 self._dead_letter(rec, "merge_error", f"view {f.view}: merge failed")
@@ -530,7 +557,18 @@ class Worker:
         stored["s"][ev.source] = [ev.sequence, ev.time]
         self.t_docs[dkey] = stored
         self.t_log.setdefault(dkey, []).append((f, ev))
+        chg = self.changes
+        if chg.enabled and not chg.coalesce and chg.topics[f.view_id] is not None:
+            self.t_changes.append((dkey, f.view_id, key, stored["v"], chg.encode(doc)))
         return dkey
+
+    def _drop_last_change(self, dkey: bytes) -> None:
+        """Forget the change event of an update that was undone."""
+        changes = self.t_changes
+        for i in range(len(changes) - 1, -1, -1):
+            if changes[i][0] == dkey:
+                del changes[i]
+                return
 
     def _replay(self, batch: Batch, dkey: bytes) -> None:
         """Rebuild a document from its stored version and this transaction's updates."""
@@ -558,6 +596,8 @@ class Worker:
             batch.put_seq(g, last, *tp)
         for (ti, part), off in self.t_through.items():
             batch.put_offset(self.topics[ti], part, off)
+        if self.publisher is not None:
+            self._write_changes(batch)
         for src, seq in self.t_link_in.items():
             batch.put_link(src, seq)
         for owner, updates in self.t_out.items():
@@ -601,8 +641,41 @@ class Worker:
         return [_pack([MSG_FORWARD, self.index, last_seq + 1 + k, c])
                 for k, c in enumerate(chunks)]
 
+    def _write_changes(self, batch: Batch) -> None:
+        """The transaction's change events into the outbox; prune delivered ones."""
+        chg, seq, out = self.changes, self.change_seq, self.t_chg_out
+        if chg.coalesce:
+            rows = []
+            for dkey, updates in self.t_log.items():
+                vid = dkey[2]
+                if updates and chg.topics[vid] is not None:
+                    stored = self.t_docs[dkey]
+                    rows.append((dkey, vid, dkey[3:].decode(), stored["v"],
+                                 chg.encode(stored["d"])))
+        else:
+            rows = self.t_changes
+        for _, vid, key, version, data in rows:
+            seq += 1
+            entry = chg.entry(vid, key, version, data)
+            batch.put_change(seq, entry)
+            out.append((seq, entry))
+        if out:
+            batch.put_meta("change_seq", seq)
+        delivered = self.publisher.published
+        if delivered > self.changes_pruned:
+            batch.prune_changes(delivered)
+            batch.put_meta("changes_published", delivered)
+            self.t_pruned = delivered
+
     def _post_commit(self) -> None:
         ctl, me, s = self.ctl, self.index, self.t_stats
+        if self.publisher is not None:
+            if self.t_chg_out:
+                self.change_seq = self.t_chg_out[-1][0]
+                self.publisher.committed(self.t_chg_out)
+            self.changes_pruned = max(self.changes_pruned, self.t_pruned)
+            self.publisher.pump()
+            ctl.set(me, Slot.CHANGES_BACKLOG, self.publisher.backlog)
         self.through.update(self.t_through)
         self.link_in.update(self.t_link_in)
         for src, seq in self.t_link_in.items():
@@ -652,6 +725,8 @@ class Worker:
 
     def close(self) -> None:
         self.dlq.close()
+        if self.publisher is not None:
+            self.publisher.close()
         self.shard.close()
 
 

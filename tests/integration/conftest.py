@@ -18,6 +18,8 @@ import pytest
 from aggregator.broker import BrokerError, EmbeddedBroker, create_topics, kafka_admin
 from aggregator.simulate import DEAD_LETTER_TOPIC, shop_topics
 
+from .service import Service, write_config
+
 BOOTSTRAP_ENV = "AGGREGATOR_TEST_BOOTSTRAP"
 HERE = Path(__file__).resolve().parent
 
@@ -118,3 +120,21 @@ def consumer_config(bootstrap, group_id) -> dict[str, object]:
         "heartbeat.interval.ms": 500,
         "fetch.queue.backoff.ms": 20,
     }
+
+
+@pytest.fixture
+def service_factory(tmp_path, bootstrap, group_id):
+    started: list[Service] = []
+
+    def make(prefix, workers, data_dir=None, name="svc"):
+        data_dir = data_dir or tmp_path / "data"
+        cfg = write_config(tmp_path / f"{name}.toml", bootstrap=bootstrap, prefix=prefix,
+                           group=group_id, data_dir=data_dir, workers=workers)
+        svc = Service(cfg, tmp_path / f"{name}.log")
+        started.append(svc)
+        return svc
+
+    yield make
+    for svc in started:
+        if svc.proc is not None and svc.proc.poll() is None:
+            svc.kill()

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from confluent_kafka import Consumer, TopicPartition
 
+from aggregator import simulate
 from aggregator.config import load_config
 from aggregator.ring import segment_prefix
 from aggregator.store import read_views
@@ -49,14 +50,24 @@ class Service:
         self.log_path = log_path
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> Service:
+    def start(self, env: dict | None = None) -> Service:
         log = open(self.log_path, "ab")
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "aggregator", "run", "--config", str(self.config_path)],
             stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
         log.close()
         return self
+
+    def http_url(self, timeout: float = 30) -> str:
+        """The HTTP API's base URL, from the service log."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            m = re.search(r"HTTP API listening on (http://\S+)", self.log())
+            if m:
+                return m.group(1)
+            time.sleep(0.05)
+        raise AssertionError(f"no HTTP API in the log:\n{self.log()[-3000:]}")
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -136,8 +147,13 @@ def end_offsets(bootstrap: str, topics: list[str]) -> dict[tuple[str, int], int]
         c.close()
 
 
-def read_topic(bootstrap: str, topic: str, timeout: float = 20) -> list:
-    """Every record of a topic (all partitions), by assign() from the beginning."""
+def read_topic(bootstrap: str, topic: str, timeout: float = 60, quiet: float = 2.0) -> list:
+    """Every record of a topic (all partitions), by assign() from the beginning.
+
+    Reads until the high watermarks are reached AND nothing arrives for `quiet` seconds: the
+    test broker (Tansu) under-reports the high watermark of a partition that several
+    producers appended to concurrently (the records are there and fetchable past it).
+    """
     c = Consumer({"bootstrap.servers": bootstrap, "group.id": "probe-read",
                   "enable.auto.commit": False})
     try:
@@ -148,11 +164,28 @@ def read_topic(bootstrap: str, topic: str, timeout: float = 20) -> list:
         c.assign([TopicPartition(topic, p, 0) for p in parts])
         out, seen = [], {p: 0 for p in parts}
         deadline = time.monotonic() + timeout
-        while any(seen[p] < highs[p] for p in parts) and time.monotonic() < deadline:
-            for m in c.consume(1000, 0.5):
+        last_msg = time.monotonic()
+        while time.monotonic() < deadline:
+            msgs = c.consume(1000, 0.2)
+            for m in msgs:
                 if m.error() is None:
                     out.append(m)
                     seen[m.partition()] = m.offset() + 1
+            now = time.monotonic()
+            if msgs:
+                last_msg = now
+            elif all(seen[p] >= highs[p] for p in parts) and now - last_msg >= quiet:
+                break
         return out
     finally:
         c.close()
+
+
+def produce_prefixed(bootstrap, prefix, workload, with_bad=True):
+    records = [(prefix + t, k, v, h) for t, k, v, h in workload.records]
+    bad = simulate.bad_records(prefix) if with_bad else []
+    step = max(len(records) // (len(bad) + 1), 1)
+    for i, b in enumerate(bad):
+        records.insert((i + 1) * step, tuple(b[:4]))
+    simulate.produce(records, bootstrap)
+    return bad

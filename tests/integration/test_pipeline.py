@@ -18,7 +18,7 @@ import pytest
 
 from aggregator import simulate
 
-from .service import ROOT, Service, end_offsets, read_topic, write_config
+from .service import ROOT, end_offsets, produce_prefixed, read_topic
 
 EVENTS = int(os.environ.get("AGGREGATOR_TEST_EVENTS", "100000"))
 
@@ -34,34 +34,6 @@ def workload():
 @pytest.fixture(scope="module")
 def expected(workload):
     return simulate.expected_views(workload)
-
-
-@pytest.fixture
-def service_factory(tmp_path, bootstrap, group_id):
-    started: list[Service] = []
-
-    def make(prefix, workers, data_dir=None, name="svc"):
-        data_dir = data_dir or tmp_path / "data"
-        cfg = write_config(tmp_path / f"{name}.toml", bootstrap=bootstrap, prefix=prefix,
-                           group=group_id, data_dir=data_dir, workers=workers)
-        svc = Service(cfg, tmp_path / f"{name}.log")
-        started.append(svc)
-        return svc
-
-    yield make
-    for svc in started:
-        if svc.proc is not None and svc.proc.poll() is None:
-            svc.kill()
-
-
-def produce_prefixed(bootstrap, prefix, workload, with_bad=True):
-    records = [(prefix + t, k, v, h) for t, k, v, h in workload.records]
-    bad = simulate.bad_records(prefix) if with_bad else []
-    step = max(len(records) // (len(bad) + 1), 1)
-    for i, b in enumerate(bad):
-        records.insert((i + 1) * step, tuple(b[:4]))
-    simulate.produce(records, bootstrap)
-    return bad
 
 
 def finish(svc, bootstrap):
