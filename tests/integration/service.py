@@ -22,7 +22,8 @@ SHOP = ROOT / "examples" / "shop.toml"
 
 
 def write_config(path: Path, *, bootstrap: str, prefix: str, group: str, data_dir: Path,
-                 workers: int, extra: str = "", http_port: int = 0) -> Path:
+                 workers: int, extra: str = "", http_port: int = 0,
+                 http_token: str = "") -> Path:
     """shop.toml with the test's topics, group, data dir and worker count; the HTTP API on
     `http_port` (0: any free port, so parallel or back-to-back services never collide)."""
     text = SHOP.read_text()
@@ -37,7 +38,7 @@ def write_config(path: Path, *, bootstrap: str, prefix: str, group: str, data_di
     text = text.replace('[kafka.consumer]\n',
                         '[kafka.consumer]\n"session.timeout.ms" = 6000\n'
                         '"heartbeat.interval.ms" = 500\n')
-    path.write_text(text + f"\n[http]\nport = {http_port}\n" + extra)
+    path.write_text(text + f'\n[http]\nport = {http_port}\ntoken = "{http_token}"\n' + extra)
     return path
 
 
