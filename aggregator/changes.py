@@ -72,9 +72,10 @@ class ChangeEncoder:
                               default=_jsonable).encode()
         return _pack(doc)
 
-    @staticmethod
-    def entry(view_id: int, key: str, version: int, data: bytes | None) -> bytes:
-        return _pack([view_id, key, version, data, int(time.time() * 1000)])
+    def entry(self, view_id: int, key: str, version: int, data: bytes | None) -> bytes:
+        """Outbox entry: [view id, key, version, data, ms, json?] — the encoding travels with
+        the entry, so a changed `changes.format` never mislabels pending events."""
+        return _pack([view_id, key, version, data, int(time.time() * 1000), self.json])
 
 
 class ChangePublisher:
@@ -129,8 +130,16 @@ class ChangePublisher:
         produce = self.producer.produce
         while q:
             seq, raw = q[0]
-            view_id, key, version, data, ms = msgpack.unpackb(raw, raw=False)
+            view_id, key, version, data, ms, is_json = msgpack.unpackb(raw, raw=False)
             view = self.enc.views[view_id]
+            topic = self.enc.topics[view_id]
+            if topic is None:  # the view stopped publishing changes (config changed)
+                log.warning("change event %s:%d:%s dropped: view %r has no changes_topic",
+                            view, version, key, view)
+                q.popleft()
+                self.sent = seq
+                self._delivered(seq, None, None)
+                continue
             headers = [
                 ("ce_specversion", b"1.0"),
                 ("ce_id", f"{view}:{version}:{key}".encode()),
@@ -143,9 +152,10 @@ class ChangePublisher:
                  .isoformat(timespec="milliseconds").replace("+00:00", "Z").encode()),
             ]
             if data is not None:
-                headers.append(("content-type", self.enc.content_type))
+                headers.append(("content-type", b"application/json" if is_json
+                                else b"application/msgpack"))
             try:
-                produce(self.enc.topics[view_id], value=data, key=key.encode(), headers=headers,
+                produce(topic, value=data, key=key.encode(), headers=headers,
                         on_delivery=partial(self._delivered, seq))
             except BufferError:
                 break

@@ -473,6 +473,11 @@ class ViewConfig(BaseModel):
     # Publish every change of a document of this view to this topic (change events).
     changes_topic: str | None = Field(None, min_length=1)
 
+    @field_validator("changes_topic")
+    @classmethod
+    def _topic_name(cls, value: str | None) -> str | None:
+        return None if value is None else _valid_topic(value)
+
 
 class ChangesConfig(BaseModel):
     """Change events: how document changes are published (views opt in by changes_topic)."""

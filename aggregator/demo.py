@@ -135,7 +135,7 @@ def run_demo(config: Config, *, events: int, seed: int, data_dir: str | None = N
             url = f"http://{config.http.host}:{config.http.port}"
             console.print(f"serving the views read-only on {url} (e.g. curl "
                           f"'{url}/views/customer?limit=3'); Ctrl-C to stop")
-            serve_http(config)
+            return serve_http(config)
         return code
     finally:
         if broker is not None:
@@ -146,7 +146,8 @@ def run_demo(config: Config, *, events: int, seed: int, data_dir: str | None = N
 
 def _run(config: Config, bootstrap: str, events: int, seed: int, console: Console) -> int:
     topics = config.topics()
-    simulate.ensure_topics(bootstrap, topics + [config.service.dead_letter_topic], partitions=4)
+    simulate.ensure_topics(bootstrap, topics + [config.service.dead_letter_topic]
+                           + list(config.changes_topics().values()), partitions=4)
     console.print(f"generating {events:,} events from 7 simulated services (seed {seed}) ...")
     workload = simulate.generate(seed, events)
     bad = simulate.bad_records()

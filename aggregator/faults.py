@@ -1,7 +1,7 @@
 """Fault injection points for crash tests: a process kills itself at a named point.
 
-`AGGREGATOR_FAULTS="after_commit=3,before_publish=1"` makes the process that reaches
-`fault_point("after_commit")` for the 3rd time SIGKILL itself (no cleanup, no flush: exactly
+`AGGREGATOR_FAULTS="worker_after_commit=3"` makes the process that reaches
+`fault_point("worker_after_commit")` for the 3rd time SIGKILL itself (no cleanup, no flush: exactly
 what a power cut or the OOM killer does at that instant). Unset, a fault point costs one
 global lookup. Workers inherit the variable from the supervisor's environment; a restarted
 worker sees it again, so use counts that a restart does not reach, or `AGGREGATOR_FAULTS_ONCE`

@@ -18,7 +18,7 @@ Sources, per metric family:
   map size and the entries per named database.
 - **Core**: ``aggregator_core_info{implementation="cython"|"python"}``.
 
-Status file format (``STATUS_FILE`` in the data dir; JSON object; written about once a second
+Status file format (``STATUS_FILE`` in the data dir; JSON object; written about twice a second
 by the supervisor with :func:`write_status`, which replaces the file atomically)::
 
     {
@@ -263,6 +263,9 @@ class ServiceCollector(Collector):
                                        "Events parked waiting for a sequence gap", labels=labels)
             commit_s = CounterMetricFamily("aggregator_lmdb_commit_seconds",
                                            "Time spent in LMDB commits", labels=labels)
+            backlog = GaugeMetricFamily("aggregator_change_events_backlog",
+                                        "Change events committed but not yet delivered",
+                                        labels=labels)
             beat = GaugeMetricFamily("aggregator_worker_heartbeat_age_seconds",
                                      "Time since the worker's last loop iteration",
                                      labels=labels)
@@ -271,6 +274,7 @@ class ServiceCollector(Collector):
                 for slot, fam in fams:
                     fam.add_metric(lw, ctl.get(w, slot))
                 parked.add_metric(lw, ctl.get(w, Slot.PARKED))
+                backlog.add_metric(lw, ctl.get(w, Slot.CHANGES_BACKLOG))
                 commit_s.add_metric(lw, ctl.get(w, Slot.COMMIT_NS) / 1e9)
                 hb = ctl.get(w, Slot.HEARTBEAT)
                 if hb:
@@ -280,6 +284,7 @@ class ServiceCollector(Collector):
         for _, fam in fams:
             yield fam
         yield parked
+        yield backlog
         yield commit_s
         yield beat
 

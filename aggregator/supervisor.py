@@ -130,6 +130,10 @@ class Supervisor:
             log.error("%s", e)
             self._abort()
             return 2
+        except BaseException:
+            log.exception("supervisor failed: stopping the workers")
+            self._abort()
+            raise
         finally:
             self._release()
 

@@ -267,9 +267,9 @@ class Worker:
             try:
                 stop = self._apply(batch, sup_msgs, peer_msgs)
                 self._finish(batch)
-                t0 = time.monotonic_ns()
                 self.dlq.flush(self.cfg.service.heartbeat_timeout_ms / 2000)
                 fault_point("worker_before_commit")
+                t0 = time.monotonic_ns()
                 batch.commit()
                 dt = time.monotonic_ns() - t0
                 self.ctl.add(self.index, Slot.COMMIT_NS, dt)

@@ -89,7 +89,7 @@ class FakePublisher:
 
     def pump(self) -> None:
         for _, entry in self.pending:
-            view_id, key, version, data, _ = msgpack.unpackb(entry, raw=False)
+            view_id, key, version, data, *_ = msgpack.unpackb(entry, raw=False)
             self.sink.append((self.enc.views[view_id], key, version, data))
         self.pending.clear()
         self.published = self.committed_seq
