@@ -139,6 +139,19 @@ def create_topics(
         time.sleep(0.02)
 
 
+def end_offsets(bootstrap: str, topics: list[str]) -> dict[tuple[str, int], int]:
+    """High watermark per (topic, partition) of existing topics."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": "aggregator-probe"})
+    try:
+        md = c.list_topics(timeout=10)
+        return {(t, p): c.get_watermark_offsets(TopicPartition(t, p), timeout=10)[1]
+                for t in topics for p in md.topics[t].partitions}
+    finally:
+        c.close()
+
+
 def _free_port(host: str) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))

@@ -17,32 +17,17 @@ import threading
 import time
 from pathlib import Path
 
-from confluent_kafka import Consumer, TopicPartition
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
 from . import core, simulate
+from .broker import end_offsets
 from .config import Config
 from .store import read_views
 from .supervisor import Stats, Supervisor
 
 log = logging.getLogger(__name__)
-
-
-def end_offsets(bootstrap: str, topics: list[str]) -> dict[tuple[int, int], int]:
-    """High watermark per (topic index, partition)."""
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": "aggregator-demo-probe"})
-    try:
-        md = c.list_topics(timeout=10)
-        out = {}
-        for ti, t in enumerate(topics):
-            for p in md.topics[t].partitions:
-                _, high = c.get_watermark_offsets(TopicPartition(t, p), timeout=10)
-                out[(ti, p)] = high
-        return out
-    finally:
-        c.close()
 
 
 def compare_views(actual: dict, expected: dict) -> list[str]:
@@ -181,7 +166,9 @@ def _run(config: Config, bootstrap: str, events: int, seed: int, console: Consol
         if not done.is_set():
             return False
         if not targets:
-            targets.update(end_offsets(bootstrap, topics))
+            index = {t: i for i, t in enumerate(topics)}
+            targets.update(((index[t], p), high)
+                           for (t, p), high in end_offsets(bootstrap, topics).items())
         if all(stats.committed.get(tp, 0) >= high for tp, high in targets.items() if high):
             t_done[0] = time.monotonic()
             return True

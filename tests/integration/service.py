@@ -135,19 +135,6 @@ class Service:
         return [p for p in os.listdir("/dev/shm") if p.startswith(prefix)]
 
 
-def end_offsets(bootstrap: str, topics: list[str]) -> dict[tuple[str, int], int]:
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": "probe"})
-    try:
-        md = c.list_topics(timeout=10)
-        out = {}
-        for t in topics:
-            for p in md.topics[t].partitions:
-                out[(t, p)] = c.get_watermark_offsets(TopicPartition(t, p), timeout=10)[1]
-        return out
-    finally:
-        c.close()
-
-
 def read_topic(bootstrap: str, topic: str, timeout: float = 60, quiet: float = 2.0) -> list:
     """Every record of a topic (all partitions), by assign() from the beginning.
 

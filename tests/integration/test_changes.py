@@ -14,8 +14,9 @@ import urllib.request
 import pytest
 
 from aggregator import simulate
+from aggregator.broker import end_offsets
 
-from .service import end_offsets, produce_prefixed, read_topic
+from .service import produce_prefixed, read_topic
 
 VIEWS = ("customer", "order", "product")
 

@@ -17,8 +17,9 @@ import time
 import pytest
 
 from aggregator import simulate
+from aggregator.broker import end_offsets
 
-from .service import ROOT, end_offsets, produce_prefixed, read_topic
+from .service import ROOT, produce_prefixed, read_topic
 
 EVENTS = int(os.environ.get("AGGREGATOR_TEST_EVENTS", "100000"))
 

@@ -19,8 +19,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from aggregator import simulate
+from aggregator.broker import end_offsets
 
-from .service import ROOT, Service, end_offsets, write_config
+from .service import ROOT, Service, write_config
 
 EVENTS = int(os.environ.get("AGGREGATOR_TEST_HTTP_EVENTS", "4000"))
 SERVE = ("import logging, sys\n"
