@@ -71,6 +71,8 @@ CONSUMER_DEFAULTS: dict[str, Any] = {
     "partition.assignment.strategy": "cooperative-sticky",
     "fetch.queue.backoff.ms": 20,
     "enable.partition.eof": False,
+    # prefetch at most 16 MiB (librdkafka's default is 64 MiB): the rings buffer the rest
+    "queued.max.messages.kbytes": 16384,
 }
 # lz4 is in the bundled librdkafka's builtin.features (checked with confluent-kafka 2.16.1).
 PRODUCER_DEFAULTS: dict[str, Any] = {
@@ -245,7 +247,7 @@ class ServiceConfig(BaseModel):
     max_key_bytes: Size = Field(400, ge=1, le=480)  # + our prefixes <= LMDB's 511-byte keys
     batch_max_records: Int = Field(5000, ge=1)
     commit_interval_ms: Int = Field(1000, ge=1)
-    ring_bytes: Size = Field(64 * MiB, ge=1)
+    ring_bytes: Size = Field(16 * MiB, ge=1)  # 4 transactions' worth (worker.TXN_MAX_BYTES)
     lmdb_map_size: Size = Field(GiB, ge=MiB)
     lmdb_max_map_size: Size = Field(64 * GiB, ge=MiB)
     lmdb_sync: bool = True
