@@ -1,0 +1,133 @@
+"""Micro-benchmark of the batch path: one `Worker.process()` call on 5,000 records.
+
+Run: ``pytest bench/bench_batch.py --benchmark-only`` (``--benchmark-disable``: smoke test).
+
+A real `Worker` on a real LMDB shard in a temporary directory (``lmdb_sync`` as shipped:
+on), driven in-process as in tests/test_worker.py: the harness creates the control block and
+the rings, and hands `process()` decoded supervisor messages of 5,000 records each (the
+simulated shop: JSON, msgpack and structured events, 5 % duplicates, 2 % reordered).
+Every round takes the next batch of the stream (new offsets), so the shard grows as in
+production. One worker owns every slot here (workers = 1, no forwarding). Compiled core
+and the pure-Python twin side by side.
+
+``extra_info["items_per_s"]`` is records per second from the mean time.
+"""
+
+from __future__ import annotations
+
+import itertools
+import types
+import uuid
+
+import msgpack
+import pytest
+
+import aggregator.worker as worker_mod
+from aggregator import core_ref
+from aggregator.config import load_config
+from aggregator.control import ControlBlock
+from aggregator.envelope import routing_key
+from aggregator.ring import Ring
+from aggregator.routing import slot_of
+from aggregator.worker import Worker, ring_names
+
+try:
+    from aggregator import _core
+except ImportError:  # only acceptable when the pure core is forced
+    _core = None
+
+from bench import workload as wl
+from bench.worker_stage import create_side_segments
+
+BATCH = 5000
+ROUNDS = 12
+CORES = [pytest.param(types.SimpleNamespace(BloomFilter=core_ref.BloomFilter,
+                                            SequenceGate=core_ref.SequenceGate,
+                                            IMPLEMENTATION="python"), id="python")]
+if _core is not None:
+    CORES.insert(0, pytest.param(types.SimpleNamespace(
+        BloomFilter=_core.BloomFilter, SequenceGate=_core.SequenceGate,
+        IMPLEMENTATION="cython"), id="cython"))
+
+
+class NoDeadLetters:
+    def send(self, rec, reason, message):
+        raise AssertionError(f"unexpected dead letter: {reason}: {message}")
+
+    def flush(self, timeout=30.0):
+        pass
+
+    def close(self):
+        pass
+
+
+@pytest.fixture(scope="module")
+def batches():
+    """ROUNDS + 2 decoded supervisor messages of BATCH records each."""
+    w = wl.generate(11, (ROUNDS + 2) * BATCH)
+    cfg = load_config(wl.CONFIG_PATH, {}, env={})
+    tindex = {t: i for i, t in enumerate(cfg.topics())}
+    offs: dict = {}
+    recs = []
+    for topic, key, value, headers in w.records[:(ROUNDS + 2) * BATCH]:
+        ti = tindex[topic]
+        part = slot_of(key) % wl.PARTITIONS
+        off = offs.get((ti, part), 0)
+        offs[(ti, part)] = off + 1
+        rk = routing_key(value, headers, key)
+        recs.append([ti, part, off, key, value, headers, off, slot_of(rk)])
+    out = []
+    for bid, i in enumerate(range(0, len(recs), BATCH), start=1):
+        chunk = recs[i:i + BATCH]
+        through: dict = {}
+        for r in chunk:
+            through[(r[0], r[1])] = r[2]
+        msg = msgpack.packb([1, bid, [[t, p, o] for (t, p), o in through.items()], chunk],
+                            use_bin_type=True)
+        out.append(msgpack.unpackb(msg, raw=False, strict_map_key=False, use_list=True))
+    return out
+
+
+@pytest.fixture
+def worker(tmp_path, request, monkeypatch):
+    monkeypatch.setattr(worker_mod, "core", request.param)
+    cfg = load_config(wl.CONFIG_PATH, {"service.workers": 1,
+                                       "service.data_dir": str(tmp_path / "data"),
+                                       "service.ring_bytes": 8 << 20}, env={})
+    prefix = f"agg-bench-batch-{uuid.uuid4().hex[:10]}"
+    names = ring_names(prefix, 1)
+    ctl = ControlBlock.create(names["control"], 1)
+    rings = [Ring.create(x, 8 << 20) for x in names["inbound"]]
+    rings += create_side_segments(prefix, 1)
+    w = Worker(cfg, 0, prefix)
+    w.boot()
+    w.dlq = NoDeadLetters()
+    yield w
+    # No broker here: drop queued change events (if the build publishes them) instead of
+    # waiting for their delivery at close.
+    producer = getattr(getattr(w, "publisher", None), "producer", None)
+    if producer is not None and hasattr(producer, "purge"):
+        producer.purge()
+    w.close()
+    w.inbound.close()
+    w.ctl.close()
+    for r in rings:
+        r.close()
+        r.unlink()
+    ctl.counters.close()
+    ctl.counters.unlink()
+
+
+@pytest.mark.benchmark(group="worker-process-5000")
+@pytest.mark.parametrize("worker", CORES, indirect=True)
+def test_worker_process(benchmark, worker, batches):
+    it = itertools.cycle(batches)
+    worker.process([next(it)], [])  # warm-up: the first batch creates the databases
+
+    def next_batch():
+        return ([next(it)], []), {}
+
+    benchmark.pedantic(worker.process, setup=next_batch, rounds=ROUNDS, iterations=1)
+    stats = getattr(benchmark, "stats", None)
+    if stats is not None and stats.stats.mean:
+        benchmark.extra_info["items_per_s"] = round(BATCH / stats.stats.mean)

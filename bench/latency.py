@@ -1,0 +1,292 @@
+"""End-to-end latency under a paced load: produce time → the event's state committed.
+
+The aggregator starts cold on fresh topics. A warm-up of `WARMUP` records is produced and
+waited for (so the group join and the worker boot are not measured), then the rest of a
+seeded workload is produced at a fixed rate (a fraction of the measured maximum), each
+record stamped with the wall-clock time just before `produce()`.
+
+"State committed" for a record = the first `DurablePoller` poll (every 20 ms) at which the
+shard that owns the record's routing key (``slot_of(key) % workers``) has durably stored a
+through-offset ≥ the record's offset in LMDB. Each latency is therefore an upper bound, late
+by at most one poll interval (10 ms on average) plus the poll itself. Included: the
+producer's linger (5 ms) and batching, the broker, the consumer fetch, dispatch, the
+worker's transaction and fsync. Not included: forwarded updates applied later on another
+shard (their outbox entry is committed in the same transaction).
+
+The floor (`measure_floor`): the same paced load read by a bare consumer with the same
+consumer settings, latency = time fetched − the record's CreateTime (set by the producer at
+`produce()`, 1 ms resolution). What the broker and librdkafka alone cost: the embedded
+broker answers a fetch only when `fetch.wait.max.ms` (librdkafka default 500 ms) runs out,
+not when new data arrives, so that setting dominates both figures on it.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+
+from aggregator import simulate
+from aggregator.routing import slot_of
+from bench import workload as wl
+from bench.service import AggregatorProcess
+from bench.verify import check_views
+
+log = logging.getLogger(__name__)
+
+WARMUP = 500
+
+
+@dataclass
+class LatencyRun:
+    workers: int
+    target_rate: float
+    consumer: dict = field(default_factory=dict)  # extra librdkafka consumer settings
+    ok: bool = False
+    error: str = ""
+    achieved_rate: float = 0.0
+    records: int = 0
+    measured: int = 0
+    p50_ms: float = 0.0
+    p90_ms: float = 0.0
+    p99_ms: float = 0.0
+    max_ms: float = 0.0
+    mean_ms: float = 0.0
+    resolution_ms: float = 20.0
+    timeline: list = field(default_factory=list)  # per second sent: [s, records, p50, max]
+    memory: dict = field(default_factory=dict)
+    verified: str = "not checked"
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+class PacedProducer:
+    """Produces records at a fixed rate and keeps each one's send time and offset."""
+
+    def __init__(self, bootstrap: str, prefix: str) -> None:
+        self.prefix = prefix
+        self.p = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True,
+                           "acks": "all", "linger.ms": 5,
+                           "queue.buffering.max.messages": 500_000})
+        self.sent_at: list[float] = []
+        self.where: list[tuple[str, int, int] | None] = []
+        self.keys: list[bytes] = []
+        self.failures: list[str] = []
+
+    def _send(self, rec) -> None:
+        topic, key, value, headers = rec
+        i = len(self.sent_at)
+        self.where.append(None)
+        self.keys.append(key)
+
+        def done(err, msg, i=i) -> None:
+            if err is not None:
+                self.failures.append(str(err))
+            else:
+                self.where[i] = (msg.topic(), msg.partition(), msg.offset())
+
+        self.sent_at.append(time.time())
+        while True:
+            try:
+                self.p.produce(self.prefix + topic, value=value, key=key, headers=headers,
+                               on_delivery=done)
+                return
+            except BufferError:
+                self.p.poll(0.01)
+
+    def burst(self, records) -> None:
+        for r in records:
+            self._send(r)
+        self.flush()
+
+    def paced(self, records, rate: float) -> float:
+        """Send `records` at `rate` per second; returns the achieved rate."""
+        t0 = time.monotonic()
+        i = 0
+        n = len(records)
+        while i < n:
+            due = min(n, int((time.monotonic() - t0) * rate) + 1)
+            while i < due:
+                self._send(records[i])
+                i += 1
+            self.p.poll(0)
+            time.sleep(0.001)
+        took = time.monotonic() - t0
+        self.flush()
+        return n / took if took > 0 else 0.0
+
+    def flush(self) -> None:
+        left = self.p.flush(120)
+        if left or self.failures:
+            raise RuntimeError(f"produce failed: {left} undelivered, {self.failures[:3]}")
+
+    def last_offsets(self) -> dict[tuple[str, int], int]:
+        out: dict[tuple[str, int], int] = {}
+        for w in self.where:
+            if w is not None:
+                tp = (w[0], w[1])
+                out[tp] = max(out.get(tp, -1), w[2])
+        return out
+
+
+def _pct(xs: list[float], q: float) -> float:
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+def measure_latency(bootstrap: str, prefix: str, workers: int, rate: float, seconds: float,
+                    seed: int, *, embedded: bool, broker_pid: int | None,
+                    timeout: float, consumer: dict | None = None) -> LatencyRun:
+    run = LatencyRun(workers, round(rate), dict(consumer or {}))
+    n = WARMUP + max(100, int(rate * seconds))
+    w = wl.generate(seed, n)
+    records = w.records
+    oracle = simulate.expected_views(w)
+    wl.create(bootstrap, prefix)
+    p = AggregatorProcess(bootstrap, prefix, workers, embedded=embedded, broker_pid=broker_pid,
+                          consumer=consumer)
+    try:
+        p.start()
+        prod = PacedProducer(bootstrap, prefix)
+        prod.burst(records[:WARMUP])
+        p.poller.set_targets(prod.last_offsets())
+        if not p.poller.wait(timeout):
+            run.error = "warm-up records never became durable"
+            p.stop_event.set()
+            p.finish(60)
+            return run
+        run.achieved_rate = round(prod.paced(records[WARMUP:], rate))
+        p.poller.set_targets(prod.last_offsets())
+        if not p.poller.wait(timeout):
+            run.error = "paced records never became durable"
+        p.stop_event.set()
+        res = p.finish(timeout)
+        run.memory = p.sampler.summary()
+        run.records = len(records)
+        lat = []
+        per_second: dict[int, list[float]] = {}
+        t_paced = prod.sent_at[WARMUP] if len(records) > WARMUP else 0.0
+        for i in range(WARMUP, len(records)):
+            where = prod.where[i]
+            if where is None:
+                continue
+            owner = slot_of(prod.keys[i]) % workers
+            t = p.poller.history[owner].durable_at((where[0], where[1]), where[2])
+            if t is not None:
+                ms = (t - prod.sent_at[i]) * 1000
+                lat.append(ms)
+                per_second.setdefault(int(prod.sent_at[i] - t_paced), []).append(ms)
+        for sec, xs in sorted(per_second.items()):
+            xs.sort()
+            run.timeline.append([sec, len(xs), round(_pct(xs, 0.5), 1), round(xs[-1], 1)])
+        run.measured = len(lat)
+        _fill(run, lat)
+        if res.get("code") != 0:
+            run.error = run.error or f"aggregator exited with code {res.get('code')}"
+            return run
+        problems = check_views(p.data_dir, oracle)
+        consumed = (res.get("stats") or {}).get("consumed", 0)
+        if consumed != len(records):
+            problems.insert(0, f"consumed {consumed} records, produced {len(records)}")
+        if run.measured != len(records) - WARMUP:
+            problems.insert(0, f"{len(records) - WARMUP - run.measured} records without a "
+                               "commit time")
+        run.verified = "PASSED" if not problems else "FAILED: " + "; ".join(problems[:5])
+        run.ok = not problems and not run.error
+        return run
+    finally:
+        p.cleanup()
+
+
+def _fill(run, lat: list[float]) -> None:
+    lat.sort()
+    if lat:
+        run.p50_ms, run.p90_ms = round(_pct(lat, 0.5), 1), round(_pct(lat, 0.9), 1)
+        run.p99_ms, run.max_ms = round(_pct(lat, 0.99), 1), round(lat[-1], 1)
+        run.mean_ms = round(statistics.fmean(lat), 1)
+
+
+@dataclass
+class FloorRun:
+    """Produce → fetched by a bare consumer: the broker's and the client's share."""
+
+    target_rate: float
+    consumer: dict = field(default_factory=dict)
+    ok: bool = False
+    error: str = ""
+    achieved_rate: float = 0.0
+    measured: int = 0
+    p50_ms: float = 0.0
+    p90_ms: float = 0.0
+    p99_ms: float = 0.0
+    max_ms: float = 0.0
+    mean_ms: float = 0.0
+    resolution_ms: float = 1.0
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def floor_consumer(bootstrap: str, topics: list[str], consumer: dict, expected, conn) -> None:
+    """Child process: fetch every record and note (CreateTime ms, fetch time ms)."""
+    from bench.raw import consumer_conf
+
+    conf = {**consumer_conf(bootstrap, "bench-floor"), **consumer}
+    c = Consumer(conf)
+    c.assign([TopicPartition(t, p, OFFSET_BEGINNING) for t in topics
+              for p in range(wl.PARTITIONS)])
+    seen: list[tuple[int, float]] = []
+    deadline = time.monotonic() + 1800
+    try:
+        while time.monotonic() < deadline:
+            msgs = c.consume(5000, 0.05)
+            now = time.time() * 1000
+            for m in msgs:
+                if m.error() is None:
+                    seen.append((m.timestamp()[1], now))
+            if 0 <= expected.value <= len(seen):
+                break
+    finally:
+        c.close()
+    conn.send(seen)
+
+
+def measure_floor(bootstrap: str, prefix: str, rate: float, seconds: float, seed: int, *,
+                  consumer: dict | None = None, timeout: float = 600) -> FloorRun:
+    import multiprocessing as mp
+
+    run = FloorRun(round(rate), dict(consumer or {}))
+    records = wl.generate(seed, WARMUP + max(100, int(rate * seconds))).records
+    topics = wl.create(bootstrap, prefix)
+    ctx = mp.get_context("spawn")
+    expected = ctx.Value("q", -1)
+    recv, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=floor_consumer, name="bench-floor",
+                       args=(bootstrap, topics, dict(consumer or {}), expected, send))
+    proc.start()
+    send.close()
+    try:
+        prod = PacedProducer(bootstrap, prefix)
+        prod.burst(records[:WARMUP])
+        time.sleep(1.0)  # the consumer is connected and has fetched the warm-up
+        t_paced = time.time() * 1000
+        run.achieved_rate = round(prod.paced(records[WARMUP:], rate))
+        expected.value = len(records)
+        if not recv.poll(timeout):
+            run.error = "the floor consumer did not see every record"
+            return run
+        seen = recv.recv()
+        lat = [float(now - ts) for ts, now in seen if ts >= t_paced]
+        run.measured = len(lat)
+        _fill(run, lat)
+        run.ok = len(seen) == len(records)
+        if not run.ok:
+            run.error = f"fetched {len(seen)} of {len(records)} records"
+        return run
+    finally:
+        proc.join(10)
+        if proc.is_alive():
+            proc.kill()
