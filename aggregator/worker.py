@@ -454,10 +454,12 @@ class Worker:
             self._apply_parked(batch, g2, s)
 
     def _skip_gap(self, batch: Batch, g: bytes) -> None:
+        last = self.gate.last(g)
         seqs = self.gate.skip_gap(g)
         if seqs:
             self.t_stats["gaps"] += 1
-            log.warning("worker %d: sequence gap skipped, resuming at %d", self.index, seqs[0])
+            log.warning("worker %d: sequence gap skipped for stream %s: last applied %d, "
+                        "resuming at %d", self.index, g.hex(), last, seqs[0])
         for s in seqs:
             self._apply_parked(batch, g, s)
 
