@@ -43,7 +43,7 @@ def compare_views(actual: dict, expected: dict) -> list[str]:
                 sample = keys[0]
                 detail = ""
                 if label == "different":
-                    detail = f": got {a[sample]!r}, expected {e[sample]!r}"
+                    detail = f": got {a[sample]!r:.200}, expected {e[sample]!r:.200}"
                 problems.append(f"{view}: {len(keys)} {label} documents (e.g. {sample!r}{detail})")
     return problems
 

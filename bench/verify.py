@@ -4,27 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from aggregator.demo import compare_views
 from aggregator.store import read_views
 
 VIEWS = ["customer", "order", "product"]
 
 
-def compare(actual: dict, expected: dict) -> list[str]:
-    """Human-readable differences; empty when every view document matches."""
-    problems = []
-    for view in sorted(set(actual) | set(expected)):
-        a, e = actual.get(view, {}), expected.get(view, {})
-        missing = sorted(set(e) - set(a))
-        extra = sorted(set(a) - set(e))
-        wrong = sorted(k for k in set(a) & set(e) if a[k] != e[k])
-        for label, keys in (("missing", missing), ("unexpected", extra), ("different", wrong)):
-            if keys:
-                k = keys[0]
-                detail = ""
-                if label == "different":
-                    detail = f": got {a[k]!r:.200}, expected {e[k]!r:.200}"
-                problems.append(f"{view}: {len(keys)} {label} documents (e.g. {k!r}{detail})")
-    return problems
+# one comparison for the demo and the benchmark
+compare = compare_views
 
 
 def check_views(data_dir: str | Path, expected: dict) -> list[str]:

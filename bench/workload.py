@@ -12,9 +12,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from confluent_kafka import Consumer, TopicPartition
-
 from aggregator import simulate
+from aggregator.broker import end_offsets
 from aggregator.config import default_config_path, load_config
 
 log = logging.getLogger(__name__)
@@ -97,20 +96,6 @@ def load(bootstrap: str, workload: simulate.Workload, prefix: str) -> Loaded:
                      config={"queue.buffering.max.messages": 500_000}, timeout=1800)
     took = time.monotonic() - t0
     return Loaded(workload, prefix, topics, end_offsets(bootstrap, topics), took)
-
-
-def end_offsets(bootstrap: str, topics: list[str]) -> dict[tuple[str, int], int]:
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": "bench-probe"})
-    try:
-        md = c.list_topics(timeout=10)
-        out = {}
-        for t in topics:
-            for p in md.topics[t].partitions:
-                _, high = c.get_watermark_offsets(TopicPartition(t, p), timeout=10)
-                out[(t, p)] = high
-        return out
-    finally:
-        c.close()
 
 
 def overrides(bootstrap: str, prefix: str, *, workers: int, data_dir: str | Path,
