@@ -39,10 +39,10 @@ from .deadletter import DeadLetters
 from .envelope import routing_key
 from .metrics import create_commit_histogram, partition_label, remove_status, write_status
 from .ring import Ring, cleanup_stale, segment_prefix
-from .routing import SLOTS, slot_of
+from .routing import slot_of
 from .runtime import tune_gc
 from .server import ServerStartError, start_server_process
-from .store import Shard, ShardError, parse_offset_key, shard_path
+from .store import Shard, shard_path
 from .worker import FATAL_EXIT, MSG_RECORDS, MSG_STOP, ring_names, worker_main
 
 log = logging.getLogger(__name__)
@@ -579,18 +579,3 @@ class Supervisor:
         s.duplicates, s.stale = total[Slot.DUPLICATES], total[Slot.STALE]
         s.parked, s.gaps_skipped = total[Slot.PARKED], total[Slot.GAPS_SKIPPED]
         s.deadlettered, s.forwarded = total[Slot.DEADLETTERED], total[Slot.FORWARDED]
-
-
-def shard_offsets_summary(data_dir: Path) -> dict:
-    """Durable offsets per shard (for tooling and tests)."""
-    out = {}
-    for p in sorted(Path(data_dir).glob("shard-*")):
-        s = Shard(p, readonly=True)
-        try:
-            out[p.name] = {f"{t}[{q}]": o for (t, q), o in s.offsets().items()}
-        finally:
-            s.close()
-    return out
-
-
-__all__ = ["Supervisor", "FatalError", "Stats", "SLOTS", "ShardError", "parse_offset_key"]
