@@ -37,6 +37,7 @@ from .config import Config
 from .control import ControlBlock, Slot
 from .deadletter import DeadLetters
 from .envelope import routing_key
+from .faults import fault_point
 from .metrics import create_commit_histogram, partition_label, remove_status, write_status
 from .ring import Ring, cleanup_stale, segment_prefix
 from .routing import slot_of
@@ -301,6 +302,7 @@ class Supervisor:
         next_commit = time.monotonic() + commit_every
         next_progress = time.monotonic() + 1.0
         while not self.stop_requested:
+            fault_point("supervisor_loop")
             self._check_workers()
             if self.paused:
                 if self._flush_pending():
@@ -420,10 +422,12 @@ class Supervisor:
             offsets.append(TopicPartition(self.topics[tp[0]], tp[1], off + 1))
             self.stats.committed[tp] = off + 1
         if offsets:
+            fault_point("supervisor_before_kafka_commit")
             try:
                 self.consumer.commit(offsets=offsets, asynchronous=asynchronous)
             except Exception as e:  # noqa: BLE001 - a failed commit is retried next interval
                 log.warning("offset commit failed: %s", e)
+            fault_point("supervisor_after_kafka_commit")
 
     # ---- rebalance callbacks ----------------------------------------------------------------
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:

@@ -12,8 +12,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if importlib.util.find_spec("aggregator") is None:
     sys.path.insert(0, str(ROOT))
 
+# The broker and service fixtures (lazy: only tests that ask for them start a broker).
+pytest_plugins = ["tests.kafka_fixtures"]
+
 
 def pytest_configure(config):
     # Also declared in pyproject.toml; repeated so a bare `pytest tests/...` knows them.
     config.addinivalue_line("markers", "integration: needs a real Kafka-protocol broker")
     config.addinivalue_line("markers", "slow: takes more than a few seconds")
+    config.addinivalue_line("markers", "chaos: fault injection against the real system")

@@ -1,0 +1,19 @@
+"""The chaos suite: faults and bad input against a real broker, real processes and real LMDB
+files. Every test here is marked ``chaos``, ``slow`` and ``integration``; the Kafka fixtures
+come from tests/kafka_fixtures.py, the harness from tests/chaos/harness.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if HERE in Path(item.path).resolve().parents:
+            item.add_marker(pytest.mark.chaos)
+            item.add_marker(pytest.mark.slow)
+            item.add_marker(pytest.mark.integration)
