@@ -899,6 +899,61 @@ def expected_views(workload: Workload) -> dict[str, dict[str, dict[str, Any]]]:
     return {"customer": customer, "order": order, "product": product}
 
 
+# Which documents each event type updates in shop.toml: (view, where the key comes from).
+_TARGETS: dict[str, tuple[tuple[str, str], ...]] = {
+    "shop.customer.upserted": (("customer", "partitionkey"),),
+    "shop.customer.deleted": (("customer", "partitionkey"),),
+    "shop.order.placed": (("customer", "customer_id"), ("order", "partitionkey")),
+    "shop.order.updated": (("customer", "customer_id"), ("order", "partitionkey")),
+    "shop.payment.authorized": (("order", "order_id"),),
+    "shop.payment.captured": (("customer", "customer_id"), ("order", "order_id")),
+    "shop.payment.refunded": (("customer", "customer_id"), ("order", "order_id")),
+    "shop.shipment.created": (("order", "order_id"),),
+    "shop.shipment.dispatched": (("order", "order_id"),),
+    "shop.shipment.delivered": (("order", "order_id"),),
+    "shop.product.upserted": (("product", "partitionkey"),),
+    "shop.inventory.adjusted": (("product", "partitionkey"),),
+    "shop.review.posted": (("customer", "customer_id"), ("product", "product_id")),
+    "shop.review.deleted": (("product", "product_id"),),
+}
+
+
+def applied_events(workload: Workload) -> list[SimEvent]:
+    """The events a correct service applies, each once: the first copy of every event, in
+    record order (one stream lives in one partition, so record order is its arrival order);
+    of a "latest" stream only those newer than everything applied before (an older one
+    arriving late is stale), of a "strict" stream every event (reordered ones wait for
+    their predecessors)."""
+    seen: set[int] = set()
+    top: dict[tuple[str, str], int] = {}
+    out = []
+    for i in workload.record_events:
+        if i in seen:
+            continue
+        seen.add(i)
+        ev = workload.events[i]
+        if SOURCES[ev.source_name].ordering == "latest":
+            if ev.sequence <= top.get(ev.stream, 0):
+                continue
+            top[ev.stream] = ev.sequence
+        out.append(ev)
+    return out
+
+
+def expected_versions(workload: Workload) -> dict[str, dict[str, int]]:
+    """``{view: {key: version}}``: how many updates each document of shop.toml receives when
+    every applied event (see `applied_events`) changes it exactly once. A document's version
+    counts its updates, so a lost event shows as a lower and a double apply as a higher one,
+    also where the document's content would not tell (a "latest" state set twice)."""
+    out: dict[str, dict[str, int]] = {"customer": {}, "order": {}, "product": {}}
+    for ev in applied_events(workload):
+        for view, where in _TARGETS[ev.type]:
+            key = ev.partitionkey if where == "partitionkey" else str(ev.data[where])
+            docs = out[view]
+            docs[key] = docs.get(key, 0) + 1
+    return out
+
+
 # ---- malformed records ---------------------------------------------------------------------
 
 

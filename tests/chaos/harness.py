@@ -1,0 +1,409 @@
+"""The chaos harness: run the 7-source workload against the real service, inject faults, then
+verify everything against oracles that do not use the service's code.
+
+A `ChaosRun` produces a seeded workload to fresh topics, starts `aggregator run` (a child
+process: the supervisor and its workers), lets a test inject faults while it runs (each
+fault is timed: "time to recover" is from the fault until the group's committed offsets move
+again), waits until every offset is committed, stops the service and checks:
+
+- views: every document equals `simulate.expected_views` (recomputed from the unique events);
+- applied exactly once: every document's version (its count of updates) equals
+  `simulate.expected_versions`; a lost event shows as a version too low, a double apply as
+  one too high, also where the content would not tell;
+- change events: per key, the first copy of each change id arrives in version order
+  (out-of-order), every version 1..n is there (lost), re-publications carry identical data,
+  and the last one equals the document;
+- dead letters: every malformed record of the workload is on the dead-letter topic with its
+  reason;
+- no shared-memory segment is left in /dev/shm.
+
+`Report.table()` prints: events, faults injected, lost, double-applied, out-of-order, time to
+recover. The long mode (`python -m bench.chaos`) drives the same class.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from confluent_kafka import Consumer, TopicPartition
+
+from aggregator import simulate
+from aggregator.broker import create_topics
+from aggregator.store import Shard
+from tests.integration.service import Service, read_topic, write_config
+
+VIEWS = ("customer", "order", "product")
+
+
+@dataclass
+class Fault:
+    kind: str
+    at: float  # monotonic time of the injection
+    detail: str = ""
+    recovered_s: float | None = None  # until committed offsets moved again
+
+
+@dataclass
+class Report:
+    name: str
+    events: int
+    records: int
+    faults: list[Fault] = field(default_factory=list)
+    docs: int = 0
+    docs_wrong: int = 0
+    lost: int = 0
+    double_applied: int = 0
+    out_of_order: int = 0
+    changes_missing: int = 0
+    changes_conflicting: int = 0
+    dead_letters_missing: int = 0
+    shm_leftovers: int = 0
+    seconds: float = 0.0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    @property
+    def max_recover_s(self) -> float | None:
+        times = [f.recovered_s for f in self.faults if f.recovered_s is not None]
+        return max(times) if times else None
+
+    def row(self) -> dict:
+        return {"run": self.name, "events": self.events, "faults": len(self.faults),
+                "lost": self.lost, "double_applied": self.double_applied,
+                "out_of_order": self.out_of_order, "docs_wrong": self.docs_wrong,
+                "max_recover_s": self.max_recover_s, "seconds": round(self.seconds, 1),
+                "ok": self.ok}
+
+    def table(self) -> str:
+        rec = self.max_recover_s
+        return "\n".join([
+            "| run | events | faults injected | lost | double-applied | out-of-order | "
+            "docs wrong | time to recover (max) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+            f"| {self.name} | {self.events:,} | {len(self.faults)} | {self.lost} | "
+            f"{self.double_applied} | {self.out_of_order} | {self.docs_wrong} | "
+            f"{'-' if rec is None else f'{rec:.1f} s'} |",
+        ])
+
+    def assert_ok(self) -> None:
+        print("\n" + self.table())
+        assert self.ok, "\n".join(self.problems[:20])
+
+
+class ChaosRun:
+    """One run of the real service on its own topics, group and data directory."""
+
+    def __init__(self, broker, workdir: Path, workload: simulate.Workload, *, workers: int = 2,
+                 name: str = "chaos", extra_config: str = "", changes: bool = True,
+                 with_bad: bool = True, partitions: int = 4):
+        self.broker = broker
+        self.bootstrap = broker.bootstrap_servers
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.workload = workload
+        self.workers = workers
+        self.name = name
+        self.prefix = f"c{uuid.uuid4().hex[:10]}."
+        self.group = f"chaos-{uuid.uuid4().hex[:10]}"
+        self.data_dir = self.workdir / "data"
+        self.extra_config = extra_config
+        self.changes = changes
+        self.with_bad = with_bad
+        self.partitions = partitions
+        self.bad: list = []
+        self.report = Report(name, workload.unique_events, len(workload.records))
+        self.services: list[Service] = []
+        self.svc: Service | None = None
+        self._probe: Consumer | None = None
+        self.t0 = time.monotonic()
+
+    # ---- set-up ---------------------------------------------------------------------------
+    def produce(self, start: float = 0.0, end: float = 1.0) -> ChaosRun:
+        """Produce the records from fraction `start` to `end` of the workload (malformed
+        ones interleaved); the first call creates the topics."""
+        if not hasattr(self, "_records"):
+            topics = simulate.shop_topics(self.prefix) + [
+                self.prefix + simulate.DEAD_LETTER_TOPIC]
+            topics += [f"{self.prefix}shop.{v}.changes" for v in VIEWS]
+            create_topics(self.bootstrap, topics, self.partitions)
+            records = [(self.prefix + t, k, v, h) for t, k, v, h in self.workload.records]
+            self.bad = simulate.bad_records(self.prefix) if self.with_bad else []
+            step = max(len(records) // (len(self.bad) + 1), 1)
+            for i, b in enumerate(self.bad):
+                records.insert((i + 1) * step, tuple(b[:4]))
+            self._records = records
+        n = len(self._records)
+        self.produce_records(self._records[round(start * n):round(end * n)])
+        return self
+
+    def produce_records(self, records: list) -> None:
+        """Produce and note the end offset of every partition from the delivery reports
+        (the test broker's high watermark can be under-reported, see read_topic)."""
+        ends: dict[tuple[str, int], int] = getattr(self, "_targets", {})
+        errors: list = []
+
+        def delivered(err, msg) -> None:
+            if err is not None:
+                errors.append(err)
+                return
+            tp = (msg.topic(), msg.partition())
+            if msg.offset() + 1 > ends.get(tp, 0):
+                ends[tp] = msg.offset() + 1
+
+        simulate.produce(records, self.bootstrap, config={
+            "on_delivery": delivered, "delivery.report.only.error": False})
+        assert not errors, errors[:3]
+        for t in simulate.shop_topics(self.prefix):
+            for p in range(self.partitions):
+                ends.setdefault((t, p), 0)
+        self._targets = ends
+
+    def config_path(self, workers: int | None = None, extra: str = "") -> Path:
+        n = self.workers if workers is None else workers
+        path = self.workdir / f"{self.name}-{len(self.services)}.toml"
+        text_extra = self.extra_config + extra
+        cfg = write_config(path, bootstrap=self.bootstrap, prefix=self.prefix, group=self.group,
+                           data_dir=self.data_dir, workers=n, extra=text_extra)
+        if not self.changes:
+            text = cfg.read_text()
+            for v in VIEWS:
+                text = text.replace(f'changes_topic = "{self.prefix}shop.{v}.changes"\n', "")
+                text = text.replace(f'changes_topic = "shop.{v}.changes"', "")
+            cfg.write_text(text)
+        return cfg
+
+    def start(self, workers: int | None = None, env: dict | None = None,
+              extra: str = "") -> Service:
+        path = self.config_path(workers, extra)
+        svc = Service(path, self.workdir / f"{self.name}-{len(self.services)}.log")
+        self.services.append(svc)
+        self.svc = svc.start(env=env)
+        return svc
+
+    @property
+    def targets(self) -> dict[tuple[str, int], int]:
+        """End offset of every source partition (what `finish` waits for)."""
+        return self._targets
+
+    # ---- progress --------------------------------------------------------------------------
+    def committed_total(self) -> int:
+        if self._probe is None:
+            self._probe = Consumer({"bootstrap.servers": self.bootstrap, "group.id": self.group,
+                                    "enable.auto.commit": False})
+        parts = [TopicPartition(t, p) for t, p in self.targets]
+        try:
+            got = self._probe.committed(parts, timeout=10)
+        except Exception:  # noqa: BLE001 - the broker may be frozen by the test
+            return -1
+        return sum(min(max(tp.offset, 0), self.targets[(tp.topic, tp.partition)])
+                   for tp in got)
+
+    def total(self) -> int:
+        return sum(self.targets.values())
+
+    def wait_fraction(self, fraction: float, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._check_alive()
+            if self.committed_total() >= fraction * self.total():
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"{self.name}: {fraction:.0%} not committed within {timeout}s\n"
+                             f"{self.svc.log()[-4000:]}")
+
+    def _check_alive(self) -> None:
+        if self.svc is not None and self.svc.proc.poll() is not None:
+            raise AssertionError(f"{self.name}: service exited with {self.svc.proc.returncode}"
+                                 f"\n{self.svc.log()[-5000:]}")
+
+    def fault(self, kind: str, action, detail: str = "", measure: bool = True) -> Fault:
+        """Run `action()` (the injection) and, unless `measure` is False, wait until the
+        committed offsets move past where they were: the time to recover."""
+        before = self.committed_total()
+        f = Fault(kind, time.monotonic(), detail)
+        action()
+        self.report.faults.append(f)
+        if measure:
+            self.measure_recovery(f, before)
+        return f
+
+    def measure_recovery(self, f: Fault, before: int, timeout: float = 120) -> None:
+        if before >= self.total():
+            return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            now = self.committed_total()
+            if now > before:
+                f.recovered_s = time.monotonic() - f.at
+                return
+            time.sleep(0.05)
+        self.report.problems.append(f"{f.kind}: no progress within {timeout}s after the fault")
+
+    def worker_pids(self) -> list[int]:
+        return self.svc.worker_pids()
+
+    def kill_worker(self, index: int | None = None, sig: int = signal.SIGKILL) -> int:
+        pids = self.svc.wait_workers(self.svc.config.service.workers)
+        pid = pids[(index or 0) % len(pids)] if index is not None else pids[0]
+        os.kill(pid, sig)
+        return pid
+
+    # ---- the end ---------------------------------------------------------------------------
+    def finish(self, timeout: float = 300, stop: bool = True) -> Report:
+        """Wait until every offset is committed, stop cleanly, then verify."""
+        deadline = time.monotonic() + timeout
+        while self.committed_total() < self.total():
+            self._check_alive()
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{self.name}: not caught up within {timeout}s "
+                                     f"({self.committed_total()}/{self.total()})\n"
+                                     f"{self.svc.log()[-5000:]}")
+            time.sleep(0.1)
+        if stop:
+            code = self.svc.stop()
+            if code != 0:
+                self.report.problems.append(f"service exited with {code} at the clean stop")
+        self.report.seconds = time.monotonic() - self.t0
+        return self.verify()
+
+    def close(self) -> None:
+        for svc in self.services:
+            if svc.proc is not None and svc.proc.poll() is None:
+                svc.kill()
+        if self._probe is not None:
+            self._probe.close()
+            self._probe = None
+
+    def verify(self) -> Report:
+        r = self.report
+        docs = read_documents(self.data_dir)
+        check_views(r, docs, simulate.expected_views(self.workload),
+                    simulate.expected_versions(self.workload))
+        if self.changes:
+            check_changes(r, self.bootstrap, self.prefix, docs)
+        if self.with_bad:
+            check_dead_letters(r, self.bootstrap, self.prefix, self.bad)
+        left = self.svc.shm_segments()
+        r.shm_leftovers = len(left)
+        if left:
+            r.problems.append(f"shared-memory segments left behind: {left}")
+        return r
+
+
+def read_documents(data_dir: Path) -> dict[str, dict[str, dict]]:
+    """{view: {key: {"v": version, "d": document or None}}} from every shard, tombstones too."""
+    out: dict[str, dict[str, dict]] = {v: {} for v in VIEWS}
+    for path in sorted(Path(data_dir).glob("shard-*")):
+        shard = Shard(path, readonly=True)
+        try:
+            names = shard.get_meta("views") or list(VIEWS)
+            for view, key, rec in shard.documents(names):
+                if key in out[view]:
+                    raise AssertionError(f"{view}/{key} stored in two shards")
+                out[view][key] = rec
+        finally:
+            shard.close()
+    return out
+
+
+def check_views(r: Report, docs: dict, expected: dict, versions: dict) -> None:
+    for view in VIEWS:
+        got, want, vers = docs[view], expected[view], versions[view]
+        r.docs += len(want)
+        live = {k for k, rec in got.items() if rec["d"] is not None}
+        missing, extra = set(want) - live, live - set(want)
+        wrong = [k for k in set(want) & live if got[k]["d"] != want[k]]
+        r.docs_wrong += len(missing) + len(extra) + len(wrong)
+        for what, keys in (("missing", missing), ("unexpected", extra), ("different", wrong)):
+            if keys:
+                k = sorted(keys)[0]
+                r.problems.append(f"{view}: {len(keys)} documents {what}, e.g. {k}: "
+                                  f"{got.get(k, {}).get('d')} != {want.get(k)}")
+        for key in set(vers) | set(got):
+            have, exp = got.get(key, {}).get("v", 0), vers.get(key, 0)
+            if have < exp:
+                r.lost += exp - have
+            elif have > exp:
+                r.double_applied += have - exp
+    if r.lost:
+        r.problems.append(f"{r.lost} updates lost (document versions below the oracle's)")
+    if r.double_applied:
+        r.problems.append(f"{r.double_applied} updates applied twice (versions above)")
+
+
+def check_changes(r: Report, bootstrap: str, prefix: str, docs: dict) -> None:
+    for view in VIEWS:
+        msgs = read_topic(bootstrap, f"{prefix}shop.{view}.changes", timeout=120)
+        first: dict[str, bytes | None] = {}
+        versions: dict[str, list[int]] = {}
+        last: dict[str, bytes | None] = {}
+        for m in msgs:  # one key lives in one partition: its events arrive in offset order
+            h = dict(m.headers())
+            cid, seq, key = h["ce_id"].decode(), int(h["ce_sequence"]), m.key().decode()
+            if cid in first:
+                if first[cid] != m.value():
+                    r.changes_conflicting += 1
+                continue
+            first[cid] = m.value()
+            seen = versions.setdefault(key, [])
+            if seen and seq <= seen[-1]:
+                r.out_of_order += 1
+            seen.append(seq)
+            last[key] = m.value()
+        for key, rec in docs[view].items():
+            seen = sorted(set(versions.get(key, [])))
+            r.changes_missing += rec["v"] - len([s for s in seen if 1 <= s <= rec["v"]])
+            final = last.get(key)
+            want = None if rec["d"] is None else rec["d"]
+            if (None if final is None else json.loads(final)) != want:
+                r.problems.append(f"{view}/{key}: last change event differs from the document")
+                break
+    if r.out_of_order:
+        r.problems.append(f"{r.out_of_order} change events out of per-key version order")
+    if r.changes_missing:
+        r.problems.append(f"{r.changes_missing} change events missing")
+    if r.changes_conflicting:
+        r.problems.append(f"{r.changes_conflicting} change ids re-published with other data")
+
+
+def check_dead_letters(r: Report, bootstrap: str, prefix: str, bad: list) -> None:
+    msgs = read_topic(bootstrap, prefix + simulate.DEAD_LETTER_TOPIC, timeout=60)
+    got = sorted(dict(m.headers())["aggregator-dlq-reason"].decode() for m in msgs
+                 if m.topic().startswith(prefix))
+    want = sorted(b.reason for b in bad)
+    missing = list(want)
+    for reason in got:
+        if reason in missing:
+            missing.remove(reason)
+    r.dead_letters_missing = len(missing)
+    if missing:
+        r.problems.append(f"dead letters missing: {missing} (got {got})")
+
+
+def process_rss_mib(pid: int) -> float:
+    """Resident set size of one process, in MiB (0 when it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def service_rss_mib(svc: Service) -> float:
+    """RSS of the supervisor and all its children together."""
+    out = subprocess.run(["pgrep", "-P", str(svc.proc.pid)], capture_output=True, text=True)
+    pids = [svc.proc.pid] + [int(p) for p in out.stdout.split()]
+    return sum(process_rss_mib(p) for p in pids)

@@ -1,0 +1,114 @@
+"""Processes killed with -9: workers at random, the supervisor at every step of a commit.
+
+Sizes are short for CI; `AGGREGATOR_CHAOS_EVENTS` raises them (the long mode, bench/chaos.py,
+runs 1M events).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+
+import pytest
+
+from aggregator import simulate
+
+from .harness import ChaosRun
+
+EVENTS = int(os.environ.get("AGGREGATOR_CHAOS_EVENTS", "100000"))
+KILL_EVERY = float(os.environ.get("AGGREGATOR_CHAOS_KILL_EVERY", "1.0"))  # s; long mode: 2
+
+
+@pytest.fixture(scope="module")
+def workload():
+    return simulate.generate(21, EVENTS)
+
+
+@pytest.fixture
+def chaos(broker, tmp_path):
+    runs = []
+
+    def make(workload, **kw):
+        run = ChaosRun(broker, tmp_path / f"run{len(runs)}", workload, **kw)
+        runs.append(run)
+        return run
+
+    yield make
+    for run in runs:
+        run.close()
+
+
+def test_sigkill_a_random_worker_every_2s(workload, chaos):
+    """Fault 1: SIGKILL a random worker every KILL_EVERY s (after it recovered from the
+    previous kill) until everything is committed."""
+    run = chaos(workload, name=f"kill a worker every {KILL_EVERY:g} s").produce()
+    svc = run.start()
+    svc.wait_workers(2)
+    run.wait_fraction(0.02)
+    rng = random.Random(1)
+    while run.committed_total() < run.total():
+        run._check_alive()
+        t0 = time.monotonic()
+        victim = rng.choice(svc.wait_workers(2))
+        run.fault("sigkill worker", lambda v=victim: os.kill(v, signal.SIGKILL),
+                  detail=str(victim))  # returns once the committed offsets moved again
+        time.sleep(max(0.0, KILL_EVERY - (time.monotonic() - t0)))
+    report = run.finish()
+    assert len(report.faults) >= 3, "the run ended before three kills: raise the events"
+    log = svc.log()
+    reaped = [f for f in report.faults if f"(pid {f.detail}) exited with code -9" in log]
+    assert len(reaped) >= len(report.faults) - 1, log[-3000:]  # the last may hit the stop
+    report.assert_ok()
+
+
+# Where the supervisor dies: a worker kills its parent just before / just after its LMDB
+# commit; the supervisor kills itself just before / just after its Kafka commit.
+COMMIT_STEPS = [
+    ("before the LMDB commit", "worker_before_commit=3:kill-parent"),
+    ("after the LMDB commit", "worker_after_commit=3:kill-parent"),
+    ("before the Kafka commit", "supervisor_before_kafka_commit=1"),
+    ("after the Kafka commit", "supervisor_after_kafka_commit=1"),
+]
+
+
+def test_sigkill_supervisor_at_every_commit_step(workload, chaos, tmp_path):
+    """Fault 2: the supervisor SIGKILLed at each step of a commit, then restarted. A fifth
+    of the workload arrives before each step, so that each faulty run has work to do."""
+    run = chaos(workload, name="kill the supervisor at each commit step")
+    parts = len(COMMIT_STEPS) + 1
+    run.produce(0, 1 / parts)
+    for i, (step, spec) in enumerate(COMMIT_STEPS):
+        run.produce((i + 1) / parts, (i + 2) / parts)
+        once = tmp_path / f"fired-{len(run.report.faults)}"
+        svc = run.start(env={"AGGREGATOR_FAULTS": spec, "AGGREGATOR_FAULTS_ONCE": str(once)})
+        before = run.committed_total()
+        t0 = time.monotonic()
+        pids: list[int] = []
+        while svc.proc.poll() is None:
+            pids = svc.worker_pids() or pids
+            assert time.monotonic() - t0 < 120, f"fault {spec} never fired\n{svc.log()[-3000:]}"
+            assert run.committed_total() < run.total(), f"run ended before {spec} fired"
+            time.sleep(0.05)
+        assert svc.proc.returncode == -signal.SIGKILL, svc.log()[-3000:]
+        assert once.exists()
+        fault = run.fault("sigkill supervisor " + step, lambda: None, detail=spec,
+                          measure=False)
+        _wait_gone(pids)
+        fault.at = time.monotonic()
+        run.start()  # no faults: it must recover from whatever the kill left
+        run.measure_recovery(fault, before)
+        run.svc.stop()
+    run.start()
+    report = run.finish()
+    assert "removed" in run.svc.log() or "shared-memory" not in run.svc.log()
+    report.assert_ok()
+
+
+def _wait_gone(pids: list[int], timeout: float = 10) -> None:
+    """The workers follow their supervisor (PR_SET_PDEATHSIG)."""
+    deadline = time.monotonic() + timeout
+    while any(os.path.exists(f"/proc/{p}") for p in pids):
+        assert time.monotonic() < deadline, "workers outlived their supervisor"
+        time.sleep(0.05)
