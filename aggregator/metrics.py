@@ -8,7 +8,8 @@ Sources, per metric family:
 
 - **Control block** (``control.py``, one row per worker): records in, events applied,
   duplicates, stale, parked, gaps skipped, dead-lettered, forwarded, LMDB commits and the
-  time spent in them, heartbeat age.
+  time spent in them, heartbeat age, whether the data disk refuses the worker's commits
+  (full, read-only, failing: the worker retries the batch) and how often it did.
 - **Rings** (``ring.py``): fill ratio of each supervisor→worker ring and worker→worker ring.
 - **Commit histogram** (``{prefix}-hist``, optional): batch commit latency per worker, see
   :func:`record_commit` for the layout. Skipped when the segment does not exist.
@@ -39,12 +40,14 @@ The supervisor writes ``"ready": false`` once it starts draining and removes the
 (:func:`remove_status`) when it exits, so a stopped service is never reported ready.
 
 ``/readyz`` (server.py) is ready when the file is younger than ``STATUS_MAX_AGE_S``,
-``ready`` is true, at least one partition is assigned and every assigned partition has a
-known lag of at most ``service.ready_max_lag``.
+``ready`` is true, at least one partition is assigned, every assigned partition has a
+known lag of at most ``service.ready_max_lag`` and no worker is blocked by its data disk
+(read from the control block: a full disk cannot take a fresh status file either).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -159,14 +162,22 @@ def write_status(data_dir: str | os.PathLike, status: dict) -> None:
     """Write ``data_dir/status.json`` atomically (temporary file + ``os.replace``).
 
     ``status`` follows the format in the module docstring; ``time`` and ``version`` are
-    added when absent. Not fsynced: the file describes the running process only.
+    added when absent. Not fsynced: the file describes the running process only. Raises
+    OSError (a full or read-only disk), leaving the previous file as it was.
     """
     doc = {"version": STATUS_VERSION, "time": time.time(), **status}
     path = Path(data_dir) / STATUS_FILE
     tmp = path.with_name(f".{STATUS_FILE}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(doc, f, separators=(",", ":"))
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(doc, f, separators=(",", ":"))
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)  # a full disk must not keep a partial file
+        except OSError:
+            pass
+        raise
 
 
 def partition_label(topic: str, partition: int) -> str:
@@ -175,11 +186,14 @@ def partition_label(topic: str, partition: int) -> str:
 
 
 def remove_status(data_dir: str | os.PathLike) -> None:
-    """Remove the status file (supervisor, at exit); missing is not an error."""
+    """Remove the status file (supervisor, at exit); missing is not an error, nor a disk
+    that refuses (read-only): the file's age tells readers the service is gone."""
     try:
         os.unlink(Path(data_dir) / STATUS_FILE)
     except FileNotFoundError:
         pass
+    except OSError as e:
+        log.warning("cannot remove the status file in %s: %s", data_dir, e.strerror or e)
 
 
 def read_status(data_dir: str | os.PathLike) -> dict | None:
@@ -193,16 +207,20 @@ def read_status(data_dir: str | os.PathLike) -> dict | None:
 
 
 def readiness(status: dict | None, max_lag: int, now: float | None = None,
-              max_age: float = STATUS_MAX_AGE_S) -> tuple[bool, list[str]]:
-    """(ready, reasons it is not) from a status document (see the module docstring)."""
+              max_age: float = STATUS_MAX_AGE_S,
+              blocked: dict[int, int] | None = None) -> tuple[bool, list[str]]:
+    """(ready, reasons it is not) from a status document (see the module docstring) and
+    the workers blocked by their data disk (``{worker: errno}``, see `storage_blocked`)."""
+    reasons = [f"worker {w}: the data disk refuses its writes "
+               f"({errno.errorcode.get(code, code)}: {os.strerror(code)}); it retries"
+               for w, code in sorted((blocked or {}).items())]
     if status is None:
-        return False, ["no status file: the service is not running"]
+        return False, reasons + ["no status file: the service is not running"]
     now = time.time() if now is None else now
-    reasons = []
     age = now - float(status.get("time") or 0)
     if age > max_age:
         reasons.append(f"status is {age:.1f} s old (max {max_age:g} s): the service is not "
-                       "running or is stuck")
+                       "running, is stuck or cannot write it")
     if not status.get("ready", False):
         reasons.append("the service is starting or stopping")
     lag = status.get("lag") or {}
@@ -269,6 +287,13 @@ class ServiceCollector(Collector):
             beat = GaugeMetricFamily("aggregator_worker_heartbeat_age_seconds",
                                      "Time since the worker's last loop iteration",
                                      labels=labels)
+            blocked = GaugeMetricFamily("aggregator_storage_blocked",
+                                        "1 while the data disk refuses the worker's commits "
+                                        "(full, read-only, I/O error; see /readyz and the "
+                                        "log): the worker retries its batch", labels=labels)
+            storage_errors = CounterMetricFamily("aggregator_storage_errors",
+                                                 "LMDB transactions the data disk refused "
+                                                 "(each retried)", labels=labels)
             for w in range(self.workers):
                 lw = [str(w)]
                 for slot, fam in fams:
@@ -276,6 +301,8 @@ class ServiceCollector(Collector):
                 parked.add_metric(lw, ctl.get(w, Slot.PARKED))
                 backlog.add_metric(lw, ctl.get(w, Slot.CHANGES_BACKLOG))
                 commit_s.add_metric(lw, ctl.get(w, Slot.COMMIT_NS) / 1e9)
+                blocked.add_metric(lw, 1 if ctl.get(w, Slot.STORAGE_BLOCKED) else 0)
+                storage_errors.add_metric(lw, ctl.get(w, Slot.STORAGE_ERRORS))
                 hb = ctl.get(w, Slot.HEARTBEAT)
                 if hb:
                     beat.add_metric(lw, max(now - hb, 0) / 1e9)
@@ -287,6 +314,8 @@ class ServiceCollector(Collector):
         yield backlog
         yield commit_s
         yield beat
+        yield blocked
+        yield storage_errors
 
     def _rings(self) -> Iterable[Metric]:
         inbound = GaugeMetricFamily("aggregator_ring_fill_ratio",
@@ -354,6 +383,15 @@ class ServiceCollector(Collector):
                                      "Partitions assigned to this instance")
         assigned.add_metric([], len(status.get("assigned") or ()))
         yield assigned
+        paused = GaugeMetricFamily("aggregator_consumer_paused",
+                                   "1 while the source partitions are paused (a worker's ring "
+                                   "is full: backpressure)")
+        paused.add_metric([], 1 if status.get("paused") else 0)
+        yield paused
+        pauses = CounterMetricFamily("aggregator_consumer_pauses",
+                                     "Times the source partitions were paused for backpressure")
+        pauses.add_metric([], status.get("pauses", 0))
+        yield pauses
 
     def _shards(self) -> Iterable[Metric]:
         size = GaugeMetricFamily("aggregator_lmdb_file_bytes", "Size of the shard's data.mdb",
@@ -380,6 +418,20 @@ class ServiceCollector(Collector):
                 entries.add_metric([str(st["shard"]), db], n)
         yield mapb
         yield entries
+
+
+def storage_blocked(config) -> dict[int, int]:
+    """``{worker: errno}`` of the workers whose data disk refuses their commits (they
+    retry); empty when none is, or no service runs."""
+    names = _segment_names(prefix_of(config.service.data_dir), config.service.workers)
+    ctl = _attach_control(names["control"], config.service.workers)
+    if ctl is None:
+        return {}
+    try:
+        return {w: code for w in range(config.service.workers)
+                if (code := ctl.get(w, Slot.STORAGE_BLOCKED))}
+    finally:
+        ctl.close()
 
 
 def _attach_control(name: str, workers: int) -> ControlBlock | None:

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from .harness import ChaosRun
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -17,3 +19,19 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.chaos)
             item.add_marker(pytest.mark.slow)
             item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture
+def chaos(broker, tmp_path):
+    """Factory: ``chaos(workload, name=..., workers=2, extra_config=...) -> ChaosRun``; every
+    service it started is killed at teardown."""
+    runs = []
+
+    def make(workload, **kw):
+        run = ChaosRun(broker, tmp_path / f"run{len(runs)}", workload, **kw)
+        runs.append(run)
+        return run
+
+    yield make
+    for run in runs:
+        run.close()

@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import time
+import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,7 +148,7 @@ class ChaosRun:
         self.produce_records(self._records[round(start * n):round(end * n)])
         return self
 
-    def produce_records(self, records: list) -> None:
+    def produce_records(self, records: list, producer_config: dict | None = None) -> None:
         """Produce and note the end offset of every partition from the delivery reports
         (the test broker's high watermark can be under-reported, see read_topic)."""
         ends: dict[tuple[str, int], int] = getattr(self, "_targets", {})
@@ -161,7 +163,8 @@ class ChaosRun:
                 ends[tp] = msg.offset() + 1
 
         simulate.produce(records, self.bootstrap, config={
-            "on_delivery": delivered, "delivery.report.only.error": False})
+            "on_delivery": delivered, "delivery.report.only.error": False,
+            **(producer_config or {})})
         assert not errors, errors[:3]
         for t in simulate.shop_topics(self.prefix):
             for p in range(self.partitions):
@@ -251,6 +254,19 @@ class ChaosRun:
 
     def worker_pids(self) -> list[int]:
         return self.svc.worker_pids()
+
+    def metrics(self) -> dict[str, float]:
+        """The service's /metrics: {sample name: value summed over labels}."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        url = self.svc.http_url() + "/metrics"
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            text = resp.read().decode()
+        out: dict[str, float] = {}
+        for fam in text_string_to_metric_families(text):
+            for sample in fam.samples:
+                out[sample.name] = out.get(sample.name, 0.0) + sample.value
+        return out
 
     def kill_worker(self, index: int | None = None, sig: int = signal.SIGKILL) -> int:
         pids = self.svc.wait_workers(self.svc.config.service.workers)
@@ -407,3 +423,88 @@ def service_rss_mib(svc: Service) -> float:
     out = subprocess.run(["pgrep", "-P", str(svc.proc.pid)], capture_output=True, text=True)
     pids = [svc.proc.pid] + [int(p) for p in out.stdout.split()]
     return sum(process_rss_mib(p) for p in pids)
+
+
+# ---- workloads shaped for a fault ------------------------------------------------------------
+
+
+def _rebuild(w: simulate.Workload, record_events: list[int],
+             keep_events: list[int] | None = None) -> simulate.Workload:
+    """A workload with the records carrying `record_events` (indices into w.events), in
+    that order; `keep_events` drops every other event from the ground truth."""
+    if keep_events is None:
+        events, index = w.events, None
+    else:
+        index = {old: new for new, old in enumerate(keep_events)}
+        events = [w.events[i] for i in keep_events]
+        record_events = [i for i in record_events if i in index]
+    first_record = {}
+    for pos, i in enumerate(w.record_events):
+        first_record.setdefault(i, pos)
+    records = [w.records[first_record[i]] for i in record_events]
+    if index is not None:
+        record_events = [index[i] for i in record_events]
+    return simulate.Workload(w.seed, events, records, record_events,
+                             dict(w.stats, records=len(records)))
+
+
+def with_far_duplicates(w: simulate.Workload, fraction: float, seed: int = 0
+                        ) -> simulate.Workload:
+    """Append copies of `fraction` of the first quarter's events at the end: duplicates
+    far outside a small bloom filter's window."""
+    rng = random.Random(f"{seed}:far")
+    early = sorted(set(w.record_events[: len(w.record_events) // 4]))
+    extra = rng.sample(early, min(len(early), round(fraction * len(w.events))))
+    return _rebuild(w, w.record_events + extra)
+
+
+def reordered_in_windows(w: simulate.Workload, window: int, seed: int = 0
+                         ) -> simulate.Workload:
+    """Shuffle the records within consecutive windows of `window` records."""
+    rng = random.Random(f"{seed}:window")
+    order = list(w.record_events)
+    for start in range(0, len(order), window):
+        block = order[start:start + window]
+        rng.shuffle(block)
+        order[start:start + window] = block
+    return _rebuild(w, order)
+
+
+def strict_streams(w: simulate.Workload, min_events: int) -> list[list[int]]:
+    """Event indices of every "strict" stream with at least `min_events` events."""
+    streams: dict[tuple[str, str], list[int]] = {}
+    for i, ev in enumerate(w.events):
+        if simulate.SOURCES[ev.source_name].ordering == "strict":
+            streams.setdefault(ev.stream, []).append(i)
+    return [s for _, s in sorted(streams.items()) if len(s) >= min_events]
+
+
+def with_gaps(w: simulate.Workload, key_fraction: float, seed: int = 0
+              ) -> tuple[simulate.Workload, int]:
+    """Remove one event (never the last) from `key_fraction` of the strict streams with 3+
+    events: gaps that never fill. Returns the workload (whose ground truth no longer has
+    those events) and the number of gaps."""
+    rng = random.Random(f"{seed}:gaps")
+    streams = strict_streams(w, 3)
+    chosen = rng.sample(streams, max(1, round(key_fraction * len(streams))))
+    drop = {rng.choice(s[:-1]) for s in chosen}
+    keep = [i for i in range(len(w.events)) if i not in drop]
+    return _rebuild(w, list(w.record_events), keep), len(drop)
+
+
+def with_held_back(w: simulate.Workload, parked: int, seed: int = 0
+                   ) -> tuple[simulate.Workload, int]:
+    """Move the first event of strict streams to the very end until at least `parked`
+    later events of those streams must wait for it. Returns (workload, events parked)."""
+    rng = random.Random(f"{seed}:hold")
+    streams = strict_streams(w, 3)
+    rng.shuffle(streams)
+    held, n = set(), 0
+    for s in streams:
+        if n >= parked:
+            break
+        held.add(s[0])
+        n += len(s) - 1
+    order = [i for i in w.record_events if i not in held]
+    order += sorted(held)
+    return _rebuild(w, order), n

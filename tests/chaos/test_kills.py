@@ -15,8 +15,6 @@ import pytest
 
 from aggregator import simulate
 
-from .harness import ChaosRun
-
 EVENTS = int(os.environ.get("AGGREGATOR_CHAOS_EVENTS", "100000"))
 KILL_EVERY = float(os.environ.get("AGGREGATOR_CHAOS_KILL_EVERY", "1.0"))  # s; long mode: 2
 
@@ -24,20 +22,6 @@ KILL_EVERY = float(os.environ.get("AGGREGATOR_CHAOS_KILL_EVERY", "1.0"))  # s; l
 @pytest.fixture(scope="module")
 def workload():
     return simulate.generate(21, EVENTS)
-
-
-@pytest.fixture
-def chaos(broker, tmp_path):
-    runs = []
-
-    def make(workload, **kw):
-        run = ChaosRun(broker, tmp_path / f"run{len(runs)}", workload, **kw)
-        runs.append(run)
-        return run
-
-    yield make
-    for run in runs:
-        run.close()
 
 
 def test_sigkill_a_random_worker_every_2s(workload, chaos):

@@ -8,8 +8,10 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
+import tomli_w
 from confluent_kafka import Consumer, TopicPartition
 
 from aggregator import simulate
@@ -38,8 +40,21 @@ def write_config(path: Path, *, bootstrap: str, prefix: str, group: str, data_di
     text = text.replace('[kafka.consumer]\n',
                         '[kafka.consumer]\n"session.timeout.ms" = 6000\n'
                         '"heartbeat.interval.ms" = 500\n')
-    path.write_text(text + f'\n[http]\nport = {http_port}\ntoken = "{http_token}"\n' + extra)
+    data = tomllib.loads(text)
+    merge(data, {"http": {"port": http_port, "token": http_token}})
+    merge(data, tomllib.loads(extra))  # `extra` may set keys of sections shop.toml has
+    path.write_text(tomli_w.dumps(data))
     return path
+
+
+def merge(base: dict, extra: dict) -> dict:
+    """Deep-merge `extra` into `base` (tables merged, other values replaced)."""
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            merge(base[k], v)
+        else:
+            base[k] = v
+    return base
 
 
 class Service:
