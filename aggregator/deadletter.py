@@ -10,6 +10,8 @@ transaction that consumed the record commits, so a crash re-delivers rather than
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 
 from confluent_kafka import KafkaError, KafkaException, Producer
 
@@ -79,11 +81,16 @@ class DeadLetters:
 
         def delivered(err, _msg) -> None:
             if err is None:
+                self._pending -= 1
                 return
+            self._pending -= 1
             if err.code() in _TOO_LARGE and value is not None:
-                self._retry.append((key, value, headers))  # the broker's limit is lower
-            else:
+                # the broker's limit is lower than the producer's: send the reference only
+                key2, value2, stripped = self._strip(key, value, _own(headers, False))
+                self._retry.append((key2, value2, stripped + _own(headers, True)))
+            else:  # the broker was unreachable for message.timeout.ms, say: send again
                 self._errors.append(str(err))
+                self._retry.append((key, value, headers))
 
         while True:
             try:
@@ -99,19 +106,48 @@ class DeadLetters:
                 headers = stripped + _own(headers, True)
         self._pending += 1
 
+    def _step(self, timeout: float) -> bool:
+        """Re-send failed records, wait up to `timeout`; True when everything is delivered."""
+        retry, self._retry = self._retry, []
+        for key, value, headers in retry:
+            self._produce(key, value, headers)
+        if self._pending:
+            self._producer.flush(timeout)
+        return not self._pending and not self._retry
+
     def flush(self, timeout: float = 30.0) -> None:
-        """Wait until every queued record is acknowledged; raise if any failed."""
-        while self._pending:
-            left = self._producer.flush(timeout)
-            if left or self._errors:
+        """Wait until every queued record is acknowledged; KafkaException after `timeout`
+        (the records stay queued: a later flush or `deliver` sends them)."""
+        deadline = time.monotonic() + timeout
+        while not self._step(min(max(deadline - time.monotonic(), 0.0), 0.5)):
+            if time.monotonic() >= deadline:
                 errors, self._errors = self._errors, []
                 raise KafkaException(
-                    f"dead-letter topic {self.topic!r}: {left} undelivered, errors: {errors[:3]}")
-            self._pending = 0
-            retry, self._retry = self._retry, []
-            for key, value, headers in retry:
-                key, value, stripped = self._strip(key, value, _own(headers, False))
-                self._produce(key, value, stripped + _own(headers, True))
+                    f"dead-letter topic {self.topic!r}: {self._pending + len(self._retry)} "
+                    f"undelivered, errors: {errors[:3]}")
+        self._errors.clear()
+
+    def deliver(self, waiting: Callable[[], None]) -> None:
+        """Block until every queued record is acknowledged, however long the broker takes
+        (the caller's batch is not committed before), calling `waiting()` about every
+        0.5 s (heartbeats) and logging a warning every 10 s."""
+        t0 = time.monotonic()
+        warned = t0
+        while not self._step(0.5):
+            waiting()
+            now = time.monotonic()
+            if now - warned >= 10:
+                warned = now
+                log.warning("dead-letter topic %r unreachable for %.0f s: %d records wait "
+                            "(last error: %s); their batch is held until they are delivered",
+                            self.topic, now - t0, self._pending + len(self._retry),
+                            self._errors[-1] if self._errors else "none, still sending")
+        self._errors.clear()
+
+    @property
+    def waiting(self) -> int:
+        """Records queued and not yet acknowledged."""
+        return self._pending + len(self._retry)
 
     def close(self) -> None:
         if self._producer is not None:
