@@ -51,7 +51,10 @@ def main() -> None:
 @main.command()
 @common
 def run(config_path, workers, data_dir, bootstrap, log_level):
-    """Run the service against a Kafka cluster until SIGTERM/SIGINT."""
+    """Run the service against a Kafka cluster until SIGTERM/SIGINT.
+
+    A data dir written by another worker count is resharded first (offline, crash-safe).
+    """
     from .supervisor import Supervisor
 
     logging.basicConfig(level=log_level.upper(),

@@ -18,7 +18,9 @@ class Slot(IntEnum):
 
     ACK_BATCH = 0  # highest supervisor batch id durably committed
     HEARTBEAT = 1  # CLOCK_MONOTONIC ns of the last loop iteration
-    EPOCH = 2  # incremented once the worker has booted and reset its inbound rings
+    # raised once the worker has booted and reset its inbound rings: to its shard's writer
+    # epoch (store.Shard.claim_writer); a worker finding a newer one here is fenced
+    EPOCH = 2
     PID = 3
     RECORDS = 4  # Kafka records received
     APPLIED = 5  # events applied (each once)
@@ -31,7 +33,9 @@ class Slot(IntEnum):
     COMMITS = 12
     COMMIT_NS = 13  # total ns spent in LMDB commits
     CHANGES_BACKLOG = 14  # change events committed but not yet delivered (gauge)
-    _FIXED = 16
+    STORAGE_BLOCKED = 15  # errno the data disk refused the last commit with, 0 once it succeeds
+    STORAGE_ERRORS = 16  # transactions the data disk refused (each retried)
+    _FIXED = 20
 
 
 class ControlBlock:

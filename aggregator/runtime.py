@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import multiprocessing
+import os
 import signal
 
 
@@ -23,9 +25,16 @@ def tune_gc() -> None:
 
 
 def set_parent_death_signal(sig: int = signal.SIGKILL) -> None:
-    """Ask Linux to send `sig` to this process when its parent dies (PR_SET_PDEATHSIG)."""
+    """Ask Linux to send `sig` to this process when its parent dies (PR_SET_PDEATHSIG).
+
+    In a process started by multiprocessing, a parent that died before the signal was armed
+    (during the child's start-up imports) makes the child exit at once: it would otherwise
+    run on as an orphan of init that no signal ever reaches."""
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, sig)
     except OSError:  # pragma: no cover - not Linux
-        pass
+        return
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:
+        os._exit(1)

@@ -10,8 +10,9 @@ Endpoints (``GET``; also ``HEAD``):
 ``/views/{view}/{key}`` the document, its version and freshness; 404 for an unknown view/key
 ``/views/{view}``       keys, ``?limit=`` (1..1000, default 100) and ``?cursor=`` pagination
 ``/healthz``            liveness: the process answers (never needs the token)
-``/readyz``             200 when the supervisor's status is fresh and every partition's lag
-                        is at most ``service.ready_max_lag``, else 503 with the reasons
+``/readyz``             200 when the supervisor's status is fresh, every partition's lag
+                        is at most ``service.ready_max_lag`` and no worker is blocked by its
+                        data disk, else 503 with the reasons
 ``/metrics``            Prometheus text format
 ``/openapi.json``       OpenAPI 3.1 description of this API
 ======================  =====================================================================
@@ -52,7 +53,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from .config import Config
-from .metrics import make_registry, read_status, readiness
+from .metrics import make_registry, read_status, readiness, storage_blocked
 from .query import BadCursor, QueryError, UnknownView, Views
 from .runtime import set_parent_death_signal
 
@@ -174,7 +175,7 @@ def create_app(config: Config) -> Starlette:
 
     async def readyz(request: Request) -> Response:
         status = read_status(data_dir)
-        ready, reasons = readiness(status, max_lag)
+        ready, reasons = readiness(status, max_lag, blocked=storage_blocked(config))
         body = {"ready": ready, "reasons": reasons, "max_lag": max_lag}
         if status is not None:
             body["status_age_s"] = round(time.time() - float(status.get("time") or 0), 3)

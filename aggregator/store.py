@@ -21,11 +21,19 @@ meta           name                                   msgpack value
 
 The shard is opened inside the worker process (never across a fork). Every batch is one write
 transaction; a MAP_FULL aborts the whole transaction (nothing partial is kept), grows the map up
-to the configured maximum and lets the caller retry the batch.
+to the configured maximum and lets the caller retry the batch. A full, read-only or failing data
+disk makes the commit fail the same way (LMDB keeps nothing of the transaction):
+`storage_errno` tells these errors apart from the others, so that the caller can wait and retry.
+
+Fencing: a worker claims its shard at boot (`Shard.claim_writer` bumps meta ``writer_epoch``)
+and every batch transaction first checks that the epoch is still its own; a worker that was
+replaced (e.g. it was stopped past its heartbeat timeout and then resumed) gets `Fenced`
+instead of a transaction, before it writes anything.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import struct
@@ -53,7 +61,62 @@ def _unpack(b: bytes):
 
 
 class ShardError(RuntimeError):
-    """A shard cannot be used as it is (format, worker count, or a full disk/map)."""
+    """A shard cannot be used as it is (format, worker count, or a full map)."""
+
+
+WRITER_EPOCH = b"writer_epoch"  # meta key: the epoch of the shard's current writer
+
+
+class Fenced(RuntimeError):
+    """Another process claimed this shard (a newer writer epoch): this one must stop writing.
+
+    Not a ShardError: the shard is fine, only this writer is stale (see Shard.claim_writer).
+    """
+
+    def __init__(self, path: str | os.PathLike, mine: int, epoch: int):
+        self.path, self.mine, self.epoch = path, mine, epoch
+        super().__init__(f"{path}: writer epoch {mine} superseded by epoch {epoch}")
+
+
+# Errors of the data disk that the operator can clear while the service waits: the write
+# that failed is retried (see Worker.process). Each with the words the log and /readyz use.
+STORAGE_ERRORS = {
+    errno.ENOSPC: "data disk full",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "data disk read-only",
+    errno.EIO: "data disk I/O error",
+    errno.EACCES: "no write permission",
+}
+LOCK_FILE_BYTES = 64 << 10  # lock.mdb, allocated before LMDB maps it (see Shard.__init__)
+
+
+def storage_errno(exc: BaseException) -> int | None:
+    """The errno of a data-disk error (a key of STORAGE_ERRORS), or None for anything else.
+
+    py-lmdb raises ``DiskError`` for ENOSPC and a plain ``lmdb.Error`` whose message ends in
+    the strerror text for the other system errors (the code itself is not kept); MDB_PANIC
+    follows a failed write of the meta page and is reported as an I/O error.
+    """
+    if isinstance(exc, OSError):
+        return exc.errno if exc.errno in STORAGE_ERRORS else None
+    if isinstance(exc, lmdb.MapFullError):
+        return None
+    if isinstance(exc, lmdb.DiskError):
+        return errno.ENOSPC
+    if isinstance(exc, lmdb.PanicError):
+        return errno.EIO
+    if isinstance(exc, lmdb.Error):
+        text = str(exc)
+        for code in STORAGE_ERRORS:
+            if text.endswith(os.strerror(code)):
+                return code
+    return None
+
+
+def storage_message(code: int, path: str | os.PathLike) -> str:
+    """``data disk full: /data/shard-0 (No space left on device)``."""
+    what = STORAGE_ERRORS.get(code, "storage error")
+    return f"{what}: {path} ({os.strerror(code)})"
 
 
 def shard_path(data_dir: str | os.PathLike, index: int) -> Path:
@@ -80,21 +143,16 @@ class Shard:
         readonly: bool = False,
     ):
         self.path = Path(path)
+        self.map_size = map_size
         self.max_map_size = max_map_size
         self.readonly = readonly
+        self.writer_epoch: int | None = None  # set by claim_writer; checked by every Batch
+        self._options = dict(max_dbs=len(_DBS) + 2, sync=sync, metasync=sync, readahead=False,
+                             readonly=readonly, lock=True, max_readers=256)
         if not readonly:
             self.path.mkdir(parents=True, exist_ok=True)
-        self.env = lmdb.open(
-            str(self.path),
-            map_size=map_size,
-            max_dbs=len(_DBS) + 2,
-            sync=sync,
-            metasync=sync,
-            readahead=False,
-            readonly=readonly,
-            lock=True,
-            max_readers=256,
-        )
+            _allocate_lock_file(self.path / "lock.mdb")
+        self.env = lmdb.open(str(self.path), map_size=map_size, **self._options)
         if readonly:
             with self.env.begin() as txn:
                 names = {name for name, _ in txn.cursor()}
@@ -117,6 +175,23 @@ class Shard:
         with self.env.begin(write=True, db=self.db["meta"]) as txn:
             for name, value in values.items():
                 txn.put(name.encode(), _pack(value))
+
+    def claim_writer(self) -> int:
+        """Become the shard's only writer: bump meta ``writer_epoch`` in a write transaction
+        of its own and remember the new value (fencing).
+
+        LMDB serializes write transactions across processes (its writer lock), so once this
+        transaction committed, every later `Batch` of a previous writer sees the newer epoch
+        first and raises `Fenced` without writing anything; a batch of that writer already
+        running finishes before this claim (it holds the lock), and the new writer reads the
+        shard after it.
+        """
+        with self.env.begin(write=True, db=self.db["meta"]) as txn:
+            raw = txn.get(WRITER_EPOCH)
+            epoch = (0 if raw is None else _unpack(raw)) + 1
+            txn.put(WRITER_EPOCH, _pack(epoch))
+        self.writer_epoch = epoch
+        return epoch
 
     def check_layout(self, *, shard: int, workers: int, slots: int) -> None:
         """Stamp a new shard, or refuse one written for another layout."""
@@ -230,11 +305,47 @@ class Shard:
             return False
         new = min(size * 2, self.max_map_size)
         self.env.set_mapsize(new)  # only valid with no write transaction open
+        self.map_size = new
         log.warning("%s: LMDB map grown from %d to %d bytes", self.path, size, new)
         return True
 
+    def reopen(self) -> None:
+        """Close and open the environment again, at its current map size: after MDB_PANIC
+        (a failed write of the meta page), LMDB refuses every transaction until then."""
+        self.env.close()
+        self.env = lmdb.open(str(self.path), map_size=self.map_size, **self._options)
+        self.db = {n: self.env.open_db(n.encode()) for n in _DBS}
+        log.warning("%s: LMDB environment reopened", self.path)
+
     def close(self) -> None:
         self.env.close()
+
+
+def _allocate_lock_file(path: Path) -> None:
+    """Give a new LMDB lock file its disk blocks before LMDB maps it.
+
+    LMDB extends lock.mdb with ftruncate (a sparse file) and writes its header and reader
+    slots through a shared mapping: on a full disk the first touch of a page kills the
+    process with SIGBUS instead of returning an error. Allocated here, a full disk is an
+    OSError (ENOSPC) at open; LMDB then has more reader slots than it asks for. A lock file
+    that exists is left alone (other processes may be using it).
+    """
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return
+    try:
+        os.posix_fallocate(fd, 0, LOCK_FILE_BYTES)
+    except OSError as e:
+        if e.errno in STORAGE_ERRORS:
+            try:
+                os.unlink(path)  # the next attempt allocates it again
+            except OSError:
+                pass
+            raise
+        log.debug("%s: not preallocated: %s", path, e)  # a filesystem without fallocate
+    finally:
+        os.close(fd)
 
 
 class Batch:
@@ -246,6 +357,13 @@ class Batch:
         self.shard = shard
         self.txn = shard.env.begin(write=True)
         self._db = shard.db
+        mine = shard.writer_epoch
+        if mine is not None:  # fencing: one get per transaction (see Shard.claim_writer)
+            raw = self.txn.get(WRITER_EPOCH, db=self._db["meta"])
+            epoch = 0 if raw is None else _unpack(raw)
+            if epoch != mine:
+                self.txn.abort()
+                raise Fenced(shard.path, mine, epoch)
 
     # documents
     def get_doc(self, dkey: bytes) -> dict | None:
@@ -360,7 +478,8 @@ class Batch:
         self.txn.put(name.encode(), _pack(value), db=self._db["meta"])
 
     def commit(self) -> None:
-        """Commit; raises lmdb.MapFullError (the caller aborts, grows and retries)."""
+        """Commit; raises lmdb.MapFullError (the caller aborts, grows and retries), or a
+        data-disk error (see storage_errno); either way nothing of the transaction is kept."""
         self.txn.commit()
 
     def abort(self) -> None:

@@ -31,7 +31,7 @@ from typing import Callable
 import msgpack
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
-from . import core
+from . import core, reshard
 from .checkpoint import Checkpoint
 from .config import Config
 from .control import ControlBlock, Slot
@@ -62,6 +62,8 @@ class WorkerHandle:
     epoch: int = 0  # the EPOCH the running process reached at boot
     started: float = 0.0
     failures: int = 0  # consecutive boot failures
+    killed_at: float = 0.0  # monotonic time of a SIGKILL the process has not died of yet
+    kill_logged: float = 0.0  # when _await_death last said so
     next_batch: int = 1
     pending: list = field(default_factory=list)  # encoded messages the ring had no room for
 
@@ -80,6 +82,7 @@ class Stats:
     forwarded: int = 0
     consumed: int = 0
     restarts: int = 0
+    pauses: int = 0  # times the partitions were paused because a worker's ring was full
     committed: dict = field(default_factory=dict)
 
 
@@ -109,6 +112,7 @@ class Supervisor:
         self.http = None
         self.hist = None
         self.events_in = {config.source_by_topic(t)[0]: 0 for t in self.topics}
+        self._status_failing = False  # the status file could not be written (full disk)
 
     # ---- lifecycle ------------------------------------------------------------------------
     def run(self) -> int:
@@ -164,25 +168,13 @@ class Supervisor:
         self._lock_fd = fd
 
     def _check_layout(self) -> None:
-        """Refuse a data dir written for another worker count before anything starts."""
-        shards = sorted(self.data_dir.glob("shard-*"))
-        found = {}
-        for p in shards:
-            try:
-                s = Shard(p, readonly=True)
-            except Exception as e:  # noqa: BLE001 - report any unreadable shard clearly
-                raise FatalError(f"cannot read shard {p}: {e}") from e
-            try:
-                found[p.name] = s.get_meta("workers")
-            finally:
-                s.close()
-        counts = {c for c in found.values() if c is not None}
-        if counts and counts != {self.n}:
-            raise FatalError(
-                f"data_dir {self.data_dir} holds {len(found)} shards written by "
-                f"{sorted(counts)} workers, but service.workers = {self.n}; changing the "
-                "worker count of an existing data directory is refused (keep the old worker "
-                "count or point service.data_dir at a new directory)")
+        """Reshard the data dir if it was written for another worker count (reshard.py),
+        holding the LOCK, before anything starts."""
+        try:
+            reshard.ensure_layout(self.cfg, self.data_dir, self.n,
+                                  dead_letters=lambda: DeadLetters(self.cfg, self.topics))
+        except reshard.ReshardError as e:
+            raise FatalError(f"data_dir {self.data_dir}: {e}") from None
         core.IMPLEMENTATION  # noqa: B018 - import fails loudly if the compiled core is missing
         log.info("core implementation: %s; %d workers; data_dir %s",
                  core.IMPLEMENTATION, self.n, self.data_dir)
@@ -225,7 +217,13 @@ class Supervisor:
         h.started = time.monotonic()
 
     def _reap(self, h: WorkerHandle) -> None:
-        """A worker died: rewind its partitions to its durable offsets and respawn it."""
+        """A worker died: rewind its partitions to its durable offsets and respawn it.
+
+        Only once the process is gone: never two workers of one index (its rings are
+        single-consumer, and `_spawn` resets them)."""
+        if h.process.is_alive():
+            return
+        h.killed_at = 0.0
         code = h.process.exitcode
         booted = self.ctl.get(h.index, Slot.EPOCH) >= h.epoch
         log.error("worker %d (pid %s) exited with code %s%s", h.index, h.process.pid, code,
@@ -261,13 +259,31 @@ class Supervisor:
             if not h.process.is_alive():
                 self._reap(h)
                 continue
+            if h.killed_at:
+                self._await_death(h)
+                continue
             booted = self.ctl.get(h.index, Slot.EPOCH) >= h.epoch
             if booted and now - self.ctl.get(h.index, Slot.HEARTBEAT) > timeout:
                 log.error("worker %d missed its heartbeat for %d ms: killing it", h.index,
                           self.svc.heartbeat_timeout_ms)
-                os.kill(h.process.pid, signal.SIGKILL)
-                h.process.join(5)
-                self._reap(h)
+                h.killed_at = h.kill_logged = time.monotonic()
+                os.kill(h.process.pid, signal.SIGKILL)  # also ends a stopped (SIGSTOP) process
+                h.process.join(1)
+                self._reap(h)  # respawns once it is gone; else _await_death, next rounds
+
+    def _await_death(self, h: WorkerHandle) -> None:
+        """A killed worker is still there (e.g. in uninterruptible sleep on a hung disk): its
+        replacement waits, whatever it takes (the worker's shard is fenced anyway, see
+        store.Shard.claim_writer). The ring fills up and pauses the partitions meanwhile."""
+        now = time.monotonic()
+        if now - h.kill_logged >= 10:
+            h.kill_logged = now
+            log.error("worker %d (pid %s) has not died %.0f s after SIGKILL: its replacement "
+                      "waits", h.index, h.process.pid, now - h.killed_at)
+        try:
+            os.kill(h.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
     def _shard_offsets(self, index: int) -> dict[tuple[int, int], int]:
         path = shard_path(self.data_dir, index)
@@ -362,7 +378,7 @@ class Supervisor:
         for topic, c in counts.items():
             self.events_in[self.cfg.source_by_topic(topic)[0]] += c
         if oversized:
-            self.dlq.flush()
+            self.dlq.deliver(lambda: None)  # before these offsets can be committed
         if not through:
             return
         self.stats.consumed += len(msgs)
@@ -410,6 +426,8 @@ class Supervisor:
         if parts:
             (self.consumer.pause if paused else self.consumer.resume)(parts)
         self.paused = paused
+        if paused:
+            self.stats.pauses += 1
         log.debug("partitions %s: a worker ring is full", "paused" if paused else "resumed")
 
     def _collect_acks(self) -> None:
@@ -465,9 +483,20 @@ class Supervisor:
             consumer.unassign()
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """The group went on without this consumer (max.poll.interval.ms exceeded, or the
+        session expired): another member may own the partitions already, so nothing is
+        committed for them from now on (`_commit` only commits `assigned`), and nothing is
+        drained. Their batches already in the rings still apply; when the partitions come
+        back, `_on_assign` starts them at the shards' durable offsets and the workers skip
+        what they applied meanwhile (their through-offsets)."""
         keys = {(self.tindex[tp.topic], tp.partition) for tp in partitions}
         self.assigned -= keys
-        log.warning("lost %d partitions", len(keys))
+        log.warning("lost %d partitions (the consumer group went on without this consumer): "
+                    "no offsets committed for them until they are assigned again", len(keys))
+        if self.cooperative:
+            consumer.incremental_unassign(partitions)
+        else:
+            consumer.unassign()
 
     def _drain(self, deadline: float) -> bool:
         """Hand every buffered message over and wait until workers acknowledged all."""
@@ -533,10 +562,22 @@ class Supervisor:
             wm = self.checkpoint.watermark((ti, p))
             nxt = wm + 1 if wm is not None else self.checkpoint.assign_start.get((ti, p), 0)
             lag[partition_label(topic, p)] = max(high - nxt, 0) if high >= 0 else None
-        write_status(self.data_dir, {
+        status = {
             "pid": os.getpid(), "workers": self.n, "ready": ready,
             "assigned": [partition_label(self.topics[ti], p) for ti, p in sorted(self.assigned)],
-            "lag": lag, "events_in": self.events_in})
+            "lag": lag, "events_in": self.events_in, "paused": self.paused,
+            "pauses": self.stats.pauses}
+        try:
+            write_status(self.data_dir, status)
+        except OSError as e:  # a full or read-only data disk: /readyz reports the stale file
+            if not self._status_failing:
+                log.error("cannot write the status file in %s: %s; /readyz is not ready until "
+                          "it can", self.data_dir, e.strerror or e)
+            self._status_failing = True
+            return
+        if self._status_failing:
+            log.info("status file written again")
+            self._status_failing = False
 
     def _abort(self) -> None:
         self._stop_http()

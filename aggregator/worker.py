@@ -13,6 +13,19 @@ Per batch (one LMDB write transaction):
    sequence number);
 6. store through-offsets, link sequences and sequence state, then commit; acknowledge the
    batch to the supervisor through the control block.
+
+A transaction that fails keeps nothing, and the same messages are applied again from step 1
+(nothing is acknowledged before the commit, so the supervisor's Kafka commit cannot pass it):
+after growing the map (MAP_FULL; at service.lmdb_max_map_size the worker stops with a fatal
+error), or, when the data disk is full, read-only or failing, after a pause (0.5 s doubling to
+5 s) for as long as it takes. Meanwhile the worker heartbeats, shows the errno in the control
+block (Slot.STORAGE_BLOCKED: a metric, and /readyz is not ready) and its ring fills up, which
+pauses the Kafka partitions.
+
+Fencing: at boot the worker claims its shard (store.Shard.claim_writer, a new writer epoch)
+and publishes the epoch in the control block. A worker that finds a newer epoch, in the
+shard when it begins a transaction or in the control block (`_check_fence`), raises Fenced
+and exits with FENCED_EXIT without writing, reading its rings or publishing anything.
 """
 
 from __future__ import annotations
@@ -33,14 +46,23 @@ from .config import Config
 from .control import ControlBlock, Slot
 from .deadletter import DeadLetters
 from .envelope import EnvelopeError, parse
-from .faults import fault_point
+from .faults import fault_flag, fault_point
 from .merge import MergeError, get_path
 from .metrics import hist_segment_name, record_commit
 from .plan import Feed, ViewPlan, assign_view_ids
 from .ring import Ring, SharedCounters
 from .routing import SLOTS, gate_hash, identity_hash, slot_of, slot_prefix, worker_of
 from .runtime import set_parent_death_signal, tune_gc
-from .store import Batch, Shard, ShardError, shard_path, view_key
+from .store import (
+    Batch,
+    Fenced,
+    Shard,
+    ShardError,
+    shard_path,
+    storage_errno,
+    storage_message,
+    view_key,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +72,10 @@ MSG_STOP = 9
 
 APPLY, STALE, PARK, FULL = core.APPLY, core.STALE, core.PARK, core.FULL
 FATAL_EXIT = 3  # the supervisor does not respawn a worker that exits with this code
+FENCED_EXIT = 4  # a newer worker of this shard booted: this one stopped without writing
 TXN_MAX_BYTES = 4 << 20  # ring bytes taken into one transaction (bounds its duration)
+STORAGE_RETRY_S = (0.5, 5.0)  # pause before retrying a batch the data disk refused: min, max
+STORAGE_LOG_EVERY_S = 60.0  # while blocked, how often the error is logged again
 
 _pack = msgpack.Packer(use_bin_type=True).pack
 
@@ -87,6 +112,20 @@ class Forwarded:
                 [("content-type", b"application/cloudevents+json")]]
 
 
+class AlwaysMaybe:
+    """A bloom filter that answers "maybe" for every id (fault injection: `bloom-maybe`)."""
+
+    def __init__(self, bloom):
+        self._bloom = bloom
+
+    def check_and_add(self, hashes: bytes) -> bytes:
+        flags = self._bloom.check_and_add(hashes)
+        return b"\x01" * len(flags)
+
+    def __getattr__(self, name):
+        return getattr(self._bloom, name)
+
+
 def ring_names(prefix: str, workers: int) -> dict:
     return {
         "control": f"{prefix}-ctl",
@@ -106,6 +145,11 @@ class Worker:
         self.max_bytes = svc.max_record_bytes
         self.max_key = svc.max_key_bytes
         self.stopping = False
+        self.retrying = False  # applying again a batch whose transaction was rolled back
+        self.shard_broken = False  # MDB_PANIC: the environment must be reopened
+        self.dlq_delivered: set[tuple] = set()  # dead letters of the batch already delivered
+        self.blocked_since = self.blocked_log_at = 0.0
+        self.blocked_code = 0
 
     # ---- boot ---------------------------------------------------------------------------
     def boot(self) -> None:
@@ -113,6 +157,7 @@ class Worker:
         self.shard = Shard(shard_path(svc.data_dir, self.index), map_size=svc.lmdb_map_size,
                            max_map_size=svc.lmdb_max_map_size, sync=svc.lmdb_sync)
         self.shard.check_layout(shard=self.index, workers=self.n, slots=SLOTS)
+        self.epoch = self.shard.claim_writer()  # fences a previous worker; read state after
         views = assign_view_ids(self.shard.get_meta("views"), list(cfg.views))
         self._check_fingerprint(cfg.fingerprint())
         self.shard.put_meta(views=views, fingerprint=cfg.fingerprint())
@@ -130,6 +175,8 @@ class Worker:
         d = cfg.dedup
         self.bloom = core.BloomFilter(d.bloom_capacity, d.bloom_fp_rate, d.bloom_generations)
         self._rebuild_bloom()
+        if fault_flag("bloom-maybe"):  # chaos tests: every id goes to the exact index
+            self.bloom = AlwaysMaybe(self.bloom)
         g = cfg.gate
         self.gate = core.SequenceGate(g.max_parked_per_key, g.max_parked_total)
         self.gap_timeout = g.gap_timeout_ms / 1000.0
@@ -171,7 +218,10 @@ class Worker:
         ctl.set(me, Slot.PID, os.getpid())
         ctl.set(me, Slot.PARKED, self.gate.parked_total)
         ctl.heartbeat(me)
-        ctl.set(me, Slot.EPOCH, ctl.get(me, Slot.EPOCH) + 1)
+        # the shard's writer epoch (it only grows); a worker that finds another value in its
+        # row was replaced (_check_fence)
+        self.ctl_epoch = max(self.epoch, ctl.get(me, Slot.EPOCH) + 1)
+        ctl.set(me, Slot.EPOCH, self.ctl_epoch)
         log.info("worker %d booted: core=%s, %d dedup ids in %d bloom generations, "
                  "%d partitions", me, core.IMPLEMENTATION, self._bloom_loaded,
                  len(self.bloom.live_generations), len(self.through))
@@ -208,6 +258,8 @@ class Worker:
         while self.bloom.generation < gen_meta:
             self.bloom.rotate()
         self._bloom_loaded = n
+        self.bloom_saved = gen_meta  # bloom_generation as stored in meta
+        self.bloom_dropped = -1  # newest generation dropped from the filter, not yet pruned
 
     def _load_parked(self) -> None:
         """Load every key with parked events into the gate (at boot and after the gate was
@@ -223,11 +275,14 @@ class Worker:
     def run(self) -> int:
         ctl, me = self.ctl, self.index
         ppid = os.getppid()
+        ctl.set(me, Slot.STORAGE_BLOCKED, 0)  # a predecessor may have died blocked
         while True:
+            self._check_fence()
             ctl.heartbeat(me)
             self._pump_outbox()
             if self.publisher is not None:
                 self.publisher.pump()
+            self._check_fence()  # right before taking messages from the rings
             sup = self.inbound.get_many(1024, TXN_MAX_BYTES)
             peers = []
             for j, r in self.peer_in.items():
@@ -260,14 +315,26 @@ class Worker:
 
     # ---- one batch -------------------------------------------------------------------------
     def process(self, sup_msgs: list, peer_msgs: list) -> bool:
-        """Apply a group of ring messages in one transaction. True when told to stop."""
+        """Apply a group of ring messages in one transaction. True when told to stop.
+
+        Returns once the transaction is committed: a failed one is rolled back and the same
+        messages applied again (see the module docstring); a full map at the maximum size
+        raises ShardError.
+        """
+        self.retrying = False
+        self.dlq_delivered = set()
+        failures = 0  # data-disk errors in a row
         while True:
             self._txn_reset()
-            batch = self.shard.begin()
+            batch = None
             try:
+                if self.retrying:
+                    self._reload_after_rollback()
+                batch = self.shard.begin()
                 stop = self._apply(batch, sup_msgs, peer_msgs)
                 self._finish(batch)
-                self.dlq.flush(self.cfg.service.heartbeat_timeout_ms / 2000)
+                self.dlq.deliver(self._heartbeat)  # durable before the commit
+                self.dlq_delivered.update(self.t_dlq)
                 fault_point("worker_before_commit")
                 t0 = time.monotonic_ns()
                 batch.commit()
@@ -275,21 +342,99 @@ class Worker:
                 self.ctl.add(self.index, Slot.COMMIT_NS, dt)
                 record_commit(self.hist, self.index, dt / 1e6)
             except lmdb.MapFullError:
-                batch.abort()
-                self.gate.clear()
-                self._load_parked()
+                self._roll_back(batch)
                 if not self.shard.grow():
                     raise ShardError(
                         f"{self.shard.path}: LMDB map full at service.lmdb_max_map_size "
-                        f"({self.shard.max_map_size} bytes); nothing of the batch was kept"
+                        f"({self.shard.max_map_size} bytes): raise service.lmdb_max_map_size "
+                        "and restart; nothing of the batch was kept (offsets not advanced)"
                     ) from None
                 continue
+            except (lmdb.Error, OSError) as e:
+                code = storage_errno(e)
+                self._roll_back(batch)
+                if code is None:
+                    raise
+                if isinstance(e, lmdb.PanicError):
+                    self.shard_broken = True
+                    code = self.blocked_code or code  # the error that broke it, if we saw it
+                self._wait_for_storage(code, failures)
+                failures += 1
+                continue
             except BaseException:
-                batch.abort()
+                self._roll_back(batch)
                 raise
+            if failures:
+                self._storage_recovered(failures)
             fault_point("worker_after_commit")  # state durable, nothing acked or published
             self._post_commit()
             return stop
+
+    def _roll_back(self, batch: Batch | None) -> None:
+        """Abort the transaction; the next attempt reloads what it changed in memory."""
+        if batch is not None:
+            batch.abort()
+        self.retrying = True
+
+    def _reload_after_rollback(self) -> None:
+        """Undo in memory what a rolled-back transaction did.
+
+        The sequence gate is reloaded from the shard. The bloom filter keeps the items the
+        failed attempt added: the retry asks it without adding them again (see
+        `_apply_events`) and confirms its "maybe" against the exact index, which the rollback
+        restored. A rotation of the filter is stored by the next commit (`_finish`). Dead
+        letters already delivered are not sent again (`dlq_delivered`).
+        """
+        if self.shard_broken:
+            self.shard.reopen()
+            self.shard_broken = False
+        self.gate.clear()
+        self._load_parked()
+
+    def _wait_for_storage(self, code: int, failures: int) -> None:
+        """The data disk refused the transaction: say so, then pause before the retry,
+        heartbeating (the supervisor must not take a blocked worker for a hung one)."""
+        self._check_fence()  # the row is a replacement's: not ours to mark blocked
+        ctl, me = self.ctl, self.index
+        ctl.add(me, Slot.STORAGE_ERRORS, 1)
+        ctl.set(me, Slot.STORAGE_BLOCKED, code)
+        lo, hi = STORAGE_RETRY_S
+        now = time.monotonic()
+        if failures == 0:
+            self.blocked_since = now
+        if failures == 0 or code != self.blocked_code or now >= self.blocked_log_at:
+            since = "" if failures == 0 else \
+                f" (blocked for {now - self.blocked_since:.0f} s, {failures} retries)"
+            log.error("worker %d: %s; nothing of the batch was kept (offsets not advanced); "
+                      "retrying every %g-%g s%s", me, storage_message(code, self.shard.path),
+                      lo, hi, since)
+            self.blocked_log_at = now + STORAGE_LOG_EVERY_S
+        self.blocked_code = code
+        deadline = now + min(lo * 2 ** failures, hi)
+        while True:
+            self._check_fence()
+            ctl.heartbeat(me)
+            if not self.shard_broken:
+                try:  # committed forwards and change events still go out (reads only)
+                    self._pump_outbox()
+                    if self.publisher is not None:
+                        self.publisher.pump()
+                except lmdb.Error:
+                    pass
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            time.sleep(min(left, 0.1))
+
+    def _storage_recovered(self, failures: int) -> None:
+        self.ctl.set(self.index, Slot.STORAGE_BLOCKED, 0)
+        log.warning("worker %d: %s is writable again: the batch committed after %d retries "
+                    "(blocked for %.1f s)", self.index, self.shard.path, failures,
+                    time.monotonic() - self.blocked_since)
+        self.blocked_code = 0
+
+    def _heartbeat(self) -> None:
+        self.ctl.heartbeat(self.index)
 
     def _txn_reset(self) -> None:
         self.t_through: dict = {}
@@ -306,6 +451,9 @@ class Worker:
         self.t_chg_out: list[tuple[int, bytes]] = []
         self.t_pruned = 0
         self.t_outmsg: dict[int, list[tuple[int, bytes]]] = {}
+        self.t_pruned_out: dict[int, int] = {}
+        self.t_bloom_saved = False
+        self.t_dlq: list[tuple] = []
 
     def _apply(self, batch: Batch, sup_msgs: list, peer_msgs: list) -> bool:
         stop = False
@@ -354,13 +502,20 @@ class Worker:
 
     def _dead_letter(self, rec, reason: str, message: str) -> None:
         self.t_stats["dlq"] += 1
+        key = (rec[0], rec[1], rec[2], reason, message)
+        if key in self.dlq_delivered:
+            return  # delivered by an attempt of this batch that was rolled back
+        self.t_dlq.append(key)
         self.dlq.send(rec, reason, message)
 
     def _apply_events(self, batch: Batch, events: list) -> None:
         # dedup: bloom first, exact index only for "maybe"
         slots = [rec[7] for _, rec in events]
         hashes = [identity_hash(ev.source, ev.id) for ev, _ in events]
-        flags = self.bloom.check_and_add(b"".join(hashes))
+        if self.retrying:
+            flags = self._bloom_again(hashes)
+        else:
+            flags = self.bloom.check_and_add(b"".join(hashes))
         gen = self.bloom.generation
         kept = []
         for i, (ev, rec) in enumerate(events):
@@ -409,6 +564,17 @@ class Worker:
         for i in full:
             self._on_full(batch, gk_of[i], *kept[i])
 
+    def _bloom_again(self, hashes: list[bytes]) -> bytearray:
+        """check_and_add for a batch applied again after a rollback: what the failed attempt
+        added is only looked up ("maybe": confirmed by the exact index), so that retries do
+        not count the batch into the current generation again (and rotate it early)."""
+        flags = self.bloom.contains(b"".join(hashes))
+        new = [i for i, f in enumerate(flags) if not f]
+        if new:
+            for i, f in zip(new, self.bloom.check_and_add(b"".join(hashes[i] for i in new))):
+                flags[i] = f
+        return flags
+
     def _load_gate(self, batch: Batch, gkeys: list[bytes], topic_idx: list[int]) -> None:
         missing = self.gate.missing(gkeys)
         if not missing:
@@ -450,6 +616,8 @@ class Worker:
             self.t_parked[(g, ev.sequence)] = (ev, rec)
         elif codes[0] == FULL:
             self._dead_letter(rec, "sequence_gap_overflow", "parked-event bound reached")
+        else:  # older than what the skip applied
+            self.t_stats["stale"] += 1
         for _, g2, s in ready:
             self._apply_parked(batch, g2, s)
 
@@ -617,12 +785,14 @@ class Worker:
             acked = self.ctl.link_applied(j, self.index)
             if acked > self.pruned[j]:
                 batch.prune_outbox(j, acked)
-                self.pruned[j] = acked
+                self.t_pruned_out[j] = acked
         if self.bloom.full:
-            dropped = self.bloom.rotate()
+            self.bloom_dropped = max(self.bloom_dropped, self.bloom.rotate())
+        if self.bloom.generation != self.bloom_saved:  # also a rotation rolled back before
             batch.put_meta("bloom_generation", self.bloom.generation)
-            if dropped >= 0:
-                batch.prune_generations(dropped, limit=10_000_000)
+            if self.bloom_dropped >= 0:
+                batch.prune_generations(self.bloom_dropped, limit=10_000_000)
+            self.t_bloom_saved = True
 
     def _forward_messages(self, owner: int, last_seq: int, updates: list) -> list[bytes]:
         """The outbox messages (link seqs last_seq+1, ...) carrying `updates`: as many as
@@ -669,7 +839,24 @@ class Worker:
             batch.put_meta("changes_published", delivered)
             self.t_pruned = delivered
 
+    def _check_fence(self) -> None:
+        """Raise Fenced if a newer worker of this shard booted (its epoch in our row of the
+        control block).
+
+        A fenced worker must not touch shared state: take messages from its rings (they are
+        single-consumer), acknowledge, set link counters, feed peer rings (single-producer),
+        publish change events. Its LMDB writes are fenced by the shard itself (Batch). Between
+        this check and the next step a stopped process may be superseded: the guarantee is
+        the supervisor's, which resets the rings and starts a replacement only after the old
+        process is reaped (Supervisor._check_workers); this check covers the rest (e.g. a
+        worker of a previous supervisor that outlived it).
+        """
+        epoch = self.ctl.get(self.index, Slot.EPOCH)
+        if epoch != self.ctl_epoch:
+            raise Fenced(self.shard.path, self.ctl_epoch, epoch)
+
     def _post_commit(self) -> None:
+        self._check_fence()  # a replacement booted during the commit: it takes over from here
         ctl, me, s = self.ctl, self.index, self.t_stats
         if self.publisher is not None:
             if self.t_chg_out:
@@ -680,6 +867,9 @@ class Worker:
             ctl.set(me, Slot.CHANGES_BACKLOG, self.publisher.backlog)
         self.through.update(self.t_through)
         self.link_in.update(self.t_link_in)
+        self.pruned.update(self.t_pruned_out)
+        if self.t_bloom_saved:
+            self.bloom_saved, self.bloom_dropped = self.bloom.generation, -1
         for src, seq in self.t_link_in.items():
             ctl.set_link_applied(me, src, seq)
         for owner, out in self.t_outmsg.items():
@@ -701,6 +891,7 @@ class Worker:
 
     def _pump_outbox(self) -> None:
         """Send committed outbox messages to their shards, in link-sequence order."""
+        self._check_fence()
         ctl, me = self.ctl, self.index
         for j, ring in self.peer_out.items():
             epoch = ctl.get(j, Slot.EPOCH)
@@ -745,9 +936,21 @@ def worker_main(config: Config, index: int, prefix: str, log_level: int) -> None
     except ShardError as e:
         log.error("worker %d cannot start: %s", index, e)
         os._exit(FATAL_EXIT)
+    except (lmdb.Error, OSError) as e:
+        code = storage_errno(e)
+        if code is None:
+            raise
+        path = getattr(e, "filename", None) or shard_path(config.service.data_dir, index)
+        log.error("worker %d cannot start: %s", index, storage_message(code, path))
+        os._exit(1)  # the supervisor tries again, service.max_boot_failures times
     tune_gc()
     try:
         code = w.run()
+    except Fenced as e:
+        # no cleanup: flushing the producers would publish for a shard this process no
+        # longer owns
+        log.error("worker %d fenced: superseded by epoch %d", index, e.epoch)
+        os._exit(FENCED_EXIT)
     except ShardError as e:
         log.error("worker %d stopped: %s", index, e)
         code = FATAL_EXIT

@@ -3,6 +3,7 @@ listing, errors, the token, readiness, metrics, size limits, OpenAPI, the server
 
 from __future__ import annotations
 
+import errno
 import json
 import socket
 import time
@@ -240,6 +241,29 @@ def test_readiness_from_the_status_file(client, data_dir):
 
     (data_dir / STATUS_FILE).write_text("{not json")
     assert client.get("/readyz").status_code == 503
+
+
+def test_a_worker_blocked_by_its_data_disk_is_not_ready(client, data_dir, segments):
+    """Read from the control block: a full disk cannot take a fresh status file either."""
+    ctl = segments[0]
+    write_status(data_dir, {"pid": 1, "workers": 2, "ready": True, "assigned": ["a.b[0]"],
+                            "lag": {"a.b[0]": 0}})
+    assert client.get("/readyz").status_code == 200
+    w0, w1 = (("worker", "0"),), (("worker", "1"),)
+    assert metrics(client)["aggregator_storage_blocked"] == {w0: 0, w1: 0}
+
+    ctl.set(1, Slot.STORAGE_BLOCKED, errno.ENOSPC)
+    ctl.add(1, Slot.STORAGE_ERRORS, 3)
+    r = client.get("/readyz")
+    assert r.status_code == 503
+    assert r.json()["reasons"] == ["worker 1: the data disk refuses its writes (ENOSPC: No "
+                                   "space left on device); it retries"]
+    m = metrics(client)
+    assert m["aggregator_storage_blocked"] == {w0: 0, w1: 1}
+    assert m["aggregator_storage_errors_total"] == {w0: 0, w1: 3}
+
+    ctl.set(1, Slot.STORAGE_BLOCKED, 0)  # the retry committed
+    assert client.get("/readyz").status_code == 200
 
 
 # ---- metrics ------------------------------------------------------------------------------

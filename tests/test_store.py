@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import errno
+import os
+
 import lmdb
 import msgpack
 import pytest
 
 from aggregator.store import (
     FORMAT_VERSION,
+    LOCK_FILE_BYTES,
     Shard,
     ShardError,
     offset_key,
     parse_offset_key,
     read_views,
     shard_path,
+    storage_errno,
+    storage_message,
     view_key,
 )
 
@@ -445,3 +451,62 @@ def test_readonly_open_and_stat(tmp_path):
         assert st["offsets"] == 1 and st["views"] == 0
     finally:
         r.close()
+
+
+# ---- data-disk errors ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("exc", "code"), [
+    (lmdb.DiskError("mdb_txn_commit: No space left on device"), errno.ENOSPC),
+    (lmdb.Error("mdb_txn_commit: Read-only file system"), errno.EROFS),
+    (lmdb.Error("mdb_txn_commit: Disk quota exceeded"), errno.EDQUOT),
+    (lmdb.Error("mdb_txn_commit: Input/output error"), errno.EIO),
+    (lmdb.PanicError("mdb_txn_begin: MDB_PANIC: Update of meta page failed"), errno.EIO),
+    (lmdb.ReadonlyError("/x: Permission denied"), errno.EACCES),
+    (OSError(errno.ENOSPC, "No space left on device"), errno.ENOSPC),
+    (OSError(errno.EROFS, "Read-only file system"), errno.EROFS),
+    (lmdb.MapFullError("mdb_put: MDB_MAP_FULL: Environment mapsize limit reached"), None),
+    (lmdb.CorruptedError("mdb_get: MDB_CORRUPTED"), None),
+    (lmdb.Error("mdb_txn_commit: Invalid argument"), None),
+    (OSError(errno.ENOENT, "No such file or directory"), None),
+    (ValueError("no"), None),
+])
+def test_storage_errno(exc, code):
+    assert storage_errno(exc) == code
+
+
+def test_storage_message():
+    assert storage_message(errno.ENOSPC, "/d/shard-0") == \
+        "data disk full: /d/shard-0 (No space left on device)"
+    assert storage_message(errno.EROFS, "/d/shard-1") == \
+        "data disk read-only: /d/shard-1 (Read-only file system)"
+
+
+def test_a_new_lock_file_is_allocated_before_lmdb_maps_it(tmp_path):
+    """On a full disk LMDB's first write through the mapping of a sparse lock file is a
+    SIGBUS; allocated first, the disk's answer is an error at open."""
+    s = Shard(tmp_path / "s", map_size=1 << 20, sync=False)
+    try:
+        st = os.stat(tmp_path / "s" / "lock.mdb")
+        assert st.st_size >= LOCK_FILE_BYTES
+        assert st.st_blocks * 512 >= LOCK_FILE_BYTES  # not sparse
+    finally:
+        s.close()
+    # an existing lock file is left as it is
+    s = Shard(tmp_path / "s", map_size=1 << 20, sync=False)
+    try:
+        assert os.stat(tmp_path / "s" / "lock.mdb").st_ino == st.st_ino
+        assert os.stat(tmp_path / "s" / "lock.mdb").st_size == st.st_size
+    finally:
+        s.close()
+
+
+def test_reopen_keeps_the_data_and_the_grown_map(shard):
+    commit(shard, lambda b: b.put_offset("t", 0, 7))
+    assert shard.grow()
+    size = shard.env.info()["map_size"]
+    shard.reopen()
+    assert shard.env.info()["map_size"] == size
+    assert shard.offsets() == {("t", 0): 7}
+    commit(shard, lambda b: b.put_offset("t", 0, 8))
+    assert shard.offsets() == {("t", 0): 8}

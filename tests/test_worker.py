@@ -15,11 +15,13 @@ import types
 import uuid
 from pathlib import Path
 
+import lmdb
 import msgpack
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import aggregator.store as store_mod
 import aggregator.worker as worker_mod
 from aggregator import _core, core_ref, simulate
 from aggregator.config import load_config
@@ -28,6 +30,7 @@ from aggregator.envelope import parse, routing_key, to_binary
 from aggregator.metrics import create_commit_histogram
 from aggregator.ring import Ring
 from aggregator.routing import identity_hash, slot_of
+from aggregator.store import STORAGE_ERRORS as STORAGE_ERRNOS
 from aggregator.store import Shard, ShardError, read_views, shard_path
 from aggregator.worker import Worker, ring_names
 
@@ -52,6 +55,9 @@ class FakeDLQ:
         self.sent.append((rec, reason, message))
 
     def flush(self, timeout: float = 30.0) -> None:
+        self.flushes += 1
+
+    def deliver(self, waiting) -> None:
         self.flushes += 1
 
     def close(self) -> None:
@@ -915,3 +921,137 @@ def test_change_events_survive_a_crash_before_publishing(make_cluster, workload,
     c.feed(recs[half:], random.Random(23))
     w.publisher.pump()
     assert _rebuild_from_changes(c.published) == oracle
+
+
+# ---- data-disk errors: the transaction is rolled back and the same batch applied again -----------
+
+
+@pytest.fixture
+def flaky_commits(monkeypatch):
+    """Factory: ``flaky_commits(fails) -> log``; commit call number k (1, 2, ... over every
+    worker) raises ``fails(k)`` when that returns an exception, after aborting the
+    transaction as LMDB does. `log` gets (call number, raised, STORAGE_BLOCKED of worker 0
+    at the call). Retry pauses are shortened to milliseconds."""
+    monkeypatch.setattr(worker_mod, "STORAGE_RETRY_S", (0.001, 0.004))
+    real = store_mod.Batch.commit
+
+    def install(fails, ctl_of=lambda: None):
+        calls: list[tuple[int, bool, int]] = []
+
+        def commit(self):
+            k = len(calls) + 1
+            exc = fails(k)
+            ctl = ctl_of()
+            calls.append((k, exc is not None, ctl.get(0, Slot.STORAGE_BLOCKED) if ctl else 0))
+            if exc is not None:
+                self.txn.abort()
+                raise exc
+            real(self)
+
+        monkeypatch.setattr(store_mod.Batch, "commit", commit)
+        return calls
+
+    return install
+
+
+DISK_ERRORS = (
+    lambda: lmdb.DiskError("mdb_txn_commit: No space left on device"),
+    lambda: lmdb.Error("mdb_txn_commit: Read-only file system"),
+    lambda: lmdb.Error("mdb_txn_commit: Disk quota exceeded"),
+    lambda: lmdb.Error("mdb_txn_commit: Input/output error"),
+)
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_data_disk_errors_roll_back_and_retry_the_batch(make_cluster, workload, oracle,
+                                                       flaky_commits, n):
+    """Most commits fail once or twice (full, read-only, quota, I/O): every batch is applied
+    again until it commits, with nothing of a failed attempt left: views exact, duplicates
+    and dead letters counted once, no dead letter sent twice, the bloom filter not inflated
+    by the retries."""
+    bad = simulate.bad_records()
+    mixed = list(workload.records)
+    rng = random.Random(31)
+    for b in bad:
+        mixed.insert(rng.randrange(len(mixed) + 1), tuple(b[:4]))
+    clean = make_cluster(n, sub="clean")
+    clean.feed(clean.ring_records(mixed), random.Random(32))
+
+    c = make_cluster(n)
+    calls = flaky_commits(lambda k: DISK_ERRORS[k % 4]() if k % 5 in (1, 2) else None,
+                          lambda: c.ctl)
+    c.feed(c.ring_records(mixed), random.Random(32))
+    failed = sum(1 for _, f, _ in calls if f)
+    assert failed >= 10
+    # while a worker retries, its row shows the errno; once committed, 0
+    after_failure = [blocked for (_, f, _), (_, _, blocked) in zip(calls, calls[1:]) if f]
+    assert any(after_failure) and set(after_failure) <= {0, *STORAGE_ERRNOS}
+    assert c.total(Slot.STORAGE_ERRORS) == failed
+    assert c.total(Slot.STORAGE_BLOCKED) == 0
+    for slot in (Slot.RECORDS, Slot.APPLIED, Slot.DUPLICATES, Slot.STALE, Slot.DEADLETTERED,
+                 Slot.COMMITS):
+        assert c.total(slot) == clean.total(slot), slot.name
+    assert sorted(r for q in c.dlqs for r in q.reasons) == sorted(b.reason for b in bad)
+    assert [(w.bloom.generation, w.bloom.count) for w in c.workers] == \
+        [(w.bloom.generation, w.bloom.count) for w in clean.workers]
+    assert_views(c.views(), oracle)
+
+
+def test_a_rolled_back_bloom_rotation_is_stored_by_the_retry(make_cluster, workload, oracle,
+                                                             flaky_commits):
+    c = make_cluster(1, overrides={"dedup.bloom_capacity": 300, "dedup.bloom_generations": 3})
+    w = c.workers[0]
+    seen = {"gen": w.bloom.generation}
+
+    def fails(k):  # the first commit of each transaction that rotated the filter
+        if w.bloom.generation != seen["gen"]:
+            seen["gen"] = w.bloom.generation
+            return DISK_ERRORS[0]()
+        return None
+
+    calls = flaky_commits(fails)
+    recs = c.ring_records(workload.records)
+    c.feed(recs, random.Random(33), max_batch=50)
+    assert sum(1 for _, f, _ in calls if f) >= 3
+    assert w.shard.get_meta("bloom_generation") == w.bloom.generation
+    live = w.bloom.live_generations
+    stored = sorted({g for g, _ in w.shard.dedup_entries()})
+    assert stored and set(stored) <= set(live)  # dropped generations pruned after all
+    w = c.restart(0)
+    assert w.bloom.live_generations == live
+    assert_views(c.views(), oracle)
+
+
+def test_mdb_panic_reopens_the_environment(make_cluster, workload, oracle, flaky_commits,
+                                           monkeypatch, caplog):
+    """A failed write of the meta page leaves LMDB refusing every transaction (MDB_PANIC)
+    until the environment is opened again: the worker reopens it and carries on."""
+    c = make_cluster(1)
+    w = c.workers[0]
+    flaky_commits(lambda k: DISK_ERRORS[0]() if k == 3 else None)
+    real_begin = Shard.begin
+    panics = []
+
+    def begin(self):
+        if len(panics) < 2 and w.blocked_code:  # after the failed commit, until reopened
+            panics.append(1)
+            raise lmdb.PanicError("mdb_txn_begin: MDB_PANIC: Update of meta page failed")
+        return real_begin(self)
+
+    monkeypatch.setattr(Shard, "begin", begin)
+    reopened = []
+    real_reopen = Shard.reopen
+    monkeypatch.setattr(Shard, "reopen", lambda self: (reopened.append(1), real_reopen(self)))
+    with caplog.at_level("ERROR", logger="aggregator.worker"):
+        c.feed(c.ring_records(workload.records), random.Random(34))
+    assert panics and reopened
+    assert "data disk full" in caplog.text and "I/O error" not in caplog.text
+    assert_views(c.views(), oracle)
+
+
+def test_other_lmdb_errors_are_not_retried(make_cluster, workload, flaky_commits):
+    c = make_cluster(1)
+    flaky_commits(lambda k: lmdb.CorruptedError("mdb_txn_commit: MDB_CORRUPTED"))
+    with pytest.raises(lmdb.CorruptedError):
+        c.dispatch(c.ring_records(workload.records[:20]))
+    assert c.stat(0, Slot.COMMITS) == 0 and c.stat(0, Slot.STORAGE_ERRORS) == 0

@@ -39,7 +39,7 @@ from confluent_kafka import Consumer, TopicPartition
 from aggregator import simulate
 from aggregator.broker import create_topics
 from aggregator.store import Shard
-from tests.integration.service import Service, read_topic, write_config
+from tests.integration.service import Service, produce_tracked, read_topic, write_config
 
 VIEWS = ("customer", "order", "product")
 
@@ -157,27 +157,12 @@ class ChaosRun:
         return self
 
     def produce_records(self, records: list, producer_config: dict | None = None) -> None:
-        """Produce and note the end offset of every partition from the delivery reports
-        (the test broker's high watermark can be under-reported, see read_topic)."""
-        ends: dict[tuple[str, int], int] = getattr(self, "_targets", {})
-        errors: list = []
-
-        def delivered(err, msg) -> None:
-            if err is not None:
-                errors.append(err)
-                return
-            tp = (msg.topic(), msg.partition())
-            if msg.offset() + 1 > ends.get(tp, 0):
-                ends[tp] = msg.offset() + 1
-
-        simulate.produce(records, self.bootstrap, config={
-            "on_delivery": delivered, "delivery.report.only.error": False,
-            **(producer_config or {})})
-        assert not errors, errors[:3]
-        for t in simulate.shop_topics(self.prefix):
-            for p in range(self.partitions):
-                ends.setdefault((t, p), 0)
-        self._targets = ends
+        """Produce and note the end offset of every partition (from delivery reports)."""
+        ends = getattr(self, "_targets", None)
+        if ends is None:
+            ends = {(t, p): 0 for t in simulate.shop_topics(self.prefix)
+                    for p in range(self.partitions)}
+        self._targets = produce_tracked(self.bootstrap, records, ends, producer_config)
 
     def config_path(self, workers: int | None = None, extra: str = "") -> Path:
         n = self.workers if workers is None else workers

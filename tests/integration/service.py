@@ -10,6 +10,7 @@ import sys
 import time
 import tomllib
 from pathlib import Path
+from typing import NamedTuple
 
 import tomli_w
 from confluent_kafka import Consumer, TopicPartition
@@ -66,11 +67,13 @@ class Service:
         self.log_path = log_path
         self.proc: subprocess.Popen | None = None
 
-    def start(self, env: dict | None = None) -> Service:
+    def start(self, env: dict | None = None, args: tuple[str, ...] = ()) -> Service:
+        """Start `aggregator run --config ...` with extra command-line `args`."""
         log = open(self.log_path, "ab")
         env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "aggregator", "run", "--config", str(self.config_path)],
+            [sys.executable, "-m", "aggregator", "run", "--config", str(self.config_path),
+             *args],
             stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
         log.close()
         return self
@@ -93,7 +96,10 @@ class Service:
                              text=True).stdout
         pids = []
         for p in out.split():
-            cmd = Path(f"/proc/{p}/cmdline").read_bytes()
+            try:
+                cmd = Path(f"/proc/{p}/cmdline").read_bytes()
+            except OSError:  # gone since pgrep listed it (a worker just killed and reaped)
+                continue
             if b"multiprocessing" in cmd and b"resource_tracker" not in cmd:
                 pids.append(int(p))
         return pids
@@ -135,6 +141,10 @@ class Service:
                              f"{self.log()[-5000:]}")
 
     def stop(self, timeout: float = 60) -> int:
+        """SIGTERM (a clean stop) once the service has started: before its signal handlers
+        are installed SIGTERM would just kill it."""
+        if self.proc.poll() is None:
+            self.http_url(timeout=60)  # logged after the handlers are installed
         self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout)
 
@@ -184,11 +194,40 @@ def read_topic(bootstrap: str, topic: str, timeout: float = 60, quiet: float = 2
         c.close()
 
 
-def produce_prefixed(bootstrap, prefix, workload, with_bad=True):
+class Produced(NamedTuple):
+    bad: list  # the malformed records interleaved (simulate.BadRecord)
+    ends: dict[tuple[str, int], int]  # end offset of every partition written
+
+
+def produce_tracked(bootstrap: str, records: list, ends: dict | None = None,
+                    producer_config: dict | None = None) -> dict[tuple[str, int], int]:
+    """Produce `records` (topic, key, value, headers) in order and return the end offset of
+    every partition written, from the delivery reports, merged into `ends` (the test
+    broker's high watermark can be under-reported: see `read_topic`)."""
+    ends = {} if ends is None else ends
+    errors: list = []
+
+    def delivered(err, msg) -> None:
+        if err is not None:
+            errors.append(err)
+            return
+        tp = (msg.topic(), msg.partition())
+        if msg.offset() + 1 > ends.get(tp, 0):
+            ends[tp] = msg.offset() + 1
+
+    simulate.produce(records, bootstrap, config={
+        "on_delivery": delivered, "delivery.report.only.error": False,
+        **(producer_config or {})})
+    assert not errors, errors[:3]
+    return ends
+
+
+def produce_prefixed(bootstrap, prefix, workload, with_bad=True) -> Produced:
+    """The workload's records on the `prefix`ed topics, malformed ones interleaved."""
     records = [(prefix + t, k, v, h) for t, k, v, h in workload.records]
     bad = simulate.bad_records(prefix) if with_bad else []
     step = max(len(records) // (len(bad) + 1), 1)
     for i, b in enumerate(bad):
         records.insert((i + 1) * step, tuple(b[:4]))
-    simulate.produce(records, bootstrap)
-    return bad
+    ends = {(t, part): 0 for t in simulate.shop_topics(prefix) for part in range(4)}
+    return Produced(bad, produce_tracked(bootstrap, records, ends))

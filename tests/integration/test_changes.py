@@ -14,7 +14,6 @@ import urllib.request
 import pytest
 
 from aggregator import simulate
-from aggregator.broker import end_offsets
 
 from .service import produce_prefixed, read_topic
 
@@ -65,8 +64,8 @@ def rebuild(bootstrap, prefix):
     return out
 
 
-def run_to_end(svc, bootstrap, fraction_hook=None):
-    targets = end_offsets(bootstrap, svc.config.topics())
+def run_to_end(svc, produced, fraction_hook=None):
+    targets = produced.ends
     if fraction_hook is not None:
         svc.wait_committed(targets, fraction=0.3)
         fraction_hook()
@@ -76,9 +75,9 @@ def run_to_end(svc, bootstrap, fraction_hook=None):
 
 def test_change_events_rebuild_what_the_api_serves(small, changes_prefix, bootstrap,
                                                    service_factory):
-    produce_prefixed(bootstrap, changes_prefix, small, with_bad=False)
+    produced = produce_prefixed(bootstrap, changes_prefix, small, with_bad=False)
     svc = service_factory(changes_prefix, 2).start()
-    run_to_end(svc, bootstrap)
+    run_to_end(svc, produced)
     url = svc.http_url()
     served = {}
     keys = random.Random(1).sample(sorted(simulate.expected_views(small)["customer"]), 40)
@@ -94,12 +93,12 @@ def test_change_events_rebuild_what_the_api_serves(small, changes_prefix, bootst
 
 def test_sigkill_between_state_commit_and_publish(small, changes_prefix, bootstrap,
                                                   service_factory, tmp_path):
-    produce_prefixed(bootstrap, changes_prefix, small, with_bad=False)
+    produced = produce_prefixed(bootstrap, changes_prefix, small, with_bad=False)
     svc = service_factory(changes_prefix, 2).start(env={
         "AGGREGATOR_FAULTS": "worker_after_commit=3",
         "AGGREGATOR_FAULTS_ONCE": str(tmp_path / "fault-fired"),
     })
-    run_to_end(svc, bootstrap)
+    run_to_end(svc, produced)
     assert (tmp_path / "fault-fired").exists()
     assert "exited with code -9" in svc.log()
     assert svc.stop() == 0, svc.log()[-3000:]
@@ -108,7 +107,7 @@ def test_sigkill_between_state_commit_and_publish(small, changes_prefix, bootstr
 
 def test_broker_frozen_while_publishing(small, broker, changes_prefix, bootstrap,
                                         service_factory):
-    produce_prefixed(bootstrap, changes_prefix, small, with_bad=False)
+    produced = produce_prefixed(bootstrap, changes_prefix, small, with_bad=False)
     svc = service_factory(changes_prefix, 2).start()
 
     def freeze():
@@ -116,6 +115,6 @@ def test_broker_frozen_while_publishing(small, broker, changes_prefix, bootstrap
         time.sleep(5)
         broker.thaw()
 
-    run_to_end(svc, bootstrap, freeze)
+    run_to_end(svc, produced, freeze)
     assert svc.stop() == 0, svc.log()[-3000:]
     assert rebuild(bootstrap, changes_prefix) == svc.views()

@@ -10,16 +10,13 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 
 from aggregator import simulate
-from aggregator.broker import end_offsets
 
-from .service import ROOT, produce_prefixed, read_topic
+from .service import produce_prefixed, read_topic
 
 EVENTS = int(os.environ.get("AGGREGATOR_TEST_EVENTS", "100000"))
 
@@ -37,9 +34,8 @@ def expected(workload):
     return simulate.expected_views(workload)
 
 
-def finish(svc, bootstrap):
-    targets = end_offsets(bootstrap, svc.config.topics())
-    svc.wait_committed(targets)
+def finish(svc, produced):
+    svc.wait_committed(produced.ends)
     assert svc.stop() == 0, svc.log()[-5000:]
     assert svc.shm_segments() == [], "shared-memory segments leaked"
 
@@ -57,9 +53,10 @@ def assert_views(svc, expected):
 @pytest.mark.parametrize("workers", [1, 2])
 def test_views_equal_oracle(workers, workload, expected, shop_prefix, bootstrap,
                             service_factory):
-    bad = produce_prefixed(bootstrap, shop_prefix, workload)
+    produced = produce_prefixed(bootstrap, shop_prefix, workload)
+    bad = produced.bad
     svc = service_factory(shop_prefix, workers).start()
-    finish(svc, bootstrap)
+    finish(svc, produced)
     assert_views(svc, expected)
     assert "core implementation: cython" in svc.log()
 
@@ -78,15 +75,15 @@ def test_views_equal_oracle(workers, workload, expected, shop_prefix, bootstrap,
 
 
 def test_sigkill_worker_mid_run(workload, expected, shop_prefix, bootstrap, service_factory):
-    produce_prefixed(bootstrap, shop_prefix, workload, with_bad=False)
+    produced = produce_prefixed(bootstrap, shop_prefix, workload, with_bad=False)
     svc = service_factory(shop_prefix, 2).start()
     pids = svc.wait_workers(2)
-    targets = end_offsets(bootstrap, svc.config.topics())
+    targets = produced.ends
     svc.wait_committed(targets, fraction=0.3)
     os.kill(pids[0], signal.SIGKILL)
     svc.wait_committed(targets, fraction=0.6)
     os.kill(svc.worker_pids()[-1], signal.SIGKILL)
-    finish(svc, bootstrap)
+    finish(svc, produced)
     log = svc.log()
     assert log.count("exited with code -9") == 2, log[-3000:]
     assert "rewound" in log
@@ -95,10 +92,10 @@ def test_sigkill_worker_mid_run(workload, expected, shop_prefix, bootstrap, serv
 
 def test_sigkill_supervisor_then_restart(workload, expected, shop_prefix, bootstrap,
                                         service_factory):
-    produce_prefixed(bootstrap, shop_prefix, workload, with_bad=False)
+    produced = produce_prefixed(bootstrap, shop_prefix, workload, with_bad=False)
     first = service_factory(shop_prefix, 2, name="first").start()
     pids = first.wait_workers(2)
-    targets = end_offsets(bootstrap, first.config.topics())
+    targets = produced.ends
     first.wait_committed(targets, fraction=0.4)
     first.kill()  # SIGKILL: no drain, no commit, shared memory left behind
     deadline = time.monotonic() + 10
@@ -108,19 +105,27 @@ def test_sigkill_supervisor_then_restart(workload, expected, shop_prefix, bootst
     assert first.shm_segments(), "expected the killed run's segments to be left behind"
 
     second = service_factory(shop_prefix, 2, name="second").start()
-    finish(second, bootstrap)
+    finish(second, produced)
     assert "removed" in second.log() and "shared-memory segments" in second.log()
     assert_views(second, expected)
 
 
-def test_worker_count_change_is_refused(tmp_path, shop_prefix, bootstrap, service_factory):
+def test_worker_count_change_reshards(tmp_path, shop_prefix, bootstrap, service_factory):
+    """A data dir written by 2 workers, restarted with 1: resharded at start, views kept
+    (the full 4 → 7 → 2 run with a SIGKILL is tests/chaos/test_reshard.py)."""
     small = simulate.generate(3, 2000)
-    produce_prefixed(bootstrap, shop_prefix, small, with_bad=False)
+    produced = produce_prefixed(bootstrap, shop_prefix, small, with_bad=False)
+    expected = simulate.expected_views(small)
     svc = service_factory(shop_prefix, 2).start()
-    finish(svc, bootstrap)
-    other = service_factory(shop_prefix, 1, name="one")
-    proc = subprocess.run(
-        [sys.executable, "-m", "aggregator", "run", "--config", str(other.config_path)],
-        capture_output=True, text=True, timeout=60, cwd=ROOT)
-    assert proc.returncode == 2
-    assert "service.workers = 1" in proc.stderr and "refused" in proc.stderr
+    finish(svc, produced)
+    assert_views(svc, expected)
+    other = service_factory(shop_prefix, 1, name="one").start()
+    deadline = time.monotonic() + 60
+    while "worker 0 booted" not in other.log():  # resharded before the worker boots
+        assert other.proc.poll() is None and time.monotonic() < deadline, other.log()[-3000:]
+        time.sleep(0.05)
+    finish(other, produced)
+    assert "resharded 2 → 1 workers" in other.log(), other.log()[-3000:]
+    assert_views(other, expected)
+    data = other.config.service.data_dir
+    assert sorted(p.name for p in data.iterdir() if p.name.startswith("shard-")) == ["shard-0"]

@@ -19,9 +19,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from aggregator import simulate
-from aggregator.broker import end_offsets
 
-from .service import ROOT, Service, write_config
+from .service import ROOT, Service, produce_prefixed, write_config
 
 EVENTS = int(os.environ.get("AGGREGATOR_TEST_HTTP_EVENTS", "4000"))
 SERVE = ("import logging, sys\n"
@@ -117,9 +116,8 @@ def test_reads_over_http_equal_the_oracle(tmp_path, shop_prefix, bootstrap, grou
         assert before["aggregator_core_info"] == 1
         assert before.get("aggregator_events_applied_total", 0) == 0
 
-        records = [(shop_prefix + t, k, v, h) for t, k, v, h in workload.records]
-        simulate.produce(records, bootstrap)
-        svc.wait_committed(end_offsets(bootstrap, svc.config.topics()))
+        produced = produce_prefixed(bootstrap, shop_prefix, workload, with_bad=False)
+        svc.wait_committed(produced.ends)
 
         # every document the oracle expects, over HTTP, equal to the oracle's
         for view, docs in expected.items():
@@ -138,7 +136,7 @@ def test_reads_over_http_equal_the_oracle(tmp_path, shop_prefix, bootstrap, grou
 
         after = api.metrics()
         assert after["aggregator_events_applied_total"] > 0
-        assert after["aggregator_records_in_total"] >= len(records)
+        assert after["aggregator_records_in_total"] >= len(workload.records)
         assert after["aggregator_lmdb_commits_total"] > before.get(
             "aggregator_lmdb_commits_total", 0)
         assert after["aggregator_duplicates_dropped_total"] > 0  # the workload re-sends 5 %
