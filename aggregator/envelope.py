@@ -29,9 +29,11 @@ import binascii
 import codecs
 import json
 import json.scanner
+import re
 from typing import Any
 
 import msgpack
+import orjson
 
 __all__ = [
     "MAX_DEPTH",
@@ -297,7 +299,22 @@ def _decode_json_text(text: str, what: str, limit: int) -> Any:
     return obj
 
 
+# A run of 19+ digits may be an integer beyond 64 bits, which orjson turns into a float.
+_LONG_DIGITS = re.compile(rb"[0-9]{19}")
+
+
 def _decode_json(raw: bytes, what: str) -> Any:
+    if not _LONG_DIGITS.search(raw):
+        try:  # orjson: about twice as fast; it accepts exactly what the path below accepts,
+            obj = orjson.loads(raw)  # except NaN/Infinity and what that path reports itself
+        except orjson.JSONDecodeError:
+            pass  # invalid UTF-8, lone surrogates, syntax, depth: the path below says which
+        else:
+            if (type(obj) is dict or type(obj) is list) and (
+                raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and _too_deep(obj, MAX_DEPTH)
+            ):
+                raise EnvelopeError("bad_json", f"{what}: JSON nested deeper than {MAX_DEPTH}")
+            return obj
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -15,6 +15,7 @@ from aggregator.envelope import (
     REASONS,
     EnvelopeError,
     Event,
+    _decode_json,
     parse,
     routing_key,
     to_binary,
@@ -502,3 +503,25 @@ def test_fuzz_only_envelope_errors(value, headers, key):
     except EnvelopeError as err:
         assert err.reason in REASONS
     routing_key(value, headers, key)
+
+
+# ---- the fast JSON path (orjson) means exactly what the standard library path means ----------
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text()
+    | st.floats(allow_nan=False, allow_infinity=False),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=25)
+
+
+@settings(max_examples=400, deadline=None)
+@given(_json_values)
+def test_fast_json_path_equals_the_standard_library(value):
+    raw = json.dumps(value, ensure_ascii=False).encode()
+    assert _decode_json(raw, "data") == json.loads(raw)
+
+
+def test_integers_beyond_64_bits_stay_exact():
+    raw = b'{"n": 123456789012345678901234567890, "m": -18446744073709551617}'
+    assert _decode_json(raw, "data") == {"n": 123456789012345678901234567890,
+                                         "m": -18446744073709551617}
