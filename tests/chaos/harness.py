@@ -28,6 +28,7 @@ import os
 import random
 import signal
 import subprocess
+import threading
 import time
 import urllib.request
 import uuid
@@ -113,7 +114,7 @@ class ChaosRun:
 
     def __init__(self, broker, workdir: Path, workload: simulate.Workload, *, workers: int = 2,
                  name: str = "chaos", extra_config: str = "", changes: bool = True,
-                 with_bad: bool = True, partitions: int = 4):
+                 with_bad: bool = True, partitions: int = 4, data_dir: Path | None = None):
         self.broker = broker
         self.bootstrap = broker.bootstrap_servers
         self.workdir = Path(workdir)
@@ -123,7 +124,7 @@ class ChaosRun:
         self.name = name
         self.prefix = f"c{uuid.uuid4().hex[:10]}."
         self.group = f"chaos-{uuid.uuid4().hex[:10]}"
-        self.data_dir = self.workdir / "data"
+        self.data_dir = Path(data_dir) if data_dir is not None else self.workdir / "data"
         self.extra_config = extra_config
         self.changes = changes
         self.with_bad = with_bad
@@ -399,6 +400,38 @@ def check_dead_letters(r: Report, bootstrap: str, prefix: str, bad: list) -> Non
     r.dead_letters_missing = len(missing)
     if missing:
         r.problems.append(f"dead letters missing: {missing} (got {got})")
+
+
+class Sampler:
+    """Samples the running service's /metrics (and RSS) every `every` s in a thread while
+    the `with` block runs; `peak(name)` is the largest value seen."""
+
+    def __init__(self, run: ChaosRun, every: float = 0.25):
+        self.run, self.every = run, every
+        self.samples: list[dict[str, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                m = self.run.metrics()
+                m["rss_mib"] = service_rss_mib(self.run.svc)
+                self.samples.append(m)
+            except Exception:  # noqa: BLE001 - not serving yet, or gone
+                pass
+            self._stop.wait(self.every)
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def peak(self, name: str) -> float:
+        return max((m.get(name, 0.0) for m in self.samples), default=0.0)
 
 
 def process_rss_mib(pid: int) -> float:

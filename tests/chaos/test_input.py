@@ -4,14 +4,18 @@ reordering in windows of 100, gaps that never fill, poison records."""
 from __future__ import annotations
 
 import os
-import threading
 import time
 
 import msgpack
 
 from aggregator import simulate
 
-from .harness import reordered_in_windows, service_rss_mib, with_far_duplicates, with_gaps
+from .harness import (
+    Sampler,
+    reordered_in_windows,
+    with_far_duplicates,
+    with_gaps,
+)
 
 EVENTS = int(os.environ.get("AGGREGATOR_CHAOS_EVENTS", "60000")) // 2
 
@@ -50,20 +54,7 @@ def test_reordering_in_windows_and_gaps_that_never_fill(chaos):
     w, gaps = with_gaps(reordered_in_windows(simulate.generate(33, EVENTS), 100), 0.01)
     run = chaos(w, name="reorder window 100 + 1% gaps never filled").produce()
     run.start(extra="\n[gate]\ngap_timeout_ms = 2000\nmax_parked_total = 20000\n")
-    peak = {"parked": 0.0}
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.is_set():
-            try:
-                peak["parked"] = max(peak["parked"], run.metrics().get("aggregator_parked", 0))
-            except Exception:  # noqa: BLE001 - not serving yet
-                pass
-            time.sleep(0.2)
-
-    t = threading.Thread(target=sample, daemon=True)
-    t.start()
-    try:
+    with Sampler(run, every=0.2) as sampler:
         run.wait_fraction(1.0)
         deadline = time.monotonic() + 30
         while True:  # the last gaps expire gap_timeout_ms after their last event
@@ -72,12 +63,9 @@ def test_reordering_in_windows_and_gaps_that_never_fill(chaos):
                 break
             time.sleep(0.2)
         time.sleep(0.5)  # the commit after the skips
-    finally:
-        stop.set()
-        t.join()
     assert m["aggregator_gaps_skipped_total"] == gaps, m
     assert m["aggregator_parked"] == 0, m
-    assert 0 < peak["parked"] <= 20000, peak
+    assert 0 < sampler.peak("aggregator_parked") <= 20000
     report = run.finish()
     assert run.svc.log().count("sequence gap skipped") == gaps
     report.assert_ok()
@@ -116,13 +104,11 @@ def test_poison_records(chaos):
     run.produce_records([p[:4] for p in poison], producer_config={
         "message.max.bytes": 12 << 20})
     run.start()
-    rss = []
-    run.produce(0.5, 1.0)
-    while run.committed_total() < run.total():
-        run._check_alive()
-        rss.append(service_rss_mib(run.svc))
-        time.sleep(0.3)
+    with Sampler(run) as sampler:
+        run.produce(0.5, 1.0)
+        run.wait_fraction(1.0)
     run.bad += [simulate.BadRecord(*p) for p in poison]
     report = run.finish()
-    assert max(rss) < 1024, f"peak RSS {max(rss):.0f} MiB"
+    assert sampler.samples, "no metrics sampled"
+    assert sampler.peak("rss_mib") < 1024, f"peak RSS {sampler.peak('rss_mib'):.0f} MiB"
     report.assert_ok()

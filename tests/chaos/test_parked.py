@@ -6,13 +6,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import threading
 import time
 import uuid
 
 from aggregator import simulate
 
-from .harness import service_rss_mib, with_held_back
+from .harness import Sampler, with_held_back
 
 EVENTS = int(os.environ.get("AGGREGATOR_CHAOS_EVENTS", "60000"))
 HOT_EVENTS = int(os.environ.get("AGGREGATOR_CHAOS_HOT_EVENTS", "100000"))
@@ -93,33 +92,16 @@ def test_one_key_flooded_with_out_of_order_events(chaos):
     hot = hot_key_records(run.prefix + "shop.inventory", HOT_EVENTS, 5000, 53)
     run.produce_records(hot)
     run.produce(0.5, 1.0)
-    svc = run.start(extra="\n[gate]\nmax_parked_per_key = 1000\nmax_parked_total = 5000\n"
-                          "gap_timeout_ms = 600000\n")
-    samples: list[tuple[float, float]] = []  # (RSS MiB, parked)
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.is_set():
-            try:
-                parked = run.metrics().get("aggregator_parked", 0)
-                samples.append((service_rss_mib(svc), parked))
-            except Exception:  # noqa: BLE001 - not serving yet
-                pass
-            time.sleep(0.25)
-
-    t = threading.Thread(target=sample, daemon=True)
-    t.start()
-    try:
+    run.start(extra="\n[gate]\nmax_parked_per_key = 1000\nmax_parked_total = 5000\n"
+                "gap_timeout_ms = 600000\n")
+    with Sampler(run) as sampler:
         run.wait_fraction(1.0, timeout=900)
         time.sleep(0.5)
         m = run.metrics()
-    finally:
-        stop.set()
-        t.join()
     report = run.finish()
-    rss = [r for r, _ in samples]
-    assert max(p for _, p in samples) <= 5000, "parked beyond max_parked_total"
-    assert max(rss) < 1024, f"peak RSS {max(rss):.0f} MiB"
+    parked_max, rss_max = sampler.peak("aggregator_parked"), sampler.peak("rss_mib")
+    assert parked_max <= 5000, "parked beyond max_parked_total"
+    assert rss_max < 1024, f"peak RSS {rss_max:.0f} MiB"
     assert m["aggregator_consumer_pauses_total"] > 0, "the partitions were never paused"
     assert m["aggregator_gaps_skipped_total"] > 0
 
@@ -133,6 +115,6 @@ def test_one_key_flooded_with_out_of_order_events(chaos):
     hot_stale = m["aggregator_stale_dropped_total"] - normal_stale
     assert hot_applied + hot_stale == HOT_EVENTS, (hot_applied, hot_stale)
     print(f"\nhot key: {hot_applied:,} applied, {hot_stale:,.0f} stale (gap policy skip), "
-          f"peak RSS {max(rss):.0f} MiB, parked max {max(p for _, p in samples):.0f}, "
+          f"peak RSS {rss_max:.0f} MiB, parked max {parked_max:.0f}, "
           f"pauses {m['aggregator_consumer_pauses_total']:.0f}")
     report.assert_ok()
