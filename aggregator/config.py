@@ -79,6 +79,9 @@ PRODUCER_DEFAULTS: dict[str, Any] = {
     "enable.idempotence": True,
     "linger.ms": 5,
     "compression.type": "lz4",
+    # librdkafka buffers up to 1 GiB by default: a worker whose change events outrun the
+    # broker would hold it all. 16 MiB is ~30k change events; a full buffer only waits.
+    "queue.buffering.max.kbytes": 16384,
 }
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 TOPIC_RE = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
