@@ -495,6 +495,7 @@ def test_consumer_and_producer_conf(data: dict) -> None:
         "enable.idempotence": True,
         "linger.ms": 5,  # producer dict beats common
         "compression.type": "lz4",
+        "queue.buffering.max.kbytes": 16384,
         "security.protocol": "SASL_SSL",
         "client.id": "agg",
         "bootstrap.servers": "b:9092",
