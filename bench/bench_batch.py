@@ -57,6 +57,9 @@ class NoDeadLetters:
     def flush(self, timeout=30.0):
         pass
 
+    def deliver(self, waiting):
+        pass
+
     def close(self):
         pass
 
