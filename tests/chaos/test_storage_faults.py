@@ -1,7 +1,10 @@
 """Storage faults (chaos items 10 and 12): a tiny LMDB map, a full data disk, a read-only one.
 
 Real files on real filesystems mounted for the test (tmpfs and ext4 on a loop device: the
-tests need root and skip otherwise), the real service against the real broker.
+tests need root and skip otherwise), the real service against the real broker, started by a
+`ChaosRun`; the runs that go to the end are verified by the harness (views and per-document
+versions against the oracle, change events, dead letters, /dev/shm) and reported as a row of
+its table.
 
 - Full disk (tmpfs): the workload's first part is applied, a filler file takes every free
   block, the second part arrives. Every worker commit fails with ENOSPC: the workers say so
@@ -16,10 +19,18 @@ tests need root and skip otherwise), the real service against the real broker.
 - Full map at service.lmdb_max_map_size: a fatal error naming the setting; nothing of the
   batch is kept; a restart with a larger maximum ends with exact views.
 - Full disk when a shard is created: a clear error at boot (not a SIGBUS).
+
+"Time to recover" is from the moment the space returns (the filler removed) or the service
+is started again until the group's committed offsets move again.
+
+Sizes are short for CI; `AGGREGATOR_CHAOS_STORAGE_EVENTS` raises them (the file systems and
+the larger map grow with it, so that the first part fits and the disk still fills up).
 """
 
 from __future__ import annotations
 
+import errno
+import math
 import os
 import re
 import shutil
@@ -33,10 +44,20 @@ import pytest
 
 from aggregator import simulate
 from aggregator.store import Shard
-from tests.integration.service import Service, produce_tracked, write_config
+from tests.integration.service import Service
 
-EVENTS = 24_000
+from .harness import Fault
+
+EVENTS = int(os.environ.get("AGGREGATOR_CHAOS_STORAGE_EVENTS", "24000"))
 FIRST_PART = 0.3  # of the records, applied before the fault
+# The shards take about 1 KiB an event (31 MiB at 24,000, 106 MiB at 100,000). The tmpfs
+# (RAM, which the filler takes) gets twice that, at least 96 MiB: the first part fits before
+# the filler and everything after it is removed. The ext4 image (a sparse file) and the map
+# maximum of the restart that finishes grow from their CI sizes with the events.
+SCALE = max(1.0, EVENTS / 24_000)
+DISK_MB = max(96, math.ceil(EVENTS * 2 / 1024))
+EXT4_MB = math.ceil(256 * SCALE)
+BIG_MAP = math.ceil(256 * SCALE) << 20  # bytes
 
 
 # ---- mounts ----------------------------------------------------------------------------------
@@ -105,7 +126,7 @@ def ext4(tmp_path):
     image, mnt = tmp_path / "ext4.img", tmp_path / "ext4"
     mnt.mkdir()
     with open(image, "wb") as f:
-        f.truncate(256 << 20)
+        f.truncate(EXT4_MB << 20)
     _run("mkfs.ext4", "-q", "-F", "-m", "0", str(image))
     fs = Ext4(image, mnt)
     fs.mount()
@@ -138,48 +159,9 @@ def workload():
     return simulate.generate(11, EVENTS)
 
 
-@pytest.fixture(scope="module")
-def expected(workload):
-    return simulate.expected_views(workload), simulate.expected_versions(workload)
-
-
-@pytest.fixture
-def services():
-    started: list[Service] = []
-    yield started
-    for svc in started:
-        if svc.proc is not None and svc.proc.poll() is None:
-            svc.kill()
-
-
-def start(services, tmp_path, bootstrap, prefix, group, data_dir, *, name="svc", workers=2,
-          service: str = "") -> Service:
-    """`aggregator run` with extra [service] settings (TOML lines)."""
-    path = write_config(tmp_path / f"{name}.toml", bootstrap=bootstrap, prefix=prefix,
-                        group=group, data_dir=data_dir, workers=workers,
-                        extra=f"[service]\n{service}\n")
-    svc = Service(path, tmp_path / f"{name}.log").start()
-    services.append(svc)
-    return svc
-
-
-class Producer:
-    """Produces records to the test's topics and notes every partition's end offset from
-    the delivery reports (the test broker may under-report high watermarks)."""
-
-    def __init__(self, bootstrap: str, prefix: str):
-        self.bootstrap, self.prefix = bootstrap, prefix
-        self.ends = {(t, p): 0 for t in simulate.shop_topics(prefix) for p in range(4)}
-
-    def produce(self, records: list) -> dict[tuple[str, int], int]:
-        """Produce, then return the end offsets of everything produced so far."""
-        records = [(self.prefix + t, k, v, h) for t, k, v, h in records]
-        return dict(produce_tracked(self.bootstrap, records, self.ends))
-
-
-def split(workload) -> tuple[list, list]:
-    cut = int(len(workload.records) * FIRST_PART)
-    return workload.records[:cut], workload.records[cut:]
+def service_config(*lines: str) -> str:
+    """Extra [service] settings (TOML lines) for a ChaosRun's config."""
+    return "[service]\n" + "".join(f"{line}\n" for line in lines)
 
 
 def wait_log(svc: Service, pattern: str, timeout: float = 60) -> re.Match:
@@ -228,150 +210,114 @@ def assert_commits_within_durable(svc: Service, data_dir: Path) -> dict:
     return committed
 
 
-def read_documents(data_dir: Path) -> dict[str, dict[str, dict]]:
-    """{view: {key: {"v": version, "d": document or None}}} from every shard."""
-    out: dict[str, dict[str, dict]] = {}
-    for path in sorted(Path(data_dir).glob("shard-*")):
-        s = Shard(path, readonly=True)
-        try:
-            for view, key, rec in s.documents(s.get_meta("views")):
-                out.setdefault(view, {})[key] = rec
-        finally:
-            s.close()
-    return out
-
-
-def assert_exact(data_dir: Path, expected) -> None:
-    """Views equal the oracle, and every document's version (its count of updates) equals
-    the number of events that update it: nothing lost, nothing applied twice."""
-    views, versions = expected
-    docs = read_documents(data_dir)
-    for view, want in views.items():
-        got = {k: r["d"] for k, r in docs.get(view, {}).items() if r["d"] is not None}
-        wrong = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))
-        assert not wrong, f"{view}: {len(wrong)} documents differ, e.g. {wrong[0]}"
-    for view, want in versions.items():
-        got = {k: r["v"] for k, r in docs.get(view, {}).items()}
-        wrong = sorted(k for k in want if got.get(k) != want[k])
-        assert not wrong, (f"{view}: {len(wrong)} versions differ, e.g. {wrong[0]}: "
-                           f"{got.get(wrong[0])} != {want[wrong[0]]}")
-
-
 def metric(text: str, name: str) -> dict[str, float]:
     """{worker: value} of a per-worker metric in Prometheus text format."""
     return {m[1]: float(m[2]) for m in re.finditer(
         rf'^{name}{{worker="(\d+)"}} (\S+)$', text, re.M)}
 
 
-# ---- 12. the data disk full, then space again ---------------------------------------------------
+# ---- 12. the data disk full, or read-only ------------------------------------------------------
 
 
-def test_disk_full_blocks_then_recovers(tmpfs, tmp_path, workload, expected, shop_prefix,
-                                        bootstrap, group_id, services):
-    mnt = tmpfs(96)
-    data_dir = mnt / "data"
-    first, second = split(workload)
-    producer = Producer(bootstrap, shop_prefix)
-    targets = producer.produce(first)
-    svc = start(services, tmp_path, bootstrap, shop_prefix, group_id, data_dir,
-                service="heartbeat_timeout_ms = 3000")
+def block_the_disk(run, svc: Service, kind: str, action, code: int, detail: str) -> Fault:
+    """Inject `action` (from then on the data disk refuses its writes with errno `code`;
+    `kind` is how the service names it), produce the rest of the workload and check the
+    blocked service: a worker says so, /readyz answers 503, the metrics show it; it stays
+    alive past its heartbeat timeout, acknowledges nothing more, and the group's offsets stay
+    within what the shards hold. Returns the fault, whose recovery the caller measures."""
     url = svc.http_url()
-    svc.wait_committed(targets, timeout=120)
-
-    filler = fill(mnt)
+    fault = run.fault(kind, action, detail=detail, measure=False)
     t_fault = time.monotonic()
-    targets = producer.produce(second)
-    m = wait_log(svc, r"worker (\d): data disk full: (\S+) \(No space left on device\); "
+    run.produce(FIRST_PART, 1.0)
+    m = wait_log(svc, rf"worker (\d): {kind}: (\S+) \({os.strerror(code)}\); "
                       r"nothing of the batch was kept")
-    assert m[2] == str(data_dir / f"shard-{m[1]}")
+    assert m[2] == str(run.data_dir / f"shard-{m[1]}")
 
     # blocked: alive, heartbeating, retrying, visible; nothing acknowledged
     status, body = http_get(url + "/readyz")
-    assert status == 503 and "data disk refuses its writes (ENOSPC" in body, body
+    assert status == 503 and f"data disk refuses its writes ({errno.errorcode[code]}" in body, \
+        body
     text = http_get(url + "/metrics")[1]
     assert metric(text, "aggregator_storage_blocked")[m[1]] == 1.0
     assert metric(text, "aggregator_storage_errors_total")[m[1]] >= 1
-    time.sleep(1)  # acks of batches committed before the disk filled up are committed
-    committed = assert_commits_within_durable(svc, data_dir)
+    time.sleep(1)  # acks of batches committed before the fault are committed
+    committed = assert_commits_within_durable(svc, run.data_dir)
     time.sleep(max(0.0, t_fault + 6 - time.monotonic()))  # > heartbeat_timeout_ms
     assert svc.proc.poll() is None
     assert svc.committed() == committed  # nothing more acknowledged while blocked
-    assert_commits_within_durable(svc, data_dir)
-    assert sum(committed.values()) < sum(targets.values())
+    assert_commits_within_durable(svc, run.data_dir)
+    assert run.committed_total() < run.total()
     log = svc.log()
     assert "missed its heartbeat" not in log and "exited with code" not in log, log[-3000:]
-    assert log.count("data disk full") <= 2 * 2  # once per worker (+ once if it changed)
-    assert "cannot write the status file" in log
+    assert log.count(kind) <= 2 * 2  # once per worker (+ once if it changed)
+    return fault
 
-    filler.unlink()  # space again: the retries commit
-    svc.wait_committed(targets, timeout=60)
+
+def test_disk_full_blocks_then_recovers(tmpfs, workload, chaos):
+    mnt = tmpfs(DISK_MB)
+    run = chaos(workload, name="data disk full, then space returns", data_dir=mnt / "data")
+    run.produce(0, FIRST_PART)
+    svc = run.start(extra=service_config("heartbeat_timeout_ms = 3000"))
+    run.wait_fraction(1.0, timeout=120)
+
+    fault = block_the_disk(run, svc, "data disk full", lambda: fill(mnt), errno.ENOSPC,
+                           detail=f"tmpfs {DISK_MB} MiB")
+    assert "cannot write the status file" in svc.log()
+
+    before = run.committed_total()
+    fault.at = time.monotonic()  # space again: the retries commit
+    (mnt / "filler").unlink()
+    run.measure_recovery(fault, before)
     wait_log(svc, r"is writable again: the batch committed after \d+ retries")
+    url = svc.http_url()
     deadline = time.monotonic() + 15  # the status file is rewritten every 0.5 s
     while (got := http_get(url + "/readyz"))[0] != 200 and time.monotonic() < deadline:
         time.sleep(0.2)
     assert got[0] == 200, got[1]
     assert metric(http_get(url + "/metrics")[1], "aggregator_storage_blocked") == \
         {"0": 0.0, "1": 0.0}
-    assert svc.stop() == 0, svc.log()[-3000:]
-    assert svc.shm_segments() == []
-    assert_exact(data_dir, expected)
+    report = run.finish(timeout=120)
+    report.assert_ok()
 
 
-# ---- 12. the data disk read-only ---------------------------------------------------------------
+def test_read_only_disk_blocks_then_restart_after_repair(ext4, workload, chaos):
+    run = chaos(workload, name="data disk read-only, then fsck and restart",
+                data_dir=ext4.mnt / "data")
+    run.produce(0, FIRST_PART)
+    svc = run.start(extra=service_config("heartbeat_timeout_ms = 3000",
+                                         "shutdown_timeout_ms = 3000"))
+    run.wait_fraction(1.0, timeout=120)
 
-
-def test_read_only_disk_blocks_then_restart_after_repair(ext4, tmp_path, workload, expected,
-                                                         shop_prefix, bootstrap, group_id,
-                                                         services):
-    data_dir = ext4.mnt / "data"
-    first, second = split(workload)
-    producer = Producer(bootstrap, shop_prefix)
-    targets = producer.produce(first)
-    svc = start(services, tmp_path, bootstrap, shop_prefix, group_id, data_dir,
-                service="heartbeat_timeout_ms = 3000\nshutdown_timeout_ms = 3000")
-    url = svc.http_url()
-    svc.wait_committed(targets, timeout=120)
-
-    ext4.trigger_error()
-    targets = producer.produce(second)
-    m = wait_log(svc, r"worker (\d): data disk read-only: (\S+) \(Read-only file system\); "
-                      r"nothing of the batch was kept")
-    assert m[2] == str(data_dir / f"shard-{m[1]}")
-    status, body = http_get(url + "/readyz")
-    assert status == 503 and "EROFS" in body, body
-    assert metric(http_get(url + "/metrics")[1], "aggregator_storage_blocked")[m[1]] == 1.0
-    time.sleep(1)  # acks of batches committed before the error are committed
-    committed = assert_commits_within_durable(svc, data_dir)
-    time.sleep(4)  # > heartbeat_timeout_ms
-    assert svc.proc.poll() is None
-    assert svc.committed() == committed
-    assert "missed its heartbeat" not in svc.log()
+    fault = block_the_disk(run, svc, "data disk read-only", ext4.trigger_error, errno.EROFS,
+                           detail=f"ext4 errors=remount-ro, {EXT4_MB} MiB")
 
     # the operator stops the service (a blocked worker does not hold the stop up for long)
     t0 = time.monotonic()
     assert svc.stop(timeout=60) == 0, svc.log()[-3000:]
     assert time.monotonic() - t0 < 30
-    assert_commits_within_durable(svc, data_dir)
-    assert sum(svc.committed().values()) < sum(targets.values())
+    assert_commits_within_durable(svc, run.data_dir)
+    before = run.committed_total()
+    assert before < run.total()
 
     ext4.repair()
-    again = start(services, tmp_path, bootstrap, shop_prefix, group_id, data_dir, name="again")
-    again.wait_committed(targets, timeout=90)
-    assert again.stop() == 0, again.log()[-3000:]
-    assert_exact(data_dir, expected)
+    fault.at = time.monotonic()  # the service started again on the repaired disk
+    run.start()
+    run.measure_recovery(fault, before)
+    report = run.finish(timeout=90)
+    report.assert_ok()
 
 
 # ---- 10. the LMDB map full at its maximum -------------------------------------------------------
 
 
-def test_map_full_at_the_maximum_then_restart_with_more(tmp_path, workload, expected,
-                                                        shop_prefix, bootstrap, group_id,
-                                                        services):
-    data_dir = tmp_path / "data"
-    targets = Producer(bootstrap, shop_prefix).produce(workload.records)
-    small = "lmdb_map_size = 1048576\nlmdb_max_map_size = 8388608"  # some batches fit
-    svc = start(services, tmp_path, bootstrap, shop_prefix, group_id, data_dir, service=small)
+def test_map_full_at_the_maximum_then_restart_with_more(workload, chaos):
+    run = chaos(workload, name="LMDB map full at its maximum, then restart with more")
+    run.produce()
+    svc = run.start(extra=service_config("lmdb_map_size = 1048576",  # some batches fit
+                                         "lmdb_max_map_size = 8388608"))
     assert svc.proc.wait(120) == 2, svc.log()[-3000:]
+    fault = run.fault("LMDB map full", lambda: None, detail="lmdb_max_map_size = 8 MiB",
+                      measure=False)
     log = svc.log()
     m = re.search(r"(\S+): LMDB map full at service\.lmdb_max_map_size \(8388608 bytes\): "
                   r"raise service\.lmdb_max_map_size and restart; nothing of the batch was "
@@ -380,31 +326,32 @@ def test_map_full_at_the_maximum_then_restart_with_more(tmp_path, workload, expe
     assert "stopped with a fatal error" in log
 
     # offsets: the group's within what the shards hold; the shards short of the end
-    assert_commits_within_durable(svc, data_dir)
-    durable = durable_offsets(data_dir)
+    assert_commits_within_durable(svc, run.data_dir)
+    durable = durable_offsets(run.data_dir)
     applied = sum(min(-1 if o is None else o for o in durable.get(tp, [None])) + 1
-                  for tp in targets)
-    assert 0 < applied < sum(targets.values())
+                  for tp in run.targets)
+    assert 0 < applied < run.total()
 
-    again = start(services, tmp_path, bootstrap, shop_prefix, group_id, data_dir, name="again",
-                  service="lmdb_map_size = 1048576\nlmdb_max_map_size = 268435456")
-    again.wait_committed(targets, timeout=90)
-    assert again.stop() == 0, again.log()[-3000:]
-    assert "LMDB map grown" in again.log()
-    assert_exact(data_dir, expected)
+    before = run.committed_total()
+    fault.at = time.monotonic()  # started again with a larger maximum
+    run.start(extra=service_config("lmdb_map_size = 1048576", f"lmdb_max_map_size = {BIG_MAP}"))
+    run.measure_recovery(fault, before)
+    report = run.finish(timeout=90)
+    assert "LMDB map grown" in run.svc.log()
+    report.assert_ok()
 
 
 # ---- a full disk when a shard is created ---------------------------------------------------------
 
 
-def test_disk_full_at_boot_is_a_clear_error(tmpfs, tmp_path, shop_prefix, bootstrap, group_id,
-                                            services):
+def test_disk_full_at_boot_is_a_clear_error(tmpfs, workload, chaos):
     mnt = tmpfs(8)
     data_dir = mnt / "data"
     data_dir.mkdir()
     fill(mnt)
-    svc = start(services, tmp_path, bootstrap, shop_prefix, group_id, data_dir, workers=1,
-                service="max_boot_failures = 2")
+    run = chaos(workload, name="data disk full at boot", data_dir=data_dir, workers=1,
+                extra_config=service_config("max_boot_failures = 2")).produce(0, 0)
+    svc = run.start()
     assert svc.proc.wait(60) == 2, svc.log()[-3000:]
     log = svc.log()
     assert re.search(rf"worker 0 cannot start: data disk full: {data_dir}/shard-0\S* "
