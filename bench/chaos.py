@@ -34,6 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kill-every", type=float, default=2.0,
                     help="seconds between worker SIGKILLs (default 2)")
     ap.add_argument("--freeze", type=float, default=20.0, help="broker freeze, s (default 20)")
+    ap.add_argument("--storage-events", type=int, default=200_000,
+                    help="events of the disk-full/read-only/map-full runs (default 200,000: "
+                         "their tmpfs takes ~2 KiB of RAM per event)")
+    ap.add_argument("--reshard-events", type=int, default=None,
+                    help="events of the 4 -> 7 -> 2 reshard run (default: --events)")
     ap.add_argument("-k", default=None, help="pytest -k expression to pick tests")
     ap.add_argument("--bootstrap", default=None, help="an external Kafka instead of Tansu")
     ap.add_argument("--out", type=Path, default=RESULTS / "chaos",
@@ -46,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
                AGGREGATOR_CHAOS_HOT_EVENTS=str(args.hot_events),
                AGGREGATOR_CHAOS_KILL_EVERY=str(args.kill_every),
                AGGREGATOR_CHAOS_FREEZE_S=str(args.freeze),
+               AGGREGATOR_CHAOS_STORAGE_EVENTS=str(args.storage_events),
+               AGGREGATOR_CHAOS_RESHARD_EVENTS=str(args.reshard_events or args.events),
                AGGREGATOR_CHAOS_REPORT=str(rows_path))
     if args.bootstrap:
         env["AGGREGATOR_TEST_BOOTSTRAP"] = args.bootstrap
