@@ -403,8 +403,9 @@ def check_dead_letters(r: Report, bootstrap: str, prefix: str, bad: list) -> Non
 
 
 class Sampler:
-    """Samples the running service's /metrics (and RSS) every `every` s in a thread while
-    the `with` block runs; `peak(name)` is the largest value seen."""
+    """Samples the running service's /metrics and memory ("rss_mib", "anon_mib") every
+    `every` s in a thread while the `with` block runs; `peak(name)` is the largest value
+    seen."""
 
     def __init__(self, run: ChaosRun, every: float = 0.25):
         self.run, self.every = run, every
@@ -416,7 +417,7 @@ class Sampler:
         while not self._stop.is_set():
             try:
                 m = self.run.metrics()
-                m["rss_mib"] = service_rss_mib(self.run.svc)
+                m["rss_mib"], m["anon_mib"] = service_memory_mib(self.run.svc)
                 self.samples.append(m)
             except Exception:  # noqa: BLE001 - not serving yet, or gone
                 pass
@@ -434,23 +435,31 @@ class Sampler:
         return max((m.get(name, 0.0) for m in self.samples), default=0.0)
 
 
-def process_rss_mib(pid: int) -> float:
-    """Resident set size of one process, in MiB (0 when it is gone)."""
+def process_memory_mib(pid: int) -> tuple[float, float]:
+    """(resident, anonymous resident) memory of one process in MiB; (0, 0) when it is gone.
+
+    Anonymous memory is the heap and buffers; the rest of the resident set is mostly the
+    LMDB files mapped into the workers, which grows with the data, not with what is in
+    flight."""
+    rss = anon = 0.0
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
                 if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
+                    rss = int(line.split()[1]) / 1024
+                elif line.startswith("RssAnon:"):
+                    anon = int(line.split()[1]) / 1024
     except OSError:
         pass
-    return 0.0
+    return rss, anon
 
 
-def service_rss_mib(svc: Service) -> float:
-    """RSS of the supervisor and all its children together."""
+def service_memory_mib(svc: Service) -> tuple[float, float]:
+    """(resident, anonymous) memory of the supervisor and all its children together."""
     out = subprocess.run(["pgrep", "-P", str(svc.proc.pid)], capture_output=True, text=True)
     pids = [svc.proc.pid] + [int(p) for p in out.stdout.split()]
-    return sum(process_rss_mib(p) for p in pids)
+    mem = [process_memory_mib(p) for p in pids]
+    return sum(r for r, _ in mem), sum(a for _, a in mem)
 
 
 # ---- workloads shaped for a fault ------------------------------------------------------------
