@@ -38,9 +38,11 @@ def test_sigkill_while_thousands_of_events_are_parked(chaos):
     while they are parked: none is lost, none applied twice."""
     w, parked = with_held_back(simulate.generate(51, EVENTS), 4000)
     assert parked >= 4000
-    run = chaos(w, name="SIGKILL with thousands parked")
+    # every start (also the restart) waits for gaps far longer than the run takes
+    run = chaos(w, name="SIGKILL with thousands parked",
+                extra_config="[gate]\ngap_timeout_ms = 3600000\n")
     run.produce(0, 0.97)  # everything but the held-back events (and a few others)
-    svc = run.start(extra="\n[gate]\ngap_timeout_ms = 600000\n")
+    svc = run.start()
     n = wait_metric(run, "aggregator_parked", 2000, timeout=900)
     before = run.committed_total()
     run.fault("sigkill worker", lambda: run.kill_worker(0), detail=f"{n:.0f} parked")
