@@ -234,7 +234,7 @@ class ChaosRun:
             self.measure_recovery(f, before)
         return f
 
-    def measure_recovery(self, f: Fault, before: int, timeout: float = 120) -> None:
+    def measure_recovery(self, f: Fault, before: int, timeout: float = 400) -> None:
         if before >= self.total():
             return
         deadline = time.monotonic() + timeout
