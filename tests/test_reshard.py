@@ -21,11 +21,12 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from aggregator import reshard, simulate
+from aggregator import reshard
 from aggregator.control import Slot
 from aggregator.plan import ViewPlan
 from aggregator.routing import SLOTS, slot_of
 from aggregator.store import Shard, shard_path
+from tests import test_worker
 from tests.test_worker import (
     Cluster,
     FakeDLQ,
@@ -37,17 +38,10 @@ from tests.test_worker import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-N_EVENTS = 3000
 
-
-@pytest.fixture(scope="module")
-def workload() -> simulate.Workload:
-    return simulate.generate(7, N_EVENTS)
-
-
-@pytest.fixture(scope="module")
-def oracle(workload) -> dict:
-    return simulate.expected_views(workload)
+# the same module-scoped fixtures as the worker tests: seed 7, 3,000 events, and its oracle
+workload = test_worker.workload
+oracle = test_worker.oracle
 
 
 @pytest.fixture
