@@ -128,5 +128,5 @@ def service_factory(tmp_path, bootstrap, group_id):
 
     yield make
     for svc in started:
-        if svc.proc is not None and svc.proc.poll() is None:
-            svc.kill()
+        if svc.proc is not None:
+            svc.discard()

@@ -288,8 +288,8 @@ class ChaosRun:
 
     def close(self) -> None:
         for svc in self.services:
-            if svc.proc is not None and svc.proc.poll() is None:
-                svc.kill()
+            if svc.proc is not None:
+                svc.discard()
         if self._probe is not None:
             self._probe.close()
             self._probe = None

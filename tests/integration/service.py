@@ -17,7 +17,7 @@ from confluent_kafka import Consumer, TopicPartition
 
 from aggregator import simulate
 from aggregator.config import load_config
-from aggregator.ring import segment_prefix
+from aggregator.ring import cleanup_stale, segment_prefix
 from aggregator.store import read_views
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -151,6 +151,18 @@ class Service:
     def kill(self) -> None:
         self.proc.kill()
         self.proc.wait(10)
+
+    def discard(self) -> None:
+        """Test teardown: SIGKILL the service if it still runs, wait for its workers to
+        follow, and remove the shared memory a killed service leaves in /dev/shm (the next
+        start on the same data dir would, but a test's data dir is never started again)."""
+        pids = self.worker_pids() if self.proc.poll() is None else []
+        if self.proc.poll() is None:
+            self.kill()
+        deadline = time.monotonic() + 10
+        while any(os.path.exists(f"/proc/{p}") for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        cleanup_stale(segment_prefix(str(Path(self.config.service.data_dir).resolve())))
 
     def views(self) -> dict:
         return read_views(self.config.service.data_dir, list(self.config.views))

@@ -169,5 +169,4 @@ def test_reads_over_http_equal_the_oracle(tmp_path, shop_prefix, bootstrap, grou
         assert "aggregator_events_applied_total" not in api.metrics()
         assert api.client.get("/readyz").status_code == 503
     finally:
-        if svc.proc.poll() is None:
-            svc.kill()
+        svc.discard()
