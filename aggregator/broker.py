@@ -91,6 +91,7 @@ def create_topics(
     config: Mapping[str, str] | None = None,
     exist_ok: bool = True,
     timeout: float = 30.0,
+    replication_factor: int = 1,
 ) -> list[str]:
     """Create `names` and wait until every one is visible in the cluster metadata.
 
@@ -107,7 +108,8 @@ def create_topics(
         return []
     deadline = time.monotonic() + timeout
     new = [
-        NewTopic(n, num_partitions=partitions, replication_factor=1, config=dict(config or {}))
+        NewTopic(n, num_partitions=partitions, replication_factor=replication_factor,
+                 config=dict(config or {}))
         for n in names
     ]
     futures = admin.create_topics(new, operation_timeout=timeout, request_timeout=timeout)

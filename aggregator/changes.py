@@ -84,6 +84,48 @@ class ChangeEncoder:
         return _pack([view_id, key, version, data, int(time.time() * 1000), self.json])
 
 
+def change_headers(const: tuple[bytes, str], kb: bytes, version: int, ce_time: bytes,
+                   data: bytes | None, is_json: bool) -> list[tuple[str, bytes]]:
+    """The CloudEvents headers of a change event; `const` = (ce_source, view name)."""
+    ver = str(version).encode()
+    headers = [
+        ("ce_specversion", b"1.0"),
+        ("ce_id", b"%s:%s:%s" % (const[1].encode(), ver, kb)),
+        ("ce_source", const[0]),
+        ("ce_type", _CHANGED_B if data is not None else _DELETED_B),
+        ("ce_subject", kb),
+        ("ce_partitionkey", kb),
+        ("ce_sequence", ver),
+        ("ce_time", ce_time),
+    ]
+    if data is not None:
+        headers.append(("content-type", _JSON_B if is_json else _MSGPACK_B))
+    return headers
+
+
+def ce_time(ms: int) -> bytes:
+    """RFC 3339 UTC time with milliseconds, for the `ce_time` header."""
+    return (time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000))
+            + f".{ms % 1000:03d}Z").encode()
+
+
+class ChangeMessages:
+    """Change events as Kafka messages, produced by the caller (cluster mode produces them
+    in the worker's changelog transaction instead of through the outbox)."""
+
+    def __init__(self, encoder: ChangeEncoder):
+        self.enc = encoder
+        self._const = [(f"{encoder.source}/{view}".encode(), view) for view in encoder.views]
+
+    def message(self, view_id: int, key: str, version: int, data: bytes | None
+                ) -> tuple[str, bytes, bytes | None, list]:
+        """(topic, key, value, headers) of one change event."""
+        kb = key.encode()
+        headers = change_headers(self._const[view_id], kb, version,
+                                 ce_time(int(time.time() * 1000)), data, self.enc.json)
+        return self.enc.topics[view_id], kb, data, headers
+
+
 class ChangePublisher:
     """Produces a shard's committed changes in order and tracks what was delivered.
 
@@ -152,8 +194,7 @@ class ChangePublisher:
     def _ce_time(self, ms: int) -> bytes:
         if ms != self._time_ms:
             self._time_ms = ms
-            self._time_b = (time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000))
-                            + f".{ms % 1000:03d}Z").encode()
+            self._time_b = ce_time(ms)
         return self._time_b
 
     def pump(self) -> None:
@@ -187,19 +228,8 @@ class ChangePublisher:
                     sent = seq
                     continue
                 kb = key.encode()
-                ver = str(version).encode()
-                headers = [
-                    ("ce_specversion", b"1.0"),
-                    ("ce_id", b"%s:%s:%s" % (const[view_id][1].encode(), ver, kb)),
-                    ("ce_source", const[view_id][0]),
-                    ("ce_type", _CHANGED_B if data is not None else _DELETED_B),
-                    ("ce_subject", kb),
-                    ("ce_partitionkey", kb),
-                    ("ce_sequence", ver),
-                    ("ce_time", self._ce_time(ms)),
-                ]
-                if data is not None:
-                    headers.append(("content-type", _JSON_B if is_json else _MSGPACK_B))
+                headers = change_headers(const[view_id], kb, version, self._ce_time(ms), data,
+                                         is_json)
                 try:
                     produce(topic, value=data, key=kb, headers=headers)
                 except BufferError:

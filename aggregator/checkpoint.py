@@ -17,13 +17,17 @@ The order of durability, as in quix-streams' checkpoint:
 from __future__ import annotations
 
 from collections import deque
+from typing import Callable
 
 TP = tuple[int, int]  # (topic index, partition)
 
 
 class Checkpoint:
-    def __init__(self, workers: int):
+    def __init__(self, workers: int, owner: Callable[[TP], int] | None = None):
+        """`owner(tp)`: the one worker that gets a partition's records (cluster mode: a
+        task's partition), whose acknowledgements alone decide its watermark; None: all."""
         self.workers = workers
+        self.owner = owner
         self.assign_start: dict[TP, int] = {}
         self.acked_through: list[dict[TP, int]] = [{} for _ in range(workers)]
         self.inflight: list[deque] = [deque() for _ in range(workers)]
@@ -60,6 +64,8 @@ class Checkpoint:
 
     def watermark(self, tp: TP) -> int | None:
         """Highest offset of `tp` durable in every shard, or None."""
+        if self.owner is not None:
+            return self.acked_through[self.owner(tp)].get(tp)
         low = None
         for done in self.acked_through:
             off = done.get(tp)

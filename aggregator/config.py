@@ -310,6 +310,26 @@ def is_loopback(host: str) -> bool:
         return False  # a host name: it may resolve to anything
 
 
+class ClusterConfig(BaseModel):
+    """Several instances in one consumer group (cluster.py): the work is split into `tasks`,
+    the partitions of an internal topic that every source record is re-keyed to, and each
+    task's state travels between instances through a compacted changelog topic."""
+
+    model_config = _FROZEN
+
+    enabled: bool = False
+    tasks: Int = Field(12, ge=1, le=4096)  # partitions of the tasks and changelog topics
+    tasks_topic: str = ""  # default: "<kafka.group_id>.tasks"
+    changelog_topic: str = ""  # default: "<kafka.group_id>.changelog"
+    replication_factor: Int = Field(1, ge=1, le=32)  # of the topics the service creates
+    restore_timeout_ms: Int = Field(600_000, ge=1)  # a restore slower than this is fatal
+
+    @field_validator("tasks_topic", "changelog_topic")
+    @classmethod
+    def _topic_name(cls, value: str) -> str:
+        return _valid_topic(value) if value else value
+
+
 class DedupConfig(BaseModel):
     """The generational bloom filter that drops redelivered events."""
 
@@ -506,6 +526,7 @@ class Config(BaseModel):
     gate: GateConfig = Field(default_factory=GateConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
     changes: ChangesConfig = Field(default_factory=ChangesConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     sources: dict[str, SourceConfig] = Field(min_length=1)
     views: dict[str, ViewConfig] = Field(min_length=1)
     _by_topic: dict[str, tuple[str, SourceConfig]] = PrivateAttr(default_factory=dict)
@@ -550,12 +571,29 @@ class Config(BaseModel):
                     p.append((("views", vname, "feeds", i, "source"), msg))
         p += [(("sources", n), f"source '{n}' feeds no view") for n in self.sources
               if n not in used]
+        if self.cluster.enabled:
+            tasks, workers = self.cluster.tasks, self.service.workers
+            if tasks % workers:
+                p.append((("cluster", "tasks"), f"must be a multiple of service.workers "
+                          f"({workers}): each task belongs to one worker (got {tasks})"))
+            for t in (self.tasks_topic(), self.changelog_topic()):
+                if t in owner or t == dlq or t in self.changes_topics().values():
+                    p.append((("cluster",), f"{t!r} is also a source, dead-letter or change "
+                              "topic"))
         _check(p)
         return self
 
     def changes_topics(self) -> dict[str, str]:
         """view name → its change-event topic, for views that publish changes."""
         return {n: v.changes_topic for n, v in self.views.items() if v.changes_topic}
+
+    def tasks_topic(self) -> str:
+        """The internal topic every source record is re-keyed to (cluster mode)."""
+        return self.cluster.tasks_topic or f"{self.kafka.group_id}.tasks"
+
+    def changelog_topic(self) -> str:
+        """The compacted topic each task's state is mirrored to (cluster mode)."""
+        return self.cluster.changelog_topic or f"{self.kafka.group_id}.changelog"
 
     def topics(self) -> list[str]:
         """Source topics sorted by name: the stable ``topic_idx`` order of ring messages."""

@@ -35,6 +35,9 @@ class Slot(IntEnum):
     CHANGES_BACKLOG = 14  # change events committed but not yet delivered (gauge)
     STORAGE_BLOCKED = 15  # errno the data disk refused the last commit with, 0 once it succeeds
     STORAGE_ERRORS = 16  # transactions the data disk refused (each retried)
+    RESTORE_DONE = 17  # cluster mode: the last restore/drop request id handled
+    RESTORE_RECORDS = 18  # cluster mode: changelog records read by restores
+    RESTORE_BYTES = 19  # cluster mode: changelog bytes (keys + values) read by restores
     _FIXED = 20
 
 

@@ -92,6 +92,10 @@ _COUNTERS = (
     (Slot.DEADLETTERED, "aggregator_deadlettered", "Records sent to the dead-letter topic"),
     (Slot.FORWARDED, "aggregator_forwarded", "View updates forwarded to another shard"),
     (Slot.COMMITS, "aggregator_lmdb_commits", "LMDB write transactions committed"),
+    (Slot.RESTORE_RECORDS, "aggregator_restore_records",
+     "Changelog records read to restore tasks (cluster mode)"),
+    (Slot.RESTORE_BYTES, "aggregator_restore_bytes",
+     "Changelog bytes (keys and values) read to restore tasks (cluster mode)"),
 )
 _PARTITION_RE = re.compile(r"^(?P<topic>.+)\[(?P<partition>\d+)\]$")
 
@@ -221,7 +225,9 @@ def readiness(status: dict | None, max_lag: int, now: float | None = None,
     if age > max_age:
         reasons.append(f"status is {age:.1f} s old (max {max_age:g} s): the service is not "
                        "running, is stuck or cannot write it")
-    if not status.get("ready", False):
+    if status.get("restoring"):
+        reasons.append(f"restoring {len(status['restoring'])} tasks from the changelog")
+    elif not status.get("ready", False):
         reasons.append("the service is starting or stopping")
     lag = status.get("lag") or {}
     assigned = status.get("assigned", list(lag))
@@ -388,6 +394,16 @@ class ServiceCollector(Collector):
                                    "is full: backpressure)")
         paused.add_metric([], 1 if status.get("paused") else 0)
         yield paused
+        if "tasks" in status:
+            owned = GaugeMetricFamily("aggregator_tasks_owned",
+                                      "Tasks this instance owns and has restored (cluster mode)")
+            owned.add_metric([], len(status["tasks"]))
+            yield owned
+            restoring = GaugeMetricFamily("aggregator_tasks_restoring",
+                                          "Tasks being restored from the changelog "
+                                          "(cluster mode)")
+            restoring.add_metric([], len(status.get("restoring") or ()))
+            yield restoring
         pauses = CounterMetricFamily("aggregator_consumer_pauses",
                                      "Times the source partitions were paused for backpressure")
         pauses.add_metric([], status.get("pauses", 0))

@@ -29,12 +29,14 @@ import binascii
 import logging
 import os
 import threading
+import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import lmdb
 import msgpack
 
+from .metrics import read_status
 from .routing import slot_of, slot_prefix, worker_of
 from .store import shard_path
 
@@ -185,20 +187,44 @@ class ShardReader:
                 self._dbs.clear()
 
 
+class OwnedTasks:
+    """Cluster mode: which slots this instance serves, from the status file's ``tasks``
+    (the tasks it owns and has restored; re-read at most every 0.5 s). A key of another
+    task is not served here: its state may be stale or gone."""
+
+    def __init__(self, data_dir: str | os.PathLike, tasks: int):
+        self.data_dir, self.tasks = data_dir, tasks
+        self._owned: frozenset[int] = frozenset()
+        self._read_at = 0.0
+
+    def __call__(self, slot: int) -> bool:
+        now = time.monotonic()
+        if now - self._read_at > 0.5:
+            status = read_status(self.data_dir) or {}
+            self._owned = frozenset(status.get("tasks") or ())
+            self._read_at = now
+        return slot % self.tasks in self._owned
+
+
 class Views:
     """Read-only queries over all shards of a data directory."""
 
     def __init__(self, data_dir: str | os.PathLike, workers: int,
-                 views: list[str] | None = None):
-        """``views``: the configured view names (None: whatever the shards hold)."""
+                 views: list[str] | None = None, serves: Callable[[int], bool] | None = None):
+        """``views``: the configured view names (None: whatever the shards hold);
+        ``serves(slot)``: whether keys of a slot are served (None: all)."""
         self.data_dir = Path(data_dir)
+        self.serves = serves
         self.workers = workers
         self.configured = None if views is None else list(views)
         self.shards = [ShardReader(shard_path(self.data_dir, i)) for i in range(workers)]
 
     @classmethod
     def from_config(cls, config) -> Views:
-        return cls(config.service.data_dir, config.service.workers, list(config.views))
+        serves = None
+        if config.cluster.enabled:
+            serves = OwnedTasks(config.service.data_dir, config.cluster.tasks)
+        return cls(config.service.data_dir, config.service.workers, list(config.views), serves)
 
     def check_layout(self) -> None:
         """Raise QueryError if an existing shard was written for another worker count."""
@@ -241,6 +267,8 @@ class Views:
         if not raw_key or len(raw_key) > MAX_KEY_BYTES:
             return None
         slot = slot_of(raw_key)
+        if self.serves is not None and not self.serves(slot):
+            return None
         shard = self.shards[worker_of(slot, self.workers)]
         vid = shard.view_id(view)
         if vid is None:
@@ -300,7 +328,7 @@ class Views:
             db = dbs["views"]
             if db is None:
                 return []
-            return list(_scan_view(txn.cursor(db=db), vid, after, limit))
+            return list(_scan_view(txn.cursor(db=db), vid, after, limit, self.serves))
 
         return shard.read(("views",), fn) or []
 
@@ -320,7 +348,7 @@ class Views:
 
 
 def _scan_view(cur: lmdb.Cursor, vid: int, after: bytes | None,
-               limit: int) -> Iterator[bytes]:
+               limit: int, serves: Callable[[int], bool] | None = None) -> Iterator[bytes]:
     """Keys ``slot(2) + vid + key`` of live documents in LMDB order, strictly after ``after``.
 
     Rows of other views interleave with this view's (the slot comes first), so the scan jumps:
@@ -343,7 +371,8 @@ def _scan_view(cur: lmdb.Cursor, vid: int, after: bytes | None,
         slot, kv = k[:2], k[2]
         if kv == vid:
             raw = cur.value()
-            if _unpack(raw).get("d") is not None:
+            if (serves is None or serves(int.from_bytes(slot, "big"))) and \
+                    _unpack(raw).get("d") is not None:
                 n += 1
                 yield bytes(k)
             found = cur.next()

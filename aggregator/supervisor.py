@@ -33,6 +33,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartiti
 
 from . import core, reshard
 from .checkpoint import Checkpoint
+from .cluster import FORWARD_HEADER, ORIGIN_HEADER, ClusterError, Ingest, ensure_topics, instance_id
 from .config import Config
 from .control import ControlBlock, Slot
 from .deadletter import DeadLetters
@@ -44,7 +45,15 @@ from .routing import slot_of
 from .runtime import tune_gc
 from .server import ServerStartError, start_server_process
 from .store import Shard, shard_path
-from .worker import FATAL_EXIT, MSG_RECORDS, MSG_STOP, ring_names, worker_main
+from .worker import (
+    FATAL_EXIT,
+    MSG_DROP,
+    MSG_RECORDS,
+    MSG_RESTORE,
+    MSG_STOP,
+    ring_names,
+    worker_main,
+)
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +108,16 @@ class Supervisor:
         self.data_dir = Path(self.svc.data_dir).resolve()
         self.prefix = segment_prefix(str(self.data_dir))
         self.topics = config.topics()
+        self.cluster = config.cluster.enabled
+        self.ingest: Ingest | None = None
+        if self.cluster:  # the consumer reads the tasks topic; its partitions are tasks
+            self.tasks = config.cluster.tasks
+            self.TT = len(self.topics)
+            self.topics = self.topics + [config.tasks_topic()]
+            self.restoring: dict[int, tuple[int, float]] = {}  # task -> (request id, since)
+            self.requests = [0] * self.n  # last restore/drop request id sent, per worker
+            self.owned: set[int] = set()
+            self.pending_assign: set[int] = set()  # assigned, waiting for their restore
         self.tindex = {t: i for i, t in enumerate(self.topics)}
         self.workers = [WorkerHandle(i) for i in range(self.n)]
         self.stop_requested = False
@@ -106,12 +125,13 @@ class Supervisor:
         self.assigned: set[tuple[int, int]] = set()
         self.next_offset: dict[tuple[int, int], int] = {}
         self.stats = Stats()
-        self.checkpoint = Checkpoint(self.n)
+        self.checkpoint = Checkpoint(
+            self.n, (lambda tp: tp[1] % self.n) if self.cluster else None)
         self._lock_fd: int | None = None
         self._rings: list[Ring] = []
         self.http = None
         self.hist = None
-        self.events_in = {config.source_by_topic(t)[0]: 0 for t in self.topics}
+        self.events_in = {config.source_by_topic(t)[0]: 0 for t in config.topics()}
         self._status_failing = False  # the status file could not be written (full disk)
 
     # ---- lifecycle ------------------------------------------------------------------------
@@ -121,6 +141,14 @@ class Supervisor:
         try:
             self._lock_data_dir()
             self._check_layout()
+            if self.cluster:
+                try:
+                    ensure_topics(self.cfg)
+                except ClusterError as e:
+                    raise FatalError(str(e)) from None
+                self.instance = instance_id(self.data_dir)
+                log.info("cluster mode: instance %s, %d tasks (topics %s, %s)", self.instance,
+                         self.tasks, self.cfg.tasks_topic(), self.cfg.changelog_topic())
             self._create_segments()
             self._start_workers()
             try:
@@ -237,13 +265,25 @@ class Supervisor:
         self.stats.restarts += 1
         durable = self._shard_offsets(h.index)
         self.checkpoint.reset_worker(h.index, durable)
-        self._rewind(durable)
+        if self.cluster:  # only its own tasks; they are restored again (catch-up)
+            mine = {tp for tp in self.assigned if tp[1] % self.n == h.index}
+            self._rewind(durable, mine)
+        else:
+            self._rewind(durable)
         time.sleep(min(0.1 * 2 ** h.failures, 5.0))
         self._spawn(h)
+        if self.cluster:
+            tasks = sorted({p for _, p in mine} | {t for t in self.pending_assign
+                                                   if t % self.n == h.index})
+            for t in tasks:
+                self.restoring.pop(t, None)
+            if tasks:
+                self._restore(tasks)
 
-    def _rewind(self, durable: dict[tuple[int, int], int]) -> None:
-        """Seek every assigned partition back to what the given shard has durably applied."""
-        for tp in sorted(self.assigned):
+    def _rewind(self, durable: dict[tuple[int, int], int], only: set | None = None) -> None:
+        """Seek every assigned partition (or those in `only`) back to what the given shard
+        has durably applied."""
+        for tp in sorted(self.assigned if only is None else only):
             start = durable.get(tp)
             start = self.checkpoint.assign_start.get(tp, 0) if start is None else start + 1
             if start < self.next_offset.get(tp, 0):
@@ -309,9 +349,17 @@ class Supervisor:
     def _consume_loop(self) -> None:
         conf = self._consumer_conf()
         self.cooperative = "cooperative" in str(conf.get("partition.assignment.strategy", ""))
+        self.dlq = DeadLetters(self.cfg, self.cfg.topics())
+        if self.cluster:
+            conf = {**conf, "group.id": f"{self.cfg.kafka.group_id}.tasks",
+                    "isolation.level": "read_committed"}
+            self.ingest = Ingest(self.cfg, self.instance, self.dlq)
+            self.events_in = self.ingest.events_in
+            topics = [self.cfg.tasks_topic()]
+        else:
+            topics = self.topics
         self.consumer = Consumer(conf)
-        self.dlq = DeadLetters(self.cfg, self.topics)
-        self.consumer.subscribe(self.topics, on_assign=self._on_assign,
+        self.consumer.subscribe(topics, on_assign=self._on_assign,
                                 on_revoke=self._on_revoke, on_lost=self._on_lost)
         batch_max = self.svc.batch_max_records
         commit_every = self.svc.commit_interval_ms / 1000.0
@@ -323,9 +371,12 @@ class Supervisor:
             if self.paused:
                 if self._flush_pending():
                     self._set_paused(False)
+            if self.ingest is not None:
+                self.ingest.step(batch_max)
+                self._check_restores()
             msgs = self.consumer.consume(batch_max, 0.0 if self.paused else 0.05)
             if msgs:
-                self._dispatch(msgs)
+                (self._dispatch_tasks if self.cluster else self._dispatch)(msgs)
             self._collect_acks()
             now = time.monotonic()
             if now >= next_commit:
@@ -394,6 +445,112 @@ class Supervisor:
         if any(h.pending for h in self.workers):
             self._set_paused(True)
 
+    def _dispatch_tasks(self, msgs: list) -> None:
+        """Cluster mode: records of the tasks topic to the worker of their task (see
+        worker._apply_tasks for the record layout). Each worker gets the through-offsets of
+        its own tasks only (it alone acknowledges them: Checkpoint's owner)."""
+        n, TT = self.n, self.TT
+        per: list[list] = [[] for _ in range(n)]
+        through: dict[tuple[int, int], int] = {}
+        unpackb = msgpack.unpackb
+        for m in msgs:
+            err = m.error()
+            if err is not None:
+                if err.code() != KafkaError._PARTITION_EOF:
+                    log.warning("consumer error: %s", err)
+                continue
+            task, off = m.partition(), m.offset()
+            through[(TT, task)] = off
+            headers = m.headers()
+            name, hv = headers[-1] if headers else ("", b"")
+            if name == ORIGIN_HEADER:
+                ti, part, src_off, slot = unpackb(hv)
+                rec = (ti, part, src_off, m.key(), m.value(), headers[:-1] or None,
+                       m.timestamp()[1], slot, task, off)
+            elif name == FORWARD_HEADER:
+                rec = (-1, task, off, None, m.value(), None, 0, -1, task, off)
+            else:
+                log.error("tasks topic %s[%d]@%d: a record without our headers (ignored)",
+                          self.topics[TT], task, off)
+                continue
+            per[task % n].append(rec)
+        if not through:
+            return
+        self.stats.consumed += len(msgs)
+        for tp, off in through.items():
+            self.next_offset[tp] = off + 1
+        for h in self.workers:
+            thr = [[ti, p, o] for (ti, p), o in through.items() if p % n == h.index]
+            if not thr:
+                continue
+            ring = self.inbound[h.index]
+            mine = {tp: o for tp, o in through.items() if tp[1] % n == h.index}
+            for bid, msg, last in self._encode(h, per[h.index], thr):
+                self.checkpoint.dispatched(h.index, bid, mine if last else None)
+                if h.pending or not ring.try_put(msg):
+                    h.pending.append(msg)
+        if any(h.pending for h in self.workers):
+            self._set_paused(True)
+
+    def _send_control(self, kind: int, tasks: list[int]) -> dict[int, int]:
+        """Send restore or drop requests for `tasks` to their workers, in ring order with
+        their records. Returns task -> request id."""
+        by_worker: dict[int, list[int]] = {}
+        for t in sorted(tasks):
+            by_worker.setdefault(t % self.n, []).append(t)
+        out = {}
+        for w, ts in by_worker.items():
+            self.requests[w] += 1
+            rid = self.requests[w]
+            h = self.workers[w]
+            msg = self._packer.pack([kind, rid, ts])
+            if h.pending or not self.inbound[w].try_put(msg):
+                h.pending.append(msg)
+                self._set_paused(True)
+            out.update((t, rid) for t in ts)
+        return out
+
+    def _restore(self, tasks: list[int]) -> None:
+        """Have the owning workers restore `tasks` from the changelog (readiness is false
+        until they are done; `_check_restores` resumes them)."""
+        now = time.monotonic()
+        for t, rid in self._send_control(MSG_RESTORE, tasks).items():
+            self.restoring[t] = (rid, now)
+        log.info("restoring %d tasks: %s", len(tasks), sorted(tasks))
+
+    def _check_restores(self) -> None:
+        if not self.restoring:
+            return
+        done = [t for t, (rid, _) in self.restoring.items()
+                if self.ctl.get(t % self.n, Slot.RESTORE_DONE) >= rid]
+        if not done:
+            limit = self.cfg.cluster.restore_timeout_ms / 1000 + 60
+            for t, (_, since) in self.restoring.items():
+                if time.monotonic() - since > limit:
+                    raise FatalError(f"task {t} was not restored within {limit:.0f} s")
+            return
+        durable = {w: self._shard_offsets(w) for w in {t % self.n for t in done}}
+        for t in done:
+            _, since = self.restoring.pop(t)
+            tp = (self.TT, t)
+            if tp not in self.assigned and t not in self.pending_assign:
+                continue  # revoked meanwhile
+            self.pending_assign.discard(t)
+            off = durable[t % self.n].get(tp)
+            start = 0 if off is None else off + 1
+            part = TopicPartition(self.topics[self.TT], t, start)
+            if start > self.next_offset.get(tp, 0):
+                self.consumer.seek(part)
+                self.next_offset[tp] = start
+            self.checkpoint.assign(tp, start, [off if w == t % self.n else None
+                                               for w in range(self.n)])
+            self.assigned.add(tp)
+            self.owned.add(t)
+            if not self.paused:
+                self.consumer.resume([part])
+            log.info("task %d restored in %.2f s: consuming %s[%d] from %d", t,
+                     time.monotonic() - since, self.topics[self.TT], t, start)
+
     def _encode(self, h: WorkerHandle, records: list, thr: list):
         """(batch id, message, is last) for one worker's records of a round: one message,
         or halves until each fits the ring. Only the last carries the through-offsets."""
@@ -449,6 +606,8 @@ class Supervisor:
 
     # ---- rebalance callbacks ----------------------------------------------------------------
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        if self.cluster:
+            return self._on_assign_tasks(consumer, partitions)
         durable = [self._shard_offsets(i) for i in range(self.n)]
         for tp in partitions:
             key = (self.tindex[tp.topic], tp.partition)
@@ -471,12 +630,42 @@ class Supervisor:
         if self.paused:
             consumer.pause(partitions)
 
+    def _on_assign_tasks(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Cluster mode: tasks gained. Each starts paused at what its worker's shard has
+        (a lower bound), restores from the changelog, then resumes at its restored offset
+        (`_check_restores`)."""
+        durable = {w: self._shard_offsets(w) for w in range(self.n)}
+        tasks = []
+        for tp in partitions:
+            key = (self.TT, tp.partition)
+            off = durable[tp.partition % self.n].get(key)
+            tp.offset = OFFSET_BEGINNING if off is None else off + 1
+            self.next_offset[key] = 0 if off is None else off + 1
+            self.pending_assign.add(tp.partition)
+            tasks.append(tp.partition)
+        log.info("assigned tasks %s", sorted(tasks))
+        consumer.incremental_assign(partitions)
+        consumer.pause(partitions)
+        self._restore(tasks)
+
+    def _release_tasks(self, keys: set, why: str) -> None:
+        """Cluster mode: tasks revoked or lost: their workers delete them."""
+        tasks = [p for _, p in keys]
+        self.owned.difference_update(tasks)
+        self.pending_assign.difference_update(tasks)
+        for t in tasks:
+            self.restoring.pop(t, None)
+        self._send_control(MSG_DROP, tasks)
+        log.info("%s tasks %s: dropping their local state", why, sorted(tasks))
+
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         keys = {(self.tindex[tp.topic], tp.partition) for tp in partitions}
         self._drain(deadline=time.monotonic() + self.svc.shutdown_timeout_ms / 1000)
         self._commit(asynchronous=False, only=keys)
         self.assigned -= keys
         log.info("revoked %d partitions", len(keys))
+        if self.cluster and not self.stop_requested:
+            self._release_tasks(keys, "revoked")
         if self.cooperative:
             consumer.incremental_unassign(partitions)
         else:
@@ -493,6 +682,8 @@ class Supervisor:
         self.assigned -= keys
         log.warning("lost %d partitions (the consumer group went on without this consumer): "
                     "no offsets committed for them until they are assigned again", len(keys))
+        if self.cluster and not self.stop_requested:
+            self._release_tasks(keys, "lost")
         if self.cooperative:
             consumer.incremental_unassign(partitions)
         else:
@@ -519,6 +710,9 @@ class Supervisor:
 
     def _shutdown(self) -> None:
         deadline = time.monotonic() + self.svc.shutdown_timeout_ms / 1000
+        if self.ingest is not None:  # hand the source partitions over first
+            self.ingest.close()
+            self.ingest = None
         self._set_paused(True)
         self._drain(deadline)
         while not self._links_quiet() and time.monotonic() < deadline:
@@ -567,6 +761,10 @@ class Supervisor:
             "assigned": [partition_label(self.topics[ti], p) for ti, p in sorted(self.assigned)],
             "lag": lag, "events_in": self.events_in, "paused": self.paused,
             "pauses": self.stats.pauses}
+        if self.cluster:
+            status["tasks"] = sorted(self.owned)
+            status["restoring"] = sorted(self.restoring)
+            status["ready"] = ready and not self.restoring and not self.pending_assign
         try:
             write_status(self.data_dir, status)
         except OSError as e:  # a full or read-only data disk: /readyz reports the stale file
@@ -581,6 +779,11 @@ class Supervisor:
 
     def _abort(self) -> None:
         self._stop_http()
+        if self.ingest is not None:
+            try:
+                self.ingest.close()
+            except Exception:  # noqa: BLE001 - stopping anyway
+                pass
         for h in self.workers:
             if h.process is not None and h.process.is_alive():
                 h.process.terminate()

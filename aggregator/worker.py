@@ -36,12 +36,23 @@ import os
 import signal
 import time
 from collections import deque
+from pathlib import Path
 
 import lmdb
 import msgpack
 
 from . import core
-from .changes import ChangeEncoder, ChangePublisher
+from .changelog import (
+    CapturingBatch,
+    ChangelogError,
+    ChangelogReader,
+    ChangelogWriter,
+    Restore,
+    drop_task,
+    meta_name,
+)
+from .changes import ChangeEncoder, ChangeMessages, ChangePublisher
+from .cluster import FORWARD_HEADER, instance_id
 from .config import Config
 from .control import ControlBlock, Slot
 from .deadletter import DeadLetters
@@ -68,7 +79,10 @@ log = logging.getLogger(__name__)
 
 MSG_RECORDS = 1
 MSG_FORWARD = 2
+MSG_RESTORE = 3  # cluster mode: [3, request id, [task, ...]] restore these tasks, then own them
+MSG_DROP = 4  # cluster mode: [4, request id, [task, ...]] delete these tasks' state
 MSG_STOP = 9
+_CONTROL = (MSG_RESTORE, MSG_DROP)
 
 APPLY, STALE, PARK, FULL = core.APPLY, core.STALE, core.PARK, core.FULL
 FATAL_EXIT = 3  # the supervisor does not respawn a worker that exits with this code
@@ -169,7 +183,20 @@ class Worker:
         if self.changes.enabled:
             self.publisher = ChangePublisher(cfg, self.changes, self.shard.changes_after,
                                              self.changes_pruned, self.change_seq)
-        self.topics = self.plan.topics
+        self.topics = list(self.plan.topics)
+        self.cluster = cfg.cluster.enabled
+        if self.cluster:  # the tasks topic's partitions are (topic index TT, task)
+            self.tasks = cfg.cluster.tasks
+            self.TT = len(self.topics)
+            self.topics.append(cfg.tasks_topic())
+            self.owned: dict[int, list[int]] = {}  # task -> [epoch, batch seq]
+            self.instance = instance_id(Path(svc.data_dir).resolve())
+            self.writer: ChangelogWriter | None = None
+            self.reader: ChangelogReader | None = None
+            self.change_msgs = None
+            if self.publisher is not None:  # change events go into the changelog transaction
+                self.publisher = None
+                self.change_msgs = ChangeMessages(self.changes)
         self.topic_index = {t: i for i, t in enumerate(self.topics)}
 
         d = cfg.dedup
@@ -265,6 +292,8 @@ class Worker:
         """Load every key with parked events into the gate (at boot and after the gate was
         cleared), so that their gaps expire even if the key never sees another event."""
         for g, (row, parked, ti) in self.shard.parked_streams().items():
+            if self.cluster and ((g[0] << 8) | g[1]) % self.tasks not in self.owned:
+                continue  # state of a task this instance does not own (now)
             if row is not None:
                 last = row[0]
             else:
@@ -302,7 +331,11 @@ class Worker:
                 self.inbound.wait(0.05 if self.publisher is None or
                                   not self.publisher.backlog else 0.005)
                 continue
-            stop = self.process([_unpack(m) for m in sup], [_unpack(m) for m in peers])
+            msgs = [_unpack(m) for m in sup]
+            if self.cluster and any(m[0] in _CONTROL for m in msgs):
+                stop = self._process_with_control(msgs)
+            else:
+                stop = self.process(msgs, [_unpack(m) for m in peers])
             if stop:
                 self.stopping = True
                 self._pump_outbox()
@@ -330,11 +363,13 @@ class Worker:
             try:
                 if self.retrying:
                     self._reload_after_rollback()
-                batch = self.shard.begin()
+                batch = CapturingBatch(self.shard) if self.cluster else self.shard.begin()
                 stop = self._apply(batch, sup_msgs, peer_msgs)
                 self._finish(batch)
                 self.dlq.deliver(self._heartbeat)  # durable before the commit
                 self.dlq_delivered.update(self.t_dlq)
+                if self.cluster:
+                    self._write_changelog(batch)  # Kafka first: LMDB is the cache
                 fault_point("worker_before_commit")
                 t0 = time.monotonic_ns()
                 batch.commit()
@@ -343,6 +378,7 @@ class Worker:
                 record_commit(self.hist, self.index, dt / 1e6)
             except lmdb.MapFullError:
                 self._roll_back(batch)
+                self._check_kafka_committed()
                 if not self.shard.grow():
                     raise ShardError(
                         f"{self.shard.path}: LMDB map full at service.lmdb_max_map_size "
@@ -353,6 +389,7 @@ class Worker:
             except (lmdb.Error, OSError) as e:
                 code = storage_errno(e)
                 self._roll_back(batch)
+                self._check_kafka_committed()
                 if code is None:
                     raise
                 if isinstance(e, lmdb.PanicError):
@@ -363,12 +400,23 @@ class Worker:
                 continue
             except BaseException:
                 self._roll_back(batch)
+                if self.cluster and self.writer is not None:
+                    self.writer.abort()
                 raise
             if failures:
                 self._storage_recovered(failures)
             fault_point("worker_after_commit")  # state durable, nothing acked or published
             self._post_commit()
             return stop
+
+    def _check_kafka_committed(self) -> None:
+        """Cluster mode: the batch's changelog transaction is committed but its LMDB
+        transaction failed. The batch must not be applied again (it would be written to the
+        changelog twice): the worker exits, and its restart restores its tasks from the
+        changelog, which has the batch."""
+        if self.cluster and self.t_kafka_done:
+            raise ChangelogError(f"worker {self.index}: the LMDB commit failed after the "
+                                 "changelog commit; restarting to restore from the changelog")
 
     def _roll_back(self, batch: Batch | None) -> None:
         """Abort the transaction; the next attempt reloads what it changed in memory."""
@@ -454,8 +502,13 @@ class Worker:
         self.t_pruned_out: dict[int, int] = {}
         self.t_bloom_saved = False
         self.t_dlq: list[tuple] = []
+        self.t_kfwd: list[tuple[int, list]] = []  # cluster: (task, update) to forward
+        self.t_kafka_done = False
+        self.t_markers: dict[int, tuple[int, int]] = {}  # cluster: task -> (epoch, seq)
 
     def _apply(self, batch: Batch, sup_msgs: list, peer_msgs: list) -> bool:
+        if self.cluster:
+            return self._apply_tasks(batch, sup_msgs)
         stop = False
         for m in peer_msgs:
             _, src, seq, updates = m
@@ -492,6 +545,64 @@ class Worker:
         if events:
             self._apply_events(batch, events)
         return stop
+
+    def _apply_tasks(self, batch: Batch, sup_msgs: list) -> bool:
+        """Cluster mode: the records come from the tasks topic. A record is
+        [topic index, partition, offset, key, value, headers, timestamp, slot, task,
+        task offset] (origin first, for dead letters and the source's ordering mode), or a
+        forwarded update [-1, task, task offset, None, update, ...]; each task's records are
+        skipped by their tasks-topic offset."""
+        stop = False
+        events = []
+        forwards = []
+        through = self.t_through
+        TT = self.TT
+        for m in sup_msgs:
+            if m[0] == MSG_STOP:
+                stop = True
+                continue
+            _, batch_id, thr, records = m
+            self.t_ack = max(self.t_ack, batch_id)
+            for rec in records:
+                tp = (TT, rec[8])
+                if rec[9] <= through.get(tp, self.through.get(tp, -1)):
+                    continue
+                if rec[0] < 0:
+                    forwards.append(_unpack(rec[4]))
+                    continue
+                self.t_stats["records"] += 1
+                ev = self._parse(rec)
+                if ev is not None:
+                    events.append((ev, rec))
+            for ti, part, off in thr:
+                tp = (ti, part)
+                if off > through.get(tp, self.through.get(tp, -1)):
+                    through[tp] = off
+        if forwards:
+            self._apply_forwards(batch, forwards)
+        if events:
+            self._apply_events(batch, events)
+        return stop
+
+    def _apply_forwards(self, batch: Batch, updates: list) -> None:
+        """Cluster mode: view updates forwarded through the tasks topic, each applied once
+        (deduplicated by event identity and feed: a forward is sent again when its sending
+        task is restored elsewhere and replays the batch that sent it)."""
+        gen = self.bloom.generation
+        for u in updates:
+            h = identity_hash(u[4], f"{u[3]}\x00feed:{u[0]}")
+            flags = self.bloom.contains(h) if self.retrying else self.bloom.check_and_add(h)
+            if self.retrying and not flags[0]:
+                self.bloom.check_and_add(h)
+            skey = slot_prefix(u[2]) + h
+            if flags[0] and batch.seen(skey):
+                self.t_stats["dup"] += 1
+                continue
+            batch.mark_seen(skey, gen)
+            fwd = Forwarded(u)
+            feed = self.plan.feeds[u[0]]
+            if self._apply_local(batch, feed, u[1], u[2], fwd) is None:
+                self._dead_letter(fwd.record(), "merge_error", f"view {feed.view}: merge failed")
 
     def _parse(self, rec):
         try:
@@ -683,6 +794,8 @@ class Worker:
             targets.append((f, key, slot))
         applied: list[bytes] = []
         forwards = []
+        if self.cluster:
+            return self._apply_event_tasks(batch, ev, rec, targets)
         for f, key, slot in targets:
             owner = worker_of(slot, self.n)
             if owner != self.index:
@@ -703,6 +816,34 @@ class Worker:
         for owner, update in forwards:
             self.t_stats["forwarded"] += 1
             self.t_out.setdefault(owner, []).append(update)
+
+    def _apply_event_tasks(self, batch: Batch, ev, rec, targets: list) -> None:
+        """Cluster mode: a view key of the event's own task is merged here; one of another
+        task is forwarded through the tasks topic (even if this worker owns that task now:
+        the forwards of earlier batches may still be on their way there, and one key's
+        updates from one stream must arrive in order)."""
+        applied: list[bytes] = []
+        forwards = []
+        tasks, own = self.tasks, rec[8]
+        for f, key, slot in targets:
+            task = slot % tasks
+            if task != own:
+                forwards.append((task, [f.feed_id, key, slot, ev.id, ev.source, ev.type,
+                                        ev.time, ev.subject, ev.sequence, ev.data,
+                                        ev.partitionkey, rec[0], rec[1], rec[2]]))
+                continue
+            dkey = self._apply_local(batch, f, key, slot, ev)
+            if dkey is None:
+                for d in applied:
+                    self.t_log[d].pop()
+                    self._drop_last_change(d)
+                for d in set(applied):
+                    self._replay(batch, d)
+                self._dead_letter(rec, "merge_error", f"view {f.view}: merge failed")
+                return
+            applied.append(dkey)
+        self.t_stats["forwarded"] += len(forwards)
+        self.t_kfwd.extend(forwards)
 
     def _apply_local(self, batch: Batch, f: Feed, key: str, slot: int, ev) -> bytes | None:
         """Merge one event into a document of this shard: its key, or None (and the document
@@ -794,6 +935,142 @@ class Worker:
                 batch.prune_generations(self.bloom_dropped, limit=10_000_000)
             self.t_bloom_saved = True
 
+    # ---- cluster mode: the changelog, restores and drops -------------------------------------
+    def _writer(self) -> ChangelogWriter:
+        if self.writer is None:
+            k = self.cfg.kafka
+            self.writer = ChangelogWriter(
+                k.producer_conf(), f"{k.group_id}.{self.instance}.w{self.index}",
+                self.cfg.changelog_topic(), self._heartbeat)
+        return self.writer
+
+    def _write_changelog(self, batch: CapturingBatch) -> None:
+        """One Kafka transaction: each touched task's changes, the forwarded updates, the
+        change events and, once all of them are delivered, each task's marker (changelog.py).
+        Its marker offsets go into the LMDB transaction, committed right after."""
+        by_task = batch.by_task(self.tasks)
+        changes = self._change_rows() if self.change_msgs is not None else ()
+        if not by_task and not self.t_kfwd and not changes:
+            return
+        w = self._writer()
+        markers: dict[int, tuple[int, int]] = {}
+        w.begin()
+        for task, entries in by_task.items():
+            state = self.owned.get(task)
+            if state is None:
+                raise ChangelogError(f"worker {self.index}: a batch changed task {task}, "
+                                     "which this worker does not own")
+            markers[task] = (state[0], state[1] + 1)
+            w.put_state(task, state[0], state[1] + 1, entries)
+        topic = self.topics[self.TT]
+        fwd = [(FORWARD_HEADER, b"")]
+        for task, update in self.t_kfwd:
+            w.produce(topic, task, None, _pack(update), fwd)
+        for _, vid, key, version, data in changes:
+            ctopic, kb, value, headers = self.change_msgs.message(vid, key, version, data)
+            w.produce(ctopic, None, kb, value, headers)
+        offsets = w.commit(markers)
+        self.t_kafka_done = True
+        self.t_markers = markers
+        for task, (epoch, seq) in markers.items():
+            batch.put_meta(meta_name(task), [offsets[task], epoch, seq])
+
+    def _process_with_control(self, msgs: list) -> bool:
+        """Ring messages with restores or drops among them: each in its place."""
+        stop = False
+        run: list = []
+        for m in msgs:
+            if m[0] in _CONTROL:
+                if run:
+                    stop = self.process(run, []) or stop
+                    run = []
+                if m[0] == MSG_RESTORE:
+                    for task in m[2]:
+                        self._restore(task)
+                else:
+                    for task in m[2]:
+                        self._drop(task)
+                self.gate.clear()  # reloaded from the shard: streams of the tasks changed
+                self._load_parked()
+                self.ctl.set(self.index, Slot.RESTORE_DONE, m[1])
+            else:
+                run.append(m)
+        if run:
+            stop = self.process(run, []) or stop
+        return stop
+
+    def _restore(self, task: int) -> None:
+        """Bring the task's state up to date from its changelog and claim it (a new epoch):
+        from the offset this shard has applied through, or from the start."""
+        timeout = self.cfg.cluster.restore_timeout_ms / 1000
+        if self.reader is None:
+            conf = self.cfg.kafka.consumer_conf()
+            conf["group.id"] = f"{self.cfg.kafka.group_id}.restore"
+            self.reader = ChangelogReader(conf, self.cfg.changelog_topic())
+        ctl, me = self.ctl, self.index
+        r = Restore(self.shard, task, self.bloom.generation)
+        t0 = time.monotonic()
+        log.info("worker %d: restoring task %d from changelog offset %s", me, task,
+                 r.pos + 1 if r.pos >= 0 else "0 (no local state)")
+        progress = {"records": 0, "bytes": 0, "log_at": t0 + 5}
+
+        def sink(offset, key, value, headers):
+            r.feed(offset, key, value, headers)
+            if r.records - progress["records"] >= 1000:
+                ctl.add(me, Slot.RESTORE_RECORDS, r.records - progress["records"])
+                ctl.add(me, Slot.RESTORE_BYTES, r.bytes - progress["bytes"])
+                progress["records"], progress["bytes"] = r.records, r.bytes
+                now = time.monotonic()
+                if now >= progress["log_at"]:
+                    progress["log_at"] = now + 5
+                    log.info("worker %d: restoring task %d: %d records (%.1f MB) so far", me,
+                             task, r.records, r.bytes / 1e6)
+
+        reader, next_off = self.reader, [r.start]
+
+        def sink_tracking(offset, key, value, headers):
+            next_off[0] = offset + 1
+            sink(offset, key, value, headers)
+
+        try:
+            reader.read(task, r.start, sink_tracking, heartbeat=self._heartbeat,
+                        timeout=timeout)
+            epoch = r.max_epoch + 1
+            w = self._writer()
+            w.begin()
+            claim = w.commit({task: (epoch, 0)})[task]
+            reader.read(task, next_off[0], sink_tracking, until=claim,
+                        heartbeat=self._heartbeat, timeout=timeout)
+            if r.epoch != epoch:
+                raise ChangelogError(f"task {task}: claimed epoch {epoch}, but the changelog "
+                                     f"ends in epoch {r.epoch} (another owner?)")
+            r.finish()
+        except BaseException:
+            r.abort()
+            raise
+        ctl.add(me, Slot.RESTORE_RECORDS, r.records - progress["records"])
+        ctl.add(me, Slot.RESTORE_BYTES, r.bytes - progress["bytes"])
+        if r.dedup_hashes:
+            self.bloom.check_and_add(b"".join(r.dedup_hashes))
+        self.owned[task] = [epoch, 0]
+        off = self.shard.offsets().get((self.topics[self.TT], task))
+        if off is None:
+            self.through.pop((self.TT, task), None)
+        else:
+            self.through[(self.TT, task)] = off
+        dt = time.monotonic() - t0
+        log.info("worker %d: restored task %d in %.2f s: %d changelog records (%.2f MB), %d "
+                 "applied (%.1f MB/s, %.0f records/s); epoch %d, tasks topic through %s", me,
+                 task, dt, r.records, r.bytes / 1e6, r.applied, r.bytes / 1e6 / max(dt, 1e-6),
+                 r.records / max(dt, 1e-6), epoch, off)
+
+    def _drop(self, task: int) -> None:
+        """The task moved to another instance: forget it (the changelog has it all)."""
+        self.owned.pop(task, None)
+        self.through.pop((self.TT, task), None)
+        n = drop_task(self.shard, task, self.tasks, self.topics[self.TT])
+        log.info("worker %d: dropped task %d (%d entries)", self.index, task, n)
+
     def _forward_messages(self, owner: int, last_seq: int, updates: list) -> list[bytes]:
         """The outbox messages (link seqs last_seq+1, ...) carrying `updates`: as many as
         it takes for each to fit the peer ring's largest message."""
@@ -813,19 +1090,24 @@ class Worker:
         return [_pack([MSG_FORWARD, self.index, last_seq + 1 + k, c])
                 for k, c in enumerate(chunks)]
 
+    def _change_rows(self) -> list[tuple]:
+        """The transaction's change events: (doc key, view id, key, version, data)."""
+        chg = self.changes
+        if not chg.coalesce:
+            return self.t_changes
+        rows = []
+        for dkey, updates in self.t_log.items():
+            vid = dkey[2]
+            if updates and chg.topics[vid] is not None:
+                stored = self.t_docs[dkey]
+                rows.append((dkey, vid, dkey[3:].decode(), stored["v"],
+                             chg.encode(stored["d"])))
+        return rows
+
     def _write_changes(self, batch: Batch) -> None:
         """The transaction's change events into the outbox; prune delivered ones."""
         chg, seq, out = self.changes, self.change_seq, self.t_chg_out
-        if chg.coalesce:
-            rows = []
-            for dkey, updates in self.t_log.items():
-                vid = dkey[2]
-                if updates and chg.topics[vid] is not None:
-                    stored = self.t_docs[dkey]
-                    rows.append((dkey, vid, dkey[3:].decode(), stored["v"],
-                                 chg.encode(stored["d"])))
-        else:
-            rows = self.t_changes
+        rows = self._change_rows()
         for _, vid, key, version, data in rows:
             seq += 1
             entry = chg.entry(vid, key, version, data)
@@ -866,6 +1148,8 @@ class Worker:
             self.publisher.pump()
             ctl.set(me, Slot.CHANGES_BACKLOG, self.publisher.backlog)
         self.through.update(self.t_through)
+        for task, (_, seq) in self.t_markers.items():
+            self.owned[task][1] = seq
         self.link_in.update(self.t_link_in)
         self.pruned.update(self.t_pruned_out)
         if self.t_bloom_saved:
@@ -917,6 +1201,11 @@ class Worker:
                 self.sent[j] = seq
 
     def close(self) -> None:
+        if self.cluster:
+            if self.reader is not None:
+                self.reader.close()
+            if self.writer is not None:
+                self.writer.producer.flush(5)
         self.dlq.close()
         if self.publisher is not None:
             self.publisher.close()

@@ -590,3 +590,34 @@ def test_secret_keys(key: str) -> None:
     kafka = KafkaConfig(common={key: SECRET})
     assert SECRET not in repr(kafka) and kafka.redacted()["common"][key] == "***"
     assert kafka.consumer_conf()[key] == SECRET
+
+
+# ---- cluster mode ----------------------------------------------------------------------------
+
+
+def test_cluster_defaults_name_the_topics_after_the_group(data: dict) -> None:
+    data["cluster"] = {"enabled": True, "tasks": 8}
+    cfg = config_from_dict(data, env={})
+    assert cfg.tasks_topic() == "aggregator-shop.tasks"
+    assert cfg.changelog_topic() == "aggregator-shop.changelog"
+    data["cluster"] |= {"tasks_topic": "t", "changelog_topic": "c"}
+    cfg = config_from_dict(data, env={})
+    assert (cfg.tasks_topic(), cfg.changelog_topic()) == ("t", "c")
+    assert config_from_dict(shop_data_copy(data), env={}).cluster.enabled is False
+
+
+def shop_data_copy(data: dict) -> dict:
+    d = copy.deepcopy(data)
+    d.pop("cluster")
+    return d
+
+
+def test_cluster_tasks_must_be_a_multiple_of_the_workers(data: dict) -> None:
+    data["cluster"] = {"enabled": True, "tasks": 9}
+    msg = error_of(data)
+    assert "cluster.tasks" in msg and "multiple of service.workers (2)" in msg
+
+
+def test_cluster_topics_must_not_be_other_topics(data: dict) -> None:
+    data["cluster"] = {"enabled": True, "tasks": 8, "changelog_topic": "shop.orders"}
+    assert "'shop.orders' is also a source" in error_of(data)

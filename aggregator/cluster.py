@@ -1,0 +1,199 @@
+"""Cluster mode: several instances in one consumer group share the work.
+
+Why a repartition topic rather than co-partitioned sources: a view keyed by a data field
+(`key = "data.customer_id"`) gathers events whose source partition keys differ (every order
+of a customer), so no partitioning of the sources puts all updates of one document on one
+instance; and librdkafka's cooperative-sticky assignor does not co-locate partition p of
+several topics anyway. So every instance runs two stages:
+
+1. **Ingest** (`Ingest`, here): consumes the source topics in the group `kafka.group_id`
+   and re-keys each record to the *tasks topic*, partition = task of its routing key's slot
+   (`slot % cluster.tasks`), with its origin (topic, partition, offset, slot) in a header.
+   The records and the source offsets are committed in one Kafka transaction
+   (`send_offsets_to_transaction`).
+2. **Processing** (supervisor.py and worker.py): consumes the tasks topic in the group
+   `<kafka.group_id>.tasks`; a task is one of its partitions and owns the slots
+   `slot % tasks == task`, hence every key of them; worker `task % service.workers` of the
+   instance applies it. A view update for a key of another task is *forwarded* through the
+   tasks topic (partition = that task), and applied there exactly once (deduplicated by event
+   identity and feed). A task's state follows it from instance to instance through its
+   changelog (changelog.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from pathlib import Path
+
+import msgpack
+from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
+
+from .broker import BrokerError, create_topics
+from .config import Config
+from .deadletter import DeadLetters
+from .envelope import routing_key
+from .routing import slot_of
+
+log = logging.getLogger(__name__)
+
+ORIGIN_HEADER = "aggregator-origin"  # msgpack [topic index, partition, offset, slot]
+FORWARD_HEADER = "aggregator-forward"  # a forwarded view update (msgpack, worker.Forwarded)
+
+_pack = msgpack.Packer(use_bin_type=True).pack
+
+
+class ClusterError(RuntimeError):
+    """Cluster mode cannot start (internal topics unusable)."""
+
+
+def instance_id(data_dir: Path) -> str:
+    """A stable id for the instance of this data directory (its transactional ids)."""
+    path = data_dir / "instance-id"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        ident = uuid.uuid4().hex[:12]
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(ident + "\n")
+        os.replace(tmp, path)
+        return ident
+
+
+def ensure_topics(cfg: Config) -> None:
+    """Create the tasks and changelog topics if missing; refuse ones with another
+    partition count (a task is a partition: changing the count would move keys)."""
+    tasks = cfg.cluster.tasks
+    admin = AdminClient(cfg.kafka.admin_conf())
+    wanted = {cfg.tasks_topic(): {"cleanup.policy": "delete"},
+              cfg.changelog_topic(): {"cleanup.policy": "compact"}}
+    try:
+        meta = admin.list_topics(timeout=30)
+        for topic, conf in wanted.items():
+            if topic not in meta.topics:
+                create_topics(admin, [topic], tasks, config=conf,
+                              replication_factor=cfg.cluster.replication_factor)
+                log.info("created topic %s (%d partitions, %s)", topic, tasks,
+                         conf["cleanup.policy"])
+        meta = admin.list_topics(timeout=30)
+    except (KafkaException, BrokerError) as e:
+        raise ClusterError(f"cannot set up the cluster topics: {e}") from None
+    for topic in wanted:
+        have = len(meta.topics[topic].partitions)
+        if have != tasks:
+            raise ClusterError(
+                f"topic {topic} has {have} partitions but cluster.tasks = {tasks}: the task "
+                "count is fixed for the life of a deployment (set cluster.tasks to "
+                f"{have}, or use new topics: cluster.tasks_topic / cluster.changelog_topic)")
+
+
+class Ingest:
+    """Stage 1: source records → the tasks topic, re-keyed by slot, exactly once."""
+
+    def __init__(self, cfg: Config, instance: str, dlq: DeadLetters):
+        self.cfg = cfg
+        self.tasks = cfg.cluster.tasks
+        self.topic = cfg.tasks_topic()
+        self.sources = cfg.topics()
+        self.tindex = {t: i for i, t in enumerate(self.sources)}
+        self.max_bytes = cfg.service.max_record_bytes
+        self.dlq = dlq
+        self.events_in = {cfg.source_by_topic(t)[0]: 0 for t in self.sources}
+        self.consumer = Consumer(cfg.kafka.consumer_conf())
+        self.producer = Producer({
+            **cfg.kafka.producer_conf(), "acks": "all", "enable.idempotence": True,
+            "transactional.id": f"{cfg.kafka.group_id}.{instance}.ingest"})
+        self.producer.init_transactions(60)
+        self.assigned: set[tuple[str, int]] = set()
+        self.consumer.subscribe(self.sources, on_assign=self._on_assign,
+                                on_revoke=self._on_revoke, on_lost=self._on_revoke)
+        self.records = 0
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self.assigned |= {(p.topic, p.partition) for p in partitions}
+        log.info("ingest: assigned %d source partitions", len(partitions))
+        consumer.incremental_assign(partitions)
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # nothing is pending here: every step commits its transaction before it returns
+        self.assigned -= {(p.topic, p.partition) for p in partitions}
+        log.info("ingest: revoked %d source partitions", len(partitions))
+        consumer.incremental_unassign(partitions)
+
+    def step(self, max_records: int, timeout: float = 0.0) -> int:
+        """Move one batch of source records to the tasks topic; returns how many."""
+        msgs = self.consumer.consume(max_records, timeout)
+        if not msgs:
+            return 0
+        first: dict[tuple[str, int], int] = {}
+        last: dict[tuple[str, int], int] = {}
+        produce, topic, tasks = self.producer.produce, self.topic, self.tasks
+        tindex, max_bytes = self.tindex, self.max_bytes
+        oversized = False
+        self.producer.begin_transaction()
+        try:
+            for m in msgs:
+                if m.error() is not None:
+                    continue
+                src, part, off = m.topic(), m.partition(), m.offset()
+                tp = (src, part)
+                first.setdefault(tp, off)
+                last[tp] = off
+                value, key, headers = m.value(), m.key(), m.headers()
+                ti = tindex[src]
+                if value is not None and len(value) > max_bytes:
+                    self.dlq.send([ti, part, off, key, value, headers], "too_large",
+                                  f"value of {len(value)} bytes exceeds "
+                                  f"service.max_record_bytes ({max_bytes})")
+                    oversized = True
+                    continue
+                rk = routing_key(value, headers, key)
+                slot = slot_of(rk) if rk is not None else 0
+                hdrs = list(headers) if headers else []
+                hdrs.append((ORIGIN_HEADER, _pack([ti, part, off, slot])))
+                while True:
+                    try:
+                        produce(topic, value=value, key=key, partition=slot % tasks,
+                                headers=hdrs)
+                        break
+                    except BufferError:
+                        self.producer.poll(0.05)
+            if not last:
+                self.producer.abort_transaction(30)
+                return 0
+            if oversized:
+                self.dlq.deliver(lambda: None)
+            offsets = [TopicPartition(t, p, o + 1) for (t, p), o in last.items()]
+            self.producer.send_offsets_to_transaction(
+                offsets, self.consumer.consumer_group_metadata(), 60)
+            self.producer.commit_transaction(60)
+        except KafkaException as e:
+            log.warning("ingest: transaction failed (%s): consuming the batch again", e)
+            try:
+                self.producer.abort_transaction(30)
+            except KafkaException:
+                pass
+            for (t, p), off in first.items():
+                if (t, p) in self.assigned:
+                    try:
+                        self.consumer.seek(TopicPartition(t, p, off))
+                    except KafkaException:
+                        pass
+            return 0
+        counts: dict[str, int] = {}
+        for m in msgs:
+            if m.error() is None:
+                counts[m.topic()] = counts.get(m.topic(), 0) + 1
+        for t, c in counts.items():
+            self.events_in[self.cfg.source_by_topic(t)[0]] += c
+        n = sum(counts.values())
+        self.records += n
+        return n
+
+    def close(self) -> None:
+        try:
+            self.consumer.close()
+        finally:
+            self.producer.flush(10)
