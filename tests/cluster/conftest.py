@@ -1,0 +1,39 @@
+"""The cluster suite: several `aggregator run` instances in one consumer group, killed and
+added while they run. Every test here is marked ``chaos``, ``slow`` and ``integration``;
+the Kafka fixtures come from tests/kafka_fixtures.py, the harness from
+tests/cluster/harness.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from .harness import ClusterRun
+
+HERE = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if HERE in Path(item.path).resolve().parents:
+            item.add_marker(pytest.mark.chaos)
+            item.add_marker(pytest.mark.slow)
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture
+def cluster(broker, tmp_path):
+    """Factory: ``cluster(workload, name=..., tasks=8, workers=2, cluster=True) ->
+    ClusterRun``; every instance it started is killed at teardown, its shared memory
+    removed."""
+    runs = []
+
+    def make(workload, **kw):
+        run = ClusterRun(broker, tmp_path / f"run{len(runs)}", workload, **kw)
+        runs.append(run)
+        return run
+
+    yield make
+    for run in runs:
+        run.close()

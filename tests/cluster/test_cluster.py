@@ -1,0 +1,63 @@
+"""Cluster mode: several instances in one consumer group share the tasks; one is SIGKILLed
+or one joins while they run, and the survivors (or both) must end up serving exactly the
+oracle's documents, each applied once, each key from one instance.
+
+Sizes are short for CI; `AGGREGATOR_CLUSTER_EVENTS` raises them.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from aggregator import simulate
+
+EVENTS = int(os.environ.get("AGGREGATOR_CLUSTER_EVENTS", "40000"))
+RESTORED = "aggregator_restore_records_total"
+
+
+@pytest.fixture(scope="module")
+def workload():
+    return simulate.generate(41, EVENTS)
+
+
+def _kill_one_of(n: int, workload, cluster):
+    run = cluster(workload, name=f"kill 1 of {n}")
+    run.produce(0, 0.5)
+    for _ in range(n):
+        run.start_instance()
+    run.wait_progress(EVENTS // 5)  # every instance owns tasks and applied events
+    victim = run.kill(run.busiest())
+    run.produce(0.5, 1.0)
+    report = run.finish()
+    report.assert_ok()
+    survivors = {i.index: run.final_metrics.get(i.index) or {} for i in run.live()}
+    assert len(survivors) == n - 1
+    assert sum(m.get(RESTORED, 0) for m in survivors.values()) > 0, (
+        f"the survivors restored nothing from the changelog after instance {victim.detail} "
+        f"was killed: {survivors}")
+
+
+def test_kill_one_of_two(workload, cluster):
+    _kill_one_of(2, workload, cluster)
+
+
+def test_kill_one_of_three(workload, cluster):
+    _kill_one_of(3, workload, cluster)
+
+
+def test_scale_up_one_to_two(workload, cluster):
+    run = cluster(workload, name="scale up 1 to 2")
+    run.produce(0, 0.5)
+    first = run.start_instance()
+    run.wait_progress(EVENTS // 5)
+    second = run.start_instance()
+    run.produce(0.5, 1.0)
+    report = run.finish(all_own=True)  # converged only once both own tasks
+    report.assert_ok()
+    owned = report.tasks_owned
+    assert owned.get(first.index, 0) > 0 and owned.get(second.index, 0) > 0, owned
+    assert report.served_twice == 0
+    joined = run.final_metrics.get(second.index) or {}
+    assert joined.get(RESTORED, 0) > 0, f"the new instance restored nothing: {joined}"
