@@ -286,8 +286,11 @@ class ChangelogReader:
     """Reads changelog partitions for restores (one consumer per worker, assign only)."""
 
     def __init__(self, conf: dict, topic: str):
-        conf = {**conf, "isolation.level": "read_committed", "enable.partition.eof": True,
-                "enable.auto.commit": False, "auto.offset.reset": "earliest"}
+        conf = {"isolation.level": "read_committed", **conf, "enable.partition.eof": True,
+                "enable.auto.commit": False, "auto.offset.reset": "earliest",
+                # a fetch at the end of a partition must not wait for more (the default
+                # waits 500 ms for data that will not come)
+                "fetch.wait.max.ms": 10}
         conf.pop("partition.assignment.strategy", None)
         self.consumer = Consumer(conf)
         self.topic = topic
@@ -306,7 +309,7 @@ class ChangelogReader:
                 if time.monotonic() > deadline:
                     raise ChangelogError(f"restore of task {task} timed out after {timeout:.0f} "
                                          "s (cluster.restore_timeout_ms)")
-                for m in self.consumer.consume(10_000, 0.2):
+                for m in self.consumer.consume(10_000, 0.02):
                     err = m.error()
                     if err is not None:
                         if err.code() == KafkaError._PARTITION_EOF:

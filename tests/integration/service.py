@@ -70,6 +70,7 @@ class Service:
     def start(self, env: dict | None = None, args: tuple[str, ...] = ()) -> Service:
         """Start `aggregator run --config ...` with extra command-line `args`."""
         log = open(self.log_path, "ab")
+        self._log_mark = log.tell()  # a restart appends: its URL comes after this
         env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "aggregator", "run", "--config", str(self.config_path),
@@ -82,7 +83,8 @@ class Service:
         """The HTTP API's base URL, from the service log."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            m = re.search(r"HTTP API listening on (http://\S+)", self.log())
+            m = re.search(r"HTTP API listening on (http://\S+)",
+                          self.log()[getattr(self, "_log_mark", 0):])
             if m:
                 return m.group(1)
             time.sleep(0.05)

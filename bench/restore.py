@@ -1,0 +1,169 @@
+"""Restore speed in cluster mode: how fast an instance rebuilds the state of the tasks it
+gains from their changelog.
+
+    python -m bench.restore                    # 200k events, 8 tasks, 2 workers
+    python -m bench.restore --events 20000     # quick (CI runs this through `bench --quick`)
+
+1. An instance (cluster mode) applies the seeded 7-source workload and stops cleanly.
+2. A new instance with an empty data directory joins the group: it gains every task and
+   restores all of them from the changelog (full restore).
+3. It stops cleanly and starts again on its own data directory: it catches up from the
+   changelog offsets its shard has (catch-up restore: nearly nothing to read).
+
+For each restore: changelog records and bytes read, records applied (LMDB writes), the
+restore time (per worker the sum of its tasks' restore times, as a worker restores its tasks
+one after the other; the workers run in parallel, so the phase takes the longest worker's
+sum), MB/s and records/s over that time; for the full restore also the distinct state
+entries (keys: documents, dedup ids, sequences, parked events, offsets) the shards hold
+afterwards and entries/s; and the time from the instance's start until it owns
+every task and is restored (group join included). The restored views are checked against the
+oracle through the new instance's API. Writes bench/results/restore.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from aggregator import simulate
+from aggregator.broker import EmbeddedBroker
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+
+_RESTORED = re.compile(
+    r"worker-(\d+) INFO .*restored task (\d+) in ([\d.]+) s: (\d+) changelog records "
+    r"\(([\d.]+) MB\), (\d+) applied")
+
+
+def restore_figures(log_text: str, since: int = 0) -> dict:
+    """Sum the worker log lines "restored task ..." after character `since` of a log."""
+    per_worker: dict[int, float] = {}
+    records = applied = tasks = 0
+    mb = 0.0
+    for m in _RESTORED.finditer(log_text, since):
+        w, _, secs, recs, size, app = m.groups()
+        per_worker[int(w)] = per_worker.get(int(w), 0.0) + float(secs)
+        records += int(recs)
+        mb += float(size)
+        applied += int(app)
+        tasks += 1
+    wall = max(per_worker.values(), default=0.0)
+    return {"tasks": tasks, "records": records, "mb": round(mb, 2), "keys": applied,
+            "restore_s": round(wall, 3),
+            "mb_per_s": round(mb / wall, 2) if wall else None,
+            "keys_per_s": round(applied / wall) if wall else None,
+            "records_per_s": round(records / wall) if wall else None}
+
+
+def state_entries(data_dir: Path, workers: int) -> int:
+    """Distinct LMDB entries of task state (documents, dedup ids, sequences, parked
+    events, offsets) in an instance's shards."""
+    from aggregator.store import Shard, shard_path
+
+    total = 0
+    for w in range(workers):
+        shard = Shard(shard_path(data_dir, w), readonly=True)
+        try:
+            st = shard.stat()
+        finally:
+            shard.close()
+        total += sum(st[db] for db in ("views", "dedup", "seq", "parked", "offsets"))
+    return total
+
+
+def wait_restored(run, inst, tasks: int, timeout: float = 600) -> float:
+    """Seconds until `inst` owns every task with none restoring."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        m = run.metrics(inst) or {}
+        if m.get("aggregator_tasks_owned") == tasks and not m.get("aggregator_tasks_restoring"):
+            return time.monotonic() - t0
+        time.sleep(0.2)
+    raise SystemExit(f"instance {inst.index} not restored within {timeout} s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.restore", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--events", "-n", type=int, default=200_000)
+    ap.add_argument("--tasks", type=int, default=8)
+    ap.add_argument("--workers", "-w", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=5)
+    ap.add_argument("--out", default="restore", help="bench/results/<out>.{json,md}")
+    args = ap.parse_args(argv)
+
+    sys.path.insert(0, str(ROOT))
+    from tests.cluster.harness import ClusterRun  # the test harness drives the instances
+
+    workload = simulate.generate(args.seed, args.events)
+    rows = []
+    with EmbeddedBroker() as broker, tempfile.TemporaryDirectory(prefix="agg-restore-") as tmp:
+        run = ClusterRun(broker, Path(tmp), workload, tasks=args.tasks, workers=args.workers,
+                         name="restore", with_bad=False)
+        try:
+            run.produce()
+            first = run.start_instance()
+            t0 = time.monotonic()
+            if not run.converge(timeout=1200):
+                raise SystemExit("the first instance did not converge")
+            build_s = time.monotonic() - t0
+            print(f"state built in {build_s:.1f} s ({args.events:,} events)", flush=True)
+            run.final_metrics = run.all_metrics()
+            first.note_pids()
+            first.svc.stop()
+            first.killed_at = time.monotonic()  # not live: the next instance takes all
+
+            second = run.start_instance()
+            ready_s = wait_restored(run, second, args.tasks)
+            full = restore_figures(second.svc.log())
+            if not run.converge(timeout=300):
+                raise SystemExit("the restored instance does not serve the oracle's views")
+            rows.append({"restore": "full (empty data dir)", **full,
+                         "start_to_restored_s": round(ready_s, 2)})
+            print(rows[-1], flush=True)
+
+            mark = len(second.svc.log())
+            second.note_pids()
+            second.svc.stop()
+            rows[-1]["state_entries"] = entries = state_entries(second.data_dir, args.workers)
+            rows[-1]["entries_per_s"] = round(entries / full["restore_s"]) \
+                if full["restore_s"] else None
+            second.svc.start()
+            second._api = None
+            ready_s = wait_restored(run, second, args.tasks)
+            catch = restore_figures(second.svc.log(), mark)
+            rows.append({"restore": "catch-up (own data dir)", **catch,
+                         "start_to_restored_s": round(ready_s, 2)})
+            print(rows[-1], flush=True)
+            run.stop_all()
+        finally:
+            run.close()
+
+    doc = {"events": args.events, "tasks": args.tasks, "workers": args.workers,
+           "build_s": round(build_s, 1), "rows": rows,
+           "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{args.out}.json").write_text(json.dumps(doc, indent=2) + "\n")
+    lines = [f"# Restore speed ({args.events:,} events, {args.tasks} tasks, "
+             f"{args.workers} workers)", "",
+             "| restore | tasks | changelog records | MB | records applied | restore s | MB/s | "
+             "records/s | state entries | entries/s | start → restored s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['restore']} | {r['tasks']} | {r['records']:,} | {r['mb']} | "
+                     f"{r['keys']:,} | {r['restore_s']} | {r['mb_per_s']} | "
+                     f"{r['records_per_s']} | {r.get('state_entries', '-')} | "
+                     f"{r.get('entries_per_s', '-')} | {r['start_to_restored_s']} |")
+    (RESULTS / f"{args.out}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
