@@ -11,7 +11,7 @@ changes of that task to the task's changelog partition:
 and then, once all of them (and the batch's forwarded updates and change events) are
 delivered, one *marker* per task:
 
-    key   = b"\\0m" + epoch (8) + batch seq // 256 (8)     value = msgpack [epoch, batch seq]
+    key   = b"\\0m" + epoch (8) + (batch seq - 1) // 256 (8)   value = msgpack [epoch, batch seq]
 
 All of it is one Kafka transaction. The markers make a batch atomic even where a broker
 lets aborted transactions be read (the test broker does): the restore applies a record only
@@ -64,7 +64,10 @@ def meta_name(task: int) -> str:
 
 
 def marker_key(epoch: int, seq: int) -> bytes:
-    return b"\0m" + _U64.pack(epoch) + _U64.pack(seq // MARKER_GROUP)
+    """A claim (seq 0) has a key of its own, so compaction never removes it."""
+    if seq == 0:
+        return b"\0c" + _U64.pack(epoch)
+    return b"\0m" + _U64.pack(epoch) + _U64.pack((seq - 1) // MARKER_GROUP)
 
 
 def task_of(code: int, key: bytes, tasks: int) -> int:
@@ -165,6 +168,7 @@ class Restore:
         self.pending: list[tuple[int, int, int, bytes, bytes | None]] = []
         self.records = self.bytes = self.applied = 0
         self.dedup_hashes: list[bytes] = []
+        self.writers: set[str] = set()  # transactional ids that claimed the task
         self._txn = None
         self._in_txn = 0
 
@@ -176,7 +180,10 @@ class Restore:
         self.records += 1
         self.bytes += len(key) + (len(value) if value else 0)
         if key[0] == MARKER:
-            epoch, seq = _unpack(value)
+            mark = _unpack(value)
+            epoch, seq = mark[0], mark[1]
+            if seq == 0 and len(mark) > 2:
+                self.writers.add(mark[2])  # a claim names its writer's transactional.id
             self.max_epoch = max(self.max_epoch, epoch)
             if epoch < self.epoch:
                 return  # a superseded owner's marker
@@ -297,19 +304,30 @@ class ChangelogReader:
 
     def read(self, task: int, start: int, sink: Callable[[int, bytes, bytes | None, list], None],
              *, until: int | None = None, heartbeat: Callable[[], None],
-             timeout: float) -> None:
+             timeout: float, on_stall: Callable[[], None] | None = None,
+             stall_s: float = 5.0) -> None:
         """Feed `sink` the records of partition `task` from `start`: to the end of the
-        partition (until=None), or up to and including offset `until`."""
+        partition (until=None), or up to and including offset `until`. Reading up to `until`
+        and getting nothing for `stall_s` calls `on_stall` (an open transaction holds the
+        partition's stable offset back: see `fence`)."""
         tp = TopicPartition(self.topic, task, start)
         self.consumer.assign([tp])
         deadline = time.monotonic() + timeout
+        moved = time.monotonic()
         try:
             while True:
                 heartbeat()
-                if time.monotonic() > deadline:
+                now = time.monotonic()
+                if now > deadline:
                     raise ChangelogError(f"restore of task {task} timed out after {timeout:.0f} "
                                          "s (cluster.restore_timeout_ms)")
-                for m in self.consumer.consume(10_000, 0.02):
+                if until is not None and on_stall is not None and now - moved > stall_s:
+                    on_stall()
+                    moved = now
+                msgs = self.consumer.consume(10_000, 0.02)
+                if msgs:
+                    moved = now
+                for m in msgs:
                     err = m.error()
                     if err is not None:
                         if err.code() == KafkaError._PARTITION_EOF:
@@ -331,6 +349,18 @@ class ChangelogReader:
         self.consumer.close()
 
 
+def fence(conf: dict, transactional_id: str, timeout: float = 30.0) -> None:
+    """Fence a transactional producer: a new producer with its id aborts its open
+    transaction. A writer killed inside a transaction leaves it open, and a partition's
+    read_committed end (its last stable offset) stays before it until the broker aborts it
+    (Apache Kafka after transaction.timeout.ms; the embedded Tansu broker never)."""
+    conf = {**conf, "transactional.id": transactional_id}
+    conf.pop("on_delivery", None)
+    p = Producer(conf)
+    p.init_transactions(timeout)
+    p.flush(1)
+
+
 class ChangelogWriter:
     """The worker's transactional producer: per batch one Kafka transaction holding the
     changelog records of every task it touched, the forwarded updates, the change events
@@ -340,6 +370,7 @@ class ChangelogWriter:
                  heartbeat: Callable[[], None]):
         self.topic = topic
         self.heartbeat = heartbeat
+        self.transactional_id = transactional_id
         self.error: KafkaError | None = None
         conf = {**conf, "transactional.id": transactional_id, "enable.idempotence": True,
                 "acks": "all", "on_delivery": self._delivered}
@@ -404,7 +435,8 @@ class ChangelogWriter:
         transaction. Returns each marker's offset."""
         self.flush()
         for task, (epoch, seq) in markers.items():
-            self.produce(self.topic, task, marker_key(epoch, seq), _pack([epoch, seq]))
+            self.produce(self.topic, task, marker_key(epoch, seq),
+                         _pack([epoch, seq, self.transactional_id]))
         self.flush()
         missing = set(markers) - set(self._marker_offsets)
         if missing:

@@ -45,6 +45,15 @@ FORWARD_HEADER = "aggregator-forward"  # a forwarded view update (msgpack, worke
 _pack = msgpack.Packer(use_bin_type=True).pack
 
 
+def wanted_segment_name(prefix: str) -> str:
+    """Shared counters, one per task: the id of the restore request that made the task
+    this instance's, 0 once it was revoked or lost. The supervisor writes them; a worker
+    checks them before it claims a task and before it applies or writes a task's batch, so
+    that it never acts on a task the group has moved on (a restore or ring batches still in
+    flight at a revoke)."""
+    return f"{prefix}-tasks"
+
+
 class ClusterError(RuntimeError):
     """Cluster mode cannot start (internal topics unusable)."""
 
@@ -90,7 +99,7 @@ def ensure_topics(cfg: Config) -> None:
 
 
 class Ingest:
-    """Stage 1: source records → the tasks topic, re-keyed by slot, exactly once."""
+    """Stage 1: source records → the tasks topic, re-keyed by slot."""
 
     def __init__(self, cfg: Config, instance: str, dlq: DeadLetters):
         self.cfg = cfg
@@ -104,8 +113,8 @@ class Ingest:
         self.consumer = Consumer(cfg.kafka.consumer_conf())
         self.producer = Producer({
             **cfg.kafka.producer_conf(), "acks": "all", "enable.idempotence": True,
-            "transactional.id": f"{cfg.kafka.group_id}.{instance}.ingest"})
-        self.producer.init_transactions(60)
+            "delivery.report.only.error": True, "on_delivery": self._failed})
+        self.failed = None
         self.assigned: set[tuple[str, int]] = set()
         self.consumer.subscribe(self.sources, on_assign=self._on_assign,
                                 on_revoke=self._on_revoke, on_lost=self._on_revoke)
@@ -123,58 +132,29 @@ class Ingest:
         consumer.incremental_unassign(partitions)
 
     def step(self, max_records: int, timeout: float = 0.0) -> int:
-        """Move one batch of source records to the tasks topic; returns how many."""
+        """Move one batch of source records to the tasks topic; returns how many.
+
+        At least once: the records are delivered (idempotent producer), then the source
+        offsets committed. A crash in between re-keys the records again, and the copies are
+        dropped downstream like any redelivery (dedup by event identity, sequence gate).
+        Not a Kafka transaction, on purpose: a member killed inside one would hold the
+        tasks partitions' read_committed end back until the broker aborts it.
+        """
         msgs = self.consumer.consume(max_records, timeout)
         if not msgs:
             return 0
         first: dict[tuple[str, int], int] = {}
         last: dict[tuple[str, int], int] = {}
-        produce, topic, tasks = self.producer.produce, self.topic, self.tasks
-        tindex, max_bytes = self.tindex, self.max_bytes
-        oversized = False
-        self.producer.begin_transaction()
-        try:
-            for m in msgs:
-                if m.error() is not None:
-                    continue
-                src, part, off = m.topic(), m.partition(), m.offset()
-                tp = (src, part)
-                first.setdefault(tp, off)
-                last[tp] = off
-                value, key, headers = m.value(), m.key(), m.headers()
-                ti = tindex[src]
-                if value is not None and len(value) > max_bytes:
-                    self.dlq.send([ti, part, off, key, value, headers], "too_large",
-                                  f"value of {len(value)} bytes exceeds "
-                                  f"service.max_record_bytes ({max_bytes})")
-                    oversized = True
-                    continue
-                rk = routing_key(value, headers, key)
-                slot = slot_of(rk) if rk is not None else 0
-                hdrs = list(headers) if headers else []
-                hdrs.append((ORIGIN_HEADER, _pack([ti, part, off, slot])))
-                while True:
-                    try:
-                        produce(topic, value=value, key=key, partition=slot % tasks,
-                                headers=hdrs)
-                        break
-                    except BufferError:
-                        self.producer.poll(0.05)
-            if not last:
-                self.producer.abort_transaction(30)
-                return 0
-            if oversized:
-                self.dlq.deliver(lambda: None)
-            offsets = [TopicPartition(t, p, o + 1) for (t, p), o in last.items()]
-            self.producer.send_offsets_to_transaction(
-                offsets, self.consumer.consumer_group_metadata(), 60)
-            self.producer.commit_transaction(60)
-        except KafkaException as e:
-            log.warning("ingest: transaction failed (%s): consuming the batch again", e)
-            try:
-                self.producer.abort_transaction(30)
-            except KafkaException:
-                pass
+        self.failed = None
+        oversized = self._produce(msgs, first, last)
+        if not last:
+            return 0
+        if oversized:
+            self.dlq.deliver(lambda: None)
+        while len(self.producer):
+            self.producer.flush(1.0)
+        if self.failed is not None:
+            log.warning("ingest: delivery failed (%s): consuming the batch again", self.failed)
             for (t, p), off in first.items():
                 if (t, p) in self.assigned:
                     try:
@@ -182,6 +162,13 @@ class Ingest:
                     except KafkaException:
                         pass
             return 0
+        offsets = [TopicPartition(t, p, o + 1) for (t, p), o in last.items()
+                   if (t, p) in self.assigned]
+        if offsets:
+            try:
+                self.consumer.commit(offsets=offsets, asynchronous=False)
+            except KafkaException as e:  # re-keyed again after a rebalance: dedup drops them
+                log.warning("ingest: offset commit failed: %s", e)
         counts: dict[str, int] = {}
         for m in msgs:
             if m.error() is None:
@@ -191,6 +178,42 @@ class Ingest:
         n = sum(counts.values())
         self.records += n
         return n
+
+    def _failed(self, err, _msg) -> None:
+        self.failed = err
+
+    def _produce(self, msgs: list, first: dict, last: dict) -> bool:
+        """Produce the records to the tasks topic; True if any was dead-lettered as too
+        large."""
+        produce, topic, tasks = self.producer.produce, self.topic, self.tasks
+        tindex, max_bytes = self.tindex, self.max_bytes
+        oversized = False
+        for m in msgs:
+            if m.error() is not None:
+                continue
+            src, part, off = m.topic(), m.partition(), m.offset()
+            tp = (src, part)
+            first.setdefault(tp, off)
+            last[tp] = off
+            value, key, headers = m.value(), m.key(), m.headers()
+            ti = tindex[src]
+            if value is not None and len(value) > max_bytes:
+                self.dlq.send([ti, part, off, key, value, headers], "too_large",
+                              f"value of {len(value)} bytes exceeds "
+                              f"service.max_record_bytes ({max_bytes})")
+                oversized = True
+                continue
+            rk = routing_key(value, headers, key)
+            slot = slot_of(rk) if rk is not None else 0
+            hdrs = list(headers) if headers else []
+            hdrs.append((ORIGIN_HEADER, _pack([ti, part, off, slot])))
+            while True:
+                try:
+                    produce(topic, value=value, key=key, partition=slot % tasks, headers=hdrs)
+                    break
+                except BufferError:
+                    self.producer.poll(0.05)
+        return oversized
 
     def close(self) -> None:
         try:

@@ -22,6 +22,7 @@ import fcntl
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import time
 from dataclasses import dataclass, field
@@ -33,14 +34,22 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartiti
 
 from . import core, reshard
 from .checkpoint import Checkpoint
-from .cluster import FORWARD_HEADER, ORIGIN_HEADER, ClusterError, Ingest, ensure_topics, instance_id
+from .cluster import (
+    FORWARD_HEADER,
+    ORIGIN_HEADER,
+    ClusterError,
+    Ingest,
+    ensure_topics,
+    instance_id,
+    wanted_segment_name,
+)
 from .config import Config
 from .control import ControlBlock, Slot
 from .deadletter import DeadLetters
 from .envelope import routing_key
 from .faults import fault_point
 from .metrics import create_commit_histogram, partition_label, remove_status, write_status
-from .ring import Ring, cleanup_stale, segment_prefix
+from .ring import Ring, SharedCounters, cleanup_stale, segment_prefix
 from .routing import slot_of
 from .runtime import tune_gc
 from .server import ServerStartError, start_server_process
@@ -118,6 +127,7 @@ class Supervisor:
             self.requests = [0] * self.n  # last restore/drop request id sent, per worker
             self.owned: set[int] = set()
             self.pending_assign: set[int] = set()  # assigned, waiting for their restore
+            self.dropping: dict[int, int] = {}  # task -> drop request id not yet handled
         self.tindex = {t: i for i, t in enumerate(self.topics)}
         self.workers = [WorkerHandle(i) for i in range(self.n)]
         self.stop_requested = False
@@ -198,6 +208,15 @@ class Supervisor:
     def _check_layout(self) -> None:
         """Reshard the data dir if it was written for another worker count (reshard.py),
         holding the LOCK, before anything starts."""
+        if self.cluster:
+            old = reshard.current_workers(self.data_dir)
+            if old is not None and old != self.n:
+                # the shards are a cache of the tasks' changelogs: start empty, restore
+                for path in self.data_dir.glob("shard-*"):
+                    shutil.rmtree(path)
+                log.warning("cluster mode: the data directory was written by %d workers, now "
+                            "%d: local state discarded; the tasks are restored from their "
+                            "changelogs", old, self.n)
         try:
             reshard.ensure_layout(self.cfg, self.data_dir, self.n,
                                   dead_letters=lambda: DeadLetters(self.cfg, self.topics))
@@ -219,6 +238,9 @@ class Supervisor:
                          4 * self.svc.max_record_bytes + (1 << 20))
         peers = [Ring.create(name, peer_bytes) for name in names["peer"].values()]
         self._rings = self.inbound + peers
+        self.wanted = None
+        if self.cluster:
+            self.wanted = SharedCounters.create(wanted_segment_name(self.prefix), self.tasks)
         self.max_message = min(r.max_message for r in self.inbound)
         self._packer = msgpack.Packer(use_bin_type=True)
 
@@ -272,7 +294,10 @@ class Supervisor:
             self._rewind(durable)
         time.sleep(min(0.1 * 2 ** h.failures, 5.0))
         self._spawn(h)
-        if self.cluster:
+        if self.cluster:  # the rings were reset: send again what the dead worker missed
+            drops = sorted(t for t in self.dropping if t % self.n == h.index)
+            if drops:
+                self.dropping.update(self._send_control(MSG_DROP, drops))
             tasks = sorted({p for _, p in mine} | {t for t in self.pending_assign
                                                    if t % self.n == h.index})
             for t in tasks:
@@ -516,9 +541,13 @@ class Supervisor:
         now = time.monotonic()
         for t, rid in self._send_control(MSG_RESTORE, tasks).items():
             self.restoring[t] = (rid, now)
+            self.wanted.set(t, rid)
         log.info("restoring %d tasks: %s", len(tasks), sorted(tasks))
 
     def _check_restores(self) -> None:
+        for t, rid in list(self.dropping.items()):
+            if self.ctl.get(t % self.n, Slot.RESTORE_DONE) >= rid:
+                del self.dropping[t]
         if not self.restoring:
             return
         done = [t for t, (rid, _) in self.restoring.items()
@@ -655,7 +684,8 @@ class Supervisor:
         self.pending_assign.difference_update(tasks)
         for t in tasks:
             self.restoring.pop(t, None)
-        self._send_control(MSG_DROP, tasks)
+            self.wanted.set(t, 0)  # before anything else: the workers stop acting on it
+        self.dropping.update(self._send_control(MSG_DROP, tasks))
         log.info("%s tasks %s: dropping their local state", why, sorted(tasks))
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -800,6 +830,10 @@ class Supervisor:
                 pass
 
     def _release(self) -> None:
+        if getattr(self, "wanted", None) is not None:
+            self.wanted.close()
+            self.wanted.unlink()
+            self.wanted = None
         if self.hist is not None:
             self.hist.close()
             self.hist.unlink()

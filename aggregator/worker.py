@@ -43,16 +43,18 @@ import msgpack
 
 from . import core
 from .changelog import (
+    DEDUP,
     CapturingBatch,
     ChangelogError,
     ChangelogReader,
     ChangelogWriter,
     Restore,
     drop_task,
+    fence,
     meta_name,
 )
 from .changes import ChangeEncoder, ChangeMessages, ChangePublisher
-from .cluster import FORWARD_HEADER, instance_id
+from .cluster import FORWARD_HEADER, instance_id, wanted_segment_name
 from .config import Config
 from .control import ControlBlock, Slot
 from .deadletter import DeadLetters
@@ -189,7 +191,7 @@ class Worker:
             self.tasks = cfg.cluster.tasks
             self.TT = len(self.topics)
             self.topics.append(cfg.tasks_topic())
-            self.owned: dict[int, list[int]] = {}  # task -> [epoch, batch seq]
+            self.owned: dict[int, list[int]] = {}  # task -> [epoch, batch seq, request id]
             self.instance = instance_id(Path(svc.data_dir).resolve())
             self.writer: ChangelogWriter | None = None
             self.reader: ChangelogReader | None = None
@@ -225,6 +227,8 @@ class Worker:
         names = ring_names(self.prefix, self.n)
         self.ctl = ControlBlock.attach(names["control"], self.n)
         self.hist = SharedCounters.attach(hist_segment_name(self.prefix))
+        if self.cluster:
+            self.wanted = SharedCounters.attach(wanted_segment_name(self.prefix))
         self.inbound = Ring.attach(names["inbound"][self.index])
         self.peer_in = {j: Ring.attach(names["peer"][(j, self.index)])
                         for j in range(self.n) if j != self.index}
@@ -505,6 +509,9 @@ class Worker:
         self.t_kfwd: list[tuple[int, list]] = []  # cluster: (task, update) to forward
         self.t_kafka_done = False
         self.t_markers: dict[int, tuple[int, int]] = {}  # cluster: task -> (epoch, seq)
+        if self.cluster:  # owned tasks the supervisor still wants this worker to act on
+            wanted = self.wanted
+            self.t_allowed = {t for t, st in self.owned.items() if wanted.get(t) == st[2]}
 
     def _apply(self, batch: Batch, sup_msgs: list, peer_msgs: list) -> bool:
         if self.cluster:
@@ -557,6 +564,7 @@ class Worker:
         forwards = []
         through = self.t_through
         TT = self.TT
+        allowed = self.t_allowed
         for m in sup_msgs:
             if m[0] == MSG_STOP:
                 stop = True
@@ -564,6 +572,8 @@ class Worker:
             _, batch_id, thr, records = m
             self.t_ack = max(self.t_ack, batch_id)
             for rec in records:
+                if rec[8] not in allowed:
+                    continue  # revoked or lost meanwhile: another instance applies it
                 tp = (TT, rec[8])
                 if rec[9] <= through.get(tp, self.through.get(tp, -1)):
                     continue
@@ -576,7 +586,7 @@ class Worker:
                     events.append((ev, rec))
             for ti, part, off in thr:
                 tp = (ti, part)
-                if off > through.get(tp, self.through.get(tp, -1)):
+                if part in allowed and off > through.get(tp, self.through.get(tp, -1)):
                     through[tp] = off
         if forwards:
             self._apply_forwards(batch, forwards)
@@ -753,6 +763,8 @@ class Worker:
         if not self.gate.parked_total:
             return
         for g in self.gate.expired(time.time(), self.gap_timeout):
+            if self.cluster and ((g[0] << 8) | g[1]) % self.tasks not in self.t_allowed:
+                continue  # its task is being handed over: the next owner expires it
             if self.gap_policy == "skip":
                 self._skip_gap(batch, g)
             else:
@@ -949,6 +961,13 @@ class Worker:
         change events and, once all of them are delivered, each task's marker (changelog.py).
         Its marker offsets go into the LMDB transaction, committed right after."""
         by_task = batch.by_task(self.tasks)
+        for task, entries in list(by_task.items()):
+            if task not in self.t_allowed:
+                if all(e[0] == DEDUP and e[2] is None for e in entries):
+                    del by_task[task]  # pruned dedup ids of a task held as a stale cache
+                    continue
+                raise ChangelogError(f"worker {self.index}: a batch changed task {task}, "
+                                     "which this worker does not own (now)")
         changes = self._change_rows() if self.change_msgs is not None else ()
         if not by_task and not self.t_kfwd and not changes:
             return
@@ -956,10 +975,7 @@ class Worker:
         markers: dict[int, tuple[int, int]] = {}
         w.begin()
         for task, entries in by_task.items():
-            state = self.owned.get(task)
-            if state is None:
-                raise ChangelogError(f"worker {self.index}: a batch changed task {task}, "
-                                     "which this worker does not own")
+            state = self.owned[task]
             markers[task] = (state[0], state[1] + 1)
             w.put_state(task, state[0], state[1] + 1, entries)
         topic = self.topics[self.TT]
@@ -986,7 +1002,7 @@ class Worker:
                     run = []
                 if m[0] == MSG_RESTORE:
                     for task in m[2]:
-                        self._restore(task)
+                        self._restore(task, m[1])
                 else:
                     for task in m[2]:
                         self._drop(task)
@@ -999,60 +1015,35 @@ class Worker:
             stop = self.process(run, []) or stop
         return stop
 
-    def _restore(self, task: int) -> None:
+    def _restore(self, task: int, rid: int) -> None:
         """Bring the task's state up to date from its changelog and claim it (a new epoch):
-        from the offset this shard has applied through, or from the start."""
-        timeout = self.cfg.cluster.restore_timeout_ms / 1000
+        from the offset this shard has applied through, or from the start. Request `rid`
+        made the task ours; if the supervisor no longer wants it (revoked meanwhile), the
+        restore stops before the claim: a claim now could fence the task's next owner."""
         if self.reader is None:
             conf = self.cfg.kafka.consumer_conf()
             conf["group.id"] = f"{self.cfg.kafka.group_id}.restore"
             self.reader = ChangelogReader(conf, self.cfg.changelog_topic())
-        ctl, me = self.ctl, self.index
-        r = Restore(self.shard, task, self.bloom.generation)
         t0 = time.monotonic()
-        log.info("worker %d: restoring task %d from changelog offset %s", me, task,
-                 r.pos + 1 if r.pos >= 0 else "0 (no local state)")
-        progress = {"records": 0, "bytes": 0, "log_at": t0 + 5}
-
-        def sink(offset, key, value, headers):
-            r.feed(offset, key, value, headers)
-            if r.records - progress["records"] >= 1000:
-                ctl.add(me, Slot.RESTORE_RECORDS, r.records - progress["records"])
-                ctl.add(me, Slot.RESTORE_BYTES, r.bytes - progress["bytes"])
-                progress["records"], progress["bytes"] = r.records, r.bytes
-                now = time.monotonic()
-                if now >= progress["log_at"]:
-                    progress["log_at"] = now + 5
-                    log.info("worker %d: restoring task %d: %d records (%.1f MB) so far", me,
-                             task, r.records, r.bytes / 1e6)
-
-        reader, next_off = self.reader, [r.start]
-
-        def sink_tracking(offset, key, value, headers):
-            next_off[0] = offset + 1
-            sink(offset, key, value, headers)
-
-        try:
-            reader.read(task, r.start, sink_tracking, heartbeat=self._heartbeat,
-                        timeout=timeout)
-            epoch = r.max_epoch + 1
-            w = self._writer()
-            w.begin()
-            claim = w.commit({task: (epoch, 0)})[task]
-            reader.read(task, next_off[0], sink_tracking, until=claim,
-                        heartbeat=self._heartbeat, timeout=timeout)
-            if r.epoch != epoch:
-                raise ChangelogError(f"task {task}: claimed epoch {epoch}, but the changelog "
-                                     f"ends in epoch {r.epoch} (another owner?)")
-            r.finish()
-        except BaseException:
-            r.abort()
-            raise
-        ctl.add(me, Slot.RESTORE_RECORDS, r.records - progress["records"])
-        ctl.add(me, Slot.RESTORE_BYTES, r.bytes - progress["bytes"])
+        while True:
+            try:
+                done = self._restore_once(task, rid, t0)
+                break
+            except lmdb.MapFullError:
+                if not self.shard.grow():
+                    raise ShardError(
+                        f"{self.shard.path}: LMDB map full at service.lmdb_max_map_size "
+                        f"({self.shard.max_map_size} bytes) while restoring task {task}: "
+                        "raise service.lmdb_max_map_size and restart") from None
+                # the restore goes on from its last committed chunk
+        if done is None:
+            log.info("worker %d: task %d was revoked during its restore: not claimed",
+                     self.index, task)
+            return
+        r, epoch = done
         if r.dedup_hashes:
             self.bloom.check_and_add(b"".join(r.dedup_hashes))
-        self.owned[task] = [epoch, 0]
+        self.owned[task] = [epoch, 0, rid]
         off = self.shard.offsets().get((self.topics[self.TT], task))
         if off is None:
             self.through.pop((self.TT, task), None)
@@ -1060,9 +1051,71 @@ class Worker:
             self.through[(self.TT, task)] = off
         dt = time.monotonic() - t0
         log.info("worker %d: restored task %d in %.2f s: %d changelog records (%.2f MB), %d "
-                 "applied (%.1f MB/s, %.0f records/s); epoch %d, tasks topic through %s", me,
-                 task, dt, r.records, r.bytes / 1e6, r.applied, r.bytes / 1e6 / max(dt, 1e-6),
-                 r.records / max(dt, 1e-6), epoch, off)
+                 "applied (%.1f MB/s, %.0f records/s); epoch %d, tasks topic through %s",
+                 self.index, task, dt, r.records, r.bytes / 1e6, r.applied,
+                 r.bytes / 1e6 / max(dt, 1e-6), r.records / max(dt, 1e-6), epoch, off)
+
+    def _restore_once(self, task: int, rid: int, t0: float):
+        """One attempt of `_restore`: (Restore, epoch), or None when no longer wanted."""
+        timeout = self.cfg.cluster.restore_timeout_ms / 1000
+        ctl, me, reader = self.ctl, self.index, self.reader
+        r = Restore(self.shard, task, self.bloom.generation)
+        log.info("worker %d: restoring task %d from changelog offset %s", me, task,
+                 r.pos + 1 if r.pos >= 0 else "0 (no local state)")
+        state = {"next": r.start, "records": 0, "bytes": 0, "log_at": t0 + 5}
+
+        def sink(offset, key, value, headers):
+            state["next"] = offset + 1
+            r.feed(offset, key, value, headers)
+            if r.records - state["records"] >= 1000:
+                report()
+
+        def report():
+            ctl.add(me, Slot.RESTORE_RECORDS, r.records - state["records"])
+            ctl.add(me, Slot.RESTORE_BYTES, r.bytes - state["bytes"])
+            state["records"], state["bytes"] = r.records, r.bytes
+            now = time.monotonic()
+            if now >= state["log_at"]:
+                state["log_at"] = now + 5
+                log.info("worker %d: restoring task %d: %d records (%.1f MB) so far", me, task,
+                         r.records, r.bytes / 1e6)
+
+        try:
+            reader.read(task, r.start, sink, heartbeat=self._heartbeat, timeout=timeout)
+            if self.wanted.get(task) != rid:
+                r.finish()  # what was read stays as the local cache
+                return None
+            epoch = r.max_epoch + 1
+            w = self._writer()
+            w.begin()
+            claim = w.commit({task: (epoch, 0)})[task]
+            reader.read(task, state["next"], sink, until=claim, heartbeat=self._heartbeat,
+                        timeout=timeout, on_stall=lambda: self._fence_writers(task, r))
+            if r.epoch != epoch:
+                raise ChangelogError(f"task {task}: claimed epoch {epoch}, but the changelog "
+                                     f"ends in epoch {r.epoch} (another owner?)")
+            r.finish()
+        except BaseException:
+            r.abort()
+            raise
+        finally:
+            report()
+        return r, epoch
+
+    def _fence_writers(self, task: int, r: Restore) -> None:
+        """The restore can't reach its own claim: an earlier writer of the task's changelog
+        died inside a transaction (its id is in its claim). Fence every earlier writer but
+        this worker; a live one that is fenced (rare: it wrote the task before) restarts
+        its worker and restores its tasks."""
+        me = self._writer().transactional_id
+        others = sorted(r.writers - {me})
+        log.warning("worker %d: restoring task %d: the changelog is held by an open "
+                    "transaction; fencing its earlier writers %s", self.index, task, others)
+        for tid in others:
+            try:
+                fence(self.cfg.kafka.producer_conf(), tid)
+            except Exception as e:  # noqa: BLE001 - tried again at the next stall
+                log.warning("worker %d: fencing %s failed: %s", self.index, tid, e)
 
     def _drop(self, task: int) -> None:
         """The task moved to another instance: forget it (the changelog has it all)."""

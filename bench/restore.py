@@ -88,6 +88,27 @@ def wait_restored(run, inst, tasks: int, timeout: float = 600) -> float:
     raise SystemExit(f"instance {inst.index} not restored within {timeout} s")
 
 
+def apply_rate(run, inst, quiet: float = 3.0, timeout: float = 1800) -> dict:
+    """Events applied per second by `inst` (aggregator_events_applied_total), from its
+    first applied event until the count stops moving for `quiet` seconds."""
+    t_first = t_last = None
+    last = 0.0
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        now = time.monotonic()
+        n = (run.metrics(inst) or {}).get("aggregator_events_applied_total", 0.0)
+        if n > last:
+            if t_first is None:
+                t_first = now
+            last, t_last = n, now
+        elif t_last is not None and now - t_last >= quiet:
+            break
+        time.sleep(0.1)
+    secs = (t_last - t_first) if t_first is not None and t_last > t_first else None
+    return {"applied": int(last), "seconds": round(secs, 2) if secs else None,
+            "events_per_s": round(last / secs) if secs else None}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.restore", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -96,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", "-w", type=int, default=2)
     ap.add_argument("--seed", type=int, default=5)
     ap.add_argument("--out", default="restore", help="bench/results/<out>.{json,md}")
+    ap.add_argument("--compare", action="store_true",
+                    help="also apply the workload with one instance in normal mode (no "
+                         "cluster) and report both apply rates")
     args = ap.parse_args(argv)
 
     sys.path.insert(0, str(ROOT))
@@ -110,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             run.produce()
             first = run.start_instance()
             t0 = time.monotonic()
+            rates = {"cluster mode": apply_rate(run, first)}
             if not run.converge(timeout=1200):
                 raise SystemExit("the first instance did not converge")
             build_s = time.monotonic() - t0
@@ -144,9 +169,22 @@ def main(argv: list[str] | None = None) -> int:
             run.stop_all()
         finally:
             run.close()
+        if args.compare:
+            normal = ClusterRun(broker, Path(tmp) / "normal", workload, cluster=False,
+                                workers=args.workers, name="normal", with_bad=False)
+            try:
+                normal.produce()
+                inst = normal.start_instance()
+                rates["normal mode"] = apply_rate(normal, inst)
+                if not normal.converge(timeout=600):
+                    raise SystemExit("normal mode did not converge")
+                normal.stop_all()
+            finally:
+                normal.close()
+        print(rates, flush=True)
 
     doc = {"events": args.events, "tasks": args.tasks, "workers": args.workers,
-           "build_s": round(build_s, 1), "rows": rows,
+           "build_s": round(build_s, 1), "rows": rows, "apply_rates": rates,
            "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.out}.json").write_text(json.dumps(doc, indent=2) + "\n")
@@ -160,6 +198,10 @@ def main(argv: list[str] | None = None) -> int:
                      f"{r['keys']:,} | {r['restore_s']} | {r['mb_per_s']} | "
                      f"{r['records_per_s']} | {r.get('state_entries', '-')} | "
                      f"{r.get('entries_per_s', '-')} | {r['start_to_restored_s']} |")
+    lines += ["", "| mode (1 instance) | events applied | seconds | events/s |",
+              "|---|---:|---:|---:|"]
+    for mode, r in rates.items():
+        lines.append(f"| {mode} | {r['applied']:,} | {r['seconds']} | {r['events_per_s']} |")
     (RESULTS / f"{args.out}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -4,6 +4,7 @@ tail of a batch cut short, nothing from a superseded owner."""
 
 from __future__ import annotations
 
+import lmdb
 import msgpack
 import pytest
 
@@ -243,3 +244,53 @@ def test_drop_task_deletes_only_that_task(shard):
     with shard.env.begin() as txn:
         assert [bytes(k) for k, _ in txn.cursor(db=shard.db["dedup_gen"])] == [
             (0).to_bytes(8, "big") + sk(2, 2)]
+
+
+def test_a_claim_has_a_key_no_marker_shares():
+    """Compaction keeps the latest record per key: a claim must never be superseded."""
+    claims = {marker_key(e, 0) for e in range(1, 4)}
+    markers = {marker_key(e, s) for e in range(1, 4) for s in range(1, 600)}
+    assert len(claims) == 3 and not claims & markers
+    assert marker_key(1, 1) == marker_key(1, 256) != marker_key(1, 257)
+
+
+def test_pruned_dedup_ids_of_a_stale_task_are_not_written(shard):
+    """A task kept locally as a cache (not owned now): the bloom filter's pruning deletes its
+    old dedup ids locally, and that is no change of the task for the changelog."""
+    import types
+
+    from aggregator.worker import Worker
+
+    capture(shard, lambda b: (b.mark_seen(sk(1, 1), 0), b.mark_seen(sk(2, 2), 5)))
+    b = CapturingBatch(shard)
+    b.prune_generations(0)
+    began = []
+    fake = types.SimpleNamespace(tasks=TASKS, owned={2: [7, 3, 1]}, t_allowed={2},
+                                 change_msgs=None, t_kfwd=[], index=0,
+                                 _writer=lambda: began.append(1))
+    Worker._write_changelog(fake, b)  # nothing to write: no transaction at all
+    assert began == []
+    b.abort()
+
+
+def test_a_restore_that_fills_the_map_resumes_after_growing(tmp_path):
+    shard = Shard(tmp_path / "small", map_size=1 << 20, max_map_size=64 << 20, sync=False)
+    log = Log()
+    log.batch(1, 0, [])
+    big = msgpack.packb({"v": 1, "d": "x" * 4000, "s": {}})
+    for i in range(1, 600):
+        log.batch(1, i, [(VIEWS, dk(1, f"k{i}"), big)])
+    grown = 0
+    while True:  # what worker._restore does
+        r = Restore(shard, 1, 0)
+        try:
+            log.feed(r, max(r.start, 0))  # OFFSET_BEGINNING is negative
+            r.finish()
+            break
+        except lmdb.MapFullError:
+            r.abort()
+            assert shard.grow()
+            grown += 1
+    assert grown >= 1
+    assert len(views(shard)) == 599
+    shard.close()

@@ -23,7 +23,7 @@ def workload():
 
 
 def _kill_one_of(n: int, workload, cluster):
-    run = cluster(workload, name=f"kill 1 of {n}")
+    run = cluster(workload, name=f"kill 1 of {n}", changes=True)
     run.produce(0, 0.5)
     for _ in range(n):
         run.start_instance()
@@ -48,7 +48,7 @@ def test_kill_one_of_three(workload, cluster):
 
 
 def test_scale_up_one_to_two(workload, cluster):
-    run = cluster(workload, name="scale up 1 to 2")
+    run = cluster(workload, name="scale up 1 to 2", changes=True)
     run.produce(0, 0.5)
     first = run.start_instance()
     run.wait_progress(EVENTS // 5)

@@ -13,6 +13,7 @@ from aggregator.changelog import (
     ChangelogReader,
     ChangelogWriter,
     Restore,
+    fence,
     meta_name,
 )
 from aggregator.store import Shard
@@ -46,7 +47,8 @@ def restore(bootstrap: str, topic: str, shard: Shard, task: int, writer: Changel
                              topic)
     try:
         r = Restore(shard, task, generation=0)
-        nxt = [r.start]
+        start = r.start  # (r.start moves on with the restore)
+        nxt = [start]
 
         def sink(off, key, value, headers):
             nxt[0] = off + 1
@@ -56,9 +58,18 @@ def restore(bootstrap: str, topic: str, shard: Shard, task: int, writer: Changel
         epoch = r.max_epoch + 1
         writer.begin()
         claim = writer.commit({task: (epoch, 0)})[task]
-        reader.read(task, nxt[0], sink, until=claim, heartbeat=lambda: None, timeout=60)
+        stalls = []
+
+        def on_stall():  # what worker._fence_writers does
+            stalls.append(1)
+            for tid in r.writers - {writer.transactional_id}:
+                fence({"bootstrap.servers": bootstrap}, tid)
+
+        reader.read(task, nxt[0], sink, until=claim, heartbeat=lambda: None, timeout=60,
+                    on_stall=on_stall, stall_s=1.0)
         r.finish()
-        return r, epoch
+        r.stalls = len(stalls)
+        return r, epoch, start
     finally:
         reader.close()
 
@@ -81,7 +92,7 @@ def test_batches_survive_a_move_and_an_aborted_one_does_not(bootstrap, create_to
     old.abort()
 
     new = ChangelogWriter(conf, f"{topic}-new", topic, lambda: None)
-    r, epoch = restore(bootstrap, topic, shard, 1, new)
+    r, epoch, _ = restore(bootstrap, topic, shard, 1, new)
     assert epoch == 2
     assert views(shard) == {dk(1, "a"): 3, dk(9, "k1"): 1, dk(9, "k2"): 1, dk(9, "k3"): 1}
 
@@ -96,13 +107,49 @@ def test_batches_survive_a_move_and_an_aborted_one_does_not(bootstrap, create_to
     fresh = Shard(tmp_path / "fresh", map_size=16 << 20, max_map_size=64 << 20, sync=False)
     try:
         third = ChangelogWriter(conf, f"{topic}-third", topic, lambda: None)
-        r3, epoch3 = restore(bootstrap, topic, fresh, 1, third)
+        r3, epoch3, _ = restore(bootstrap, topic, fresh, 1, third)
         assert epoch3 == 3
         assert views(fresh)[dk(1, "a")] == 4
         # and the first restorer catches up from its cached offset to the same state
         cached = shard.get_meta(meta_name(1))[0]
-        r4, _ = restore(bootstrap, topic, shard, 1, new)
-        assert r4.start == cached + 1 and r4.records < r3.records
+        r4, _, start4 = restore(bootstrap, topic, shard, 1, new)
+        assert start4 == cached + 1 and r4.records < r3.records
         assert views(shard) == views(fresh)
     finally:
         fresh.close()
+
+
+def _die_inside_a_transaction(bootstrap: str, topic: str) -> None:
+    """A writer that claims task 0, commits one batch, then is killed inside the next."""
+    import os
+
+    w = ChangelogWriter({"bootstrap.servers": bootstrap}, f"{topic}-dead", topic, lambda: None)
+    w.begin()
+    w.commit({0: (1, 0)})
+    w.begin()
+    w.put_state(0, 1, 1, [(VIEWS, dk(0, "a"), doc(1))])
+    w.commit({0: (1, 1)})
+    w.begin()
+    w.put_state(0, 1, 2, [(VIEWS, dk(0, "a"), doc(2))])
+    w.flush()
+    os._exit(0)  # no abort, no commit: the transaction stays open
+
+
+def test_a_writer_killed_inside_a_transaction_is_fenced_by_the_restore(bootstrap, create_topic,
+                                                                        shard):
+    """The broker keeps a dead writer's transaction open (Tansu forever, Kafka for
+    transaction.timeout.ms), and read_committed reads stop before it: the restore can't
+    reach its own claim until it fences the writer named in the task's claims."""
+    import multiprocessing
+
+    topic = create_topic("changelog", partitions=1)
+    child = multiprocessing.get_context("spawn").Process(
+        target=_die_inside_a_transaction, args=(bootstrap, topic))
+    child.start()
+    child.join(60)
+    assert child.exitcode == 0
+    new = ChangelogWriter({"bootstrap.servers": bootstrap}, f"{topic}-new", topic, lambda: None)
+    r, epoch, _ = restore(bootstrap, topic, shard, 0, new)
+    assert r.stalls >= 1 and r.writers == {f"{topic}-dead", f"{topic}-new"}
+    assert epoch == 2
+    assert views(shard) == {dk(0, "a"): 1}  # the open batch was not applied
