@@ -100,25 +100,8 @@ class CapturingBatch(Batch):
         super().mark_seen(skey, generation)
         self.log.append((DEDUP, skey, b""))
 
-    def prune_generations(self, upto: int, limit: int = 100_000) -> int:
-        cur = self.txn.cursor(db=self._db["dedup_gen"])
-        dedup = self._db["dedup"]
-        n = 0
-        if not cur.first():
-            return 0
-        while n < limit:
-            k = cur.key()
-            if not k or _U64.unpack(k[:8])[0] > upto:
-                break
-            skey = bytes(k[8:])
-            raw = self.txn.get(skey, db=dedup)
-            if raw is not None and _U64.unpack(raw)[0] <= upto:
-                self.txn.delete(skey, db=dedup)
-                self.log.append((DEDUP, skey, None))
-            if not cur.delete():
-                break
-            n += 1
-        return n
+    def _unseen(self, skey: bytes) -> None:
+        self.log.append((DEDUP, bytes(skey), None))
 
     def put_seq(self, gkey: bytes, last: int, topic: str, partition: int) -> None:
         v = _pack([last, topic, partition])

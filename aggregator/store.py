@@ -400,10 +400,14 @@ class Batch:
             raw = self.txn.get(skey, db=dedup)
             if raw is not None and _U64.unpack(raw)[0] <= upto:
                 self.txn.delete(skey, db=dedup)
+                self._unseen(skey)
             if not cur.delete():
                 break
             n += 1
         return n
+
+    def _unseen(self, skey: bytes) -> None:
+        """A dedup id was pruned (a hook for changelog.CapturingBatch)."""
 
     # sequences and parked events
     def get_seq(self, gkey: bytes) -> list | None:

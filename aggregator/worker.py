@@ -506,6 +506,7 @@ class Worker:
         self.t_pruned_out: dict[int, int] = {}
         self.t_bloom_saved = False
         self.t_dlq: list[tuple] = []
+        self.t_stop = False  # a stop message was among the batch's
         self.t_kfwd: list[tuple[int, list]] = []  # cluster: (task, update) to forward
         self.t_kafka_done = False
         self.t_markers: dict[int, tuple[int, int]] = {}  # cluster: task -> (epoch, seq)
@@ -516,7 +517,6 @@ class Worker:
     def _apply(self, batch: Batch, sup_msgs: list, peer_msgs: list) -> bool:
         if self.cluster:
             return self._apply_tasks(batch, sup_msgs)
-        stop = False
         for m in peer_msgs:
             _, src, seq, updates = m
             last = self.t_link_in.get(src, self.link_in.get(src, 0))
@@ -531,12 +531,7 @@ class Worker:
                                       f"view {feed.view}: merge failed")
         events = []
         through = self.t_through
-        for m in sup_msgs:
-            if m[0] == MSG_STOP:
-                stop = True
-                continue
-            _, batch_id, thr, records = m
-            self.t_ack = max(self.t_ack, batch_id)
+        for records, thr in self._rounds(sup_msgs):
             for rec in records:
                 tp = (rec[0], rec[1])
                 if rec[2] <= through.get(tp, self.through.get(tp, -1)):
@@ -545,13 +540,29 @@ class Worker:
                 ev = self._parse(rec)
                 if ev is not None:
                     events.append((ev, rec))
-            for ti, part, off in thr:
-                tp = (ti, part)
-                if off > through.get(tp, self.through.get(tp, -1)):
-                    through[tp] = off
+            self._advance_through(thr)
         if events:
             self._apply_events(batch, events)
-        return stop
+        return self.t_stop
+
+    def _rounds(self, sup_msgs: list):
+        """(records, through-offsets) of each records message from the supervisor; notes
+        the highest batch id (acknowledged after the commit) and a stop message."""
+        for m in sup_msgs:
+            if m[0] == MSG_STOP:
+                self.t_stop = True
+                continue
+            _, batch_id, thr, records = m
+            self.t_ack = max(self.t_ack, batch_id)
+            yield records, thr
+
+    def _advance_through(self, thr: list, allowed=None) -> None:
+        through = self.t_through
+        for ti, part, off in thr:
+            tp = (ti, part)
+            if (allowed is None or part in allowed) and \
+                    off > through.get(tp, self.through.get(tp, -1)):
+                through[tp] = off
 
     def _apply_tasks(self, batch: Batch, sup_msgs: list) -> bool:
         """Cluster mode: the records come from the tasks topic. A record is
@@ -559,18 +570,12 @@ class Worker:
         task offset] (origin first, for dead letters and the source's ordering mode), or a
         forwarded update [-1, task, task offset, None, update, ...]; each task's records are
         skipped by their tasks-topic offset."""
-        stop = False
         events = []
         forwards = []
         through = self.t_through
         TT = self.TT
         allowed = self.t_allowed
-        for m in sup_msgs:
-            if m[0] == MSG_STOP:
-                stop = True
-                continue
-            _, batch_id, thr, records = m
-            self.t_ack = max(self.t_ack, batch_id)
+        for records, thr in self._rounds(sup_msgs):
             for rec in records:
                 if rec[8] not in allowed:
                     continue  # revoked or lost meanwhile: another instance applies it
@@ -584,15 +589,12 @@ class Worker:
                 ev = self._parse(rec)
                 if ev is not None:
                     events.append((ev, rec))
-            for ti, part, off in thr:
-                tp = (ti, part)
-                if part in allowed and off > through.get(tp, self.through.get(tp, -1)):
-                    through[tp] = off
+            self._advance_through(thr, allowed)
         if forwards:
             self._apply_forwards(batch, forwards)
         if events:
             self._apply_events(batch, events)
-        return stop
+        return self.t_stop
 
     def _apply_forwards(self, batch: Batch, updates: list) -> None:
         """Cluster mode: view updates forwarded through the tasks topic, each applied once
@@ -804,45 +806,38 @@ class Worker:
                     return
                 slot = slot_of(kb)
             targets.append((f, key, slot))
-        applied: list[bytes] = []
-        forwards = []
         if self.cluster:
-            return self._apply_event_tasks(batch, ev, rec, targets)
-        for f, key, slot in targets:
-            owner = worker_of(slot, self.n)
-            if owner != self.index:
-                forwards.append((owner, [f.feed_id, key, slot, ev.id, ev.source, ev.type,
-                                         ev.time, ev.subject, ev.sequence, ev.data,
-                                         ev.partitionkey, rec[0], rec[1], rec[2]]))
-                continue
-            dkey = self._apply_local(batch, f, key, slot, ev)
-            if dkey is None:  # all of the event or none of it: undo its other views
-                for d in applied:
-                    self.t_log[d].pop()
-                    self._drop_last_change(d)
-                for d in set(applied):
-                    self._replay(batch, d)
-                self._dead_letter(rec, "merge_error", f"view {f.view}: merge failed")
-                return
-            applied.append(dkey)
-        for owner, update in forwards:
+            # a view key of another task goes through the tasks topic, even if this worker
+            # owns that task now: forwards of earlier batches may still be on their way
+            # there, and one stream's updates of a key must arrive in order
+            tasks = self.tasks
+            forwards = self._merge_targets(batch, ev, rec, targets,
+                                           lambda slot: slot % tasks, rec[8])
+            if forwards:
+                self.t_stats["forwarded"] += len(forwards)
+                self.t_kfwd.extend(forwards)
+            return
+        n = self.n
+        forwards = self._merge_targets(batch, ev, rec, targets,
+                                       lambda slot: worker_of(slot, n), self.index)
+        for owner, update in forwards or ():
             self.t_stats["forwarded"] += 1
             self.t_out.setdefault(owner, []).append(update)
 
-    def _apply_event_tasks(self, batch: Batch, ev, rec, targets: list) -> None:
-        """Cluster mode: a view key of the event's own task is merged here; one of another
-        task is forwarded through the tasks topic (even if this worker owns that task now:
-        the forwards of earlier batches may still be on their way there, and one key's
-        updates from one stream must arrive in order)."""
+    def _merge_targets(self, batch: Batch, ev, rec, targets: list, owner_of, me: int
+                       ) -> list[tuple[int, list]] | None:
+        """Merge the event into its view keys owned by `me` (`owner_of(slot)`); returns the
+        updates for the others as (owner, update). All of the event or none of it: on a
+        merge error its other views here are undone, it is dead-lettered and nothing is
+        forwarded (None)."""
         applied: list[bytes] = []
         forwards = []
-        tasks, own = self.tasks, rec[8]
         for f, key, slot in targets:
-            task = slot % tasks
-            if task != own:
-                forwards.append((task, [f.feed_id, key, slot, ev.id, ev.source, ev.type,
-                                        ev.time, ev.subject, ev.sequence, ev.data,
-                                        ev.partitionkey, rec[0], rec[1], rec[2]]))
+            owner = owner_of(slot)
+            if owner != me:
+                forwards.append((owner, [f.feed_id, key, slot, ev.id, ev.source, ev.type,
+                                         ev.time, ev.subject, ev.sequence, ev.data,
+                                         ev.partitionkey, rec[0], rec[1], rec[2]]))
                 continue
             dkey = self._apply_local(batch, f, key, slot, ev)
             if dkey is None:
@@ -852,10 +847,9 @@ class Worker:
                 for d in set(applied):
                     self._replay(batch, d)
                 self._dead_letter(rec, "merge_error", f"view {f.view}: merge failed")
-                return
+                return None
             applied.append(dkey)
-        self.t_stats["forwarded"] += len(forwards)
-        self.t_kfwd.extend(forwards)
+        return forwards
 
     def _apply_local(self, batch: Batch, f: Feed, key: str, slot: int, ev) -> bytes | None:
         """Merge one event into a document of this shard: its key, or None (and the document

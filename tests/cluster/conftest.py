@@ -9,17 +9,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.marks import mark_folder
+
 from .harness import ClusterRun
 
 HERE = Path(__file__).resolve().parent
 
 
 def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if HERE in Path(item.path).resolve().parents:
-            item.add_marker(pytest.mark.chaos)
-            item.add_marker(pytest.mark.slow)
-            item.add_marker(pytest.mark.integration)
+    mark_folder(items, HERE, "chaos", "slow", "integration")
 
 
 @pytest.fixture
