@@ -61,3 +61,36 @@ def test_scale_up_one_to_two(workload, cluster):
     assert report.served_twice == 0
     joined = run.final_metrics.get(second.index) or {}
     assert joined.get(RESTORED, 0) > 0, f"the new instance restored nothing: {joined}"
+
+
+def test_workers_killed_in_a_cluster(workload, cluster):
+    """SIGKILL a worker that owns tasks, in each instance in turn, three times, while they
+    run: each respawned worker restores its tasks from the changelog again (a catch-up: a
+    batch's Kafka transaction comes before its LMDB commit) and nothing is lost or doubled."""
+    import json
+    import signal
+    import time
+
+    from aggregator.metrics import live_counters
+
+    run = cluster(workload, name="worker kills", changes=True)
+    run.produce(0, 0.5)
+    insts = [run.start_instance(), run.start_instance()]
+    run.wait_progress(EVENTS // 10)
+    run.produce(0.5, 1.0)
+    killed = []
+    for i in range(3):
+        inst = insts[i % 2]
+        tasks = json.loads((inst.data_dir / "status.json").read_text())["tasks"]
+        worker = tasks[i % len(tasks)] % 2  # a worker that owns tasks (task % workers)
+        pid = live_counters(inst.svc.config)["workers"][worker]["pid"]
+        os.kill(pid, signal.SIGKILL)
+        killed.append((inst.index, worker))
+        time.sleep(2.0)
+    report = run.finish()
+    report.assert_ok()
+    for index, worker in killed:
+        log = insts[index].svc.log()
+        assert f"worker {worker} (pid" in log and "exited with code -9" in log
+    restores = sum(inst.svc.log().count("restoring task ") for inst in insts)
+    assert restores >= 8 + len(killed), "the respawned workers restore their tasks again"
