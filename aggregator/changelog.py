@@ -9,14 +9,13 @@ changes of that task to the task's changelog partition:
     header "b" = msgpack [epoch, batch seq]
 
 and then, once all of them (and the batch's forwarded updates and change events) are
-delivered, one *marker* per task:
+delivered, one *marker* per task (no Kafka transaction: see ChangelogWriter):
 
     key   = b"\\0m" + epoch (8) + (batch seq - 1) // 256 (8)   value = msgpack [epoch, batch seq]
 
-All of it is one Kafka transaction. The markers make a batch atomic even where a broker
-lets aborted transactions be read (the test broker does): the restore applies a record only
-when a marker of its epoch with a batch seq >= its own follows it, so the tail of a batch
-that was cut short is never applied. The marker key keeps one marker per 256 batches after
+The markers make a batch atomic: the restore applies a record only when a marker of its
+epoch with a batch seq >= its own follows it, so the tail of a batch that was cut short is
+never applied. The marker key keeps one marker per 256 batches after
 compaction, so the restore holds at most ~256 batches of records before they are confirmed.
 
 Epochs fence zombies: an instance that gains a task reads its changelog to the end, writes a
@@ -151,7 +150,7 @@ class Restore:
         self.pending: list[tuple[int, int, int, bytes, bytes | None]] = []
         self.records = self.bytes = self.applied = 0
         self.dedup_hashes: list[bytes] = []
-        self.writers: set[str] = set()  # transactional ids that claimed the task
+        self.writers: set[str] = set()  # the writers that claimed the task
         self._txn = None
         self._in_txn = 0
 
@@ -166,7 +165,7 @@ class Restore:
             mark = _unpack(value)
             epoch, seq = mark[0], mark[1]
             if seq == 0 and len(mark) > 2:
-                self.writers.add(mark[2])  # a claim names its writer's transactional.id
+                self.writers.add(mark[2])  # a claim names its writer
             self.max_epoch = max(self.max_epoch, epoch)
             if epoch < self.epoch:
                 return  # a superseded owner's marker
@@ -287,30 +286,19 @@ class ChangelogReader:
 
     def read(self, task: int, start: int, sink: Callable[[int, bytes, bytes | None, list], None],
              *, until: int | None = None, heartbeat: Callable[[], None],
-             timeout: float, on_stall: Callable[[], None] | None = None,
-             stall_s: float = 5.0) -> None:
+             timeout: float) -> None:
         """Feed `sink` the records of partition `task` from `start`: to the end of the
-        partition (until=None), or up to and including offset `until`. Reading up to `until`
-        and getting nothing for `stall_s` calls `on_stall` (an open transaction holds the
-        partition's stable offset back: see `fence`)."""
+        partition (until=None), or up to and including offset `until`."""
         tp = TopicPartition(self.topic, task, start)
         self.consumer.assign([tp])
         deadline = time.monotonic() + timeout
-        moved = time.monotonic()
         try:
             while True:
                 heartbeat()
-                now = time.monotonic()
-                if now > deadline:
+                if time.monotonic() > deadline:
                     raise ChangelogError(f"restore of task {task} timed out after {timeout:.0f} "
                                          "s (cluster.restore_timeout_ms)")
-                if until is not None and on_stall is not None and now - moved > stall_s:
-                    on_stall()
-                    moved = now
-                msgs = self.consumer.consume(10_000, 0.02)
-                if msgs:
-                    moved = now
-                for m in msgs:
+                for m in self.consumer.consume(10_000, 0.02):
                     err = m.error()
                     if err is not None:
                         if err.code() == KafkaError._PARTITION_EOF:
@@ -332,35 +320,32 @@ class ChangelogReader:
         self.consumer.close()
 
 
-def fence(conf: dict, transactional_id: str, timeout: float = 30.0) -> None:
-    """Fence a transactional producer: a new producer with its id aborts its open
-    transaction. A writer killed inside a transaction leaves it open, and a partition's
-    read_committed end (its last stable offset) stays before it until the broker aborts it
-    (Apache Kafka after transaction.timeout.ms; the embedded Tansu broker never)."""
-    conf = {**conf, "transactional.id": transactional_id}
-    conf.pop("on_delivery", None)
-    p = Producer(conf)
-    p.init_transactions(timeout)
-    p.flush(1)
-
-
 class ChangelogWriter:
-    """The worker's transactional producer: per batch one Kafka transaction holding the
-    changelog records of every task it touched, the forwarded updates, the change events
-    and, last, the markers."""
+    """The worker's producer for its batches: the changelog records of every task a batch
+    touched, the forwarded updates and the change events, all delivered; then, last, one
+    marker per task.
 
-    def __init__(self, conf: dict, transactional_id: str, topic: str,
-                 heartbeat: Callable[[], None]):
+    Not a Kafka transaction, on purpose. The markers make a batch atomic for restores; a
+    cut-short batch's forwarded updates and change events that got out are sent again,
+    identical, when the task's next owner replays the batch (updates are deduplicated by
+    their receiver). And a member killed inside a transaction would hold back the
+    read_committed end of every partition it wrote to until the broker aborts it (Apache
+    Kafka after transaction.timeout.ms, the test broker never), and with several writers
+    per partition the test broker was seen to drop committed records for read_committed
+    consumers.
+    """
+
+    def __init__(self, conf: dict, writer_id: str, topic: str, heartbeat: Callable[[], None]):
         self.topic = topic
         self.heartbeat = heartbeat
-        self.transactional_id = transactional_id
+        self.writer_id = writer_id  # named in its claims (diagnostics)
         self.error: KafkaError | None = None
-        conf = {**conf, "transactional.id": transactional_id, "enable.idempotence": True,
-                "acks": "all", "on_delivery": self._delivered}
+        conf = {**conf, "enable.idempotence": True, "acks": "all",
+                "on_delivery": self._delivered}
         conf.pop("delivery.report.only.error", None)
+        conf.pop("transactional.id", None)
         self.producer = Producer(conf)
         self._marker_offsets: dict[int, int] = {}
-        self._call(self.producer.init_transactions, "init")
 
     def _delivered(self, err, msg) -> None:
         if err is not None:
@@ -368,25 +353,9 @@ class ChangelogWriter:
         elif msg.topic() == self.topic and msg.key()[:1] == b"\0":
             self._marker_offsets[msg.partition()] = msg.offset()
 
-    def _call(self, fn, what: str, *args) -> None:
-        """Run a blocking transactional call with a timeout, heartbeating between tries."""
-        for _ in range(120):
-            self.heartbeat()
-            try:
-                fn(*args, 0.5)
-                return
-            except Exception as e:  # noqa: BLE001 - KafkaException: retriable or fatal
-                err = e.args[0] if e.args else None
-                retriable = getattr(err, "retriable", lambda: False)()
-                if getattr(err, "code", lambda: None)() == KafkaError._TIMED_OUT or retriable:
-                    continue
-                raise ChangelogError(f"changelog transaction ({what}): {e}") from None
-        raise ChangelogError(f"changelog transaction ({what}) timed out")
-
     def begin(self) -> None:
         self.error = None
         self._marker_offsets = {}
-        self.producer.begin_transaction()
 
     def produce(self, topic: str, partition: int | None, key: bytes | None, value: bytes | None,
                 headers: list | None = None) -> None:
@@ -414,22 +383,18 @@ class ChangelogWriter:
                 return
 
     def commit(self, markers: dict[int, tuple[int, int]]) -> dict[int, int]:
-        """Deliver everything produced, then the markers {task: (epoch, seq)}; commit the
-        transaction. Returns each marker's offset."""
+        """Deliver everything produced, then the markers {task: (epoch, seq)}. Returns each
+        marker's offset."""
         self.flush()
         for task, (epoch, seq) in markers.items():
             self.produce(self.topic, task, marker_key(epoch, seq),
-                         _pack([epoch, seq, self.transactional_id]))
+                         _pack([epoch, seq, self.writer_id]))
         self.flush()
         missing = set(markers) - set(self._marker_offsets)
         if missing:
             raise ChangelogError(f"no delivery report for the markers of tasks {missing}")
-        self._call(self.producer.commit_transaction, "commit")
         return dict(self._marker_offsets)
 
     def abort(self) -> None:
-        try:
-            self.producer.abort_transaction(5)
-        except Exception:  # noqa: BLE001 - the worker is about to exit anyway
-            pass
-
+        """A failed batch: what was delivered stays (no marker: ignored by restores)."""
+        self.producer.purge(in_queue=True, in_flight=False)

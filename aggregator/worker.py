@@ -50,7 +50,6 @@ from .changelog import (
     ChangelogWriter,
     Restore,
     drop_task,
-    fence,
     meta_name,
 )
 from .changes import ChangeEncoder, ChangeMessages, ChangePublisher
@@ -414,13 +413,13 @@ class Worker:
             return stop
 
     def _check_kafka_committed(self) -> None:
-        """Cluster mode: the batch's changelog transaction is committed but its LMDB
+        """Cluster mode: the batch is in the changelog (its markers delivered) but its LMDB
         transaction failed. The batch must not be applied again (it would be written to the
         changelog twice): the worker exits, and its restart restores its tasks from the
         changelog, which has the batch."""
         if self.cluster and self.t_kafka_done:
             raise ChangelogError(f"worker {self.index}: the LMDB commit failed after the "
-                                 "changelog commit; restarting to restore from the changelog")
+                                 "changelog write; restarting to restore from the changelog")
 
     def _roll_back(self, batch: Batch | None) -> None:
         """Abort the transaction; the next attempt reloads what it changed in memory."""
@@ -951,9 +950,9 @@ class Worker:
         return self.writer
 
     def _write_changelog(self, batch: CapturingBatch) -> None:
-        """One Kafka transaction: each touched task's changes, the forwarded updates, the
-        change events and, once all of them are delivered, each task's marker (changelog.py).
-        Its marker offsets go into the LMDB transaction, committed right after."""
+        """Each touched task's changes, the forwarded updates and the change events, then,
+        once all of them are delivered, each task's marker (changelog.py). The marker
+        offsets go into the LMDB transaction, committed right after."""
         by_task = batch.by_task(self.tasks)
         for task, entries in list(by_task.items()):
             if task not in self.t_allowed:
@@ -1084,7 +1083,7 @@ class Worker:
             w.begin()
             claim = w.commit({task: (epoch, 0)})[task]
             reader.read(task, state["next"], sink, until=claim, heartbeat=self._heartbeat,
-                        timeout=timeout, on_stall=lambda: self._fence_writers(task, r))
+                        timeout=timeout)
             if r.epoch != epoch:
                 raise ChangelogError(f"task {task}: claimed epoch {epoch}, but the changelog "
                                      f"ends in epoch {r.epoch} (another owner?)")
@@ -1095,21 +1094,6 @@ class Worker:
         finally:
             report()
         return r, epoch
-
-    def _fence_writers(self, task: int, r: Restore) -> None:
-        """The restore can't reach its own claim: an earlier writer of the task's changelog
-        died inside a transaction (its id is in its claim). Fence every earlier writer but
-        this worker; a live one that is fenced (rare: it wrote the task before) restarts
-        its worker and restores its tasks."""
-        me = self._writer().transactional_id
-        others = sorted(r.writers - {me})
-        log.warning("worker %d: restoring task %d: the changelog is held by an open "
-                    "transaction; fencing its earlier writers %s", self.index, task, others)
-        for tid in others:
-            try:
-                fence(self.cfg.kafka.producer_conf(), tid)
-            except Exception as e:  # noqa: BLE001 - tried again at the next stall
-                log.warning("worker %d: fencing %s failed: %s", self.index, tid, e)
 
     def _drop(self, task: int) -> None:
         """The task moved to another instance: forget it (the changelog has it all)."""
