@@ -77,7 +77,10 @@ def ensure_topics(cfg: Config) -> None:
     tasks = cfg.cluster.tasks
     admin = AdminClient(cfg.kafka.admin_conf())
     wanted = {cfg.tasks_topic(): {"cleanup.policy": "delete"},
-              cfg.changelog_topic(): {"cleanup.policy": "compact"}}
+              # records stay an hour before compaction may drop older values of their keys:
+              # time for a cut-short batch to be replayed by the task's next owner
+              cfg.changelog_topic(): {"cleanup.policy": "compact",
+                                      "min.compaction.lag.ms": "3600000"}}
     try:
         meta = admin.list_topics(timeout=30)
         for topic, conf in wanted.items():

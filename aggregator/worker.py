@@ -568,9 +568,14 @@ class Worker:
         [topic index, partition, offset, key, value, headers, timestamp, slot, task,
         task offset] (origin first, for dead letters and the source's ordering mode), or a
         forwarded update [-1, task, task offset, None, update, ...]; each task's records are
-        skipped by their tasks-topic offset."""
-        events = []
-        forwards = []
+        skipped by their tasks-topic offset.
+
+        Events and forwarded updates are applied in partition order, whatever the batch
+        boundaries: a batch replayed after a crash then gives every document the same
+        versions with the same content (its change events are re-published identical).
+        """
+        events: list = []
+        forwards: list = []
         through = self.t_through
         TT = self.TT
         allowed = self.t_allowed
@@ -582,8 +587,14 @@ class Worker:
                 if rec[9] <= through.get(tp, self.through.get(tp, -1)):
                     continue
                 if rec[0] < 0:
+                    if events:
+                        self._apply_events(batch, events)
+                        events = []
                     forwards.append(_unpack(rec[4]))
                     continue
+                if forwards:
+                    self._apply_forwards(batch, forwards)
+                    forwards = []
                 self.t_stats["records"] += 1
                 ev = self._parse(rec)
                 if ev is not None:
