@@ -38,9 +38,12 @@ def write_config(path: Path, *, bootstrap: str, prefix: str, group: str, data_di
     text = text.replace('dead_letter_topic = "shop.deadletter"',
                         f'dead_letter_topic = "{prefix}shop.deadletter"\n'
                         f"commit_interval_ms = 200")
+    # max.poll.interval.ms is also the rebalance timeout: how long the broker waits for the
+    # members of a group to rejoin. Tansu was seen to wait it out in full (300 s by default)
+    # when a new member joined a group whose earlier members had been SIGKILLed.
     text = text.replace('[kafka.consumer]\n',
                         '[kafka.consumer]\n"session.timeout.ms" = 6000\n'
-                        '"heartbeat.interval.ms" = 500\n')
+                        '"heartbeat.interval.ms" = 500\n"max.poll.interval.ms" = 45000\n')
     data = tomllib.loads(text)
     merge(data, {"http": {"port": http_port, "token": http_token}})
     merge(data, tomllib.loads(extra))  # `extra` may set keys of sections shop.toml has
