@@ -51,6 +51,14 @@ def write_config(path: Path, *, bootstrap: str, prefix: str, group: str, data_di
     return path
 
 
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
 def merge(base: dict, extra: dict) -> dict:
     """Deep-merge `extra` into `base` (tables merged, other values replaced)."""
     for k, v in extra.items():
@@ -97,17 +105,20 @@ class Service:
         return self.log_path.read_text(errors="replace")
 
     def worker_pids(self) -> list[int]:
-        out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True,
-                             text=True).stdout
-        pids = []
-        for p in out.split():
-            try:
-                cmd = Path(f"/proc/{p}/cmdline").read_bytes()
-            except OSError:  # gone since pgrep listed it (a worker just killed and reaped)
-                continue
-            if b"multiprocessing" in cmd and b"resource_tracker" not in cmd:
-                pids.append(int(p))
-        return pids
+        """The live workers' pids, from the control block (each worker writes its own at
+        boot): the HTTP process is a multiprocessing child of the supervisor too."""
+        from aggregator.metrics import live_counters
+
+        if self.proc is None or self.proc.poll() is not None:
+            return []
+        try:
+            live = live_counters(self.config)
+        except (OSError, ValueError):
+            return []
+        if live is None:
+            return []
+        return [w["pid"] for w in live["workers"] if w["pid"] and w["alive"]
+                and not _is_zombie(w["pid"])]
 
     def wait_workers(self, n: int, timeout: float = 60) -> list[int]:
         deadline = time.monotonic() + timeout
