@@ -201,9 +201,7 @@ class Ingest:
             value, key, headers = m.value(), m.key(), m.headers()
             ti = tindex[src]
             if value is not None and len(value) > max_bytes:
-                self.dlq.send([ti, part, off, key, value, headers], "too_large",
-                              f"value of {len(value)} bytes exceeds "
-                              f"service.max_record_bytes ({max_bytes})")
+                self.dlq.too_large([ti, part, off, key, value, headers], max_bytes)
                 oversized = True
                 continue
             rk = routing_key(value, headers, key)

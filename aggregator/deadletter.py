@@ -44,6 +44,11 @@ class DeadLetters:
         self._retry: list[tuple] = []
         self._pending = 0
 
+    def too_large(self, rec: list, max_bytes: int) -> None:
+        """Dead-letter a record whose value exceeds service.max_record_bytes."""
+        self.send(rec, "too_large", f"value of {len(rec[4])} bytes exceeds "
+                  f"service.max_record_bytes ({max_bytes})")
+
     def send(self, rec: list, reason: str, message: str) -> None:
         """Queue one record for the dead-letter topic. rec = ring record layout."""
         ti, part, off, key, value, headers = rec[:6]

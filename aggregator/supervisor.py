@@ -441,9 +441,7 @@ class Supervisor:
             through[(ti, part)] = off
             value, key, headers = m.value(), m.key(), m.headers()
             if value is not None and len(value) > max_bytes:
-                self.dlq.send([ti, part, off, key, value, headers], "too_large",
-                              f"value of {len(value)} bytes exceeds service.max_record_bytes "
-                              f"({max_bytes})")
+                self.dlq.too_large([ti, part, off, key, value, headers], max_bytes)
                 oversized = True
                 continue
             rk = routing_key(value, headers, key)

@@ -13,6 +13,7 @@ import signal
 import time
 
 from aggregator import simulate
+from tests.integration.service import _is_zombie
 
 HEARTBEAT_TIMEOUT_MS = 1500
 
@@ -55,10 +56,3 @@ def test_sigstop_a_worker_past_its_heartbeat_timeout(chaos):
     assert "Traceback" not in log, log[-5000:]
     report.assert_ok()
 
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
