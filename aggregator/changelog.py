@@ -150,7 +150,6 @@ class Restore:
         self.pending: list[tuple[int, int, int, bytes, bytes | None]] = []
         self.records = self.bytes = self.applied = 0
         self.dedup_hashes: list[bytes] = []
-        self.writers: set[str] = set()  # the writers that claimed the task
         self._txn = None
         self._in_txn = 0
 
@@ -162,10 +161,7 @@ class Restore:
         self.records += 1
         self.bytes += len(key) + (len(value) if value else 0)
         if key[0] == MARKER:
-            mark = _unpack(value)
-            epoch, seq = mark[0], mark[1]
-            if seq == 0 and len(mark) > 2:
-                self.writers.add(mark[2])  # a claim names its writer
+            epoch, seq = _unpack(value)
             self.max_epoch = max(self.max_epoch, epoch)
             if epoch < self.epoch:
                 return  # a superseded owner's marker
@@ -275,7 +271,7 @@ class ChangelogReader:
     """Reads changelog partitions for restores (one consumer per worker, assign only)."""
 
     def __init__(self, conf: dict, topic: str):
-        conf = {"isolation.level": "read_committed", **conf, "enable.partition.eof": True,
+        conf = {**conf, "enable.partition.eof": True,
                 "enable.auto.commit": False, "auto.offset.reset": "earliest",
                 # a fetch at the end of a partition must not wait for more (the default
                 # waits 500 ms for data that will not come)
@@ -335,15 +331,13 @@ class ChangelogWriter:
     consumers.
     """
 
-    def __init__(self, conf: dict, writer_id: str, topic: str, heartbeat: Callable[[], None]):
+    def __init__(self, conf: dict, topic: str, heartbeat: Callable[[], None]):
         self.topic = topic
         self.heartbeat = heartbeat
-        self.writer_id = writer_id  # named in its claims (diagnostics)
         self.error: KafkaError | None = None
         conf = {**conf, "enable.idempotence": True, "acks": "all",
                 "on_delivery": self._delivered}
         conf.pop("delivery.report.only.error", None)
-        conf.pop("transactional.id", None)
         self.producer = Producer(conf)
         self._marker_offsets: dict[int, int] = {}
 
@@ -387,8 +381,7 @@ class ChangelogWriter:
         marker's offset."""
         self.flush()
         for task, (epoch, seq) in markers.items():
-            self.produce(self.topic, task, marker_key(epoch, seq),
-                         _pack([epoch, seq, self.writer_id]))
+            self.produce(self.topic, task, marker_key(epoch, seq), _pack([epoch, seq]))
         self.flush()
         missing = set(markers) - set(self._marker_offsets)
         if missing:

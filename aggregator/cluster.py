@@ -23,9 +23,6 @@ several topics anyway. So every instance runs two stages:
 from __future__ import annotations
 
 import logging
-import os
-import uuid
-from pathlib import Path
 
 import msgpack
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
@@ -56,19 +53,6 @@ def wanted_segment_name(prefix: str) -> str:
 
 class ClusterError(RuntimeError):
     """Cluster mode cannot start (internal topics unusable)."""
-
-
-def instance_id(data_dir: Path) -> str:
-    """A stable id for the instance of this data directory (its transactional ids)."""
-    path = data_dir / "instance-id"
-    try:
-        return path.read_text().strip()
-    except FileNotFoundError:
-        ident = uuid.uuid4().hex[:12]
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(ident + "\n")
-        os.replace(tmp, path)
-        return ident
 
 
 def ensure_topics(cfg: Config) -> None:
@@ -104,7 +88,7 @@ def ensure_topics(cfg: Config) -> None:
 class Ingest:
     """Stage 1: source records → the tasks topic, re-keyed by slot."""
 
-    def __init__(self, cfg: Config, instance: str, dlq: DeadLetters):
+    def __init__(self, cfg: Config, dlq: DeadLetters):
         self.cfg = cfg
         self.tasks = cfg.cluster.tasks
         self.topic = cfg.tasks_topic()

@@ -40,7 +40,6 @@ from .cluster import (
     ClusterError,
     Ingest,
     ensure_topics,
-    instance_id,
     wanted_segment_name,
 )
 from .config import Config
@@ -156,9 +155,8 @@ class Supervisor:
                     ensure_topics(self.cfg)
                 except ClusterError as e:
                     raise FatalError(str(e)) from None
-                self.instance = instance_id(self.data_dir)
-                log.info("cluster mode: instance %s, %d tasks (topics %s, %s)", self.instance,
-                         self.tasks, self.cfg.tasks_topic(), self.cfg.changelog_topic())
+                log.info("cluster mode: %d tasks (topics %s, %s)", self.tasks,
+                         self.cfg.tasks_topic(), self.cfg.changelog_topic())
             self._create_segments()
             self._start_workers()
             try:
@@ -376,9 +374,8 @@ class Supervisor:
         self.cooperative = "cooperative" in str(conf.get("partition.assignment.strategy", ""))
         self.dlq = DeadLetters(self.cfg, self.cfg.topics())
         if self.cluster:
-            conf = {**conf, "group.id": f"{self.cfg.kafka.group_id}.tasks",
-                    "isolation.level": "read_committed"}
-            self.ingest = Ingest(self.cfg, self.instance, self.dlq)
+            conf = {**conf, "group.id": f"{self.cfg.kafka.group_id}.tasks"}
+            self.ingest = Ingest(self.cfg, self.dlq)
             self.events_in = self.ingest.events_in
             topics = [self.cfg.tasks_topic()]
         else:

@@ -36,7 +36,6 @@ import os
 import signal
 import time
 from collections import deque
-from pathlib import Path
 
 import lmdb
 import msgpack
@@ -53,7 +52,7 @@ from .changelog import (
     meta_name,
 )
 from .changes import ChangeEncoder, ChangeMessages, ChangePublisher
-from .cluster import FORWARD_HEADER, instance_id, wanted_segment_name
+from .cluster import FORWARD_HEADER, wanted_segment_name
 from .config import Config
 from .control import ControlBlock, Slot
 from .deadletter import DeadLetters
@@ -191,11 +190,10 @@ class Worker:
             self.TT = len(self.topics)
             self.topics.append(cfg.tasks_topic())
             self.owned: dict[int, list[int]] = {}  # task -> [epoch, batch seq, request id]
-            self.instance = instance_id(Path(svc.data_dir).resolve())
             self.writer: ChangelogWriter | None = None
             self.reader: ChangelogReader | None = None
             self.change_msgs = None
-            if self.publisher is not None:  # change events go into the changelog transaction
+            if self.publisher is not None:  # change events go out with the changelog
                 self.publisher = None
                 self.change_msgs = ChangeMessages(self.changes)
         self.topic_index = {t: i for i, t in enumerate(self.topics)}
@@ -613,9 +611,7 @@ class Worker:
         gen = self.bloom.generation
         for u in updates:
             h = identity_hash(u[4], f"{u[3]}\x00feed:{u[0]}")
-            flags = self.bloom.contains(h) if self.retrying else self.bloom.check_and_add(h)
-            if self.retrying and not flags[0]:
-                self.bloom.check_and_add(h)
+            flags = self._bloom_again([h]) if self.retrying else self.bloom.check_and_add(h)
             skey = slot_prefix(u[2]) + h
             if flags[0] and batch.seen(skey):
                 self.t_stats["dup"] += 1
@@ -820,30 +816,27 @@ class Worker:
             # a view key of another task goes through the tasks topic, even if this worker
             # owns that task now: forwards of earlier batches may still be on their way
             # there, and one stream's updates of a key must arrive in order
-            tasks = self.tasks
-            forwards = self._merge_targets(batch, ev, rec, targets,
-                                           lambda slot: slot % tasks, rec[8])
+            forwards = self._merge_targets(batch, ev, rec, targets, rec[8])
             if forwards:
                 self.t_stats["forwarded"] += len(forwards)
                 self.t_kfwd.extend(forwards)
             return
-        n = self.n
-        forwards = self._merge_targets(batch, ev, rec, targets,
-                                       lambda slot: worker_of(slot, n), self.index)
+        forwards = self._merge_targets(batch, ev, rec, targets, self.index)
         for owner, update in forwards or ():
             self.t_stats["forwarded"] += 1
             self.t_out.setdefault(owner, []).append(update)
 
-    def _merge_targets(self, batch: Batch, ev, rec, targets: list, owner_of, me: int
+    def _merge_targets(self, batch: Batch, ev, rec, targets: list, me: int
                        ) -> list[tuple[int, list]] | None:
-        """Merge the event into its view keys owned by `me` (`owner_of(slot)`); returns the
-        updates for the others as (owner, update). All of the event or none of it: on a
-        merge error its other views here are undone, it is dead-lettered and nothing is
-        forwarded (None)."""
+        """Merge the event into its view keys owned by `me` (a worker; in cluster mode a
+        task); returns the updates for the others as (owner, update). All of the event or
+        none of it: on a merge error its other views here are undone, it is dead-lettered
+        and nothing is forwarded (None)."""
         applied: list[bytes] = []
         forwards = []
+        owners = self.tasks if self.cluster else self.n  # a task owns slot % tasks too
         for f, key, slot in targets:
-            owner = owner_of(slot)
+            owner = worker_of(slot, owners)
             if owner != me:
                 forwards.append((owner, [f.feed_id, key, slot, ev.id, ev.source, ev.type,
                                          ev.time, ev.subject, ev.sequence, ev.data,
@@ -954,10 +947,8 @@ class Worker:
     # ---- cluster mode: the changelog, restores and drops -------------------------------------
     def _writer(self) -> ChangelogWriter:
         if self.writer is None:
-            k = self.cfg.kafka
-            self.writer = ChangelogWriter(
-                k.producer_conf(), f"{k.group_id}.{self.instance}.w{self.index}",
-                self.cfg.changelog_topic(), self._heartbeat)
+            self.writer = ChangelogWriter(self.cfg.kafka.producer_conf(),
+                                          self.cfg.changelog_topic(), self._heartbeat)
         return self.writer
 
     def _write_changelog(self, batch: CapturingBatch) -> None:

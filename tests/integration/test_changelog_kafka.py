@@ -68,7 +68,7 @@ def test_batches_survive_a_move_and_a_cut_short_one_does_not(bootstrap, create_t
                                                            tmp_path):
     topic = create_topic("changelog", partitions=2)
     conf = {"bootstrap.servers": bootstrap}
-    old = ChangelogWriter(conf, f"{topic}-old", topic, lambda: None)
+    old = ChangelogWriter(conf, topic, lambda: None)
     old.begin()
     old.commit({1: (1, 0)})  # the first owner's claim
     for seq in (1, 2, 3):
@@ -81,7 +81,7 @@ def test_batches_survive_a_move_and_a_cut_short_one_does_not(bootstrap, create_t
     old.flush()
     old.abort()
 
-    new = ChangelogWriter(conf, f"{topic}-new", topic, lambda: None)
+    new = ChangelogWriter(conf, topic, lambda: None)
     r, epoch, _ = restore(bootstrap, topic, shard, 1, new)
     assert epoch == 2
     assert views(shard) == {dk(1, "a"): 3, dk(9, "k1"): 1, dk(9, "k2"): 1, dk(9, "k3"): 1}
@@ -96,7 +96,7 @@ def test_batches_survive_a_move_and_a_cut_short_one_does_not(bootstrap, create_t
 
     fresh = Shard(tmp_path / "fresh", map_size=16 << 20, max_map_size=64 << 20, sync=False)
     try:
-        third = ChangelogWriter(conf, f"{topic}-third", topic, lambda: None)
+        third = ChangelogWriter(conf, topic, lambda: None)
         r3, epoch3, _ = restore(bootstrap, topic, fresh, 1, third)
         assert epoch3 == 3
         assert views(fresh)[dk(1, "a")] == 4
@@ -113,7 +113,7 @@ def _die_inside_a_batch(bootstrap: str, topic: str) -> None:
     """A writer that claims task 0, writes one batch, then is killed inside the next."""
     import os
 
-    w = ChangelogWriter({"bootstrap.servers": bootstrap}, f"{topic}-dead", topic, lambda: None)
+    w = ChangelogWriter({"bootstrap.servers": bootstrap}, topic, lambda: None)
     w.begin()
     w.commit({0: (1, 0)})
     w.begin()
@@ -136,8 +136,7 @@ def test_a_writer_killed_inside_a_batch(bootstrap, create_topic, shard):
     child.start()
     child.join(60)
     assert child.exitcode == 0
-    new = ChangelogWriter({"bootstrap.servers": bootstrap}, f"{topic}-new", topic, lambda: None)
+    new = ChangelogWriter({"bootstrap.servers": bootstrap}, topic, lambda: None)
     r, epoch, _ = restore(bootstrap, topic, shard, 0, new)
-    assert r.writers == {f"{topic}-dead", f"{topic}-new"}
     assert epoch == 2
     assert views(shard) == {dk(0, "a"): 1}  # the open batch was not applied
