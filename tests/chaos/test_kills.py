@@ -16,7 +16,8 @@ import pytest
 from aggregator import simulate
 
 EVENTS = int(os.environ.get("AGGREGATOR_CHAOS_EVENTS", "100000"))
-JOIN_S = 400  # the longest group join seen after a SIGKILLed member, with margin
+JOIN_S = 120  # a join takes ~3 s, ~11 s after a SIGKILLed member (evicted after the
+# session timeout); wait_group_settled keeps Tansu's ghost leader out (service.py)
 KILL_EVERY = float(os.environ.get("AGGREGATOR_CHAOS_KILL_EVERY", "1.0"))  # s; long mode: 2
 
 
@@ -73,8 +74,6 @@ def test_sigkill_supervisor_at_every_commit_step(workload, chaos, tmp_path):
         pids: list[int] = []
         while svc.proc.poll() is None:
             pids = svc.worker_pids() or pids
-            # a restarted member may wait for the broker to drop the killed one: Tansu has
-            # been seen to take the rebalance timeout (max.poll.interval.ms, 300 s) for it
             assert time.monotonic() - t0 < JOIN_S, f"{spec} never fired\n{svc.log()[-3000:]}"
             assert run.committed_total() < run.total(), f"run ended before {spec} fired"
             time.sleep(0.05)

