@@ -41,18 +41,7 @@ import lmdb
 import msgpack
 
 from . import core
-from .changelog import (
-    DEDUP,
-    CapturingBatch,
-    ChangelogError,
-    ChangelogReader,
-    ChangelogWriter,
-    Restore,
-    drop_task,
-    meta_name,
-)
-from .changes import ChangeEncoder, ChangeMessages, ChangePublisher
-from .cluster import FORWARD_HEADER, wanted_segment_name
+from .changes import ChangeEncoder, ChangePublisher
 from .config import Config
 from .control import ControlBlock, Slot
 from .deadletter import DeadLetters
@@ -82,7 +71,6 @@ MSG_FORWARD = 2
 MSG_RESTORE = 3  # cluster mode: [3, request id, [task, ...]] restore these tasks, then own them
 MSG_DROP = 4  # cluster mode: [4, request id, [task, ...]] delete these tasks' state
 MSG_STOP = 9
-_CONTROL = (MSG_RESTORE, MSG_DROP)
 
 APPLY, STALE, PARK, FULL = core.APPLY, core.STALE, core.PARK, core.FULL
 FATAL_EXIT = 3  # the supervisor does not respawn a worker that exits with this code
@@ -150,6 +138,10 @@ def ring_names(prefix: str, workers: int) -> dict:
 
 
 class Worker:
+    """One shard's worker in normal mode: the shard is this worker's alone, and view updates
+    for keys of other shards go to their workers through the peer rings.
+    `task_worker.TaskWorker` is the cluster-mode variant (the hooks below)."""
+
     def __init__(self, config: Config, index: int, prefix: str):
         self.cfg = config
         self.index = index
@@ -184,18 +176,8 @@ class Worker:
             self.publisher = ChangePublisher(cfg, self.changes, self.shard.changes_after,
                                              self.changes_pruned, self.change_seq)
         self.topics = list(self.plan.topics)
-        self.cluster = cfg.cluster.enabled
-        if self.cluster:  # the tasks topic's partitions are (topic index TT, task)
-            self.tasks = cfg.cluster.tasks
-            self.TT = len(self.topics)
-            self.topics.append(cfg.tasks_topic())
-            self.owned: dict[int, list[int]] = {}  # task -> [epoch, batch seq, request id]
-            self.writer: ChangelogWriter | None = None
-            self.reader: ChangelogReader | None = None
-            self.change_msgs = None
-            if self.publisher is not None:  # change events go out with the changelog
-                self.publisher = None
-                self.change_msgs = ChangeMessages(self.changes)
+        self.owners = self.n  # who owns a view key: worker_of(slot, owners)
+        self._boot_tasks()
         self.topic_index = {t: i for i, t in enumerate(self.topics)}
 
         d = cfg.dedup
@@ -224,8 +206,6 @@ class Worker:
         names = ring_names(self.prefix, self.n)
         self.ctl = ControlBlock.attach(names["control"], self.n)
         self.hist = SharedCounters.attach(hist_segment_name(self.prefix))
-        if self.cluster:
-            self.wanted = SharedCounters.attach(wanted_segment_name(self.prefix))
         self.inbound = Ring.attach(names["inbound"][self.index])
         self.peer_in = {j: Ring.attach(names["peer"][(j, self.index)])
                         for j in range(self.n) if j != self.index}
@@ -293,13 +273,37 @@ class Worker:
         """Load every key with parked events into the gate (at boot and after the gate was
         cleared), so that their gaps expire even if the key never sees another event."""
         for g, (row, parked, ti) in self.shard.parked_streams().items():
-            if self.cluster and ((g[0] << 8) | g[1]) % self.tasks not in self.owned:
+            if not self._stream_here(g):
                 continue  # state of a task this instance does not own (now)
             if row is not None:
                 last = row[0]
             else:
                 last = (self.plan.initial[ti] if ti < len(self.plan.initial) else 1) - 1
             self.gate.load(g, last, parked)
+
+    # ---- what cluster mode changes (task_worker.TaskWorker) --------------------------------
+    def _boot_tasks(self) -> None:
+        """Boot: set up what the variant needs before the shard's state is loaded."""
+
+    def _stream_here(self, g: bytes, in_batch: bool = False) -> bool:
+        """Is the sequence stream `g` (gate key) this worker's to load and expire?"""
+        return True
+
+    def _process_ring(self, msgs: list, peers: list) -> bool:
+        """Apply messages taken from the rings (peers still packed); True when told to stop."""
+        return self.process(msgs, [_unpack(m) for m in peers])
+
+    def _begin(self) -> Batch:
+        return self.shard.begin()
+
+    def _before_commit(self, batch: Batch) -> None:
+        """The batch is complete and its dead letters delivered; LMDB commits next."""
+
+    def _abandon(self) -> None:
+        """The batch failed with an exception that stops the worker."""
+
+    def _check_kafka_committed(self) -> None:
+        """The LMDB transaction failed: may the batch be applied again? (It may, here.)"""
 
     # ---- main loop -------------------------------------------------------------------------
     def run(self) -> int:
@@ -332,11 +336,7 @@ class Worker:
                 self.inbound.wait(0.05 if self.publisher is None or
                                   not self.publisher.backlog else 0.005)
                 continue
-            msgs = [_unpack(m) for m in sup]
-            if self.cluster and any(m[0] in _CONTROL for m in msgs):
-                stop = self._process_with_control(msgs)
-            else:
-                stop = self.process(msgs, [_unpack(m) for m in peers])
+            stop = self._process_ring([_unpack(m) for m in sup], peers)
             if stop:
                 self.stopping = True
                 self._pump_outbox()
@@ -364,13 +364,12 @@ class Worker:
             try:
                 if self.retrying:
                     self._reload_after_rollback()
-                batch = CapturingBatch(self.shard) if self.cluster else self.shard.begin()
+                batch = self._begin()
                 stop = self._apply(batch, sup_msgs, peer_msgs)
                 self._finish(batch)
                 self.dlq.deliver(self._heartbeat)  # durable before the commit
                 self.dlq_delivered.update(self.t_dlq)
-                if self.cluster:
-                    self._write_changelog(batch)  # Kafka first: LMDB is the cache
+                self._before_commit(batch)
                 fault_point("worker_before_commit")
                 t0 = time.monotonic_ns()
                 batch.commit()
@@ -401,23 +400,13 @@ class Worker:
                 continue
             except BaseException:
                 self._roll_back(batch)
-                if self.cluster and self.writer is not None:
-                    self.writer.abort()
+                self._abandon()
                 raise
             if failures:
                 self._storage_recovered(failures)
             fault_point("worker_after_commit")  # state durable, nothing acked or published
             self._post_commit()
             return stop
-
-    def _check_kafka_committed(self) -> None:
-        """Cluster mode: the batch is in the changelog (its markers delivered) but its LMDB
-        transaction failed. The batch must not be applied again (it would be written to the
-        changelog twice): the worker exits, and its restart restores its tasks from the
-        changelog, which has the batch."""
-        if self.cluster and self.t_kafka_done:
-            raise ChangelogError(f"worker {self.index}: the LMDB commit failed after the "
-                                 "changelog write; restarting to restore from the changelog")
 
     def _roll_back(self, batch: Batch | None) -> None:
         """Abort the transaction; the next attempt reloads what it changed in memory."""
@@ -504,16 +493,8 @@ class Worker:
         self.t_bloom_saved = False
         self.t_dlq: list[tuple] = []
         self.t_stop = False  # a stop message was among the batch's
-        self.t_kfwd: list[tuple[int, list]] = []  # cluster: (task, update) to forward
-        self.t_kafka_done = False
-        self.t_markers: dict[int, tuple[int, int]] = {}  # cluster: task -> (epoch, seq)
-        if self.cluster:  # owned tasks the supervisor still wants this worker to act on
-            wanted = self.wanted
-            self.t_allowed = {t for t, st in self.owned.items() if wanted.get(t) == st[2]}
 
     def _apply(self, batch: Batch, sup_msgs: list, peer_msgs: list) -> bool:
-        if self.cluster:
-            return self._apply_tasks(batch, sup_msgs)
         for m in peer_msgs:
             _, src, seq, updates = m
             last = self.t_link_in.get(src, self.link_in.get(src, 0))
@@ -560,67 +541,6 @@ class Worker:
             if (allowed is None or part in allowed) and \
                     off > through.get(tp, self.through.get(tp, -1)):
                 through[tp] = off
-
-    def _apply_tasks(self, batch: Batch, sup_msgs: list) -> bool:
-        """Cluster mode: the records come from the tasks topic. A record is
-        [topic index, partition, offset, key, value, headers, timestamp, slot, task,
-        task offset] (origin first, for dead letters and the source's ordering mode), or a
-        forwarded update [-1, task, task offset, None, update, ...]; each task's records are
-        skipped by their tasks-topic offset.
-
-        Events and forwarded updates are applied in partition order, whatever the batch
-        boundaries: a batch replayed after a crash then gives every document the same
-        versions with the same content (its change events are re-published identical).
-        """
-        events: list = []
-        forwards: list = []
-        through = self.t_through
-        TT = self.TT
-        allowed = self.t_allowed
-        for records, thr in self._rounds(sup_msgs):
-            for rec in records:
-                if rec[8] not in allowed:
-                    continue  # revoked or lost meanwhile: another instance applies it
-                tp = (TT, rec[8])
-                if rec[9] <= through.get(tp, self.through.get(tp, -1)):
-                    continue
-                if rec[0] < 0:
-                    if events:
-                        self._apply_events(batch, events)
-                        events = []
-                    forwards.append(_unpack(rec[4]))
-                    continue
-                if forwards:
-                    self._apply_forwards(batch, forwards)
-                    forwards = []
-                self.t_stats["records"] += 1
-                ev = self._parse(rec)
-                if ev is not None:
-                    events.append((ev, rec))
-            self._advance_through(thr, allowed)
-        if forwards:
-            self._apply_forwards(batch, forwards)
-        if events:
-            self._apply_events(batch, events)
-        return self.t_stop
-
-    def _apply_forwards(self, batch: Batch, updates: list) -> None:
-        """Cluster mode: view updates forwarded through the tasks topic, each applied once
-        (deduplicated by event identity and feed: a forward is sent again when its sending
-        task is restored elsewhere and replays the batch that sent it)."""
-        gen = self.bloom.generation
-        for u in updates:
-            h = identity_hash(u[4], f"{u[3]}\x00feed:{u[0]}")
-            flags = self._bloom_again([h]) if self.retrying else self.bloom.check_and_add(h)
-            skey = slot_prefix(u[2]) + h
-            if flags[0] and batch.seen(skey):
-                self.t_stats["dup"] += 1
-                continue
-            batch.mark_seen(skey, gen)
-            fwd = Forwarded(u)
-            feed = self.plan.feeds[u[0]]
-            if self._apply_local(batch, feed, u[1], u[2], fwd) is None:
-                self._dead_letter(fwd.record(), "merge_error", f"view {feed.view}: merge failed")
 
     def _parse(self, rec):
         try:
@@ -771,7 +691,7 @@ class Worker:
         if not self.gate.parked_total:
             return
         for g in self.gate.expired(time.time(), self.gap_timeout):
-            if self.cluster and ((g[0] << 8) | g[1]) % self.tasks not in self.t_allowed:
+            if not self._stream_here(g, in_batch=True):
                 continue  # its task is being handed over: the next owner expires it
             if self.gap_policy == "skip":
                 self._skip_gap(batch, g)
@@ -812,15 +732,10 @@ class Worker:
                     return
                 slot = slot_of(kb)
             targets.append((f, key, slot))
-        if self.cluster:
-            # a view key of another task goes through the tasks topic, even if this worker
-            # owns that task now: forwards of earlier batches may still be on their way
-            # there, and one stream's updates of a key must arrive in order
-            forwards = self._merge_targets(batch, ev, rec, targets, rec[8])
-            if forwards:
-                self.t_stats["forwarded"] += len(forwards)
-                self.t_kfwd.extend(forwards)
-            return
+        self._route(batch, ev, rec, targets)
+
+    def _route(self, batch: Batch, ev, rec, targets: list) -> None:
+        """Merge into the view keys this worker owns; the others go to their workers."""
         forwards = self._merge_targets(batch, ev, rec, targets, self.index)
         for owner, update in forwards or ():
             self.t_stats["forwarded"] += 1
@@ -834,7 +749,7 @@ class Worker:
         and nothing is forwarded (None)."""
         applied: list[bytes] = []
         forwards = []
-        owners = self.tasks if self.cluster else self.n  # a task owns slot % tasks too
+        owners = self.owners  # workers, or in cluster mode tasks (slot % tasks)
         for f, key, slot in targets:
             owner = worker_of(slot, owners)
             if owner != me:
@@ -944,166 +859,6 @@ class Worker:
                 batch.prune_generations(self.bloom_dropped, limit=10_000_000)
             self.t_bloom_saved = True
 
-    # ---- cluster mode: the changelog, restores and drops -------------------------------------
-    def _writer(self) -> ChangelogWriter:
-        if self.writer is None:
-            self.writer = ChangelogWriter(self.cfg.kafka.producer_conf(),
-                                          self.cfg.changelog_topic(), self._heartbeat)
-        return self.writer
-
-    def _write_changelog(self, batch: CapturingBatch) -> None:
-        """Each touched task's changes, the forwarded updates and the change events, then,
-        once all of them are delivered, each task's marker (changelog.py). The marker
-        offsets go into the LMDB transaction, committed right after."""
-        by_task = batch.by_task(self.tasks)
-        for task, entries in list(by_task.items()):
-            if task not in self.t_allowed:
-                if all(e[0] == DEDUP and e[2] is None for e in entries):
-                    del by_task[task]  # pruned dedup ids of a task held as a stale cache
-                    continue
-                raise ChangelogError(f"worker {self.index}: a batch changed task {task}, "
-                                     "which this worker does not own (now)")
-        changes = self._change_rows() if self.change_msgs is not None else ()
-        if not by_task and not self.t_kfwd and not changes:
-            return
-        w = self._writer()
-        markers: dict[int, tuple[int, int]] = {}
-        w.begin()
-        for task, entries in by_task.items():
-            state = self.owned[task]
-            markers[task] = (state[0], state[1] + 1)
-            w.put_state(task, state[0], state[1] + 1, entries)
-        topic = self.topics[self.TT]
-        fwd = [(FORWARD_HEADER, b"")]
-        for task, update in self.t_kfwd:
-            w.produce(topic, task, None, _pack(update), fwd)
-        for _, vid, key, version, data in changes:
-            ctopic, kb, value, headers = self.change_msgs.message(vid, key, version, data)
-            w.produce(ctopic, None, kb, value, headers)
-        offsets = w.commit(markers)
-        self.t_kafka_done = True
-        self.t_markers = markers
-        for task, (epoch, seq) in markers.items():
-            batch.put_meta(meta_name(task), [offsets[task], epoch, seq])
-
-    def _process_with_control(self, msgs: list) -> bool:
-        """Ring messages with restores or drops among them: each in its place."""
-        stop = False
-        run: list = []
-        for m in msgs:
-            if m[0] in _CONTROL:
-                if run:
-                    stop = self.process(run, []) or stop
-                    run = []
-                if m[0] == MSG_RESTORE:
-                    for task in m[2]:
-                        self._restore(task, m[1])
-                else:
-                    for task in m[2]:
-                        self._drop(task)
-                self.gate.clear()  # reloaded from the shard: streams of the tasks changed
-                self._load_parked()
-                self.ctl.set(self.index, Slot.RESTORE_DONE, m[1])
-            else:
-                run.append(m)
-        if run:
-            stop = self.process(run, []) or stop
-        return stop
-
-    def _restore(self, task: int, rid: int) -> None:
-        """Bring the task's state up to date from its changelog and claim it (a new epoch):
-        from the offset this shard has applied through, or from the start. Request `rid`
-        made the task ours; if the supervisor no longer wants it (revoked meanwhile), the
-        restore stops before the claim: a claim now could fence the task's next owner."""
-        if self.reader is None:
-            conf = self.cfg.kafka.consumer_conf()
-            conf["group.id"] = f"{self.cfg.kafka.group_id}.restore"
-            self.reader = ChangelogReader(conf, self.cfg.changelog_topic())
-        t0 = time.monotonic()
-        while True:
-            try:
-                done = self._restore_once(task, rid, t0)
-                break
-            except lmdb.MapFullError:
-                if not self.shard.grow():
-                    raise ShardError(
-                        f"{self.shard.path}: LMDB map full at service.lmdb_max_map_size "
-                        f"({self.shard.max_map_size} bytes) while restoring task {task}: "
-                        "raise service.lmdb_max_map_size and restart") from None
-                # the restore goes on from its last committed chunk
-        if done is None:
-            log.info("worker %d: task %d was revoked during its restore: not claimed",
-                     self.index, task)
-            return
-        r, epoch = done
-        if r.dedup_hashes:
-            self.bloom.check_and_add(b"".join(r.dedup_hashes))
-        self.owned[task] = [epoch, 0, rid]
-        off = self.shard.offsets().get((self.topics[self.TT], task))
-        if off is None:
-            self.through.pop((self.TT, task), None)
-        else:
-            self.through[(self.TT, task)] = off
-        dt = time.monotonic() - t0
-        log.info("worker %d: restored task %d in %.2f s: %d changelog records (%.2f MB), %d "
-                 "applied (%.1f MB/s, %.0f records/s); epoch %d, tasks topic through %s",
-                 self.index, task, dt, r.records, r.bytes / 1e6, r.applied,
-                 r.bytes / 1e6 / max(dt, 1e-6), r.records / max(dt, 1e-6), epoch, off)
-
-    def _restore_once(self, task: int, rid: int, t0: float):
-        """One attempt of `_restore`: (Restore, epoch), or None when no longer wanted."""
-        timeout = self.cfg.cluster.restore_timeout_ms / 1000
-        ctl, me, reader = self.ctl, self.index, self.reader
-        r = Restore(self.shard, task, self.bloom.generation)
-        log.info("worker %d: restoring task %d from changelog offset %s", me, task,
-                 r.pos + 1 if r.pos >= 0 else "0 (no local state)")
-        state = {"next": r.start, "records": 0, "bytes": 0, "log_at": t0 + 5}
-
-        def sink(offset, key, value, headers):
-            state["next"] = offset + 1
-            r.feed(offset, key, value, headers)
-            if r.records - state["records"] >= 1000:
-                report()
-
-        def report():
-            ctl.add(me, Slot.RESTORE_RECORDS, r.records - state["records"])
-            ctl.add(me, Slot.RESTORE_BYTES, r.bytes - state["bytes"])
-            state["records"], state["bytes"] = r.records, r.bytes
-            now = time.monotonic()
-            if now >= state["log_at"]:
-                state["log_at"] = now + 5
-                log.info("worker %d: restoring task %d: %d records (%.1f MB) so far", me, task,
-                         r.records, r.bytes / 1e6)
-
-        try:
-            reader.read(task, r.start, sink, heartbeat=self._heartbeat, timeout=timeout)
-            if self.wanted.get(task) != rid:
-                r.finish()  # what was read stays as the local cache
-                return None
-            epoch = r.max_epoch + 1
-            w = self._writer()
-            w.begin()
-            claim = w.commit({task: (epoch, 0)})[task]
-            reader.read(task, state["next"], sink, until=claim, heartbeat=self._heartbeat,
-                        timeout=timeout)
-            if r.epoch != epoch:
-                raise ChangelogError(f"task {task}: claimed epoch {epoch}, but the changelog "
-                                     f"ends in epoch {r.epoch} (another owner?)")
-            r.finish()
-        except BaseException:
-            r.abort()
-            raise
-        finally:
-            report()
-        return r, epoch
-
-    def _drop(self, task: int) -> None:
-        """The task moved to another instance: forget it (the changelog has it all)."""
-        self.owned.pop(task, None)
-        self.through.pop((self.TT, task), None)
-        n = drop_task(self.shard, task, self.tasks, self.topics[self.TT])
-        log.info("worker %d: dropped task %d (%d entries)", self.index, task, n)
-
     def _forward_messages(self, owner: int, last_seq: int, updates: list) -> list[bytes]:
         """The outbox messages (link seqs last_seq+1, ...) carrying `updates`: as many as
         it takes for each to fit the peer ring's largest message."""
@@ -1181,8 +936,6 @@ class Worker:
             self.publisher.pump()
             ctl.set(me, Slot.CHANGES_BACKLOG, self.publisher.backlog)
         self.through.update(self.t_through)
-        for task, (_, seq) in self.t_markers.items():
-            self.owned[task][1] = seq
         self.link_in.update(self.t_link_in)
         self.pruned.update(self.t_pruned_out)
         if self.t_bloom_saved:
@@ -1234,15 +987,19 @@ class Worker:
                 self.sent[j] = seq
 
     def close(self) -> None:
-        if self.cluster:
-            if self.reader is not None:
-                self.reader.close()
-            if self.writer is not None:
-                self.writer.producer.flush(5)
         self.dlq.close()
         if self.publisher is not None:
             self.publisher.close()
         self.shard.close()
+
+
+def make_worker(config: Config, index: int, prefix: str) -> Worker:
+    """The worker for the config's mode (not booted)."""
+    if config.cluster.enabled:
+        from .task_worker import TaskWorker  # imports this module
+
+        return TaskWorker(config, index, prefix)
+    return Worker(config, index, prefix)
 
 
 def worker_main(config: Config, index: int, prefix: str, log_level: int) -> None:
@@ -1252,7 +1009,7 @@ def worker_main(config: Config, index: int, prefix: str, log_level: int) -> None
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     logging.basicConfig(level=log_level,
                         format=f"%(asctime)s worker-{index} %(levelname)s %(name)s: %(message)s")
-    w = Worker(config, index, prefix)
+    w = make_worker(config, index, prefix)
     try:
         w.boot()
     except ShardError as e:

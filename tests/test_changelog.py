@@ -259,7 +259,7 @@ def test_pruned_dedup_ids_of_a_stale_task_are_not_written(shard):
     old dedup ids locally, and that is no change of the task for the changelog."""
     import types
 
-    from aggregator.worker import Worker
+    from aggregator.task_worker import TaskWorker
 
     capture(shard, lambda b: (b.mark_seen(sk(1, 1), 0), b.mark_seen(sk(2, 2), 5)))
     b = CapturingBatch(shard)
@@ -268,7 +268,7 @@ def test_pruned_dedup_ids_of_a_stale_task_are_not_written(shard):
     fake = types.SimpleNamespace(tasks=TASKS, owned={2: [7, 3, 1]}, t_allowed={2},
                                  change_msgs=None, t_kfwd=[], index=0,
                                  _writer=lambda: began.append(1))
-    Worker._write_changelog(fake, b)  # nothing to write: no transaction at all
+    TaskWorker._write_changelog(fake, b)  # nothing to write: no transaction at all
     assert began == []
     b.abort()
 
