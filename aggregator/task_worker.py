@@ -36,6 +36,7 @@ from .changelog import (
 from .changes import ChangeMessages
 from .cluster import FORWARD_HEADER, wanted_segment_name
 from .control import Slot
+from .faults import fault_point
 from .ring import SharedCounters
 from .routing import identity_hash, slot_prefix
 from .store import Batch, ShardError
@@ -314,6 +315,7 @@ class TaskWorker(Worker):
                          r.records, r.bytes / 1e6)
 
         try:
+            fault_point("worker_restore")  # the task's restore starts reading
             reader.read(task, r.start, sink, heartbeat=self._heartbeat, timeout=timeout)
             if self.wanted.get(task) != rid:
                 r.finish()  # what was read stays as the local cache
