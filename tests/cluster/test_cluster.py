@@ -113,7 +113,7 @@ def test_tasks_revoked_during_their_restore(workload, cluster):
     run.produce(0, 0.5)
     run.start_instance()
     run.wait_progress(EVENTS // 5)
-    stall = {"AGGREGATOR_FAULTS": "worker_restore=1:sleep=20"}
+    stall = {"AGGREGATOR_FAULTS": "worker_restore=1:sleep=30"}
     patient = "[service]\nheartbeat_timeout_ms = 60000\n"  # a stalled worker is not hung
     second = run.start_instance(extra=patient, env=stall)
 
@@ -124,7 +124,8 @@ def test_tasks_revoked_during_their_restore(workload, cluster):
             run._check_alive()
             time.sleep(0.1)
 
-    wait_log(second, "restoring task ", 2)  # both workers stall in a restore
+    # a worker stalls in its first restore (one worker may hold all the tasks: task % 2)
+    wait_log(second, "restoring task ")
     third = run.start_instance()
     wait_log(second, "dropped task ")  # a task revoked during its restore, restore over
     run.produce(0.5, 1.0)
