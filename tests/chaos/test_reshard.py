@@ -25,7 +25,7 @@ from aggregator import simulate
 from aggregator.store import Shard
 
 EVENTS = int(os.environ.get("AGGREGATOR_CHAOS_RESHARD_EVENTS", "30000"))
-KILL_AT_COMMIT = 8  # of one worker, in the 7-worker run
+KILL_AT_COMMIT = 3  # of one worker, in the 7-worker run: early, while the third flows in
 
 
 def pending_state(data_dir) -> dict:
