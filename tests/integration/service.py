@@ -40,7 +40,8 @@ def write_config(path: Path, *, bootstrap: str, prefix: str, group: str, data_di
                         f'dead_letter_topic = "{prefix}shop.deadletter"\n'
                         f"commit_interval_ms = 200")
     # Short session and heartbeat: a Tansu join takes half the session timeout, and a
-    # SIGKILLed member holds its partitions for the whole of it.
+    # SIGKILLed member holds its partitions for the whole of it. max.poll.interval.ms: a
+    # supervisor stuck for longer leaves the group within a test's time (default 5 min).
     text = text.replace('[kafka.consumer]\n',
                         '[kafka.consumer]\n"session.timeout.ms" = 6000\n'
                         '"heartbeat.interval.ms" = 500\n"max.poll.interval.ms" = 45000\n')
@@ -167,7 +168,10 @@ class Service:
         are installed SIGTERM would just kill it) and its groups are not rebalancing."""
         if self.proc.poll() is None:
             self.http_url(timeout=60)  # logged after the handlers are installed
-            wait_group_settled(self.config.kafka.bootstrap_servers, self.groups())
+            if not wait_group_settled(self.config.kafka.bootstrap_servers, self.groups()):
+                print(f"warning: groups {self.groups()} still rebalancing after 30 s; "
+                      "stopping anyway (a later member may wait for this one, see "
+                      "wait_group_settled)", flush=True)
         self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout)
 
