@@ -1,14 +1,65 @@
-"""Command line: `aggregator run`, `demo`, `get`, `stats`."""
+"""Command line: `aggregator run`, `demo`, `get`, `stats`.
+
+Every mistake in user input ends in one line on stderr and a documented exit code (see
+``EXIT_CODES``), never a traceback: click's parameter types (``Choice``, ``IntRange``,
+``Path``) check the options, :class:`~aggregator.config.ConfigError` and
+:class:`~aggregator.datadir.DataDirError` become exit 2.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import shlex
 import sys
+from pathlib import Path
 
 import click
 
-from .config import ConfigError, default_config_path, load_config
+from . import datadir, logs
+from .config import ENV_SHORTCUTS, ConfigError, default_config_path, load_config
+
+log = logging.getLogger(__name__)
+
+EXIT_CODES = {
+    0: "success (`run`: a clean stop after SIGTERM/SIGINT; `demo`: CHECK PASSED)",
+    1: "`get`: no such document; `demo`: CHECK FAILED",
+    2: "usage, configuration or data-directory error, or a fatal service error "
+       "(`demo --serve`: the HTTP port is taken)",
+}
+USAGE_EXIT = 2
+
+
+def _env_help() -> str:
+    from .core import PURE_ENV
+
+    rows = [(name, f"sets {dotted}") for name, dotted in ENV_SHORTCUTS.items()]
+    rows += [
+        ("AGGREGATOR__SECTION__FIELD", "sets any config field, e.g. "
+                                       "AGGREGATOR__SERVICE__UMASK=0027"),
+        ("AGGREGATOR_LOG_LEVEL", "--log-level"),
+        ("AGGREGATOR_LOG_FORMAT", "--log-format"),
+        (PURE_ENV, "=1: the pure-Python core instead of the compiled one"),
+        ("AGGREGATOR_FAULTS", "fault injection, for tests only (faults.py)"),
+        ("AGGREGATOR_FAULTS_ONCE", "fault injection, for tests only (faults.py)"),
+    ]
+    width = max(len(n) for n, _ in rows)
+    env = "\n".join(f"  {n:<{width}}  {what}" for n, what in rows)
+    codes = "\n".join(f"  {c}  {what}" for c, what in EXIT_CODES.items())
+    # \b: click keeps the following paragraph's line breaks
+    return f"\b\nEnvironment variables:\n{env}\n\n\b\nExit codes:\n{codes}"
+
+
+_json_errors = False  # --log-format json: errors are log records too
+
+
+def _fail(message: str, code: int = USAGE_EXIT) -> None:
+    """One line (or one line per problem) on stderr, as a log record in JSON mode."""
+    if _json_errors:
+        log.error("%s", message)
+    else:
+        click.echo(message, err=True)
+    sys.exit(code)
 
 
 def _load(config_path, workers, data_dir, bootstrap):
@@ -20,74 +71,128 @@ def _load(config_path, workers, data_dir, bootstrap):
     if bootstrap is not None:
         overrides["kafka.bootstrap_servers"] = bootstrap
     try:
-        return load_config(config_path, overrides)
+        return load_config(config_path or default_config_path(), overrides)
     except ConfigError as e:
-        click.echo(str(e), err=True)
-        sys.exit(2)
+        _fail(str(e))
 
 
-_common = [
-    click.option("--config", "-c", "config_path", type=click.Path(dir_okay=False),
-                 default=None, help="TOML config (default: the 7-service example)"),
-    click.option("--workers", "-w", type=int, default=None, help="worker processes"),
-    click.option("--data-dir", type=click.Path(file_okay=False), default=None),
+def _setup_logging(level: str, fmt: str, role: str = "supervisor") -> int:
+    global _json_errors
+    logs.setup(level.upper(), fmt, role)
+    _json_errors = fmt == "json"
+    return logging.getLevelName(level.upper())
+
+
+class Utf8Text(click.ParamType):
+    """A text argument that must be valid UTF-8 (the shell may pass any bytes)."""
+
+    name = "text"
+
+    def convert(self, value, param, ctx):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            self.fail("is not valid UTF-8 (view names and keys are UTF-8 text)", param, ctx)
+        return value
+
+
+def _config_option(required: bool, default_help: str):
+    # no `default=None`: click >= 8.3 counts an explicit None default as a value given
+    return click.option("--config", "-c", "config_path", required=required,
+                        type=click.Path(dir_okay=False), help=default_help)
+
+
+_WORKERS = click.IntRange(1, 256)
+_DATA_DIR = click.Path(file_okay=False)
+_service_options = [
+    click.option("--workers", "-w", type=_WORKERS, default=None, help="worker processes"),
+    click.option("--data-dir", type=_DATA_DIR, default=None,
+                 help="where the shards live (created 0700, see service.umask)"),
     click.option("--bootstrap", default=None, help="Kafka bootstrap servers"),
-    click.option("--log-level", default="INFO", show_default=True),
+    click.option("--log-level", type=click.Choice(logs.LEVELS, case_sensitive=False),
+                 envvar="AGGREGATOR_LOG_LEVEL", default=None,
+                 help="default: INFO for run, WARNING for demo"),
+    click.option("--log-format", type=click.Choice(logs.FORMATS), default="text",
+                 envvar="AGGREGATOR_LOG_FORMAT", show_default=True,
+                 help="json: one JSON object per line (time, level, logger, role, worker, "
+                      "message, exception)"),
 ]
 
 
-def common(f):
-    for opt in reversed(_common):
+def service_options(f):
+    for opt in reversed(_service_options):
         f = opt(f)
     return f
 
 
-@click.group()
+@click.group(epilog=_env_help())
 @click.version_option(package_name="aggregator")
 def main() -> None:
     """Merge CloudEvents from many Kafka topics into per-key views, exactly once."""
 
 
-@main.command()
-@common
-def run(config_path, workers, data_dir, bootstrap, log_level):
+@main.command(epilog=_env_help())
+@_config_option(True, "TOML config (required)")
+@service_options
+def run(config_path, workers, data_dir, bootstrap, log_level, log_format):
     """Run the service against a Kafka cluster until SIGTERM/SIGINT.
 
     A data dir written by another worker count is resharded first (offline, crash-safe).
     """
     from .supervisor import Supervisor
 
-    logging.basicConfig(level=log_level.upper(),
-                        format="%(asctime)s supervisor %(levelname)s %(name)s: %(message)s")
-    cfg = _load(config_path or default_config_path(), workers, data_dir, bootstrap)
-    logging.getLogger(__name__).info("config: %s", cfg.kafka.redacted())
-    sys.exit(Supervisor(cfg, log_level=logging.getLevelName(log_level.upper())).run())
+    level = _setup_logging(log_level or "INFO", log_format)
+    cfg = _load(config_path, workers, data_dir, bootstrap)
+    datadir.apply_umask(cfg.service.umask)
+    try:
+        datadir.create(cfg.service.data_dir)
+    except datadir.DataDirError as e:
+        _fail(str(e))
+    log.info("config: %s", cfg.kafka.redacted())
+    sys.exit(Supervisor(cfg, log_level=level, log_format=log_format).run())
 
 
-@main.command()
-@common
-@click.option("--events", "-n", type=int, default=200_000, show_default=True)
+def command_name() -> str:
+    """How the user ran this program, for hints they can paste (``.venv/bin/aggregator``,
+    ``aggregator`` on PATH, or ``python -m aggregator``)."""
+    argv0 = sys.argv[0] if sys.argv else ""
+    if Path(argv0).name in ("__main__.py", "-m", "") or argv0.endswith(".py"):
+        return f"{shlex.quote(sys.executable)} -m aggregator"
+    return shlex.quote(argv0)
+
+
+@main.command(epilog=_env_help())
+@_config_option(False, "TOML config (default: the packaged 7-service example shop.toml)")
+@service_options
+@click.option("--events", "-n", type=click.IntRange(min=1), default=200_000, show_default=True)
 @click.option("--seed", type=int, default=1, show_default=True)
 @click.option("--keep", is_flag=True, help="keep the views in ./demo-data (or --data-dir)")
 @click.option("--serve", is_flag=True,
-              help="afterwards, serve the views over HTTP (http.host/http.port) until Ctrl-C")
-def demo(config_path, workers, data_dir, bootstrap, log_level, events, seed, keep, serve):
+              help="afterwards, serve the views over HTTP (http.host/http.port) until Ctrl-C "
+                   "(the port is checked first: taken -> exit 2)")
+def demo(config_path, workers, data_dir, bootstrap, log_level, log_format, events, seed, keep,
+         serve):
     """Embedded broker + 7 simulated services + the aggregator, checked against an oracle."""
-    from .demo import run_demo
+    from .demo import DemoError, run_demo
 
-    logging.basicConfig(level=log_level.upper() if log_level != "INFO" else "WARNING",
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = _load(config_path or default_config_path(), workers, data_dir, bootstrap)
-    sys.exit(run_demo(cfg, events=events, seed=seed, data_dir=data_dir, keep=keep,
-                      serve=serve))
+    level = _setup_logging(log_level or "WARNING", log_format)
+    cfg = _load(config_path, workers, data_dir, bootstrap)
+    datadir.apply_umask(cfg.service.umask)
+    try:
+        code = run_demo(cfg, events=events, seed=seed, data_dir=data_dir, keep=keep,
+                        serve=serve, log_level=level, log_format=log_format,
+                        command=command_name())
+    except (DemoError, datadir.DataDirError) as e:
+        _fail(str(e))
+    sys.exit(code)
 
 
 _read_options = [
-    click.option("--config", "-c", "config_path", type=click.Path(dir_okay=False),
-                 default=None, help="TOML config (default: the 7-service example)"),
-    click.option("--data-dir", type=click.Path(file_okay=False), default=None),
-    click.option("--workers", "-w", type=int, default=None,
-                 help="worker count the data dir was written with"),
+    _config_option(False, "TOML config (default: the packaged example shop.toml); gives the "
+                          "view names and service.data_dir"),
+    click.option("--data-dir", type=_DATA_DIR, default=None),
+    click.option("--workers", "-w", type=_WORKERS, default=None,
+                 help="optional: the data dir records its worker count; a mismatch is an error"),
 ]
 
 
@@ -97,6 +202,21 @@ def read_options(f):
     return f
 
 
+def _read_config(config_path, data_dir, workers):
+    """The config with ``service.workers`` as the data dir records it (exit 2: no shards,
+    or ``--workers`` disagrees)."""
+    cfg = _load(config_path, None, data_dir, None)
+    path = cfg.service.data_dir
+    try:
+        n = datadir.written_workers(path)
+    except datadir.DataDirError as e:
+        _fail(f"error: {e}")
+    if workers is not None and workers != n:
+        _fail(f"error: data dir {path} was written by {n} workers, not {workers} (--workers); "
+              "leave --workers out to use the data dir's count")
+    return cfg.model_copy(update={"service": cfg.service.model_copy(update={"workers": n})})
+
+
 def _views(cfg):
     from .query import QueryError, Views
 
@@ -104,27 +224,25 @@ def _views(cfg):
     try:
         views.check_layout()
     except QueryError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
+        _fail(f"error: {e}")
     return views
 
 
-@main.command()
+@main.command(epilog=_env_help())
 @read_options
 @click.option("--full", is_flag=True, help="also print the version and freshness")
-@click.argument("view")
-@click.argument("key")
+@click.argument("view", type=Utf8Text())
+@click.argument("key", type=Utf8Text())
 def get(config_path, data_dir, workers, full, view, key):
     """Print the document VIEW/KEY as JSON (exit 1 if absent); reads the shards read-only."""
     from .query import UnknownView
 
-    cfg = _load(config_path or default_config_path(), workers, data_dir, None)
+    cfg = _read_config(config_path, data_dir, workers)
     with _views(cfg) as views:
         try:
             doc = views.get(view, key)
         except UnknownView as e:
-            click.echo(f"error: {e} (configured: {', '.join(cfg.views)})", err=True)
-            sys.exit(2)
+            _fail(f"error: {e} (configured: {', '.join(cfg.views)})")
     if doc is None:
         click.echo(f"no document {key!r} in view {view!r}", err=True)
         sys.exit(1)
@@ -132,14 +250,14 @@ def get(config_path, data_dir, workers, full, view, key):
                           default=repr))
 
 
-@main.command()
+@main.command(epilog=_env_help())
 @read_options
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def stats(config_path, data_dir, workers, as_json):
     """Per-shard LMDB statistics and, while the service runs, its live counters."""
     from .metrics import live_counters
 
-    cfg = _load(config_path or default_config_path(), workers, data_dir, None)
+    cfg = _read_config(config_path, data_dir, workers)
     with _views(cfg) as views:
         shards = views.stats()
     live = live_counters(cfg)

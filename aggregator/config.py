@@ -165,8 +165,20 @@ def _fmt_size(n: int) -> str:
     return f"{n} bytes"
 
 
+def parse_umask(value: Any) -> Any:
+    """A umask as an octal string ("0077", "027"), as systemd's ``UMask=`` writes it.
+
+    TOML integers are refused: ``umask = 027`` is not valid TOML and ``umask = 27`` would be
+    decimal, so only a string says unambiguously which bits are meant.
+    """
+    if isinstance(value, str) and re.fullmatch(r"0?[0-7]{1,3}", value.strip()):
+        return int(value.strip(), 8)
+    raise ValueError(f'must be an octal string such as "0077" or "0027" (got {value!r})')
+
+
 Int = Annotated[int, BeforeValidator(_reject_bool)]
 Size = Annotated[int, BeforeValidator(parse_size)]
+Umask = Annotated[int, BeforeValidator(parse_umask)]
 KafkaValue = StrictBool | StrictInt | StrictFloat | StrictStr | SecretStr
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
 
@@ -258,6 +270,9 @@ class ServiceConfig(BaseModel):
     max_boot_failures: Int = Field(5, ge=1)
     shutdown_timeout_ms: Int = Field(30_000, ge=1)
     ready_max_lag: Int = Field(1000, ge=0)  # /readyz: max records behind, per partition
+    # the process umask of `aggregator run`/`demo` (datadir.py): "0077" makes the data dir
+    # 0700 and its files 0600; "0027" lets the owner's group read them
+    umask: Umask = 0o077
 
     @field_validator("dead_letter_topic")
     @classmethod
@@ -636,13 +651,17 @@ class Config(BaseModel):
 
 
 def default_config_path() -> Path:
-    """The repository's ``examples/shop.toml``, used when no config path is given."""
-    path = Path(__file__).resolve().parent.parent / "examples" / "shop.toml"
-    if not path.is_file():
-        msg = (f"no config file given and the default {path} does not exist "
-               f"(installed without examples?); pass a config path")
-        raise ConfigError([("", msg)])
-    return path
+    """The example config ``shop.toml`` (the demo's default): ``aggregator/examples/`` in an
+    installed package (pyproject.toml maps the repository's ``examples/`` there), else the
+    repository's ``examples/`` next to the package (a source checkout or editable install)."""
+    here = Path(__file__).resolve().parent
+    candidates = (here / "examples" / "shop.toml", here.parent / "examples" / "shop.toml")
+    for path in candidates:
+        if path.is_file():
+            return path
+    msg = (f"no config file given and the example config is missing (looked at "
+           f"{', '.join(map(str, candidates))}); pass a config path")
+    raise ConfigError([("", msg)])
 
 
 def load_config(

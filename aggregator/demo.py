@@ -6,12 +6,20 @@
    plus a few malformed records) while the aggregator runs with the configured workers;
 4. stop once every record is durably applied, then print throughput and compare the views
    in LMDB with the expected views computed independently from the simulator's ground truth.
+
+While the live table is drawn, everything written to file descriptor 2 -- log records of
+this process and of the workers and HTTP process it spawns, librdkafka's own lines -- is
+printed through the table's console (:func:`stderr_to_console`), so it appears above the
+table instead of breaking it up.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -20,14 +28,19 @@ from pathlib import Path
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
-from . import core, simulate
+from . import core, datadir, simulate
 from .broker import end_offsets
 from .config import Config
 from .store import read_views
 from .supervisor import Stats, Supervisor
 
 log = logging.getLogger(__name__)
+
+
+class DemoError(Exception):
+    """The demo cannot run as asked (data dir, port); the message is one line for the user."""
 
 
 def compare_views(actual: dict, expected: dict) -> list[str]:
@@ -70,25 +83,82 @@ def _demo_dir(data_dir: str | None, keep: bool) -> tuple[Path, bool]:
     """(data dir, remove afterwards). The demo never reuses state: its broker is new."""
     if data_dir is not None:
         path = Path(data_dir)
-        if path.exists() and any(path.iterdir()):
-            raise SystemExit(f"demo: refusing to use non-empty data dir {path} "
-                             "(the demo starts from nothing; pass an empty or new directory)")
+        if path.is_dir() and any(path.iterdir()):
+            raise DemoError(f"demo: refusing to use non-empty data dir {path} "
+                            "(the demo starts from nothing; pass an empty or new directory)")
     elif keep:
         path = DEMO_DIR
         if path.exists():
-            if any(path.iterdir()) and not (path / _MARK).exists():
-                raise SystemExit(f"demo: {path} exists and was not made by the demo; move it")
+            if not path.is_dir() or any(path.iterdir()) and not (path / _MARK).exists():
+                raise DemoError(f"demo: {path} exists and was not made by the demo; move it")
             shutil.rmtree(path)
     else:
         return Path(tempfile.mkdtemp(prefix="aggregator-demo-")) / "data", True
-    path.mkdir(parents=True, exist_ok=True)
+    datadir.create(path)  # DataDirError: one line
     (path / _MARK).touch()
     return path, False
 
 
+def check_port(host: str, port: int) -> None:
+    """Raise DemoError unless ``host:port`` can be listened on now (for ``--serve``, checked
+    before the pipeline runs, and again just before serving)."""
+    from .server import bind
+
+    try:
+        bind(host, port).close()
+    except OSError as e:
+        raise DemoError(f"demo --serve: cannot listen on {host}:{port}: {e.strerror or e} "
+                        "(choose another port: http.port in a config, or "
+                        "AGGREGATOR__HTTP__PORT)") from None
+
+
+@contextlib.contextmanager
+def stderr_to_console(console: Console):
+    """Point file descriptor 2 at a pipe whose lines are printed through ``console``.
+
+    Child processes started inside the block inherit the pipe as their stderr, so their
+    log lines (and anything a C library writes) go through the console too; a rich ``Live``
+    on that console prints them above its table. Restores fd 2 on exit. Does nothing when
+    stderr is not a terminal (then nothing is drawn over)."""
+    try:
+        is_tty = os.isatty(2)
+    except OSError:
+        is_tty = False
+    if not is_tty or not console.is_terminal:
+        yield
+        return
+    r, w = os.pipe()
+    saved = os.dup(2)
+    sys.stderr.flush()
+    os.dup2(w, 2)
+    os.close(w)
+
+    def pump() -> None:
+        with os.fdopen(r, "r", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                console.print(Text(line.rstrip("\n")), soft_wrap=True)
+
+    t = threading.Thread(target=pump, name="stderr-to-console", daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)  # our write end is gone; the pump ends when children's are
+        os.close(saved)
+        t.join(2.0)
+
+
 def run_demo(config: Config, *, events: int, seed: int, data_dir: str | None = None,
-             keep: bool = False, serve: bool = False, console: Console | None = None) -> int:
+             keep: bool = False, serve: bool = False, console: Console | None = None,
+             log_level: int = logging.WARNING, log_format: str = "text",
+             command: str = "aggregator") -> int:
+    """Run the demo; 0 when the check passed. ``command``: how the user runs this program,
+    for the printed hints. Raises DemoError/DataDirError before anything starts when the
+    data dir or (with ``serve``) the HTTP port cannot be used."""
     console = console or Console()
+    if serve:
+        check_port(config.http.host, config.http.port)
     path, remove = _demo_dir(data_dir, keep or serve)
     broker = None
     bootstrap = config.kafka.bootstrap_servers
@@ -110,17 +180,20 @@ def run_demo(config: Config, *, events: int, seed: int, data_dir: str | None = N
     # the pipeline's own HTTP API takes any free port; --serve uses the configured one
     run_cfg = config.model_copy(update={"http": config.http.model_copy(update={"port": 0})})
     try:
-        code = _run(run_cfg, bootstrap, events, seed, console)
+        code = _run(run_cfg, bootstrap, events, seed, console, log_level, log_format)
         if code == 0 and not remove:
-            console.print(f"data kept in {path} (try: aggregator get customer c-000001 "
-                          f"--data-dir {path} --workers {config.service.workers})")
+            console.print(f"data kept in {path} (try: {command} get customer c-000001 "
+                          f"--data-dir {path})", highlight=False, markup=False)
         if code == 0 and serve:
+            from .server import BIND_FAILED_EXIT
             from .server import serve as serve_http
 
+            check_port(config.http.host, config.http.port)  # taken meanwhile?
             url = f"http://{config.http.host}:{config.http.port}"
             console.print(f"serving the views read-only on {url} (e.g. curl "
                           f"'{url}/views/customer?limit=3'); Ctrl-C to stop")
-            return serve_http(config)
+            served = serve_http(config)
+            return 2 if served == BIND_FAILED_EXIT else served
         return code
     finally:
         if broker is not None:
@@ -129,7 +202,8 @@ def run_demo(config: Config, *, events: int, seed: int, data_dir: str | None = N
             shutil.rmtree(path.parent, ignore_errors=True)
 
 
-def _run(config: Config, bootstrap: str, events: int, seed: int, console: Console) -> int:
+def _run(config: Config, bootstrap: str, events: int, seed: int, console: Console,
+         log_level: int = logging.WARNING, log_format: str = "text") -> int:
     topics = config.topics()
     simulate.ensure_topics(bootstrap, topics + [config.service.dead_letter_topic]
                            + list(config.changes_topics().values()), partitions=4)
@@ -181,10 +255,10 @@ def _run(config: Config, bootstrap: str, events: int, seed: int, console: Consol
         live.update(_table(stats, produced[0], len(records),
                            time.monotonic() - (t_first[0] or started)))
 
-    sup = Supervisor(config, log_level=logging.WARNING, on_progress=progress,
-                     stop_when=stop_when)
+    sup = Supervisor(config, log_level=log_level, log_format=log_format,
+                     on_progress=progress, stop_when=stop_when)
     threading.Thread(target=publish, name="simulated-services", daemon=True).start()
-    with live:
+    with stderr_to_console(console), live:
         code = sup.run()
     if errors:
         console.print(f"[red]publishing failed: {errors[0]}[/red]")

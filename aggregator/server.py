@@ -52,6 +52,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from . import logs
 from .config import Config
 from .metrics import make_registry, read_status, readiness, storage_blocked
 from .query import BadCursor, QueryError, UnknownView, Views
@@ -419,11 +420,10 @@ def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def _server_main(config: Config, log_level: int, report) -> None:
+def _server_main(config: Config, log_level: int, report, log_format: str = "text") -> None:
     """Entry point of the server process (spawned by :func:`start_server_process`)."""
     set_parent_death_signal(signal.SIGTERM)  # a graceful stop when the supervisor dies
-    logging.basicConfig(level=log_level,
-                        format="%(asctime)s http %(levelname)s %(name)s: %(message)s")
+    logs.setup(log_level, log_format, "http")
     logging.getLogger("uvicorn.error").setLevel(max(log_level, logging.WARNING))
     try:
         code = serve(config, handle_sigint=False, _report=report)
@@ -439,7 +439,7 @@ def _server_main(config: Config, log_level: int, report) -> None:
     raise SystemExit(code)
 
 
-def start_server_process(config: Config, *, log_level: int = logging.INFO,
+def start_server_process(config: Config, *, log_level: int = logging.INFO, log_format: str = "text",
                          timeout: float = START_TIMEOUT_S) -> multiprocessing.Process | None:
     """Spawn the HTTP API as a child process and wait until it listens.
 
@@ -454,7 +454,7 @@ def start_server_process(config: Config, *, log_level: int = logging.INFO,
     ctx = multiprocessing.get_context("spawn")
     ours, theirs = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_server_main, name="aggregator-http",
-                       args=(config, log_level, theirs), daemon=False)
+                       args=(config, log_level, theirs, log_format), daemon=False)
     proc.start()
     theirs.close()
     try:

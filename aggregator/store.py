@@ -43,6 +43,8 @@ from typing import Iterator
 import lmdb
 import msgpack
 
+from .datadir import FILE_MODE
+
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
@@ -147,8 +149,10 @@ class Shard:
         self.max_map_size = max_map_size
         self.readonly = readonly
         self.writer_epoch: int | None = None  # set by claim_writer; checked by every Batch
+        # mode: the process umask decides (datadir.py; py-lmdb's default 0755 would make
+        # data.mdb executable)
         self._options = dict(max_dbs=len(_DBS) + 2, sync=sync, metasync=sync, readahead=False,
-                             readonly=readonly, lock=True, max_readers=256)
+                             readonly=readonly, lock=True, max_readers=256, mode=FILE_MODE)
         if not readonly:
             self.path.mkdir(parents=True, exist_ok=True)
             _allocate_lock_file(self.path / "lock.mdb")
@@ -331,7 +335,7 @@ def _allocate_lock_file(path: Path) -> None:
     that exists is left alone (other processes may be using it).
     """
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, FILE_MODE)
     except FileExistsError:
         return
     try:

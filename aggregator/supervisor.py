@@ -32,7 +32,7 @@ from typing import Callable
 import msgpack
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
-from . import core, reshard
+from . import core, datadir, reshard
 from .checkpoint import Checkpoint
 from .cluster import (
     FORWARD_HEADER,
@@ -104,13 +104,14 @@ class Stats:
 
 
 class Supervisor:
-    def __init__(self, config: Config, *, log_level: int = logging.INFO,
+    def __init__(self, config: Config, *, log_level: int = logging.INFO, log_format: str = "text",
                  on_progress: Callable[[Stats], None] | None = None,
                  stop_when: Callable[[Stats], bool] | None = None):
         self.cfg = config
         self.svc = config.service
         self.n = config.service.workers
         self.log_level = log_level
+        self.log_format = log_format  # logs.py: handed to every spawned process
         self.on_progress = on_progress
         self.stop_when = stop_when
         self.data_dir = Path(self.svc.data_dir).resolve()
@@ -160,7 +161,8 @@ class Supervisor:
             self._create_segments()
             self._start_workers()
             try:
-                self.http = start_server_process(self.cfg, log_level=self.log_level)
+                self.http = start_server_process(self.cfg, log_level=self.log_level,
+                                                 log_format=self.log_format)
             except ServerStartError as e:
                 raise FatalError(str(e)) from None
             tune_gc()
@@ -194,8 +196,13 @@ class Supervisor:
             pass
 
     def _lock_data_dir(self) -> None:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.data_dir / "LOCK", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            datadir.create(self.data_dir)
+            fd = os.open(self.data_dir / "LOCK", os.O_RDWR | os.O_CREAT, datadir.FILE_MODE)
+        except datadir.DataDirError as e:
+            raise FatalError(str(e)) from None
+        except OSError as e:
+            raise FatalError(f"data dir {self.data_dir}: {e.strerror or e}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -260,7 +267,8 @@ class Supervisor:
         h.pending.clear()
         h.epoch = self.ctl.get(h.index, Slot.EPOCH) + 1
         h.process = ctx.Process(target=worker_main, name=f"aggregator-worker-{h.index}",
-                                args=(self.cfg, h.index, self.prefix, self.log_level))
+                                args=(self.cfg, h.index, self.prefix, self.log_level,
+                                      self.log_format))
         h.process.start()
         h.started = time.monotonic()
 

@@ -40,7 +40,7 @@ from collections import deque
 import lmdb
 import msgpack
 
-from . import core
+from . import core, logs
 from .changes import ChangeEncoder, ChangePublisher
 from .config import Config
 from .control import ControlBlock, Slot
@@ -1002,13 +1002,13 @@ def make_worker(config: Config, index: int, prefix: str) -> Worker:
     return Worker(config, index, prefix)
 
 
-def worker_main(config: Config, index: int, prefix: str, log_level: int) -> None:
+def worker_main(config: Config, index: int, prefix: str, log_level: int,
+                log_format: str = "text") -> None:
     """Entry point of a worker process (spawned by the supervisor)."""
     set_parent_death_signal()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor coordinates shutdown
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    logging.basicConfig(level=log_level,
-                        format=f"%(asctime)s worker-{index} %(levelname)s %(name)s: %(message)s")
+    logs.setup(log_level, log_format, "worker", index)
     w = make_worker(config, index, prefix)
     try:
         w.boot()

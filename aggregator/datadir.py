@@ -1,0 +1,71 @@
+"""The data directory as the command line meets it: creating it privately, and reading its
+layout back (how many workers wrote its shards).
+
+File modes. ``aggregator run`` and ``aggregator demo`` set their process umask to
+``service.umask`` (default ``0077``) before anything is created, and every file and
+directory under the data dir is created with the plain POSIX modes (0666 files, 0777
+directories, LMDB's ``data.mdb``/``lock.mdb`` included) so that the umask alone decides:
+with the default the data dir is 0700 and its files 0600 (the views are readable by the
+service's user only, whatever the HTTP token says). Worker and HTTP processes are spawned
+children and inherit the umask. A data dir that already exists keeps its mode.
+
+Layout. The shards stamp the worker count they were written by (``meta["workers"]``,
+store.py); :func:`written_workers` reads it back through :func:`reshard.current_workers`,
+so ``get``/``stats`` need no ``--workers``, and a directory without stamped shards is an
+error rather than an empty answer.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+DEFAULT_UMASK = 0o077
+FILE_MODE = 0o666  # what every file under the data dir is created with (before the umask)
+
+
+class DataDirError(Exception):
+    """The data dir cannot be used as asked; the message is one line for the user."""
+
+
+def apply_umask(umask: int) -> int:
+    """Make ``umask`` the process umask (inherited by spawned workers); returns the old one."""
+    return os.umask(umask)
+
+
+def create(path: str | os.PathLike) -> Path:
+    """Create the data dir (and missing parents) if needed; raise DataDirError when it cannot
+    be created or is not a writable directory."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataDirError(f"data dir {path}: cannot create it: {e.strerror or e}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise DataDirError(f"data dir {path}: not writable by this user")
+    return path
+
+
+def written_workers(path: str | os.PathLike) -> int:
+    """The worker count the shards of ``path`` were written by.
+
+    Raises DataDirError when ``path`` is not a directory, holds no stamped shard (a wrong
+    path, or a service that never booted there), or holds shards that disagree.
+    """
+    import lmdb
+
+    from .reshard import ReshardError, current_workers  # heavy imports: only when reading
+
+    path = Path(path)
+    if not path.is_dir():
+        raise DataDirError(f"data dir {path}: no such directory")
+    try:
+        n = current_workers(path)
+    except (ReshardError, OSError) as e:
+        raise DataDirError(f"data dir {path}: {e}") from None
+    except lmdb.Error as e:
+        raise DataDirError(f"data dir {path}: cannot read its shards: {e}") from None
+    if n is None:
+        raise DataDirError(f"data dir {path}: holds no shards (not an aggregator data "
+                           "directory, or no service has started on it yet)")
+    return n
