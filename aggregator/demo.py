@@ -183,7 +183,8 @@ def run_demo(config: Config, *, events: int, seed: int, data_dir: str | None = N
         code = _run(run_cfg, bootstrap, events, seed, console, log_level, log_format)
         if code == 0 and not remove:
             console.print(f"data kept in {path} (try: {command} get customer c-000001 "
-                          f"--data-dir {path})", highlight=False, markup=False)
+                          f"--data-dir {path})", highlight=False, markup=False,
+                          soft_wrap=True)  # one line: pasted as one command
         if code == 0 and serve:
             from .server import BIND_FAILED_EXIT
             from .server import serve as serve_http
