@@ -148,6 +148,12 @@ def run(config_path, workers, data_dir, bootstrap, log_level, log_format):
         datadir.create(cfg.service.data_dir)
     except datadir.DataDirError as e:
         _fail(str(e))
+    mode = datadir.more_open_than(cfg.service.data_dir, cfg.service.umask)
+    if mode is not None:
+        log.warning("data dir %s has mode %04o, more open than service.umask %04o allows "
+                    "(made before, or by hand): new files follow the umask, existing ones "
+                    "keep their modes; tighten them with chmod -R", cfg.service.data_dir,
+                    mode, cfg.service.umask)
     log.info("config: %s", cfg.kafka.redacted())
     sys.exit(Supervisor(cfg, log_level=level, log_format=log_format).run())
 

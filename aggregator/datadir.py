@@ -7,7 +7,8 @@ directory under the data dir is created with the plain POSIX modes (0666 files, 
 directories, LMDB's ``data.mdb``/``lock.mdb`` included) so that the umask alone decides:
 with the default the data dir is 0700 and its files 0600 (the views are readable by the
 service's user only, whatever the HTTP token says). Worker and HTTP processes are spawned
-children and inherit the umask. A data dir that already exists keeps its mode.
+children and inherit the umask. A data dir that already exists keeps its mode (and its
+files theirs); :func:`more_open_than` tells the service to warn about it.
 
 Layout. The shards stamp the worker count they were written by (``meta["workers"]``,
 store.py); :func:`written_workers` reads it back through :func:`reshard.current_workers`,
@@ -18,6 +19,7 @@ error rather than an empty answer.
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 DEFAULT_UMASK = 0o077
@@ -44,6 +46,13 @@ def create(path: str | os.PathLike) -> Path:
     if not os.access(path, os.W_OK | os.X_OK):
         raise DataDirError(f"data dir {path}: not writable by this user")
     return path
+
+
+def more_open_than(path: str | os.PathLike, umask: int) -> int | None:
+    """The mode of ``path`` if it grants a permission that ``umask`` would have withheld
+    (a data dir made before the umask setting, or by hand), else None."""
+    mode = stat.S_IMODE(os.stat(path).st_mode)
+    return mode if mode & umask else None
 
 
 def written_workers(path: str | os.PathLike) -> int:

@@ -130,3 +130,16 @@ def test_dev_sh_usage_sets_nothing_up(tmp_path, args):
     r = subprocess.run([str(script), "nonsense"], capture_output=True, text=True, timeout=30)
     assert r.returncode == 2 and "unknown command 'nonsense'" in r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dev.sh"]
+
+
+def test_run_warns_about_a_data_dir_more_open_than_the_umask(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    data.chmod(0o755)
+    # shop.toml has no bootstrap servers: the service stops with exit 2 after its checks
+    r = aggregator("run", "-c", SHOP, "--data-dir", data, cwd=tmp_path, timeout=60)
+    assert r.returncode == 2
+    assert f"data dir {data} has mode 0755, more open than service.umask 0077" in r.stderr
+    r = aggregator("run", "-c", SHOP, "--data-dir", data, cwd=tmp_path, timeout=60,
+                   env={"AGGREGATOR__SERVICE__UMASK": "0022"})
+    assert r.returncode == 2 and "more open than" not in r.stderr
