@@ -24,8 +24,7 @@ log = logging.getLogger(__name__)
 EXIT_CODES = {
     0: "success (`run`: a clean stop after SIGTERM/SIGINT; `demo`: CHECK PASSED)",
     1: "`get`: no such document; `demo`: CHECK FAILED",
-    2: "usage, configuration or data-directory error, or a fatal service error "
-       "(`demo --serve`: the HTTP port is taken)",
+    2: "usage, config or data-dir error; a fatal service error; `demo --serve`: port taken",
 }
 USAGE_EXIT = 2
 
