@@ -290,6 +290,9 @@ class HttpConfig(BaseModel):
     port: Int = Field(8080, ge=0, le=65535)  # 0: any free port (logged at start)
     token: SecretStr = SecretStr("")  # bearer token; empty: no authentication
     max_request_bytes: Size = Field(64 * KiB, ge=0)
+    head_timeout_ms: Int = Field(10_000, ge=1)  # a request must arrive within this
+    max_connections: Int = Field(1024, ge=1)  # beyond: /healthz only, 503 for the rest
+    max_connections_per_client: Int = Field(128, ge=1)  # per client address; beyond: 503
 
     @model_validator(mode="after")
     def _exposed_needs_token(self) -> HttpConfig:

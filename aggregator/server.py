@@ -20,8 +20,11 @@ Endpoints (``GET``; also ``HEAD``):
 Guards, applied before routing: a URL longer than ``MAX_URL_BYTES`` gets 414, a
 ``Content-Length`` above ``http.max_request_bytes`` gets 413, a body of unknown length
 (chunked) gets 411 (no endpoint takes a body); request heads beyond ``MAX_HEAD_BYTES`` are
-refused by the HTTP parser (400). With ``http.token`` set, every path except ``/healthz``
+refused (400, connections.py). With ``http.token`` set, every path except ``/healthz``
 needs ``Authorization: Bearer <token>`` (compared in constant time), else 401.
+
+Connections (connections.py): a deadline on each request, bounds per client address and in
+total; ``/healthz`` is answered over the total bound too.
 
 Processes: :func:`serve` runs the server in the calling process until SIGTERM (or SIGINT);
 :func:`start_server_process` spawns it as a child of the supervisor and returns once it is
@@ -36,6 +39,7 @@ import hmac
 import json
 import logging
 import multiprocessing
+import resource
 import signal
 import socket
 import time
@@ -53,6 +57,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from .config import Config
+from .connections import ConnectionLimits, protocol_factory
 from .metrics import make_registry, read_status, readiness, storage_blocked
 from .query import BadCursor, QueryError, UnknownView, Views
 from .runtime import set_parent_death_signal
@@ -60,10 +65,11 @@ from .runtime import set_parent_death_signal
 log = logging.getLogger(__name__)
 
 MAX_URL_BYTES = 8 * 1024  # path + query string; longer: 414
-MAX_HEAD_BYTES = 16 * 1024  # request line + headers, enforced by h11; longer: 400
+MAX_HEAD_BYTES = 16 * 1024  # request line + headers (connections.py); longer: 400
 MAX_LIST_LIMIT = 1000
 DEFAULT_LIST_LIMIT = 100
 OPEN_PATHS = frozenset({"/healthz"})
+FD_SLACK = 256  # descriptors besides connections: shards, logs, refused connections
 START_TIMEOUT_S = 30.0
 BIND_FAILED_EXIT = 3
 
@@ -391,19 +397,22 @@ def serve(config: Config, *, handle_sigint: bool = True, _report=None) -> int:
     host, port = sock.getsockname()[:2]
     log.info("HTTP API listening on http://%s:%d (%s)", _url_host(host), port,
              "bearer token required" if http.token.get_secret_value() else "no token")
+    _raise_fd_limit(2 * http.max_connections + FD_SLACK)
     if _report is not None:
         _report.send(("ok", port))
+    limits = ConnectionLimits(http.max_connections, http.max_connections_per_client)
     server = _Server(uvicorn.Config(
         create_app(config),
         loop="uvloop",
-        http="h11",
-        h11_max_incomplete_event_size=MAX_HEAD_BYTES,
+        http=protocol_factory(limits, head_timeout_s=http.head_timeout_ms / 1000,
+                              max_head_bytes=MAX_HEAD_BYTES),
+        ws="none",  # an upgrade would hand the connection to a protocol that is not bounded
         lifespan="on",
         log_config=None,
         access_log=False,
         server_header=False,
         proxy_headers=False,
-        limit_concurrency=1024,
+        limit_concurrency=None,  # it answers 503 to /healthz too; connections.py bounds
         timeout_keep_alive=5,
         timeout_graceful_shutdown=5,
     ), handle_sigint)
@@ -413,6 +422,20 @@ def serve(config: Config, *, handle_sigint: bool = True, _report=None) -> int:
         sock.close()
     log.info("HTTP API stopped")
     return 0
+
+
+def _raise_fd_limit(want: int) -> None:
+    """Raise this process's soft limit of open files to ``want`` (at most the hard limit):
+    every connection holds a descriptor, also those served /healthz only over
+    ``http.max_connections``. Beyond the limit, connections are closed at accept (libuv)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        if new < want:
+            log.warning("open files limit is %d, below the %d that 2 x http.max_connections "
+                        "need: connections beyond it are closed at accept, /healthz too "
+                        "(raise LimitNOFILE or ulimit -n)", new, want)
 
 
 def _url_host(host: str) -> str:

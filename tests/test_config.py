@@ -621,3 +621,17 @@ def test_cluster_tasks_must_be_a_multiple_of_the_workers(data: dict) -> None:
 def test_cluster_topics_must_not_be_other_topics(data: dict) -> None:
     data["cluster"] = {"enabled": True, "tasks": 8, "changelog_topic": "shop.orders"}
     assert "'shop.orders' is also a source" in error_of(data)
+
+
+# ---- http ------------------------------------------------------------------------------------
+
+
+def test_http_connection_bounds_have_defaults_and_are_validated() -> None:
+    http = load_config(SHOP, env={}).http
+    assert (http.head_timeout_ms, http.max_connections, http.max_connections_per_client) == (
+        10_000, 1024, 128)
+    http = load_config(SHOP, env={"AGGREGATOR__HTTP__HEAD_TIMEOUT_MS": "2500"}).http
+    assert http.head_timeout_ms == 2500
+    for key in ("head_timeout_ms", "max_connections", "max_connections_per_client"):
+        with pytest.raises(ConfigError, match=f"config error: http.{key}: "):
+            load_config(SHOP, {f"http.{key}": 0}, env={})
