@@ -21,7 +21,9 @@ Guards, applied before routing: a URL longer than ``MAX_URL_BYTES`` gets 414, a
 ``Content-Length`` above ``http.max_request_bytes`` gets 413, a body of unknown length
 (chunked) gets 411 (no endpoint takes a body); request heads beyond ``MAX_HEAD_BYTES`` are
 refused (400, connections.py). With ``http.token`` set, every path except ``/healthz``
-needs ``Authorization: Bearer <token>`` (compared in constant time), else 401.
+needs ``Authorization: Bearer <token>`` (compared in constant time), else 401. Query
+parameters are parsed strictly: unknown or repeated ones, a ``limit`` that is not 1-4 ASCII
+digits, a ``cursor`` that is not url-safe base64 get 400.
 
 Connections (connections.py): a deadline on each request, bounds per client address and in
 total; ``/healthz`` is answered over the total bound too.
@@ -39,6 +41,7 @@ import hmac
 import json
 import logging
 import multiprocessing
+import re
 import resource
 import signal
 import socket
@@ -68,6 +71,9 @@ MAX_URL_BYTES = 8 * 1024  # path + query string; longer: 414
 MAX_HEAD_BYTES = 16 * 1024  # request line + headers (connections.py); longer: 400
 MAX_LIST_LIMIT = 1000
 DEFAULT_LIST_LIMIT = 100
+LIMIT_RE = re.compile(r"[0-9]{1,4}")  # ASCII only: str.isdigit() takes "²", int() does not
+CURSOR_RE = re.compile(r"[A-Za-z0-9_-]{1,2048}")  # url-safe base64, as encode_cursor makes
+LIST_PARAMS = ("limit", "cursor")
 OPEN_PATHS = frozenset({"/healthz"})
 FD_SLACK = 256  # descriptors besides connections: shards, logs, refused connections
 START_TIMEOUT_S = 30.0
@@ -169,11 +175,8 @@ def create_app(config: Config) -> Starlette:
 
     async def list_keys(request: Request) -> Response:
         view = request.path_params["view"]
-        raw = request.query_params.get("limit", str(DEFAULT_LIST_LIMIT))
-        if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIST_LIMIT:
-            return _error(400, "bad_request", f"limit must be 1..{MAX_LIST_LIMIT}")
-        cursor = request.query_params.get("cursor") or None
-        keys, nxt = await run_in_threadpool(views.list_keys, view, int(raw), cursor)
+        limit, cursor = list_query(request.query_params)
+        keys, nxt = await run_in_threadpool(views.list_keys, view, limit, cursor)
         return JSON({"view": view, "keys": keys, "next_cursor": nxt})
 
     async def healthz(request: Request) -> Response:
@@ -233,6 +236,25 @@ def create_app(config: Config) -> Starlette:
                        token=config.http.token.get_secret_value())
     app.state.views = views
     return app
+
+
+def list_query(query) -> tuple[int, str | None]:
+    """``(limit, cursor)`` of a key listing from its query parameters, strictly: raises
+    :class:`QueryError` (400) for an unknown or repeated parameter or a malformed value."""
+    for name in query:
+        if name not in LIST_PARAMS:
+            raise QueryError(f"unknown query parameter {name[:64]!r} (known: limit, cursor)")
+        if len(query.getlist(name)) > 1:
+            raise QueryError(f"query parameter {name!r} given more than once")
+    raw = query.get("limit")
+    limit = DEFAULT_LIST_LIMIT if raw is None else (
+        int(raw) if LIMIT_RE.fullmatch(raw) else 0)
+    if not 1 <= limit <= MAX_LIST_LIMIT:
+        raise QueryError(f"limit must be an integer 1..{MAX_LIST_LIMIT}")
+    cursor = query.get("cursor") or None
+    if cursor is not None and not CURSOR_RE.fullmatch(cursor):
+        raise BadCursor("invalid cursor")
+    return limit, cursor
 
 
 def _slug(status: int) -> str:

@@ -4,9 +4,11 @@ limit, hostile query strings, no redirects, the token-free probes, ``http.token_
 
 from __future__ import annotations
 
+import random
 import resource
 import socket
 import time
+import urllib.parse
 
 import pytest
 
@@ -241,3 +243,40 @@ def test_the_head_limit_is_per_request_not_per_segment(server):
     with socket.create_connection(("127.0.0.1", server), timeout=5) as s:
         s.sendall(one * 5 + last)  # 25 KB pipelined in one segment
         assert read_to_close(s).count(b"HTTP/1.1 200 OK") == 6
+
+
+# ---- bug 2: query parameters ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("query", [
+    "limit=%C2%B2", "limit=" + "9" * 5000, "limit=%D9%A1%D9%A2", "limit=%EF%BC%95",
+    "limit=+5", "limit=-1", "limit=%205", "limit=5%20", "limit=1e3", "limit=0x10",
+    "limit=", "limit=0", "limit=1001", "limit=00000005", "limit=5&limit=6", "limt=5",
+    "cursor=%FF%FE", "cursor=" + "A" * 5000, "cursor=a+b", "cursor=AAAA", "cursor=%00",
+    "cursor=" + "_" * 40, "limit=5&cursor=kwIBxA", "%FF=1",
+])
+def test_query_parameters_are_parsed_strictly(server, query):
+    status, _, body = get(server, f"/views/customer?{query}")
+    assert status == 400, body
+    assert b'"bad_request"' in body or b'"bad_cursor"' in body
+
+
+def test_no_query_string_reaches_a_500(server):
+    rng = random.Random(11)
+    alphabet = [chr(c) for c in range(0x20, 0x7F)] + ["\x00", "\xff", "²", "٣", "\u202e", "é"]
+    with socket.create_connection(("127.0.0.1", server), timeout=5) as s:
+        f = s.makefile("rb")
+        for _ in range(300):
+            name = rng.choice(["limit", "cursor", "x"])
+            value = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
+            target = (f"/views/customer?{name}=" + urllib.parse.quote(value, safe="")
+                      if rng.random() < 0.8 else "/views/customer/" + urllib.parse.quote(value))
+            s.sendall(f"GET {target} HTTP/1.1\r\nHost: t\r\n{AUTH}\r\n".encode())
+            status = int(f.readline().split()[1])
+            length = 0
+            while (line := f.readline()) != b"\r\n":
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            f.read(length)
+            assert status in (200, 400, 404), target
+    assert get(server, "/views/customer?limit=0005")[0] == 200  # leading zeros: 1-4 digits
