@@ -26,7 +26,8 @@ parameters are parsed strictly: unknown or repeated ones, a ``limit`` that is no
 digits, a ``cursor`` that is not url-safe base64 get 400.
 
 Connections (connections.py): a deadline on each request, bounds per client address and in
-total; ``/healthz`` is answered over the total bound too.
+total; ``/healthz`` is answered over the total bound too. No redirects (a trailing slash is
+another path: 404).
 
 Processes: :func:`serve` runs the server in the calling process until SIGTERM (or SIGINT);
 :func:`start_server_process` spawns it as a child of the supervisor and returns once it is
@@ -232,6 +233,7 @@ def create_app(config: Config) -> Starlette:
         QueryError: on_query_error,
         Exception: on_crash,
     })
+    app.router.redirect_slashes = False  # a redirect would be built from the Host header
     app.add_middleware(Guard, max_request_bytes=config.http.max_request_bytes,
                        token=config.http.token.get_secret_value())
     app.state.views = views

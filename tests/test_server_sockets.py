@@ -280,3 +280,15 @@ def test_no_query_string_reaches_a_500(server):
             f.read(length)
             assert status in (200, 400, 404), target
     assert get(server, "/views/customer?limit=0005")[0] == 200  # leading zeros: 1-4 digits
+
+
+# ---- no redirects ---------------------------------------------------------------------------
+
+
+def test_a_trailing_slash_is_404_not_a_redirect_to_the_host_header(server):
+    for target in ("/healthz/", "/metrics/", "/views/customer/c1/", "/readyz/"):
+        raw = (f"GET {target} HTTP/1.1\r\nHost: evil.example\r\n{AUTH}"
+               "Connection: close\r\n\r\n").encode()
+        status, headers, _ = exchange(server, raw)
+        assert status == 404, target
+        assert "location" not in headers
