@@ -10,9 +10,9 @@ Endpoints (``GET``; also ``HEAD``):
 ``/views/{view}/{key}`` the document, its version and freshness; 404 for an unknown view/key
 ``/views/{view}``       keys, ``?limit=`` (1..1000, default 100) and ``?cursor=`` pagination
 ``/healthz``            liveness: the process answers (never needs the token)
-``/readyz``             200 when the supervisor's status is fresh, every partition's lag
-                        is at most ``service.ready_max_lag`` and no worker is blocked by its
-                        data disk, else 503 with the reasons
+``/readyz``             readiness (never needs the token): 200 when the supervisor's status
+                        is fresh, every partition's lag is at most ``service.ready_max_lag``
+                        and no worker is blocked by its data disk, else 503 with the reasons
 ``/metrics``            Prometheus text format
 ``/openapi.json``       OpenAPI 3.1 description of this API
 ======================  =====================================================================
@@ -20,10 +20,10 @@ Endpoints (``GET``; also ``HEAD``):
 Guards, applied before routing: a URL longer than ``MAX_URL_BYTES`` gets 414, a
 ``Content-Length`` above ``http.max_request_bytes`` gets 413, a body of unknown length
 (chunked) gets 411 (no endpoint takes a body); request heads beyond ``MAX_HEAD_BYTES`` are
-refused (400, connections.py). With ``http.token`` set, every path except ``/healthz``
-needs ``Authorization: Bearer <token>`` (compared in constant time), else 401. Query
-parameters are parsed strictly: unknown or repeated ones, a ``limit`` that is not 1-4 ASCII
-digits, a ``cursor`` that is not url-safe base64 get 400.
+refused (400, connections.py). With ``http.token`` set, every path except the probes
+(``/healthz``, ``/readyz``) needs ``Authorization: Bearer <token>`` (compared in constant
+time), else 401. Query parameters are parsed strictly: unknown or repeated ones, a ``limit``
+that is not 1-4 ASCII digits, a ``cursor`` that is not url-safe base64 get 400.
 
 Connections (connections.py): a deadline on each request, bounds per client address and in
 total; ``/healthz`` is answered over the total bound too. No redirects (a trailing slash is
@@ -75,7 +75,7 @@ DEFAULT_LIST_LIMIT = 100
 LIMIT_RE = re.compile(r"[0-9]{1,4}")  # ASCII only: str.isdigit() takes "²", int() does not
 CURSOR_RE = re.compile(r"[A-Za-z0-9_-]{1,2048}")  # url-safe base64, as encode_cursor makes
 LIST_PARAMS = ("limit", "cursor")
-OPEN_PATHS = frozenset({"/healthz"})
+OPEN_PATHS = frozenset({"/healthz", "/readyz"})  # the probes: a pod spec cannot hold secrets
 FD_SLACK = 256  # descriptors besides connections: shards, logs, refused connections
 START_TIMEOUT_S = 30.0
 BIND_FAILED_EXIT = 3
@@ -186,9 +186,8 @@ def create_app(config: Config) -> Starlette:
     async def readyz(request: Request) -> Response:
         status = read_status(data_dir)
         ready, reasons = readiness(status, max_lag, blocked=storage_blocked(config))
-        body = {"ready": ready, "reasons": reasons, "max_lag": max_lag}
-        if status is not None:
-            body["status_age_s"] = round(time.time() - float(status.get("time") or 0), 3)
+        age = None if status is None else round(time.time() - float(status.get("time") or 0), 3)
+        body = {"ready": ready, "reasons": reasons, "max_lag": max_lag, "status_age_s": age}
         return JSON(body, status_code=200 if ready else 503)
 
     async def metrics(request: Request) -> Response:
@@ -313,7 +312,7 @@ def openapi_document(config: Config) -> dict:
                 "responses": {"200": {"description": "The server answers"}}}},
             "/readyz": {"get": {
                 "summary": "Readiness: status fresh and lag within service.ready_max_lag",
-                "operationId": "readyz",
+                "operationId": "readyz", "security": [],
                 "responses": {"200": {"description": "Ready"},
                               "503": {"description": "Not ready; reasons listed"}}}},
             "/metrics": {"get": {

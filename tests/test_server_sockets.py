@@ -292,3 +292,15 @@ def test_a_trailing_slash_is_404_not_a_redirect_to_the_host_header(server):
         status, headers, _ = exchange(server, raw)
         assert status == 404, target
         assert "location" not in headers
+
+
+# ---- the probes and the token -------------------------------------------------------------
+
+
+def test_probes_need_no_token_and_readyz_always_has_status_age(server):
+    status, _, body = get(server, "/readyz", "")  # no status file: not running
+    assert status == 503
+    assert b'"status_age_s":null' in body and b"no status file" in body
+    assert get(server, "/healthz", "")[0] == 200
+    assert get(server, "/metrics", "")[0] == 401
+    assert get(server, "/views/customer/c1", "")[0] == 401
