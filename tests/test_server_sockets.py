@@ -304,3 +304,16 @@ def test_probes_need_no_token_and_readyz_always_has_status_age(server):
     assert get(server, "/healthz", "")[0] == 200
     assert get(server, "/metrics", "")[0] == 401
     assert get(server, "/views/customer/c1", "")[0] == 401
+
+
+def test_token_file(data_dir, tmp_path):
+    path = tmp_path / "http-token"
+    path.write_text("from-a-file\n")  # as `echo ... >`, systemd-creds and secrets write it
+    proc = serve(data_dir, token_file=str(path))
+    try:
+        ok = "Authorization: Bearer from-a-file\r\n"
+        assert get(proc.port, "/views/customer/c1", ok)[0] == 200
+        assert get(proc.port, "/views/customer/c1", "")[0] == 401
+    finally:
+        proc.terminate()
+        proc.join(10)
