@@ -30,6 +30,7 @@ import json
 import logging
 import time
 from collections import Counter
+from http import HTTPStatus
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -47,7 +48,8 @@ def _canned(status: int, error: str, message: str, *, retry: bool) -> bytes:
     headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body)),
                *([(b"retry-after", b"1")] if retry else []), (b"connection", b"close")]
     return b"".join(conn.send(e) for e in (
-        h11.Response(status_code=status, headers=headers), h11.Data(data=body),
+        h11.Response(status_code=status, headers=headers,
+                     reason=HTTPStatus(status).phrase.encode()), h11.Data(data=body),
         h11.EndOfMessage()))
 
 
