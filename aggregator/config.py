@@ -296,7 +296,11 @@ class ServiceConfig(BaseModel):
 
 
 class HttpConfig(BaseModel):
-    """The read-only HTTP API (server.py): where it listens and who may call it."""
+    """The read-only HTTP API (server.py): where it listens and who may call it.
+
+    ``token_file`` is read here, once: afterwards ``token`` holds its content (one trailing
+    newline stripped) and is the only token the server sees.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
 
@@ -304,7 +308,36 @@ class HttpConfig(BaseModel):
     host: str = "127.0.0.1"
     port: Int = Field(8080, ge=0, le=65535)  # 0: any free port (logged at start)
     token: SecretStr = SecretStr("")  # bearer token; empty: no authentication
+    token_file: Path | None = None  # the token from a file (systemd credential, k8s secret)
     max_request_bytes: Size = Field(64 * KiB, ge=0)
+    head_timeout_ms: Int = Field(10_000, ge=1)  # a request must arrive within this
+    max_connections: Int = Field(1024, ge=1)  # beyond: /healthz only, 503 for the rest
+    max_connections_per_client: Int = Field(128, ge=1)  # per client address; beyond: 503
+
+    @model_validator(mode="before")
+    @classmethod
+    def _token_from_file(cls, data: Any) -> Any:
+        if not isinstance(data, Mapping) or data.get("token_file") in (None, ""):
+            return data
+        path = data["token_file"]
+        if data.get("token") not in (None, ""):
+            _check([(("token_file",), "set http.token or http.token_file, not both")])
+        if not isinstance(path, (str, Path)):
+            return data  # the field's own type error
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as e:
+            _check([(("token_file",), f"cannot read {str(path)!r}: {e.strerror or e}")])
+        except UnicodeDecodeError:
+            _check([(("token_file",), f"{str(path)!r} is not UTF-8 text")])
+        token = text[:-1] if text.endswith("\n") else text
+        token = token[:-1] if token.endswith("\r") else token
+        if not token:
+            _check([(("token_file",), f"{str(path)!r} is empty")])
+        if any(c.isspace() or not c.isprintable() for c in token):
+            _check([(("token_file",), f"{str(path)!r} holds spaces or control characters "
+                     "besides one trailing newline: a bearer token is one word")])
+        return {**data, "token": token}
 
     @model_validator(mode="after")
     def _exposed_needs_token(self) -> HttpConfig:

@@ -10,9 +10,9 @@ Endpoints (``GET``; also ``HEAD``):
 ``/views/{view}/{key}`` the document, its version and freshness; 404 for an unknown view/key
 ``/views/{view}``       keys, ``?limit=`` (1..1000, default 100) and ``?cursor=`` pagination
 ``/healthz``            liveness: the process answers (never needs the token)
-``/readyz``             200 when the supervisor's status is fresh, every partition's lag
-                        is at most ``service.ready_max_lag`` and no worker is blocked by its
-                        data disk, else 503 with the reasons
+``/readyz``             readiness (never needs the token): 200 when the supervisor's status
+                        is fresh, every partition's lag is at most ``service.ready_max_lag``
+                        and no worker is blocked by its data disk, else 503 with the reasons
 ``/metrics``            Prometheus text format
 ``/openapi.json``       OpenAPI 3.1 description of this API
 ======================  =====================================================================
@@ -20,8 +20,14 @@ Endpoints (``GET``; also ``HEAD``):
 Guards, applied before routing: a URL longer than ``MAX_URL_BYTES`` gets 414, a
 ``Content-Length`` above ``http.max_request_bytes`` gets 413, a body of unknown length
 (chunked) gets 411 (no endpoint takes a body); request heads beyond ``MAX_HEAD_BYTES`` are
-refused by the HTTP parser (400). With ``http.token`` set, every path except ``/healthz``
-needs ``Authorization: Bearer <token>`` (compared in constant time), else 401.
+refused (400, connections.py). With ``http.token`` set, every path except the probes
+(``/healthz``, ``/readyz``) needs ``Authorization: Bearer <token>`` (compared in constant
+time), else 401. Query parameters are parsed strictly: unknown or repeated ones, a ``limit``
+that is not 1-4 ASCII digits, a ``cursor`` that is not url-safe base64 get 400.
+
+Connections (connections.py): a deadline on each request, bounds per client address and in
+total; ``/healthz`` is answered over the total bound too. No redirects (a trailing slash is
+another path: 404).
 
 Processes: :func:`serve` runs the server in the calling process until SIGTERM (or SIGINT);
 :func:`start_server_process` spawns it as a child of the supervisor and returns once it is
@@ -36,6 +42,8 @@ import hmac
 import json
 import logging
 import multiprocessing
+import re
+import resource
 import signal
 import socket
 import time
@@ -54,6 +62,7 @@ from starlette.routing import Route
 
 from . import logs
 from .config import Config
+from .connections import ConnectionLimits, protocol_factory
 from .metrics import make_registry, read_status, readiness, storage_blocked
 from .query import BadCursor, QueryError, UnknownView, Views
 from .runtime import set_parent_death_signal
@@ -61,10 +70,14 @@ from .runtime import set_parent_death_signal
 log = logging.getLogger(__name__)
 
 MAX_URL_BYTES = 8 * 1024  # path + query string; longer: 414
-MAX_HEAD_BYTES = 16 * 1024  # request line + headers, enforced by h11; longer: 400
+MAX_HEAD_BYTES = 16 * 1024  # request line + headers (connections.py); longer: 400
 MAX_LIST_LIMIT = 1000
 DEFAULT_LIST_LIMIT = 100
-OPEN_PATHS = frozenset({"/healthz"})
+LIMIT_RE = re.compile(r"[0-9]{1,4}")  # ASCII only: str.isdigit() takes "²", int() does not
+CURSOR_RE = re.compile(r"[A-Za-z0-9_-]{1,2048}")  # url-safe base64, as encode_cursor makes
+LIST_PARAMS = ("limit", "cursor")
+OPEN_PATHS = frozenset({"/healthz", "/readyz"})  # the probes: a pod spec cannot hold secrets
+FD_SLACK = 256  # descriptors besides connections: shards, logs, refused connections
 START_TIMEOUT_S = 30.0
 BIND_FAILED_EXIT = 3
 
@@ -164,11 +177,8 @@ def create_app(config: Config) -> Starlette:
 
     async def list_keys(request: Request) -> Response:
         view = request.path_params["view"]
-        raw = request.query_params.get("limit", str(DEFAULT_LIST_LIMIT))
-        if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIST_LIMIT:
-            return _error(400, "bad_request", f"limit must be 1..{MAX_LIST_LIMIT}")
-        cursor = request.query_params.get("cursor") or None
-        keys, nxt = await run_in_threadpool(views.list_keys, view, int(raw), cursor)
+        limit, cursor = list_query(request.query_params)
+        keys, nxt = await run_in_threadpool(views.list_keys, view, limit, cursor)
         return JSON({"view": view, "keys": keys, "next_cursor": nxt})
 
     async def healthz(request: Request) -> Response:
@@ -177,9 +187,8 @@ def create_app(config: Config) -> Starlette:
     async def readyz(request: Request) -> Response:
         status = read_status(data_dir)
         ready, reasons = readiness(status, max_lag, blocked=storage_blocked(config))
-        body = {"ready": ready, "reasons": reasons, "max_lag": max_lag}
-        if status is not None:
-            body["status_age_s"] = round(time.time() - float(status.get("time") or 0), 3)
+        age = None if status is None else round(time.time() - float(status.get("time") or 0), 3)
+        body = {"ready": ready, "reasons": reasons, "max_lag": max_lag, "status_age_s": age}
         return JSON(body, status_code=200 if ready else 503)
 
     async def metrics(request: Request) -> Response:
@@ -224,10 +233,30 @@ def create_app(config: Config) -> Starlette:
         QueryError: on_query_error,
         Exception: on_crash,
     })
+    app.router.redirect_slashes = False  # a redirect would be built from the Host header
     app.add_middleware(Guard, max_request_bytes=config.http.max_request_bytes,
                        token=config.http.token.get_secret_value())
     app.state.views = views
     return app
+
+
+def list_query(query) -> tuple[int, str | None]:
+    """``(limit, cursor)`` of a key listing from its query parameters, strictly: raises
+    :class:`QueryError` (400) for an unknown or repeated parameter or a malformed value."""
+    for name in query:
+        if name not in LIST_PARAMS:
+            raise QueryError(f"unknown query parameter {name[:64]!r} (known: limit, cursor)")
+        if len(query.getlist(name)) > 1:
+            raise QueryError(f"query parameter {name!r} given more than once")
+    raw = query.get("limit")
+    limit = DEFAULT_LIST_LIMIT if raw is None else (
+        int(raw) if LIMIT_RE.fullmatch(raw) else 0)
+    if not 1 <= limit <= MAX_LIST_LIMIT:
+        raise QueryError(f"limit must be an integer 1..{MAX_LIST_LIMIT}")
+    cursor = query.get("cursor") or None
+    if cursor is not None and not CURSOR_RE.fullmatch(cursor):
+        raise BadCursor("invalid cursor")
+    return limit, cursor
 
 
 def _slug(status: int) -> str:
@@ -284,7 +313,7 @@ def openapi_document(config: Config) -> dict:
                 "responses": {"200": {"description": "The server answers"}}}},
             "/readyz": {"get": {
                 "summary": "Readiness: status fresh and lag within service.ready_max_lag",
-                "operationId": "readyz",
+                "operationId": "readyz", "security": [],
                 "responses": {"200": {"description": "Ready"},
                               "503": {"description": "Not ready; reasons listed"}}}},
             "/metrics": {"get": {
@@ -392,19 +421,22 @@ def serve(config: Config, *, handle_sigint: bool = True, _report=None) -> int:
     host, port = sock.getsockname()[:2]
     log.info("HTTP API listening on http://%s:%d (%s)", _url_host(host), port,
              "bearer token required" if http.token.get_secret_value() else "no token")
+    _raise_fd_limit(2 * http.max_connections + FD_SLACK)
     if _report is not None:
         _report.send(("ok", port))
+    limits = ConnectionLimits(http.max_connections, http.max_connections_per_client)
     server = _Server(uvicorn.Config(
         create_app(config),
         loop="uvloop",
-        http="h11",
-        h11_max_incomplete_event_size=MAX_HEAD_BYTES,
+        http=protocol_factory(limits, head_timeout_s=http.head_timeout_ms / 1000,
+                              max_head_bytes=MAX_HEAD_BYTES),
+        ws="none",  # an upgrade would hand the connection to a protocol that is not bounded
         lifespan="on",
         log_config=None,
         access_log=False,
         server_header=False,
         proxy_headers=False,
-        limit_concurrency=1024,
+        limit_concurrency=None,  # it answers 503 to /healthz too; connections.py bounds
         timeout_keep_alive=5,
         timeout_graceful_shutdown=5,
     ), handle_sigint)
@@ -414,6 +446,20 @@ def serve(config: Config, *, handle_sigint: bool = True, _report=None) -> int:
         sock.close()
     log.info("HTTP API stopped")
     return 0
+
+
+def _raise_fd_limit(want: int) -> None:
+    """Raise this process's soft limit of open files to ``want`` (at most the hard limit):
+    every connection holds a descriptor, also those served /healthz only over
+    ``http.max_connections``. Beyond the limit, connections are closed at accept (libuv)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        if new < want:
+            log.warning("open files limit is %d, below the %d that 2 x http.max_connections "
+                        "need: connections beyond it are closed at accept, /healthz too "
+                        "(raise LimitNOFILE or ulimit -n)", new, want)
 
 
 def _url_host(host: str) -> str:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import pickle
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -621,3 +624,65 @@ def test_cluster_tasks_must_be_a_multiple_of_the_workers(data: dict) -> None:
 def test_cluster_topics_must_not_be_other_topics(data: dict) -> None:
     data["cluster"] = {"enabled": True, "tasks": 8, "changelog_topic": "shop.orders"}
     assert "'shop.orders' is also a source" in error_of(data)
+
+
+# ---- http ------------------------------------------------------------------------------------
+
+
+def test_http_connection_bounds_have_defaults_and_are_validated() -> None:
+    http = load_config(SHOP, env={}).http
+    assert (http.head_timeout_ms, http.max_connections, http.max_connections_per_client) == (
+        10_000, 1024, 128)
+    http = load_config(SHOP, env={"AGGREGATOR__HTTP__HEAD_TIMEOUT_MS": "2500"}).http
+    assert http.head_timeout_ms == 2500
+    for key in ("head_timeout_ms", "max_connections", "max_connections_per_client"):
+        with pytest.raises(ConfigError, match=f"config error: http.{key}: "):
+            load_config(SHOP, {f"http.{key}": 0}, env={})
+
+
+def test_http_token_file(tmp_path: Path) -> None:
+    path = tmp_path / "token"
+    for content in (f"{SECRET}\n", f"{SECRET}\r\n", SECRET):
+        path.write_text(content)
+        cfg = load_config(SHOP, {"http.token_file": str(path)}, env={})
+        assert cfg.http.token.get_secret_value() == SECRET
+        assert SECRET not in repr(cfg) and SECRET not in str(cfg.redacted())
+    env = {"AGGREGATOR__HTTP__TOKEN_FILE": str(path)}  # systemd: Environment=...=%d/token
+    assert load_config(SHOP, env=env).http.token.get_secret_value() == SECRET
+    # an empty token from the environment is no token: no conflict
+    env["AGGREGATOR__HTTP__TOKEN"] = ""
+    assert load_config(SHOP, env=env).http.token.get_secret_value() == SECRET
+
+
+@pytest.mark.parametrize(("content", "overrides", "expected"), [
+    (None, {}, "cannot read '{path}': No such file or directory"),
+    ("", {}, "'{path}' is empty"),
+    ("\n", {}, "'{path}' is empty"),
+    (f"{SECRET}\n\n", {}, "holds spaces or control characters"),
+    (f"{SECRET} x", {}, "holds spaces or control characters"),
+    (b"\xff\xfe", {}, "is not UTF-8 text"),
+    (SECRET, {"http.token": "other"}, "set http.token or http.token_file, not both"),
+])
+def test_http_token_file_problems(tmp_path: Path, content, overrides, expected) -> None:
+    path = tmp_path / "token"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        path.write_text(content)
+    with pytest.raises(ConfigError) as info:
+        load_config(SHOP, {"http.token_file": str(path), **overrides}, env={})
+    msg = str(info.value)
+    assert msg.startswith("config error: http.token_file: "), msg
+    assert expected.format(path=path) in msg
+    assert SECRET not in msg
+
+
+def test_http_token_file_problem_exits_2(tmp_path: Path) -> None:
+    """A real `aggregator run`: the error names the field, nothing starts."""
+    env = dict(os.environ, AGGREGATOR__HTTP__TOKEN_FILE=str(tmp_path / "missing"))
+    proc = subprocess.run([sys.executable, "-m", "aggregator", "run", "-c", str(SHOP),
+                           "--data-dir", str(tmp_path / "data")],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("config error: http.token_file: cannot read "), proc.stderr
+    assert "Traceback" not in proc.stderr

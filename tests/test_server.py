@@ -150,7 +150,7 @@ def test_list_max_limit(client):
 
 def test_token(data_dir):
     with TestClient(create_app(config(data_dir, token=TOKEN))) as c:
-        for path in ("/views/customer/c1", "/views/customer", "/metrics", "/readyz",
+        for path in ("/views/customer/c1", "/views/customer", "/metrics",
                      "/openapi.json", "/nothing"):
             r = c.get(path)
             assert r.status_code == 401, path
@@ -163,6 +163,7 @@ def test_token(data_dir):
                      ).status_code == 200
         assert c.get("/metrics", headers=ok).status_code == 200
         assert c.get("/healthz").status_code == 200  # liveness stays open
+        assert c.get("/readyz").status_code == 503  # and readiness: no status file, no 401
         spec = c.get("/openapi.json", headers=ok).json()
         assert spec["security"] == [{"bearer": []}]
 
