@@ -47,6 +47,7 @@ from .control import ControlBlock, Slot
 from .deadletter import DeadLetters
 from .envelope import EnvelopeError, parse
 from .faults import fault_flag, fault_point
+from .kafka_clients import redact_text
 from .merge import MergeError, get_path
 from .metrics import hist_segment_name, record_commit
 from .plan import Feed, ViewPlan, assign_view_ids
@@ -1002,8 +1003,14 @@ def make_worker(config: Config, index: int, prefix: str) -> Worker:
     return Worker(config, index, prefix)
 
 
-def worker_main(config: Config, index: int, prefix: str, log_level: int) -> None:
-    """Entry point of a worker process (spawned by the supervisor)."""
+def worker_main(config: Config, index: int, prefix: str, log_level: int,
+                errors=None) -> None:
+    """Entry point of a worker process (spawned by the supervisor).
+
+    An exception after boot is logged with its traceback and sent, as one line
+    ("Type: message", secrets of the Kafka settings redacted), on `errors` (the send end of
+    a pipe, if given): the supervisor stops the service when the same error ends a worker
+    `service.max_worker_crashes` times in a row (supervisor._count_crash)."""
     set_parent_death_signal()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor coordinates shutdown
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -1033,6 +1040,19 @@ def worker_main(config: Config, index: int, prefix: str, log_level: int) -> None
     except ShardError as e:
         log.error("worker %d stopped: %s", index, e)
         code = FATAL_EXIT
+    except Exception as e:  # noqa: BLE001 - reported to the supervisor, which respawns
+        text = redact_text(f"{type(e).__name__}: {e}", config.kafka.producer_conf())
+        text = redact_text(text, config.kafka.consumer_conf())[:500]
+        log.exception("worker %d crashed: %s", index, text)
+        if errors is not None:
+            try:
+                errors.send(text)
+            except OSError:
+                pass
+        code = 1
     finally:
-        w.close()
+        try:
+            w.close()
+        except Exception:  # noqa: BLE001 - already on the way out
+            log.exception("worker %d: closing after the crash failed", index)
     os._exit(code)
