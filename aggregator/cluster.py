@@ -101,6 +101,7 @@ class Ingest:
         self.topic = cfg.tasks_topic()
         self.sources = cfg.topics()
         self.tindex = {t: i for i, t in enumerate(self.sources)}
+        self.detect = [cfg.source_by_topic(t)[1].structured == "detect" for t in self.sources]
         self.max_bytes = cfg.service.max_record_bytes
         self.dlq = dlq
         self.events_in = {cfg.source_by_topic(t)[0]: 0 for t in self.sources}
@@ -194,7 +195,7 @@ class Ingest:
                 self.dlq.too_large([ti, part, off, key, value, headers], max_bytes)
                 oversized = True
                 continue
-            rk = routing_key(value, headers, key)
+            rk = routing_key(value, headers, key, detect=self.detect[ti])
             slot = slot_of(rk) if rk is not None else 0
             hdrs = list(headers) if headers else []
             hdrs.append((ORIGIN_HEADER, _pack([ti, part, off, slot])))

@@ -134,6 +134,9 @@ class Supervisor:
             self.pending_assign: set[int] = set()  # assigned, waiting for their restore
             self.dropping: dict[int, int] = {}  # task -> drop request id not yet handled
         self.tindex = {t: i for i, t in enumerate(self.topics)}
+        # per topic index: the source reads structured = "detect" (envelope.routing_key)
+        detect = {s.topic for s in config.sources.values() if s.structured == "detect"}
+        self.detect = [t in detect for t in self.topics]
         self.workers = [WorkerHandle(i) for i in range(self.n)]
         self.stop_requested = False
         self.aborting = False  # _abort: the revoke of consumer.close() must not drain
@@ -537,7 +540,7 @@ class Supervisor:
                 self.dlq.too_large([ti, part, off, key, value, headers], max_bytes)
                 oversized = True
                 continue
-            rk = routing_key(value, headers, key)
+            rk = routing_key(value, headers, key, detect=self.detect[ti])
             slot = slot_of(rk) if rk is not None else 0
             per[slot % n].append((ti, part, off, key, value, headers, m.timestamp()[1], slot))
         if last_topic is not None:

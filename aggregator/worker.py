@@ -177,6 +177,9 @@ class Worker:
             self.publisher = ChangePublisher(cfg, self.changes, self.shard.changes_after,
                                              self.changes_pruned, self.change_seq)
         self.topics = list(self.plan.topics)
+        # topic indexes of the sources with structured = "detect" (envelope.parse)
+        self.detect = frozenset(i for i, t in enumerate(self.topics)
+                                if cfg.source_by_topic(t)[1].structured == "detect")
         self.owners = self.n  # who owns a view key: worker_of(slot, owners)
         self._boot_tasks()
         self.topic_index = {t: i for i, t in enumerate(self.topics)}
@@ -545,7 +548,8 @@ class Worker:
 
     def _parse(self, rec):
         try:
-            return parse(rec[4], rec[5], rec[3], self.max_bytes, self.max_key)
+            return parse(rec[4], rec[5], rec[3], self.max_bytes, self.max_key,
+                         rec[0] in self.detect)
         except EnvelopeError as e:
             self._dead_letter(rec, e.reason, str(e))
             return None
