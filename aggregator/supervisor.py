@@ -10,10 +10,12 @@ of their acknowledged through-offsets. LMDB is the source of truth: on assignmen
 offset of a partition is the minimum over shards of their stored through-offset + 1 (the
 beginning if a shard has none), and each shard skips records at or below its own.
 
-Lifecycle (in the shape of gunicorn's arbiter): spawn workers, reap dead ones and respawn
-them after rewinding the partitions to the dead shard's durable offsets, kill workers whose
-heartbeat stops, stop with a clear error when a worker cannot boot, and on SIGTERM/SIGINT
-drain, commit and exit 0.
+Lifecycle (in the shape of gunicorn's arbiter): check every Kafka client's settings
+(kafka_clients), spawn workers, reap dead ones and respawn them after rewinding the
+partitions to the dead shard's durable offsets, kill workers whose heartbeat stops, stop with
+a clear error (exit 2) when a worker cannot boot, crashes the same way
+`service.max_worker_crashes` times in a row, or no broker answers within
+`kafka.startup_timeout_s`, and on SIGTERM/SIGINT drain, commit and exit 0.
 """
 
 from __future__ import annotations
@@ -159,6 +161,7 @@ class Supervisor:
         """Run until SIGTERM/SIGINT (or `stop_when`); 0 on a clean stop."""
         self._install_signals()
         try:
+            self._consumer_conf()  # kafka.bootstrap_servers is set
             try:
                 check_client_settings(self.cfg)
             except KafkaSettingsError as e:
