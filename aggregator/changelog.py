@@ -41,6 +41,7 @@ from typing import Callable
 import msgpack
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
 
+from .kafka_clients import quiet
 from .routing import SLOTS
 from .store import Batch, Shard, offset_key, parse_offset_key
 
@@ -267,17 +268,29 @@ def drop_task(shard: Shard, task: int, tasks: int, tasks_topic: str) -> int:
     return n
 
 
+def reader_conf(conf: dict) -> dict:
+    """A restore consumer's settings from the service's consumer settings."""
+    conf = {**conf, "enable.partition.eof": True,
+            "enable.auto.commit": False, "auto.offset.reset": "earliest",
+            # a fetch at the end of a partition must not wait for more (the default
+            # waits 500 ms for data that will not come)
+            "fetch.wait.max.ms": 10}
+    conf.pop("partition.assignment.strategy", None)
+    return conf
+
+
+def writer_conf(conf: dict) -> dict:
+    """The changelog producer's settings from the service's producer settings."""
+    conf = {**conf, "enable.idempotence": True, "acks": "all"}
+    conf.pop("delivery.report.only.error", None)
+    return conf
+
+
 class ChangelogReader:
     """Reads changelog partitions for restores (one consumer per worker, assign only)."""
 
     def __init__(self, conf: dict, topic: str):
-        conf = {**conf, "enable.partition.eof": True,
-                "enable.auto.commit": False, "auto.offset.reset": "earliest",
-                # a fetch at the end of a partition must not wait for more (the default
-                # waits 500 ms for data that will not come)
-                "fetch.wait.max.ms": 10}
-        conf.pop("partition.assignment.strategy", None)
-        self.consumer = Consumer(conf)
+        self.consumer = Consumer(quiet(reader_conf(conf), "changelog reader")[0])
         self.topic = topic
 
     def read(self, task: int, start: int, sink: Callable[[int, bytes, bytes | None, list], None],
@@ -335,10 +348,8 @@ class ChangelogWriter:
         self.topic = topic
         self.heartbeat = heartbeat
         self.error: KafkaError | None = None
-        conf = {**conf, "enable.idempotence": True, "acks": "all",
-                "on_delivery": self._delivered}
-        conf.pop("delivery.report.only.error", None)
-        self.producer = Producer(conf)
+        conf, _ = quiet(writer_conf(conf), "changelog producer")
+        self.producer = Producer({**conf, "on_delivery": self._delivered})
         self._marker_offsets: dict[int, int] = {}
 
     def _delivered(self, err, msg) -> None:

@@ -32,6 +32,7 @@ import orjson
 from confluent_kafka import KafkaException, Producer
 
 from .config import Config
+from .kafka_clients import quiet
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +127,12 @@ class ChangeMessages:
         return self.enc.topics[view_id], kb, data, headers
 
 
+def publisher_conf(config: Config) -> dict:
+    """The change-event producer's librdkafka settings (without its delivery callback)."""
+    return {**config.kafka.producer_conf(), "enable.idempotence": True, "acks": "all",
+            "delivery.report.only.error": True}
+
+
 class ChangePublisher:
     """Produces a shard's committed changes in order and tracks what was delivered.
 
@@ -143,8 +150,8 @@ class ChangePublisher:
         """`read_after(seq)` yields (seq, entry) of the outbox after `seq` (from LMDB)."""
         self.enc = encoder
         self.read_after = read_after
-        self.conf = {**config.kafka.producer_conf(), "enable.idempotence": True, "acks": "all",
-                     "delivery.report.only.error": True, "on_delivery": self._failed}
+        conf, _ = quiet(publisher_conf(config), "change-event producer")
+        self.conf = {**conf, "on_delivery": self._failed}
         self.producer: Producer | None = None
         self.published = published  # every change <= this was delivered
         self.sent = published  # every change <= this was handed to the producer

@@ -32,6 +32,7 @@ from .broker import BrokerError, create_topics
 from .config import Config
 from .deadletter import DeadLetters
 from .envelope import routing_key
+from .kafka_clients import quiet
 from .routing import slot_of
 
 log = logging.getLogger(__name__)
@@ -59,14 +60,14 @@ def ensure_topics(cfg: Config) -> None:
     """Create the tasks and changelog topics if missing; refuse ones with another
     partition count (a task is a partition: changing the count would move keys)."""
     tasks = cfg.cluster.tasks
-    admin = AdminClient(cfg.kafka.admin_conf())
+    admin = AdminClient(quiet(cfg.kafka.admin_conf(), "admin client")[0])
     wanted = {cfg.tasks_topic(): {"cleanup.policy": "delete"},
               # records stay an hour before compaction may drop older values of their keys:
               # time for a cut-short batch to be replayed by the task's next owner
               cfg.changelog_topic(): {"cleanup.policy": "compact",
                                       "min.compaction.lag.ms": "3600000"}}
     try:
-        meta = admin.list_topics(timeout=30)
+        meta = admin.list_topics(timeout=cfg.kafka.startup_timeout_s)
         for topic, conf in wanted.items():
             if topic not in meta.topics:
                 create_topics(admin, [topic], tasks, config=conf,
@@ -85,6 +86,12 @@ def ensure_topics(cfg: Config) -> None:
                 f"{have}, or use new topics: cluster.tasks_topic / cluster.changelog_topic)")
 
 
+def ingest_producer_conf(cfg: Config) -> dict:
+    """The settings of the producer that re-keys source records to the tasks topic."""
+    return {**cfg.kafka.producer_conf(), "acks": "all", "enable.idempotence": True,
+            "delivery.report.only.error": True}
+
+
 class Ingest:
     """Stage 1: source records → the tasks topic, re-keyed by slot."""
 
@@ -94,13 +101,13 @@ class Ingest:
         self.topic = cfg.tasks_topic()
         self.sources = cfg.topics()
         self.tindex = {t: i for i, t in enumerate(self.sources)}
+        self.detect = [cfg.source_by_topic(t)[1].structured == "detect" for t in self.sources]
         self.max_bytes = cfg.service.max_record_bytes
         self.dlq = dlq
         self.events_in = {cfg.source_by_topic(t)[0]: 0 for t in self.sources}
-        self.consumer = Consumer(cfg.kafka.consumer_conf())
-        self.producer = Producer({
-            **cfg.kafka.producer_conf(), "acks": "all", "enable.idempotence": True,
-            "delivery.report.only.error": True, "on_delivery": self._failed})
+        self.consumer = Consumer(quiet(cfg.kafka.consumer_conf(), "ingest consumer")[0])
+        conf, _ = quiet(ingest_producer_conf(cfg), "ingest producer")
+        self.producer = Producer({**conf, "on_delivery": self._failed})
         self.failed = None
         self.assigned: set[tuple[str, int]] = set()
         self.consumer.subscribe(self.sources, on_assign=self._on_assign,
@@ -188,7 +195,7 @@ class Ingest:
                 self.dlq.too_large([ti, part, off, key, value, headers], max_bytes)
                 oversized = True
                 continue
-            rk = routing_key(value, headers, key)
+            rk = routing_key(value, headers, key, detect=self.detect[ti])
             slot = slot_of(rk) if rk is not None else 0
             hdrs = list(headers) if headers else []
             hdrs.append((ORIGIN_HEADER, _pack([ti, part, off, slot])))

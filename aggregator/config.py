@@ -61,10 +61,19 @@ ENV_SHORTCUTS = {
     "AGGREGATOR_GROUP_ID": "kafka.group_id",
 }
 KAFKA_DICTS = ("common", "consumer", "producer")
-SECRET_MARKERS = (
-    "password", "secret", "token", "sasl.jaas.config", "sasl.oauthbearer.config",
-    "ssl.key.pem", "private.key",
-)
+# Secret librdkafka keys, by a conservative pattern (a misspelt key is still a secret): any
+# word like "password" (pasword, passwd, pwd...), "secret", "token", "credential", "jaas",
+# "private"; every ``ssl.key.*`` and ``ssl.keystore.*``; every ``sasl.*`` key except the
+# ones below, which librdkafka documents as names, paths or choices, not credentials.
+SECRET_WORD_RE = re.compile(r"pa+s+w|pa+s+s|pwd|passph|secret|token|cred|jaas|private")
+SECRET_PREFIXES = ("ssl.key.", "ssl.keystore.", "ssl_key", "sasl.")
+SASL_PLAIN_KEYS = frozenset({
+    "sasl.mechanism", "sasl.mechanisms", "sasl.kerberos.service.name",
+    "sasl.kerberos.principal", "sasl.kerberos.kinit.cmd", "sasl.kerberos.keytab",
+    "sasl.kerberos.min.time.before.relogin", "sasl.oauthbearer.method",
+    "sasl.oauthbearer.client.id", "sasl.oauthbearer.scope",
+    "sasl.oauthbearer.token.endpoint.url",
+})
 CONSUMER_DEFAULTS: dict[str, Any] = {
     "enable.auto.commit": False,  # the supervisor commits the workers' watermark itself
     "auto.offset.reset": "earliest",
@@ -121,9 +130,16 @@ def _check(items: list[tuple[tuple[str | int, ...], str]]) -> None:
 
 
 def is_secret_key(key: str) -> bool:
-    """True for librdkafka keys whose values must never be logged."""
+    """True for librdkafka keys whose values must never be logged.
+
+    Conservative: every key librdkafka marks sensitive (``sasl.username``,
+    ``sasl.password``, ``ssl.key.*``, ``ssl.keystore.password``,
+    ``sasl.oauthbearer.client.secret``...) and anything that looks like one, misspelt or
+    not (``sasl.pasword``, ``my.secret``). A false positive only hides a value."""
     k = key.lower()
-    return any(m in k for m in SECRET_MARKERS)
+    if k in SASL_PLAIN_KEYS:
+        return False
+    return k.startswith(SECRET_PREFIXES) or SECRET_WORD_RE.search(k) is not None
 
 
 def redact(conf: Mapping[str, Any]) -> dict[str, Any]:
@@ -193,6 +209,8 @@ class KafkaConfig(BaseModel):
 
     bootstrap_servers: str = ""
     group_id: str = Field("aggregator", min_length=1)
+    # at start-up, stop (exit 2) if no broker answered within this many seconds
+    startup_timeout_s: float = Field(60.0, gt=0, le=86_400)
     common: dict[str, KafkaValue] = Field(default_factory=dict)
     consumer: dict[str, KafkaValue] = Field(default_factory=dict)
     producer: dict[str, KafkaValue] = Field(default_factory=dict)
@@ -243,7 +261,8 @@ class KafkaConfig(BaseModel):
     def redacted(self) -> dict[str, Any]:
         """A loggable copy of this section with every secret as ``***``."""
         out: dict[str, Any] = {"bootstrap_servers": self.bootstrap_servers,
-                               "group_id": self.group_id}
+                               "group_id": self.group_id,
+                               "startup_timeout_s": self.startup_timeout_s}
         for name in KAFKA_DICTS:
             out[name] = {k: "***" if isinstance(v, SecretStr) or is_secret_key(k) else v
                          for k, v in getattr(self, name).items()}
@@ -268,6 +287,9 @@ class ServiceConfig(BaseModel):
     lmdb_sync: bool = True
     heartbeat_timeout_ms: Int = Field(10_000, ge=1)
     max_boot_failures: Int = Field(5, ge=1)
+    # a worker that crashes this many times in a row after booting, with the same error and
+    # no batch committed in between, stops the service (exit 2) instead of a respawn loop
+    max_worker_crashes: Int = Field(5, ge=1)
     shutdown_timeout_ms: Int = Field(30_000, ge=1)
     ready_max_lag: Int = Field(1000, ge=0)  # /readyz: max records behind, per partition
     # the process umask of `aggregator run`/`demo` (datadir.py): "0077" makes the data dir
@@ -415,6 +437,11 @@ class SourceConfig(BaseModel):
     topic: str
     ordering: Literal["latest", "strict"] = "latest"
     initial_sequence: Int = Field(1, ge=0)
+    # "binding": the Kafka binding decides the content mode (structured needs the
+    # content-type application/cloudevents+json); "detect": a record without ce_ headers,
+    # whose content-type is absent or JSON, whose value is a JSON object with
+    # "specversion", is read as a structured-mode event (the CloudEvents Python SDK 1.x)
+    structured: Literal["binding", "detect"] = "binding"
 
     @field_validator("topic")
     @classmethod
@@ -667,7 +694,7 @@ class Config(BaseModel):
                 feed["types"] = sorted(feed["types"])
         canon = {
             "format": 1,
-            "sources": {n: s.model_dump(mode="json") for n, s in self.sources.items()},
+            "sources": {n: _source_canon(s) for n, s in self.sources.items()},
             "views": views,
             "gap_policy": self.gate.gap_policy,
         }
@@ -678,6 +705,15 @@ class Config(BaseModel):
         """The whole configuration as plain data, fit to log or print (secrets as ``***``)."""
         out = self.model_dump(mode="json", by_alias=True, exclude_none=True, exclude={"kafka"})
         return {"kafka": self.kafka.redacted(), **out}
+
+
+def _source_canon(source: SourceConfig) -> dict[str, Any]:
+    """A source for the fingerprint: ``structured`` only when not the default, so that the
+    fingerprints of configs written before the setting existed stay the same."""
+    out = source.model_dump(mode="json")
+    if out["structured"] == "binding":
+        del out["structured"]
+    return out
 
 
 # ---- loading ------------------------------------------------------------------------------

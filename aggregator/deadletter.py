@@ -16,6 +16,7 @@ from collections.abc import Callable
 from confluent_kafka import KafkaError, KafkaException, Producer
 
 from .config import Config
+from .kafka_clients import quiet
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ class DeadLetters:
     def __init__(self, config: Config, topics: list[str]):
         self.topic = config.service.dead_letter_topic
         self.topics = topics
-        self._conf = config.kafka.producer_conf()
+        self._conf, _ = quiet(config.kafka.producer_conf(), "dead-letter producer")
         self._limit = int(self._conf.get("message.max.bytes", 1_000_000)) - _OVERHEAD
         self._producer: Producer | None = None
         self._errors: list[str] = []

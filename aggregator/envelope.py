@@ -10,6 +10,13 @@ event format:
 * Binary mode (everything else): attributes are ``ce_<name>`` headers (names matched
   lower-case, values UTF-8), ``content-type`` is ``datacontenttype``, the value is the data.
   A null/empty value is an event without data (``data is None``).
+* Detected structured mode (``detect=True``, a source's ``structured = "detect"``): a
+  record with no ``ce_`` header, whose ``content-type`` is absent or a JSON type, and whose
+  value holds ``"specversion"`` is read as a structured-mode event. That is the record the
+  CloudEvents Python SDK 1.x makes (``cloudevents.kafka.to_structured`` sets the
+  content-type to the event's ``datacontenttype``, or none). Without ``detect`` such a
+  record is dead-lettered ``missing_attribute`` with a message that says it was read in
+  binary mode, and why.
 
 Data is decoded by media type: ``*/json``, ``*/*+json`` or absent -> JSON;
 ``application/msgpack``, ``application/x-msgpack``, ``application/vnd.msgpack`` -> msgpack;
@@ -455,8 +462,12 @@ def parse(
     key: bytes | None,
     max_bytes: int = 1 << 20,
     max_key_bytes: int = 400,
+    detect: bool = False,
 ) -> Event:
-    """Parse one Kafka record into an `Event`; raise `EnvelopeError` if it is not usable."""
+    """Parse one Kafka record into an `Event`; raise `EnvelopeError` if it is not usable.
+
+    `detect`: read a record without ``ce_`` headers, with no or a JSON content-type, whose
+    value holds ``"specversion"``, as a structured-mode event (see the module docstring)."""
     if value is not None and len(value) > max_bytes:
         raise EnvelopeError("too_large", f"record value is {len(value)} bytes (limit {max_bytes})")
     # One pass over the headers; reversed so that the first occurrence of a name wins.
@@ -483,7 +494,13 @@ def parse(
     # ---- binary mode: attributes from headers
     sv = ce.pop("specversion", None)
     if sv is None:
-        raise EnvelopeError("missing_attribute", "missing required attribute 'specversion'")
+        if ce or not value or b'"specversion"' not in value:
+            raise EnvelopeError("missing_attribute", "missing required attribute 'specversion'")
+        # no ce_ header at all and a value that names specversion: a structured-mode event
+        # without its content-type
+        if detect and (ct is None or _classify(ct)[0] == _JSON):
+            return _parse_structured_json(value, key, max_key_bytes)
+        raise EnvelopeError("missing_attribute", _binary_read_why(ct, detect))
     if sv != b"1.0":
         sv = _hstr(sv, "ce_specversion")
         if sv != "1.0":
@@ -564,12 +581,31 @@ def _required_header(v: Any, name: str) -> str:
     return _hstr(v, "ce_" + name)  # type: ignore[return-value]
 
 
+def _binary_read_why(ct: str | None, detect: bool) -> str:
+    """The message for a record without ce_ headers whose value names specversion."""
+    why = ("the record has no content-type header" if ct is None
+           else f"its content-type is {_short(ct)}")
+    hint = ("structured = \"detect\" reads such a value as structured only with no or a "
+            "JSON content-type" if detect else
+            "or set structured = \"detect\" on the source to read a JSON value with "
+            "specversion and no ce_ headers as structured")
+    return (
+        "missing required attribute 'specversion': read in binary mode (no ce_ headers) "
+        f"because {why}; structured mode needs content-type '{_STRUCTURED_JSON}' ({hint})"
+    )
+
+
 def _parse_structured(value: bytes | None, ct: str, key: Any, max_key_bytes: int) -> Event:
     low = ct.lower()
     if not low.startswith(_STRUCTURED_JSON) or low[28:29] not in ("", ";", " ", "\t"):
         raise EnvelopeError(
             "unsupported_content_type", f"unsupported CloudEvents event format {_short(ct)}"
         )
+    return _parse_structured_json(value, key, max_key_bytes)
+
+
+def _parse_structured_json(value: bytes | None, key: Any, max_key_bytes: int) -> Event:
+    """A structured-mode event in the JSON event format (the content type is checked)."""
     if not value:
         raise EnvelopeError("bad_json", "structured-mode record has no value")
     try:
@@ -661,16 +697,20 @@ def routing_key(
     headers: list[tuple[str, bytes]] | None,
     key: bytes | None,
     max_bytes: int = 1 << 20,
+    detect: bool = False,
 ) -> bytes | None:
     """The routing key without a full parse: ``ce_partitionkey`` header, else (structured
-    mode) the JSON ``partitionkey``, else the Kafka key; None if none (or empty).
+    mode, or with `detect` a record `parse(..., detect=True)` reads as structured) the JSON
+    ``partitionkey``, else the Kafka key; None if none (or empty).
 
-    For every record that `parse` accepts, this equals ``event.partitionkey.encode()``
-    except when a structured-mode record carries a ``ce_partitionkey`` header that
-    disagrees with its JSON ``partitionkey`` (the header wins here, the JSON in `parse`).
+    For every record that `parse` (with the same `detect`) accepts, this equals
+    ``event.partitionkey.encode()`` except when a structured-mode record carries a
+    ``ce_partitionkey`` header that disagrees with its JSON ``partitionkey`` (the header
+    wins here, the JSON in `parse`).
     """
     ct = None
     pk_seen = False
+    has_ce = False
     if headers:
         for name, hv in headers:  # first occurrence of a name wins, as in parse()
             n = name.lower()
@@ -679,13 +719,23 @@ def routing_key(
                     pk_seen = True
                     if hv:
                         return hv if type(hv) is bytes else _as_bytes(hv)
-            elif n == "content-type" and ct is None:
-                ct = hv
+            elif n == "content-type":
+                if ct is None:
+                    ct = hv
+            elif n.startswith("ce_") and len(n) > 3:
+                has_ce = True
+    if ct is not None:
+        structured = (ct[:28] if type(ct) is not str else ct[:28].encode()).lower() \
+            == _B_STRUCTURED_JSON
+        if not structured and detect and not has_ce:
+            ct_text = _hstr_or_none(ct)
+            structured = ct_text is not None and _classify(ct_text)[0] == _JSON
+    else:
+        structured = detect and not has_ce
     if (
-        ct
+        structured
         and value
         and len(value) <= max_bytes
-        and (ct[:28] if type(ct) is not str else ct[:28].encode()).lower() == _B_STRUCTURED_JSON
         # no such member name (escaped names need "\u"): skip the JSON parse
         and (b'"partitionkey"' in value or b"\\u" in value)
     ):
@@ -699,6 +749,13 @@ def routing_key(
     if key:
         return key if type(key) is bytes else _as_bytes(key)
     return None
+
+
+def _hstr_or_none(v: Any) -> str | None:
+    try:
+        return _hstr(v, "content-type")
+    except EnvelopeError:
+        return None
 
 
 def _as_bytes(v: Any) -> bytes:

@@ -10,6 +10,8 @@
 - ``supervisor_loop=40:sleep=20``: sleep 20 s there (a stalled process, e.g. beyond the
   consumer's max.poll.interval.ms), then carry on;
 - ``supervisor_loop=40:stop``: SIGSTOP itself (someone else sends SIGCONT);
+- ``worker_before_commit=1:raise``: raise `InjectedFault` there (a bug that meets every
+  restarted process the same way);
 - a bare name (``bloom-maybe``) is a flag that code asks for with `fault_flag`.
 
 Unset, a fault point costs one global lookup. Workers inherit the variable from the
@@ -44,6 +46,10 @@ if _spec:
 _hits: dict[str, int] = {}
 
 
+class InjectedFault(RuntimeError):
+    """Raised by a fault point whose action is ``raise``."""
+
+
 def fault_flag(name: str) -> bool:
     """True when the bare flag `name` is in AGGREGATOR_FAULTS."""
     return name in _flags
@@ -68,6 +74,8 @@ def fault_point(name: str) -> None:
         os.kill(os.getppid(), signal.SIGKILL)
     elif action == "stop":
         os.kill(os.getpid(), signal.SIGSTOP)
+    elif action == "raise":
+        raise InjectedFault(f"fault injected at {name}")
     elif action.startswith("sleep="):
         time.sleep(float(action.partition("=")[2]))
     else:

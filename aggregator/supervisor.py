@@ -10,10 +10,12 @@ of their acknowledged through-offsets. LMDB is the source of truth: on assignmen
 offset of a partition is the minimum over shards of their stored through-offset + 1 (the
 beginning if a shard has none), and each shard skips records at or below its own.
 
-Lifecycle (in the shape of gunicorn's arbiter): spawn workers, reap dead ones and respawn
-them after rewinding the partitions to the dead shard's durable offsets, kill workers whose
-heartbeat stops, stop with a clear error when a worker cannot boot, and on SIGTERM/SIGINT
-drain, commit and exit 0.
+Lifecycle (in the shape of gunicorn's arbiter): check every Kafka client's settings
+(kafka_clients), spawn workers, reap dead ones and respawn them after rewinding the
+partitions to the dead shard's durable offsets, kill workers whose heartbeat stops, stop with
+a clear error (exit 2) when a worker cannot boot, crashes the same way
+`service.max_worker_crashes` times in a row, or no broker answers within
+`kafka.startup_timeout_s`, and on SIGTERM/SIGINT drain, commit and exit 0.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from pathlib import Path
 from typing import Callable
 
 import msgpack
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
 from . import core, datadir, reshard
 from .checkpoint import Checkpoint
@@ -47,6 +49,7 @@ from .control import ControlBlock, Slot
 from .deadletter import DeadLetters
 from .envelope import routing_key
 from .faults import fault_point
+from .kafka_clients import KafkaSettingsError, check_client_settings, quiet
 from .metrics import create_commit_histogram, partition_label, remove_status, write_status
 from .ring import Ring, SharedCounters, cleanup_stale, segment_prefix
 from .routing import slot_of
@@ -79,6 +82,11 @@ class WorkerHandle:
     epoch: int = 0  # the EPOCH the running process reached at boot
     started: float = 0.0
     failures: int = 0  # consecutive boot failures
+    crashes: int = 0  # consecutive crashes after boot with the same error and no progress
+    last_error: str | None = None  # what the last crash after boot said (see worker_main)
+    errors: object = None  # the read end of the pipe the running process reports a crash on
+    acked_at_spawn: int = 0  # its ACK_BATCH slot when it was spawned
+    reaped: int | None = None  # pid of the process `_reap` last handled
     killed_at: float = 0.0  # monotonic time of a SIGKILL the process has not died of yet
     kill_logged: float = 0.0  # when _await_death last said so
     next_batch: int = 1
@@ -129,8 +137,13 @@ class Supervisor:
             self.pending_assign: set[int] = set()  # assigned, waiting for their restore
             self.dropping: dict[int, int] = {}  # task -> drop request id not yet handled
         self.tindex = {t: i for i, t in enumerate(self.topics)}
+        # per topic index: the source reads structured = "detect" (envelope.routing_key)
+        detect = {s.topic for s in config.sources.values() if s.structured == "detect"}
+        self.detect = [t in detect for t in self.topics]
         self.workers = [WorkerHandle(i) for i in range(self.n)]
         self.stop_requested = False
+        self.aborting = False  # _abort: the revoke of consumer.close() must not drain
+        self.missing_topics: list[str] = []  # source topics absent at start-up (named once)
         self.paused = False
         self.assigned: set[tuple[int, int]] = set()
         self.next_offset: dict[tuple[int, int], int] = {}
@@ -149,6 +162,11 @@ class Supervisor:
         """Run until SIGTERM/SIGINT (or `stop_when`); 0 on a clean stop."""
         self._install_signals()
         try:
+            self._consumer_conf()  # kafka.bootstrap_servers is set
+            try:
+                check_client_settings(self.cfg)
+            except KafkaSettingsError as e:
+                raise FatalError(str(e)) from None
             self._lock_data_dir()
             self._check_layout()
             if self.cluster:
@@ -266,10 +284,15 @@ class Supervisor:
         self.inbound[h.index].reset()  # its consumer is dead: safe to reset
         h.pending.clear()
         h.epoch = self.ctl.get(h.index, Slot.EPOCH) + 1
+        h.acked_at_spawn = self.ctl.get(h.index, Slot.ACK_BATCH)
+        if h.errors is not None:
+            h.errors.close()
+        h.errors, send_end = ctx.Pipe(duplex=False)
         h.process = ctx.Process(target=worker_main, name=f"aggregator-worker-{h.index}",
                                 args=(self.cfg, h.index, self.prefix, self.log_level,
-                                      self.log_format))
+                                      self.log_format, send_end))
         h.process.start()
+        send_end.close()
         h.started = time.monotonic()
 
     def _reap(self, h: WorkerHandle) -> None:
@@ -277,8 +300,9 @@ class Supervisor:
 
         Only once the process is gone: never two workers of one index (its rings are
         single-consumer, and `_spawn` resets them)."""
-        if h.process.is_alive():
+        if h.process.is_alive() or h.reaped == h.process.pid:
             return
+        h.reaped = h.process.pid  # once per process, even when this raises FatalError
         h.killed_at = 0.0
         code = h.process.exitcode
         booted = self.ctl.get(h.index, Slot.EPOCH) >= h.epoch
@@ -290,6 +314,8 @@ class Supervisor:
         h.failures = 0 if booted else h.failures + 1
         if h.failures >= self.svc.max_boot_failures:
             raise FatalError(f"worker {h.index} failed to boot {h.failures} times in a row")
+        if booted:
+            self._count_crash(h)
         self.stats.restarts += 1
         durable = self._shard_offsets(h.index)
         self.checkpoint.reset_worker(h.index, durable)
@@ -298,7 +324,7 @@ class Supervisor:
             self._rewind(durable, mine)
         else:
             self._rewind(durable)
-        time.sleep(min(0.1 * 2 ** h.failures, 5.0))
+        time.sleep(min(0.1 * 2 ** max(h.failures, h.crashes), 5.0))
         self._spawn(h)
         if self.cluster:  # the rings were reset: send again what the dead worker missed
             drops = sorted(t for t in self.dropping if t % self.n == h.index)
@@ -310,6 +336,33 @@ class Supervisor:
                 self.restoring.pop(t, None)
             if tasks:
                 self._restore(tasks)
+
+    def _count_crash(self, h: WorkerHandle) -> None:
+        """A booted worker died: a run of `service.max_worker_crashes` deaths with the same
+        error and no batch committed in between is not going to heal by respawning (a bad
+        setting, a bug meeting the same record): stop with a fatal error instead."""
+        error = None
+        try:
+            if h.errors is not None and h.errors.poll():
+                error = h.errors.recv()
+        except (EOFError, OSError):
+            pass
+        progressed = self.ctl.get(h.index, Slot.ACK_BATCH) > h.acked_at_spawn
+        if error is None:
+            h.crashes = 0
+        elif error == h.last_error and not progressed:
+            h.crashes += 1
+        else:
+            h.crashes = 1
+        h.last_error = error
+        if h.crashes >= self.svc.max_worker_crashes:
+            raise FatalError(
+                f"worker {h.index} crashed {h.crashes} times in a row after booting, each "
+                f"time with the same error and no batch committed: {error}; stopping "
+                f"(service.max_worker_crashes = {self.svc.max_worker_crashes})")
+        if h.crashes > 1:
+            log.warning("worker %d crashed %d times in a row with the same error (at %d the "
+                        "service stops)", h.index, h.crashes, self.svc.max_worker_crashes)
 
     def _rewind(self, durable: dict[tuple[int, int], int], only: set | None = None) -> None:
         """Seek every assigned partition (or those in `only`) back to what the given shard
@@ -377,18 +430,64 @@ class Supervisor:
             raise FatalError("kafka.bootstrap_servers is empty (set it, or use `aggregator demo`)")
         return conf
 
+    def _await_broker(self) -> None:
+        """Wait until a broker answers a metadata request (librdkafka retries quietly, see
+        kafka_clients), at most kafka.startup_timeout_s; then name the source topics that
+        do not exist, once."""
+        limit = self.cfg.kafka.startup_timeout_s
+        t0 = time.monotonic()
+        while not self.stop_requested:
+            self._check_workers()
+            self._write_status(ready=False)  # /readyz: not ready, and why not (lag unknown)
+            self.consumer.poll(0)  # serves the error callback: "Kafka unreachable", once
+            left = limit - (time.monotonic() - t0)
+            try:
+                meta = self.consumer.list_topics(timeout=max(min(left, 1.0), 0.05))
+                break
+            except KafkaException as e:
+                if time.monotonic() - t0 >= limit:
+                    err = self.kafka_events.last_error or (
+                        e.args[0].str() if isinstance(e.args[0], KafkaError) else e)
+                    raise FatalError(
+                        f"no Kafka broker answered at {self.cfg.kafka.bootstrap_servers} "
+                        f"within {limit:g} s (kafka.startup_timeout_s): {err}") from None
+        else:
+            return
+        self.kafka_events.reachable()
+        log.info("Kafka broker answered (%s, %d brokers)", self.cfg.kafka.bootstrap_servers,
+                 len(meta.brokers))
+        self.missing_topics = [t for t in self.cfg.topics() if t not in meta.topics]
+        if self.missing_topics:
+            names = ", ".join(f"{t} (source {self.cfg.source_by_topic(t)[0]})"
+                              for t in self.missing_topics)
+            log.warning("source topics missing on the broker: %s; the service runs and waits "
+                        "for them: once created they are consumed from their start (librdkafka "
+                        "looks every topic.metadata.refresh.interval.ms, default 5 min)", names)
+
+    def _consumer_error(self, err: KafkaError) -> None:
+        """An error the consumer returned in place of a record: logged once a minute at
+        most; a missing source topic already named at start-up only at debug level."""
+        if err.code() == KafkaError.UNKNOWN_TOPIC_OR_PART and any(
+                t in err.str() for t in self.missing_topics):
+            log.debug("consumer: %s", err.str())
+            return
+        self.kafka_events.error(err)
+
     def _consume_loop(self) -> None:
         conf = self._consumer_conf()
         self.cooperative = "cooperative" in str(conf.get("partition.assignment.strategy", ""))
         self.dlq = DeadLetters(self.cfg, self.cfg.topics())
         if self.cluster:
             conf = {**conf, "group.id": f"{self.cfg.kafka.group_id}.tasks"}
+        conf, self.kafka_events = quiet(conf, "consumer")
+        self.consumer = Consumer(conf)
+        self._await_broker()
+        if self.cluster:
             self.ingest = Ingest(self.cfg, self.dlq)
             self.events_in = self.ingest.events_in
             topics = [self.cfg.tasks_topic()]
         else:
             topics = self.topics
-        self.consumer = Consumer(conf)
         self.consumer.subscribe(topics, on_assign=self._on_assign,
                                 on_revoke=self._on_revoke, on_lost=self._on_lost)
         batch_max = self.svc.batch_max_records
@@ -406,6 +505,8 @@ class Supervisor:
                 self._check_restores()
             msgs = self.consumer.consume(batch_max, 0.0 if self.paused else 0.05)
             if msgs:
+                if self.kafka_events.unreachable:
+                    self.kafka_events.reachable()
                 (self._dispatch_tasks if self.cluster else self._dispatch)(msgs)
             self._collect_acks()
             now = time.monotonic()
@@ -434,7 +535,7 @@ class Supervisor:
             if m.error() is not None:
                 err = m.error()
                 if err.code() != KafkaError._PARTITION_EOF:
-                    log.warning("consumer error: %s", err)
+                    self._consumer_error(err)
                 continue
             topic = m.topic()
             if topic is not last_topic:
@@ -449,7 +550,7 @@ class Supervisor:
                 self.dlq.too_large([ti, part, off, key, value, headers], max_bytes)
                 oversized = True
                 continue
-            rk = routing_key(value, headers, key)
+            rk = routing_key(value, headers, key, detect=self.detect[ti])
             slot = slot_of(rk) if rk is not None else 0
             per[slot % n].append((ti, part, off, key, value, headers, m.timestamp()[1], slot))
         if last_topic is not None:
@@ -485,7 +586,7 @@ class Supervisor:
             err = m.error()
             if err is not None:
                 if err.code() != KafkaError._PARTITION_EOF:
-                    log.warning("consumer error: %s", err)
+                    self._consumer_error(err)
                 continue
             task, off = m.partition(), m.offset()
             through[(TT, task)] = off
@@ -693,6 +794,13 @@ class Supervisor:
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         keys = {(self.tindex[tp.topic], tp.partition) for tp in partitions}
+        if self.aborting:  # stopping on a fatal error: nothing is drained or committed
+            self.assigned -= keys
+            if self.cooperative:
+                consumer.incremental_unassign(partitions)
+            else:
+                consumer.unassign()
+            return
         self._drain(deadline=time.monotonic() + self.svc.shutdown_timeout_ms / 1000)
         self._commit(asynchronous=False, only=keys)
         self.assigned -= keys
@@ -811,6 +919,7 @@ class Supervisor:
             self._status_failing = False
 
     def _abort(self) -> None:
+        self.aborting = True
         self._stop_http()
         if self.ingest is not None:
             try:

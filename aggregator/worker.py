@@ -47,6 +47,7 @@ from .control import ControlBlock, Slot
 from .deadletter import DeadLetters
 from .envelope import EnvelopeError, parse
 from .faults import fault_flag, fault_point
+from .kafka_clients import redact_text
 from .merge import MergeError, get_path
 from .metrics import hist_segment_name, record_commit
 from .plan import Feed, ViewPlan, assign_view_ids
@@ -176,6 +177,9 @@ class Worker:
             self.publisher = ChangePublisher(cfg, self.changes, self.shard.changes_after,
                                              self.changes_pruned, self.change_seq)
         self.topics = list(self.plan.topics)
+        # topic indexes of the sources with structured = "detect" (envelope.parse)
+        self.detect = frozenset(i for i, t in enumerate(self.topics)
+                                if cfg.source_by_topic(t)[1].structured == "detect")
         self.owners = self.n  # who owns a view key: worker_of(slot, owners)
         self._boot_tasks()
         self.topic_index = {t: i for i, t in enumerate(self.topics)}
@@ -544,7 +548,8 @@ class Worker:
 
     def _parse(self, rec):
         try:
-            return parse(rec[4], rec[5], rec[3], self.max_bytes, self.max_key)
+            return parse(rec[4], rec[5], rec[3], self.max_bytes, self.max_key,
+                         rec[0] in self.detect)
         except EnvelopeError as e:
             self._dead_letter(rec, e.reason, str(e))
             return None
@@ -1003,8 +1008,13 @@ def make_worker(config: Config, index: int, prefix: str) -> Worker:
 
 
 def worker_main(config: Config, index: int, prefix: str, log_level: int,
-                log_format: str = "text") -> None:
-    """Entry point of a worker process (spawned by the supervisor)."""
+                log_format: str = "text", errors=None) -> None:
+    """Entry point of a worker process (spawned by the supervisor).
+
+    An exception after boot is logged with its traceback and sent, as one line
+    ("Type: message", secrets of the Kafka settings redacted), on `errors` (the send end of
+    a pipe, if given): the supervisor stops the service when the same error ends a worker
+    `service.max_worker_crashes` times in a row (supervisor._count_crash)."""
     set_parent_death_signal()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor coordinates shutdown
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -1033,6 +1043,19 @@ def worker_main(config: Config, index: int, prefix: str, log_level: int,
     except ShardError as e:
         log.error("worker %d stopped: %s", index, e)
         code = FATAL_EXIT
+    except Exception as e:  # noqa: BLE001 - reported to the supervisor, which respawns
+        text = redact_text(f"{type(e).__name__}: {e}", config.kafka.producer_conf())
+        text = redact_text(text, config.kafka.consumer_conf())[:500]
+        log.exception("worker %d crashed: %s", index, text)
+        if errors is not None:
+            try:
+                errors.send(text)
+            except OSError:
+                pass
+        code = 1
     finally:
-        w.close()
+        try:
+            w.close()
+        except Exception:  # noqa: BLE001 - already on the way out
+            log.exception("worker %d: closing after the crash failed", index)
     os._exit(code)

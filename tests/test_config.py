@@ -22,6 +22,7 @@ from aggregator.config import (
     ServiceConfig,
     config_from_dict,
     default_config_path,
+    is_secret_key,
     load_config,
     parse_size,
     redact,
@@ -128,6 +129,26 @@ def test_fingerprint(data: dict) -> None:
     assert config_from_dict(data, {"gate.gap_policy": "dead-letter"}, env={}).fingerprint() != base
     data["views"]["order"]["feeds"][0]["ops"][0]["path"] = "the_order"
     assert config_from_dict(data, env={}).fingerprint() != base
+
+
+def test_structured_detect_changes_the_fingerprint_and_binding_does_not(data: dict) -> None:
+    base = config_from_dict(data, env={})
+    assert base.sources["orders"].structured == "binding"  # the Kafka binding by default
+    # spelling out the default keeps the fingerprint of data dirs written before it existed
+    same = config_from_dict(data, {"sources.orders.structured": "binding"}, env={})
+    assert same.fingerprint() == base.fingerprint()
+    detect = config_from_dict(data, {"sources.orders.structured": "detect"}, env={})
+    assert detect.sources["orders"].structured == "detect"
+    assert detect.fingerprint() != base.fingerprint()
+
+
+def test_startup_timeout_and_max_worker_crashes(data: dict) -> None:
+    cfg = config_from_dict(data, env={})
+    assert cfg.kafka.startup_timeout_s == 60 and cfg.service.max_worker_crashes == 5
+    cfg = config_from_dict(data, {"kafka.startup_timeout_s": 2.5}, env={
+        "AGGREGATOR__SERVICE__MAX_WORKER_CRASHES": "3"})
+    assert cfg.kafka.startup_timeout_s == 2.5 and cfg.service.max_worker_crashes == 3
+    assert "startup_timeout_s" not in cfg.kafka.consumer_conf()  # ours, not librdkafka's
 
 
 def test_nested_sections_get_defaults(data: dict) -> None:
@@ -356,6 +377,14 @@ INVALID = [
      "commits offsets after the workers have stored them"),
     ("kafka_list_value", lambda d: d["kafka"]["producer"].update({"acks": [1]}),
      "config error: kafka.producer.acks: must be a string, number or boolean (got list)"),
+    ("startup_timeout_zero", lambda d: d["kafka"].update(startup_timeout_s=0),
+     "config error: kafka.startup_timeout_s: must be > 0.0 (got 0)"),
+    ("startup_timeout_text", lambda d: d["kafka"].update(startup_timeout_s="soon"),
+     "config error: kafka.startup_timeout_s: must be a number (got 'soon')"),
+    ("max_worker_crashes", lambda d: d["service"].update(max_worker_crashes=0),
+     "config error: service.max_worker_crashes: must be >= 1 (got 0)"),
+    ("structured_mode", lambda d: d["sources"]["orders"].update(structured="auto"),
+     "config error: sources.orders.structured: must be 'binding' or 'detect' (got 'auto')"),
 ]
 
 
@@ -546,8 +575,10 @@ def test_secret_never_shown(secret_config: Config, caplog: pytest.LogCaptureFixt
                  str(cfg.kafka.redacted()), cfg.model_dump_json(), str(cfg.model_dump()),
                  str(redact(cfg.kafka.consumer_conf())), str(redact(cfg.kafka.producer_conf()))):
         assert SECRET not in text
-    assert "svc" in str(cfg.redacted())  # only secrets are hidden
+    assert "SASL_SSL" in str(cfg.redacted())  # only secrets are hidden
     assert cfg.redacted()["kafka"]["common"]["sasl.password"] == "***"
+    # librdkafka marks sasl.username sensitive too
+    assert cfg.redacted()["kafka"]["common"]["sasl.username"] == "***"
     assert cfg.kafka.redacted()["producer"]["ssl.key.password"] == "***"
     with caplog.at_level(logging.DEBUG):
         logging.getLogger("test").info("config %s %r %s", cfg, cfg, cfg.kafka)
@@ -586,13 +617,29 @@ def test_secret_not_in_error_messages() -> None:
     assert SECRET not in str(v_info.value)
 
 
-@pytest.mark.parametrize("key", ["sasl.password", "ssl.key.password", "sasl.jaas.config",
-                                 "sasl.oauthbearer.client.secret", "ssl.keystore.password",
-                                 "ssl.key.pem", "SASL.PASSWORD"])
+@pytest.mark.parametrize("key", [
+    "sasl.password", "ssl.key.password", "sasl.jaas.config", "sasl.oauthbearer.client.secret",
+    "ssl.keystore.password", "ssl.key.pem", "SASL.PASSWORD", "sasl.username",
+    "ssl.key.location", "sasl.oauthbearer.config",
+    # misspelt or unknown: still secret (librdkafka refuses them, our logs must not show them)
+    "sasl.pasword", "sasl.passwd", "sasl.pwd", "ssl.key.pasword", "ssl.keystore.passwrd",
+    "sasl.oauthbearer.client.secert", "sasl.credentials", "my.api.token", "client.secret"])
 def test_secret_keys(key: str) -> None:
     kafka = KafkaConfig(common={key: SECRET})
     assert SECRET not in repr(kafka) and kafka.redacted()["common"][key] == "***"
     assert kafka.consumer_conf()[key] == SECRET
+    assert is_secret_key(key)
+
+
+@pytest.mark.parametrize("key", [
+    "security.protocol", "sasl.mechanism", "sasl.mechanisms", "client.id", "linger.ms",
+    "compression.type", "partition.assignment.strategy", "ssl.ca.location",
+    "sasl.kerberos.service.name", "sasl.oauthbearer.token.endpoint.url",
+    "sasl.oauthbearer.method", "ssl.endpoint.identification.algorithm",
+    "topic.metadata.propagation.max.ms", "max.partition.fetch.bytes"])
+def test_plain_keys_stay_visible(key: str) -> None:
+    assert not is_secret_key(key)
+    assert KafkaConfig(common={key: "v"}).redacted()["common"][key] == "v"
 
 
 # ---- cluster mode ----------------------------------------------------------------------------

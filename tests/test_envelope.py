@@ -525,3 +525,112 @@ def test_integers_beyond_64_bits_stay_exact():
     raw = b'{"n": 123456789012345678901234567890, "m": -18446744073709551617}'
     assert _decode_json(raw, "data") == {"n": 123456789012345678901234567890,
                                          "m": -18446744073709551617}
+
+
+# ---- structured mode without its content-type (CloudEvents Python SDK 1.x) ----------------------
+
+
+def _sdk_structured(attrs: dict, data, datacontenttype: str | None = None, key_mapper=None):
+    """(headers, key, value) exactly as `cloudevents.kafka.to_structured` makes them."""
+    ce_http = pytest.importorskip("cloudevents.http")
+    ce_kafka = pytest.importorskip("cloudevents.kafka")
+    attrs = dict(attrs)
+    if datacontenttype is not None:
+        attrs["datacontenttype"] = datacontenttype
+    msg = ce_kafka.to_structured(ce_http.CloudEvent(attrs, data), key_mapper=key_mapper)
+    key = msg.key.encode() if isinstance(msg.key, str) else msg.key
+    return list(msg.headers.items()), key, msg.value
+
+
+SDK_ATTRS = {"id": "e-1", "source": "/shop/orders", "type": "shop.order.placed",
+             "partitionkey": "order-1", "sequence": "42"}
+
+
+@pytest.mark.parametrize("dct", [None, "application/json"])
+def test_sdk_structured_record_explains_binary_mode_and_detect_reads_it(dct):
+    headers, key, value = _sdk_structured(SDK_ATTRS, DATA, dct)
+    assert not any(n.startswith("ce_") for n, _ in headers)
+    assert headers == ([] if dct is None else [("content-type", b"application/json")])
+    with pytest.raises(EnvelopeError) as info:
+        parse(value, headers, key)
+    why = ("the record has no content-type header" if dct is None
+           else "its content-type is 'application/json'")
+    assert info.value.reason == "missing_attribute"
+    assert str(info.value) == (
+        "missing required attribute 'specversion': read in binary mode (no ce_ headers) "
+        f"because {why}; structured mode needs content-type 'application/cloudevents+json' "
+        "(or set structured = \"detect\" on the source to read a JSON value with specversion "
+        "and no ce_ headers as structured)")
+    ev = parse(value, headers, key, detect=True)
+    assert (ev.id, ev.source, ev.type, ev.partitionkey, ev.sequence, ev.data) == (
+        "e-1", "/shop/orders", "shop.order.placed", "order-1", 42, DATA)
+    assert ev.datacontenttype == dct
+
+
+def test_detect_routes_by_the_structured_partitionkey():
+    # a key mapper that sets another Kafka key: the JSON partitionkey decides, as in parse
+    headers, key, value = _sdk_structured(SDK_ATTRS, DATA, key_mapper=lambda e: "other")
+    assert key == b"other"
+    assert routing_key(value, headers, key) == b"other"  # the binding: binary mode
+    assert routing_key(value, headers, key, detect=True) == b"order-1"
+    assert parse(value, headers, key, detect=True).partitionkey == "order-1"
+    headers, key, value = _sdk_structured(SDK_ATTRS, DATA, "application/json",
+                                          key_mapper=lambda e: None)
+    assert key is None and routing_key(value, headers, None, detect=True) == b"order-1"
+
+
+def test_detect_leaves_binary_records_and_other_content_types_alone():
+    headers, value = to_binary(ATTRS, DATA)
+    assert parse(value, headers, None, detect=True) == parse(value, headers, None)
+    # a ce_ header means binary mode, even with a specversion in the value
+    value = json.dumps({"specversion": "1.0", "id": "x", "source": "s", "type": "t"}).encode()
+    with pytest.raises(EnvelopeError, match=r"^missing required attribute 'specversion'$"):
+        parse(value, [("ce_id", b"x")], b"k", detect=True)
+    assert routing_key(value, [("ce_id", b"x")], b"k", detect=True) == b"k"
+    # not a JSON content type: not detected, and the message says why
+    with pytest.raises(EnvelopeError, match="only with no or a JSON content-type"):
+        parse(value, [("content-type", b"text/plain")], b"k", detect=True)
+    # a value that does not name specversion: the binding's plain message
+    with pytest.raises(EnvelopeError, match=r"^missing required attribute 'specversion'$"):
+        parse(b'{"id": "x"}', [], b"k", detect=True)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    eid=text,
+    pk=st.none() | text,
+    key=st.none() | text,
+    seq=st.none() | st.integers(0, 2**63 - 1),
+    data=json_values,
+    ct=st.sampled_from([None, "application/json", "application/cloudevents+json"]),
+)
+def test_detected_round_trip_and_routing_agree(eid, pk, key, seq, data, ct):
+    attrs = {"id": eid, "source": "/s", "type": "t", "partitionkey": pk, "sequence": seq}
+    headers, value = to_structured(attrs, data)
+    headers = [] if ct is None else [("content-type", ct.encode())]
+    kb = key.encode() if key is not None else None
+    rk = routing_key(value, headers, kb, detect=True)
+    try:
+        ev = parse(value, headers, kb, detect=True)
+    except EnvelopeError as err:
+        assert err.reason in ("no_partition_key", "key_too_long")
+        return
+    assert ev.id == eid and ev.sequence == seq and ev.data == data
+    assert ev.partitionkey == (pk or key)
+    assert rk == ev.partitionkey.encode()
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    value=st.none() | st.binary(max_size=48).map(lambda b: b'{"specversion": "1.0", ' + b),
+    headers=st.lists(st.tuples(st.sampled_from(["ce_id", "content-type", "x"]),
+                               st.binary(max_size=12) | st.just(b"application/json")),
+                     max_size=3),
+    key=st.none() | st.binary(max_size=8),
+)
+def test_fuzz_detect_only_envelope_errors(value, headers, key):
+    try:
+        parse(value, headers, key, detect=True)
+    except EnvelopeError as err:
+        assert err.reason in REASONS
+    routing_key(value, headers, key, detect=True)

@@ -54,3 +54,10 @@ def test_once_file(tmp_path):
 def test_unknown_action_is_an_error():
     p = run("p=1:explode")
     assert p.returncode == 1 and "unknown action 'explode'" in p.stderr
+
+
+def test_raise_on_the_nth_hit():
+    p = run("p=2:raise")
+    assert p.returncode == 1
+    assert p.stdout.split("\n")[:2] == ["flag False", "passed 1"]
+    assert "InjectedFault: fault injected at p" in p.stderr
