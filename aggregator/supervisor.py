@@ -51,6 +51,7 @@ from .metrics import create_commit_histogram, partition_label, remove_status, wr
 from .ring import Ring, SharedCounters, cleanup_stale, segment_prefix
 from .routing import slot_of
 from .runtime import tune_gc
+from .segments import OWNER_SUFFIX, SegmentOwner, SegmentOwnerError, sweep_orphans
 from .server import ServerStartError, start_server_process
 from .store import Shard, shard_path
 from .worker import (
@@ -225,9 +226,19 @@ class Supervisor:
                  core.IMPLEMENTATION, self.n, self.data_dir)
 
     def _create_segments(self) -> None:
-        removed = cleanup_stale(self.prefix)
+        """Take the prefix's owner file (segments.py), remove what a previous run on this
+        data dir left, and what any instance on this machine that died left, then create."""
+        try:
+            self.segment_owner = SegmentOwner.acquire(self.prefix, str(self.data_dir))
+        except SegmentOwnerError as e:
+            raise FatalError(str(e)) from None
+        removed = cleanup_stale(self.prefix, keep=(self.prefix + OWNER_SUFFIX,))
         if removed:
             log.warning("removed %d shared-memory segments left by a previous run", len(removed))
+        for prefix, rec in sweep_orphans(keep=self.prefix).items():
+            log.warning("removed %d shared-memory segments (%s*) of a dead instance (pid %s, "
+                        "data_dir %s)", len(rec["removed"]), prefix, rec.get("pid"),
+                        rec.get("data_dir"))
         names = ring_names(self.prefix, self.n)
         self.ctl = ControlBlock.create(names["control"], self.n)
         self.hist = create_commit_histogram(self.prefix, self.n)
@@ -842,6 +853,9 @@ class Supervisor:
             r.close()
             r.unlink()
         self._rings = []
+        if getattr(self, "segment_owner", None) is not None:
+            self.segment_owner.release()  # after the last segment is gone
+            self.segment_owner = None
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
