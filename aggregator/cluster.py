@@ -13,8 +13,9 @@ several topics anyway. So every instance runs two stages:
    (`send_offsets_to_transaction`).
 2. **Processing** (supervisor.py and worker.py): consumes the tasks topic in the group
    `<kafka.group_id>.tasks`; a task is one of its partitions and owns the slots
-   `slot % tasks == task`, hence every key of them; worker `task % service.workers` of the
-   instance applies it. A view update for a key of another task is *forwarded* through the
+   `slot % tasks == task`, hence every key of them; one worker of the instance applies it,
+   the one the supervisor placed it on (placement.py: balanced by count over what the
+   instance owns). A view update for a key of another task is *forwarded* through the
    tasks topic (partition = that task), and applied there exactly once (deduplicated by event
    identity and feed). A task's state follows it from instance to instance through its
    changelog (changelog.py).

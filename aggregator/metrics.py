@@ -404,6 +404,16 @@ class ServiceCollector(Collector):
                                           "(cluster mode)")
             restoring.add_metric([], len(status.get("restoring") or ()))
             yield restoring
+            per_worker = GaugeMetricFamily("aggregator_worker_tasks",
+                                           "Tasks placed on each worker, owned or being "
+                                           "restored (cluster mode)", labels=["worker"])
+            counts = [0] * int(status.get("workers") or 0)
+            for w in (status.get("placement") or {}).values():
+                if 0 <= w < len(counts):
+                    counts[w] += 1
+            for w, n in enumerate(counts):
+                per_worker.add_metric([str(w)], n)
+            yield per_worker
         pauses = CounterMetricFamily("aggregator_consumer_pauses",
                                      "Times the source partitions were paused for backpressure")
         pauses.add_metric([], status.get("pauses", 0))
