@@ -52,6 +52,12 @@ def wanted_segment_name(prefix: str) -> str:
     return f"{prefix}-tasks"
 
 
+def owners_topic_of(cfg: Config) -> str:
+    """The topic where instances publish the tasks they serve (ownership.py): the tasks
+    topic's name + ".owners"."""
+    return f"{cfg.tasks_topic()}.owners"
+
+
 class ClusterError(RuntimeError):
     """Cluster mode cannot start (internal topics unusable)."""
 
@@ -68,11 +74,13 @@ def ensure_topics(cfg: Config) -> None:
                                       "min.compaction.lag.ms": "3600000"}}
     try:
         meta = admin.list_topics(timeout=30)
-        for topic, conf in wanted.items():
+        owners = owners_topic_of(cfg)
+        for topic, conf in [*wanted.items(), (owners, {"cleanup.policy": "compact"})]:
             if topic not in meta.topics:
-                create_topics(admin, [topic], tasks, config=conf,
+                n = 1 if topic == owners else tasks
+                create_topics(admin, [topic], n, config=conf,
                               replication_factor=cfg.cluster.replication_factor)
-                log.info("created topic %s (%d partitions, %s)", topic, tasks,
+                log.info("created topic %s (%d partitions, %s)", topic, n,
                          conf["cleanup.policy"])
         meta = admin.list_topics(timeout=30)
     except (KafkaException, BrokerError) as e:

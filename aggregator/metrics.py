@@ -414,6 +414,13 @@ class ServiceCollector(Collector):
             for w, n in enumerate(counts):
                 per_worker.add_metric([str(w)], n)
             yield per_worker
+            if "unowned" in status:
+                unowned = GaugeMetricFamily("aggregator_tasks_unowned",
+                                            "Tasks of the group that no live instance serves "
+                                            "(owns and has restored), as last seen through "
+                                            "the owners topic (cluster mode)")
+                unowned.add_metric([], len(status["unowned"]))
+                yield unowned
         pauses = CounterMetricFamily("aggregator_consumer_pauses",
                                      "Times the source partitions were paused for backpressure")
         pauses.add_metric([], status.get("pauses", 0))

@@ -179,6 +179,8 @@ def create_app(config: Config) -> Starlette:
         body = {"ready": ready, "reasons": reasons, "max_lag": max_lag}
         if status is not None:
             body["status_age_s"] = round(time.time() - float(status.get("time") or 0), 3)
+            if "unowned" in status:  # cluster mode, informational: not a readiness reason
+                body["tasks_unowned"] = status["unowned"]
         return JSON(body, status_code=200 if ready else 503)
 
     async def metrics(request: Request) -> Response:

@@ -40,6 +40,7 @@ from .cluster import (
     ClusterError,
     Ingest,
     ensure_topics,
+    owners_topic_of,
     wanted_segment_name,
 )
 from .config import Config
@@ -48,6 +49,7 @@ from .deadletter import DeadLetters
 from .envelope import routing_key
 from .faults import fault_flag, fault_point
 from .metrics import create_commit_histogram, partition_label, remove_status, write_status
+from .ownership import Ownership
 from .placement import Placement
 from .ring import Ring, SharedCounters, cleanup_stale, segment_prefix
 from .routing import slot_of
@@ -133,6 +135,8 @@ class Supervisor:
             # (task, worker) -> drop request id not yet handled
             self.dropping: dict[tuple[int, int], int] = {}
             self.placement = Placement(self.n)  # task -> local worker (placement.py)
+            self.ownership: Ownership | None = None
+            self.unowned: list[int] = []  # the group's tasks no live instance serves
         self.tindex = {t: i for i, t in enumerate(self.topics)}
         self.workers = [WorkerHandle(i) for i in range(self.n)]
         self.stop_requested = False
@@ -394,6 +398,8 @@ class Supervisor:
             conf = {**conf, "group.id": f"{self.cfg.kafka.group_id}.tasks"}
             self.ingest = Ingest(self.cfg, self.dlq)
             self.events_in = self.ingest.events_in
+            self.ownership = Ownership(conf, self.cfg.kafka.producer_conf(),
+                                       owners_topic_of(self.cfg), self.tasks)
             topics = [self.cfg.tasks_topic()]
         else:
             topics = self.topics
@@ -424,6 +430,7 @@ class Supervisor:
             if now >= next_progress:
                 if self.cluster:
                     self._balance_workers()
+                    self.unowned = self.ownership.tick(self.owned)
                 self._refresh_stats()
                 self._write_status(ready=True)
                 if self.on_progress:
@@ -828,6 +835,9 @@ class Supervisor:
         if self.ingest is not None:  # hand the source partitions over first
             self.ingest.close()
             self.ingest = None
+        if self.cluster and self.ownership is not None:
+            self.ownership.close(clean=True)
+            self.ownership = None
         self._set_paused(True)
         self._drain(deadline)
         while not self._links_quiet() and time.monotonic() < deadline:
@@ -879,6 +889,7 @@ class Supervisor:
         if self.cluster:
             status["tasks"] = sorted(self.owned)
             status["placement"] = self.placement.snapshot()
+            status["unowned"] = self.unowned
             status["restoring"] = sorted(self.restoring)
             status["ready"] = ready and not self.restoring and not self.pending_assign
         try:
@@ -898,6 +909,11 @@ class Supervisor:
         if self.ingest is not None:
             try:
                 self.ingest.close()
+            except Exception:  # noqa: BLE001 - stopping anyway
+                pass
+        if getattr(self, "ownership", None) is not None:
+            try:
+                self.ownership.close(clean=False)
             except Exception:  # noqa: BLE001 - stopping anyway
                 pass
         for h in self.workers:
