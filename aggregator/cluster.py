@@ -13,8 +13,9 @@ several topics anyway. So every instance runs two stages:
    (`send_offsets_to_transaction`).
 2. **Processing** (supervisor.py and worker.py): consumes the tasks topic in the group
    `<kafka.group_id>.tasks`; a task is one of its partitions and owns the slots
-   `slot % tasks == task`, hence every key of them; worker `task % service.workers` of the
-   instance applies it. A view update for a key of another task is *forwarded* through the
+   `slot % tasks == task`, hence every key of them; one worker of the instance applies it,
+   the one the supervisor placed it on (placement.py: balanced by count over what the
+   instance owns). A view update for a key of another task is *forwarded* through the
    tasks topic (partition = that task), and applied there exactly once (deduplicated by event
    identity and feed). A task's state follows it from instance to instance through its
    changelog (changelog.py).
@@ -52,6 +53,12 @@ def wanted_segment_name(prefix: str) -> str:
     return f"{prefix}-tasks"
 
 
+def owners_topic_of(cfg: Config) -> str:
+    """The topic where instances publish the tasks they serve (ownership.py): the tasks
+    topic's name + ".owners"."""
+    return f"{cfg.tasks_topic()}.owners"
+
+
 class ClusterError(RuntimeError):
     """Cluster mode cannot start (internal topics unusable)."""
 
@@ -68,11 +75,13 @@ def ensure_topics(cfg: Config) -> None:
                                       "min.compaction.lag.ms": "3600000"}}
     try:
         meta = admin.list_topics(timeout=cfg.kafka.startup_timeout_s)
-        for topic, conf in wanted.items():
+        owners = owners_topic_of(cfg)
+        for topic, conf in [*wanted.items(), (owners, {"cleanup.policy": "compact"})]:
             if topic not in meta.topics:
-                create_topics(admin, [topic], tasks, config=conf,
+                n = 1 if topic == owners else tasks
+                create_topics(admin, [topic], n, config=conf,
                               replication_factor=cfg.cluster.replication_factor)
-                log.info("created topic %s (%d partitions, %s)", topic, tasks,
+                log.info("created topic %s (%d partitions, %s)", topic, n,
                          conf["cleanup.policy"])
         meta = admin.list_topics(timeout=30)
     except (KafkaException, BrokerError) as e:

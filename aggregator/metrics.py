@@ -404,6 +404,23 @@ class ServiceCollector(Collector):
                                           "(cluster mode)")
             restoring.add_metric([], len(status.get("restoring") or ()))
             yield restoring
+            per_worker = GaugeMetricFamily("aggregator_worker_tasks",
+                                           "Tasks placed on each worker, owned or being "
+                                           "restored (cluster mode)", labels=["worker"])
+            counts = [0] * int(status.get("workers") or 0)
+            for w in (status.get("placement") or {}).values():
+                if 0 <= w < len(counts):
+                    counts[w] += 1
+            for w, n in enumerate(counts):
+                per_worker.add_metric([str(w)], n)
+            yield per_worker
+            if "unowned" in status:
+                unowned = GaugeMetricFamily("aggregator_tasks_unowned",
+                                            "Tasks of the group that no live instance serves "
+                                            "(owns and has restored), as last seen through "
+                                            "the owners topic (cluster mode)")
+                unowned.add_metric([], len(status["unowned"]))
+                yield unowned
         pauses = CounterMetricFamily("aggregator_consumer_pauses",
                                      "Times the source partitions were paused for backpressure")
         pauses.add_metric([], status.get("pauses", 0))

@@ -188,31 +188,37 @@ class ShardReader:
 
 
 class OwnedTasks:
-    """Cluster mode: which slots this instance serves, from the status file's ``tasks``
-    (the tasks it owns and has restored; re-read at most every 0.5 s). A key of another
-    task is not served here: its state may be stale or gone."""
+    """Cluster mode: which slots this instance serves and from which shard, from the status
+    file's ``tasks`` (the tasks it owns and has restored) and ``placement`` (task -> the
+    worker running it, placement.py); re-read at most every 0.5 s. A key of another task is
+    not served here: its state may be stale or gone."""
 
-    def __init__(self, data_dir: str | os.PathLike, tasks: int):
-        self.data_dir, self.tasks = data_dir, tasks
-        self._owned: frozenset[int] = frozenset()
+    def __init__(self, data_dir: str | os.PathLike, tasks: int, workers: int):
+        self.data_dir, self.tasks, self.workers = data_dir, tasks, workers
+        self._shard: dict[int, int] = {}
         self._read_at = 0.0
 
-    def __call__(self, slot: int) -> bool:
+    def __call__(self, slot: int) -> int | None:
+        """The shard serving the slot's keys, or None."""
         now = time.monotonic()
         if now - self._read_at > 0.5:
             status = read_status(self.data_dir) or {}
-            self._owned = frozenset(status.get("tasks") or ())
+            placement = status.get("placement") or {}
+            self._shard = {t: placement.get(str(t), t % self.workers)
+                           for t in status.get("tasks") or ()}
             self._read_at = now
-        return slot % self.tasks in self._owned
+        return self._shard.get(slot % self.tasks)
 
 
 class Views:
     """Read-only queries over all shards of a data directory."""
 
     def __init__(self, data_dir: str | os.PathLike, workers: int,
-                 views: list[str] | None = None, serves: Callable[[int], bool] | None = None):
+                 views: list[str] | None = None,
+                 serves: Callable[[int], int | None] | None = None):
         """``views``: the configured view names (None: whatever the shards hold);
-        ``serves(slot)``: whether keys of a slot are served (None: all)."""
+        ``serves(slot)``: the shard that serves keys of a slot, None if none does (None:
+        every slot, from its worker's shard, `routing.worker_of`)."""
         self.data_dir = Path(data_dir)
         self.serves = serves
         self.workers = workers
@@ -223,7 +229,8 @@ class Views:
     def from_config(cls, config) -> Views:
         serves = None
         if config.cluster.enabled:
-            serves = OwnedTasks(config.service.data_dir, config.cluster.tasks)
+            serves = OwnedTasks(config.service.data_dir, config.cluster.tasks,
+                                config.service.workers)
         return cls(config.service.data_dir, config.service.workers, list(config.views), serves)
 
     def check_layout(self) -> None:
@@ -267,9 +274,10 @@ class Views:
         if not raw_key or len(raw_key) > MAX_KEY_BYTES:
             return None
         slot = slot_of(raw_key)
-        if self.serves is not None and not self.serves(slot):
+        index = worker_of(slot, self.workers) if self.serves is None else self.serves(slot)
+        if index is None:
             return None
-        shard = self.shards[worker_of(slot, self.workers)]
+        shard = self.shards[index]
         vid = shard.view_id(view)
         if vid is None:
             return None
@@ -328,7 +336,9 @@ class Views:
             db = dbs["views"]
             if db is None:
                 return []
-            return list(_scan_view(txn.cursor(db=db), vid, after, limit, self.serves))
+            serves = None if self.serves is None else (
+                lambda slot: self.serves(slot) == index)  # noqa: B023 - used at once
+            return list(_scan_view(txn.cursor(db=db), vid, after, limit, serves))
 
         return shard.read(("views",), fn) or []
 

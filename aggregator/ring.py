@@ -174,8 +174,9 @@ def segment_prefix(data_dir: str) -> str:
     return "agg-" + xxhash.xxh3_64_hexdigest(os.fsencode(path))[:12]
 
 
-def cleanup_stale(prefix: str) -> list[str]:
-    """Unlink every ``/dev/shm/<prefix>*`` segment; return the names removed.
+def cleanup_stale(prefix: str, keep: tuple[str, ...] = ()) -> list[str]:
+    """Unlink every ``/dev/shm/<prefix>*`` segment but the names in ``keep``;
+    return the names removed.
 
     Only call this when nothing live uses the prefix (the supervisor holds the
     data dir's exclusive lock).  Processes that still have a segment mapped
@@ -189,7 +190,8 @@ def cleanup_stale(prefix: str) -> list[str]:
     except FileNotFoundError:
         return removed
     for entry in names:
-        if entry.startswith(prefix) and _unlink_quiet(os.path.join(SHM_DIR, entry)):
+        if (entry.startswith(prefix) and entry not in keep
+                and _unlink_quiet(os.path.join(SHM_DIR, entry))):
             removed.append(entry)
     removed.sort()
     return removed

@@ -189,6 +189,8 @@ def create_app(config: Config) -> Starlette:
         ready, reasons = readiness(status, max_lag, blocked=storage_blocked(config))
         age = None if status is None else round(time.time() - float(status.get("time") or 0), 3)
         body = {"ready": ready, "reasons": reasons, "max_lag": max_lag, "status_age_s": age}
+        if status is not None and "unowned" in status:  # cluster mode: informational
+            body["tasks_unowned"] = status["unowned"]
         return JSON(body, status_code=200 if ready else 503)
 
     async def metrics(request: Request) -> Response:

@@ -42,18 +42,22 @@ from .cluster import (
     ClusterError,
     Ingest,
     ensure_topics,
+    owners_topic_of,
     wanted_segment_name,
 )
 from .config import Config
 from .control import ControlBlock, Slot
 from .deadletter import DeadLetters
 from .envelope import routing_key
-from .faults import fault_point
+from .faults import fault_flag, fault_point
 from .kafka_clients import KafkaSettingsError, check_client_settings, quiet
 from .metrics import create_commit_histogram, partition_label, remove_status, write_status
+from .ownership import Ownership
+from .placement import Placement
 from .ring import Ring, SharedCounters, cleanup_stale, segment_prefix
 from .routing import slot_of
 from .runtime import tune_gc
+from .segments import OWNER_SUFFIX, SegmentOwner, SegmentOwnerError, sweep_orphans
 from .server import ServerStartError, start_server_process
 from .store import Shard, shard_path
 from .worker import (
@@ -132,10 +136,16 @@ class Supervisor:
             self.TT = len(self.topics)
             self.topics = self.topics + [config.tasks_topic()]
             self.restoring: dict[int, tuple[int, float]] = {}  # task -> (request id, since)
-            self.requests = [0] * self.n  # last restore/drop request id sent, per worker
+            # restore/drop request ids: one sequence for all workers, so that a task's
+            # "wanted" word names one request of one worker
+            self.last_request = 0
             self.owned: set[int] = set()
             self.pending_assign: set[int] = set()  # assigned, waiting for their restore
-            self.dropping: dict[int, int] = {}  # task -> drop request id not yet handled
+            # (task, worker) -> drop request id not yet handled
+            self.dropping: dict[tuple[int, int], int] = {}
+            self.placement = Placement(self.n)  # task -> local worker (placement.py)
+            self.ownership: Ownership | None = None
+            self.unowned: list[int] = []  # the group's tasks no live instance serves
         self.tindex = {t: i for i, t in enumerate(self.topics)}
         # per topic index: the source reads structured = "detect" (envelope.routing_key)
         detect = {s.topic for s in config.sources.values() if s.structured == "detect"}
@@ -149,7 +159,8 @@ class Supervisor:
         self.next_offset: dict[tuple[int, int], int] = {}
         self.stats = Stats()
         self.checkpoint = Checkpoint(
-            self.n, (lambda tp: tp[1] % self.n) if self.cluster else None)
+            self.n, (lambda tp: self.placement.worker_of.get(tp[1], 0)) if self.cluster
+            else None)
         self._lock_fd: int | None = None
         self._rings: list[Ring] = []
         self.http = None
@@ -250,9 +261,19 @@ class Supervisor:
                  core.IMPLEMENTATION, self.n, self.data_dir)
 
     def _create_segments(self) -> None:
-        removed = cleanup_stale(self.prefix)
+        """Take the prefix's owner file (segments.py), remove what a previous run on this
+        data dir left, and what any instance on this machine that died left, then create."""
+        try:
+            self.segment_owner = SegmentOwner.acquire(self.prefix, str(self.data_dir))
+        except SegmentOwnerError as e:
+            raise FatalError(str(e)) from None
+        removed = cleanup_stale(self.prefix, keep=(self.prefix + OWNER_SUFFIX,))
         if removed:
             log.warning("removed %d shared-memory segments left by a previous run", len(removed))
+        for prefix, rec in sweep_orphans(keep=self.prefix).items():
+            log.warning("removed %d shared-memory segments (%s*) of a dead instance (pid %s, "
+                        "data_dir %s)", len(rec["removed"]), prefix, rec.get("pid"),
+                        rec.get("data_dir"))
         names = ring_names(self.prefix, self.n)
         self.ctl = ControlBlock.create(names["control"], self.n)
         self.hist = create_commit_histogram(self.prefix, self.n)
@@ -320,18 +341,18 @@ class Supervisor:
         durable = self._shard_offsets(h.index)
         self.checkpoint.reset_worker(h.index, durable)
         if self.cluster:  # only its own tasks; they are restored again (catch-up)
-            mine = {tp for tp in self.assigned if tp[1] % self.n == h.index}
+            placed = set(self.placement.tasks_of(h.index))
+            mine = {tp for tp in self.assigned if tp[1] in placed}
             self._rewind(durable, mine)
         else:
             self._rewind(durable)
         time.sleep(min(0.1 * 2 ** max(h.failures, h.crashes), 5.0))
         self._spawn(h)
         if self.cluster:  # the rings were reset: send again what the dead worker missed
-            drops = sorted(t for t in self.dropping if t % self.n == h.index)
+            drops = sorted(t for t, w in self.dropping if w == h.index)
             if drops:
-                self.dropping.update(self._send_control(MSG_DROP, drops))
-            tasks = sorted({p for _, p in mine} | {t for t in self.pending_assign
-                                                   if t % self.n == h.index})
+                self._drop_on(h.index, drops)
+            tasks = sorted({p for _, p in mine} | (self.pending_assign & placed))
             for t in tasks:
                 self.restoring.pop(t, None)
             if tasks:
@@ -485,6 +506,8 @@ class Supervisor:
         if self.cluster:
             self.ingest = Ingest(self.cfg, self.dlq)
             self.events_in = self.ingest.events_in
+            owners_conf, _ = quiet(self.cfg.kafka.producer_conf(), "ownership producer")
+            self.ownership = Ownership(conf, owners_conf, owners_topic_of(self.cfg), self.tasks)
             topics = [self.cfg.tasks_topic()]
         else:
             topics = self.topics
@@ -514,6 +537,9 @@ class Supervisor:
                 self._commit(asynchronous=True)
                 next_commit = now + commit_every
             if now >= next_progress:
+                if self.cluster:
+                    self._balance_workers()
+                    self.unowned = self.ownership.tick(self.owned)
                 self._refresh_stats()
                 self._write_status(ready=True)
                 if self.on_progress:
@@ -579,6 +605,7 @@ class Supervisor:
         worker._apply_tasks for the record layout). Each worker gets the through-offsets of
         its own tasks only (it alone acknowledges them: Checkpoint's owner)."""
         n, TT = self.n, self.TT
+        wof = self.placement.worker_of
         per: list[list] = [[] for _ in range(n)]
         through: dict[tuple[int, int], int] = {}
         unpackb = msgpack.unpackb
@@ -589,6 +616,9 @@ class Supervisor:
                     self._consumer_error(err)
                 continue
             task, off = m.partition(), m.offset()
+            w = wof.get(task)
+            if w is None:  # not ours (any more): not consumed from a revoked partition
+                continue
             through[(TT, task)] = off
             headers = m.headers()
             name, hv = headers[-1] if headers else ("", b"")
@@ -602,18 +632,18 @@ class Supervisor:
                 log.error("tasks topic %s[%d]@%d: a record without our headers (ignored)",
                           self.topics[TT], task, off)
                 continue
-            per[task % n].append(rec)
+            per[w].append(rec)
         if not through:
             return
         self.stats.consumed += len(msgs)
         for tp, off in through.items():
             self.next_offset[tp] = off + 1
         for h in self.workers:
-            thr = [[ti, p, o] for (ti, p), o in through.items() if p % n == h.index]
-            if not thr:
+            mine = {tp: o for tp, o in through.items() if wof[tp[1]] == h.index}
+            if not mine:
                 continue
+            thr = [[ti, p, o] for (ti, p), o in mine.items()]
             ring = self.inbound[h.index]
-            mine = {tp: o for tp, o in through.items() if tp[1] % n == h.index}
             for bid, msg, last in self._encode(h, per[h.index], thr):
                 self.checkpoint.dispatched(h.index, bid, mine if last else None)
                 if h.pending or not ring.try_put(msg):
@@ -621,16 +651,14 @@ class Supervisor:
         if any(h.pending for h in self.workers):
             self._set_paused(True)
 
-    def _send_control(self, kind: int, tasks: list[int]) -> dict[int, int]:
-        """Send restore or drop requests for `tasks` to their workers, in ring order with
+    def _send_control(self, kind: int, by_worker: dict[int, list[int]]) -> dict[int, int]:
+        """Send restore or drop requests for tasks to the given workers, in ring order with
         their records. Returns task -> request id."""
-        by_worker: dict[int, list[int]] = {}
-        for t in sorted(tasks):
-            by_worker.setdefault(t % self.n, []).append(t)
         out = {}
-        for w, ts in by_worker.items():
-            self.requests[w] += 1
-            rid = self.requests[w]
+        for w, ts in sorted(by_worker.items()):
+            self.last_request += 1
+            rid = self.last_request
+            ts = sorted(ts)
             h = self.workers[w]
             msg = self._packer.pack([kind, rid, ts])
             if h.pending or not self.inbound[w].try_put(msg):
@@ -643,46 +671,57 @@ class Supervisor:
         """Have the owning workers restore `tasks` from the changelog (readiness is false
         until they are done; `_check_restores` resumes them)."""
         now = time.monotonic()
-        for t, rid in self._send_control(MSG_RESTORE, tasks).items():
+        by_worker: dict[int, list[int]] = {}
+        for t in tasks:
+            by_worker.setdefault(self.placement.worker_of[t], []).append(t)
+        for t, rid in self._send_control(MSG_RESTORE, by_worker).items():
             self.restoring[t] = (rid, now)
             self.wanted.set(t, rid)
-        log.info("restoring %d tasks: %s", len(tasks), sorted(tasks))
+        log.info("restoring %d tasks: %s", len(tasks),
+                 ", ".join(f"{t} on worker {self.placement.worker_of[t]}" for t in sorted(tasks)))
+
+    def _drop_on(self, worker: int, tasks: list[int]) -> None:
+        """Have `worker` delete its local state of `tasks` (after a revoke or a move, or a
+        cache of a task placed on another worker)."""
+        for t, rid in self._send_control(MSG_DROP, {worker: tasks}).items():
+            self.dropping[(t, worker)] = rid
 
     def _check_restores(self) -> None:
-        for t, rid in list(self.dropping.items()):
-            if self.ctl.get(t % self.n, Slot.RESTORE_DONE) >= rid:
-                del self.dropping[t]
+        for (t, w), rid in list(self.dropping.items()):
+            if self.ctl.get(w, Slot.RESTORE_DONE) >= rid:
+                del self.dropping[(t, w)]
         if not self.restoring:
             return
+        wof = self.placement.worker_of
         done = [t for t, (rid, _) in self.restoring.items()
-                if self.ctl.get(t % self.n, Slot.RESTORE_DONE) >= rid]
+                if self.ctl.get(wof[t], Slot.RESTORE_DONE) >= rid]
         if not done:
             limit = self.cfg.cluster.restore_timeout_ms / 1000 + 60
             for t, (_, since) in self.restoring.items():
                 if time.monotonic() - since > limit:
                     raise FatalError(f"task {t} was not restored within {limit:.0f} s")
             return
-        durable = {w: self._shard_offsets(w) for w in {t % self.n for t in done}}
+        durable = {w: self._shard_offsets(w) for w in {wof[t] for t in done}}
         for t in done:
             _, since = self.restoring.pop(t)
             tp = (self.TT, t)
             if tp not in self.assigned and t not in self.pending_assign:
                 continue  # revoked meanwhile
             self.pending_assign.discard(t)
-            off = durable[t % self.n].get(tp)
+            off = durable[wof[t]].get(tp)
             start = 0 if off is None else off + 1
             part = TopicPartition(self.topics[self.TT], t, start)
-            if start > self.next_offset.get(tp, 0):
+            if start > self.next_offset.get(tp, 0):  # after a local move: always (-1)
                 self.consumer.seek(part)
                 self.next_offset[tp] = start
-            self.checkpoint.assign(tp, start, [off if w == t % self.n else None
+            self.checkpoint.assign(tp, start, [off if w == wof[t] else None
                                                for w in range(self.n)])
             self.assigned.add(tp)
             self.owned.add(t)
             if not self.paused:
                 self.consumer.resume([part])
-            log.info("task %d restored in %.2f s: consuming %s[%d] from %d", t,
-                     time.monotonic() - since, self.topics[self.TT], t, start)
+            log.info("task %d restored on worker %d in %.2f s: consuming %s[%d] from %d", t,
+                     wof[t], time.monotonic() - since, self.topics[self.TT], t, start)
 
     def _encode(self, h: WorkerHandle, records: list, thr: list):
         """(batch id, message, is last) for one worker's records of a round: one message,
@@ -764,21 +803,41 @@ class Supervisor:
             consumer.pause(partitions)
 
     def _on_assign_tasks(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        """Cluster mode: tasks gained. Each starts paused at what its worker's shard has
-        (a lower bound), restores from the changelog, then resumes at its restored offset
-        (`_check_restores`)."""
+        """Cluster mode: tasks gained. Each is placed on a local worker (placement.py:
+        balanced by count, preferring the worker whose shard has its state; other workers'
+        copies are dropped), starts paused at what that shard has (a lower bound), restores
+        from the changelog, then resumes at its restored offset (`_check_restores`)."""
         durable = {w: self._shard_offsets(w) for w in range(self.n)}
+        cached: dict[int, int] = {}
+        for tp in partitions:
+            offs = {w: d[(self.TT, tp.partition)] for w, d in durable.items()
+                    if (self.TT, tp.partition) in d}
+            if offs:
+                cached[tp.partition] = max(offs, key=lambda w: (offs[w], -w))
+        placed = self.placement.place([tp.partition for tp in partitions], cached)
+        if fault_flag("placement-one-worker"):  # tests: skewed, for _balance_workers to fix
+            for t in placed:
+                self.placement.move(t, 0)
+                placed[t] = 0
+        stale: dict[int, list[int]] = {}
         tasks = []
         for tp in partitions:
             key = (self.TT, tp.partition)
-            off = durable[tp.partition % self.n].get(key)
+            for w in range(self.n):
+                if w != placed[tp.partition] and key in durable[w]:
+                    stale.setdefault(w, []).append(tp.partition)
+            off = durable[placed[tp.partition]].get(key)
             tp.offset = OFFSET_BEGINNING if off is None else off + 1
             self.next_offset[key] = 0 if off is None else off + 1
             self.pending_assign.add(tp.partition)
             tasks.append(tp.partition)
-        log.info("assigned tasks %s", sorted(tasks))
+        log.info("assigned tasks %s; tasks per worker now %s", sorted(tasks),
+                 self.placement.counts())
         consumer.incremental_assign(partitions)
         consumer.pause(partitions)
+        for w, ts in sorted(stale.items()):
+            log.info("worker %d drops its copies of tasks %s (placed on other workers)", w, ts)
+            self._drop_on(w, ts)
         self._restore(tasks)
 
     def _release_tasks(self, keys: set, why: str) -> None:
@@ -789,8 +848,46 @@ class Supervisor:
         for t in tasks:
             self.restoring.pop(t, None)
             self.wanted.set(t, 0)  # before anything else: the workers stop acting on it
-        self.dropping.update(self._send_control(MSG_DROP, tasks))
-        log.info("%s tasks %s: dropping their local state", why, sorted(tasks))
+        by_worker: dict[int, list[int]] = {}
+        for t, w in self.placement.remove(tasks).items():
+            by_worker.setdefault(w, []).append(t)
+        for w, ts in sorted(by_worker.items()):
+            self._drop_on(w, ts)
+        log.info("%s tasks %s: dropping their local state; tasks per worker now %s", why,
+                 sorted(tasks), self.placement.counts())
+
+    def _balance_workers(self) -> None:
+        """Cluster mode: move tasks between local workers until their counts differ by at
+        most one (placement.py), once no restore is under way. A move: the task's partition
+        is paused, every worker drains and commits (the old worker's last batch of the task
+        is in the changelog), the task's offsets are committed, the old worker stops acting
+        on it ("wanted" = 0) and drops it, the new one restores it from the changelog and
+        claims it. One task is on one worker at a time: its keys keep their order."""
+        if self.restoring or self.pending_assign or self.stop_requested:
+            return
+        moves = self.placement.moves()
+        if not moves:
+            return
+        tasks = [t for t, _, _ in moves]
+        keys = {(self.TT, t) for t in tasks}
+        topic = self.topics[self.TT]
+        self.consumer.pause([TopicPartition(topic, t) for t in tasks])
+        self._drain(deadline=time.monotonic() + self.svc.shutdown_timeout_ms / 1000)
+        self._commit(asynchronous=False, only=keys & self.assigned)
+        self.assigned -= keys
+        self.owned.difference_update(tasks)
+        by_worker: dict[int, list[int]] = {}
+        for t, old, new in moves:
+            self.wanted.set(t, 0)  # the old worker stops acting on it
+            by_worker.setdefault(old, []).append(t)
+            self.placement.move(t, new)
+            self.pending_assign.add(t)
+            self.next_offset[(self.TT, t)] = -1  # seek to the restored offset
+        for w, ts in sorted(by_worker.items()):
+            self._drop_on(w, ts)
+        log.info("moving tasks between local workers: %s; tasks per worker now %s",
+                 ", ".join(f"{t} {a}->{b}" for t, a, b in moves), self.placement.counts())
+        self._restore(tasks)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         keys = {(self.tindex[tp.topic], tp.partition) for tp in partitions}
@@ -854,6 +951,9 @@ class Supervisor:
         if self.ingest is not None:  # hand the source partitions over first
             self.ingest.close()
             self.ingest = None
+        if self.cluster and self.ownership is not None:
+            self.ownership.close(clean=True)
+            self.ownership = None
         self._set_paused(True)
         self._drain(deadline)
         while not self._links_quiet() and time.monotonic() < deadline:
@@ -904,6 +1004,8 @@ class Supervisor:
             "pauses": self.stats.pauses}
         if self.cluster:
             status["tasks"] = sorted(self.owned)
+            status["placement"] = self.placement.snapshot()
+            status["unowned"] = self.unowned
             status["restoring"] = sorted(self.restoring)
             status["ready"] = ready and not self.restoring and not self.pending_assign
         try:
@@ -924,6 +1026,11 @@ class Supervisor:
         if self.ingest is not None:
             try:
                 self.ingest.close()
+            except Exception:  # noqa: BLE001 - stopping anyway
+                pass
+        if getattr(self, "ownership", None) is not None:
+            try:
+                self.ownership.close(clean=False)
             except Exception:  # noqa: BLE001 - stopping anyway
                 pass
         for h in self.workers:
@@ -959,6 +1066,9 @@ class Supervisor:
             r.close()
             r.unlink()
         self._rings = []
+        if getattr(self, "segment_owner", None) is not None:
+            self.segment_owner.release()  # after the last segment is gone
+            self.segment_owner = None
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None

@@ -1,8 +1,8 @@
 """The cluster-mode worker: it applies the tasks it owns and keeps the changelog.
 
 In cluster mode (README "Cluster mode") the supervisor feeds a worker the records of the
-tasks-topic partitions (tasks) it owns, `task % workers`. Per batch, on top of `Worker`'s
-dedup, sequence gate and merge:
+tasks-topic partitions (tasks) it placed on this worker (placement.py). Per batch, on top of
+`Worker`'s dedup, sequence gate and merge:
 
 - records and view updates forwarded from other tasks are applied in partition order, and
   only for the tasks the supervisor still wants this worker to act on (the shared "wanted"
@@ -13,7 +13,9 @@ dedup, sequence gate and merge:
   changelog.
 
 Ring control messages restore a task from the changelog and claim it (MSG_RESTORE), or forget
-it (MSG_DROP).
+it (MSG_DROP): a task gained by the instance, or moved here from another local worker (which
+drained, committed and dropped it first), is restored; one revoked, lost or moved away is
+dropped.
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@ gains from their changelog.
 
     python -m bench.restore                    # 200k events, 8 tasks, 2 workers
     python -m bench.restore --events 20000     # quick (CI runs this through `bench --quick`)
+    python -m bench.restore --compare          # also: apply rates, 1x1 vs 2x2, normal mode
+    python -m bench.restore --scale-only       # only the 1x1 vs 2x2 apply rates
 
 1. An instance (cluster mode) applies the seeded 7-source workload and stops cleanly.
 2. A new instance with an empty data directory joins the group: it gains every task and
@@ -18,6 +20,14 @@ entries (keys: documents, dedup ids, sequences, parked events, offsets) the shar
 afterwards and entries/s; and the time from the instance's start until it owns
 every task and is restored (group join included). The restored views are checked against the
 oracle through the new instance's API. Writes bench/results/restore.{json,md}.
+
+`--compare` adds apply rates: one instance in cluster mode, one in normal mode, and the
+scale-out (`scale_rates`): 1 instance x 1 worker against 2 instances x 2 workers (issue 17:
+≥ 1.8x wanted), the instances started and owning every task before the workload is
+produced; the rate is the sum over instances of events applied, from the first applied event
+until the count stops moving; with each worker's tasks (status.json `placement`, or `task %
+workers` for a version without it) and events applied, and the views checked against the
+oracle.
 """
 
 from __future__ import annotations
@@ -109,6 +119,83 @@ def apply_rate(run, inst, quiet: float = 3.0, timeout: float = 1800) -> dict:
             "events_per_s": round(last / secs) if secs else None}
 
 
+def worker_applied(inst) -> dict[int, int]:
+    """{worker: events applied} from the instance's /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    _, body = inst.api().get("/metrics")
+    return {int(s.labels["worker"]): int(s.value)
+            for fam in text_string_to_metric_families(body.decode())
+            for s in fam.samples if s.name == "aggregator_events_applied_total"}
+
+
+def worker_tasks(inst, workers: int) -> dict[int, list[int]]:
+    """{worker: its tasks} from the instance's status file."""
+    status = json.loads((inst.data_dir / "status.json").read_text())
+    placement = status.get("placement")
+    out: dict[int, list[int]] = {w: [] for w in range(workers)}
+    for t in status.get("tasks") or ():
+        out[int(placement[str(t)]) if placement else t % workers].append(t)
+    return out
+
+
+def scale_rates(broker, workdir: Path, workload, tasks: int,
+                shapes=((1, 1), (2, 2))) -> dict:
+    """Apply rate of `instances x workers` for each shape (see the module docstring)."""
+    from tests.cluster.harness import ClusterRun
+
+    out = {}
+    for n_inst, n_work in shapes:
+        name = f"{n_inst}x{n_work}"
+        run = ClusterRun(broker, workdir / name, workload, tasks=tasks, workers=n_work,
+                         name=name, with_bad=False)
+        try:
+            run.produce(0.0, 0.0)  # creates the topics: the instances subscribe to them
+            insts = [run.start_instance() for _ in range(n_inst)]
+            deadline = time.monotonic() + 300
+            while True:  # the group settled: every task owned and restored
+                m = run.all_metrics()
+                if (sum((x or {}).get("aggregator_tasks_owned", 0) for x in m.values()) == tasks
+                        and all(x and x.get("aggregator_tasks_owned", 0) > 0
+                                and not x.get("aggregator_tasks_restoring")
+                                for x in m.values())):
+                    break
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"{name}: the group did not settle: {m}")
+                time.sleep(0.25)
+            t_first = t_last = None
+            last = 0.0
+            run.produce()
+            t_produced = time.monotonic()
+            while True:
+                now = time.monotonic()
+                n = sum((x or {}).get("aggregator_events_applied_total", 0)
+                        for x in run.all_metrics().values())
+                if n > last:
+                    t_first = t_first or now
+                    last, t_last = n, now
+                elif t_last is not None and now - t_last >= 3.0:
+                    break
+                if t_first is None and now > t_produced + 120:
+                    raise SystemExit(f"{name}: nothing applied within 120 s")
+                time.sleep(0.1)
+            secs = t_last - t_first
+            per = {i.index: {"tasks": worker_tasks(i, n_work), "applied": worker_applied(i)}
+                   for i in insts}
+            if not run.converge(timeout=300):
+                raise SystemExit(f"{name}: the views are not the oracle's")
+            out[name] = {"instances": n_inst, "workers": n_work, "applied": int(last),
+                         "seconds": round(secs, 2), "events_per_s": round(last / secs),
+                         "per_instance": per}
+            print(name, out[name], flush=True)
+            run.stop_all()
+        finally:
+            run.close()
+    if "1x1" in out and "2x2" in out:
+        out["2x2 / 1x1"] = round(out["2x2"]["events_per_s"] / out["1x1"]["events_per_s"], 2)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.restore", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -119,7 +206,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="restore", help="bench/results/<out>.{json,md}")
     ap.add_argument("--compare", action="store_true",
                     help="also apply the workload with one instance in normal mode (no "
-                         "cluster) and report both apply rates")
+                         "cluster) and report both apply rates, and 1x1 vs 2x2 in cluster "
+                         "mode")
+    ap.add_argument("--scale-only", action="store_true",
+                    help="only the 1 instance x 1 worker vs 2 instances x 2 workers rates")
     args = ap.parse_args(argv)
 
     sys.path.insert(0, str(ROOT))
@@ -127,6 +217,16 @@ def main(argv: list[str] | None = None) -> int:
 
     workload = simulate.generate(args.seed, args.events)
     rows = []
+    if args.scale_only:
+        with EmbeddedBroker() as broker, \
+                tempfile.TemporaryDirectory(prefix="agg-scale-") as tmp:
+            scale = scale_rates(broker, Path(tmp), workload, args.tasks)
+        doc = {"events": args.events, "tasks": args.tasks, "scale": scale,
+               "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / f"{args.out}-scale.json").write_text(json.dumps(doc, indent=2) + "\n")
+        print(json.dumps(doc, indent=2))
+        return 0
     with EmbeddedBroker() as broker, tempfile.TemporaryDirectory(prefix="agg-restore-") as tmp:
         run = ClusterRun(broker, Path(tmp), workload, tasks=args.tasks, workers=args.workers,
                          name="restore", with_bad=False)
@@ -181,10 +281,12 @@ def main(argv: list[str] | None = None) -> int:
                 normal.stop_all()
             finally:
                 normal.close()
+            scale = scale_rates(broker, Path(tmp) / "scale", workload, args.tasks)
         print(rates, flush=True)
 
     doc = {"events": args.events, "tasks": args.tasks, "workers": args.workers,
            "build_s": round(build_s, 1), "rows": rows, "apply_rates": rates,
+           "scale": scale if args.compare else None,
            "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.out}.json").write_text(json.dumps(doc, indent=2) + "\n")
@@ -202,6 +304,17 @@ def main(argv: list[str] | None = None) -> int:
               "|---|---:|---:|---:|"]
     for mode, r in rates.items():
         lines.append(f"| {mode} | {r['applied']:,} | {r['seconds']} | {r['events_per_s']} |")
+    if args.compare:
+        lines += ["", "| cluster mode | events applied | seconds | events/s | tasks per worker |",
+                  "|---|---:|---:|---:|---|"]
+        for name, r in scale.items():
+            if isinstance(r, dict):
+                tpw = "; ".join(f"instance {i}: " + ", ".join(
+                    f"w{w} {len(ts)}" for w, ts in p["tasks"].items())
+                    for i, p in r["per_instance"].items())
+                lines.append(f"| {name} | {r['applied']:,} | {r['seconds']} | "
+                             f"{r['events_per_s']} | {tpw} |")
+        lines.append(f"\n2x2 / 1x1: {scale.get('2x2 / 1x1')}")
     (RESULTS / f"{args.out}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

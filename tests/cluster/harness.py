@@ -154,6 +154,17 @@ class Api:
                 out[sample.name] = out.get(sample.name, 0.0) + sample.value
         return out
 
+    def labeled(self, name: str) -> dict[tuple, float]:
+        """/metrics samples of one name: {label values (sorted by label name): value}."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        status, body = self.get("/metrics")
+        if status != 200:
+            raise OSError(f"GET /metrics: {status}")
+        return {tuple(v for _, v in sorted(s.labels.items())): s.value
+                for fam in text_string_to_metric_families(body.decode())
+                for s in fam.samples if s.name == name}
+
     def close(self) -> None:
         if self._conn is not None:
             self._conn.close()

@@ -81,8 +81,9 @@ def test_workers_killed_in_a_cluster(workload, cluster):
     killed = []
     for i in range(3):
         inst = insts[i % 2]
-        tasks = json.loads((inst.data_dir / "status.json").read_text())["tasks"]
-        worker = tasks[i % len(tasks)] % 2  # a worker that owns tasks (task % workers)
+        status = json.loads((inst.data_dir / "status.json").read_text())
+        task = status["tasks"][i % len(status["tasks"])]
+        worker = status["placement"][str(task)]  # a worker that owns tasks
         pid = live_counters(inst.svc.config)["workers"][worker]["pid"]
         os.kill(pid, signal.SIGKILL)
         killed.append((inst.index, worker))
@@ -123,7 +124,7 @@ def test_tasks_revoked_during_their_restore(workload, cluster):
             run._check_alive()
             time.sleep(0.1)
 
-    # a worker stalls in its first restore (one worker may hold all the tasks: task % 2)
+    # a worker stalls in its first restore
     wait_log(second, "restoring task ")
     third = run.start_instance()
     wait_log(second, "dropped task ")  # a task revoked during its restore, restore over
