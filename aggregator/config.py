@@ -647,10 +647,6 @@ class Config(BaseModel):
         p += [(("sources", n), f"source '{n}' feeds no view") for n in self.sources
               if n not in used]
         if self.cluster.enabled:
-            tasks, workers = self.cluster.tasks, self.service.workers
-            if tasks % workers:
-                p.append((("cluster", "tasks"), f"must be a multiple of service.workers "
-                          f"({workers}): each task belongs to one worker (got {tasks})"))
             for t in (self.tasks_topic(), self.changelog_topic()):
                 if t in owner or t == dlq or t in self.changes_topics().values():
                     p.append((("cluster",), f"{t!r} is also a source, dead-letter or change "
