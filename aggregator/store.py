@@ -19,6 +19,16 @@ changes        change seq (8)                         msgpack [view id, key, ver
 meta           name                                   msgpack value
 =============  =====================================  ====================================
 
+Format notes (additions that keep FORMAT_VERSION 1: older builds ignore them, and a shard
+written before them opens as it is):
+
+- meta ``totals``: msgpack {name: int} with the names of `TOTALS`, plus
+  ``since`` (unix ms when this shard started counting). The worker writes it in the
+  transaction of every batch that counted something, so it is exactly what the committed
+  batches did, through any crash. A shard without it starts from zero at its next batch
+  (``since`` then says when): the earlier counts cannot be derived from the shard (the
+  dedup index keeps only the dedup window, sequences only the last one).
+
 The shard is opened inside the worker process (never across a fork). Every batch is one write
 transaction; a MAP_FULL aborts the whole transaction (nothing partial is kept), grows the map up
 to the configured maximum and lets the caller retry the batch. A full, read-only or failing data
@@ -65,6 +75,12 @@ class ShardError(RuntimeError):
 
 
 WRITER_EPOCH = b"writer_epoch"  # meta key: the epoch of the shard's current writer
+TOTALS_KEY = "totals"  # meta key: the shard's exact per-batch totals (format note above)
+# What a worker counts per batch, in the order of control.Slot's counters: records received,
+# events applied (each once), dropped as duplicates / stale, sequence gaps skipped, records
+# dead-lettered, view updates forwarded to another shard.
+TOTALS = ("records", "applied", "duplicates", "stale", "gaps_skipped", "deadlettered",
+          "forwarded")
 
 
 class Fenced(RuntimeError):
@@ -119,6 +135,14 @@ def storage_message(code: int, path: str | os.PathLike) -> str:
     return f"{what}: {path} ({os.strerror(code)})"
 
 
+def normalize_totals(raw) -> dict[str, int]:
+    """A stored ``totals`` value (or None) with every name of TOTALS and ``since``."""
+    raw = raw if isinstance(raw, dict) else {}
+    out = {name: int(raw.get(name, 0)) for name in TOTALS}
+    out["since"] = int(raw.get("since", 0))
+    return out
+
+
 def shard_path(data_dir: str | os.PathLike, index: int) -> Path:
     return Path(data_dir) / f"shard-{index}"
 
@@ -170,6 +194,11 @@ class Shard:
         with self.env.begin(db=db) as txn:
             raw = txn.get(name.encode())
         return default if raw is None else _unpack(raw)
+
+    def totals(self) -> dict[str, int]:
+        """The shard's totals (meta ``totals``): every name of TOTALS (0 if never counted)
+        and ``since`` (unix ms when counting started; 0 if it has not yet)."""
+        return normalize_totals(self.get_meta(TOTALS_KEY))
 
     def put_meta(self, **values) -> None:
         with self.env.begin(write=True, db=self.db["meta"]) as txn:
@@ -480,6 +509,10 @@ class Batch:
 
     def put_meta(self, name: str, value) -> None:
         self.txn.put(name.encode(), _pack(value), db=self._db["meta"])
+
+    def put_totals(self, totals: dict[str, int]) -> None:
+        """Store the shard's totals (see the format notes) in this transaction."""
+        self.put_meta(TOTALS_KEY, totals)
 
     def commit(self) -> None:
         """Commit; raises lmdb.MapFullError (the caller aborts, grows and retries), or a

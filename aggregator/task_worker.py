@@ -175,7 +175,7 @@ class TaskWorker(Worker):
             flags = self._bloom_again([h]) if self.retrying else self.bloom.check_and_add(h)
             skey = slot_prefix(u[2]) + h
             if flags[0] and batch.seen(skey):
-                self.t_stats["dup"] += 1
+                self.t_stats["duplicates"] += 1
                 continue
             batch.mark_seen(skey, gen)
             fwd = Forwarded(u)

@@ -11,8 +11,9 @@ Per batch (one LMDB write transaction):
 5. merge into view documents owned by this shard, or write the update to the outbox of the
    shard that owns the view key (forwarded after commit, applied there exactly once by link
    sequence number);
-6. store through-offsets, link sequences and sequence state, then commit; acknowledge the
-   batch to the supervisor through the control block.
+6. store through-offsets, link sequences, sequence state and the shard's totals (what the
+   batch counted added to meta ``totals``: exact through any crash), then commit;
+   acknowledge the batch and publish the totals to the supervisor through the control block.
 
 A transaction that fails keeps nothing, and the same messages are applied again from step 1
 (nothing is acknowledged before the commit, so the supervisor's Kafka commit cannot pass it):
@@ -43,7 +44,7 @@ import msgpack
 from . import core
 from .changes import ChangeEncoder, ChangePublisher
 from .config import Config
-from .control import ControlBlock, Slot
+from .control import TOTAL_SLOTS, ControlBlock, Slot
 from .deadletter import DeadLetters
 from .envelope import EnvelopeError, parse
 from .faults import fault_flag, fault_point
@@ -54,6 +55,7 @@ from .ring import Ring, SharedCounters
 from .routing import SLOTS, gate_hash, identity_hash, slot_of, slot_prefix, worker_of
 from .runtime import set_parent_death_signal, tune_gc
 from .store import (
+    TOTALS,
     Batch,
     Fenced,
     Shard,
@@ -175,6 +177,7 @@ class Worker:
         if self.changes.enabled:
             self.publisher = ChangePublisher(cfg, self.changes, self.shard.changes_after,
                                              self.changes_pruned, self.change_seq)
+        self.totals = self.shard.totals()  # exact: stored with every batch (_finish)
         self.topics = list(self.plan.topics)
         self.owners = self.n  # who owns a view key: worker_of(slot, owners)
         self._boot_tasks()
@@ -224,6 +227,7 @@ class Worker:
         self.pruned = {j: 0 for j in self.peer_out}
         self.dlq = DeadLetters(cfg, self.topics)
         ctl.set(me, Slot.PID, os.getpid())
+        self._publish_totals()  # what a predecessor committed but did not publish, too
         ctl.set(me, Slot.PARKED, self.gate.parked_total)
         ctl.heartbeat(me)
         # the shard's writer epoch (it only grows); a worker that finds another value in its
@@ -480,8 +484,8 @@ class Worker:
         self.t_out: dict[int, list] = {}
         self.t_seqpart: dict[bytes, tuple[str, int]] = {}
         self.t_parked: dict[tuple[bytes, int], tuple] = {}
-        self.t_stats = dict.fromkeys(
-            ("records", "applied", "dup", "stale", "gaps", "dlq", "forwarded"), 0)
+        self.t_stats = dict.fromkeys(TOTALS, 0)
+        self.t_totals: dict[str, int] | None = None  # the shard's totals with this batch
         self.t_ack = -1
         self.t_docs: dict[bytes, dict] = {}
         self.t_log: dict[bytes, list] = {}
@@ -550,7 +554,7 @@ class Worker:
             return None
 
     def _dead_letter(self, rec, reason: str, message: str) -> None:
-        self.t_stats["dlq"] += 1
+        self.t_stats["deadlettered"] += 1
         key = (rec[0], rec[1], rec[2], reason, message)
         if key in self.dlq_delivered:
             return  # delivered by an attempt of this batch that was rolled back
@@ -570,7 +574,7 @@ class Worker:
         for i, (ev, rec) in enumerate(events):
             skey = slot_prefix(slots[i]) + hashes[i]
             if flags[i] and batch.seen(skey):
-                self.t_stats["dup"] += 1
+                self.t_stats["duplicates"] += 1
                 continue
             batch.mark_seen(skey, gen)
             kept.append((ev, rec))
@@ -674,7 +678,7 @@ class Worker:
         last = self.gate.last(g)
         seqs = self.gate.skip_gap(g)
         if seqs:
-            self.t_stats["gaps"] += 1
+            self.t_stats["gaps_skipped"] += 1
             log.warning("worker %d: sequence gap skipped for stream %s: last applied %d, "
                         "resuming at %d", self.index, g.hex(), last, seqs[0])
         for s in seqs:
@@ -858,6 +862,19 @@ class Worker:
             if self.bloom_dropped >= 0:
                 batch.prune_generations(self.bloom_dropped, limit=10_000_000)
             self.t_bloom_saved = True
+        self._count(batch)
+
+    def _count(self, batch: Batch) -> None:
+        """Add the batch's counts to the shard's totals in its own transaction: a batch is
+        counted exactly when it is committed, whatever is killed when (store.py, meta
+        ``totals``). Kept in `t_totals` until the commit (a rollback forgets them)."""
+        s = self.t_stats
+        if not any(s.values()):
+            return
+        totals = {name: self.totals[name] + s[name] for name in TOTALS}
+        totals["since"] = self.totals["since"] or int(time.time() * 1000)
+        batch.put_totals(totals)
+        self.t_totals = totals
 
     def _forward_messages(self, owner: int, last_seq: int, updates: list) -> list[bytes]:
         """The outbox messages (link seqs last_seq+1, ...) carrying `updates`: as many as
@@ -927,7 +944,7 @@ class Worker:
 
     def _post_commit(self) -> None:
         self._check_fence()  # a replacement booted during the commit: it takes over from here
-        ctl, me, s = self.ctl, self.index, self.t_stats
+        ctl, me = self.ctl, self.index
         if self.publisher is not None:
             if self.t_chg_out:
                 self.change_seq = self.t_chg_out[-1][0]
@@ -946,18 +963,22 @@ class Worker:
             self.link_out[owner] = out[-1][0]
             self.unsent[owner].extend(out)
             ctl.set_link_committed(me, owner, out[-1][0])
-        for name, slot in (("records", Slot.RECORDS), ("applied", Slot.APPLIED),
-                           ("dup", Slot.DUPLICATES), ("stale", Slot.STALE),
-                           ("gaps", Slot.GAPS_SKIPPED), ("dlq", Slot.DEADLETTERED),
-                           ("forwarded", Slot.FORWARDED)):
-            if s[name]:
-                ctl.add(me, slot, s[name])
+        if self.t_totals is not None:
+            self.totals = self.t_totals
+            self._publish_totals()
         ctl.add(me, Slot.COMMITS, 1)
         ctl.set(me, Slot.PARKED, self.gate.parked_total)
         if self.t_ack >= 0:
             ctl.set(me, Slot.ACK_BATCH, self.t_ack)
         self.gate.evict(self.cfg.gate.max_cached_keys)
         self._pump_outbox()
+
+    def _publish_totals(self) -> None:
+        """The shard's committed totals into the control block (set, not added: the block
+        mirrors the shard, so a batch a killed predecessor committed shows at the boot)."""
+        ctl, me = self.ctl, self.index
+        for name, slot in zip(TOTALS, TOTAL_SLOTS):
+            ctl.set(me, slot, self.totals[name])
 
     def _pump_outbox(self) -> None:
         """Send committed outbox messages to their shards, in link-sequence order."""
