@@ -963,6 +963,7 @@ class Worker:
             self.link_out[owner] = out[-1][0]
             self.unsent[owner].extend(out)
             ctl.set_link_committed(me, owner, out[-1][0])
+        fault_point("worker_after_publish")  # committed and published, not yet acknowledged
         if self.t_totals is not None:
             self.totals = self.t_totals
             self._publish_totals()
