@@ -26,7 +26,9 @@ whole from old shard `s % N` to new shard `s % M`. Per table:
   ``bloom_generation`` = G; ``writer_epoch`` above every old one; ``totals`` (store.py): the
   sum over the old shards, plus the pending forwarded updates dead-lettered here, goes to new
   shard 0 and the others start from zero (a total is not kept per slot), so the service's
-  sum stays exact; other names are copied from the first old shard that has them.
+  sum stays exact; ``shard_token`` and the dedup log's (store.py) are not carried (a new shard
+  has no saved bloom filter: its first boot rebuilds it from the dedup index); other names are
+  copied from the first old shard that has them.
 
 Crash safety (a SIGKILL anywhere leaves the old layout, or finishes the new one):
 
@@ -83,7 +85,7 @@ OLD = "reshard-old"
 _SLOT_TABLES = ("views", "seq", "parked")  # copied as they are, slot by slot
 _KNOWN_META = {"format", "shard", "workers", "slots", "views", "fingerprint",
                "bloom_generation", "change_seq", "changes_published", "link_out",
-               TOTALS_KEY}
+               TOTALS_KEY, "shard_token", "dedup_log_seq", "dedup_log_pruned"}
 _U64 = struct.Struct(">Q")
 _U16 = struct.Struct(">H")
 _I64 = struct.Struct(">q")
