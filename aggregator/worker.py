@@ -231,6 +231,7 @@ class Worker:
         self.unsent: dict[int, deque] = {j: deque() for j in self.peer_out}
         self.pruned = {j: 0 for j in self.peer_out}
         self.dlq = DeadLetters(cfg, self.topics)
+        self.dlq.warm_up()  # a replayed first batch may dead-letter: no connect then
         ctl.set(me, Slot.PID, os.getpid())
         self._publish_totals()  # what a predecessor committed but did not publish, too
         ctl.set(me, Slot.PARKED, self.gate.parked_total)
