@@ -259,8 +259,9 @@ def get(config_path, data_dir, workers, full, view, key):
 @read_options
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def stats(config_path, data_dir, workers, as_json):
-    """Per-shard LMDB statistics and, while the service runs, its live counters."""
+    """Per-shard LMDB statistics and totals and, while the service runs, its live counters."""
     from .metrics import live_counters
+    from .store import TOTALS
 
     cfg = _read_config(config_path, data_dir, workers)
     with _views(cfg) as views:
@@ -279,6 +280,11 @@ def stats(config_path, data_dir, workers, as_json):
         click.echo(f"shard {st['shard']}: file {_mib(st['file_bytes'])}, "
                    f"map {_mib(st.get('map_bytes', 0))}, used {_mib(st.get('used_bytes', 0))}; "
                    f"{entries}")
+        if "totals" in st:
+            click.echo(f"shard {st['shard']} totals: {_totals(st['totals'])}")
+    totals = [st["totals"] for st in shards if "totals" in st]
+    if totals:  # exact: stored with each batch (store.py, meta "totals")
+        click.echo("totals: " + _totals({k: sum(t[k] for t in totals) for k in TOTALS}))
     if live is None:
         click.echo("service: not running (no control block)")
         return
@@ -290,6 +296,18 @@ def stats(config_path, data_dir, workers, as_json):
                              if k not in ("worker", "pid", "alive"))
         click.echo(f"worker {r['worker']} pid {r['pid']}{'' if r['alive'] else ' (gone)'}: "
                    f"{counters}")
+
+
+def _totals(t: dict) -> str:
+    """``records=…, applied=…, …`` and since when the shard counts."""
+    import time
+
+    from .store import TOTALS
+
+    text = ", ".join(f"{k}={t[k]}" for k in TOTALS)
+    if t.get("since"):
+        text += time.strftime(" (since %Y-%m-%d %H:%M:%S UTC)", time.gmtime(t["since"] / 1000))
+    return text
 
 
 def _mib(n: int) -> str:

@@ -27,7 +27,7 @@ import os
 import shutil
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -99,7 +99,8 @@ class WorkerHandle:
 
 @dataclass
 class Stats:
-    """Totals over all workers, for progress output and metrics."""
+    """Totals over all workers, for progress output and metrics: records..forwarded are the
+    shards' totals (control.TOTAL_SLOTS), the others count since the supervisor started."""
 
     records: int = 0
     applied: int = 0
@@ -158,6 +159,7 @@ class Supervisor:
         self.assigned: set[tuple[int, int]] = set()
         self.next_offset: dict[tuple[int, int], int] = {}
         self.stats = Stats()
+        self.start_stats = Stats()  # the totals when the workers had booted (this run: the rest)
         self.checkpoint = Checkpoint(
             self.n, (lambda tp: self.placement.worker_of.get(tp[1], 0)) if self.cluster
             else None)
@@ -189,6 +191,8 @@ class Supervisor:
                          self.cfg.tasks_topic(), self.cfg.changelog_topic())
             self._create_segments()
             self._start_workers()
+            self._refresh_stats()  # the shards' totals, published by the booted workers
+            self.start_stats = replace(self.stats)
             try:
                 self.http = start_server_process(self.cfg, log_level=self.log_level,
                                                  log_format=self.log_format)
@@ -972,8 +976,11 @@ class Supervisor:
         self.consumer.close()
         self.dlq.close()
         self._stop_http()
-        log.info("stopped cleanly: %d records consumed, %d applied", self.stats.consumed,
-                 self.stats.applied)
+        s, s0 = self.stats, self.start_stats
+        log.info("stopped cleanly: %d records consumed, %d applied in this run; the shards' "
+                 "totals: %d records, %d applied, %d duplicates, %d stale, %d dead-lettered",
+                 s.consumed, s.applied - s0.applied, s.records, s.applied, s.duplicates,
+                 s.stale, s.deadlettered)
 
     def _stop_http(self) -> None:
         if self.http is not None:
