@@ -504,6 +504,9 @@ class SourceConfig(BaseModel):
                           f"has format = \"{self.format}\")"))
             given = self.mapping.attrs() if self.mapping is not None else {}
             specs = mapping.resolved_specs(self.format, "x", given)
+            if self.ordering == "strict" and specs.get("sequence") == "kafka:offset":
+                p.append((("ordering",), 'must be "latest" with sequence = "kafka:offset" (the '
+                          "offsets of one key have gaps: strict would wait for them)"))
             for attr in ("id", "type"):
                 if attr not in specs:
                     p.append((("mapping", attr), f"required for format = \"{self.format}\" "

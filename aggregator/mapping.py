@@ -14,8 +14,8 @@ Where an attribute comes from (the spec strings of the config, parsed by `parse_
 * ``value.<path>``    a member of the whole JSON value (an envelope around the payload);
 * ``kafka:key``       the record key (``key_format = "json"``: a JSON string or number,
   or a Kafka Connect schema envelope ``{"schema": ..., "payload": ...}`` holding one);
-* ``kafka:offset``    the record offset (sequence only: monotonic per key, since one key
-  stays in one partition);
+* ``kafka:offset``    the record offset plus one (sequence only: monotonic per key, since
+  one key stays in one partition; offset 0 is sequence 1, the first a stream expects);
 * ``kafka:timestamp`` the record timestamp, as an RFC 3339 UTC time (time only);
 * ``literal:<text>``  a constant.
 
@@ -260,7 +260,7 @@ def _get(plan: Plan, step: Step, headers: Any, key: Any, offset: int, ts: Any,
     if kind == KEY:
         return _kafka_key(plan, key)
     if kind == OFFSET:
-        return offset
+        return offset + 1  # offset 0 is sequence 1: the first a stream expects
     if kind == TIMESTAMP:
         return _timestamp(ts)
     return step.arg  # LITERAL

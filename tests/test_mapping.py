@@ -39,10 +39,15 @@ def test_outbox_defaults_both_payload_encodings(as_string):
     headers = [("id", b"4d47e190"), ("eventType", b"OrderCreated"), ("aggregatetype", b"Order")]
     ev = apply(p, outbox_value(payload, as_string), headers, b"o-1", 42, 1556890294484)
     assert (ev.id, ev.source, ev.type, ev.partitionkey, ev.sequence) == \
-        ("4d47e190", "/orders", "OrderCreated", "o-1", 42)
+        ("4d47e190", "/orders", "OrderCreated", "o-1", 43)
     assert ev.time == "2019-05-03T13:31:34.484Z"
     assert ev.data == payload and ev.datacontenttype == "application/json"
     assert route(p, outbox_value(payload, as_string), headers, b"o-1") == b"o-1"
+
+
+def test_offset_zero_is_the_first_sequence():
+    ev = apply(plan(), b"{}", [("id", b"e"), ("type", b"t")], b"k", 0, 0)
+    assert ev.sequence == 1  # initial_sequence = 1: not stale
 
 
 def test_every_kind():
@@ -156,6 +161,7 @@ def config_errors(data) -> list[tuple[str, str]]:
      "sources.orders.mapping.time", "cannot come from kafka:offset"),
     ({"format": "outbox", "mapping": {"payload": "data.x"}}, "sources.orders.mapping.payload",
      "value.<path>"),
+    ({"format": "outbox", "ordering": "strict"}, "sources.orders.ordering", "latest"),
     ({"format": "outbox", "mapping": {"key_format": "avro"}},
      "sources.orders.mapping.key_format", "string"),
 ])

@@ -51,6 +51,11 @@ def outbox_record(topic, aggregate_id, event_type, payload, as_string, event_id=
 def test_outbox_and_plain_json_sources(tmp_path, shop_prefix, bootstrap, group_id):
     orders, customers = shop_prefix + "shop.orders", shop_prefix + "shop.customers"
     records, want_orders, want_profiles = [], {}, {}
+    for i in range(6):  # one event each; the first is at offset 0 (sequence 1: not stale)
+        payload = {"order_id": f"s-{i}", "customer_id": "c-0", "status": "placed",
+                   "amount_cents": i}
+        records.append(outbox_record(orders, f"s-{i}", "shop.order.placed", payload, i % 2))
+        want_orders[f"s-{i}"] = payload
     for i in range(30):
         oid, cid = f"o-{i}", f"c-{i % 7}"
         for n, (etype, status) in enumerate((("shop.order.placed", "placed"),
