@@ -906,7 +906,7 @@ class Supervisor:
             "pid": os.getpid(), "workers": self.n, "ready": ready,
             "assigned": [partition_label(self.topics[ti], p) for ti, p in sorted(self.assigned)],
             "lag": lag, "events_in": self.events_in, "paused": self.paused,
-            "pauses": self.stats.pauses}
+            "pauses": self.stats.pauses, "restarts": self.stats.restarts}
         if self.cluster:
             status["tasks"] = sorted(self.owned)
             status["restoring"] = sorted(self.restoring)
