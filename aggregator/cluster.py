@@ -206,7 +206,7 @@ class Ingest:
             while True:
                 try:
                     produce(topic, value=value, key=key, partition=slot % tasks, headers=hdrs,
-                            timestamp=m.timestamp()[1])  # kafka:timestamp of a mapping
+                            timestamp=max(m.timestamp()[1], 0))  # a mapping's kafka:timestamp
                     break
                 except BufferError:
                     self.producer.poll(0.05)

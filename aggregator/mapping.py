@@ -105,7 +105,6 @@ class Plan(NamedTuple):
     pk: Step
     payload: tuple[str, ...]
     key_json: bool
-    needs_value: bool  # some step reads the value: decode it (also for routing, if pk does)
 
     @property
     def label(self) -> str:
@@ -167,8 +166,7 @@ def compile_plan(fmt: str, source_name: str, specs: dict[str, str],
             steps.append(Step(attr, kind, arg, specs[attr]))
     pk = next(s for s in steps if s.attr == "partitionkey")
     ppath = () if payload == "value" else parse_spec(payload)[1]
-    needs = any(s.kind in (DATA, VALUE) for s in steps)
-    return Plan(fmt, source_name, tuple(steps), pk, ppath, key_format == "json", needs)
+    return Plan(fmt, source_name, tuple(steps), pk, ppath, key_format == "json")
 
 
 # ---- applying a plan ------------------------------------------------------------------
