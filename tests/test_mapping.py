@@ -181,3 +181,17 @@ def test_fingerprint():
     other = config_from_dict(shop(orders={"format": "outbox",
                                           "mapping": {"id": "header:event_id"}}))
     assert other.fingerprint() != outbox.fingerprint()
+
+
+def test_a_bad_mapping_stops_run_with_exit_2(tmp_path):
+    from tests.cliproc import aggregator, one_error_line
+
+    text = SHOP.read_text().replace('bootstrap_servers = ""', 'bootstrap_servers = "127.0.0.1:1"')
+    text += '\n[sources.orders.mapping]\ntype = "kafka:offset"\n'
+    text = text.replace('topic = "shop.orders"', 'topic = "shop.orders"\nformat = "outbox"')
+    (tmp_path / "bad.toml").write_text(text)
+    r = aggregator("run", "--config", tmp_path / "bad.toml", "--data-dir", tmp_path / "d")
+    assert r.returncode == 2
+    assert one_error_line(r) == (
+        "config error: sources.orders.mapping.type: type cannot come from kafka:offset "
+        "(allowed: data, header, kafka:key, literal, value)")
