@@ -155,6 +155,8 @@ def test_compose_file():
                 assert (DEPLOY / src).exists(), (name, src)
             else:
                 assert src in doc["volumes"], (name, src)
+        if svc.get("entrypoint") == ["python", "-c"]:  # one-shot helpers: valid Python
+            compile(svc["command"][0], f"compose service {name}", "exec")
     for secret in doc["secrets"].values():
         assert (DEPLOY / secret["file"]).is_file()
     prom = yaml.safe_load((DEPLOY / "compose" / "prometheus.yml").read_text())
