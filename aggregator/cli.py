@@ -175,8 +175,11 @@ def command_name() -> str:
 @click.option("--serve", is_flag=True,
               help="afterwards, serve the views over HTTP (http.host/http.port) until Ctrl-C "
                    "(the port is checked first: taken -> exit 2)")
+@click.option("--mixed", is_flag=True,
+              help="two services don't speak CloudEvents: orders come from an outbox relay, "
+                   "payments as plain JSON (their sources get format and mapping)")
 def demo(config_path, workers, data_dir, bootstrap, log_level, log_format, events, seed, keep,
-         serve):
+         serve, mixed):
     """Embedded broker + 7 simulated services + the aggregator, checked against an oracle."""
     from .demo import DemoError, run_demo
 
@@ -186,7 +189,7 @@ def demo(config_path, workers, data_dir, bootstrap, log_level, log_format, event
     try:
         code = run_demo(cfg, events=events, seed=seed, data_dir=data_dir, keep=keep,
                         serve=serve, log_level=level, log_format=log_format,
-                        command=command_name())
+                        command=command_name(), mixed=mixed)
     except (DemoError, datadir.DataDirError) as e:
         _fail(str(e))
     sys.exit(code)

@@ -434,6 +434,11 @@ class ServiceCollector(Collector):
                                      "Times the source partitions were paused for backpressure")
         pauses.add_metric([], status.get("pauses", 0))
         yield pauses
+        restarts = CounterMetricFamily("aggregator_worker_restarts",
+                                       "Workers that died and were respawned since the "
+                                       "supervisor started")
+        restarts.add_metric([], status.get("restarts", 0))
+        yield restarts
 
     def _shards(self) -> Iterable[Metric]:
         size = GaugeMetricFamily("aggregator_lmdb_file_bytes", "Size of the shard's data.mdb",

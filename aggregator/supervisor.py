@@ -51,6 +51,7 @@ from .deadletter import DeadLetters
 from .envelope import routing_key
 from .faults import fault_flag, fault_point
 from .kafka_clients import KafkaSettingsError, check_client_settings, quiet
+from .mapping import plans_by_topic, route
 from .metrics import create_commit_histogram, partition_label, remove_status, write_status
 from .ownership import Ownership
 from .placement import Placement
@@ -151,6 +152,8 @@ class Supervisor:
         # per topic index: the source reads structured = "detect" (envelope.routing_key)
         detect = {s.topic for s in config.sources.values() if s.structured == "detect"}
         self.detect = [t in detect for t in self.topics]
+        # per topic index: the input mapping of a non-CloudEvents source (mapping.route)
+        self.maps = plans_by_topic(config, self.topics)
         self.workers = [WorkerHandle(i) for i in range(self.n)]
         self.stop_requested = False
         self.aborting = False  # _abort: the revoke of consumer.close() must not drain
@@ -580,7 +583,9 @@ class Supervisor:
                 self.dlq.too_large([ti, part, off, key, value, headers], max_bytes)
                 oversized = True
                 continue
-            rk = routing_key(value, headers, key, detect=self.detect[ti])
+            plan = self.maps[ti]
+            rk = (routing_key(value, headers, key, detect=self.detect[ti]) if plan is None
+                  else route(plan, value, headers, key, max_bytes))
             slot = slot_of(rk) if rk is not None else 0
             per[slot % n].append((ti, part, off, key, value, headers, m.timestamp()[1], slot))
         if last_topic is not None:
@@ -1008,7 +1013,7 @@ class Supervisor:
             "pid": os.getpid(), "workers": self.n, "ready": ready,
             "assigned": [partition_label(self.topics[ti], p) for ti, p in sorted(self.assigned)],
             "lag": lag, "events_in": self.events_in, "paused": self.paused,
-            "pauses": self.stats.pauses}
+            "pauses": self.stats.pauses, "restarts": self.stats.restarts}
         if self.cluster:
             status["tasks"] = sorted(self.owned)
             status["placement"] = self.placement.snapshot()

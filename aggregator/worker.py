@@ -3,7 +3,8 @@
 Per batch (one LMDB write transaction):
 
 1. skip records at or below this shard's through-offset of their partition (redelivery);
-2. parse the CloudEvent; malformed → dead-letter;
+2. parse the CloudEvent (or map a record of an outbox/JSON source, mapping.py);
+   malformed → dead-letter;
 3. dedup: the bloom filter answers "definitely new" for most events; a "maybe" is confirmed
    against the exact LMDB index, so a false positive never drops a new event;
 4. sequence gate per (source, partition key): apply / stale / park, then drain parked
@@ -49,6 +50,8 @@ from .deadletter import DeadLetters
 from .envelope import EnvelopeError, parse
 from .faults import fault_flag, fault_point
 from .kafka_clients import redact_text
+from .mapping import apply as apply_mapping
+from .mapping import plans_by_topic
 from .merge import MergeError, get_path
 from .metrics import hist_segment_name, record_commit
 from .plan import Feed, ViewPlan, assign_view_ids
@@ -190,6 +193,8 @@ class Worker:
         # topic indexes of the sources with structured = "detect" (envelope.parse)
         self.detect = frozenset(i for i, t in enumerate(self.topics)
                                 if cfg.source_by_topic(t)[1].structured == "detect")
+        # per topic index: the input mapping of a non-CloudEvents source (mapping.py)
+        self.maps = plans_by_topic(cfg, self.topics)
         self.owners = self.n  # who owns a view key: worker_of(slot, owners)
         self._boot_tasks()
         self.topic_index = {t: i for i, t in enumerate(self.topics)}
@@ -613,6 +618,10 @@ class Worker:
 
     def _parse(self, rec):
         try:
+            plan = self.maps[rec[0]]
+            if plan is not None:
+                return apply_mapping(plan, rec[4], rec[5], rec[3], rec[2], rec[6],
+                                     self.max_bytes, self.max_key)
             return parse(rec[4], rec[5], rec[3], self.max_bytes, self.max_key,
                          rec[0] in self.detect)
         except EnvelopeError as e:
