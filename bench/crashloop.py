@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=None,
                     help="give a run up after this (s; default 3x the fault-free time, at "
                          "least 60: past 2x the answer is known)")
+    ap.add_argument("--keep", action="store_true", help="keep the work dir (service logs)")
     ap.add_argument("--bootstrap", default=None, help="an external Kafka instead of Tansu")
     ap.add_argument("--out", type=Path, default=RESULTS / "crashloop",
                     help="output path without suffix (default bench/results/crashloop)")
@@ -114,7 +115,10 @@ def main(argv: list[str] | None = None) -> int:
         ctx = contextlib.nullcontext(ExternalBroker(args.bootstrap))
     else:
         ctx = EmbeddedBroker()
-    with ctx as broker, tempfile.TemporaryDirectory(prefix="agg-crashloop-") as tmp:
+    tmp_ctx = (contextlib.nullcontext(tempfile.mkdtemp(prefix="agg-crashloop-")) if args.keep
+               else tempfile.TemporaryDirectory(prefix="agg-crashloop-"))
+    with ctx as broker, tmp_ctx as tmp:
+        print(f"work dir {tmp}", flush=True)
         for i, interval in enumerate([None, *intervals]):
             timeout = args.timeout or (max(60.0, 3 * rows[0]["seconds"]) if rows else 1200.0)
             try:

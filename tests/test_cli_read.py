@@ -51,3 +51,28 @@ def test_stats(tmp_path):
     finally:
         ctl.counters.close()
         ctl.counters.unlink()
+
+
+def test_stats_prints_the_shards_totals(tmp_path):
+    """The stored totals (store.py meta "totals"), per shard and summed, with no service
+    running; a shard written before totals existed shows zeros."""
+    from aggregator.store import Shard, shard_path
+
+    write_docs(tmp_path, 2, {("order", "o1"): record({})})
+    shard = Shard(shard_path(tmp_path, 1), sync=False)
+    try:
+        b = shard.begin()
+        b.put_totals({"records": 10, "applied": 7, "duplicates": 2, "stale": 1,
+                      "deadlettered": 0, "gaps_skipped": 0, "forwarded": 4,
+                      "since": 1_760_000_000_000})
+        b.commit()
+    finally:
+        shard.close()
+    r = run("stats", "--data-dir", tmp_path)
+    assert r.exit_code == 0, r.output
+    assert "shard 0 totals: records=0, applied=0" in r.output
+    assert "shard 1 totals: records=10, applied=7, duplicates=2, stale=1, gaps_skipped=0, " \
+        "deadlettered=0, forwarded=4 (since 2025-10-09 08:53:20 UTC)" in r.output
+    assert "\ntotals: records=10, applied=7" in r.output
+    out = json.loads(run("stats", "--data-dir", tmp_path, "--json").output)
+    assert [s["totals"]["applied"] for s in out["shards"]] == [0, 7]
