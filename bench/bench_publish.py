@@ -14,9 +14,10 @@ import pstats
 import sys
 import time
 
-from aggregator.broker import EmbeddedBroker, create_topics
+from aggregator.admin import create_topics
 from aggregator.changes import ChangeEncoder, ChangePublisher
 from aggregator.config import config_from_dict
+from aggregator.devtools.broker import EmbeddedBroker
 
 DOC = {"order": {"order_id": "o-000042", "customer_id": "c-000008", "quantity": 1,
                  "amount_cents": 17678, "status": "cancelled",

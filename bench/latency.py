@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
-from aggregator import simulate
+from aggregator.devtools import simulate
 from aggregator.routing import slot_of
 from bench import workload as wl
 from bench.service import AggregatorProcess

@@ -30,8 +30,8 @@ from pathlib import Path
 
 from confluent_kafka import Consumer, TopicPartition
 
-from aggregator import simulate
-from aggregator.broker import EmbeddedBroker
+from aggregator.devtools import simulate
+from aggregator.devtools.broker import EmbeddedBroker
 from bench import workload as wl
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -40,8 +40,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from aggregator import simulate
-from aggregator.broker import EmbeddedBroker
+from aggregator.devtools import simulate
+from aggregator.devtools.broker import EmbeddedBroker
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -142,7 +142,7 @@ def worker_tasks(inst, workers: int) -> dict[int, list[int]]:
 def scale_rates(broker, workdir: Path, workload, tasks: int,
                 shapes=((1, 1), (2, 2))) -> dict:
     """Apply rate of `instances x workers` for each shape (see the module docstring)."""
-    from tests.cluster.harness import ClusterRun
+    from tests.support.cluster import ClusterRun
 
     out = {}
     for n_inst, n_work in shapes:
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     sys.path.insert(0, str(ROOT))
-    from tests.cluster.harness import ClusterRun  # the test harness drives the instances
+    from tests.support.cluster import ClusterRun  # the test harness drives the instances
 
     workload = simulate.generate(args.seed, args.events)
     rows = []

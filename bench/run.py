@@ -204,7 +204,7 @@ class Harness:
     def ensure_workload(self) -> None:
         if self.workload is not None:
             return
-        from aggregator import simulate
+        from aggregator.devtools import simulate
 
         a = self.args
         self.step("workload", f"generating {a.events:,} events")
@@ -219,7 +219,7 @@ class Harness:
         """Start the embedded broker unless --bootstrap was given; True when embedded."""
         embedded = self.args.bootstrap is None
         if embedded and self.broker is None:
-            from aggregator.broker import EmbeddedBroker
+            from aggregator.devtools.broker import EmbeddedBroker
 
             self.broker = EmbeddedBroker().start()
             self.bootstrap = self.broker.bootstrap_servers
@@ -341,7 +341,7 @@ class Harness:
                       f"{r.verified}")
 
     def worker_stage(self) -> None:
-        from aggregator import simulate
+        from aggregator.devtools import simulate
         from bench.worker_stage import measure_stage
 
         a = self.args

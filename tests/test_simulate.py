@@ -10,7 +10,7 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from aggregator.simulate import (
+from aggregator.devtools.simulate import (
     SOURCES,
     TOPICS,
     SimEvent,

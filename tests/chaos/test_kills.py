@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from aggregator import simulate
+from aggregator.devtools import simulate
 
 EVENTS = int(os.environ.get("AGGREGATOR_CHAOS_EVENTS", "100000"))
 JOIN_S = 120  # a join takes ~3 s, ~11 s after a SIGKILLed member (evicted after the

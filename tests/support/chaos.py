@@ -37,10 +37,10 @@ from pathlib import Path
 
 from confluent_kafka import Consumer, TopicPartition
 
-from aggregator import simulate
-from aggregator.broker import create_topics
+from aggregator.admin import create_topics
+from aggregator.devtools import simulate
 from aggregator.store import Shard
-from tests.integration.service import Service, produce_tracked, read_topic, write_config
+from tests.support.service import Service, produce_tracked, read_topic, write_config
 
 VIEWS = ("customer", "order", "product")
 
