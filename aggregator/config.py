@@ -49,6 +49,8 @@ from pydantic import (
     model_validator,
 )
 
+from .merge import MergeConfigError, compile_ops
+
 log = logging.getLogger(__name__)
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
@@ -651,6 +653,23 @@ class Config(BaseModel):
                 if t in owner or t == dlq or t in self.changes_topics().values():
                     p.append((("cluster",), f"{t!r} is also a source, dead-letter or change "
                               "topic"))
+        _check(p)
+        return self
+
+    @model_validator(mode="after")
+    def _merge_plans(self) -> Config:
+        # Compile every feed's ops as each worker's boot and reshard will
+        # (merge.compile_ops, with the view's ops as context): an op the compiler rejects
+        # (e.g. value = nan, a TOML date) is a config error here, not a failed boot.
+        p: list[tuple[tuple[str | int, ...], str]] = []
+        for vname, view in self.views.items():
+            view_specs = [op.to_spec() for feed in view.feeds for op in feed.ops]
+            for i, feed in enumerate(view.feeds):
+                try:
+                    compile_ops([op.to_spec() for op in feed.ops], view_specs)
+                except MergeConfigError as e:
+                    loc: tuple[str | int, ...] = ("views", vname, "feeds", i, "ops")
+                    p.append((loc if e.index is None else (*loc, e.index), str(e)))
         _check(p)
         return self
 
