@@ -1,6 +1,6 @@
 """Change-event publishing alone: CPU per change event through ChangePublisher.
 
-    python -m bench.bench_publish [N]      # default 100,000 change events
+    python -m bench.micro.bench_publish [N]      # default 100,000 change events
 
 Starts the embedded broker, commits N outbox entries (an order document of ~300 bytes, JSON)
 to a ChangePublisher in batches of 2,000, pumps and flushes, and prints wall time, CPU time

@@ -1,10 +1,10 @@
 """Restore speed in cluster mode: how fast an instance rebuilds the state of the tasks it
 gains from their changelog.
 
-    python -m bench.restore                    # 200k events, 8 tasks, 2 workers
-    python -m bench.restore --events 20000     # quick (CI runs this through `bench --quick`)
-    python -m bench.restore --compare          # also: apply rates, 1x1 vs 2x2, normal mode
-    python -m bench.restore --scale-only       # only the 1x1 vs 2x2 apply rates
+    python -m bench.tools.restore                    # 200k events, 8 tasks, 2 workers
+    python -m bench.tools.restore --events 20000     # quick (CI runs this through `bench --quick`)
+    python -m bench.tools.restore --compare          # also: apply rates, 1x1 vs 2x2, normal mode
+    python -m bench.tools.restore --scale-only       # only the 1x1 vs 2x2 apply rates
 
 1. An instance (cluster mode) applies the seeded 7-source workload and stops cleanly.
 2. A new instance with an empty data directory joins the group: it gains every task and
@@ -43,7 +43,7 @@ from pathlib import Path
 from aggregator.devtools import simulate
 from aggregator.devtools.broker import EmbeddedBroker
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "bench" / "results"
 
 _RESTORED = re.compile(
@@ -197,7 +197,7 @@ def scale_rates(broker, workdir: Path, workload, tasks: int,
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.restore", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m bench.tools.restore", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--events", "-n", type=int, default=200_000)
     ap.add_argument("--tasks", type=int, default=8)

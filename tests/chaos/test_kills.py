@@ -1,6 +1,6 @@
 """Processes killed with -9: workers at random, the supervisor at every step of a commit.
 
-Sizes are short for CI; `AGGREGATOR_CHAOS_EVENTS` raises them (the long mode, bench/chaos.py,
+Sizes are short for CI; `AGGREGATOR_CHAOS_EVENTS` raises them (the long mode, bench/tools/chaos.py,
 runs 1M events).
 """
 

@@ -18,7 +18,7 @@ again), waits until every offset is committed, stops the service and checks:
 - no shared-memory segment is left in /dev/shm.
 
 `Report.table()` prints: events, faults injected, lost, double-applied, out-of-order, time to
-recover. The long mode (`python -m bench.chaos`) drives the same class.
+recover. The long mode (`python -m bench.tools.chaos`) drives the same class.
 """
 
 from __future__ import annotations
