@@ -49,7 +49,7 @@ from pydantic import (
     model_validator,
 )
 
-from .merge import MergeConfigError, compile_ops
+from .merge import OP_GRAMMAR, OPS, MergeConfigError, compile_ops
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,6 @@ TOPIC_RE = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 DOC_PATH_RE = re.compile(r"^[^.\s]+(\.[^.\s]+)*$")
 DATA_PATH_RE = re.compile(r"^data(\.[^.\s]+)+$")
 EVENT_ATTRS = ("id", "time", "source", "type", "subject", "partitionkey", "sequence")
-OP_NAMES = ("set", "merge", "unset", "upsert", "remove", "add", "delete")
 
 
 class ConfigError(Exception):
@@ -451,24 +450,14 @@ class SourceConfig(BaseModel):
         return _valid_topic(value)
 
 
-# op -> (path required, takes from/value, extra keys it accepts)
-_OP_RULES: dict[str, tuple[bool, bool, frozenset[str]]] = {
-    "set": (True, True, frozenset({"fields"})),
-    "merge": (False, True, frozenset({"fields"})),
-    "unset": (True, False, frozenset()),
-    "upsert": (True, True, frozenset({"id", "fields"})),
-    "remove": (True, False, frozenset({"id"})),
-    "add": (True, True, frozenset({"negate"})),
-    "delete": (False, False, frozenset()),
-}
-
-
 class OpSpec(BaseModel):
-    """One merge operation; structure only (``merge.compile_ops`` checks the semantics)."""
+    """One merge operation, checked against the op grammar (``merge.OP_GRAMMAR``) with a
+    message per field; `Config` then compiles the ops (``merge.compile_ops``), which checks
+    the rest (literal values, event paths)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 
-    op: Literal["set", "merge", "unset", "upsert", "remove", "add", "delete"]
+    op: Literal[OPS]  # type: ignore[valid-type]
     path: str | None = None
     from_: str | None = Field(None, alias="from")
     value: Any = None
@@ -488,7 +477,7 @@ class OpSpec(BaseModel):
 
     @model_validator(mode="after")
     def _structure(self) -> OpSpec:
-        need_path, takes_input, extras = _OP_RULES[self.op]
+        need_path, takes_input, extras = OP_GRAMMAR[self.op]
         p: list[tuple[tuple[str | int, ...], str]] = []
         op = f"op '{self.op}'"
         if self.path is None:

@@ -39,7 +39,16 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-__all__ = ["MergeConfigError", "MergeError", "MergePlan", "compile_ops", "compile_path", "get_path"]
+__all__ = [
+    "OP_GRAMMAR",
+    "OPS",
+    "MergeConfigError",
+    "MergeError",
+    "MergePlan",
+    "compile_ops",
+    "compile_path",
+    "get_path",
+]
 
 
 class MergeError(Exception):
@@ -57,8 +66,20 @@ class MergeConfigError(ValueError):
     index: int | None = None
 
 
-_OPS = ("set", "merge", "unset", "upsert", "remove", "add", "delete")
-_WRITES = frozenset({"set", "merge", "upsert", "add"})
+#: The op grammar, the one table of it (config.OpSpec checks a config's ops against it too):
+#: op -> (path required, takes 'from' or 'value', the other keys it accepts). merge without
+#: a path merges into the root; delete takes no path.
+OP_GRAMMAR: dict[str, tuple[bool, bool, frozenset[str]]] = {
+    "set": (True, True, frozenset({"fields"})),
+    "merge": (False, True, frozenset({"fields"})),
+    "unset": (True, False, frozenset()),
+    "upsert": (True, True, frozenset({"id", "fields"})),
+    "remove": (True, False, frozenset({"id"})),
+    "add": (True, True, frozenset({"negate"})),
+    "delete": (False, False, frozenset()),
+}
+OPS = tuple(OP_GRAMMAR)
+_WRITES = frozenset(op for op, (_, takes_input, _) in OP_GRAMMAR.items() if takes_input)
 _KEYS = frozenset({"op", "path", "from", "value", "id", "fields", "negate"})
 _EVENT_ATTRS = frozenset(
     {"data", "id", "time", "source", "type", "subject", "partitionkey", "sequence"}
@@ -247,8 +268,8 @@ def _compile_one(i: int, spec: Any, need_clone: bool) -> tuple[str, tuple[str, .
     op = spec.get("op")
     if op is None:
         raise MergeConfigError(f"op #{i}: missing 'op'")
-    if op not in _OPS:
-        raise MergeConfigError(f"op #{i}: unknown op {op!r} (expected one of {', '.join(_OPS)})")
+    if op not in OPS:
+        raise MergeConfigError(f"op #{i}: unknown op {op!r} (expected one of {', '.join(OPS)})")
     unknown = set(spec) - _KEYS
     if unknown:
         raise MergeConfigError(
@@ -294,11 +315,12 @@ class _Parsed:
 
 
 def _parse_common(op: str, spec: dict, where: str) -> _Parsed:
+    extras = OP_GRAMMAR[op][2]
     path = _parse_doc_path(spec, where, allow_root=(op == "merge"))
     negate = spec.get("negate", False)
     if not isinstance(negate, bool):
         raise MergeConfigError(f"{where}: 'negate' must be true or false")
-    if negate and op != "add":
+    if negate and "negate" not in extras:
         raise MergeConfigError(f"{where}: 'negate' is only allowed for add")
 
     has_from, has_value = "from" in spec, "value" in spec
@@ -311,7 +333,7 @@ def _parse_common(op: str, spec: dict, where: str) -> _Parsed:
                 raise MergeConfigError(f"{where}: {f!r} is not allowed for {op}")
 
     get_id = None
-    if op in ("upsert", "remove"):
+    if "id" in extras:
         if "id" not in spec:
             raise MergeConfigError(f"{where}: missing 'id' (an event path such as 'data.order_id')")
         get_id = _event_getter(spec["id"], where, "id")
@@ -320,7 +342,7 @@ def _parse_common(op: str, spec: dict, where: str) -> _Parsed:
 
     fields = spec.get("fields")
     if fields is not None:
-        if op not in ("set", "merge", "upsert"):
+        if "fields" not in extras:
             raise MergeConfigError(f"{where}: 'fields' is only allowed for set/merge/upsert")
         if (
             not isinstance(fields, (list, tuple))
