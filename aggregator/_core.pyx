@@ -15,6 +15,8 @@ negative); list indexing keeps its bounds checks (a key's ``__eq__`` could mutat
 cimport cython
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_FromStringAndSize
+from cpython.bytes cimport PyBytes_FromStringAndSize
+from cpython.memoryview cimport PyMemoryView_FromObject
 from cpython.long cimport PyLong_AsLongLong, PyLong_CheckExact
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.number cimport PyNumber_Index
@@ -23,6 +25,8 @@ from libc.stdlib cimport calloc, free
 from libc.string cimport memcpy, memset
 
 import math
+import struct
+import sys
 
 __all__ = [
     "APPLY",
@@ -94,6 +98,40 @@ def bloom_size(capacity, fp_rate):
     bits = (bits + 63) // 64 * 64
     hash_count = max(1, round(bits / capacity * math.log(2)))
     return bits, hash_count
+
+
+# Snapshot layout (little-endian; the words are stored as they are in memory, so the
+# compiled core reads and writes it on little-endian hosts only): magic, version, capacity,
+# fp_rate, generations, k, bits per generation, live generations; then (id, count) per live
+# generation, oldest first; then their bit arrays (bit b is bit b % 8 of byte b // 8).
+_SNAP_HEAD = struct.Struct("<4sIQdIIQI")
+_SNAP_GEN = struct.Struct("<qQ")
+_SNAP_MAGIC = b"AGBF"
+_SNAP_VERSION = 1
+if sys.byteorder != "little":  # pragma: no cover - no such host here
+    raise ImportError("aggregator._core: bloom snapshots assume a little-endian host")
+
+
+def _snapshot_layout(view, capacity, fp_rate, generations, k, m):
+    """Check a snapshot against a filter's parameters: (live count, [(id, count)])."""
+    if len(view) < _SNAP_HEAD.size:
+        raise ValueError("bloom snapshot: truncated header")
+    magic, version, cap, fp, gens, kk, mm, nlive = _SNAP_HEAD.unpack_from(view, 0)
+    if magic != _SNAP_MAGIC or version != _SNAP_VERSION:
+        raise ValueError(f"bloom snapshot: not a snapshot (magic {magic!r}, version {version})")
+    if (cap, fp, gens, kk, mm) != (capacity, fp_rate, generations, k, m):
+        raise ValueError(f"bloom snapshot: made for capacity={cap}, fp_rate={fp}, "
+                         f"generations={gens} (k={kk}, bits={mm}), not capacity={capacity}, "
+                         f"fp_rate={fp_rate}, generations={generations}")
+    if not 1 <= nlive <= generations:
+        raise ValueError(f"bloom snapshot: {nlive} live generations")
+    if len(view) != _SNAP_HEAD.size + nlive * (_SNAP_GEN.size + m // 8):
+        raise ValueError(f"bloom snapshot: {len(view)} bytes, not the size its header says")
+    live = [_SNAP_GEN.unpack_from(view, _SNAP_HEAD.size + i * _SNAP_GEN.size)
+            for i in range(nlive)]
+    if any(a[0] >= b[0] for a, b in zip(live, live[1:])):
+        raise ValueError("bloom snapshot: generation ids not increasing")
+    return nlive, live
 
 
 # ===================================================================== BloomFilter
@@ -392,6 +430,48 @@ cdef class BloomFilter:
         if cur == INT64_MAX:
             raise OverflowError("generation id overflow")
         return self._new_generation(cur + 1)
+
+    # ----------------------------------------------------------------- snapshots
+    def dumps(self):
+        """The filter as bytes (see `_SNAP_HEAD`): its parameters, the live generations
+        (id, count) oldest first, then their bit arrays. `restore` reads it back."""
+        cdef Py_ssize_t g, nbytes = self._nwords * 8
+        out = [_SNAP_HEAD.pack(_SNAP_MAGIC, _SNAP_VERSION, self._capacity, self._fp_rate,
+                               self._max_gens, self._k, self._m, self._nlive)]
+        for g in range(self._nlive):
+            out.append(_SNAP_GEN.pack(self._live_ids[g],
+                                      self._counts[self._live_slots[g]]))
+        for g in range(self._nlive):
+            out.append(PyBytes_FromStringAndSize(<char*>self._words(g), nbytes))
+        return b"".join(out)
+
+    def restore(self, data):
+        """Replace the filter's content with a `dumps` of a filter of the same parameters
+        (capacity, fp_rate, generations); ValueError if they differ or `data` is malformed
+        (the filter is then left unchanged)."""
+        cdef Py_buffer view
+        cdef Py_ssize_t g, nlive, base, nbytes = self._nwords * 8
+        _get_bytes(data, &view)
+        try:
+            mv = PyMemoryView_FromObject(data)
+            nlive, live = _snapshot_layout(mv, self._capacity, self._fp_rate, self._max_gens,
+                                           self._k, self._m)
+            base = _SNAP_HEAD.size + nlive * _SNAP_GEN.size
+            memset(self._bits, 0, self._max_gens * nbytes)
+            for g in range(nlive):
+                memcpy(self._bits + g * self._nwords,
+                       <const unsigned char*>view.buf + base + g * nbytes, nbytes)
+                self._live_ids[g] = live[g][0]
+                self._live_slots[g] = g
+            for g in range(self._max_gens):
+                self._counts[g] = live[g][1] if g < nlive else 0
+            self._nlive = nlive
+            self._nfree = 0
+            for g in range(self._max_gens - 1, nlive - 1, -1):
+                self._free[self._nfree] = g
+                self._nfree += 1
+        finally:
+            PyBuffer_Release(&view)
 
     def __repr__(self):
         return (

@@ -175,8 +175,11 @@ def command_name() -> str:
 @click.option("--serve", is_flag=True,
               help="afterwards, serve the views over HTTP (http.host/http.port) until Ctrl-C "
                    "(the port is checked first: taken -> exit 2)")
+@click.option("--mixed", is_flag=True,
+              help="two services don't speak CloudEvents: orders come from an outbox relay, "
+                   "payments as plain JSON (their sources get format and mapping)")
 def demo(config_path, workers, data_dir, bootstrap, log_level, log_format, events, seed, keep,
-         serve):
+         serve, mixed):
     """Embedded broker + 7 simulated services + the aggregator, checked against an oracle."""
     from .devtools.demo import DemoError, run_demo
 
@@ -186,7 +189,7 @@ def demo(config_path, workers, data_dir, bootstrap, log_level, log_format, event
     try:
         code = run_demo(cfg, events=events, seed=seed, data_dir=data_dir, keep=keep,
                         serve=serve, log_level=level, log_format=log_format,
-                        command=command_name())
+                        command=command_name(), mixed=mixed)
     except (DemoError, datadir.DataDirError) as e:
         _fail(str(e))
     sys.exit(code)
@@ -259,8 +262,9 @@ def get(config_path, data_dir, workers, full, view, key):
 @read_options
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def stats(config_path, data_dir, workers, as_json):
-    """Per-shard LMDB statistics and, while the service runs, its live counters."""
+    """Per-shard LMDB statistics and totals and, while the service runs, its live counters."""
     from .metrics import live_counters
+    from .store import TOTALS
 
     cfg = _read_config(config_path, data_dir, workers)
     with _views(cfg) as views:
@@ -279,6 +283,11 @@ def stats(config_path, data_dir, workers, as_json):
         click.echo(f"shard {st['shard']}: file {_mib(st['file_bytes'])}, "
                    f"map {_mib(st.get('map_bytes', 0))}, used {_mib(st.get('used_bytes', 0))}; "
                    f"{entries}")
+        if "totals" in st:
+            click.echo(f"shard {st['shard']} totals: {_totals(st['totals'])}")
+    totals = [st["totals"] for st in shards if "totals" in st]
+    if totals:  # exact: stored with each batch (store.py, meta "totals")
+        click.echo("totals: " + _totals({k: sum(t[k] for t in totals) for k in TOTALS}))
     if live is None:
         click.echo("service: not running (no control block)")
         return
@@ -290,6 +299,18 @@ def stats(config_path, data_dir, workers, as_json):
                              if k not in ("worker", "pid", "alive"))
         click.echo(f"worker {r['worker']} pid {r['pid']}{'' if r['alive'] else ' (gone)'}: "
                    f"{counters}")
+
+
+def _totals(t: dict) -> str:
+    """``records=…, applied=…, …`` and since when the shard counts."""
+    import time
+
+    from .store import TOTALS
+
+    text = ", ".join(f"{k}={t[k]}" for k in TOTALS)
+    if t.get("since"):
+        text += time.strftime(" (since %Y-%m-%d %H:%M:%S UTC)", time.gmtime(t["since"] / 1000))
+    return text
 
 
 def _mib(n: int) -> str:

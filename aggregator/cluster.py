@@ -34,6 +34,7 @@ from .config import Config
 from .deadletter import DeadLetters
 from .envelope import routing_key
 from .kafka_clients import quiet
+from .mapping import plans_by_topic, route
 from .routing import slot_of
 
 log = logging.getLogger(__name__)
@@ -111,6 +112,7 @@ class Ingest:
         self.sources = cfg.topics()
         self.tindex = {t: i for i, t in enumerate(self.sources)}
         self.detect = [cfg.source_by_topic(t)[1].structured == "detect" for t in self.sources]
+        self.maps = plans_by_topic(cfg, self.sources)  # mapped sources route by mapping.route
         self.max_bytes = cfg.service.max_record_bytes
         self.dlq = dlq
         self.events_in = {cfg.source_by_topic(t)[0]: 0 for t in self.sources}
@@ -204,13 +206,16 @@ class Ingest:
                 self.dlq.too_large([ti, part, off, key, value, headers], max_bytes)
                 oversized = True
                 continue
-            rk = routing_key(value, headers, key, detect=self.detect[ti])
+            plan = self.maps[ti]
+            rk = (routing_key(value, headers, key, detect=self.detect[ti]) if plan is None
+                  else route(plan, value, headers, key, max_bytes))
             slot = slot_of(rk) if rk is not None else 0
             hdrs = list(headers) if headers else []
             hdrs.append((ORIGIN_HEADER, _pack([ti, part, off, slot])))
             while True:
                 try:
-                    produce(topic, value=value, key=key, partition=slot % tasks, headers=hdrs)
+                    produce(topic, value=value, key=key, partition=slot % tasks, headers=hdrs,
+                            timestamp=max(m.timestamp()[1], 0))  # a mapping's kafka:timestamp
                     break
                 except BufferError:
                     self.producer.poll(0.05)

@@ -49,6 +49,7 @@ from pydantic import (
     model_validator,
 )
 
+from . import mapping
 from .merge import OP_GRAMMAR, OPS, MergeConfigError, compile_ops
 
 log = logging.getLogger(__name__)
@@ -430,6 +431,43 @@ class GateConfig(BaseModel):
         return self
 
 
+class MappingConfig(BaseModel):
+    """Where a non-CloudEvents source's attributes come from (see aggregator/mapping.py):
+    each a spec string such as "header:id", "data.order.id", "kafka:offset",
+    "literal:/shop/orders"; unset ones take the format's defaults."""
+
+    model_config = _FROZEN
+
+    id: str | None = None
+    source: str | None = None
+    type: str | None = None
+    time: str | None = None
+    subject: str | None = None
+    partitionkey: str | None = None
+    sequence: str | None = None
+    # where the payload (the event's data) is: the whole value, or a member of it
+    payload: str = "value"
+    # "json": the Kafka key is JSON-encoded (Kafka Connect's JsonConverter)
+    key_format: Literal["string", "json"] = "string"
+
+    @model_validator(mode="after")
+    def _specs(self) -> MappingConfig:
+        p: list[tuple[tuple[str | int, ...], str]] = []
+        for attr, spec in self.attrs().items():
+            why = mapping.spec_problem(attr, spec)
+            if why:
+                p.append(((attr,), why))
+        if self.payload != "value" and (not self.payload.startswith("value.")
+                                        or mapping.spec_problem("id", self.payload)):
+            p.append((("payload",), f"must be 'value' or 'value.<path>' (got {self.payload!r})"))
+        _check(p)
+        return self
+
+    def attrs(self) -> dict[str, str]:
+        """The attribute specs given in the config (unset ones left out)."""
+        return {a: getattr(self, a) for a in mapping.ATTRS if getattr(self, a) is not None}
+
+
 class SourceConfig(BaseModel):
     """One input topic and how its sequence numbers are ordered."""
 
@@ -443,11 +481,46 @@ class SourceConfig(BaseModel):
     # whose content-type is absent or JSON, whose value is a JSON object with
     # "specversion", is read as a structured-mode event (the CloudEvents Python SDK 1.x)
     structured: Literal["binding", "detect"] = "binding"
+    # "cloudevents": the CloudEvents Kafka binding (envelope.py); "outbox" (the outbox
+    # event router's records) and "json" (a plain JSON value): attributes by `mapping`
+    format: Literal["cloudevents", "outbox", "json"] = "cloudevents"
+    mapping: MappingConfig | None = None
 
     @field_validator("topic")
     @classmethod
     def _topic_name(cls, value: str) -> str:
         return _valid_topic(value)
+
+    @model_validator(mode="after")
+    def _mapping(self) -> SourceConfig:
+        p: list[tuple[tuple[str | int, ...], str]] = []
+        if self.format == "cloudevents":
+            if self.mapping is not None:
+                p.append((("mapping",), 'only for format = "outbox" or "json" (this source '
+                          'reads CloudEvents)'))
+        else:
+            if self.structured != "binding":
+                p.append((("structured",), f"only for format = \"cloudevents\" (this source "
+                          f"has format = \"{self.format}\")"))
+            given = self.mapping.attrs() if self.mapping is not None else {}
+            specs = mapping.resolved_specs(self.format, "x", given)
+            if self.ordering == "strict" and specs.get("sequence") == "kafka:offset":
+                p.append((("ordering",), 'must be "latest" with sequence = "kafka:offset" (the '
+                          "offsets of one key have gaps: strict would wait for them)"))
+            for attr in ("id", "type"):
+                if attr not in specs:
+                    p.append((("mapping", attr), f"required for format = \"{self.format}\" "
+                              "(e.g. \"data.id\", \"header:id\" or \"literal:...\")"))
+        _check(p)
+        return self
+
+    def plan(self, name: str) -> mapping.Plan | None:
+        """This source's compiled input mapping (None for format = "cloudevents")."""
+        if self.format == "cloudevents":
+            return None
+        m = self.mapping or MappingConfig()
+        specs = mapping.resolved_specs(self.format, name, m.attrs())
+        return mapping.compile_plan(self.format, name, specs, m.payload, m.key_format)
 
 
 class OpSpec(BaseModel):
@@ -712,11 +785,18 @@ class Config(BaseModel):
 
 
 def _source_canon(source: SourceConfig) -> dict[str, Any]:
-    """A source for the fingerprint: ``structured`` only when not the default, so that the
-    fingerprints of configs written before the setting existed stay the same."""
+    """A source for the fingerprint: ``structured`` only when not the default, ``format``
+    and its resolved ``mapping`` only when not CloudEvents, so that the fingerprints of
+    configs written before these settings existed stay the same."""
     out = source.model_dump(mode="json")
     if out["structured"] == "binding":
         del out["structured"]
+    del out["format"], out["mapping"]
+    if source.format != "cloudevents":  # the mapping decides event identity and order
+        m = source.mapping or MappingConfig()
+        out["format"] = source.format
+        out["mapping"] = {**mapping.resolved_specs(source.format, "", m.attrs()),
+                          "payload": m.payload, "key_format": m.key_format}
     return out
 
 

@@ -22,6 +22,7 @@ class Slot(IntEnum):
     # epoch (store.Shard.claim_writer); a worker finding a newer one here is fenced
     EPOCH = 2
     PID = 3
+    # RECORDS..FORWARDED (TOTAL_SLOTS) mirror the shard's committed totals (store.TOTALS)
     RECORDS = 4  # Kafka records received
     APPLIED = 5  # events applied (each once)
     DUPLICATES = 6  # dropped by dedup
@@ -39,6 +40,12 @@ class Slot(IntEnum):
     RESTORE_RECORDS = 18  # cluster mode: changelog records read by restores
     RESTORE_BYTES = 19  # cluster mode: changelog bytes (keys + values) read by restores
     _FIXED = 20
+
+
+# The slots that mirror a shard's totals (store.TOTALS, in that order): the worker sets them
+# from the totals it committed, so they count since the data dir began, not since the start.
+TOTAL_SLOTS = (Slot.RECORDS, Slot.APPLIED, Slot.DUPLICATES, Slot.STALE, Slot.GAPS_SKIPPED,
+               Slot.DEADLETTERED, Slot.FORWARDED)
 
 
 class ControlBlock:

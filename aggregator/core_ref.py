@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import operator
+import struct
 from collections.abc import Iterable
 
 __all__ = [
@@ -293,11 +294,70 @@ class BloomFilter:
         self._live.append([gen, self._free.pop(), 0])
         return dropped
 
+    # ----------------------------------------------------------------- snapshots
+    def dumps(self) -> bytes:
+        """The filter as bytes (see `_SNAP_HEAD`): its parameters, the live generations
+        (id, count) oldest first, then their bit arrays. `restore` reads it back."""
+        out = [_SNAP_HEAD.pack(_SNAP_MAGIC, _SNAP_VERSION, self._capacity, self._fp_rate,
+                               self._max_gens, self._k, self._m, len(self._live))]
+        out += [_SNAP_GEN.pack(gen, count) for gen, _, count in self._live]
+        out += [bytes(self._slots[slot]) for _, slot, _ in self._live]
+        return b"".join(out)
+
+    def restore(self, data: object) -> None:
+        """Replace the filter's content with a `dumps` of a filter of the same parameters
+        (capacity, fp_rate, generations); ValueError if they differ or `data` is malformed
+        (the filter is then left unchanged)."""
+        view = _byte_view(data)
+        nlive, gens = _snapshot_layout(view, self._capacity, self._fp_rate, self._max_gens,
+                                       self._k, self._m)
+        base = _SNAP_HEAD.size + nlive * _SNAP_GEN.size
+        for i in range(self._max_gens):
+            if i < nlive:
+                off = base + i * self._nbytes
+                self._slots[i][:] = view[off:off + self._nbytes]
+            else:
+                self._slots[i][:] = bytes(self._nbytes)
+        self._live = [[gen, i, count] for i, (gen, count) in enumerate(gens)]
+        self._free = list(range(self._max_gens - 1, nlive - 1, -1))
+
     def __repr__(self) -> str:
         return (
             f"BloomFilter(capacity={self._capacity}, fp_rate={self._fp_rate}, "
             f"generations={self._max_gens}, live={self.live_generations}, count={self.count})"
         )
+
+
+# Snapshot layout (little-endian): magic, version, capacity, fp_rate, generations, k,
+# bits per generation, live generations; then (id, count) per live generation, oldest first;
+# then their bit arrays (bits // 8 bytes each; bit b is bit b % 8 of byte b // 8).
+_SNAP_HEAD = struct.Struct("<4sIQdIIQI")
+_SNAP_GEN = struct.Struct("<qQ")
+_SNAP_MAGIC = b"AGBF"
+_SNAP_VERSION = 1
+
+
+def _snapshot_layout(view, capacity: int, fp_rate: float, generations: int, k: int,
+                     m: int) -> tuple[int, list[tuple[int, int]]]:
+    """Check a snapshot against a filter's parameters: (live count, [(id, count)])."""
+    if len(view) < _SNAP_HEAD.size:
+        raise ValueError("bloom snapshot: truncated header")
+    magic, version, cap, fp, gens, kk, mm, nlive = _SNAP_HEAD.unpack_from(view, 0)
+    if magic != _SNAP_MAGIC or version != _SNAP_VERSION:
+        raise ValueError(f"bloom snapshot: not a snapshot (magic {magic!r}, version {version})")
+    if (cap, fp, gens, kk, mm) != (capacity, fp_rate, generations, k, m):
+        raise ValueError(f"bloom snapshot: made for capacity={cap}, fp_rate={fp}, "
+                         f"generations={gens} (k={kk}, bits={mm}), not capacity={capacity}, "
+                         f"fp_rate={fp_rate}, generations={generations}")
+    if not 1 <= nlive <= generations:
+        raise ValueError(f"bloom snapshot: {nlive} live generations")
+    if len(view) != _SNAP_HEAD.size + nlive * (_SNAP_GEN.size + m // 8):
+        raise ValueError(f"bloom snapshot: {len(view)} bytes, not the size its header says")
+    live = [_SNAP_GEN.unpack_from(view, _SNAP_HEAD.size + i * _SNAP_GEN.size)
+            for i in range(nlive)]
+    if any(a[0] >= b[0] for a, b in zip(live, live[1:])):
+        raise ValueError("bloom snapshot: generation ids not increasing")
+    return nlive, live
 
 
 class _KeyState:

@@ -10,6 +10,7 @@ transaction that consumed the record commits, so a crash re-delivers rather than
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 
@@ -44,6 +45,23 @@ class DeadLetters:
         self._errors: list[str] = []
         self._retry: list[tuple] = []
         self._pending = 0
+
+    def warm_up(self) -> None:
+        """Create the producer now and fetch the topic's metadata in the background: the
+        first dead letter of a worker that just booted (after a crash, its first batch is
+        a replay) then waits for one round trip, not for a connection first."""
+        if self._producer is not None or not self._conf.get("bootstrap.servers"):
+            return
+        self._producer = Producer(self._conf)  # librdkafka connects to the brokers now
+        producer, topic = self._producer, self.topic
+
+        def fetch() -> None:
+            try:
+                producer.list_topics(topic, timeout=10)
+            except Exception:  # noqa: BLE001 - only a warm-up: send() copes without it
+                pass
+
+        threading.Thread(target=fetch, name="dlq-warm-up", daemon=True).start()
 
     def too_large(self, rec: list, max_bytes: int) -> None:
         """Dead-letter a record whose value exceeds service.max_record_bytes."""

@@ -9,7 +9,11 @@ Sources, per metric family:
 - **Control block** (``control.py``, one row per worker): records in, events applied,
   duplicates, stale, parked, gaps skipped, dead-lettered, forwarded, LMDB commits and the
   time spent in them, heartbeat age, whether the data disk refuses the worker's commits
-  (full, read-only, failing: the worker retries the batch) and how often it did.
+  (full, read-only, failing: the worker retries the batch) and how often it did. Records in
+  … forwarded are the shard's totals (store.py, meta ``totals``), which the worker stores
+  with each batch and mirrors into the block after the commit and at boot: exact through
+  crashes, and they go on across restarts (no counter reset); rates are ``rate()`` of them.
+  The other counters count since the service started.
 - **Rings** (``ring.py``): fill ratio of each supervisor→worker ring and worker→worker ring.
 - **Commit histogram** (``{prefix}-hist``, optional): batch commit latency per worker, see
   :func:`record_commit` for the layout. Skipped when the segment does not exist.
@@ -81,16 +85,21 @@ HIST_SLOTS = len(COMMIT_BUCKETS_MS) + 2  # per worker: buckets, +Inf, sum in µs
 _HIST_INF = len(COMMIT_BUCKETS_MS)
 _HIST_SUM = len(COMMIT_BUCKETS_MS) + 1
 
+_SHARD = "; the shard's total, stored with each batch (exact through crashes and restarts)"
 # (control-block slot, metric name without _total, help); all counters, labelled by worker.
 _COUNTERS = (
-    (Slot.RECORDS, "aggregator_records_in", "Kafka records received by the worker"),
-    (Slot.APPLIED, "aggregator_events_applied", "Events applied to the views (each once)"),
-    (Slot.DUPLICATES, "aggregator_duplicates_dropped", "Events dropped as duplicates"),
+    (Slot.RECORDS, "aggregator_records_in", "Kafka records received by the worker" + _SHARD),
+    (Slot.APPLIED, "aggregator_events_applied",
+     "Events applied to the views (each once)" + _SHARD),
+    (Slot.DUPLICATES, "aggregator_duplicates_dropped", "Events dropped as duplicates" + _SHARD),
     (Slot.STALE, "aggregator_stale_dropped",
-     "Events dropped by the sequence gate (at or below the last applied sequence)"),
-    (Slot.GAPS_SKIPPED, "aggregator_gaps_skipped", "Sequence gaps given up on (gap_policy)"),
-    (Slot.DEADLETTERED, "aggregator_deadlettered", "Records sent to the dead-letter topic"),
-    (Slot.FORWARDED, "aggregator_forwarded", "View updates forwarded to another shard"),
+     "Events dropped by the sequence gate (at or below the last applied sequence)" + _SHARD),
+    (Slot.GAPS_SKIPPED, "aggregator_gaps_skipped",
+     "Sequence gaps given up on (gap_policy)" + _SHARD),
+    (Slot.DEADLETTERED, "aggregator_deadlettered",
+     "Records sent to the dead-letter topic" + _SHARD),
+    (Slot.FORWARDED, "aggregator_forwarded",
+     "View updates forwarded to another shard" + _SHARD),
     (Slot.COMMITS, "aggregator_lmdb_commits", "LMDB write transactions committed"),
     (Slot.RESTORE_RECORDS, "aggregator_restore_records",
      "Changelog records read to restore tasks (cluster mode)"),
@@ -425,6 +434,11 @@ class ServiceCollector(Collector):
                                      "Times the source partitions were paused for backpressure")
         pauses.add_metric([], status.get("pauses", 0))
         yield pauses
+        restarts = CounterMetricFamily("aggregator_worker_restarts",
+                                       "Workers that died and were respawned since the "
+                                       "supervisor started")
+        restarts.add_metric([], status.get("restarts", 0))
+        yield restarts
 
     def _shards(self) -> Iterable[Metric]:
         size = GaugeMetricFamily("aggregator_lmdb_file_bytes", "Size of the shard's data.mdb",

@@ -38,7 +38,7 @@ import msgpack
 
 from .metrics import read_status
 from .routing import slot_of, slot_prefix, worker_of
-from .store import shard_path
+from .store import TOTALS_KEY, normalize_totals, shard_path
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ class ShardReader:
 
     # ---- stats -----------------------------------------------------------------------
     def stats(self) -> dict:
-        """Entries per named database, map size, data file size."""
+        """Entries per named database, map size, data file size, the shard's totals."""
         data = self.path / "data.mdb"
         out: dict[str, Any] = {"path": str(self.path), "exists": data.exists()}
         if not out["exists"]:
@@ -174,6 +174,9 @@ class ShardReader:
                 return out
             info, psize = env.info(), env.stat()["psize"]
         out["entries"] = entries
+        raw = self.read(("meta",), lambda txn, dbs: None if dbs["meta"] is None
+                        else txn.get(TOTALS_KEY.encode(), db=dbs["meta"]))
+        out["totals"] = normalize_totals(None if raw is None else _unpack(raw))
         out["map_bytes"] = info["map_size"]
         out["used_bytes"] = (info["last_pgno"] + 1) * psize
         out["readers"] = info["num_readers"]

@@ -23,8 +23,12 @@ whole from old shard `s % N` to new shard `s % M`. Per table:
   owner of their document, ahead of the events of the forwarded updates applied here, and
   are renumbered from 1 (ids are "<view>:<version>:<key>", not the sequence).
 - ``meta``: the layout of the new shard; ``views`` and ``fingerprint`` as before;
-  ``bloom_generation`` = G; ``writer_epoch`` above every old one; other names are copied from
-  the first old shard that has them.
+  ``bloom_generation`` = G; ``writer_epoch`` above every old one; ``totals`` (store.py): the
+  sum over the old shards, plus the pending forwarded updates dead-lettered here, goes to new
+  shard 0 and the others start from zero (a total is not kept per slot), so the service's
+  sum stays exact; ``shard_token`` and the dedup log's (store.py) are not carried (a new shard
+  has no saved bloom filter: its first boot rebuilds it from the dedup index); other names are
+  copied from the first old shard that has them.
 
 Crash safety (a SIGKILL anywhere leaves the old layout, or finishes the new one):
 
@@ -61,7 +65,16 @@ from .faults import fault_point
 from .merge import MergeError
 from .plan import ViewPlan, assign_view_ids
 from .routing import SLOTS, slot_of, slot_prefix
-from .store import FORMAT_VERSION, Shard, offset_key, parse_offset_key, view_key
+from .store import (
+    FORMAT_VERSION,
+    TOTALS,
+    TOTALS_KEY,
+    Shard,
+    normalize_totals,
+    offset_key,
+    parse_offset_key,
+    view_key,
+)
 from .worker import Forwarded
 
 log = logging.getLogger(__name__)
@@ -71,7 +84,8 @@ TMP = "reshard-tmp"
 OLD = "reshard-old"
 _SLOT_TABLES = ("views", "seq", "parked")  # copied as they are, slot by slot
 _KNOWN_META = {"format", "shard", "workers", "slots", "views", "fingerprint",
-               "bloom_generation", "change_seq", "changes_published", "link_out"}
+               "bloom_generation", "change_seq", "changes_published", "link_out",
+               TOTALS_KEY, "shard_token", "dedup_log_seq", "dedup_log_pruned"}
 _U64 = struct.Struct(">Q")
 _U16 = struct.Struct(">H")
 _I64 = struct.Struct(">q")
@@ -98,6 +112,7 @@ class ReshardStats:
     changes: int = 0  # unpublished change events moved
     parked: int = 0
     dedup_dropped: int = 0  # outside the dedup window
+    dead_lettered: int = 0  # pending forwarded updates that failed to merge
     seconds: float = 0.0
 
 
@@ -397,6 +412,10 @@ class Resharder:
         self.generation = max(gens)
         self.shift = [self.generation - g for g in gens]
         self.oldest_gen = self.generation - self.cfg.dedup.bloom_generations + 1
+        # the service's totals, all in new shard 0 (the module docstring)
+        olds_totals = [normalize_totals(m.get(TOTALS_KEY)) for m in metas if TOTALS_KEY in m]
+        self.totals = {name: sum(t[name] for t in olds_totals) for name in TOTALS}
+        self.totals["since"] = min((t["since"] for t in olds_totals if t["since"]), default=0)
         self.new_docs: list[dict[bytes, dict]] = [{} for _ in range(self.m)]
         self.moved_changes: list[list[tuple[int, bytes]]] = [[] for _ in range(self.m)]
         self.new_changes: list[list[bytes]] = [[] for _ in range(self.m)]
@@ -476,6 +495,8 @@ class Resharder:
                                                "and there is no dead-letter output") from None
                         self.dlq = self.make_dlq()
                     self.dlq.send(fwd.record(), "merge_error", f"view {feed.view}: merge failed")
+                    self.totals["deadlettered"] += 1
+                    self.stats.dead_lettered += 1
                     continue
                 stored["d"] = doc
                 stored["v"] += 1
@@ -541,6 +562,8 @@ class Resharder:
                     "changes_published": 0, "link_out": {}}
             if self.fingerprint is not None:
                 meta["fingerprint"] = self.fingerprint
+            if j == 0 and (self.totals["since"] or any(self.totals.values())):
+                meta[TOTALS_KEY] = self.totals
             for name, value in meta.items():
                 w.put("meta", name.encode(), _pack(value))
             w.flush()

@@ -16,8 +16,25 @@ links          source worker (2)                      last applied link seq (8)
 outbox         target worker (2) + link seq (8)       msgpack message (view updates)
 changes        change seq (8)                         msgpack [view id, key, version, data,
                                                       ms] (change events not yet delivered)
+dedup_log      log seq (8)                            generation (8) + identity hashes
+                                                      (16 each): the ids a batch added
 meta           name                                   msgpack value
 =============  =====================================  ====================================
+
+Format notes (additions that keep FORMAT_VERSION 1: older builds ignore them, and a shard
+written before them opens as it is):
+
+- meta ``totals``: msgpack {name: int} with the names of `TOTALS`, plus
+  ``since`` (unix ms when this shard started counting). The worker writes it in the
+  transaction of every batch that counted something, so it is exactly what the committed
+  batches did, through any crash. A shard without it starts from zero at its next batch
+  (``since`` then says when): the earlier counts cannot be derived from the shard (the
+  dedup index keeps only the dedup window, sequences only the last one).
+- ``dedup_log`` and meta ``dedup_log_seq`` (last log seq used), ``dedup_log_pruned`` (entries
+  up to it deleted) and ``shard_token`` (random, made at the first boot): the ids each batch
+  adds to the dedup index, in the batch's transaction, kept until a saved bloom filter
+  (``bloom.snap`` in the shard directory, bloom_snapshot.py) covers them. A shard without them
+  (or without the file) rebuilds its filter from the dedup index at boot, as before.
 
 The shard is opened inside the worker process (never across a fork). Every batch is one write
 transaction; a MAP_FULL aborts the whole transaction (nothing partial is kept), grows the map up
@@ -49,7 +66,7 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 _DBS = ("views", "dedup", "dedup_gen", "seq", "parked", "offsets", "links", "outbox", "changes",
-        "meta")
+        "dedup_log", "meta")
 _U64 = struct.Struct(">Q")
 _I64 = struct.Struct(">q")
 _U16 = struct.Struct(">H")
@@ -67,6 +84,12 @@ class ShardError(RuntimeError):
 
 
 WRITER_EPOCH = b"writer_epoch"  # meta key: the epoch of the shard's current writer
+TOTALS_KEY = "totals"  # meta key: the shard's exact per-batch totals (format note above)
+# What a worker counts per batch, in the order of control.Slot's counters: records received,
+# events applied (each once), dropped as duplicates / stale, sequence gaps skipped, records
+# dead-lettered, view updates forwarded to another shard.
+TOTALS = ("records", "applied", "duplicates", "stale", "gaps_skipped", "deadlettered",
+          "forwarded")
 
 
 class Fenced(RuntimeError):
@@ -119,6 +142,14 @@ def storage_message(code: int, path: str | os.PathLike) -> str:
     """``data disk full: /data/shard-0 (No space left on device)``."""
     what = STORAGE_ERRORS.get(code, "storage error")
     return f"{what}: {path} ({os.strerror(code)})"
+
+
+def normalize_totals(raw) -> dict[str, int]:
+    """A stored ``totals`` value (or None) with every name of TOTALS and ``since``."""
+    raw = raw if isinstance(raw, dict) else {}
+    out = {name: int(raw.get(name, 0)) for name in TOTALS}
+    out["since"] = int(raw.get("since", 0))
+    return out
 
 
 def shard_path(data_dir: str | os.PathLike, index: int) -> Path:
@@ -174,6 +205,11 @@ class Shard:
         with self.env.begin(db=db) as txn:
             raw = txn.get(name.encode())
         return default if raw is None else _unpack(raw)
+
+    def totals(self) -> dict[str, int]:
+        """The shard's totals (meta ``totals``): every name of TOTALS (0 if never counted)
+        and ``since`` (unix ms when counting started; 0 if it has not yet)."""
+        return normalize_totals(self.get_meta(TOTALS_KEY))
 
     def put_meta(self, **values) -> None:
         with self.env.begin(write=True, db=self.db["meta"]) as txn:
@@ -269,6 +305,18 @@ class Shard:
             for k, _ in txn.cursor():
                 yield _U64.unpack(k[:8])[0], bytes(k[10:26])
 
+    def dedup_log_after(self, after: int) -> Iterator[tuple[int, int, bytes]]:
+        """(log seq, generation, identity hashes) of the dedup log with seq > after."""
+        db = self.db.get("dedup_log")
+        if db is None:
+            return
+        with self.env.begin(db=db) as txn:
+            cur = txn.cursor()
+            if not cur.set_range(_U64.pack(after + 1)):
+                return
+            for k, v in cur:
+                yield _U64.unpack(k)[0], _U64.unpack(v[:8])[0], bytes(v[8:])
+
     def parked_streams(self) -> dict[bytes, tuple[list | None, list[tuple[int, float]], int]]:
         """Every gate key with parked events: (its seq row or None, [(seq, parked_at)]
         ascending, topic index of its first parked record)."""
@@ -355,12 +403,13 @@ def _allocate_lock_file(path: Path) -> None:
 class Batch:
     """One write transaction: everything a batch changes, committed at once or not at all."""
 
-    __slots__ = ("shard", "txn", "_db")
+    __slots__ = ("shard", "txn", "_db", "_seen")
 
     def __init__(self, shard: Shard):
         self.shard = shard
         self.txn = shard.env.begin(write=True)
         self._db = shard.db
+        self._seen: dict[int, list[bytes]] = {}  # generation -> hashes marked seen
         mine = shard.writer_epoch
         if mine is not None:  # fencing: one get per transaction (see Shard.claim_writer)
             raw = self.txn.get(WRITER_EPOCH, db=self._db["meta"])
@@ -388,6 +437,38 @@ class Batch:
         g = _U64.pack(generation)
         self.txn.put(skey, g, db=self._db["dedup"])
         self.txn.put(g + skey, b"", db=self._db["dedup_gen"])
+        seen = self._seen.get(generation)
+        if seen is None:
+            seen = self._seen[generation] = []
+        seen.append(skey[2:])
+
+    @property
+    def seen_count(self) -> int:
+        """Ids this transaction added to the dedup index."""
+        return sum(len(v) for v in self._seen.values())
+
+    def log_seen(self, last_seq: int) -> int:
+        """Write the ids this transaction marked seen to the dedup log (one entry per
+        generation, seqs after `last_seq`); returns the last seq used."""
+        for gen in sorted(self._seen):
+            last_seq += 1
+            self.txn.put(_U64.pack(last_seq), _U64.pack(gen) + b"".join(self._seen[gen]),
+                         db=self._db["dedup_log"])
+        return last_seq
+
+    def prune_dedup_log(self, upto: int) -> int:
+        """Delete dedup log entries with seq <= upto."""
+        cur = self.txn.cursor(db=self._db["dedup_log"])
+        n = 0
+        if not cur.first():
+            return 0
+        while _U64.unpack(cur.key())[0] <= upto:
+            if not cur.delete():
+                break
+            n += 1
+            if not cur.key():
+                break
+        return n
 
     def prune_generations(self, upto: int, limit: int = 100_000) -> int:
         """Delete index entries of generations <= upto; at most `limit` per call."""
@@ -484,6 +565,10 @@ class Batch:
 
     def put_meta(self, name: str, value) -> None:
         self.txn.put(name.encode(), _pack(value), db=self._db["meta"])
+
+    def put_totals(self, totals: dict[str, int]) -> None:
+        """Store the shard's totals (see the format notes) in this transaction."""
+        self.put_meta(TOTALS_KEY, totals)
 
     def commit(self) -> None:
         """Commit; raises lmdb.MapFullError (the caller aborts, grows and retries), or a

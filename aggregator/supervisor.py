@@ -27,7 +27,7 @@ import os
 import shutil
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -51,6 +51,7 @@ from .deadletter import DeadLetters
 from .envelope import routing_key
 from .faults import fault_flag, fault_point
 from .kafka_clients import KafkaSettingsError, check_client_settings, quiet
+from .mapping import plans_by_topic, route
 from .metrics import create_commit_histogram, partition_label, remove_status, write_status
 from .ownership import Ownership
 from .placement import Placement
@@ -99,7 +100,8 @@ class WorkerHandle:
 
 @dataclass
 class Stats:
-    """Totals over all workers, for progress output and metrics."""
+    """Totals over all workers, for progress output and metrics: records..forwarded are the
+    shards' totals (control.TOTAL_SLOTS), the others count since the supervisor started."""
 
     records: int = 0
     applied: int = 0
@@ -150,6 +152,8 @@ class Supervisor:
         # per topic index: the source reads structured = "detect" (envelope.routing_key)
         detect = {s.topic for s in config.sources.values() if s.structured == "detect"}
         self.detect = [t in detect for t in self.topics]
+        # per topic index: the input mapping of a non-CloudEvents source (mapping.route)
+        self.maps = plans_by_topic(config, self.topics)
         self.workers = [WorkerHandle(i) for i in range(self.n)]
         self.stop_requested = False
         self.aborting = False  # _abort: the revoke of consumer.close() must not drain
@@ -158,6 +162,7 @@ class Supervisor:
         self.assigned: set[tuple[int, int]] = set()
         self.next_offset: dict[tuple[int, int], int] = {}
         self.stats = Stats()
+        self.start_stats = Stats()  # the totals when the workers had booted (this run: the rest)
         self.checkpoint = Checkpoint(
             self.n, (lambda tp: self.placement.worker_of.get(tp[1], 0)) if self.cluster
             else None)
@@ -189,6 +194,8 @@ class Supervisor:
                          self.cfg.tasks_topic(), self.cfg.changelog_topic())
             self._create_segments()
             self._start_workers()
+            self._refresh_stats()  # the shards' totals, published by the booted workers
+            self.start_stats = replace(self.stats)
             try:
                 self.http = start_server_process(self.cfg, log_level=self.log_level,
                                                  log_format=self.log_format)
@@ -576,7 +583,9 @@ class Supervisor:
                 self.dlq.too_large([ti, part, off, key, value, headers], max_bytes)
                 oversized = True
                 continue
-            rk = routing_key(value, headers, key, detect=self.detect[ti])
+            plan = self.maps[ti]
+            rk = (routing_key(value, headers, key, detect=self.detect[ti]) if plan is None
+                  else route(plan, value, headers, key, max_bytes))
             slot = slot_of(rk) if rk is not None else 0
             per[slot % n].append((ti, part, off, key, value, headers, m.timestamp()[1], slot))
         if last_topic is not None:
@@ -972,8 +981,11 @@ class Supervisor:
         self.consumer.close()
         self.dlq.close()
         self._stop_http()
-        log.info("stopped cleanly: %d records consumed, %d applied", self.stats.consumed,
-                 self.stats.applied)
+        s, s0 = self.stats, self.start_stats
+        log.info("stopped cleanly: %d records consumed, %d applied in this run; the shards' "
+                 "totals: %d records, %d applied, %d duplicates, %d stale, %d dead-lettered",
+                 s.consumed, s.applied - s0.applied, s.records, s.applied, s.duplicates,
+                 s.stale, s.deadlettered)
 
     def _stop_http(self) -> None:
         if self.http is not None:
@@ -1001,7 +1013,7 @@ class Supervisor:
             "pid": os.getpid(), "workers": self.n, "ready": ready,
             "assigned": [partition_label(self.topics[ti], p) for ti, p in sorted(self.assigned)],
             "lag": lag, "events_in": self.events_in, "paused": self.paused,
-            "pauses": self.stats.pauses}
+            "pauses": self.stats.pauses, "restarts": self.stats.restarts}
         if self.cluster:
             status["tasks"] = sorted(self.owned)
             status["placement"] = self.placement.snapshot()

@@ -25,6 +25,7 @@ import time
 
 import lmdb
 
+from . import bloom_snapshot
 from .changelog import (
     DEDUP,
     CapturingBatch,
@@ -177,7 +178,7 @@ class TaskWorker(Worker):
             flags = self._bloom_again([h]) if self.retrying else self.bloom.check_and_add(h)
             skey = slot_prefix(u[2]) + h
             if flags[0] and batch.seen(skey):
-                self.t_stats["dup"] += 1
+                self.t_stats["duplicates"] += 1
                 continue
             batch.mark_seen(skey, gen)
             fwd = Forwarded(u)
@@ -261,6 +262,10 @@ class TaskWorker(Worker):
             conf["group.id"] = f"{self.cfg.kafka.group_id}.restore"
             self.reader = ChangelogReader(conf, self.cfg.changelog_topic())
         t0 = time.monotonic()
+        # the restore writes dedup ids the dedup log does not have: a saved bloom filter
+        # would miss them at the next boot (bloom_snapshot.py, 5.)
+        if bloom_snapshot.discard(self.shard.path):
+            self.snap_seq = None
         while True:
             try:
                 done = self._restore_once(task, rid, t0)
@@ -279,6 +284,7 @@ class TaskWorker(Worker):
         r, epoch = done
         if r.dedup_hashes:
             self.bloom.check_and_add(b"".join(r.dedup_hashes))
+        self.save_bloom()  # with the restored ids
         self.owned[task] = [epoch, 0, rid]
         off = self.shard.offsets().get((self.topics[self.TT], task))
         if off is None:

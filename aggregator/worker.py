@@ -3,7 +3,8 @@
 Per batch (one LMDB write transaction):
 
 1. skip records at or below this shard's through-offset of their partition (redelivery);
-2. parse the CloudEvent; malformed → dead-letter;
+2. parse the CloudEvent (or map a record of an outbox/JSON source, mapping.py);
+   malformed → dead-letter;
 3. dedup: the bloom filter answers "definitely new" for most events; a "maybe" is confirmed
    against the exact LMDB index, so a false positive never drops a new event;
 4. sequence gate per (source, partition key): apply / stale / park, then drain parked
@@ -11,8 +12,9 @@ Per batch (one LMDB write transaction):
 5. merge into view documents owned by this shard, or write the update to the outbox of the
    shard that owns the view key (forwarded after commit, applied there exactly once by link
    sequence number);
-6. store through-offsets, link sequences and sequence state, then commit; acknowledge the
-   batch to the supervisor through the control block.
+6. store through-offsets, link sequences, sequence state and the shard's totals (what the
+   batch counted added to meta ``totals``: exact through any crash), then commit;
+   acknowledge the batch and publish the totals to the supervisor through the control block.
 
 A transaction that fails keeps nothing, and the same messages are applied again from step 1
 (nothing is acknowledged before the commit, so the supervisor's Kafka commit cannot pass it):
@@ -40,14 +42,16 @@ from collections import deque
 import lmdb
 import msgpack
 
-from . import core, logs
+from . import bloom_snapshot, core, logs
 from .changes import ChangeEncoder, ChangePublisher
 from .config import Config
-from .control import ControlBlock, Slot
+from .control import TOTAL_SLOTS, ControlBlock, Slot
 from .deadletter import DeadLetters
 from .envelope import EnvelopeError, parse
 from .faults import fault_flag, fault_point
 from .kafka_clients import redact_text
+from .mapping import apply as apply_mapping
+from .mapping import plans_by_topic
 from .merge import MergeError, get_path
 from .metrics import hist_segment_name, record_commit
 from .plan import Feed, ViewPlan, assign_view_ids
@@ -55,6 +59,7 @@ from .ring import Ring, SharedCounters
 from .routing import SLOTS, gate_hash, identity_hash, slot_of, slot_prefix, worker_of
 from .runtime import set_parent_death_signal, tune_gc
 from .store import (
+    TOTALS,
     Batch,
     Fenced,
     Shard,
@@ -77,6 +82,9 @@ APPLY, STALE, PARK, FULL = core.APPLY, core.STALE, core.PARK, core.FULL
 FATAL_EXIT = 3  # the supervisor does not respawn a worker that exits with this code
 FENCED_EXIT = 4  # a newer worker of this shard booted: this one stopped without writing
 TXN_MAX_BYTES = 4 << 20  # ring bytes taken into one transaction (bounds its duration)
+# after a boot the first transaction takes this much, doubling per commit up to TXN_MAX_BYTES:
+# a replacement commits (acknowledges, moves the Kafka commit) soon after it booted
+FIRST_TXN_BYTES = 128 << 10
 STORAGE_RETRY_S = (0.5, 5.0)  # pause before retrying a batch the data disk refused: min, max
 STORAGE_LOG_EVERY_S = 60.0  # while blocked, how often the error is logged again
 
@@ -152,6 +160,10 @@ class Worker:
         self.max_bytes = svc.max_record_bytes
         self.max_key = svc.max_key_bytes
         self.stopping = False
+        self.txn_bytes = FIRST_TXN_BYTES  # ring bytes of the next transaction (slow start)
+        # new dedup ids after which the bloom filter is saved again: a boot reads at most
+        # these from the dedup log (bloom_snapshot.py)
+        self.save_bloom_every = max(config.dedup.bloom_capacity // 8, 10_000)
         self.retrying = False  # applying again a batch whose transaction was rolled back
         self.shard_broken = False  # MDB_PANIC: the environment must be reopened
         self.dlq_delivered: set[tuple] = set()  # dead letters of the batch already delivered
@@ -176,17 +188,18 @@ class Worker:
         if self.changes.enabled:
             self.publisher = ChangePublisher(cfg, self.changes, self.shard.changes_after,
                                              self.changes_pruned, self.change_seq)
+        self.totals = self.shard.totals()  # exact: stored with every batch (_finish)
         self.topics = list(self.plan.topics)
         # topic indexes of the sources with structured = "detect" (envelope.parse)
         self.detect = frozenset(i for i, t in enumerate(self.topics)
                                 if cfg.source_by_topic(t)[1].structured == "detect")
+        # per topic index: the input mapping of a non-CloudEvents source (mapping.py)
+        self.maps = plans_by_topic(cfg, self.topics)
         self.owners = self.n  # who owns a view key: worker_of(slot, owners)
         self._boot_tasks()
         self.topic_index = {t: i for i, t in enumerate(self.topics)}
 
-        d = cfg.dedup
-        self.bloom = core.BloomFilter(d.bloom_capacity, d.bloom_fp_rate, d.bloom_generations)
-        self._rebuild_bloom()
+        self._load_bloom()
         if fault_flag("bloom-maybe"):  # chaos tests: every id goes to the exact index
             self.bloom = AlwaysMaybe(self.bloom)
         g = cfg.gate
@@ -227,16 +240,19 @@ class Worker:
         self.unsent: dict[int, deque] = {j: deque() for j in self.peer_out}
         self.pruned = {j: 0 for j in self.peer_out}
         self.dlq = DeadLetters(cfg, self.topics)
+        self.dlq.warm_up()  # a replayed first batch may dead-letter: no connect then
         ctl.set(me, Slot.PID, os.getpid())
+        self._publish_totals()  # what a predecessor committed but did not publish, too
         ctl.set(me, Slot.PARKED, self.gate.parked_total)
         ctl.heartbeat(me)
         # the shard's writer epoch (it only grows); a worker that finds another value in its
         # row was replaced (_check_fence)
         self.ctl_epoch = max(self.epoch, ctl.get(me, Slot.EPOCH) + 1)
         ctl.set(me, Slot.EPOCH, self.ctl_epoch)
-        log.info("worker %d booted: core=%s, %d dedup ids in %d bloom generations, "
-                 "%d partitions", me, core.IMPLEMENTATION, self._bloom_loaded,
-                 len(self.bloom.live_generations), len(self.through))
+        log.info("worker %d booted: core=%s, bloom filter %s (%d ids read, %.3f s), %d bloom "
+                 "generations, %d partitions", me, core.IMPLEMENTATION, self._bloom_how,
+                 self._bloom_loaded, self._bloom_s, len(self.bloom.live_generations),
+                 len(self.through))
 
     def _check_fingerprint(self, fingerprint: str) -> None:
         """Outbox messages name feeds and parked records name topics by their position in the
@@ -253,8 +269,62 @@ class Worker:
                 "(SIGTERM), or start from a new data_dir")
         log.warning("worker %d: sources or views changed since the last run", self.index)
 
+    def _new_bloom(self):
+        d = self.cfg.dedup
+        return core.BloomFilter(d.bloom_capacity, d.bloom_fp_rate, d.bloom_generations)
+
+    def _load_bloom(self) -> None:
+        """The bloom filter at boot: the saved one plus the dedup log after it, or else
+        rebuilt from the whole dedup index (bloom_snapshot.py says when which)."""
+        t0 = time.monotonic()
+        shard = self.shard
+        self.shard_token = shard.get_meta("shard_token")
+        if self.shard_token is None:
+            self.shard_token = os.urandom(16).hex()
+            shard.put_meta(shard_token=self.shard_token)
+        self.dedup_log_seq = shard.get_meta("dedup_log_seq", 0)
+        self.dedup_log_pruned = shard.get_meta("dedup_log_pruned", 0)
+        self.bloom = self._new_bloom()
+        self.snap_seq: int | None = None  # log seq of the saved filter, once durable
+        try:
+            seq = bloom_snapshot.load(shard.path, self.bloom, self.shard_token,
+                                      self.dedup_log_pruned, self.dedup_log_seq)
+            n = 0
+            for _, gen, hashes in shard.dedup_log_after(seq):
+                self.bloom.load(gen, hashes)
+                n += len(hashes) // 16
+            self.snap_seq = seq
+            self._bloom_loaded = n
+            self._bloom_how = f"restored (dedup log {seq}) + {n} ids logged after it"
+        except (bloom_snapshot.SnapshotUnusable, ValueError) as e:
+            self.bloom = self._new_bloom()
+            self._rebuild_bloom()
+            self._bloom_how = f"rebuilt from the dedup index ({e})"
+        gen_meta = shard.get_meta("bloom_generation", 0)
+        while self.bloom.generation < gen_meta:
+            self.bloom.rotate()
+        self.bloom_saved = gen_meta  # bloom_generation as stored in meta
+        self.bloom_dropped = -1  # newest generation dropped from the filter, not yet pruned
+        self.ids_unsaved = self._bloom_loaded if self.snap_seq is None else 0
+        self._bloom_s = time.monotonic() - t0
+
+    def save_bloom(self) -> None:
+        """Save the bloom filter (between batches: it holds every id of the committed
+        batches, dedup log seq `dedup_log_seq`); the next batch prunes the log up to it."""
+        t0 = time.monotonic()
+        try:
+            size = bloom_snapshot.save(self.shard.path, self.bloom, self.shard_token,
+                                       self.dedup_log_seq)
+        except OSError as e:  # the filter is an optimisation: boots rebuild it meanwhile
+            log.warning("worker %d: cannot save the bloom filter: %s", self.index, e)
+            self.ids_unsaved = 0  # not again before as many new ids
+            return
+        self.snap_seq = self.dedup_log_seq
+        self.ids_unsaved = 0
+        log.debug("worker %d: bloom filter saved (%d bytes, dedup log %d) in %.3f s",
+                  self.index, size, self.snap_seq, time.monotonic() - t0)
+
     def _rebuild_bloom(self) -> None:
-        gen_meta = self.shard.get_meta("bloom_generation", 0)
         buf: list[bytes] = []
         current = None
         n = 0
@@ -267,11 +337,7 @@ class Worker:
             n += 1
         if buf:
             self.bloom.load(current, b"".join(buf))
-        while self.bloom.generation < gen_meta:
-            self.bloom.rotate()
         self._bloom_loaded = n
-        self.bloom_saved = gen_meta  # bloom_generation as stored in meta
-        self.bloom_dropped = -1  # newest generation dropped from the filter, not yet pruned
 
     def _load_parked(self) -> None:
         """Load every key with parked events into the gate (at boot and after the gate was
@@ -314,6 +380,7 @@ class Worker:
         ctl, me = self.ctl, self.index
         ppid = os.getppid()
         ctl.set(me, Slot.STORAGE_BLOCKED, 0)  # a predecessor may have died blocked
+        self.txn_bytes = FIRST_TXN_BYTES
         while True:
             self._check_fence()
             ctl.heartbeat(me)
@@ -321,11 +388,11 @@ class Worker:
             if self.publisher is not None:
                 self.publisher.pump()
             self._check_fence()  # right before taking messages from the rings
-            sup = self.inbound.get_many(1024, TXN_MAX_BYTES)
+            sup = self.inbound.get_many(1024, self.txn_bytes)
             peers = []
             for j, r in self.peer_in.items():
                 if r.used_bytes:
-                    peers.extend(r.get_many(1024, TXN_MAX_BYTES))
+                    peers.extend(r.get_many(1024, self.txn_bytes))
             if not sup and not peers:
                 if self.stopping:
                     return 0
@@ -349,6 +416,7 @@ class Worker:
                         log.warning("worker %d: %d change events not yet delivered; they are "
                                     "published at the next start", me, self.publisher.backlog)
                     self.process([], [])  # prune what was delivered
+                self.save_bloom()  # the next start reads no dedup index
                 return 0
 
     # ---- one batch -------------------------------------------------------------------------
@@ -484,8 +552,10 @@ class Worker:
         self.t_out: dict[int, list] = {}
         self.t_seqpart: dict[bytes, tuple[str, int]] = {}
         self.t_parked: dict[tuple[bytes, int], tuple] = {}
-        self.t_stats = dict.fromkeys(
-            ("records", "applied", "dup", "stale", "gaps", "dlq", "forwarded"), 0)
+        self.t_stats = dict.fromkeys(TOTALS, 0)
+        self.t_totals: dict[str, int] | None = None  # the shard's totals with this batch
+        self.t_seen_log: tuple[int, int] | None = None  # (dedup log seq, ids) of the batch
+        self.t_log_pruned = 0
         self.t_ack = -1
         self.t_docs: dict[bytes, dict] = {}
         self.t_log: dict[bytes, list] = {}
@@ -548,6 +618,10 @@ class Worker:
 
     def _parse(self, rec):
         try:
+            plan = self.maps[rec[0]]
+            if plan is not None:
+                return apply_mapping(plan, rec[4], rec[5], rec[3], rec[2], rec[6],
+                                     self.max_bytes, self.max_key)
             return parse(rec[4], rec[5], rec[3], self.max_bytes, self.max_key,
                          rec[0] in self.detect)
         except EnvelopeError as e:
@@ -555,7 +629,7 @@ class Worker:
             return None
 
     def _dead_letter(self, rec, reason: str, message: str) -> None:
-        self.t_stats["dlq"] += 1
+        self.t_stats["deadlettered"] += 1
         key = (rec[0], rec[1], rec[2], reason, message)
         if key in self.dlq_delivered:
             return  # delivered by an attempt of this batch that was rolled back
@@ -575,7 +649,7 @@ class Worker:
         for i, (ev, rec) in enumerate(events):
             skey = slot_prefix(slots[i]) + hashes[i]
             if flags[i] and batch.seen(skey):
-                self.t_stats["dup"] += 1
+                self.t_stats["duplicates"] += 1
                 continue
             batch.mark_seen(skey, gen)
             kept.append((ev, rec))
@@ -679,7 +753,7 @@ class Worker:
         last = self.gate.last(g)
         seqs = self.gate.skip_gap(g)
         if seqs:
-            self.t_stats["gaps"] += 1
+            self.t_stats["gaps_skipped"] += 1
             log.warning("worker %d: sequence gap skipped for stream %s: last applied %d, "
                         "resuming at %d", self.index, g.hex(), last, seqs[0])
         for s in seqs:
@@ -863,6 +937,32 @@ class Worker:
             if self.bloom_dropped >= 0:
                 batch.prune_generations(self.bloom_dropped, limit=10_000_000)
             self.t_bloom_saved = True
+        self._log_seen(batch)
+        self._count(batch)
+
+    def _log_seen(self, batch: Batch) -> None:
+        """The batch's new dedup ids into the dedup log; the log pruned up to the saved
+        bloom filter (bloom_snapshot.py)."""
+        n = batch.seen_count
+        if n:
+            self.t_seen_log = (batch.log_seen(self.dedup_log_seq), n)
+            batch.put_meta("dedup_log_seq", self.t_seen_log[0])
+        if self.snap_seq is not None and self.snap_seq > self.dedup_log_pruned:
+            batch.prune_dedup_log(self.snap_seq)
+            batch.put_meta("dedup_log_pruned", self.snap_seq)
+            self.t_log_pruned = self.snap_seq
+
+    def _count(self, batch: Batch) -> None:
+        """Add the batch's counts to the shard's totals in its own transaction: a batch is
+        counted exactly when it is committed, whatever is killed when (store.py, meta
+        ``totals``). Kept in `t_totals` until the commit (a rollback forgets them)."""
+        s = self.t_stats
+        if not any(s.values()):
+            return
+        totals = {name: self.totals[name] + s[name] for name in TOTALS}
+        totals["since"] = self.totals["since"] or int(time.time() * 1000)
+        batch.put_totals(totals)
+        self.t_totals = totals
 
     def _forward_messages(self, owner: int, last_seq: int, updates: list) -> list[bytes]:
         """The outbox messages (link seqs last_seq+1, ...) carrying `updates`: as many as
@@ -932,7 +1032,7 @@ class Worker:
 
     def _post_commit(self) -> None:
         self._check_fence()  # a replacement booted during the commit: it takes over from here
-        ctl, me, s = self.ctl, self.index, self.t_stats
+        ctl, me = self.ctl, self.index
         if self.publisher is not None:
             if self.t_chg_out:
                 self.change_seq = self.t_chg_out[-1][0]
@@ -945,24 +1045,37 @@ class Worker:
         self.pruned.update(self.t_pruned_out)
         if self.t_bloom_saved:
             self.bloom_saved, self.bloom_dropped = self.bloom.generation, -1
+        if self.t_seen_log is not None:
+            self.dedup_log_seq = self.t_seen_log[0]
+            self.ids_unsaved += self.t_seen_log[1]
+        if self.t_log_pruned:
+            self.dedup_log_pruned = self.t_log_pruned
         for src, seq in self.t_link_in.items():
             ctl.set_link_applied(me, src, seq)
         for owner, out in self.t_outmsg.items():
             self.link_out[owner] = out[-1][0]
             self.unsent[owner].extend(out)
             ctl.set_link_committed(me, owner, out[-1][0])
-        for name, slot in (("records", Slot.RECORDS), ("applied", Slot.APPLIED),
-                           ("dup", Slot.DUPLICATES), ("stale", Slot.STALE),
-                           ("gaps", Slot.GAPS_SKIPPED), ("dlq", Slot.DEADLETTERED),
-                           ("forwarded", Slot.FORWARDED)):
-            if s[name]:
-                ctl.add(me, slot, s[name])
+        fault_point("worker_after_publish")  # committed and published, not yet acknowledged
+        if self.t_totals is not None:
+            self.totals = self.t_totals
+            self._publish_totals()
         ctl.add(me, Slot.COMMITS, 1)
         ctl.set(me, Slot.PARKED, self.gate.parked_total)
         if self.t_ack >= 0:
             ctl.set(me, Slot.ACK_BATCH, self.t_ack)
         self.gate.evict(self.cfg.gate.max_cached_keys)
+        self.txn_bytes = min(self.txn_bytes * 2, TXN_MAX_BYTES)
+        if self.ids_unsaved >= self.save_bloom_every:
+            self.save_bloom()
         self._pump_outbox()
+
+    def _publish_totals(self) -> None:
+        """The shard's committed totals into the control block (set, not added: the block
+        mirrors the shard, so a batch a killed predecessor committed shows at the boot)."""
+        ctl, me = self.ctl, self.index
+        for name, slot in zip(TOTALS, TOTAL_SLOTS):
+            ctl.set(me, slot, self.totals[name])
 
     def _pump_outbox(self) -> None:
         """Send committed outbox messages to their shards, in link-sequence order."""

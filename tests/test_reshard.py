@@ -25,7 +25,7 @@ from aggregator import reshard
 from aggregator.control import Slot
 from aggregator.plan import ViewPlan
 from aggregator.routing import SLOTS, slot_of
-from aggregator.store import Shard, shard_path
+from aggregator.store import TOTALS, Shard, shard_path
 from tests import test_worker
 from tests.test_worker import (
     Cluster,
@@ -109,6 +109,7 @@ class Snapshot:
         self.unpublished = 0  # change events not yet delivered
         self.pending: dict[tuple[str, str], int] = {}  # forwarded updates not yet applied
         self.meta: list[dict] = []
+        self.totals: list[dict] = []  # each shard's meta "totals" (store.TOTALS)
         shards = sorted(data_dir.glob("shard-*"), key=lambda p: int(p.name[6:]))
         self.n = len(shards)
         plan = ViewPlan(cfg, {v: i for i, v in enumerate(cfg.views)})
@@ -119,6 +120,7 @@ class Snapshot:
             s = Shard(path, readonly=True)
             opened.append(s)
             views = s.get_meta("views")
+            self.totals.append(s.totals())
             self.meta.append({k: s.get_meta(k) for k in
                               ("workers", "shard", "bloom_generation", "change_seq",
                                "changes_published", "link_out", "fingerprint")})
@@ -162,6 +164,11 @@ def check_reshard(before: Snapshot, after: Snapshot, stats, m: int) -> None:
         if not before.pending.get(doc):
             assert rec == before.docs[doc], doc
     assert stats.forwarded == sum(before.pending.values())
+    # the service's totals carried whole (in new shard 0), plus the pending forwarded
+    # updates the reshard dead-lettered
+    assert sum_totals(after) == {**sum_totals(before), "deadlettered":
+                                 sum_totals(before)["deadlettered"] + stats.dead_lettered}
+    assert not any(v for t in after.totals[1:] for v in t.values())
     # links and outbox start again from 0: nothing is pending between the new shards
     assert after.pending == {} and all(x["link_out"] == {} for x in after.meta)
     assert after.parked == before.parked == stats.parked
@@ -179,6 +186,10 @@ def check_reshard(before: Snapshot, after: Snapshot, stats, m: int) -> None:
     gens = {x["bloom_generation"] or 0 for x in after.meta}
     assert gens == {max(x["bloom_generation"] or 0 for x in before.meta)}
     assert {x["fingerprint"] for x in after.meta} == {before.meta[0]["fingerprint"]}
+
+
+def sum_totals(snap: Snapshot) -> dict[str, int]:
+    return {name: sum(t[name] for t in snap.totals) for name in TOTALS}
 
 
 def do_reshard(cfg, data_dir: Path, m: int):
@@ -228,12 +239,15 @@ def test_reshard_4_7_2_4_keeps_everything_exact(tmp_path, clusters, workload, or
     assert sum(w.gate.parked_total for w in c.workers) == 2  # parked events moved
     c.dispatch(inventory(c, "p-resh", [1]))  # the gap fills: 1, 2, 3 applied
     assert c.total(Slot.PARKED) == 0
+    # the counters go on from the totals of run 1 (carried by the reshard)
+    assert c.total(Slot.APPLIED) == sum_totals(after)["applied"] + 3 > 3
+    stale0, dup0 = c.total(Slot.STALE), c.total(Slot.DUPLICATES)
     stale = dict(placed, status="older")
     c.dispatch(extra(c, [_event("orders", "shop.order.placed", "o-resh", 3, stale, "st-3")]))
-    assert c.total(Slot.STALE) == 1  # the sequence state moved
+    assert c.total(Slot.STALE) == stale0 + 1  # the sequence state moved
     applied = c.total(Slot.APPLIED)
     c.feed(extra(c, workload.records[:200]), rng)  # re-sent: new offsets
-    assert c.total(Slot.DUPLICATES) == 200 and c.total(Slot.APPLIED) == applied
+    assert c.total(Slot.DUPLICATES) == dup0 + 200 and c.total(Slot.APPLIED) == applied
     # the supervisor replays from the minimum through-offset: what workers 0-2 of the old
     # layout had applied is dropped by dedup, what worker 3 had not is applied
     c.feed(recs[replay_from:2 * q], rng)
@@ -302,9 +316,9 @@ def test_merged_shards_keep_every_live_generation(tmp_path, clusters, workload, 
     # the last events of shards 1-3, several generations behind shard 0, are still known
     # after the merge (shard 0's own are beyond its window by now)
     last = [workload.records[i] for i in range(half - 200, half) if recs[i][7] % 4 != 0]
-    applied = c.total(Slot.APPLIED)
+    applied, dup0 = c.total(Slot.APPLIED), c.total(Slot.DUPLICATES)
     c.feed(extra(c, last), random.Random(4))
-    assert c.total(Slot.DUPLICATES) == len(last) and c.total(Slot.APPLIED) == applied
+    assert c.total(Slot.DUPLICATES) == dup0 + len(last) and c.total(Slot.APPLIED) == applied
     c.feed(recs, random.Random(5), max_batch=40)  # everything again, same offsets
     assert_views(c.views(), oracle)
 

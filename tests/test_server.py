@@ -334,8 +334,10 @@ def test_metrics_follow_the_shared_counters(client, data_dir, segments):
 def test_metrics_from_the_status_file(client, data_dir):
     write_status(data_dir, {"ready": True, "assigned": ["a.b[0]", "a.b[1]"],
                             "lag": {"a.b[0]": 5, "a.b[1]": None},
-                            "events_in": {"orders": 10, "payments": 3}, "workers": 2})
+                            "events_in": {"orders": 10, "payments": 3}, "workers": 2,
+                            "restarts": 4})
     m = metrics(client)
+    assert m["aggregator_worker_restarts_total"] == {(): 4}
     assert m["aggregator_consumer_lag"] == {(("partition", "0"), ("topic", "a.b")): 5}
     assert m["aggregator_source_events_in_total"] == {(("source", "orders"),): 10,
                                                       (("source", "payments"),): 3}

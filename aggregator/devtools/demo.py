@@ -32,7 +32,7 @@ from rich.text import Text
 
 from .. import core, datadir
 from ..admin import end_offsets
-from ..config import Config
+from ..config import Config, SourceConfig
 from ..store import read_views
 from ..supervisor import Stats, Supervisor
 from . import simulate
@@ -150,14 +150,32 @@ def stderr_to_console(console: Console):
         t.join(2.0)
 
 
+def mixed_config(config: Config) -> Config:
+    """`config` with the sources of `simulate.MIXED_SOURCES` reading what those services
+    publish in `--mixed` mode (outbox relay, plain JSON); validated like a config file."""
+    sources = dict(config.sources)
+    for name, settings in simulate.MIXED_SOURCES.items():
+        if name not in sources:
+            raise DemoError(f"--mixed needs the shop's source {name!r} in the config")
+        sources[name] = SourceConfig.model_validate(
+            {**sources[name].model_dump(exclude={"format", "mapping"}), **settings})
+    out = config.model_copy(update={"sources": sources})
+    out.model_post_init(None)  # its topic -> source index (a copy keeps the old one)
+    return out
+
+
 def run_demo(config: Config, *, events: int, seed: int, data_dir: str | None = None,
              keep: bool = False, serve: bool = False, console: Console | None = None,
              log_level: int = logging.WARNING, log_format: str = "text",
-             command: str = "aggregator") -> int:
+             command: str = "aggregator", mixed: bool = False) -> int:
     """Run the demo; 0 when the check passed. ``command``: how the user runs this program,
-    for the printed hints. Raises DemoError/DataDirError before anything starts when the
-    data dir or (with ``serve``) the HTTP port cannot be used."""
+    for the printed hints. ``mixed``: two services publish in outbox-relay and plain-JSON
+    shape (`simulate.MIXED_SOURCES`), and their sources map them. Raises
+    DemoError/DataDirError before anything starts when the data dir or (with ``serve``) the
+    HTTP port cannot be used."""
     console = console or Console()
+    if mixed:
+        config = mixed_config(config)
     if serve:
         check_port(config.http.host, config.http.port)
     path, remove = _demo_dir(data_dir, keep or serve)
@@ -181,7 +199,7 @@ def run_demo(config: Config, *, events: int, seed: int, data_dir: str | None = N
     # the pipeline's own HTTP API takes any free port; --serve uses the configured one
     run_cfg = config.model_copy(update={"http": config.http.model_copy(update={"port": 0})})
     try:
-        code = _run(run_cfg, bootstrap, events, seed, console, log_level, log_format)
+        code = _run(run_cfg, bootstrap, events, seed, console, log_level, log_format, mixed)
         if code == 0 and not remove:
             console.print(f"data kept in {path} (try: {command} get customer c-000001 "
                           f"--data-dir {path})", highlight=False, markup=False,
@@ -205,12 +223,15 @@ def run_demo(config: Config, *, events: int, seed: int, data_dir: str | None = N
 
 
 def _run(config: Config, bootstrap: str, events: int, seed: int, console: Console,
-         log_level: int = logging.WARNING, log_format: str = "text") -> int:
+         log_level: int = logging.WARNING, log_format: str = "text",
+         mixed: bool = False) -> int:
     topics = config.topics()
     simulate.ensure_topics(bootstrap, topics + [config.service.dead_letter_topic]
                            + list(config.changes_topics().values()), partitions=4)
-    console.print(f"generating {events:,} events from 7 simulated services (seed {seed}) ...")
-    workload = simulate.generate(seed, events)
+    shapes = (" (orders from an outbox relay, payments as plain JSON)" if mixed else "")
+    console.print(f"generating {events:,} events from 7 simulated services{shapes} "
+                  f"(seed {seed}) ...")
+    workload = simulate.generate(seed, events, mixed=mixed)
     bad = simulate.bad_records()
     records = list(workload.records) + [tuple(b[:4]) for b in bad]
     console.print(f"{workload!r}; plus {len(bad)} malformed records")

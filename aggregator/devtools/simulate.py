@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "DEAD_LETTER_TOPIC",
+    "MIXED_SOURCES",
     "SOURCES",
     "TOPICS",
     "BadRecord",
@@ -657,6 +658,40 @@ def _encode(ev: SimEvent, mode: str) -> Record:
     return (src.topic, ev.partitionkey.encode(), value, headers)
 
 
+#: `generate(mixed=True)`: two services that don't speak CloudEvents, and the source
+#: settings (format and mapping, see aggregator/mapping.py) that read what they publish.
+MIXED_SOURCES: dict[str, dict[str, Any]] = {
+    # the orders service writes an outbox table; the outbox event router relays it
+    "orders": {"format": "outbox", "mapping": {"type": "header:eventType"}},
+    # the payments service publishes plain JSON with an id and a version in the body
+    "payments": {"format": "json", "mapping": {
+        "id": "data.event_id", "type": "data.event_type", "time": "data.occurred_at",
+        "partitionkey": "data.payment_id", "sequence": "data.version"}},
+}
+
+
+def _encode_outbox(ev: SimEvent, as_string: bool) -> Record:
+    """An outbox row as the outbox event router relays it: the aggregate id as the key, the
+    event id in header ``id``, the type column in header ``eventType`` (additional
+    placement ``type:header:eventType``), the payload column as the value -- a JSON object
+    (``table.expand.json.payload``) or, by default, a JSON string holding one."""
+    src = SOURCES[ev.source_name]
+    text = _json(ev.data).decode()
+    value = _json(text) if as_string else text.encode()
+    headers = [("id", ev.id.encode()), ("eventType", ev.type.encode()),
+               ("aggregatetype", ev.source_name.encode())]
+    return (src.topic, ev.partitionkey.encode(), value, headers)
+
+
+def _encode_plain_json(ev: SimEvent) -> Record:
+    """Plain JSON: the data with the event's id, type, version and time in the body."""
+    src = SOURCES[ev.source_name]
+    body = {**ev.data, "event_id": ev.id, "event_type": ev.type, "version": ev.sequence,
+            "occurred_at": ev.time}
+    return (src.topic, ev.partitionkey.encode(), _json(body),
+            [("content-type", JSON.encode())])
+
+
 def decode_record(record: Record) -> tuple[dict[str, Any], Any]:
     """The inverse of this module's encoder: ``(attributes, data)`` of a record.
 
@@ -692,6 +727,7 @@ def generate(
     *,
     structured_rate: float = 0.2,
     msgpack_rate: float = 0.3,
+    mixed: bool = False,
 ) -> Workload:
     """Simulate the shop and return `n_events` distinct events and their records.
 
@@ -701,7 +737,11 @@ def generate(
     - reordering: ``ceil(reorder_rate * records)`` events (when the streams allow) are
       emitted 0-3 records after their successor in the same stream, instead of before it;
     - content modes: `structured_rate` of events in structured mode, the rest in binary
-      mode, of which `msgpack_rate` carry msgpack data and the others JSON.
+      mode, of which `msgpack_rate` carry msgpack data and the others JSON;
+    - `mixed`: the services of `MIXED_SOURCES` don't speak CloudEvents: orders are relayed
+      from an outbox table (half the payloads as JSON strings; never reordered, since the
+      relay follows the commit order and the offset is their sequence), payments are plain
+      JSON. Duplicates are re-sent for them too.
 
     The same arguments always give the same workload.
     """
@@ -712,14 +752,15 @@ def generate(
     gc_was_enabled = gc.isenabled()
     gc.disable()  # millions of young, long-lived objects: collections only cost time
     try:
-        return _generate(seed, n_events, dup_rate, reorder_rate, structured_rate, msgpack_rate)
+        return _generate(seed, n_events, dup_rate, reorder_rate, structured_rate, msgpack_rate,
+                         mixed)
     finally:
         if gc_was_enabled:
             gc.enable()
 
 
 def _generate(seed: int, n_events: int, dup_rate: float, reorder_rate: float,
-              structured_rate: float, msgpack_rate: float) -> Workload:
+              structured_rate: float, msgpack_rate: float, mixed: bool = False) -> Workload:
     events = _Shop(seed).run(n_events)
     n = len(events)
     n_dups = math.ceil(dup_rate * n / (1.0 - dup_rate)) if n else 0
@@ -737,6 +778,14 @@ def _generate(seed: int, n_events: int, dup_rate: float, reorder_rate: float,
         else:
             modes.append("msgpack" if mode_rng.random() < msgpack_rate else "json")
     encoded = [_encode(ev, mode) for ev, mode in zip(events, modes, strict=True)]
+    if mixed:
+        for i, ev in enumerate(events):
+            if ev.source_name == "orders":
+                encoded[i] = _encode_outbox(ev, as_string=i % 2 == 0)
+                modes[i] = "outbox"
+            elif ev.source_name == "payments":
+                encoded[i] = _encode_plain_json(ev)
+                modes[i] = "plain_json"
 
     # 1. Reordering: sort keys start as the causal position; a late event moves to just
     #    behind its stream successor. Pairs are disjoint, so exactly one event per pair is
@@ -749,7 +798,8 @@ def _generate(seed: int, n_events: int, dup_rate: float, reorder_rate: float,
         if prev is not None:
             next_in_stream[prev] = i
         last_of[ev.stream] = i
-    candidates = sorted(next_in_stream)
+    candidates = sorted(i for i in next_in_stream
+                        if not (mixed and events[i].source_name == "orders"))
     reorder_rng.shuffle(candidates)
     want = math.ceil(reorder_rate * n_total) if n else 0
     used: set[int] = set()
@@ -808,6 +858,8 @@ def _stats(events: list[SimEvent], records: list[Record], record_events: list[in
         "binary_json": mode_counts["json"],
         "binary_msgpack": mode_counts["msgpack"],
         "structured": mode_counts["structured"],
+        **({"outbox": mode_counts["outbox"], "plain_json": mode_counts["plain_json"]}
+           if mode_counts["outbox"] or mode_counts["plain_json"] else {}),
         "value_bytes": sum(len(r[2]) for r in records),
         "data_json_bytes_p5_p50_p95_sampled": tuple(
             data_sizes[min(len(data_sizes) - 1, int(q * len(data_sizes)))]

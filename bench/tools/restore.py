@@ -102,12 +102,14 @@ def apply_rate(run, inst, quiet: float = 3.0, timeout: float = 1800) -> dict:
     """Events applied per second by `inst` (aggregator_events_applied_total), from its
     first applied event until the count stops moving for `quiet` seconds."""
     t_first = t_last = None
-    last = 0.0
+    last = base = None  # the counter is the shards' total: it need not start at 0
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
         now = time.monotonic()
         n = (run.metrics(inst) or {}).get("aggregator_events_applied_total", 0.0)
-        if n > last:
+        if base is None:
+            base = last = n
+        elif n > last:
             if t_first is None:
                 t_first = now
             last, t_last = n, now
@@ -115,8 +117,9 @@ def apply_rate(run, inst, quiet: float = 3.0, timeout: float = 1800) -> dict:
             break
         time.sleep(0.1)
     secs = (t_last - t_first) if t_first is not None and t_last > t_first else None
-    return {"applied": int(last), "seconds": round(secs, 2) if secs else None,
-            "events_per_s": round(last / secs) if secs else None}
+    done = (last or 0) - (base or 0)
+    return {"applied": int(done), "seconds": round(secs, 2) if secs else None,
+            "events_per_s": round(done / secs) if secs else None}
 
 
 def worker_applied(inst) -> dict[int, int]:

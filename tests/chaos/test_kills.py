@@ -1,4 +1,5 @@
-"""Processes killed with -9: workers at random, the supervisor at every step of a commit.
+"""Processes killed with -9: workers at random, the supervisor at every step of a commit,
+workers at every point around their own commit (the totals against the oracle).
 
 Sizes are short for CI; `AGGREGATOR_CHAOS_EVENTS` raises them (the long mode, bench/tools/chaos.py,
 runs 1M events).
@@ -14,6 +15,7 @@ import time
 import pytest
 
 from aggregator.devtools import simulate
+from tests.support.chaos import Fault, shard_totals
 
 EVENTS = int(os.environ.get("AGGREGATOR_CHAOS_EVENTS", "100000"))
 JOIN_S = 120  # a join takes ~3 s, ~11 s after a SIGKILLed member (evicted after the
@@ -98,3 +100,53 @@ def _wait_gone(pids: list[int], timeout: float = 10) -> None:
     while any(os.path.exists(f"/proc/{p}") for p in pids):
         assert time.monotonic() < deadline, "workers outlived their supervisor"
         time.sleep(0.05)
+
+
+# Every fault point around a worker's commit: each worker process SIGKILLs itself at its 2nd
+# visit, so its replacement does too (a crash loop with one commit per life).
+WORKER_COMMIT_POINTS = ["worker_before_commit", "worker_after_commit", "worker_after_publish"]
+TOTALS_EVENTS = max(EVENTS // 4, 5000)  # CI: 25k; AGGREGATOR_CHAOS_EVENTS raises it
+
+
+def test_totals_exact_through_worker_kills_at_every_commit_point(chaos):
+    """Fault 3: workers SIGKILLed at each point around their LMDB commit, over and over,
+    then a supervisor restart: the shards' totals (and the /metrics counters read from
+    them) equal the oracle's counts: records, applied, duplicates, stale, dead-lettered."""
+    w = simulate.generate(23, TOTALS_EVENTS)
+    run = chaos(w, name="kill workers around their commit")
+    parts = len(WORKER_COMMIT_POINTS)
+    kills = {}
+    for i, point in enumerate(WORKER_COMMIT_POINTS):
+        run.produce(i / parts, (i + 1) / parts)
+        svc = run.start(env={"AGGREGATOR_FAULTS": f"{point}=2"})
+        t0 = time.monotonic()
+        while run.committed_total() < run.total():
+            run._check_alive()
+            assert time.monotonic() - t0 < 300, f"{point}: no end\n{svc.log()[-3000:]}"
+            time.sleep(0.2)
+        kills[point] = svc.log().count("exited with code -9")
+        pids = svc.worker_pids()
+        svc.kill()  # the faults stay armed until the process ends: no clean stop
+        _wait_gone(pids)
+        run.report.faults.append(Fault(f"workers SIGKILLed at {point}", t0,
+                                       f"{kills[point]} kills"))
+    assert all(n >= 3 for n in kills.values()), kills
+    run.start()  # a supervisor restart: the counters go on from the shards' totals
+    run.svc.wait_workers(2)
+    m = run.metrics()
+    report = run.finish()
+    applied = simulate.applied_events(w)
+    want = {"records": len(w.records) + len(run.bad), "applied": len(applied),
+            "duplicates": w.stats["duplicates"], "stale": len(w.events) - len(applied),
+            "gaps_skipped": 0, "deadlettered": len(run.bad)}
+    got = shard_totals(run.data_dir)
+    assert {k: got[k] for k in want} == want, (kills, got)
+    for name, metric in (("records", "aggregator_records_in_total"),
+                         ("applied", "aggregator_events_applied_total"),
+                         ("duplicates", "aggregator_duplicates_dropped_total"),
+                         ("stale", "aggregator_stale_dropped_total"),
+                         ("deadlettered", "aggregator_deadlettered_total"),
+                         ("forwarded", "aggregator_forwarded_total")):
+        assert m[metric] == got[name], (metric, m[metric], got)
+    print(f"kills per fault point: {kills}; totals: {got}")
+    report.assert_ok()

@@ -312,6 +312,21 @@ class ChaosRun:
         return r
 
 
+def shard_totals(data_dir: Path) -> dict[str, int]:
+    """The shards' totals (store.py, meta "totals") summed; the service must be stopped."""
+    out: dict[str, int] = {}
+    for path in sorted(Path(data_dir).glob("shard-*")):
+        s = Shard(path, readonly=True)
+        try:
+            t = s.totals()
+        finally:
+            s.close()
+        for k, v in t.items():
+            if k != "since":
+                out[k] = out.get(k, 0) + v
+    return out
+
+
 def read_documents(data_dir: Path) -> dict[str, dict[str, dict]]:
     """{view: {key: {"v": version, "d": document or None}}} from every shard, tombstones too."""
     out: dict[str, dict[str, dict]] = {v: {} for v in VIEWS}
