@@ -181,7 +181,7 @@ def command_name() -> str:
 def demo(config_path, workers, data_dir, bootstrap, log_level, log_format, events, seed, keep,
          serve, mixed):
     """Embedded broker + 7 simulated services + the aggregator, checked against an oracle."""
-    from .demo import DemoError, run_demo
+    from .devtools.demo import DemoError, run_demo
 
     level = _setup_logging(log_level or "WARNING", log_format)
     cfg = _load(config_path, workers, data_dir, bootstrap)

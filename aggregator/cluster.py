@@ -29,7 +29,7 @@ import msgpack
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from .broker import BrokerError, create_topics
+from .admin import AdminError, create_topics
 from .config import Config
 from .deadletter import DeadLetters
 from .envelope import routing_key
@@ -85,7 +85,7 @@ def ensure_topics(cfg: Config) -> None:
                 log.info("created topic %s (%d partitions, %s)", topic, n,
                          conf["cleanup.policy"])
         meta = admin.list_topics(timeout=30)
-    except (KafkaException, BrokerError) as e:
+    except (KafkaException, AdminError) as e:
         raise ClusterError(f"cannot set up the cluster topics: {e}") from None
     for topic in wanted:
         have = len(meta.topics[topic].partitions)

@@ -50,6 +50,7 @@ from pydantic import (
 )
 
 from . import mapping
+from .merge import OP_GRAMMAR, OPS, MergeConfigError, compile_ops
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,6 @@ TOPIC_RE = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 DOC_PATH_RE = re.compile(r"^[^.\s]+(\.[^.\s]+)*$")
 DATA_PATH_RE = re.compile(r"^data(\.[^.\s]+)+$")
 EVENT_ATTRS = ("id", "time", "source", "type", "subject", "partitionkey", "sequence")
-OP_NAMES = ("set", "merge", "unset", "upsert", "remove", "add", "delete")
 
 
 class ConfigError(Exception):
@@ -523,24 +523,14 @@ class SourceConfig(BaseModel):
         return mapping.compile_plan(self.format, name, specs, m.payload, m.key_format)
 
 
-# op -> (path required, takes from/value, extra keys it accepts)
-_OP_RULES: dict[str, tuple[bool, bool, frozenset[str]]] = {
-    "set": (True, True, frozenset({"fields"})),
-    "merge": (False, True, frozenset({"fields"})),
-    "unset": (True, False, frozenset()),
-    "upsert": (True, True, frozenset({"id", "fields"})),
-    "remove": (True, False, frozenset({"id"})),
-    "add": (True, True, frozenset({"negate"})),
-    "delete": (False, False, frozenset()),
-}
-
-
 class OpSpec(BaseModel):
-    """One merge operation; structure only (``merge.compile_ops`` checks the semantics)."""
+    """One merge operation, checked against the op grammar (``merge.OP_GRAMMAR``) with a
+    message per field; `Config` then compiles the ops (``merge.compile_ops``), which checks
+    the rest (literal values, event paths)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 
-    op: Literal["set", "merge", "unset", "upsert", "remove", "add", "delete"]
+    op: Literal[OPS]  # type: ignore[valid-type]
     path: str | None = None
     from_: str | None = Field(None, alias="from")
     value: Any = None
@@ -560,7 +550,7 @@ class OpSpec(BaseModel):
 
     @model_validator(mode="after")
     def _structure(self) -> OpSpec:
-        need_path, takes_input, extras = _OP_RULES[self.op]
+        need_path, takes_input, extras = OP_GRAMMAR[self.op]
         p: list[tuple[tuple[str | int, ...], str]] = []
         op = f"op '{self.op}'"
         if self.path is None:
@@ -725,6 +715,23 @@ class Config(BaseModel):
                 if t in owner or t == dlq or t in self.changes_topics().values():
                     p.append((("cluster",), f"{t!r} is also a source, dead-letter or change "
                               "topic"))
+        _check(p)
+        return self
+
+    @model_validator(mode="after")
+    def _merge_plans(self) -> Config:
+        # Compile every feed's ops as each worker's boot and reshard will
+        # (merge.compile_ops, with the view's ops as context): an op the compiler rejects
+        # (e.g. value = nan, a TOML date) is a config error here, not a failed boot.
+        p: list[tuple[tuple[str | int, ...], str]] = []
+        for vname, view in self.views.items():
+            view_specs = [op.to_spec() for feed in view.feeds for op in feed.ops]
+            for i, feed in enumerate(view.feeds):
+                try:
+                    compile_ops([op.to_spec() for op in feed.ops], view_specs)
+                except MergeConfigError as e:
+                    loc: tuple[str | int, ...] = ("views", vname, "feeds", i, "ops")
+                    p.append((loc if e.index is None else (*loc, e.index), str(e)))
         _check(p)
         return self
 

@@ -39,7 +39,16 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-__all__ = ["MergeConfigError", "MergeError", "MergePlan", "compile_ops", "compile_path", "get_path"]
+__all__ = [
+    "OP_GRAMMAR",
+    "OPS",
+    "MergeConfigError",
+    "MergeError",
+    "MergePlan",
+    "compile_ops",
+    "compile_path",
+    "get_path",
+]
 
 
 class MergeError(Exception):
@@ -49,11 +58,28 @@ class MergeError(Exception):
 
 
 class MergeConfigError(ValueError):
-    """A merge op spec is invalid; the message names the op index and field."""
+    """A merge op spec is invalid; the message names the op index and field.
+
+    ``index``: the position of the op in the list given to `compile_ops` (None when the
+    list itself is wrong)."""
+
+    index: int | None = None
 
 
-_OPS = ("set", "merge", "unset", "upsert", "remove", "add", "delete")
-_WRITES = frozenset({"set", "merge", "upsert", "add"})
+#: The op grammar, the one table of it (config.OpSpec checks a config's ops against it too):
+#: op -> (path required, takes 'from' or 'value', the other keys it accepts). merge without
+#: a path merges into the root; delete takes no path.
+OP_GRAMMAR: dict[str, tuple[bool, bool, frozenset[str]]] = {
+    "set": (True, True, frozenset({"fields"})),
+    "merge": (False, True, frozenset({"fields"})),
+    "unset": (True, False, frozenset()),
+    "upsert": (True, True, frozenset({"id", "fields"})),
+    "remove": (True, False, frozenset({"id"})),
+    "add": (True, True, frozenset({"negate"})),
+    "delete": (False, False, frozenset()),
+}
+OPS = tuple(OP_GRAMMAR)
+_WRITES = frozenset(op for op, (_, takes_input, _) in OP_GRAMMAR.items() if takes_input)
 _KEYS = frozenset({"op", "path", "from", "value", "id", "fields", "negate"})
 _EVENT_ATTRS = frozenset(
     {"data", "id", "time", "source", "type", "subject", "partitionkey", "sequence"}
@@ -229,42 +255,72 @@ def _inserted_region(op: str, path: tuple[str, ...]) -> tuple[tuple[str, ...], b
     return path, True  # merge: values at path.<k>; upsert: entry at path.<id>
 
 
+# One compiler per op kind (`_COMPILERS`): each takes the op's spec, the op's label for
+# messages (``where``) and whether event values must be cloned, and returns
+# ``(path, closure)``. `_compile_one` checks what every op shares first (a table, a known op,
+# known keys), then `_parse_common` the fields ops share, in a fixed order so that the
+# first problem found is always the same one.
+
+
 def _compile_one(i: int, spec: Any, need_clone: bool) -> tuple[str, tuple[str, ...], _Op]:
     if not isinstance(spec, dict):
         raise MergeConfigError(f"op #{i}: must be a table/dict, got {type(spec).__name__}")
     op = spec.get("op")
     if op is None:
         raise MergeConfigError(f"op #{i}: missing 'op'")
-    if op not in _OPS:
-        raise MergeConfigError(f"op #{i}: unknown op {op!r} (expected one of {', '.join(_OPS)})")
+    if op not in OPS:
+        raise MergeConfigError(f"op #{i}: unknown op {op!r} (expected one of {', '.join(OPS)})")
     unknown = set(spec) - _KEYS
     if unknown:
         raise MergeConfigError(
             f"op #{i} ({op}): unknown field(s) {', '.join(sorted(map(str, unknown)))}"
         )
-    where = f"op #{i} ({op} {spec.get('path', '')!r})"
-
     if op == "delete":
-        for f in ("from", "value", "id", "fields"):
-            if f in spec:
-                raise MergeConfigError(f"op #{i} (delete): {f!r} is not allowed")
-        if spec.get("path", ""):
-            raise MergeConfigError(
-                f"op #{i} (delete): 'path' is not allowed (delete drops the document)"
-            )
-        if spec.get("negate", False):
-            raise MergeConfigError(f"op #{i} (delete): 'negate' is only allowed for add")
+        return op, *_compile_delete(i, spec)
+    where = f"op #{i} ({op} {spec.get('path', '')!r})"
+    parsed = _parse_common(op, spec, where)
+    produce = _producer(op, spec, where, parsed, need_clone) if op in _WRITES else None
+    return op, *_COMPILERS[op](spec, where, parsed, produce)
 
-        def op_delete(doc: Any, ev: Any) -> Any:
-            return None
 
-        return op, (), op_delete
+def _compile_delete(i: int, spec: dict) -> tuple[tuple[str, ...], _Op]:
+    for f in ("from", "value", "id", "fields"):
+        if f in spec:
+            raise MergeConfigError(f"op #{i} (delete): {f!r} is not allowed")
+    if spec.get("path", ""):
+        raise MergeConfigError(
+            f"op #{i} (delete): 'path' is not allowed (delete drops the document)"
+        )
+    if spec.get("negate", False):
+        raise MergeConfigError(f"op #{i} (delete): 'negate' is only allowed for add")
 
+    def op_delete(doc: Any, ev: Any) -> Any:
+        return None
+
+    return (), op_delete
+
+
+class _Parsed:
+    """The fields every op but delete shares, checked: path, negate, id getter, fields."""
+
+    __slots__ = ("path", "negate", "has_value", "get_id", "fields")
+
+    def __init__(self, path: tuple[str, ...], negate: bool, has_value: bool,
+                 get_id: Callable[[Any], Any] | None, fields: tuple[str, ...] | None):
+        self.path = path
+        self.negate = negate
+        self.has_value = has_value
+        self.get_id = get_id
+        self.fields = fields
+
+
+def _parse_common(op: str, spec: dict, where: str) -> _Parsed:
+    extras = OP_GRAMMAR[op][2]
     path = _parse_doc_path(spec, where, allow_root=(op == "merge"))
     negate = spec.get("negate", False)
     if not isinstance(negate, bool):
         raise MergeConfigError(f"{where}: 'negate' must be true or false")
-    if negate and op != "add":
+    if negate and "negate" not in extras:
         raise MergeConfigError(f"{where}: 'negate' is only allowed for add")
 
     has_from, has_value = "from" in spec, "value" in spec
@@ -276,7 +332,8 @@ def _compile_one(i: int, spec: Any, need_clone: bool) -> tuple[str, tuple[str, .
             if f in spec:
                 raise MergeConfigError(f"{where}: {f!r} is not allowed for {op}")
 
-    if op in ("upsert", "remove"):
+    get_id = None
+    if "id" in extras:
         if "id" not in spec:
             raise MergeConfigError(f"{where}: missing 'id' (an event path such as 'data.order_id')")
         get_id = _event_getter(spec["id"], where, "id")
@@ -285,7 +342,7 @@ def _compile_one(i: int, spec: Any, need_clone: bool) -> tuple[str, tuple[str, .
 
     fields = spec.get("fields")
     if fields is not None:
-        if op not in ("set", "merge", "upsert"):
+        if "fields" not in extras:
             raise MergeConfigError(f"{where}: 'fields' is only allowed for set/merge/upsert")
         if (
             not isinstance(fields, (list, tuple))
@@ -294,55 +351,63 @@ def _compile_one(i: int, spec: Any, need_clone: bool) -> tuple[str, tuple[str, .
         ):
             raise MergeConfigError(f"{where}: 'fields' must be a non-empty list of strings")
         fields = tuple(dict.fromkeys(fields))
+    return _Parsed(path, negate, has_value, get_id, fields)
 
-    # ---- the value producer
-    produce: Callable[[Any], Any] | None = None
-    if op in _WRITES:
-        if has_value:
-            lit = spec["value"]
-            _check_literal(lit, where)
-            if op == "add":
-                if type(lit) not in (int, float):
-                    raise MergeConfigError(f"{where}: 'value' must be a number for add")
-                if negate:
-                    lit = -lit
-            if fields is not None:
-                if not isinstance(lit, dict):
-                    raise MergeConfigError(f"{where}: 'fields' needs an object 'value'")
-                lit = {f: lit[f] for f in fields if f in lit}
-                fields = None
-            if op == "merge" and not isinstance(lit, dict):
-                raise MergeConfigError(f"{where}: 'value' must be a table/object for merge")
-            if _is_mutable(lit):
 
-                def produce(ev: Any, _lit: Any = lit) -> Any:
-                    return _clone(_lit)
+def _producer(op: str, spec: dict, where: str, parsed: _Parsed,
+              need_clone: bool) -> Callable[[Any], Any]:
+    """The value a writing op (set/merge/upsert/add) puts: a literal or an event value."""
+    fields = parsed.fields
+    if parsed.has_value:
+        lit = spec["value"]
+        _check_literal(lit, where)
+        if op == "add":
+            if type(lit) not in (int, float):
+                raise MergeConfigError(f"{where}: 'value' must be a number for add")
+            if parsed.negate:
+                lit = -lit
+        if fields is not None:
+            if not isinstance(lit, dict):
+                raise MergeConfigError(f"{where}: 'fields' needs an object 'value'")
+            lit = {f: lit[f] for f in fields if f in lit}
+        if op == "merge" and not isinstance(lit, dict):
+            raise MergeConfigError(f"{where}: 'value' must be a table/object for merge")
+        if _is_mutable(lit):
 
-            else:
+            def produce_copy(ev: Any, _lit: Any = lit) -> Any:
+                return _clone(_lit)
 
-                def produce(ev: Any, _lit: Any = lit) -> Any:
-                    return _lit
+            return produce_copy
 
-        else:
-            produce = _event_getter(spec["from"], where, "from")
-            if fields is not None:
-                get, fs = produce, fields
+        def produce_lit(ev: Any, _lit: Any = lit) -> Any:
+            return _lit
 
-                def produce(ev: Any) -> Any:
-                    v = get(ev)
-                    if not isinstance(v, dict):
-                        raise MergeError(
-                            f"{where}: 'fields' needs an object, got {type(v).__name__}"
-                        )
-                    return {f: v[f] for f in fs if f in v}
+        return produce_lit
 
-            if need_clone:
-                get2 = produce
+    produce = _event_getter(spec["from"], where, "from")
+    if fields is not None:
+        get, fs = produce, fields
 
-                def produce(ev: Any) -> Any:
-                    return _clone(get2(ev))
+        def produce(ev: Any) -> Any:
+            v = get(ev)
+            if not isinstance(v, dict):
+                raise MergeError(
+                    f"{where}: 'fields' needs an object, got {type(v).__name__}"
+                )
+            return {f: v[f] for f in fs if f in v}
 
-    parents, last = path[:-1], (path[-1] if path else "")
+    if need_clone:
+        get2 = produce
+
+        def produce(ev: Any) -> Any:
+            return _clone(get2(ev))
+
+    return produce
+
+
+def _container(path: tuple[str, ...], where: str) -> Callable[[dict, bool], dict | None]:
+    """The parent object of `path` in a document (created on the way when `create`)."""
+    parents = path[:-1]
 
     def container(doc: dict, create: bool) -> dict | None:
         c = doc
@@ -359,110 +424,150 @@ def _compile_one(i: int, spec: Any, need_clone: bool) -> tuple[str, tuple[str, .
             c = n
         return c
 
-    assert produce is not None or op in ("unset", "remove")
-    p = produce
+    return container
 
-    if op == "set":
-        if not parents:
 
-            def op_set(doc: Any, ev: Any) -> Any:
-                v = p(ev)
-                if doc is None:
-                    doc = {}
-                doc[last] = v
-                return doc
+def _compile_set(spec: dict, where: str, parsed: _Parsed,
+                 p: Callable[[Any], Any]) -> tuple[tuple[str, ...], _Op]:
+    path = parsed.path
+    last = path[-1]
+    if len(path) == 1:
 
-        else:
-
-            def op_set(doc: Any, ev: Any) -> Any:
-                v = p(ev)
-                if doc is None:
-                    doc = {}
-                container(doc, True)[last] = v  # type: ignore[index]
-                return doc
-
-        return op, path, op_set
-
-    if op == "merge":
-
-        def op_merge(doc: Any, ev: Any) -> Any:
+        def op_set(doc: Any, ev: Any) -> Any:
             v = p(ev)
-            if not isinstance(v, dict):
-                raise MergeError(f"{where}: merge needs an object, got {type(v).__name__}")
             if doc is None:
                 doc = {}
-            if not path:
-                doc.update(v)
-                return doc
-            c = container(doc, True)
-            t = c.get(last)  # type: ignore[union-attr]
-            if t is None:
-                c[last] = dict(v)  # type: ignore[index]
-            elif isinstance(t, dict):
-                t.update(v)
-            else:
-                raise MergeError(f"{where}: target is not an object in the document")
+            doc[last] = v
             return doc
 
-        return op, path, op_merge
+    else:
+        container = _container(path, where)
 
-    if op == "unset":
-
-        def op_unset(doc: Any, ev: Any) -> Any:
+        def op_set(doc: Any, ev: Any) -> Any:
+            v = p(ev)
             if doc is None:
-                return None
-            c = container(doc, False)
-            if c is not None:
-                c.pop(last, None)
+                doc = {}
+            container(doc, True)[last] = v  # type: ignore[index]
             return doc
 
-        return op, path, op_unset
+    return path, op_set
 
-    if op in ("upsert", "remove"):
 
-        def entry_id(ev: Any) -> str:
-            x = get_id(ev)
-            t = type(x)
-            if t is str:
-                return x
-            if t is int or t is float:
-                return str(x)
-            raise MergeError(f"{where}: entry id must be a string or number, got {t.__name__}")
+def _compile_merge(spec: dict, where: str, parsed: _Parsed,
+                   p: Callable[[Any], Any]) -> tuple[tuple[str, ...], _Op]:
+    path = parsed.path
+    last = path[-1] if path else ""
+    container = _container(path, where)
 
-        if op == "upsert":
-
-            def op_upsert(doc: Any, ev: Any) -> Any:
-                eid = entry_id(ev)
-                v = p(ev)
-                if doc is None:
-                    doc = {}
-                c = container(doc, True)
-                coll = c.get(last)  # type: ignore[union-attr]
-                if coll is None:
-                    c[last] = {eid: v}  # type: ignore[index]
-                elif isinstance(coll, dict):
-                    coll[eid] = v
-                else:
-                    raise MergeError(f"{where}: collection is not an object in the document")
-                return doc
-
-            return op, path, op_upsert
-
-        def op_remove(doc: Any, ev: Any) -> Any:
-            eid = entry_id(ev)
-            if doc is None:
-                return None
-            c = container(doc, False)
-            if c is not None:
-                coll = c.get(last)
-                if isinstance(coll, dict):
-                    coll.pop(eid, None)
+    def op_merge(doc: Any, ev: Any) -> Any:
+        v = p(ev)
+        if not isinstance(v, dict):
+            raise MergeError(f"{where}: merge needs an object, got {type(v).__name__}")
+        if doc is None:
+            doc = {}
+        if not path:
+            doc.update(v)
             return doc
+        c = container(doc, True)
+        t = c.get(last)  # type: ignore[union-attr]
+        if t is None:
+            c[last] = dict(v)  # type: ignore[index]
+        elif isinstance(t, dict):
+            t.update(v)
+        else:
+            raise MergeError(f"{where}: target is not an object in the document")
+        return doc
 
-        return op, path, op_remove
+    return path, op_merge
 
-    # add
-    if has_value:
+
+def _compile_unset(spec: dict, where: str, parsed: _Parsed,
+                   p: None) -> tuple[tuple[str, ...], _Op]:
+    path = parsed.path
+    last = path[-1]
+    container = _container(path, where)
+
+    def op_unset(doc: Any, ev: Any) -> Any:
+        if doc is None:
+            return None
+        c = container(doc, False)
+        if c is not None:
+            c.pop(last, None)
+        return doc
+
+    return path, op_unset
+
+
+def _entry_id(parsed: _Parsed, where: str) -> Callable[[Any], str]:
+    """The entry id of an upsert/remove: a string, or a number as its string."""
+    get_id = parsed.get_id
+    assert get_id is not None
+
+    def entry_id(ev: Any) -> str:
+        x = get_id(ev)
+        t = type(x)
+        if t is str:
+            return x
+        if t is int or t is float:
+            return str(x)
+        raise MergeError(f"{where}: entry id must be a string or number, got {t.__name__}")
+
+    return entry_id
+
+
+def _compile_upsert(spec: dict, where: str, parsed: _Parsed,
+                    p: Callable[[Any], Any]) -> tuple[tuple[str, ...], _Op]:
+    path = parsed.path
+    last = path[-1]
+    container = _container(path, where)
+    entry_id = _entry_id(parsed, where)
+
+    def op_upsert(doc: Any, ev: Any) -> Any:
+        eid = entry_id(ev)
+        v = p(ev)
+        if doc is None:
+            doc = {}
+        c = container(doc, True)
+        coll = c.get(last)  # type: ignore[union-attr]
+        if coll is None:
+            c[last] = {eid: v}  # type: ignore[index]
+        elif isinstance(coll, dict):
+            coll[eid] = v
+        else:
+            raise MergeError(f"{where}: collection is not an object in the document")
+        return doc
+
+    return path, op_upsert
+
+
+def _compile_remove(spec: dict, where: str, parsed: _Parsed,
+                    p: None) -> tuple[tuple[str, ...], _Op]:
+    path = parsed.path
+    last = path[-1]
+    container = _container(path, where)
+    entry_id = _entry_id(parsed, where)
+
+    def op_remove(doc: Any, ev: Any) -> Any:
+        eid = entry_id(ev)
+        if doc is None:
+            return None
+        c = container(doc, False)
+        if c is not None:
+            coll = c.get(last)
+            if isinstance(coll, dict):
+                coll.pop(eid, None)
+        return doc
+
+    return path, op_remove
+
+
+def _compile_add(spec: dict, where: str, parsed: _Parsed,
+                 p: Callable[[Any], Any]) -> tuple[tuple[str, ...], _Op]:
+    path = parsed.path
+    last = path[-1]
+    container = _container(path, where)
+    negate = parsed.negate
+    if parsed.has_value:
         lit_n = spec["value"] if not negate else -spec["value"]
 
         def op_add_lit(doc: Any, ev: Any) -> Any:
@@ -478,7 +583,7 @@ def _compile_one(i: int, spec: Any, need_clone: bool) -> tuple[str, tuple[str, .
                 raise MergeError(f"{where}: document value is {type(cur).__name__}, not a number")
             return doc
 
-        return op, path, op_add_lit
+        return path, op_add_lit
 
     def op_add(doc: Any, ev: Any) -> Any:
         v = p(ev)
@@ -498,7 +603,17 @@ def _compile_one(i: int, spec: Any, need_clone: bool) -> tuple[str, tuple[str, .
             raise MergeError(f"{where}: document value is {type(cur).__name__}, not a number")
         return doc
 
-    return op, path, op_add
+    return path, op_add
+
+
+_COMPILERS: dict[str, Callable[..., tuple[tuple[str, ...], _Op]]] = {
+    "set": _compile_set,
+    "merge": _compile_merge,
+    "unset": _compile_unset,
+    "upsert": _compile_upsert,
+    "remove": _compile_remove,
+    "add": _compile_add,
+}
 
 
 def _needs_clone(specs: list[dict], i: int, context: list[dict] | None = None) -> bool:
@@ -567,7 +682,11 @@ def compile_ops(specs: list[dict], context: list[dict] | None = None) -> MergePl
     compiled = []
     for i, spec in enumerate(specs):
         # validate first (so _needs_clone can trust the later specs' shapes)
-        compiled.append(_compile_one(i, spec, False))
+        try:
+            compiled.append(_compile_one(i, spec, False))
+        except MergeConfigError as e:
+            e.index = i
+            raise
     compiled = [
         _compile_one(i, spec, True) if _needs_clone(specs, i, context) else compiled[i]
         for i, spec in enumerate(specs)

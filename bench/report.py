@@ -253,7 +253,7 @@ def markdown(results: dict, png: str | None = None) -> str:
         lines.append("")
     ring = results.get("ring") or {}
     if ring:
-        lines += ["## Ring between two processes (bench/bench_ring.py scenarios)", "",
+        lines += ["## Ring between two processes (bench/micro/bench_ring.py scenarios)", "",
                   "| scenario | messages/s | records/s | MB/s |", "|---|---:|---:|---:|"]
         for k, r in ring.items():
             lines.append(f"| {k} | {_f(r['msgs_per_s'])} | {_f(r['records_per_s'])} | "

@@ -38,7 +38,9 @@ from bench import workload as wl
 log = logging.getLogger("bench")
 
 STAGES = ("e2e", "worker", "ring", "micro")
-MICRO_FILES = ["bench/bench_core.py", "bench/bench_ring_micro.py", "bench/bench_batch.py"]
+MICRO_FILES = [
+    "bench/micro/bench_core.py", "bench/micro/bench_ring_micro.py", "bench/micro/bench_batch.py"
+]
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -204,7 +206,7 @@ class Harness:
     def ensure_workload(self) -> None:
         if self.workload is not None:
             return
-        from aggregator import simulate
+        from aggregator.devtools import simulate
 
         a = self.args
         self.step("workload", f"generating {a.events:,} events")
@@ -219,7 +221,7 @@ class Harness:
         """Start the embedded broker unless --bootstrap was given; True when embedded."""
         embedded = self.args.bootstrap is None
         if embedded and self.broker is None:
-            from aggregator.broker import EmbeddedBroker
+            from aggregator.devtools.broker import EmbeddedBroker
 
             self.broker = EmbeddedBroker().start()
             self.bootstrap = self.broker.bootstrap_servers
@@ -228,8 +230,8 @@ class Harness:
         return embedded
 
     def e2e(self) -> None:
-        from bench.latency import measure_latency
-        from bench.service import measure_throughput
+        from bench.stages.latency import measure_latency
+        from bench.stages.service import measure_throughput
 
         a = self.args
         self.ensure_workload()
@@ -264,7 +266,7 @@ class Harness:
 
     def raw(self, loaded: wl.Loaded, broker_pid: int | None) -> None:
         from bench.child import run_measured
-        from bench.raw import consume_all
+        from bench.stages.raw import consume_all
 
         self.step("raw", "consume only")
         res, _ = run_measured(consume_all, (self.bootstrap, loaded.targets, 5000), "raw",
@@ -280,8 +282,8 @@ class Harness:
         self.done(f"raw consume: {out.get('events_per_s', 0):,.0f} records/s")
 
     def baseline(self, loaded: wl.Loaded, broker_pid: int | None, embedded: bool) -> None:
-        from bench.baseline import run
         from bench.child import run_measured
+        from bench.stages.baseline import run
         from bench.verify import compare
 
         self.step("baseline", "hand-written, in memory")
@@ -303,7 +305,7 @@ class Harness:
                   f"{out['verified']}")
 
     def latency(self, embedded: bool, broker_pid: int | None, run_id: str, measure) -> None:
-        from bench.latency import measure_floor
+        from bench.stages.latency import measure_floor
 
         a = self.args
         runs = {r["workers"]: r for r in self.results["aggregator"] if r["ok"]}
@@ -341,8 +343,8 @@ class Harness:
                       f"{r.verified}")
 
     def worker_stage(self) -> None:
-        from aggregator import simulate
-        from bench.worker_stage import measure_stage
+        from aggregator.devtools import simulate
+        from bench.stages.worker_stage import measure_stage
 
         a = self.args
         if a.stage_events and a.stage_events != a.events:
@@ -369,7 +371,7 @@ class Harness:
 
     def ring(self) -> None:
         from aggregator.ring import cleanup_stale
-        from bench import bench_ring
+        from bench.micro import bench_ring
 
         self.step("ring", "two processes")
         seconds, warmup = (0.3, 0.1) if self.args.quick else (2.0, 0.5)

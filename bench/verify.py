@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from aggregator.demo import compare_views
+from aggregator.devtools.demo import compare_views
 from aggregator.store import read_views
 
 VIEWS = ["customer", "order", "product"]

@@ -12,9 +12,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from aggregator import simulate
-from aggregator.broker import end_offsets
+from aggregator.admin import end_offsets
 from aggregator.config import default_config_path, load_config
+from aggregator.devtools import simulate
 
 log = logging.getLogger(__name__)
 

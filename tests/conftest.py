@@ -13,7 +13,7 @@ if importlib.util.find_spec("aggregator") is None:
     sys.path.insert(0, str(ROOT))
 
 # The broker and service fixtures (lazy: only tests that ask for them start a broker).
-pytest_plugins = ["tests.kafka_fixtures"]
+pytest_plugins = ["tests.support.kafka"]
 
 
 def pytest_configure(config):

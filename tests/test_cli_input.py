@@ -11,8 +11,8 @@ import subprocess
 
 import pytest
 
-from .cliproc import ROOT, SHOP, aggregator, one_error_line
-from .viewdata import record, write_docs
+from .support.cliproc import ROOT, SHOP, aggregator, one_error_line
+from .support.viewdata import record, write_docs
 
 UNREACHABLE = "127.0.0.1:1"  # nothing listens: a test that got as far as Kafka would hang
 

@@ -11,7 +11,7 @@ from aggregator.control import ControlBlock, Slot
 from aggregator.metrics import prefix_of
 from aggregator.worker import ring_names
 
-from .viewdata import record, write_docs
+from .support.viewdata import record, write_docs
 
 
 def run(*args):

@@ -473,6 +473,46 @@ def test_valid_ops(spec: dict) -> None:
     assert OpSpec.model_validate(spec).to_spec() == spec
 
 
+# An op that passes the op grammar but that the merge compiler rejects: a config error at
+# load (field path, exit 2), not a boot failure in every worker.
+COMPILER_REJECTS = [
+    ("value = nan", "'value' must be a finite number, not nan"),
+    ("value = inf", "'value' must be a finite number, not inf"),
+    ("value = 2024-01-02", "'value' of type date is not JSON-like"),
+    ("value = 2024-01-02T03:04:05Z", "'value' of type datetime is not JSON-like"),
+    ("value = { a = [1, nan] }", "'value' must be a finite number, not nan"),
+]
+
+
+@pytest.mark.parametrize(("line", "expected"), COMPILER_REJECTS,
+                         ids=[c[0] for c in COMPILER_REJECTS])
+def test_op_the_compiler_rejects_is_a_config_error(tmp_path: Path, line: str,
+                                                   expected: str) -> None:
+    text = SHOP.read_text().replace(
+        'ops = [{ op = "set", path = "profile", from = "data" }]',
+        f'ops = [{{ op = "set", path = "profile", from = "data" }},\n'
+        f'       {{ op = "set", path = "extra", {line} }}]', 1)
+    assert text != SHOP.read_text()
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text), env={})
+    (path, msg), = info.value.errors
+    assert path.startswith("views.") and path.endswith(".ops[1]"), path
+    assert expected in msg, msg
+
+
+def test_op_the_compiler_rejects_exits_2(tmp_path: Path) -> None:
+    text = SHOP.read_text().replace(
+        'ops = [{ op = "set", path = "profile", from = "data" }]',
+        'ops = [{ op = "set", path = "profile", from = "data" },\n'
+        '       { op = "set", path = "extra", value = nan }]', 1)
+    r = subprocess.run([sys.executable, "-m", "aggregator", "run", "-c",
+                        str(write(tmp_path, text))],
+                       capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    assert ".ops[1]: op #1 (set 'extra'): 'value' must be a finite number, not nan" in r.stderr
+
+
 def test_op_by_field_name() -> None:
     assert OpSpec(op="set", path="p", from_="data").to_spec() == {
         "op": "set", "path": "p", "from": "data"}

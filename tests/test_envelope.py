@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from aggregator.devtools.encoder import to_binary, to_structured
 from aggregator.envelope import (
     MAX_DEPTH,
     REASONS,
@@ -18,8 +19,6 @@ from aggregator.envelope import (
     _decode_json,
     parse,
     routing_key,
-    to_binary,
-    to_structured,
 )
 
 SECRET = "SECRET-PAYLOAD-7f3a"  # planted in every malformed payload; must never leak

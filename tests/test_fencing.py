@@ -20,8 +20,8 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from aggregator import simulate
 from aggregator.control import Slot
+from aggregator.devtools import simulate
 from aggregator.store import WRITER_EPOCH, Fenced, Shard
 from aggregator.worker import FENCED_EXIT, MSG_RECORDS, Worker, worker_main
 from tests.test_worker import Cluster

@@ -11,7 +11,7 @@ import pytest
 from aggregator import logs
 from aggregator.config import ConfigError, load_config
 
-from .cliproc import SHOP
+from .support.cliproc import SHOP
 
 
 def _emit(fmt: str, role: str, worker=None, exc: bool = False) -> str:

@@ -11,7 +11,7 @@ import pytest
 from aggregator.config import ConfigError, config_from_dict
 from aggregator.envelope import EnvelopeError
 from aggregator.mapping import REASONS, apply, compile_plan, resolved_specs, route
-from tests.integration.service import SHOP
+from tests.support.service import SHOP
 
 
 def plan(fmt="outbox", name="orders", payload="value", key_format="string", **given):
@@ -184,7 +184,7 @@ def test_fingerprint():
 
 
 def test_a_bad_mapping_stops_run_with_exit_2(tmp_path):
-    from tests.cliproc import aggregator, one_error_line
+    from tests.support.cliproc import aggregator, one_error_line
 
     text = SHOP.read_text().replace('bootstrap_servers = ""', 'bootstrap_servers = "127.0.0.1:1"')
     text += '\n[sources.orders.mapping]\ntype = "kafka:offset"\n'

@@ -15,7 +15,7 @@ from aggregator.query import BadCursor, QueryError, UnknownView, Views, decode_c
 from aggregator.routing import slot_of
 from aggregator.store import Shard, shard_path
 
-from .viewdata import VIEWS, lmdb_key, record, shard_of, write_docs
+from .support.viewdata import VIEWS, lmdb_key, record, shard_of, write_docs
 
 
 def make_docs(n: int, seed: int = 1, tombstones: float = 0.1) -> dict:

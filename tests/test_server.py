@@ -33,7 +33,7 @@ from aggregator.server import (
 )
 from aggregator.worker import ring_names
 
-from .viewdata import record, write_docs
+from .support.viewdata import record, write_docs
 
 TOKEN = "s3cret-token"
 

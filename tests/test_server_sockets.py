@@ -15,7 +15,7 @@ import pytest
 from aggregator.config import load_config
 from aggregator.server import MAX_HEAD_BYTES, start_server_process
 
-from .viewdata import record, write_docs
+from .support.viewdata import record, write_docs
 
 TOKEN = "s3cret-token"
 AUTH = f"Authorization: Bearer {TOKEN}\r\n"

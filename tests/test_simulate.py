@@ -10,7 +10,7 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from aggregator.simulate import (
+from aggregator.devtools.simulate import (
     SOURCES,
     TOPICS,
     SimEvent,
@@ -438,8 +438,8 @@ def test_mixed_records_are_read_back_by_their_mapping():
     payments as plain JSON; the sources of MIXED_SOURCES map every record back to its
     ground-truth event; the other services are unchanged; orders are never reordered."""
     from aggregator.config import SourceConfig
+    from aggregator.devtools.simulate import MIXED_SOURCES
     from aggregator.mapping import apply, route
-    from aggregator.simulate import MIXED_SOURCES
 
     w = generate(5, 3000, mixed=True)
     plain = generate(5, 3000)

@@ -23,10 +23,12 @@ from hypothesis import strategies as st
 
 import aggregator.store as store_mod
 import aggregator.worker as worker_mod
-from aggregator import _core, bloom_snapshot, core_ref, simulate
+from aggregator import _core, bloom_snapshot, core_ref
 from aggregator.config import load_config
 from aggregator.control import TOTAL_SLOTS, ControlBlock, Slot
-from aggregator.envelope import parse, routing_key, to_binary
+from aggregator.devtools import simulate
+from aggregator.devtools.encoder import to_binary
+from aggregator.envelope import parse, routing_key
 from aggregator.metrics import create_commit_histogram
 from aggregator.ring import Ring
 from aggregator.routing import identity_hash, slot_of

@@ -1,6 +1,6 @@
 """The chaos suite: faults and bad input against a real broker, real processes and real LMDB
 files. Every test here is marked ``chaos``, ``slow`` and ``integration``; the Kafka fixtures
-come from tests/kafka_fixtures.py, the harness from tests/chaos/harness.py."""
+come from tests/support/kafka.py, the harness from tests/support/chaos.py."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.marks import mark_folder
-
-from .harness import ChaosRun
+from tests.support.chaos import ChaosRun
 
 HERE = Path(__file__).resolve().parent
 

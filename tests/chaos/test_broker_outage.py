@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 
-from aggregator import simulate
+from aggregator.devtools import simulate
 
 EVENTS = int(os.environ.get("AGGREGATOR_CHAOS_EVENTS", "60000"))
 FREEZE_S = float(os.environ.get("AGGREGATOR_CHAOS_FREEZE_S", "20"))

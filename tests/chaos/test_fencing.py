@@ -12,8 +12,8 @@ import re
 import signal
 import time
 
-from aggregator import simulate
-from tests.integration.service import _is_zombie
+from aggregator.devtools import simulate
+from tests.support.service import _is_zombie
 
 HEARTBEAT_TIMEOUT_MS = 1500
 

@@ -8,9 +8,8 @@ import time
 
 import msgpack
 
-from aggregator import simulate
-
-from .harness import (
+from aggregator.devtools import simulate
+from tests.support.chaos import (
     Sampler,
     reordered_in_windows,
     with_far_duplicates,

@@ -1,7 +1,7 @@
 """Processes killed with -9: workers at random, the supervisor at every step of a commit,
 workers at every point around their own commit (the totals against the oracle).
 
-Sizes are short for CI; `AGGREGATOR_CHAOS_EVENTS` raises them (the long mode, bench/chaos.py,
+Sizes are short for CI; `AGGREGATOR_CHAOS_EVENTS` raises them (the long mode, bench/tools/chaos.py,
 runs 1M events).
 """
 
@@ -14,9 +14,8 @@ import time
 
 import pytest
 
-from aggregator import simulate
-
-from .harness import Fault, shard_totals
+from aggregator.devtools import simulate
+from tests.support.chaos import Fault, shard_totals
 
 EVENTS = int(os.environ.get("AGGREGATOR_CHAOS_EVENTS", "100000"))
 JOIN_S = 120  # a join takes ~3 s, ~11 s after a SIGKILLed member (evicted after the

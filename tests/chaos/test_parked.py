@@ -9,9 +9,8 @@ import signal
 import time
 import uuid
 
-from aggregator import simulate
-
-from .harness import Sampler, with_held_back
+from aggregator.devtools import simulate
+from tests.support.chaos import Sampler, with_held_back
 
 EVENTS = int(os.environ.get("AGGREGATOR_CHAOS_EVENTS", "60000"))
 HOT_EVENTS = int(os.environ.get("AGGREGATOR_CHAOS_HOT_EVENTS", "100000"))

@@ -21,7 +21,7 @@ import re
 import subprocess
 import time
 
-from aggregator import simulate
+from aggregator.devtools import simulate
 from aggregator.store import Shard
 
 EVENTS = int(os.environ.get("AGGREGATOR_CHAOS_RESHARD_EVENTS", "30000"))

@@ -21,7 +21,7 @@ import uuid
 from pathlib import Path
 
 from aggregator.ring import SHM_DIR, segment_prefix
-from tests.integration.service import Service, write_config
+from tests.support.service import Service, write_config
 
 RUN_S = 6
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import time
 
-from aggregator import simulate
+from aggregator.devtools import simulate
 
 MAX_POLL_MS = 6000  # librdkafka: >= session.timeout.ms (6000 in the test config)
 STALL_S = 12

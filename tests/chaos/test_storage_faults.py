@@ -42,11 +42,10 @@ from pathlib import Path
 
 import pytest
 
-from aggregator import simulate
+from aggregator.devtools import simulate
 from aggregator.store import Shard
-from tests.integration.service import Service
-
-from .harness import Fault
+from tests.support.chaos import Fault
+from tests.support.service import Service
 
 EVENTS = int(os.environ.get("AGGREGATOR_CHAOS_STORAGE_EVENTS", "24000"))
 FIRST_PART = 0.3  # of the records, applied before the fault

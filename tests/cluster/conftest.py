@@ -1,7 +1,7 @@
 """The cluster suite: several `aggregator run` instances in one consumer group, killed and
 added while they run. Every test here is marked ``chaos``, ``slow`` and ``integration``;
-the Kafka fixtures come from tests/kafka_fixtures.py, the harness from
-tests/cluster/harness.py."""
+the Kafka fixtures come from tests/support/kafka.py, the harness from
+tests/support/cluster.py."""
 
 from __future__ import annotations
 
@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.marks import mark_folder
-
-from .harness import ClusterRun
+from tests.support.cluster import ClusterRun
 
 HERE = Path(__file__).resolve().parent
 

@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from aggregator import simulate
+from aggregator.devtools import simulate
 
 EVENTS = int(os.environ.get("AGGREGATOR_CLUSTER_EVENTS", "40000"))
 RESTORED = "aggregator_restore_records_total"

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from aggregator import simulate
+from aggregator.devtools import simulate
 
 EVENTS = int(os.environ.get("AGGREGATOR_CLUSTER_EVENTS", "40000")) // 4
 SKEW = {"AGGREGATOR_FAULTS": "placement-one-worker"}  # every gained task on worker 0

@@ -1,5 +1,5 @@
 """Every test under this folder is marked ``integration`` (the Kafka fixtures live in
-tests/kafka_fixtures.py)."""
+tests/support/kafka.py)."""
 
 from __future__ import annotations
 

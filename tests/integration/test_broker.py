@@ -9,8 +9,9 @@ from collections import defaultdict
 import pytest
 from confluent_kafka import Consumer, KafkaException, TopicCollection, TopicPartition
 
-from aggregator.broker import EmbeddedBroker, kafka_admin
-from aggregator.simulate import (
+from aggregator.admin import kafka_admin
+from aggregator.devtools.broker import EmbeddedBroker
+from aggregator.devtools.simulate import (
     bad_records,
     decode_record,
     ensure_topics,
@@ -124,7 +125,7 @@ def test_wait_group_settled_waits_out_a_rebalance(bootstrap, create_topic, consu
     """Test services stop only once their group settled (Tansu keeps a leader that leaves
     mid-rebalance, see `wait_group_settled`): a joining group is not settled, an assigned
     one is, and so is an empty one."""
-    from tests.integration.service import wait_group_settled
+    from tests.support.service import wait_group_settled
 
     topic = create_topic("settle")
     group = consumer_config["group.id"]

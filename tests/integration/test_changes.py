@@ -13,9 +13,8 @@ import urllib.request
 
 import pytest
 
-from aggregator import simulate
-
-from .service import produce_prefixed, read_topic
+from aggregator.devtools import simulate
+from tests.support.service import produce_prefixed, read_topic
 
 VIEWS = ("customer", "order", "product")
 

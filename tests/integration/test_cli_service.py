@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from aggregator import simulate
-
-from .service import produce_prefixed
+from aggregator.devtools import simulate
+from tests.support.service import produce_prefixed
 
 JSON_KEYS = {"time", "level", "logger", "role", "worker", "pid", "message"}
 

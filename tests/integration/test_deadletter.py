@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from aggregator.config import config_from_dict
 from aggregator.deadletter import REASON_HEADER, STRIPPED_HEADER, DeadLetters
-
-from .service import read_topic
+from tests.support.service import read_topic
 
 
 def make(bootstrap, topic, **producer):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from tests.cliproc import aggregator
+from tests.support.cliproc import aggregator
 
 
 def test_demo_mixed_passes_the_oracle_check(tmp_path):

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from ..cliproc import EXE, aggregator
+from tests.support.cliproc import EXE, aggregator
 
 ANSI = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]")
 LOG_LINE = re.compile(rb"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (worker-\d|supervisor|http) ")

@@ -26,9 +26,8 @@ import urllib.request
 import pytest
 import yaml
 
-from aggregator import simulate
-
-from .service import ROOT, Service, produce_prefixed, write_config
+from aggregator.devtools import simulate
+from tests.support.service import ROOT, Service, produce_prefixed, write_config
 
 DEPLOY = ROOT / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "aggregator-dashboard.json"

@@ -11,9 +11,8 @@ import uuid
 
 import pytest
 
-from aggregator import simulate
-
-from .service import Service, produce_prefixed, write_config
+from aggregator.devtools import simulate
+from tests.support.service import Service, produce_prefixed, write_config
 
 SECRET = f"pw-{uuid.uuid4().hex}"
 

@@ -24,8 +24,7 @@ import pytest
 
 from aggregator.deadletter import REASON_HEADER
 from aggregator.query import Views
-
-from .service import Service, produce_tracked, read_topic, write_config
+from tests.support.service import Service, produce_tracked, read_topic, write_config
 
 MAPPING = """
 [sources.orders]

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from ..cliproc import ROOT
+from tests.support.cliproc import ROOT
 
 
 def _run(argv, **kw) -> subprocess.CompletedProcess:

@@ -14,9 +14,8 @@ import time
 
 import pytest
 
-from aggregator import simulate
-
-from .service import produce_prefixed, read_topic
+from aggregator.devtools import simulate
+from tests.support.service import produce_prefixed, read_topic
 
 EVENTS = int(os.environ.get("AGGREGATOR_TEST_EVENTS", "100000"))
 

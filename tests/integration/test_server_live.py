@@ -18,9 +18,8 @@ import httpx2
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from aggregator import simulate
-
-from .service import ROOT, Service, produce_prefixed, write_config
+from aggregator.devtools import simulate
+from tests.support.service import ROOT, Service, produce_prefixed, write_config
 
 EVENTS = int(os.environ.get("AGGREGATOR_TEST_HTTP_EVENTS", "4000"))
 SERVE = ("import logging, sys\n"

@@ -2,7 +2,7 @@
 
     py-spy record --subprocesses --rate 100 --format raw -o prof.txt -- \\
         python -m bench --stage e2e --no-baselines --workers 2 --latency-seconds 0 -n 300000
-    python -m bench.profile_top prof.txt [--top 15]
+    python -m bench.tools.profile_top prof.txt [--top 15]
 
 Roles come from the stacks: `worker_main` → worker, `Supervisor.run` → supervisor,
 `_server_main` → http, anything else → harness. For each role: samples, the functions with
@@ -23,7 +23,7 @@ def role(frames: list[str]) -> str:
     for f in frames:
         if f.startswith("worker_main "):
             return "worker"
-        if f.startswith("Supervisor.run ") or f.startswith("serve (bench/service.py"):
+        if f.startswith("Supervisor.run ") or f.startswith("serve (bench/stages/service.py"):
             return "supervisor"
         if f.startswith("_server_main "):
             return "http"

@@ -1,6 +1,6 @@
 """Micro-benchmarks of the core, compiled and pure-Python twins side by side.
 
-Run: ``pytest bench/bench_core.py --benchmark-only`` (add ``--benchmark-json=out.json``
+Run: ``pytest bench/micro/bench_core.py --benchmark-only`` (add ``--benchmark-json=out.json``
 for a machine-readable report). ``--benchmark-disable`` runs every case once as a quick
 smoke test (CI).
 

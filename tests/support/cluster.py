@@ -1,7 +1,7 @@
 """The cluster harness: several `aggregator run` instances in one consumer group, each with
 its own config file and data directory, verified through their HTTP APIs.
 
-A `ClusterRun` is a `ChaosRun` (tests/chaos/harness.py) whose service is K instances:
+A `ClusterRun` is a `ChaosRun` (tests/support/chaos.py) whose service is K instances:
 
 - `produce(start, end)` (inherited) writes a fraction of the seeded 7-source workload, with
   the malformed records interleaved, to fresh prefixed topics;
@@ -31,9 +31,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aggregator import simulate
+from aggregator.devtools import simulate
 from aggregator.ring import cleanup_stale, segment_prefix
-from tests.chaos.harness import (
+from tests.support.chaos import (
     VIEWS,
     ChaosRun,
     Fault,
@@ -42,7 +42,7 @@ from tests.chaos.harness import (
     check_dead_letters,
     check_views,
 )
-from tests.integration.service import Service
+from tests.support.service import Service
 
 CLUSTER_TOML = "[cluster]\nenabled = true\ntasks = {tasks}\n"
 CONVERGE_S = 400.0  # a group join after a SIGKILLed member can take long on Tansu

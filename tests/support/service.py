@@ -15,9 +15,9 @@ from typing import NamedTuple
 import tomli_w
 from confluent_kafka import Consumer, ConsumerGroupState, KafkaException, TopicPartition
 
-from aggregator import simulate
-from aggregator.broker import kafka_admin
+from aggregator.admin import kafka_admin
 from aggregator.config import load_config
+from aggregator.devtools import simulate
 from aggregator.ring import cleanup_stale, segment_prefix
 from aggregator.store import read_views
 

@@ -1,8 +1,8 @@
 """Throughput of aggregator.ring between two real processes.
 
-    python bench/bench_ring.py            # ~2 s per scenario
-    python bench/bench_ring.py --quick    # short run (CI), same scenarios
-    python bench/bench_ring.py --json     # one JSON object per scenario
+    python bench/micro/bench_ring.py            # ~2 s per scenario
+    python bench/micro/bench_ring.py --quick    # short run (CI), same scenarios
+    python bench/micro/bench_ring.py --json     # one JSON object per scenario
 
 The producer runs in a child process ('spawn' context), the consumer in this
 process.  The consumer counts what it receives during a measuring window that
@@ -34,7 +34,7 @@ from pathlib import Path
 
 import msgpack
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from aggregator.ring import Ring, SharedCounters, cleanup_stale  # noqa: E402
 

@@ -1,7 +1,7 @@
 """Micro-benchmarks of aggregator.ring put/get in one process (pytest-benchmark).
 
-Run: ``pytest bench/bench_ring_micro.py --benchmark-only`` (``--benchmark-disable`` runs
-each case once, as a smoke test). Between two processes, see ``bench/bench_ring.py``.
+Run: ``pytest bench/micro/bench_ring_micro.py --benchmark-only`` (``--benchmark-disable`` runs
+each case once, as a smoke test). Between two processes, see ``bench/micro/bench_ring.py``.
 
 - ``put+get``: one message of 100 B / 1 KiB / 16 KiB through ``try_put`` then ``try_get``;
 - ``put+get_many``: 1,000 messages of 300 B put, then drained with one ``get_many``;

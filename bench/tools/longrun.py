@@ -1,7 +1,7 @@
 """Memory over a long run: is the service's RSS flat from the 5M-th to the 10M-th event id?
 
-    python -m bench.longrun                      # 10 cycles of 1M events, 2 workers
-    python -m bench.longrun --cycles 4 --events 250000
+    python -m bench.tools.longrun                      # 10 cycles of 1M events, 2 workers
+    python -m bench.tools.longrun --cycles 4 --events 250000
 
 The seeded 1M-event workload is replayed `--cycles` times, each cycle with new event ids and
 with every stream's sequences continuing where the previous cycle ended (so every cycle is
@@ -30,11 +30,11 @@ from pathlib import Path
 
 from confluent_kafka import Consumer, TopicPartition
 
-from aggregator import simulate
-from aggregator.broker import EmbeddedBroker
+from aggregator.devtools import simulate
+from aggregator.devtools.broker import EmbeddedBroker
 from bench import workload as wl
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "bench" / "results"
 
 
@@ -90,7 +90,7 @@ def env_overrides(overrides: dict) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.longrun", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m bench.tools.longrun", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cycles", type=int, default=10)
     ap.add_argument("--events", type=int, default=1_000_000, help="unique events per cycle")
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
                   "ratio_last_to_middle": ratio, "seconds": round(time.monotonic() - t0, 1)}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-        lines = [f"Long run: `python -m bench.longrun --cycles {args.cycles} --events "
+        lines = [f"Long run: `python -m bench.tools.longrun --cycles {args.cycles} --events "
                  f"{args.events}` ({args.workers} workers, {result['seconds']:.0f} s)", "",
                  "| cycle | unique event ids | t s | RSS MiB | PSS MiB | anon MiB |",
                  "|---:|---:|---:|---:|---:|---:|"]

@@ -15,9 +15,10 @@ from collections.abc import Callable, Iterator, Mapping
 
 import pytest
 
-from aggregator.broker import BrokerError, EmbeddedBroker, create_topics, kafka_admin
-from aggregator.simulate import DEAD_LETTER_TOPIC, shop_topics
-from tests.integration.service import Service, write_config
+from aggregator.admin import create_topics, kafka_admin
+from aggregator.devtools.broker import BrokerError, EmbeddedBroker
+from aggregator.devtools.simulate import DEAD_LETTER_TOPIC, shop_topics
+from tests.support.service import Service, write_config
 
 BOOTSTRAP_ENV = "AGGREGATOR_TEST_BOOTSTRAP"
 

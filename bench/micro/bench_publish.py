@@ -1,6 +1,6 @@
 """Change-event publishing alone: CPU per change event through ChangePublisher.
 
-    python -m bench.bench_publish [N]      # default 100,000 change events
+    python -m bench.micro.bench_publish [N]      # default 100,000 change events
 
 Starts the embedded broker, commits N outbox entries (an order document of ~300 bytes, JSON)
 to a ChangePublisher in batches of 2,000, pumps and flushes, and prints wall time, CPU time
@@ -14,9 +14,10 @@ import pstats
 import sys
 import time
 
-from aggregator.broker import EmbeddedBroker, create_topics
+from aggregator.admin import create_topics
 from aggregator.changes import ChangeEncoder, ChangePublisher
 from aggregator.config import config_from_dict
+from aggregator.devtools.broker import EmbeddedBroker
 
 DOC = {"order": {"order_id": "o-000042", "customer_id": "c-000008", "quantity": 1,
                  "amount_cents": 17678, "status": "cancelled",

@@ -29,10 +29,10 @@ from dataclasses import asdict, dataclass, field
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
-from aggregator import simulate
+from aggregator.devtools import simulate
 from aggregator.routing import slot_of
 from bench import workload as wl
-from bench.service import AggregatorProcess
+from bench.stages.service import AggregatorProcess
 from bench.verify import check_views
 
 log = logging.getLogger(__name__)
@@ -232,7 +232,7 @@ class FloorRun:
 
 def floor_consumer(bootstrap: str, topics: list[str], consumer: dict, expected, conn) -> None:
     """Child process: fetch every record and note (CreateTime ms, fetch time ms)."""
-    from bench.raw import consumer_conf
+    from bench.stages.raw import consumer_conf
 
     conf = {**consumer_conf(bootstrap, "bench-floor"), **consumer}
     c = Consumer(conf)

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SHOP = ROOT / "examples" / "shop.toml"
 # the console script of the environment running the tests (.venv/bin/aggregator)
 EXE = Path(sys.executable).with_name("aggregator")

@@ -1,7 +1,7 @@
 """A replacement worker: boot time and time to its first commit, against the dedup window.
 
-    python -m bench.boot                        # windows of 0, 250k, 500k, 1M, 2M ids; 3 boots
-    python -m bench.boot --sizes 0,1000000 --repeat 5 --out bench/results/boot-quick
+    python -m bench.tools.boot                  # windows of 0, 250k, 500k, 1M, 2M ids; 3 boots
+    python -m bench.tools.boot --sizes 0,1000000 --repeat 5 --out bench/results/boot-quick
 
 What a worker killed in a crash loop goes through, without a broker: a shard whose dedup
 index holds N ids (written as the worker writes them, in generations of
@@ -35,7 +35,7 @@ from pathlib import Path
 
 import msgpack
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "bench" / "results"
 
 
@@ -94,7 +94,7 @@ def _slots() -> int:
 def ring_messages(cfg, records: int, seed: int = 5) -> list[bytes]:
     """`records` fresh records as the supervisor packs them (rounds of 500, each with the
     through-offsets of its partitions)."""
-    from aggregator import simulate
+    from aggregator.devtools import simulate
     from aggregator.envelope import routing_key
     from aggregator.routing import slot_of
 
@@ -208,7 +208,7 @@ def one_boot(prepared: Path, work: Path, capacity: int, msgs: list[bytes]) -> di
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.boot", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m bench.tools.boot", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="0,250000,500000,1000000,2000000",
                     help="dedup ids in the shard, comma-separated")

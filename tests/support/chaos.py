@@ -18,7 +18,7 @@ again), waits until every offset is committed, stops the service and checks:
 - no shared-memory segment is left in /dev/shm.
 
 `Report.table()` prints: events, faults injected, lost, double-applied, out-of-order, time to
-recover. The long mode (`python -m bench.chaos`) drives the same class.
+recover. The long mode (`python -m bench.tools.chaos`) drives the same class.
 """
 
 from __future__ import annotations
@@ -37,10 +37,10 @@ from pathlib import Path
 
 from confluent_kafka import Consumer, TopicPartition
 
-from aggregator import simulate
-from aggregator.broker import create_topics
+from aggregator.admin import create_topics
+from aggregator.devtools import simulate
 from aggregator.store import Shard
-from tests.integration.service import Service, produce_tracked, read_topic, write_config
+from tests.support.service import Service, produce_tracked, read_topic, write_config
 
 VIEWS = ("customer", "order", "product")
 

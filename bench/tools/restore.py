@@ -1,10 +1,10 @@
 """Restore speed in cluster mode: how fast an instance rebuilds the state of the tasks it
 gains from their changelog.
 
-    python -m bench.restore                    # 200k events, 8 tasks, 2 workers
-    python -m bench.restore --events 20000     # quick (CI runs this through `bench --quick`)
-    python -m bench.restore --compare          # also: apply rates, 1x1 vs 2x2, normal mode
-    python -m bench.restore --scale-only       # only the 1x1 vs 2x2 apply rates
+    python -m bench.tools.restore                    # 200k events, 8 tasks, 2 workers
+    python -m bench.tools.restore --events 20000     # quick (CI runs this through `bench --quick`)
+    python -m bench.tools.restore --compare          # also: apply rates, 1x1 vs 2x2, normal mode
+    python -m bench.tools.restore --scale-only       # only the 1x1 vs 2x2 apply rates
 
 1. An instance (cluster mode) applies the seeded 7-source workload and stops cleanly.
 2. A new instance with an empty data directory joins the group: it gains every task and
@@ -40,10 +40,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from aggregator import simulate
-from aggregator.broker import EmbeddedBroker
+from aggregator.devtools import simulate
+from aggregator.devtools.broker import EmbeddedBroker
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "bench" / "results"
 
 _RESTORED = re.compile(
@@ -145,7 +145,7 @@ def worker_tasks(inst, workers: int) -> dict[int, list[int]]:
 def scale_rates(broker, workdir: Path, workload, tasks: int,
                 shapes=((1, 1), (2, 2))) -> dict:
     """Apply rate of `instances x workers` for each shape (see the module docstring)."""
-    from tests.cluster.harness import ClusterRun
+    from tests.support.cluster import ClusterRun
 
     out = {}
     for n_inst, n_work in shapes:
@@ -200,7 +200,7 @@ def scale_rates(broker, workdir: Path, workload, tasks: int,
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.restore", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m bench.tools.restore", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--events", "-n", type=int, default=200_000)
     ap.add_argument("--tasks", type=int, default=8)
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     sys.path.insert(0, str(ROOT))
-    from tests.cluster.harness import ClusterRun  # the test harness drives the instances
+    from tests.support.cluster import ClusterRun  # the test harness drives the instances
 
     workload = simulate.generate(args.seed, args.events)
     rows = []

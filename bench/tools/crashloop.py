@@ -1,8 +1,8 @@
 """Progress under a crash loop: how often can a worker be SIGKILLed and the run still finish
 within 2x its fault-free time?
 
-    python -m bench.crashloop                         # 200k events; kill every 2 ... 0.25 s
-    python -m bench.crashloop --events 1000000 --intervals 4,2,1,0.5,0.25   # the issue's size
+    python -m bench.tools.crashloop                         # 200k events; kill every 2 ... 0.25 s
+    python -m bench.tools.crashloop --events 1000000 --intervals 4,2,1,0.5,0.25   # the issue's size
 
 The chaos harness (tests/chaos/harness.py) against the embedded broker (or --bootstrap): the
 seeded 7-source workload is produced to fresh topics, then `aggregator run` (2 workers) starts;
@@ -29,16 +29,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from aggregator import simulate
-from aggregator.broker import EmbeddedBroker
+from aggregator.devtools import simulate
+from aggregator.devtools.broker import EmbeddedBroker
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "bench" / "results"
 
 
 def one_run(broker, workdir: Path, workload, interval: float | None, seed: int,
             timeout: float) -> dict:
-    from tests.chaos.harness import ChaosRun, shard_totals
+    from tests.support.chaos import ChaosRun, shard_totals
 
     name = "fault-free" if interval is None else f"kill every {interval:g} s"
     run = ChaosRun(broker, workdir, workload, name=name.replace(" ", "-"))
@@ -88,7 +88,7 @@ def one_run(broker, workdir: Path, workload, interval: float | None, seed: int,
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.crashloop", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m bench.tools.crashloop", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--events", "-n", type=int, default=200_000)
     ap.add_argument("--intervals", default="2,1,0.75,0.5,0.25",
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     workload = simulate.generate(args.seed, args.events)
     rows: list[dict] = []
     if args.bootstrap:
-        from tests.kafka_fixtures import ExternalBroker
+        from tests.support.kafka import ExternalBroker
 
         ctx = contextlib.nullcontext(ExternalBroker(args.bootstrap))
     else:

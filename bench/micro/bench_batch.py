@@ -1,6 +1,6 @@
 """Micro-benchmark of the batch path: one `Worker.process()` call on 5,000 records.
 
-Run: ``pytest bench/bench_batch.py --benchmark-only`` (``--benchmark-disable``: smoke test).
+Run: ``pytest bench/micro/bench_batch.py --benchmark-only`` (``--benchmark-disable``: smoke test).
 
 A real `Worker` on a real LMDB shard in a temporary directory (``lmdb_sync`` as shipped:
 on), driven in-process as in tests/test_worker.py: the harness creates the control block and
@@ -37,7 +37,7 @@ except ImportError:  # only acceptable when the pure core is forced
     _core = None
 
 from bench import workload as wl
-from bench.worker_stage import create_side_segments
+from bench.stages.worker_stage import create_side_segments
 
 BATCH = 5000
 ROUNDS = 12

@@ -1,7 +1,7 @@
 """The chaos suite's long mode: every fault of tests/chaos at full size, one table.
 
-    python -m bench.chaos                      # 1M events, a worker SIGKILLed every 2 s, ...
-    python -m bench.chaos --events 200000 -k kill
+    python -m bench.tools.chaos                      # 1M events, a worker SIGKILLed every 2 s, ...
+    python -m bench.tools.chaos --events 200000 -k kill
 
 Runs the same tests as CI (tests/chaos, against the embedded broker or --bootstrap) with the
 sizes raised through the environment, collects each run's verified report (events, faults
@@ -20,12 +20,12 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "bench" / "results"
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.chaos", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m bench.tools.chaos", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--events", type=int, default=1_000_000,
                     help="unique events per run (default 1,000,000)")
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def table(rows: list[dict], args, seconds: float, code: int) -> str:
     lines = [
-        f"Chaos suite, long mode: `python -m bench.chaos --events {args.events}` "
+        f"Chaos suite, long mode: `python -m bench.tools.chaos --events {args.events}` "
         f"({len(rows)} verified runs, {seconds / 60:.0f} min, pytest exit {code})",
         "",
         "| run | events | faults injected | lost | double-applied | out-of-order | "

@@ -16,7 +16,7 @@ computed directly from the ground truth with the semantics of ``shop.toml`` -- i
 use the service's merge code.
 
 Encoding: about 80 % binary mode (``ce_*`` headers; 70 % JSON data, 30 % msgpack) and 20 %
-structured mode (``application/cloudevents+json``). The encoder is private to this module.
+structured mode (``application/cloudevents+json``), encoded by `aggregator.devtools.encoder`.
 Money is integer cents; there are no floats in any payload, so every sum is exact.
 """
 
@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import msgpack
+
+from .encoder import to_binary, to_structured
 
 log = logging.getLogger(__name__)
 
@@ -638,37 +640,22 @@ def _json(obj: Any) -> bytes:
 
 def _encode(ev: SimEvent, mode: str) -> Record:
     """Encode one event as a Kafka record. `mode`: "json", "msgpack" or "structured"."""
-    key = ev.partitionkey.encode()
     src = SOURCES[ev.source_name]
+    attrs = {
+        "id": ev.id,
+        "source": src.uri,
+        "type": ev.type,
+        "time": ev.time,
+        "partitionkey": ev.partitionkey,
+        # The CloudEvents sequence extension is a String: a decimal string here too.
+        "sequence": ev.sequence,
+    }
     if mode == "structured":
-        body = {
-            "specversion": SPECVERSION,
-            "id": ev.id,
-            "source": src.uri,
-            "type": ev.type,
-            "time": ev.time,
-            "partitionkey": ev.partitionkey,
-            # The CloudEvents sequence extension is a String: a decimal string here too.
-            "sequence": str(ev.sequence),
-            "datacontenttype": JSON,
-            "data": ev.data,
-        }
-        return (src.topic, key, _json(body), [("content-type", STRUCTURED.encode())])
-    if mode == "msgpack":
-        value, content_type = msgpack.packb(ev.data, use_bin_type=True), MSGPACK
+        headers, value = to_structured({**attrs, "datacontenttype": JSON}, ev.data,
+                                       content_type=STRUCTURED.encode())
     else:
-        value, content_type = _json(ev.data), JSON
-    headers = [
-        ("ce_specversion", SPECVERSION.encode()),
-        ("ce_id", ev.id.encode()),
-        ("ce_source", src.uri.encode()),
-        ("ce_type", ev.type.encode()),
-        ("ce_time", ev.time.encode()),
-        ("ce_partitionkey", key),
-        ("ce_sequence", str(ev.sequence).encode()),
-        ("content-type", content_type.encode()),
-    ]
-    return (src.topic, key, value, headers)
+        headers, value = to_binary(attrs, ev.data, MSGPACK if mode == "msgpack" else JSON)
+    return (src.topic, ev.partitionkey.encode(), value, headers)
 
 
 #: `generate(mixed=True)`: two services that don't speak CloudEvents, and the source
@@ -1071,7 +1058,7 @@ def bad_records(topic_prefix: str = "", seed: int = 0) -> list[BadRecord]:
 def ensure_topics(bootstrap: str, topics: Iterable[str] | None = None, partitions: int = 4,
                   *, timeout: float = 30.0) -> list[str]:
     """Create `topics` (default: the seven source topics) if missing and wait for them."""
-    from aggregator.broker import create_topics
+    from aggregator.admin import create_topics
 
     return create_topics(bootstrap, list(TOPICS if topics is None else topics), partitions,
                          timeout=timeout)

@@ -30,11 +30,12 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from . import core, datadir, simulate
-from .broker import end_offsets
-from .config import Config, SourceConfig
-from .store import read_views
-from .supervisor import Stats, Supervisor
+from .. import core, datadir
+from ..admin import end_offsets
+from ..config import Config, SourceConfig
+from ..store import read_views
+from ..supervisor import Stats, Supervisor
+from . import simulate
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ def _demo_dir(data_dir: str | None, keep: bool) -> tuple[Path, bool]:
 def check_port(host: str, port: int) -> None:
     """Raise DemoError unless ``host:port`` can be listened on now (for ``--serve``, checked
     before the pipeline runs, and again just before serving)."""
-    from .server import bind
+    from ..server import bind
 
     try:
         bind(host, port).close()
@@ -204,8 +205,8 @@ def run_demo(config: Config, *, events: int, seed: int, data_dir: str | None = N
                           f"--data-dir {path})", highlight=False, markup=False,
                           soft_wrap=True)  # one line: pasted as one command
         if code == 0 and serve:
-            from .server import BIND_FAILED_EXIT
-            from .server import serve as serve_http
+            from ..server import BIND_FAILED_EXIT
+            from ..server import serve as serve_http
 
             check_port(config.http.host, config.http.port)  # taken meanwhile?
             url = f"http://{config.http.host}:{config.http.port}"
