@@ -152,11 +152,7 @@ def _read_meta(path: Path) -> dict:
     except lmdb.Error as e:
         raise ReshardError(f"cannot read shard {path}: {e}") from e
     try:
-        db = shard.db.get("meta")
-        if db is None:
-            return {}
-        with shard.env.begin(db=db) as txn:
-            return {bytes(k).decode(): _unpack(v) for k, v in txn.cursor()}
+        return shard.meta_items()
     finally:
         shard.close()
 
@@ -264,37 +260,25 @@ class _Old:
         if not self.present:
             return
         self.shard = Shard(path, readonly=True)
-        self.txn = self.shard.env.begin(buffers=False)
-        db = self.shard.db.get("meta")
-        if db is not None:
-            self.meta = {bytes(k).decode(): _unpack(v) for k, v in self.txn.cursor(db=db)}
+        self.snap = self.shard.snapshot()
+        self.meta = self.snap.meta()
 
     def rows(self, table: str, prefix: bytes = b"", start: bytes | None = None):
         """(key, value) of a table whose key starts with `prefix` (and is >= `start`), in
         key order."""
-        if not self.present or table not in self.shard.db:
-            return
-        cur = self.txn.cursor(db=self.shard.db[table])
-        if not cur.set_range(prefix if start is None else start):
-            return
-        for k, v in cur:
-            if not k.startswith(prefix):
-                break
-            yield k, v
+        if not self.present:
+            return iter(())
+        return self.snap.rows(table, prefix, start)
 
     def get(self, table: str, key: bytes) -> bytes | None:
-        if not self.present or table not in self.shard.db:
-            return None
-        return self.txn.get(key, db=self.shard.db[table])
+        return self.snap.get(table, key) if self.present else None
 
     def entries(self, table: str) -> int:
-        if not self.present or table not in self.shard.db:
-            return 0
-        return self.txn.stat(self.shard.db[table])["entries"]
+        return self.snap.entries(table) if self.present else 0
 
     def close(self) -> None:
         if self.present:
-            self.txn.abort()
+            self.snap.close()
             self.shard.close()
 
 
@@ -316,22 +300,21 @@ class _Writer:
     def flush(self) -> None:
         if not self.ops:
             return
-        db = self.shard.db
         while True:
-            txn = self.shard.env.begin(write=True)
+            chunk = self.shard.raw_write()
             try:
                 for table, k, v, append in self.ops:
-                    if not txn.put(k, v, db=db[table], append=append):
+                    if not chunk.put(table, k, v, append=append):
                         raise ReshardError(f"{self.shard.path}: {table} key out of order")
-                txn.commit()
+                chunk.commit()
                 break
             except lmdb.MapFullError:
-                txn.abort()
+                chunk.abort()
                 if not self.shard.grow():
                     raise ReshardError(f"{self.shard.path}: LMDB map full at "
                                        "service.lmdb_max_map_size") from None
             except BaseException:
-                txn.abort()
+                chunk.abort()
                 raise
         self.stats.keys += len(self.ops)
         self.stats.bytes += self.size
@@ -567,7 +550,7 @@ class Resharder:
             for name, value in meta.items():
                 w.put("meta", name.encode(), _pack(value))
             w.flush()
-            shard.env.sync(True)
+            shard.sync()
         finally:
             shard.close()
         fd = os.open(path / "data.mdb", os.O_RDONLY)
