@@ -27,14 +27,13 @@ keeps no `if cluster` branch at all, and the worker side reads the same way
 
 Task lifecycle (per task this instance owns or is taking over; `TaskState`)::
 
-      assigned / moved here                 restore done
-    ─────────────────────────▶ RESTORING ─────────────────▶ RUNNING
-                                 │   ▲                       │   ▲  │
-              revoked, lost      │   └── moved to another ───┘   │  │ its worker
-              ◀──────────────────┘       local worker            │  │ restarted
-                                                    restore done │  ▼
-              ◀──────────────────────────────────────────── CATCHING_UP
-              revoked or lost (from RUNNING too)
+    assigned, or moved here ──▶ RESTORING ──restore done──▶ RUNNING ◀──restore done──┐
+                                   ▲                           │                      │
+                                   └──moved to another worker──┤                      │
+                                                               └─worker restarted─▶ CATCHING_UP
+
+    revoked or lost: from any state, the task leaves the table and is dropped (not while
+    the service stops: then the state stays as it was).
 
 RESTORING: placed on a worker, paused, waiting for its restore (not served, not ready).
 RUNNING: restored; its partition is consumed (served by the HTTP API). CATCHING_UP: running,
