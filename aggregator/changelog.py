@@ -43,7 +43,16 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, To
 
 from .kafka_clients import quiet
 from .routing import SLOTS, slot_prefix
-from .store import Batch, RawWrite, Shard, offset_key, parse_offset_key
+from .store import (
+    Batch,
+    RawWrite,
+    Shard,
+    generation_value,
+    offset_key,
+    offset_value,
+    parked_key,
+    parse_offset_key,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +61,6 @@ _DB_OF = {VIEWS: "views", DEDUP: "dedup", SEQ: "seq", PARKED: "parked", OFFSETS:
 MARKER = 0
 MARKER_GROUP = 256  # batch seqs per marker key (see the module docstring)
 _U64 = struct.Struct(">Q")
-_I64 = struct.Struct(">q")
 _pack = msgpack.Packer(use_bin_type=True).pack
 _unpack = msgpack.unpackb
 
@@ -109,18 +117,18 @@ class CapturingBatch(Batch):
         self.log.append((SEQ, gkey, v))
 
     def park(self, gkey: bytes, seq: int, parked_at: float, record: list) -> None:
-        k, v = gkey + _U64.pack(seq), _pack([parked_at, record])
+        k, v = parked_key(gkey, seq), _pack([parked_at, record])
         self.put_raw("parked", k, v)
         self.log.append((PARKED, k, v))
 
     def unpark(self, gkey: bytes, seq: int) -> list | None:
         rec = super().unpark(gkey, seq)
         if rec is not None:
-            self.log.append((PARKED, gkey + _U64.pack(seq), None))
+            self.log.append((PARKED, parked_key(gkey, seq), None))
         return rec
 
     def put_offset(self, topic: str, partition: int, through: int) -> None:
-        k, v = offset_key(topic, partition), _I64.pack(through)
+        k, v = offset_key(topic, partition), offset_value(through)
         self.put_raw("offsets", k, v)
         self.log.append((OFFSETS, k, v))
 
@@ -193,7 +201,7 @@ class Restore:
         self._in_chunk += 1
         self.applied += 1
         if code == DEDUP:
-            chunk.set_seen(key, None if value is None else _U64.pack(self.generation))
+            chunk.set_seen(key, None if value is None else generation_value(self.generation))
             if value is not None:
                 self.dedup_hashes.append(key[2:])
             return

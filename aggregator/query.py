@@ -37,7 +37,14 @@ import msgpack
 
 from .metrics import read_status
 from .routing import slot_of, slot_prefix, worker_of
-from .store import TOTALS_KEY, SharedReader, normalize_totals, shard_path
+from .store import (
+    TOTALS_KEY,
+    SharedReader,
+    normalize_totals,
+    parse_view_key,
+    shard_path,
+    view_key,
+)
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +231,7 @@ class Views:
         vid = shard.view_id(view)
         if vid is None:
             return None
-        lkey = slot_prefix(slot) + bytes((vid,)) + raw_key
+        lkey = view_key(slot_prefix(slot), vid, key)
 
         raw = shard.read(("views",), lambda snap: snap.get("views", lkey))
         if raw is None:
@@ -259,7 +266,7 @@ class Views:
             for lkey in rows:
                 if len(keys) == limit:
                     return keys, encode_cursor(*last)
-                keys.append(lkey[3:].decode())
+                keys.append(parse_view_key(lkey)[1])
                 last = (i, lkey)
         return keys, None
 

@@ -170,6 +170,56 @@ def parse_offset_key(key: bytes) -> tuple[str, int]:
     return bytes(key[:-5]).decode(), _PART.unpack(key[-4:])[0]
 
 
+# ---- key and value codecs of the layout table (for the modules that read or copy rows) ------
+def key_slot(key: bytes) -> int:
+    """The slot of a slot-prefixed key (views, dedup, seq, parked)."""
+    return _U16.unpack(key[:2])[0]
+
+
+def parse_view_key(key: bytes) -> tuple[int, str]:
+    """(view id, view key) of a views key (see view_key)."""
+    return key[2], bytes(key[3:]).decode()
+
+
+def parked_key(gkey: bytes, seq: int) -> bytes:
+    return gkey + _U64.pack(seq)
+
+
+def generation_value(generation: int) -> bytes:
+    """A dedup value (and the first 8 bytes of its dedup_gen key)."""
+    return _U64.pack(generation)
+
+
+def parse_generation(value: bytes) -> int:
+    return _U64.unpack(value[:8])[0]
+
+
+def offset_value(through: int) -> bytes:
+    return _I64.pack(through)
+
+
+def parse_offset_value(value: bytes) -> int:
+    return _I64.unpack(value)[0]
+
+
+def change_key(seq: int) -> bytes:
+    return _U64.pack(seq)
+
+
+def parse_link(key: bytes, value: bytes) -> tuple[int, int]:
+    """(source worker, last applied link seq) of a links row."""
+    return _U16.unpack(key)[0], _U64.unpack(value)[0]
+
+
+def outbox_prefix(target: int) -> bytes:
+    return _U16.pack(target)
+
+
+def parse_outbox_key(key: bytes) -> tuple[int, int]:
+    """(target worker, link seq) of an outbox key."""
+    return _U16.unpack(key[:2])[0], _U64.unpack(key[2:])[0]
+
+
 class Shard:
     """An LMDB environment owned by one worker."""
 
