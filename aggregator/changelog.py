@@ -42,8 +42,17 @@ import msgpack
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
 
 from .kafka_clients import quiet
-from .routing import SLOTS
-from .store import Batch, Shard, offset_key, parse_offset_key
+from .routing import SLOTS, slot_prefix
+from .store import (
+    Batch,
+    RawWrite,
+    Shard,
+    generation_value,
+    offset_key,
+    offset_value,
+    parked_key,
+    parse_offset_key,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +61,6 @@ _DB_OF = {VIEWS: "views", DEDUP: "dedup", SEQ: "seq", PARKED: "parked", OFFSETS:
 MARKER = 0
 MARKER_GROUP = 256  # batch seqs per marker key (see the module docstring)
 _U64 = struct.Struct(">Q")
-_I64 = struct.Struct(">q")
 _pack = msgpack.Packer(use_bin_type=True).pack
 _unpack = msgpack.unpackb
 
@@ -89,7 +97,7 @@ class CapturingBatch(Batch):
 
     def put_doc(self, dkey: bytes, record: dict) -> None:
         v = _pack(record)
-        self.txn.put(dkey, v, db=self._db["views"])
+        self.put_raw("views", dkey, v)
         self.log.append((VIEWS, dkey, v))
 
     def delete_doc(self, dkey: bytes) -> None:
@@ -105,23 +113,23 @@ class CapturingBatch(Batch):
 
     def put_seq(self, gkey: bytes, last: int, topic: str, partition: int) -> None:
         v = _pack([last, topic, partition])
-        self.txn.put(gkey, v, db=self._db["seq"])
+        self.put_raw("seq", gkey, v)
         self.log.append((SEQ, gkey, v))
 
     def park(self, gkey: bytes, seq: int, parked_at: float, record: list) -> None:
-        k, v = gkey + _U64.pack(seq), _pack([parked_at, record])
-        self.txn.put(k, v, db=self._db["parked"])
+        k, v = parked_key(gkey, seq), _pack([parked_at, record])
+        self.put_raw("parked", k, v)
         self.log.append((PARKED, k, v))
 
     def unpark(self, gkey: bytes, seq: int) -> list | None:
         rec = super().unpark(gkey, seq)
         if rec is not None:
-            self.log.append((PARKED, gkey + _U64.pack(seq), None))
+            self.log.append((PARKED, parked_key(gkey, seq), None))
         return rec
 
     def put_offset(self, topic: str, partition: int, through: int) -> None:
-        k, v = offset_key(topic, partition), _I64.pack(through)
-        self.txn.put(k, v, db=self._db["offsets"])
+        k, v = offset_key(topic, partition), offset_value(through)
+        self.put_raw("offsets", k, v)
         self.log.append((OFFSETS, k, v))
 
     def by_task(self, tasks: int) -> dict[int, list[tuple[int, bytes, bytes | None]]]:
@@ -151,8 +159,8 @@ class Restore:
         self.pending: list[tuple[int, int, int, bytes, bytes | None]] = []
         self.records = self.bytes = self.applied = 0
         self.dedup_hashes: list[bytes] = []
-        self._txn = None
-        self._in_txn = 0
+        self._chunk: RawWrite | None = None  # the open LMDB transaction of this chunk
+        self._in_chunk = 0
 
     @property
     def start(self) -> int:
@@ -177,7 +185,7 @@ class Restore:
                     keep.append(p)
             self.pending = keep
             self.seq, self.pos = seq, offset
-            if self._in_txn >= CHUNK_RECORDS:
+            if self._in_chunk >= CHUNK_RECORDS:
                 self._commit_chunk()
             return
         epoch, seq = _batch_id(headers)
@@ -187,39 +195,32 @@ class Restore:
         self.pending.append((epoch, seq, key[0], bytes(key[1:]), value))
 
     def _apply(self, code: int, key: bytes, value: bytes | None) -> None:
-        if self._txn is None:
-            self._txn = self.shard.env.begin(write=True)
-        txn, db = self._txn, self.shard.db
-        self._in_txn += 1
+        if self._chunk is None:
+            self._chunk = self.shard.raw_write()
+        chunk = self._chunk
+        self._in_chunk += 1
         self.applied += 1
         if code == DEDUP:
-            gen = _U64.pack(self.generation)
-            old = txn.get(key, db=db["dedup"])
-            if old is not None:
-                txn.delete(bytes(old) + key, db=db["dedup_gen"])
-            if value is None:
-                txn.delete(key, db=db["dedup"])
-            else:
-                txn.put(key, gen, db=db["dedup"])
-                txn.put(gen + key, b"", db=db["dedup_gen"])
+            chunk.set_seen(key, None if value is None else generation_value(self.generation))
+            if value is not None:
                 self.dedup_hashes.append(key[2:])
             return
         name = _DB_OF.get(code)
         if name is None:
             raise ChangelogError(f"task {self.task}: unknown changelog record type {code}")
         if value is None:
-            txn.delete(key, db=db[name])
+            chunk.delete(name, key)
         else:
-            txn.put(key, value, db=db[name])
+            chunk.put(name, key, value)
 
     def _commit_chunk(self) -> None:
-        if self._txn is None:
-            self._txn = self.shard.env.begin(write=True)
-        self._txn.put(meta_name(self.task).encode(), _pack([self.pos, self.epoch, self.seq]),
-                      db=self.shard.db["meta"])
-        self._txn.commit()
-        self._txn = None
-        self._in_txn = 0
+        if self._chunk is None:
+            self._chunk = self.shard.raw_write()
+        self._chunk.put("meta", meta_name(self.task).encode(),
+                        _pack([self.pos, self.epoch, self.seq]))
+        self._chunk.commit()
+        self._chunk = None
+        self._in_chunk = 0
 
     def finish(self) -> None:
         """Commit what was confirmed; the unconfirmed tail (a cut-short batch) is dropped."""
@@ -230,9 +231,9 @@ class Restore:
         self._commit_chunk()
 
     def abort(self) -> None:
-        if self._txn is not None:
-            self._txn.abort()
-            self._txn = None
+        if self._chunk is not None:
+            self._chunk.abort()
+            self._chunk = None
 
 
 def _batch_id(headers) -> tuple[int, int]:
@@ -245,26 +246,14 @@ def _batch_id(headers) -> tuple[int, int]:
 def drop_task(shard: Shard, task: int, tasks: int, tasks_topic: str) -> int:
     """Delete a task's state from the shard (it moved to another instance). Returns the
     number of entries deleted."""
-    db = shard.db
     n = 0
-    with shard.env.begin(write=True) as txn:
+    with shard.raw_write() as w:
         for slot in range(task, SLOTS, tasks):
-            prefix = bytes(((slot >> 8) & 0xFF, slot & 0xFF))
+            prefix = slot_prefix(slot)
             for name in ("views", "seq", "parked", "dedup"):
-                cur = txn.cursor(db=db[name])
-                if not cur.set_range(prefix):
-                    continue
-                while True:
-                    k = cur.key()
-                    if not k or not k.startswith(prefix):
-                        break
-                    if name == "dedup":
-                        txn.delete(bytes(cur.value()) + bytes(k), db=db["dedup_gen"])
-                    if not cur.delete():
-                        break
-                    n += 1
-        txn.delete(offset_key(tasks_topic, task), db=db["offsets"])
-        txn.delete(meta_name(task).encode(), db=db["meta"])
+                n += w.delete_prefix(name, prefix)
+        w.delete("offsets", offset_key(tasks_topic, task))
+        w.delete("meta", meta_name(task).encode())
     return n
 
 

@@ -139,6 +139,7 @@ def run(config_path, workers, data_dir, bootstrap, log_level, log_format):
     A data dir written by another worker count is resharded first (offline, crash-safe).
     """
     from .supervisor import Supervisor
+    from .task_manager import ClusterSupervisor
 
     level = _setup_logging(log_level or "INFO", log_format)
     cfg = _load(config_path, workers, data_dir, bootstrap)
@@ -154,7 +155,8 @@ def run(config_path, workers, data_dir, bootstrap, log_level, log_format):
                     "keep their modes; tighten them with chmod -R", cfg.service.data_dir,
                     mode, cfg.service.umask)
     log.info("config: %s", cfg.kafka.redacted())
-    sys.exit(Supervisor(cfg, log_level=level, log_format=log_format).run())
+    sup_class = ClusterSupervisor if cfg.cluster.enabled else Supervisor
+    sys.exit(sup_class(cfg, log_level=level, log_format=log_format).run())
 
 
 def command_name() -> str:

@@ -16,7 +16,7 @@ Invariants:
   restore is a catch-up) as long as that keeps the balance; a placed task moves only when the
   counts would otherwise differ by more than one.
 
-A move between local workers is the supervisor's (`Supervisor._move_tasks`): the task's
+A move between local workers is the supervisor's (`TaskManager.balance`): the task's
 partition is paused, every worker drains and commits, the old worker drops the task, the new
 one restores it from the changelog and claims it (a new epoch): the semantics of a revoke
 on one worker and an assignment on another.

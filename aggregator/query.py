@@ -1,8 +1,8 @@
 """Read-only access to the view documents in the shards, for the HTTP API and the CLI.
 
 Reads go straight to LMDB, never through the workers: each shard's environment is opened
-read-only (``lmdb.open(readonly=True, lock=True)``), which LMDB allows next to the one writer
-(the worker) and any number of other readers. Rules kept here:
+read-only (``lmdb.open(readonly=True, lock=True)``, by store.SharedReader), which LMDB
+allows next to the one writer (the worker) and any number of other readers. Rules kept here:
 
 - **One read transaction per call, per shard.** A transaction pins the snapshot it started
   on and keeps the writer from reusing those pages, so none outlives the call that opened it.
@@ -31,19 +31,24 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
-import lmdb
 import msgpack
 
 from .metrics import read_status
 from .routing import slot_of, slot_prefix, worker_of
-from .store import TOTALS_KEY, normalize_totals, shard_path
+from .store import (
+    TOTALS_KEY,
+    SharedReader,
+    normalize_totals,
+    parse_view_key,
+    shard_path,
+    view_key,
+)
 
 log = logging.getLogger(__name__)
 
 MAX_KEY_BYTES = 480  # view keys are bounded by service.max_key_bytes (<= 480)
-_MAX_DBS = 16  # >= the named databases of store.py
 _CURSOR_VERSION = 1
 
 
@@ -67,80 +72,31 @@ class BadCursor(QueryError, ValueError):
 
 
 class ShardReader:
-    """One shard's LMDB environment, opened read-only on first use."""
+    """One shard's LMDB environment, opened read-only on first use (store.SharedReader)."""
 
     def __init__(self, path: Path):
         self.path = path
-        self._env: lmdb.Environment | None = None
-        self._dbs: dict[str, Any] = {}
+        self._reader = SharedReader(path, log)
         self._views: list[str] | None = None  # meta "views": view names in id order
         self._lock = threading.Lock()
 
-    # ---- opening --------------------------------------------------------------------
-    def _open(self) -> lmdb.Environment | None:
-        if self._env is None:
-            if not (self.path / "data.mdb").exists():
-                return None
-            env = lmdb.open(str(self.path), readonly=True, lock=True, map_size=0,
-                            max_dbs=_MAX_DBS, readahead=False, subdir=True)
-            try:
-                env.reader_check()  # free reader slots of dead processes
-            except lmdb.Error:
-                pass
-            self._env = env
-            log.debug("opened %s read-only", self.path)
-        return self._env
-
-    def _retry_resized(self, env: lmdb.Environment, op, attempts: int = 20):
-        """Run `op`; when the writer grew the map meanwhile, adopt its size and retry (the
-        writer may grow it again between our retries, hence a loop)."""
-        for _ in range(attempts - 1):
-            try:
-                return op()
-            except lmdb.MapResizedError:
-                env.set_mapsize(0)  # adopt the size the writer grew the map to
-                log.debug("%s: map grown by the writer, now %d bytes", self.path,
-                          env.info()["map_size"])
-        return op()
-
-    def _db(self, env: lmdb.Environment, name: str):
-        """The handle of a named database, or None if the worker has not created it yet.
-
-        Opened in a transaction of its own (py-lmdb commits it), before the read
-        transaction begins: a handle opened inside a read transaction dies with it.
-        """
-        db = self._dbs.get(name)
-        if db is None:
-            try:
-                db = self._retry_resized(env, lambda: env.open_db(name.encode(), create=False))
-            except lmdb.NotFoundError:
-                return None
-            self._dbs[name] = db
-        return db
-
     def read(self, names: tuple[str, ...], fn):
-        """Run ``fn(txn, dbs) -> value`` in one read transaction; None if no shard yet.
-
-        ``dbs`` maps each of ``names`` to its database handle, or None if the database does
-        not exist yet.
-        """
+        """Run ``fn(snapshot) -> value`` in one read transaction (a store.Snapshot over the
+        databases ``names``, a missing one reading as empty); None if no shard yet."""
         with self._lock:
-            env = self._open()
-            if env is None:
+            snap = self._reader.snapshot(names)
+            if snap is None:
                 return None
-            dbs = {name: self._db(env, name) for name in names}
-            txn = self._retry_resized(env, lambda: env.begin(buffers=False))
             try:
-                return fn(txn, dbs)
+                return fn(snap)
             finally:
-                txn.abort()  # read-only: releases the snapshot
+                snap.close()
 
     def view_ids(self, refresh: bool = False) -> list[str]:
         """View names in id order (``meta["views"]``); [] before the worker booted."""
         if self._views is None or refresh:
-            def fn(txn, dbs):
-                meta = dbs["meta"]
-                raw = None if meta is None else txn.get(b"views", db=meta)
+            def fn(snap):
+                raw = snap.get("meta", b"views")
                 return None if raw is None else list(_unpack(raw))
             views = self.read(("meta",), fn)
             if views is not None:
@@ -162,20 +118,15 @@ class ShardReader:
             return out
         out["file_bytes"] = data.stat().st_size
 
-        names = self.read((), lambda txn, dbs: [bytes(k).decode() for k, _ in txn.cursor()])
-
-        def fn(txn, dbs):
-            return {name: txn.stat(db)["entries"] for name, db in dbs.items() if db is not None}
-
-        entries = self.read(tuple(names or ()), fn)
+        names = self.read((), lambda snap: snap.names())
+        entries = self.read(tuple(names or ()), lambda snap: snap.entries_of())
         with self._lock:
-            env = self._env
-            if entries is None or env is None:
+            opened = self._reader.info()
+            if entries is None or opened is None:
                 return out
-            info, psize = env.info(), env.stat()["psize"]
+            info, psize = opened
         out["entries"] = entries
-        raw = self.read(("meta",), lambda txn, dbs: None if dbs["meta"] is None
-                        else txn.get(TOTALS_KEY.encode(), db=dbs["meta"]))
+        raw = self.read(("meta",), lambda snap: snap.get("meta", TOTALS_KEY.encode()))
         out["totals"] = normalize_totals(None if raw is None else _unpack(raw))
         out["map_bytes"] = info["map_size"]
         out["used_bytes"] = (info["last_pgno"] + 1) * psize
@@ -184,10 +135,7 @@ class ShardReader:
 
     def close(self) -> None:
         with self._lock:
-            if self._env is not None:
-                self._env.close()
-                self._env = None
-                self._dbs.clear()
+            self._reader.close()
 
 
 class OwnedTasks:
@@ -239,9 +187,8 @@ class Views:
     def check_layout(self) -> None:
         """Raise QueryError if an existing shard was written for another worker count."""
         for i, shard in enumerate(self.shards):
-            def fn(txn, dbs):
-                meta = dbs["meta"]
-                raw = None if meta is None else txn.get(b"workers", db=meta)
+            def fn(snap):
+                raw = snap.get("meta", b"workers")
                 return None if raw is None else _unpack(raw)
             written = shard.read(("meta",), fn)
             if written is not None and written != self.workers:
@@ -284,13 +231,9 @@ class Views:
         vid = shard.view_id(view)
         if vid is None:
             return None
-        lkey = slot_prefix(slot) + bytes((vid,)) + raw_key
+        lkey = view_key(slot_prefix(slot), vid, key)
 
-        def fn(txn, dbs):
-            db = dbs["views"]
-            return None if db is None else txn.get(lkey, db=db)
-
-        raw = shard.read(("views",), fn)
+        raw = shard.read(("views",), lambda snap: snap.get("views", lkey))
         if raw is None:
             return None
         rec = _unpack(raw)
@@ -323,7 +266,7 @@ class Views:
             for lkey in rows:
                 if len(keys) == limit:
                     return keys, encode_cursor(*last)
-                keys.append(lkey[3:].decode())
+                keys.append(parse_view_key(lkey)[1])
                 last = (i, lkey)
         return keys, None
 
@@ -335,13 +278,10 @@ class Views:
         if vid is None:
             return []
 
-        def fn(txn, dbs):
-            db = dbs["views"]
-            if db is None:
-                return []
+        def fn(snap):
             serves = None if self.serves is None else (
                 lambda slot: self.serves(slot) == index)  # noqa: B023 - used at once
-            return list(_scan_view(txn.cursor(db=db), vid, after, limit, serves))
+            return list(snap.view_keys(vid, after, limit, serves))
 
         return shard.read(("views",), fn) or []
 
@@ -358,44 +298,6 @@ class Views:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _scan_view(cur: lmdb.Cursor, vid: int, after: bytes | None,
-               limit: int, serves: Callable[[int], bool] | None = None) -> Iterator[bytes]:
-    """Keys ``slot(2) + vid + key`` of live documents in LMDB order, strictly after ``after``.
-
-    Rows of other views interleave with this view's (the slot comes first), so the scan jumps:
-    on a row of another view it seeks straight to this view's rows in that slot, or in the
-    next slot. The cost is one seek per non-empty slot plus one step per row returned.
-    """
-    v = bytes((vid,))
-    if after is None:
-        found = cur.set_range(b"\0\0" + v)
-    else:
-        found = cur.set_range(after)
-        if found and cur.key() == after:
-            found = cur.next()
-    n = 0
-    while found and n < limit:
-        k = cur.key()
-        if len(k) < 3:
-            found = cur.next()
-            continue
-        slot, kv = k[:2], k[2]
-        if kv == vid:
-            raw = cur.value()
-            if (serves is None or serves(int.from_bytes(slot, "big"))) and \
-                    _unpack(raw).get("d") is not None:
-                n += 1
-                yield bytes(k)
-            found = cur.next()
-        elif kv < vid:
-            found = cur.set_range(slot + v)  # this view's rows in the same slot
-        else:
-            nxt = int.from_bytes(slot, "big") + 1  # past this slot: same view, next slot
-            if nxt > 0xFFFF:
-                return
-            found = cur.set_range(nxt.to_bytes(2, "big") + v)
 
 
 def encode_cursor(shard: int, lkey: bytes) -> str:

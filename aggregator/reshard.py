@@ -50,7 +50,6 @@ import json
 import logging
 import os
 import shutil
-import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,9 +69,19 @@ from .store import (
     TOTALS,
     TOTALS_KEY,
     Shard,
+    change_key,
+    generation_value,
+    key_slot,
     normalize_totals,
     offset_key,
+    offset_value,
+    outbox_prefix,
+    parse_generation,
+    parse_link,
     parse_offset_key,
+    parse_offset_value,
+    parse_outbox_key,
+    parse_view_key,
     view_key,
 )
 from .worker import Forwarded
@@ -86,9 +95,6 @@ _SLOT_TABLES = ("views", "seq", "parked")  # copied as they are, slot by slot
 _KNOWN_META = {"format", "shard", "workers", "slots", "views", "fingerprint",
                "bloom_generation", "change_seq", "changes_published", "link_out",
                TOTALS_KEY, "shard_token", "dedup_log_seq", "dedup_log_pruned"}
-_U64 = struct.Struct(">Q")
-_U16 = struct.Struct(">H")
-_I64 = struct.Struct(">q")
 _CHUNK_BYTES = 16 << 20  # bytes written per LMDB transaction
 
 _pack = msgpack.Packer(use_bin_type=True).pack
@@ -152,11 +158,7 @@ def _read_meta(path: Path) -> dict:
     except lmdb.Error as e:
         raise ReshardError(f"cannot read shard {path}: {e}") from e
     try:
-        db = shard.db.get("meta")
-        if db is None:
-            return {}
-        with shard.env.begin(db=db) as txn:
-            return {bytes(k).decode(): _unpack(v) for k, v in txn.cursor()}
+        return shard.meta_items()
     finally:
         shard.close()
 
@@ -264,37 +266,25 @@ class _Old:
         if not self.present:
             return
         self.shard = Shard(path, readonly=True)
-        self.txn = self.shard.env.begin(buffers=False)
-        db = self.shard.db.get("meta")
-        if db is not None:
-            self.meta = {bytes(k).decode(): _unpack(v) for k, v in self.txn.cursor(db=db)}
+        self.snap = self.shard.snapshot()
+        self.meta = self.snap.meta()
 
     def rows(self, table: str, prefix: bytes = b"", start: bytes | None = None):
         """(key, value) of a table whose key starts with `prefix` (and is >= `start`), in
         key order."""
-        if not self.present or table not in self.shard.db:
-            return
-        cur = self.txn.cursor(db=self.shard.db[table])
-        if not cur.set_range(prefix if start is None else start):
-            return
-        for k, v in cur:
-            if not k.startswith(prefix):
-                break
-            yield k, v
+        if not self.present:
+            return iter(())
+        return self.snap.rows(table, prefix, start)
 
     def get(self, table: str, key: bytes) -> bytes | None:
-        if not self.present or table not in self.shard.db:
-            return None
-        return self.txn.get(key, db=self.shard.db[table])
+        return self.snap.get(table, key) if self.present else None
 
     def entries(self, table: str) -> int:
-        if not self.present or table not in self.shard.db:
-            return 0
-        return self.txn.stat(self.shard.db[table])["entries"]
+        return self.snap.entries(table) if self.present else 0
 
     def close(self) -> None:
         if self.present:
-            self.txn.abort()
+            self.snap.close()
             self.shard.close()
 
 
@@ -316,22 +306,21 @@ class _Writer:
     def flush(self) -> None:
         if not self.ops:
             return
-        db = self.shard.db
         while True:
-            txn = self.shard.env.begin(write=True)
+            chunk = self.shard.raw_write()
             try:
                 for table, k, v, append in self.ops:
-                    if not txn.put(k, v, db=db[table], append=append):
+                    if not chunk.put(table, k, v, append=append):
                         raise ReshardError(f"{self.shard.path}: {table} key out of order")
-                txn.commit()
+                chunk.commit()
                 break
             except lmdb.MapFullError:
-                txn.abort()
+                chunk.abort()
                 if not self.shard.grow():
                     raise ReshardError(f"{self.shard.path}: LMDB map full at "
                                        "service.lmdb_max_map_size") from None
             except BaseException:
-                txn.abort()
+                chunk.abort()
                 raise
         self.stats.keys += len(self.ops)
         self.stats.bytes += self.size
@@ -428,14 +417,13 @@ class Resharder:
         for i, o in enumerate(olds):
             published = o.meta.get("changes_published", 0)
             index = None  # (view id, key) -> slot of the documents of shard i, if needed
-            for k, entry in o.rows("changes", start=_U64.pack(published + 1)):
+            for k, entry in o.rows("changes", start=change_key(published + 1)):
                 vid, key = _unpack(entry)[:2]
                 slot = slot_of(key.encode())
                 if slot % self.n != i or o.get("views", view_key(slot_prefix(slot), vid,
                                                                  key)) is None:
                     if index is None:
-                        index = {(k[2], k[3:].decode()): _U16.unpack(k[:2])[0]
-                                 for k, _ in o.rows("views")}
+                        index = {parse_view_key(k): key_slot(k) for k, _ in o.rows("views")}
                     found = index.get((vid, key))
                     if found is None:
                         log.warning("reshard: change event of %s/%s has no document",
@@ -448,16 +436,15 @@ class Resharder:
     def _apply_forwarded(self, olds: list[_Old]) -> None:
         """Forwarded updates that their target shard had not applied, applied in link order
         as worker.py does for MSG_FORWARD (merge error: dead-letter, document unchanged)."""
-        links = [{_U16.unpack(k)[0]: _U64.unpack(v)[0] for k, v in o.rows("links")}
-                 for o in olds]
+        links = [dict(parse_link(k, v) for k, v in o.rows("links")) for o in olds]
         pending = []
         for i, o in enumerate(olds):
             for t in range(self.n):
                 if t == i:
                     continue
                 after = links[t].get(i, 0)
-                for k, msg in o.rows("outbox", _U16.pack(t)):
-                    seq = _U64.unpack(k[2:])[0]
+                for k, msg in o.rows("outbox", outbox_prefix(t)):
+                    seq = parse_outbox_key(k)[1]
                     if seq > after:
                         pending.append((seq, msg))
         if not pending:
@@ -511,11 +498,11 @@ class Resharder:
                             chg.entry(feed.view_id, key, stored["v"], chg.encode(doc)))
         for dkey, (vid, key) in changed.items():  # coalesced: one event per document
             stored = docs[dkey]
-            slot = _U16.unpack(dkey[:2])[0]
+            slot = key_slot(dkey)
             self.new_changes[slot % self.m].append(
                 chg.entry(vid, key, stored["v"], chg.encode(stored["d"])))
         for dkey, stored in docs.items():
-            self.new_docs[_U16.unpack(dkey[:2])[0] % self.m][dkey] = _pack(stored)
+            self.new_docs[key_slot(dkey) % self.m][dkey] = _pack(stored)
 
     # -- one new shard ----------------------------------------------------------------------------
     def _build(self, j: int, olds: list[_Old], path: Path) -> None:
@@ -534,11 +521,11 @@ class Resharder:
                         shift, oldest = self.shift[src], self.oldest_gen
                         for k, v in olds[src].rows(table, slot_prefix(s)):
                             n += 1
-                            gen = _U64.unpack(v)[0] + shift
+                            gen = parse_generation(v) + shift
                             if gen < oldest:
                                 self.stats.dedup_dropped += 1
                                 continue
-                            g = _U64.pack(gen)
+                            g = generation_value(gen)
                             w.put("dedup", k, g, append=True)
                             w.put("dedup_gen", g + k, b"")
                     else:
@@ -552,9 +539,9 @@ class Resharder:
                 w.put("views", dkey, raw)
             moved = (olds[i].get("changes", k) for i, k in self.moved_changes[j])
             for seq, entry in enumerate(itertools.chain(moved, self.new_changes[j]), 1):
-                w.put("changes", _U64.pack(seq), entry, append=True)
+                w.put("changes", change_key(seq), entry, append=True)
             for (topic, part), off in self._offsets(j, olds).items():
-                w.put("offsets", offset_key(topic, part), _I64.pack(off))
+                w.put("offsets", offset_key(topic, part), offset_value(off))
             meta = {**self.extra_meta, "format": FORMAT_VERSION, "shard": j,
                     "workers": self.m, "slots": SLOTS, "views": self.views,
                     "bloom_generation": self.generation,
@@ -567,7 +554,7 @@ class Resharder:
             for name, value in meta.items():
                 w.put("meta", name.encode(), _pack(value))
             w.flush()
-            shard.env.sync(True)
+            shard.sync()
         finally:
             shard.close()
         fd = os.open(path / "data.mdb", os.O_RDONLY)
@@ -594,7 +581,7 @@ class Resharder:
         new shard j; a partition that one of them has not stored is left out."""
         result: dict[tuple[str, int], int] | None = None
         for i in sorted({s % self.n for s in range(j, SLOTS, self.m)}):
-            offs = {parse_offset_key(k): _I64.unpack(v)[0]
+            offs = {parse_offset_key(k): parse_offset_value(v)
                     for k, v in olds[i].rows("offsets")}
             if result is None:
                 result = offs

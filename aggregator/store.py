@@ -42,6 +42,12 @@ to the configured maximum and lets the caller retry the batch. A full, read-only
 disk makes the commit fail the same way (LMDB keeps nothing of the transaction):
 `storage_errno` tells these errors apart from the others, so that the caller can wait and retry.
 
+Who touches LMDB: only this module. The worker writes through `Batch`; the changelog's
+restore and task drop, and the reshard's copy, write through `RawWrite` (puts and deletes of
+encoded rows, by database name); the reshard reads an old shard through one `Snapshot`, and
+the HTTP API and CLI read through `SharedReader` (read-only, next to the writer: query.py
+states its rules). The layout table above is the single description of the format.
+
 Fencing: a worker claims its shard at boot (`Shard.claim_writer` bumps meta ``writer_epoch``)
 and every batch transaction first checks that the epoch is still its own; a worker that was
 replaced (e.g. it was stopped past its heartbeat timeout and then resumed) gets `Fenced`
@@ -55,7 +61,7 @@ import logging
 import os
 import struct
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import lmdb
 import msgpack
@@ -162,6 +168,56 @@ def offset_key(topic: str, partition: int) -> bytes:
 
 def parse_offset_key(key: bytes) -> tuple[str, int]:
     return bytes(key[:-5]).decode(), _PART.unpack(key[-4:])[0]
+
+
+# ---- key and value codecs of the layout table (for the modules that read or copy rows) ------
+def key_slot(key: bytes) -> int:
+    """The slot of a slot-prefixed key (views, dedup, seq, parked)."""
+    return _U16.unpack(key[:2])[0]
+
+
+def parse_view_key(key: bytes) -> tuple[int, str]:
+    """(view id, view key) of a views key (see view_key)."""
+    return key[2], bytes(key[3:]).decode()
+
+
+def parked_key(gkey: bytes, seq: int) -> bytes:
+    return gkey + _U64.pack(seq)
+
+
+def generation_value(generation: int) -> bytes:
+    """A dedup value (and the first 8 bytes of its dedup_gen key)."""
+    return _U64.pack(generation)
+
+
+def parse_generation(value: bytes) -> int:
+    return _U64.unpack(value[:8])[0]
+
+
+def offset_value(through: int) -> bytes:
+    return _I64.pack(through)
+
+
+def parse_offset_value(value: bytes) -> int:
+    return _I64.unpack(value)[0]
+
+
+def change_key(seq: int) -> bytes:
+    return _U64.pack(seq)
+
+
+def parse_link(key: bytes, value: bytes) -> tuple[int, int]:
+    """(source worker, last applied link seq) of a links row."""
+    return _U16.unpack(key)[0], _U64.unpack(value)[0]
+
+
+def outbox_prefix(target: int) -> bytes:
+    return _U16.pack(target)
+
+
+def parse_outbox_key(key: bytes) -> tuple[int, int]:
+    """(target worker, link seq) of an outbox key."""
+    return _U16.unpack(key[:2])[0], _U64.unpack(key[2:])[0]
 
 
 class Shard:
@@ -338,6 +394,26 @@ class Shard:
             for k, v in txn.cursor():
                 vid = k[2]
                 yield views[vid], k[3:].decode(), _unpack(v)
+
+    def meta_items(self) -> dict:
+        """Every meta entry, decoded ({} for a shard without the meta database)."""
+        db = self.db.get("meta")
+        if db is None:
+            return {}
+        with self.env.begin(db=db) as txn:
+            return {bytes(k).decode(): _unpack(v) for k, v in txn.cursor()}
+
+    def snapshot(self) -> "Snapshot":
+        """One read transaction over the whole shard, until `Snapshot.close`."""
+        return Snapshot(self.env.begin(buffers=False), self.db)
+
+    def raw_write(self) -> "RawWrite":
+        """A write transaction of encoded rows (no fencing check: see RawWrite)."""
+        return RawWrite(self)
+
+    def sync(self) -> None:
+        """Flush the environment to disk (a shard opened with ``sync=False``)."""
+        self.env.sync(True)
 
     def stat(self) -> dict:
         info = self.env.info()
@@ -566,6 +642,10 @@ class Batch:
     def put_meta(self, name: str, value) -> None:
         self.txn.put(name.encode(), _pack(value), db=self._db["meta"])
 
+    def put_raw(self, table: str, key: bytes, value: bytes) -> None:
+        """Put an encoded row (changelog.CapturingBatch logs the bytes it puts)."""
+        self.txn.put(key, value, db=self._db[table])
+
     def put_totals(self, totals: dict[str, int]) -> None:
         """Store the shard's totals (see the format notes) in this transaction."""
         self.put_meta(TOTALS_KEY, totals)
@@ -580,6 +660,243 @@ class Batch:
             self.txn.abort()
         except lmdb.Error:
             pass
+
+
+class RawWrite:
+    """A write transaction of encoded rows, by database name, for the changelog's restore and
+    task drop and the reshard's copy. Unlike `Batch` it does not check the writer epoch: its
+    callers run in the shard's writer (the restore, before the worker's batches) or on a shard
+    nobody else opened (the reshard). As a context manager it commits at the end of the block
+    and aborts on an exception."""
+
+    __slots__ = ("txn", "_db")
+
+    def __init__(self, shard: Shard):
+        self.txn = shard.env.begin(write=True)
+        self._db = shard.db
+
+    def get(self, table: str, key: bytes) -> bytes | None:
+        return self.txn.get(key, db=self._db[table])
+
+    def put(self, table: str, key: bytes, value: bytes, append: bool = False) -> bool:
+        """False when `append` and the key is not after the table's last key."""
+        return self.txn.put(key, value, db=self._db[table], append=append)
+
+    def delete(self, table: str, key: bytes) -> bool:
+        return self.txn.delete(key, db=self._db[table])
+
+    def set_seen(self, skey: bytes, generation: bytes | None) -> None:
+        """Put (or, with None, delete) a dedup id with its generation (8 bytes), keeping the
+        ``dedup_gen`` index in step."""
+        old = self.txn.get(skey, db=self._db["dedup"])
+        if old is not None:
+            self.txn.delete(bytes(old) + skey, db=self._db["dedup_gen"])
+        if generation is None:
+            self.txn.delete(skey, db=self._db["dedup"])
+        else:
+            self.txn.put(skey, generation, db=self._db["dedup"])
+            self.txn.put(generation + skey, b"", db=self._db["dedup_gen"])
+
+    def delete_prefix(self, table: str, prefix: bytes) -> int:
+        """Delete the rows whose key starts with `prefix` (dedup ids with their ``dedup_gen``
+        entries); returns the number of rows deleted from `table`."""
+        cur = self.txn.cursor(db=self._db[table])
+        n = 0
+        if not cur.set_range(prefix):
+            return 0
+        while True:
+            k = cur.key()
+            if not k or not k.startswith(prefix):
+                break
+            if table == "dedup":
+                self.txn.delete(bytes(cur.value()) + bytes(k), db=self._db["dedup_gen"])
+            if not cur.delete():
+                break
+            n += 1
+        return n
+
+    def commit(self) -> None:
+        self.txn.commit()
+
+    def abort(self) -> None:
+        self.txn.abort()
+
+    def __enter__(self) -> "RawWrite":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+
+class Snapshot:
+    """One read transaction (a consistent snapshot) over named databases; a database that
+    does not exist (yet) reads as empty. Closed by its owner: it pins its pages."""
+
+    __slots__ = ("txn", "_db")
+
+    def __init__(self, txn, dbs: dict):
+        self.txn, self._db = txn, dbs
+
+    def get(self, table: str, key: bytes) -> bytes | None:
+        db = self._db.get(table)
+        return None if db is None else self.txn.get(key, db=db)
+
+    def rows(self, table: str, prefix: bytes = b"", start: bytes | None = None):
+        """(key, value) of a table whose key starts with `prefix` (and is >= `start`), in
+        key order."""
+        db = self._db.get(table)
+        if db is None:
+            return
+        cur = self.txn.cursor(db=db)
+        if not cur.set_range(prefix if start is None else start):
+            return
+        for k, v in cur:
+            if not k.startswith(prefix):
+                break
+            yield k, v
+
+    def meta(self) -> dict:
+        """Every meta entry, decoded."""
+        return {bytes(k).decode(): _unpack(v) for k, v in self.rows("meta")}
+
+    def entries(self, table: str) -> int:
+        db = self._db.get(table)
+        return 0 if db is None else self.txn.stat(db)["entries"]
+
+    def entries_of(self) -> dict[str, int]:
+        """Entries per database of this snapshot that exists."""
+        return {name: self.txn.stat(db)["entries"] for name, db in self._db.items()
+                if db is not None}
+
+    def names(self) -> list[str]:
+        """The named databases of the shard (the main database's keys)."""
+        return [bytes(k).decode() for k, _ in self.txn.cursor()]
+
+    def view_keys(self, vid: int, after: bytes | None, limit: int,
+                  serves: Callable[[int], bool] | None = None) -> Iterator[bytes]:
+        """Keys ``slot(2) + vid + key`` of live documents in LMDB order, strictly after
+        ``after``, at most ``limit``; ``serves(slot)`` filters slots.
+
+        Rows of other views interleave with this view's (the slot comes first), so the scan
+        jumps: on a row of another view it seeks straight to this view's rows in that slot,
+        or in the next slot. The cost is one seek per non-empty slot plus one step per row
+        returned.
+        """
+        db = self._db.get("views")
+        if db is None:
+            return
+        cur = self.txn.cursor(db=db)
+        v = bytes((vid,))
+        if after is None:
+            found = cur.set_range(b"\0\0" + v)
+        else:
+            found = cur.set_range(after)
+            if found and cur.key() == after:
+                found = cur.next()
+        n = 0
+        while found and n < limit:
+            k = cur.key()
+            if len(k) < 3:
+                found = cur.next()
+                continue
+            slot, kv = k[:2], k[2]
+            if kv == vid:
+                raw = cur.value()
+                if (serves is None or serves(int.from_bytes(slot, "big"))) and \
+                        _unpack(raw).get("d") is not None:
+                    n += 1
+                    yield bytes(k)
+                found = cur.next()
+            elif kv < vid:
+                found = cur.set_range(slot + v)  # this view's rows in the same slot
+            else:
+                nxt = int.from_bytes(slot, "big") + 1  # past this slot: same view, next slot
+                if nxt > 0xFFFF:
+                    return
+                found = cur.set_range(nxt.to_bytes(2, "big") + v)
+
+    def close(self) -> None:
+        self.txn.abort()  # read-only: releases the snapshot
+
+
+_READER_MAX_DBS = 16  # >= the named databases above
+
+
+class SharedReader:
+    """One shard opened read-only next to its writer, on first use (the rules are in
+    query.py's docstring): database handles are opened in a transaction of their own before
+    the read transaction, and a map grown by the writer is adopted and the call retried."""
+
+    def __init__(self, path: Path, logger: logging.Logger = log):
+        self.path = path
+        self.log = logger  # the reading module's (query.py): its debug lines are its own
+        self._env: lmdb.Environment | None = None
+        self._dbs: dict[str, object] = {}
+
+    def _open(self) -> lmdb.Environment | None:
+        if self._env is None:
+            if not (self.path / "data.mdb").exists():
+                return None
+            env = lmdb.open(str(self.path), readonly=True, lock=True, map_size=0,
+                            max_dbs=_READER_MAX_DBS, readahead=False, subdir=True)
+            try:
+                env.reader_check()  # free reader slots of dead processes
+            except lmdb.Error:
+                pass
+            self._env = env
+            self.log.debug("opened %s read-only", self.path)
+        return self._env
+
+    def _retry_resized(self, env: lmdb.Environment, op, attempts: int = 20):
+        """Run `op`; when the writer grew the map meanwhile, adopt its size and retry (the
+        writer may grow it again between our retries, hence a loop)."""
+        for _ in range(attempts - 1):
+            try:
+                return op()
+            except lmdb.MapResizedError:
+                env.set_mapsize(0)  # adopt the size the writer grew the map to
+                self.log.debug("%s: map grown by the writer, now %d bytes", self.path,
+                               env.info()["map_size"])
+        return op()
+
+    def _db(self, env: lmdb.Environment, name: str):
+        """The handle of a named database, or None if the worker has not created it yet.
+
+        Opened in a transaction of its own (py-lmdb commits it), before the read
+        transaction begins: a handle opened inside a read transaction dies with it.
+        """
+        db = self._dbs.get(name)
+        if db is None:
+            try:
+                db = self._retry_resized(env, lambda: env.open_db(name.encode(), create=False))
+            except lmdb.NotFoundError:
+                return None
+            self._dbs[name] = db
+        return db
+
+    def snapshot(self, names: tuple[str, ...]) -> Snapshot | None:
+        """A read transaction over the databases `names` (one that does not exist reads as
+        empty); None if the shard does not exist yet. The caller closes it."""
+        env = self._open()
+        if env is None:
+            return None
+        dbs = {name: self._db(env, name) for name in names}
+        return Snapshot(self._retry_resized(env, lambda: env.begin(buffers=False)), dbs)
+
+    def info(self) -> tuple[dict, int] | None:
+        """(LMDB environment info, page size), or None if not opened."""
+        if self._env is None:
+            return None
+        return self._env.info(), self._env.stat()["psize"]
+
+    def close(self) -> None:
+        if self._env is not None:
+            self._env.close()
+            self._env = None
+            self._dbs.clear()
 
 
 def view_key(slot_prefix: bytes, view_id: int, key: str) -> bytes:

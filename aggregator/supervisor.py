@@ -16,6 +16,10 @@ partitions to the dead shard's durable offsets, kill workers whose heartbeat sto
 a clear error (exit 2) when a worker cannot boot, crashes the same way
 `service.max_worker_crashes` times in a row, or no broker answers within
 `kafka.startup_timeout_s`, and on SIGTERM/SIGINT drain, commit and exit 0.
+
+Cluster mode is a subclass, `task_manager.ClusterSupervisor`, which overrides the hooks at
+the end of `Supervisor` (their defaults are the normal mode's) and leaves the tasks to its
+`TaskManager`; the same way `TaskWorker` extends `Worker`. The command line picks the class.
 """
 
 from __future__ import annotations
@@ -24,7 +28,6 @@ import fcntl
 import logging
 import multiprocessing
 import os
-import shutil
 import signal
 import time
 from dataclasses import dataclass, field, replace
@@ -36,26 +39,15 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 
 from . import core, datadir, reshard
 from .checkpoint import Checkpoint
-from .cluster import (
-    FORWARD_HEADER,
-    ORIGIN_HEADER,
-    ClusterError,
-    Ingest,
-    ensure_topics,
-    owners_topic_of,
-    wanted_segment_name,
-)
 from .config import Config
 from .control import ControlBlock, Slot
 from .deadletter import DeadLetters
 from .envelope import routing_key
-from .faults import fault_flag, fault_point
+from .faults import fault_point
 from .kafka_clients import KafkaSettingsError, check_client_settings, quiet
 from .mapping import plans_by_topic, route
 from .metrics import create_commit_histogram, partition_label, remove_status, write_status
-from .ownership import Ownership
-from .placement import Placement
-from .ring import Ring, SharedCounters, cleanup_stale, segment_prefix
+from .ring import Ring, cleanup_stale, segment_prefix
 from .routing import slot_of
 from .runtime import tune_gc
 from .segments import OWNER_SUFFIX, SegmentOwner, SegmentOwnerError, sweep_orphans
@@ -63,9 +55,7 @@ from .server import ServerStartError, start_server_process
 from .store import Shard, shard_path
 from .worker import (
     FATAL_EXIT,
-    MSG_DROP,
     MSG_RECORDS,
-    MSG_RESTORE,
     MSG_STOP,
     ring_names,
     worker_main,
@@ -118,9 +108,13 @@ class Stats:
 
 
 class Supervisor:
+    """The supervisor of normal mode (cluster mode: task_manager.ClusterSupervisor)."""
+
     def __init__(self, config: Config, *, log_level: int = logging.INFO, log_format: str = "text",
                  on_progress: Callable[[Stats], None] | None = None,
                  stop_when: Callable[[Stats], bool] | None = None):
+        if config.cluster.enabled and type(self) is Supervisor:
+            raise TypeError("cluster mode runs task_manager.ClusterSupervisor")
         self.cfg = config
         self.svc = config.service
         self.n = config.service.workers
@@ -130,24 +124,7 @@ class Supervisor:
         self.stop_when = stop_when
         self.data_dir = Path(self.svc.data_dir).resolve()
         self.prefix = segment_prefix(str(self.data_dir))
-        self.topics = config.topics()
-        self.cluster = config.cluster.enabled
-        self.ingest: Ingest | None = None
-        if self.cluster:  # the consumer reads the tasks topic; its partitions are tasks
-            self.tasks = config.cluster.tasks
-            self.TT = len(self.topics)
-            self.topics = self.topics + [config.tasks_topic()]
-            self.restoring: dict[int, tuple[int, float]] = {}  # task -> (request id, since)
-            # restore/drop request ids: one sequence for all workers, so that a task's
-            # "wanted" word names one request of one worker
-            self.last_request = 0
-            self.owned: set[int] = set()
-            self.pending_assign: set[int] = set()  # assigned, waiting for their restore
-            # (task, worker) -> drop request id not yet handled
-            self.dropping: dict[tuple[int, int], int] = {}
-            self.placement = Placement(self.n)  # task -> local worker (placement.py)
-            self.ownership: Ownership | None = None
-            self.unowned: list[int] = []  # the group's tasks no live instance serves
+        self.topics = self._consumed_topics(config)
         self.tindex = {t: i for i, t in enumerate(self.topics)}
         # per topic index: the source reads structured = "detect" (envelope.routing_key)
         detect = {s.topic for s in config.sources.values() if s.structured == "detect"}
@@ -163,9 +140,7 @@ class Supervisor:
         self.next_offset: dict[tuple[int, int], int] = {}
         self.stats = Stats()
         self.start_stats = Stats()  # the totals when the workers had booted (this run: the rest)
-        self.checkpoint = Checkpoint(
-            self.n, (lambda tp: self.placement.worker_of.get(tp[1], 0)) if self.cluster
-            else None)
+        self.checkpoint = Checkpoint(self.n, self._checkpoint_owner())
         self._lock_fd: int | None = None
         self._rings: list[Ring] = []
         self.http = None
@@ -185,13 +160,7 @@ class Supervisor:
                 raise FatalError(str(e)) from None
             self._lock_data_dir()
             self._check_layout()
-            if self.cluster:
-                try:
-                    ensure_topics(self.cfg)
-                except ClusterError as e:
-                    raise FatalError(str(e)) from None
-                log.info("cluster mode: %d tasks (topics %s, %s)", self.tasks,
-                         self.cfg.tasks_topic(), self.cfg.changelog_topic())
+            self._ensure_topics()
             self._create_segments()
             self._start_workers()
             self._refresh_stats()  # the shards' totals, published by the booted workers
@@ -249,15 +218,7 @@ class Supervisor:
     def _check_layout(self) -> None:
         """Reshard the data dir if it was written for another worker count (reshard.py),
         holding the LOCK, before anything starts."""
-        if self.cluster:
-            old = reshard.current_workers(self.data_dir)
-            if old is not None and old != self.n:
-                # the shards are a cache of the tasks' changelogs: start empty, restore
-                for path in self.data_dir.glob("shard-*"):
-                    shutil.rmtree(path)
-                log.warning("cluster mode: the data directory was written by %d workers, now "
-                            "%d: local state discarded; the tasks are restored from their "
-                            "changelogs", old, self.n)
+        self._before_reshard()
         try:
             reshard.ensure_layout(self.cfg, self.data_dir, self.n,
                                   dead_letters=lambda: DeadLetters(self.cfg, self.topics))
@@ -289,9 +250,7 @@ class Supervisor:
                          4 * self.svc.max_record_bytes + (1 << 20))
         peers = [Ring.create(name, peer_bytes) for name in names["peer"].values()]
         self._rings = self.inbound + peers
-        self.wanted = None
-        if self.cluster:
-            self.wanted = SharedCounters.create(wanted_segment_name(self.prefix), self.tasks)
+        self._segments_created()
         self.max_message = min(r.max_message for r in self.inbound)
         self._packer = msgpack.Packer(use_bin_type=True)
 
@@ -347,23 +306,10 @@ class Supervisor:
         self.stats.restarts += 1
         durable = self._shard_offsets(h.index)
         self.checkpoint.reset_worker(h.index, durable)
-        if self.cluster:  # only its own tasks; they are restored again (catch-up)
-            placed = set(self.placement.tasks_of(h.index))
-            mine = {tp for tp in self.assigned if tp[1] in placed}
-            self._rewind(durable, mine)
-        else:
-            self._rewind(durable)
+        self._rewind_worker(h, durable)
         time.sleep(min(0.1 * 2 ** max(h.failures, h.crashes), 5.0))
         self._spawn(h)
-        if self.cluster:  # the rings were reset: send again what the dead worker missed
-            drops = sorted(t for t, w in self.dropping if w == h.index)
-            if drops:
-                self._drop_on(h.index, drops)
-            tasks = sorted({p for _, p in mine} | (self.pending_assign & placed))
-            for t in tasks:
-                self.restoring.pop(t, None)
-            if tasks:
-                self._restore(tasks)
+        self._respawned(h)
 
     def _count_crash(self, h: WorkerHandle) -> None:
         """A booted worker died: a run of `service.max_worker_crashes` deaths with the same
@@ -505,20 +451,10 @@ class Supervisor:
         conf = self._consumer_conf()
         self.cooperative = "cooperative" in str(conf.get("partition.assignment.strategy", ""))
         self.dlq = DeadLetters(self.cfg, self.cfg.topics())
-        if self.cluster:
-            conf = {**conf, "group.id": f"{self.cfg.kafka.group_id}.tasks"}
-        conf, self.kafka_events = quiet(conf, "consumer")
+        conf, self.kafka_events = quiet(self._group_conf(conf), "consumer")
         self.consumer = Consumer(conf)
         self._await_broker()
-        if self.cluster:
-            self.ingest = Ingest(self.cfg, self.dlq)
-            self.events_in = self.ingest.events_in
-            owners_conf, _ = quiet(self.cfg.kafka.producer_conf(), "ownership producer")
-            self.ownership = Ownership(conf, owners_conf, owners_topic_of(self.cfg), self.tasks)
-            topics = [self.cfg.tasks_topic()]
-        else:
-            topics = self.topics
-        self.consumer.subscribe(topics, on_assign=self._on_assign,
+        self.consumer.subscribe(self._subscriptions(conf), on_assign=self._on_assign,
                                 on_revoke=self._on_revoke, on_lost=self._on_lost)
         batch_max = self.svc.batch_max_records
         commit_every = self.svc.commit_interval_ms / 1000.0
@@ -530,23 +466,19 @@ class Supervisor:
             if self.paused:
                 if self._flush_pending():
                     self._set_paused(False)
-            if self.ingest is not None:
-                self.ingest.step(batch_max)
-                self._check_restores()
+            self._round()
             msgs = self.consumer.consume(batch_max, 0.0 if self.paused else 0.05)
             if msgs:
                 if self.kafka_events.unreachable:
                     self.kafka_events.reachable()
-                (self._dispatch_tasks if self.cluster else self._dispatch)(msgs)
+                self._dispatch(msgs)
             self._collect_acks()
             now = time.monotonic()
             if now >= next_commit:
                 self._commit(asynchronous=True)
                 next_commit = now + commit_every
             if now >= next_progress:
-                if self.cluster:
-                    self._balance_workers()
-                    self.unowned = self.ownership.tick(self.owned)
+                self._progress()
                 self._refresh_stats()
                 self._write_status(ready=True)
                 if self.on_progress:
@@ -609,129 +541,6 @@ class Supervisor:
         if any(h.pending for h in self.workers):
             self._set_paused(True)
 
-    def _dispatch_tasks(self, msgs: list) -> None:
-        """Cluster mode: records of the tasks topic to the worker of their task (see
-        worker._apply_tasks for the record layout). Each worker gets the through-offsets of
-        its own tasks only (it alone acknowledges them: Checkpoint's owner)."""
-        n, TT = self.n, self.TT
-        wof = self.placement.worker_of
-        per: list[list] = [[] for _ in range(n)]
-        through: dict[tuple[int, int], int] = {}
-        unpackb = msgpack.unpackb
-        for m in msgs:
-            err = m.error()
-            if err is not None:
-                if err.code() != KafkaError._PARTITION_EOF:
-                    self._consumer_error(err)
-                continue
-            task, off = m.partition(), m.offset()
-            w = wof.get(task)
-            if w is None:  # not ours (any more): not consumed from a revoked partition
-                continue
-            through[(TT, task)] = off
-            headers = m.headers()
-            name, hv = headers[-1] if headers else ("", b"")
-            if name == ORIGIN_HEADER:
-                ti, part, src_off, slot = unpackb(hv)
-                rec = (ti, part, src_off, m.key(), m.value(), headers[:-1] or None,
-                       m.timestamp()[1], slot, task, off)
-            elif name == FORWARD_HEADER:
-                rec = (-1, task, off, None, m.value(), None, 0, -1, task, off)
-            else:
-                log.error("tasks topic %s[%d]@%d: a record without our headers (ignored)",
-                          self.topics[TT], task, off)
-                continue
-            per[w].append(rec)
-        if not through:
-            return
-        self.stats.consumed += len(msgs)
-        for tp, off in through.items():
-            self.next_offset[tp] = off + 1
-        for h in self.workers:
-            mine = {tp: o for tp, o in through.items() if wof[tp[1]] == h.index}
-            if not mine:
-                continue
-            thr = [[ti, p, o] for (ti, p), o in mine.items()]
-            ring = self.inbound[h.index]
-            for bid, msg, last in self._encode(h, per[h.index], thr):
-                self.checkpoint.dispatched(h.index, bid, mine if last else None)
-                if h.pending or not ring.try_put(msg):
-                    h.pending.append(msg)
-        if any(h.pending for h in self.workers):
-            self._set_paused(True)
-
-    def _send_control(self, kind: int, by_worker: dict[int, list[int]]) -> dict[int, int]:
-        """Send restore or drop requests for tasks to the given workers, in ring order with
-        their records. Returns task -> request id."""
-        out = {}
-        for w, ts in sorted(by_worker.items()):
-            self.last_request += 1
-            rid = self.last_request
-            ts = sorted(ts)
-            h = self.workers[w]
-            msg = self._packer.pack([kind, rid, ts])
-            if h.pending or not self.inbound[w].try_put(msg):
-                h.pending.append(msg)
-                self._set_paused(True)
-            out.update((t, rid) for t in ts)
-        return out
-
-    def _restore(self, tasks: list[int]) -> None:
-        """Have the owning workers restore `tasks` from the changelog (readiness is false
-        until they are done; `_check_restores` resumes them)."""
-        now = time.monotonic()
-        by_worker: dict[int, list[int]] = {}
-        for t in tasks:
-            by_worker.setdefault(self.placement.worker_of[t], []).append(t)
-        for t, rid in self._send_control(MSG_RESTORE, by_worker).items():
-            self.restoring[t] = (rid, now)
-            self.wanted.set(t, rid)
-        log.info("restoring %d tasks: %s", len(tasks),
-                 ", ".join(f"{t} on worker {self.placement.worker_of[t]}" for t in sorted(tasks)))
-
-    def _drop_on(self, worker: int, tasks: list[int]) -> None:
-        """Have `worker` delete its local state of `tasks` (after a revoke or a move, or a
-        cache of a task placed on another worker)."""
-        for t, rid in self._send_control(MSG_DROP, {worker: tasks}).items():
-            self.dropping[(t, worker)] = rid
-
-    def _check_restores(self) -> None:
-        for (t, w), rid in list(self.dropping.items()):
-            if self.ctl.get(w, Slot.RESTORE_DONE) >= rid:
-                del self.dropping[(t, w)]
-        if not self.restoring:
-            return
-        wof = self.placement.worker_of
-        done = [t for t, (rid, _) in self.restoring.items()
-                if self.ctl.get(wof[t], Slot.RESTORE_DONE) >= rid]
-        if not done:
-            limit = self.cfg.cluster.restore_timeout_ms / 1000 + 60
-            for t, (_, since) in self.restoring.items():
-                if time.monotonic() - since > limit:
-                    raise FatalError(f"task {t} was not restored within {limit:.0f} s")
-            return
-        durable = {w: self._shard_offsets(w) for w in {wof[t] for t in done}}
-        for t in done:
-            _, since = self.restoring.pop(t)
-            tp = (self.TT, t)
-            if tp not in self.assigned and t not in self.pending_assign:
-                continue  # revoked meanwhile
-            self.pending_assign.discard(t)
-            off = durable[wof[t]].get(tp)
-            start = 0 if off is None else off + 1
-            part = TopicPartition(self.topics[self.TT], t, start)
-            if start > self.next_offset.get(tp, 0):  # after a local move: always (-1)
-                self.consumer.seek(part)
-                self.next_offset[tp] = start
-            self.checkpoint.assign(tp, start, [off if w == wof[t] else None
-                                               for w in range(self.n)])
-            self.assigned.add(tp)
-            self.owned.add(t)
-            if not self.paused:
-                self.consumer.resume([part])
-            log.info("task %d restored on worker %d in %.2f s: consuming %s[%d] from %d", t,
-                     wof[t], time.monotonic() - since, self.topics[self.TT], t, start)
-
     def _encode(self, h: WorkerHandle, records: list, thr: list):
         """(batch id, message, is last) for one worker's records of a round: one message,
         or halves until each fits the ring. Only the last carries the through-offsets."""
@@ -787,8 +596,6 @@ class Supervisor:
 
     # ---- rebalance callbacks ----------------------------------------------------------------
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        if self.cluster:
-            return self._on_assign_tasks(consumer, partitions)
         durable = [self._shard_offsets(i) for i in range(self.n)]
         for tp in partitions:
             key = (self.tindex[tp.topic], tp.partition)
@@ -811,93 +618,6 @@ class Supervisor:
         if self.paused:
             consumer.pause(partitions)
 
-    def _on_assign_tasks(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        """Cluster mode: tasks gained. Each is placed on a local worker (placement.py:
-        balanced by count, preferring the worker whose shard has its state; other workers'
-        copies are dropped), starts paused at what that shard has (a lower bound), restores
-        from the changelog, then resumes at its restored offset (`_check_restores`)."""
-        durable = {w: self._shard_offsets(w) for w in range(self.n)}
-        cached: dict[int, int] = {}
-        for tp in partitions:
-            offs = {w: d[(self.TT, tp.partition)] for w, d in durable.items()
-                    if (self.TT, tp.partition) in d}
-            if offs:
-                cached[tp.partition] = max(offs, key=lambda w: (offs[w], -w))
-        placed = self.placement.place([tp.partition for tp in partitions], cached)
-        if fault_flag("placement-one-worker"):  # tests: skewed, for _balance_workers to fix
-            for t in placed:
-                self.placement.move(t, 0)
-                placed[t] = 0
-        stale: dict[int, list[int]] = {}
-        tasks = []
-        for tp in partitions:
-            key = (self.TT, tp.partition)
-            for w in range(self.n):
-                if w != placed[tp.partition] and key in durable[w]:
-                    stale.setdefault(w, []).append(tp.partition)
-            off = durable[placed[tp.partition]].get(key)
-            tp.offset = OFFSET_BEGINNING if off is None else off + 1
-            self.next_offset[key] = 0 if off is None else off + 1
-            self.pending_assign.add(tp.partition)
-            tasks.append(tp.partition)
-        log.info("assigned tasks %s; tasks per worker now %s", sorted(tasks),
-                 self.placement.counts())
-        consumer.incremental_assign(partitions)
-        consumer.pause(partitions)
-        for w, ts in sorted(stale.items()):
-            log.info("worker %d drops its copies of tasks %s (placed on other workers)", w, ts)
-            self._drop_on(w, ts)
-        self._restore(tasks)
-
-    def _release_tasks(self, keys: set, why: str) -> None:
-        """Cluster mode: tasks revoked or lost: their workers delete them."""
-        tasks = [p for _, p in keys]
-        self.owned.difference_update(tasks)
-        self.pending_assign.difference_update(tasks)
-        for t in tasks:
-            self.restoring.pop(t, None)
-            self.wanted.set(t, 0)  # before anything else: the workers stop acting on it
-        by_worker: dict[int, list[int]] = {}
-        for t, w in self.placement.remove(tasks).items():
-            by_worker.setdefault(w, []).append(t)
-        for w, ts in sorted(by_worker.items()):
-            self._drop_on(w, ts)
-        log.info("%s tasks %s: dropping their local state; tasks per worker now %s", why,
-                 sorted(tasks), self.placement.counts())
-
-    def _balance_workers(self) -> None:
-        """Cluster mode: move tasks between local workers until their counts differ by at
-        most one (placement.py), once no restore is under way. A move: the task's partition
-        is paused, every worker drains and commits (the old worker's last batch of the task
-        is in the changelog), the task's offsets are committed, the old worker stops acting
-        on it ("wanted" = 0) and drops it, the new one restores it from the changelog and
-        claims it. One task is on one worker at a time: its keys keep their order."""
-        if self.restoring or self.pending_assign or self.stop_requested:
-            return
-        moves = self.placement.moves()
-        if not moves:
-            return
-        tasks = [t for t, _, _ in moves]
-        keys = {(self.TT, t) for t in tasks}
-        topic = self.topics[self.TT]
-        self.consumer.pause([TopicPartition(topic, t) for t in tasks])
-        self._drain(deadline=time.monotonic() + self.svc.shutdown_timeout_ms / 1000)
-        self._commit(asynchronous=False, only=keys & self.assigned)
-        self.assigned -= keys
-        self.owned.difference_update(tasks)
-        by_worker: dict[int, list[int]] = {}
-        for t, old, new in moves:
-            self.wanted.set(t, 0)  # the old worker stops acting on it
-            by_worker.setdefault(old, []).append(t)
-            self.placement.move(t, new)
-            self.pending_assign.add(t)
-            self.next_offset[(self.TT, t)] = -1  # seek to the restored offset
-        for w, ts in sorted(by_worker.items()):
-            self._drop_on(w, ts)
-        log.info("moving tasks between local workers: %s; tasks per worker now %s",
-                 ", ".join(f"{t} {a}->{b}" for t, a, b in moves), self.placement.counts())
-        self._restore(tasks)
-
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         keys = {(self.tindex[tp.topic], tp.partition) for tp in partitions}
         if self.aborting:  # stopping on a fatal error: nothing is drained or committed
@@ -911,8 +631,7 @@ class Supervisor:
         self._commit(asynchronous=False, only=keys)
         self.assigned -= keys
         log.info("revoked %d partitions", len(keys))
-        if self.cluster and not self.stop_requested:
-            self._release_tasks(keys, "revoked")
+        self._released(keys, "revoked")
         if self.cooperative:
             consumer.incremental_unassign(partitions)
         else:
@@ -929,8 +648,7 @@ class Supervisor:
         self.assigned -= keys
         log.warning("lost %d partitions (the consumer group went on without this consumer): "
                     "no offsets committed for them until they are assigned again", len(keys))
-        if self.cluster and not self.stop_requested:
-            self._release_tasks(keys, "lost")
+        self._released(keys, "lost")
         if self.cooperative:
             consumer.incremental_unassign(partitions)
         else:
@@ -957,12 +675,7 @@ class Supervisor:
 
     def _shutdown(self) -> None:
         deadline = time.monotonic() + self.svc.shutdown_timeout_ms / 1000
-        if self.ingest is not None:  # hand the source partitions over first
-            self.ingest.close()
-            self.ingest = None
-        if self.cluster and self.ownership is not None:
-            self.ownership.close(clean=True)
-            self.ownership = None
+        self._close_intake(clean=True)  # hand the source partitions over first
         self._set_paused(True)
         self._drain(deadline)
         while not self._links_quiet() and time.monotonic() < deadline:
@@ -1014,12 +727,7 @@ class Supervisor:
             "assigned": [partition_label(self.topics[ti], p) for ti, p in sorted(self.assigned)],
             "lag": lag, "events_in": self.events_in, "paused": self.paused,
             "pauses": self.stats.pauses, "restarts": self.stats.restarts}
-        if self.cluster:
-            status["tasks"] = sorted(self.owned)
-            status["placement"] = self.placement.snapshot()
-            status["unowned"] = self.unowned
-            status["restoring"] = sorted(self.restoring)
-            status["ready"] = ready and not self.restoring and not self.pending_assign
+        self._add_status(status, ready)
         try:
             write_status(self.data_dir, status)
         except OSError as e:  # a full or read-only data disk: /readyz reports the stale file
@@ -1035,16 +743,7 @@ class Supervisor:
     def _abort(self) -> None:
         self.aborting = True
         self._stop_http()
-        if self.ingest is not None:
-            try:
-                self.ingest.close()
-            except Exception:  # noqa: BLE001 - stopping anyway
-                pass
-        if getattr(self, "ownership", None) is not None:
-            try:
-                self.ownership.close(clean=False)
-            except Exception:  # noqa: BLE001 - stopping anyway
-                pass
+        self._close_intake(clean=False)
         for h in self.workers:
             if h.process is not None and h.process.is_alive():
                 h.process.terminate()
@@ -1061,10 +760,6 @@ class Supervisor:
                 pass
 
     def _release(self) -> None:
-        if getattr(self, "wanted", None) is not None:
-            self.wanted.close()
-            self.wanted.unlink()
-            self.wanted = None
         if self.hist is not None:
             self.hist.close()
             self.hist.unlink()
@@ -1095,3 +790,51 @@ class Supervisor:
         s.duplicates, s.stale = total[Slot.DUPLICATES], total[Slot.STALE]
         s.parked, s.gaps_skipped = total[Slot.PARKED], total[Slot.GAPS_SKIPPED]
         s.deadlettered, s.forwarded = total[Slot.DEADLETTERED], total[Slot.FORWARDED]
+
+    # ---- hooks: normal mode here; cluster mode overrides them (task_manager.py) ---------------
+    def _consumed_topics(self, config: Config) -> list[str]:
+        """The topics of the consumed partitions, in topic-index order."""
+        return config.topics()
+
+    def _checkpoint_owner(self) -> Callable[[tuple[int, int]], int] | None:
+        """The one worker that acknowledges a partition (None: every worker does)."""
+        return None
+
+    def _ensure_topics(self) -> None:
+        """Create or check internal topics, before anything starts."""
+
+    def _before_reshard(self) -> None:
+        """Holding the LOCK, before the layout check (`_check_layout`)."""
+
+    def _segments_created(self) -> None:
+        """The shared-memory segments exist; add those of the mode."""
+
+    def _rewind_worker(self, h: WorkerHandle, durable: dict[tuple[int, int], int]) -> None:
+        """A worker died: seek what it had not applied back to its durable offsets."""
+        self._rewind(durable)
+
+    def _respawned(self, h: WorkerHandle) -> None:
+        """A dead worker's replacement was spawned (its rings were reset)."""
+
+    def _group_conf(self, conf: dict) -> dict:
+        """The consumer settings of the mode (its group)."""
+        return conf
+
+    def _subscriptions(self, conf: dict) -> list[str]:
+        """The topics to subscribe to, once the broker answered."""
+        return self.topics
+
+    def _round(self) -> None:
+        """Every round of the consume loop, before consuming."""
+
+    def _progress(self) -> None:
+        """Every progress tick (0.5 s), before the stats and the status file."""
+
+    def _released(self, keys: set, why: str) -> None:
+        """Partitions revoked or lost (`why`), after their offsets were handled."""
+
+    def _close_intake(self, clean: bool) -> None:
+        """Stopping (`clean`) or aborting: close the mode's other Kafka clients."""
+
+    def _add_status(self, status: dict, ready: bool) -> None:
+        """Add the mode's fields to the status file's content."""
