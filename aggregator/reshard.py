@@ -64,6 +64,7 @@ from .config import Config
 from .faults import fault_point
 from .merge import MergeError
 from .plan import ViewPlan, assign_view_ids
+from .protocol import Forwarded
 from .routing import SLOTS, slot_of, slot_prefix
 from .store import (
     FORMAT_VERSION,
@@ -75,7 +76,6 @@ from .store import (
     parse_offset_key,
     view_key,
 )
-from .worker import Forwarded
 
 log = logging.getLogger(__name__)
 

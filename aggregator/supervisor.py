@@ -36,6 +36,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 
 from . import core, datadir, reshard
 from .checkpoint import Checkpoint
+from .client_check import check_client_settings
 from .cluster import (
     FORWARD_HEADER,
     ORIGIN_HEADER,
@@ -50,26 +51,19 @@ from .control import ControlBlock, Slot
 from .deadletter import DeadLetters
 from .envelope import routing_key
 from .faults import fault_flag, fault_point
-from .kafka_clients import KafkaSettingsError, check_client_settings, quiet
+from .kafka_clients import KafkaSettingsError, quiet
 from .mapping import plans_by_topic, route
 from .metrics import create_commit_histogram, partition_label, remove_status, write_status
 from .ownership import Ownership
 from .placement import Placement
+from .protocol import FATAL_EXIT, MSG_DROP, MSG_RECORDS, MSG_RESTORE, MSG_STOP, ring_names
 from .ring import Ring, SharedCounters, cleanup_stale, segment_prefix
 from .routing import slot_of
 from .runtime import tune_gc
 from .segments import OWNER_SUFFIX, SegmentOwner, SegmentOwnerError, sweep_orphans
 from .server import ServerStartError, start_server_process
 from .store import Shard, shard_path
-from .worker import (
-    FATAL_EXIT,
-    MSG_DROP,
-    MSG_RECORDS,
-    MSG_RESTORE,
-    MSG_STOP,
-    ring_names,
-    worker_main,
-)
+from .worker_process import worker_main
 
 log = logging.getLogger(__name__)
 

@@ -40,10 +40,26 @@ from .changes import ChangeMessages
 from .cluster import FORWARD_HEADER, wanted_segment_name
 from .control import Slot
 from .faults import fault_point
+from .protocol import (
+    MSG_DROP,
+    MSG_RESTORE,
+    REC_TASK,
+    REC_TASK_OFFSET,
+    REC_TOPIC,
+    REC_VALUE,
+    UPD_FEED,
+    UPD_ID,
+    UPD_KEY,
+    UPD_SLOT,
+    UPD_SOURCE,
+    Forwarded,
+    pack,
+    unpack,
+)
 from .ring import SharedCounters
 from .routing import identity_hash, slot_prefix
 from .store import Batch, ShardError
-from .worker import MSG_DROP, MSG_RESTORE, Forwarded, Worker, _pack, _unpack
+from .worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +114,7 @@ class TaskWorker(Worker):
         # a view key of another task goes through the tasks topic, even if this worker owns
         # that task now: forwards of earlier batches may still be on their way there, and one
         # stream's updates of a key must arrive in order
-        forwards = self._merge_targets(batch, ev, rec, targets, rec[8])
+        forwards = self._merge_targets(batch, ev, rec, targets, rec[REC_TASK])
         if forwards:
             self.t_stats["forwarded"] += len(forwards)
             self.t_kfwd.extend(forwards)
@@ -143,16 +159,16 @@ class TaskWorker(Worker):
         allowed = self.t_allowed
         for records, thr in self._rounds(sup_msgs):
             for rec in records:
-                if rec[8] not in allowed:
+                if rec[REC_TASK] not in allowed:
                     continue  # revoked or lost meanwhile: another instance applies it
-                tp = (TT, rec[8])
-                if rec[9] <= through.get(tp, self.through.get(tp, -1)):
+                tp = (TT, rec[REC_TASK])
+                if rec[REC_TASK_OFFSET] <= through.get(tp, self.through.get(tp, -1)):
                     continue
-                if rec[0] < 0:
+                if rec[REC_TOPIC] < 0:
                     if events:
                         self._apply_events(batch, events)
                         events = []
-                    forwards.append(_unpack(rec[4]))
+                    forwards.append(unpack(rec[REC_VALUE]))
                     continue
                 if forwards:
                     self._apply_forwards(batch, forwards)
@@ -174,16 +190,16 @@ class TaskWorker(Worker):
         task is restored elsewhere and replays the batch that sent it)."""
         gen = self.bloom.generation
         for u in updates:
-            h = identity_hash(u[4], f"{u[3]}\x00feed:{u[0]}")
+            h = identity_hash(u[UPD_SOURCE], f"{u[UPD_ID]}\x00feed:{u[UPD_FEED]}")
             flags = self._bloom_again([h]) if self.retrying else self.bloom.check_and_add(h)
-            skey = slot_prefix(u[2]) + h
+            skey = slot_prefix(u[UPD_SLOT]) + h
             if flags[0] and batch.seen(skey):
                 self.t_stats["duplicates"] += 1
                 continue
             batch.mark_seen(skey, gen)
             fwd = Forwarded(u)
-            feed = self.plan.feeds[u[0]]
-            if self._apply_local(batch, feed, u[1], u[2], fwd) is None:
+            feed = self.plan.feeds[u[UPD_FEED]]
+            if self._apply_local(batch, feed, u[UPD_KEY], u[UPD_SLOT], fwd) is None:
                 self._dead_letter(fwd.record(), "merge_error", f"view {feed.view}: merge failed")
 
     # ---- the changelog, restores and drops ---------------------------------------------
@@ -218,7 +234,7 @@ class TaskWorker(Worker):
         topic = self.topics[self.TT]
         fwd = [(FORWARD_HEADER, b"")]
         for task, update in self.t_kfwd:
-            w.produce(topic, task, None, _pack(update), fwd)
+            w.produce(topic, task, None, pack(update), fwd)
         for _, vid, key, version, data in changes:
             ctopic, kb, value, headers = self.change_msgs.message(vid, key, version, data)
             w.produce(ctopic, None, kb, value, headers)

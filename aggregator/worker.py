@@ -32,32 +32,47 @@ and exits with FENCED_EXIT without writing, reading its rings or publishing anyt
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import signal
 import time
 from collections import deque
 
 import lmdb
-import msgpack
 
-from . import bloom_snapshot, core, logs
+from . import bloom_snapshot, core
 from .changes import ChangeEncoder, ChangePublisher
 from .config import Config
 from .control import TOTAL_SLOTS, ControlBlock, Slot
 from .deadletter import DeadLetters
 from .envelope import EnvelopeError, parse
 from .faults import fault_flag, fault_point
-from .kafka_clients import redact_text
 from .mapping import apply as apply_mapping
 from .mapping import plans_by_topic
 from .merge import MergeError, get_path
-from .metrics import hist_segment_name, record_commit
+from .metrics import record_commit
 from .plan import Feed, ViewPlan, assign_view_ids
+from .protocol import (
+    MSG_FORWARD,
+    MSG_STOP,
+    REC_HEADERS,
+    REC_KEY,
+    REC_OFFSET,
+    REC_PARTITION,
+    REC_SLOT,
+    REC_TIMESTAMP,
+    REC_TOPIC,
+    REC_VALUE,
+    UPD_FEED,
+    UPD_KEY,
+    UPD_SLOT,
+    Forwarded,
+    hist_segment_name,
+    pack,
+    ring_names,
+    unpack,
+)
 from .ring import Ring, SharedCounters
 from .routing import SLOTS, gate_hash, identity_hash, slot_of, slot_prefix, worker_of
-from .runtime import set_parent_death_signal, tune_gc
 from .store import (
     TOTALS,
     Batch,
@@ -72,56 +87,13 @@ from .store import (
 
 log = logging.getLogger(__name__)
 
-MSG_RECORDS = 1
-MSG_FORWARD = 2
-MSG_RESTORE = 3  # cluster mode: [3, request id, [task, ...]] restore these tasks, then own them
-MSG_DROP = 4  # cluster mode: [4, request id, [task, ...]] delete these tasks' state
-MSG_STOP = 9
-
 APPLY, STALE, PARK, FULL = core.APPLY, core.STALE, core.PARK, core.FULL
-FATAL_EXIT = 3  # the supervisor does not respawn a worker that exits with this code
-FENCED_EXIT = 4  # a newer worker of this shard booted: this one stopped without writing
 TXN_MAX_BYTES = 4 << 20  # ring bytes taken into one transaction (bounds its duration)
 # after a boot the first transaction takes this much, doubling per commit up to TXN_MAX_BYTES:
 # a replacement commits (acknowledges, moves the Kafka commit) soon after it booted
 FIRST_TXN_BYTES = 128 << 10
 STORAGE_RETRY_S = (0.5, 5.0)  # pause before retrying a batch the data disk refused: min, max
 STORAGE_LOG_EVERY_S = 60.0  # while blocked, how often the error is logged again
-
-_pack = msgpack.Packer(use_bin_type=True).pack
-
-
-def _unpack(b):
-    return msgpack.unpackb(b, raw=False, strict_map_key=False, use_list=True)
-
-
-class Forwarded:
-    """The part of an event a view update needs, as carried between shards.
-
-    Update layout: [feed id, view key, slot, id, source, type, time, subject, sequence, data,
-    partitionkey, topic index, partition, offset].
-    """
-
-    __slots__ = ("id", "source", "type", "time", "subject", "sequence", "data", "partitionkey",
-                 "origin")
-
-    def __init__(self, u):
-        (_, _, _, self.id, self.source, self.type, self.time, self.subject,
-         self.sequence, self.data, self.partitionkey) = u[:11]
-        self.origin = u[11:14]
-
-    def record(self) -> list:
-        """A dead-letter record for this update: the event in structured JSON mode."""
-        attrs = {"specversion": "1.0", "id": self.id, "source": self.source, "type": self.type,
-                 "time": self.time, "subject": self.subject, "partitionkey": self.partitionkey,
-                 "sequence": None if self.sequence is None else str(self.sequence),
-                 "data": self.data}
-        value = json.dumps({k: v for k, v in attrs.items() if v is not None},
-                           default=repr).encode()
-        ti, part, off = self.origin
-        return [ti, part, off, (self.partitionkey or "").encode(), value,
-                [("content-type", b"application/cloudevents+json")]]
-
 
 class AlwaysMaybe:
     """A bloom filter that answers "maybe" for every id (fault injection: `bloom-maybe`)."""
@@ -135,15 +107,6 @@ class AlwaysMaybe:
 
     def __getattr__(self, name):
         return getattr(self._bloom, name)
-
-
-def ring_names(prefix: str, workers: int) -> dict:
-    return {
-        "control": f"{prefix}-ctl",
-        "inbound": [f"{prefix}-s{w}" for w in range(workers)],
-        "peer": {(a, b): f"{prefix}-p{a}-{b}" for a in range(workers) for b in range(workers)
-                 if a != b},
-    }
 
 
 class Worker:
@@ -361,7 +324,7 @@ class Worker:
 
     def _process_ring(self, msgs: list, peers: list) -> bool:
         """Apply messages taken from the rings (peers still packed); True when told to stop."""
-        return self.process(msgs, [_unpack(m) for m in peers])
+        return self.process(msgs, [unpack(m) for m in peers])
 
     def _begin(self) -> Batch:
         return self.shard.begin()
@@ -407,7 +370,7 @@ class Worker:
                 self.inbound.wait(0.05 if self.publisher is None or
                                   not self.publisher.backlog else 0.005)
                 continue
-            stop = self._process_ring([_unpack(m) for m in sup], peers)
+            stop = self._process_ring([unpack(m) for m in sup], peers)
             if stop:
                 self.stopping = True
                 self._pump_outbox()
@@ -577,16 +540,16 @@ class Worker:
             self.t_link_in[src] = seq
             for u in updates:
                 fwd = Forwarded(u)
-                feed = self.plan.feeds[u[0]]
-                if self._apply_local(batch, feed, u[1], u[2], fwd) is None:
+                feed = self.plan.feeds[u[UPD_FEED]]
+                if self._apply_local(batch, feed, u[UPD_KEY], u[UPD_SLOT], fwd) is None:
                     self._dead_letter(fwd.record(), "merge_error",
                                       f"view {feed.view}: merge failed")
         events = []
         through = self.t_through
         for records, thr in self._rounds(sup_msgs):
             for rec in records:
-                tp = (rec[0], rec[1])
-                if rec[2] <= through.get(tp, self.through.get(tp, -1)):
+                tp = (rec[REC_TOPIC], rec[REC_PARTITION])
+                if rec[REC_OFFSET] <= through.get(tp, self.through.get(tp, -1)):
                     continue  # already applied before a rewind
                 self.t_stats["records"] += 1
                 ev = self._parse(rec)
@@ -618,19 +581,20 @@ class Worker:
 
     def _parse(self, rec):
         try:
-            plan = self.maps[rec[0]]
+            plan = self.maps[rec[REC_TOPIC]]
             if plan is not None:
-                return apply_mapping(plan, rec[4], rec[5], rec[3], rec[2], rec[6],
-                                     self.max_bytes, self.max_key)
-            return parse(rec[4], rec[5], rec[3], self.max_bytes, self.max_key,
-                         rec[0] in self.detect)
+                return apply_mapping(plan, rec[REC_VALUE], rec[REC_HEADERS], rec[REC_KEY],
+                                     rec[REC_OFFSET], rec[REC_TIMESTAMP], self.max_bytes,
+                                     self.max_key)
+            return parse(rec[REC_VALUE], rec[REC_HEADERS], rec[REC_KEY], self.max_bytes,
+                         self.max_key, rec[REC_TOPIC] in self.detect)
         except EnvelopeError as e:
             self._dead_letter(rec, e.reason, str(e))
             return None
 
     def _dead_letter(self, rec, reason: str, message: str) -> None:
         self.t_stats["deadlettered"] += 1
-        key = (rec[0], rec[1], rec[2], reason, message)
+        key = (rec[REC_TOPIC], rec[REC_PARTITION], rec[REC_OFFSET], reason, message)
         if key in self.dlq_delivered:
             return  # delivered by an attempt of this batch that was rolled back
         self.t_dlq.append(key)
@@ -638,7 +602,7 @@ class Worker:
 
     def _apply_events(self, batch: Batch, events: list) -> None:
         # dedup: bloom first, exact index only for "maybe"
-        slots = [rec[7] for _, rec in events]
+        slots = [rec[REC_SLOT] for _, rec in events]
         hashes = [identity_hash(ev.source, ev.id) for ev, _ in events]
         if self.retrying:
             flags = self._bloom_again(hashes)
@@ -659,12 +623,12 @@ class Worker:
         ready: list = []
         gkeys: list[bytes] = []
         if gated:
-            gkeys = [slot_prefix(rec[7]) + gate_hash(ev.source, ev.partitionkey)
+            gkeys = [slot_prefix(rec[REC_SLOT]) + gate_hash(ev.source, ev.partitionkey)
                      for _, ev, rec in gated]
             for g, (_, ev, rec) in zip(gkeys, gated):
-                self.t_seqpart[g] = (self.topics[rec[0]], rec[1])
-            self._load_gate(batch, gkeys, [rec[0] for _, _, rec in gated])
-            strict = bytes(self.plan.strict[rec[0]] for _, _, rec in gated)
+                self.t_seqpart[g] = (self.topics[rec[REC_TOPIC]], rec[REC_PARTITION])
+            self._load_gate(batch, gkeys, [rec[REC_TOPIC] for _, _, rec in gated])
+            strict = bytes(self.plan.strict[rec[REC_TOPIC]] for _, _, rec in gated)
             gcodes, gready = self.gate.decide(gkeys, [ev.sequence for _, ev, _ in gated],
                                               strict, time.time())
             for j, (i, _, _) in enumerate(gated):
@@ -784,14 +748,14 @@ class Worker:
 
     # ---- merging ---------------------------------------------------------------------------
     def _apply_event(self, batch: Batch, ev, rec) -> None:
-        feeds = self.plan.feeds_for(rec[0], ev.type)
+        feeds = self.plan.feeds_for(rec[REC_TOPIC], ev.type)
         self.t_stats["applied"] += 1
         if not feeds:
             return
         targets = []
         for f in feeds:
             if f.key_path is None:
-                key, slot = ev.partitionkey, rec[7]
+                key, slot = ev.partitionkey, rec[REC_SLOT]
             else:
                 try:
                     key = get_path(ev.data, f.key_path)
@@ -832,9 +796,11 @@ class Worker:
         for f, key, slot in targets:
             owner = worker_of(slot, owners)
             if owner != me:
+                # a forwarded update: the UPD_* fields (protocol.py)
                 forwards.append((owner, [f.feed_id, key, slot, ev.id, ev.source, ev.type,
                                          ev.time, ev.subject, ev.sequence, ev.data,
-                                         ev.partitionkey, rec[0], rec[1], rec[2]]))
+                                         ev.partitionkey, rec[REC_TOPIC], rec[REC_PARTITION],
+                                         rec[REC_OFFSET]]))
                 continue
             dkey = self._apply_local(batch, f, key, slot, ev)
             if dkey is None:
@@ -968,19 +934,19 @@ class Worker:
         """The outbox messages (link seqs last_seq+1, ...) carrying `updates`: as many as
         it takes for each to fit the peer ring's largest message."""
         limit = self.peer_out[owner].max_message
-        msg = _pack([MSG_FORWARD, self.index, last_seq + 1, updates])
+        msg = pack([MSG_FORWARD, self.index, last_seq + 1, updates])
         if len(msg) <= limit:
             return [msg]
         chunks: list[list] = [[]]
         size = 0
         for u in updates:
-            n = len(_pack(u))
+            n = len(pack(u))
             if chunks[-1] and size + n > limit - 64:  # 64: the envelope [2, from, seq, [...]]
                 chunks.append([])
                 size = 0
             chunks[-1].append(u)
             size += n
-        return [_pack([MSG_FORWARD, self.index, last_seq + 1 + k, c])
+        return [pack([MSG_FORWARD, self.index, last_seq + 1 + k, c])
                 for k, c in enumerate(chunks)]
 
     def _change_rows(self) -> list[tuple]:
@@ -1109,66 +1075,3 @@ class Worker:
         if self.publisher is not None:
             self.publisher.close()
         self.shard.close()
-
-
-def make_worker(config: Config, index: int, prefix: str) -> Worker:
-    """The worker for the config's mode (not booted)."""
-    if config.cluster.enabled:
-        from .task_worker import TaskWorker  # imports this module
-
-        return TaskWorker(config, index, prefix)
-    return Worker(config, index, prefix)
-
-
-def worker_main(config: Config, index: int, prefix: str, log_level: int,
-                log_format: str = "text", errors=None) -> None:
-    """Entry point of a worker process (spawned by the supervisor).
-
-    An exception after boot is logged with its traceback and sent, as one line
-    ("Type: message", secrets of the Kafka settings redacted), on `errors` (the send end of
-    a pipe, if given): the supervisor stops the service when the same error ends a worker
-    `service.max_worker_crashes` times in a row (supervisor._count_crash)."""
-    set_parent_death_signal()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor coordinates shutdown
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    logs.setup(log_level, log_format, "worker", index)
-    w = make_worker(config, index, prefix)
-    try:
-        w.boot()
-    except ShardError as e:
-        log.error("worker %d cannot start: %s", index, e)
-        os._exit(FATAL_EXIT)
-    except (lmdb.Error, OSError) as e:
-        code = storage_errno(e)
-        if code is None:
-            raise
-        path = getattr(e, "filename", None) or shard_path(config.service.data_dir, index)
-        log.error("worker %d cannot start: %s", index, storage_message(code, path))
-        os._exit(1)  # the supervisor tries again, service.max_boot_failures times
-    tune_gc()
-    try:
-        code = w.run()
-    except Fenced as e:
-        # no cleanup: flushing the producers would publish for a shard this process no
-        # longer owns
-        log.error("worker %d fenced: superseded by epoch %d", index, e.epoch)
-        os._exit(FENCED_EXIT)
-    except ShardError as e:
-        log.error("worker %d stopped: %s", index, e)
-        code = FATAL_EXIT
-    except Exception as e:  # noqa: BLE001 - reported to the supervisor, which respawns
-        text = redact_text(f"{type(e).__name__}: {e}", config.kafka.producer_conf())
-        text = redact_text(text, config.kafka.consumer_conf())[:500]
-        log.exception("worker %d crashed: %s", index, text)
-        if errors is not None:
-            try:
-                errors.send(text)
-            except OSError:
-                pass
-        code = 1
-    finally:
-        try:
-            w.close()
-        except Exception:  # noqa: BLE001 - already on the way out
-            log.exception("worker %d: closing after the crash failed", index)
-    os._exit(code)
