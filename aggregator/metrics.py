@@ -123,11 +123,6 @@ def _segment_names(prefix: str, workers: int) -> dict:
 # ---- the commit histogram (worker side) -------------------------------------------------
 
 
-def create_commit_histogram(prefix: str, workers: int) -> SharedCounters:
-    """Create the histogram segment (supervisor, next to the control block)."""
-    return SharedCounters.create(hist_segment_name(prefix), workers * HIST_SLOTS)
-
-
 def record_commit(hist: SharedCounters, worker: int, ms: float) -> None:
     """Count one batch commit of ``ms`` milliseconds in ``worker``'s row.
 
