@@ -40,6 +40,7 @@ from collections import deque
 import lmdb
 
 from . import bloom_snapshot, core
+from .batch_state import BatchState
 from .changes import ChangeEncoder, ChangePublisher
 from .config import Config
 from .control import TOTAL_SLOTS, ControlBlock, Slot
@@ -117,7 +118,7 @@ class Worker:
     def __init__(self, config: Config, index: int, prefix: str):
         self.cfg = config
         self.index = index
-        self.n = config.service.workers
+        self.workers = config.service.workers
         self.prefix = prefix
         svc = config.service
         self.max_bytes = svc.max_record_bytes
@@ -130,6 +131,7 @@ class Worker:
         self.retrying = False  # applying again a batch whose transaction was rolled back
         self.shard_broken = False  # MDB_PANIC: the environment must be reopened
         self.dlq_delivered: set[tuple] = set()  # dead letters of the batch already delivered
+        self.attempt: BatchState | None = None  # the current attempt at a batch (process)
         self.blocked_since = self.blocked_log_at = 0.0
         self.blocked_code = 0
 
@@ -138,7 +140,7 @@ class Worker:
         cfg, svc = self.cfg, self.cfg.service
         self.shard = Shard(shard_path(svc.data_dir, self.index), map_size=svc.lmdb_map_size,
                            max_map_size=svc.lmdb_max_map_size, sync=svc.lmdb_sync)
-        self.shard.check_layout(shard=self.index, workers=self.n, slots=SLOTS)
+        self.shard.check_layout(shard=self.index, workers=self.workers, slots=SLOTS)
         self.epoch = self.shard.claim_writer()  # fences a previous worker; read state after
         views = assign_view_ids(self.shard.get_meta("views"), list(cfg.views))
         self._check_fingerprint(cfg.fingerprint())
@@ -158,7 +160,7 @@ class Worker:
                                 if cfg.source_by_topic(t)[1].structured == "detect")
         # per topic index: the input mapping of a non-CloudEvents source (mapping.py)
         self.maps = plans_by_topic(cfg, self.topics)
-        self.owners = self.n  # who owns a view key: worker_of(slot, owners)
+        self.key_owners = self.workers  # what owns view keys: worker_of(slot, key_owners)
         self._boot_tasks()
         self.topic_index = {t: i for i, t in enumerate(self.topics)}
 
@@ -181,16 +183,16 @@ class Worker:
         # seq used is also kept in meta "link_out" (a restart must not start again at 1).
         saved = self.shard.get_meta("link_out", {})
         self.link_out = {j: max(self.shard.last_outbox_seq(j), saved.get(j, 0))
-                         for j in range(self.n) if j != self.index}
+                         for j in range(self.workers) if j != self.index}
 
-        names = ring_names(self.prefix, self.n)
-        self.ctl = ControlBlock.attach(names["control"], self.n)
+        names = ring_names(self.prefix, self.workers)
+        self.ctl = ControlBlock.attach(names["control"], self.workers)
         self.hist = SharedCounters.attach(hist_segment_name(self.prefix))
         self.inbound = Ring.attach(names["inbound"][self.index])
         self.peer_in = {j: Ring.attach(names["peer"][(j, self.index)])
-                        for j in range(self.n) if j != self.index}
+                        for j in range(self.workers) if j != self.index}
         self.peer_out = {j: Ring.attach(names["peer"][(self.index, j)])
-                         for j in range(self.n) if j != self.index}
+                         for j in range(self.workers) if j != self.index}
         for r in self.peer_in.values():
             r.reset_consumer()
         ctl, me = self.ctl, self.index
@@ -394,7 +396,7 @@ class Worker:
         self.dlq_delivered = set()
         failures = 0  # data-disk errors in a row
         while True:
-            self._txn_reset()
+            self.attempt = self._new_attempt()  # nothing of a failed attempt is kept
             batch = None
             try:
                 if self.retrying:
@@ -403,7 +405,7 @@ class Worker:
                 stop = self._apply(batch, sup_msgs, peer_msgs)
                 self._finish(batch)
                 self.dlq.deliver(self._heartbeat)  # durable before the commit
-                self.dlq_delivered.update(self.t_dlq)
+                self.dlq_delivered.update(self.attempt.dlq)
                 self._before_commit(batch)
                 fault_point("worker_before_commit")
                 t0 = time.monotonic_ns()
@@ -509,35 +511,18 @@ class Worker:
     def _heartbeat(self) -> None:
         self.ctl.heartbeat(self.index)
 
-    def _txn_reset(self) -> None:
-        self.t_through: dict = {}
-        self.t_link_in: dict = {}
-        self.t_out: dict[int, list] = {}
-        self.t_seqpart: dict[bytes, tuple[str, int]] = {}
-        self.t_parked: dict[tuple[bytes, int], tuple] = {}
-        self.t_stats = dict.fromkeys(TOTALS, 0)
-        self.t_totals: dict[str, int] | None = None  # the shard's totals with this batch
-        self.t_seen_log: tuple[int, int] | None = None  # (dedup log seq, ids) of the batch
-        self.t_log_pruned = 0
-        self.t_ack = -1
-        self.t_docs: dict[bytes, dict] = {}
-        self.t_log: dict[bytes, list] = {}
-        self.t_changes: list[tuple] = []
-        self.t_chg_out: list[tuple[int, bytes]] = []
-        self.t_pruned = 0
-        self.t_outmsg: dict[int, list[tuple[int, bytes]]] = {}
-        self.t_pruned_out: dict[int, int] = {}
-        self.t_bloom_saved = False
-        self.t_dlq: list[tuple] = []
-        self.t_stop = False  # a stop message was among the batch's
+    def _new_attempt(self) -> BatchState:
+        """The state of a new attempt at a batch (batch_state.py)."""
+        return BatchState()
 
     def _apply(self, batch: Batch, sup_msgs: list, peer_msgs: list) -> bool:
+        at = self.attempt
         for m in peer_msgs:
             _, src, seq, updates = m
-            last = self.t_link_in.get(src, self.link_in.get(src, 0))
+            last = at.link_in.get(src, self.link_in.get(src, 0))
             if seq != last + 1:
                 continue  # duplicate (<=) or gap after our restart (the sender resends)
-            self.t_link_in[src] = seq
+            at.link_in[src] = seq
             for u in updates:
                 fwd = Forwarded(u)
                 feed = self.plan.feeds[u[UPD_FEED]]
@@ -545,34 +530,34 @@ class Worker:
                     self._dead_letter(fwd.record(), "merge_error",
                                       f"view {feed.view}: merge failed")
         events = []
-        through = self.t_through
+        through, stats = at.through, at.stats
         for records, thr in self._rounds(sup_msgs):
             for rec in records:
                 tp = (rec[REC_TOPIC], rec[REC_PARTITION])
                 if rec[REC_OFFSET] <= through.get(tp, self.through.get(tp, -1)):
                     continue  # already applied before a rewind
-                self.t_stats["records"] += 1
+                stats["records"] += 1
                 ev = self._parse(rec)
                 if ev is not None:
                     events.append((ev, rec))
             self._advance_through(thr)
         if events:
             self._apply_events(batch, events)
-        return self.t_stop
+        return at.stop
 
     def _rounds(self, sup_msgs: list):
         """(records, through-offsets) of each records message from the supervisor; notes
         the highest batch id (acknowledged after the commit) and a stop message."""
         for m in sup_msgs:
             if m[0] == MSG_STOP:
-                self.t_stop = True
+                self.attempt.stop = True
                 continue
             _, batch_id, thr, records = m
-            self.t_ack = max(self.t_ack, batch_id)
+            self.attempt.ack = max(self.attempt.ack, batch_id)
             yield records, thr
 
     def _advance_through(self, thr: list, allowed=None) -> None:
-        through = self.t_through
+        through = self.attempt.through
         for ti, part, off in thr:
             tp = (ti, part)
             if (allowed is None or part in allowed) and \
@@ -593,11 +578,11 @@ class Worker:
             return None
 
     def _dead_letter(self, rec, reason: str, message: str) -> None:
-        self.t_stats["deadlettered"] += 1
+        self.attempt.stats["deadlettered"] += 1
         key = (rec[REC_TOPIC], rec[REC_PARTITION], rec[REC_OFFSET], reason, message)
         if key in self.dlq_delivered:
             return  # delivered by an attempt of this batch that was rolled back
-        self.t_dlq.append(key)
+        self.attempt.dlq.append(key)
         self.dlq.send(rec, reason, message)
 
     def _apply_events(self, batch: Batch, events: list) -> None:
@@ -613,7 +598,7 @@ class Worker:
         for i, (ev, rec) in enumerate(events):
             skey = slot_prefix(slots[i]) + hashes[i]
             if flags[i] and batch.seen(skey):
-                self.t_stats["duplicates"] += 1
+                self.attempt.stats["duplicates"] += 1
                 continue
             batch.mark_seen(skey, gen)
             kept.append((ev, rec))
@@ -626,7 +611,7 @@ class Worker:
             gkeys = [slot_prefix(rec[REC_SLOT]) + gate_hash(ev.source, ev.partitionkey)
                      for _, ev, rec in gated]
             for g, (_, ev, rec) in zip(gkeys, gated):
-                self.t_seqpart[g] = (self.topics[rec[REC_TOPIC]], rec[REC_PARTITION])
+                self.attempt.seqpart[g] = (self.topics[rec[REC_TOPIC]], rec[REC_PARTITION])
             self._load_gate(batch, gkeys, [rec[REC_TOPIC] for _, _, rec in gated])
             strict = bytes(self.plan.strict[rec[REC_TOPIC]] for _, _, rec in gated)
             gcodes, gready = self.gate.decide(gkeys, [ev.sequence for _, ev, _ in gated],
@@ -645,9 +630,9 @@ class Worker:
             elif code == PARK:
                 g = gk_of[i]
                 batch.park(g, ev.sequence, now, rec)
-                self.t_parked[(g, ev.sequence)] = (ev, rec)
+                self.attempt.parked[(g, ev.sequence)] = (ev, rec)
             elif code == STALE:
-                self.t_stats["stale"] += 1
+                self.attempt.stats["stale"] += 1
             else:
                 full.append(i)
             while rp < len(ready) and ready[rp][0] == i:
@@ -680,7 +665,7 @@ class Worker:
             self.gate.load(g, last, batch.parked_of(g))
 
     def _apply_parked(self, batch: Batch, g: bytes, seq: int) -> None:
-        hit = self.t_parked.pop((g, seq), None)
+        hit = self.attempt.parked.pop((g, seq), None)
         rec = batch.unpark(g, seq)
         if hit is not None:
             ev, rec = hit
@@ -705,11 +690,11 @@ class Worker:
             self._apply_event(batch, ev, rec)
         elif codes[0] == PARK:
             batch.park(g, ev.sequence, time.time(), rec)
-            self.t_parked[(g, ev.sequence)] = (ev, rec)
+            self.attempt.parked[(g, ev.sequence)] = (ev, rec)
         elif codes[0] == FULL:
             self._dead_letter(rec, "sequence_gap_overflow", "parked-event bound reached")
         else:  # older than what the skip applied
-            self.t_stats["stale"] += 1
+            self.attempt.stats["stale"] += 1
         for _, g2, s in ready:
             self._apply_parked(batch, g2, s)
 
@@ -717,7 +702,7 @@ class Worker:
         last = self.gate.last(g)
         seqs = self.gate.skip_gap(g)
         if seqs:
-            self.t_stats["gaps_skipped"] += 1
+            self.attempt.stats["gaps_skipped"] += 1
             log.warning("worker %d: sequence gap skipped for stream %s: last applied %d, "
                         "resuming at %d", self.index, g.hex(), last, seqs[0])
         for s in seqs:
@@ -741,7 +726,7 @@ class Worker:
             else:
                 for s in self.gate.drop_parked(g):
                     rec = batch.unpark(g, s)
-                    self.t_parked.pop((g, s), None)
+                    self.attempt.parked.pop((g, s), None)
                     if rec is not None:
                         self._dead_letter(rec, "sequence_gap_timeout",
                                           f"gap not filled within {self.gap_timeout}s")
@@ -749,7 +734,7 @@ class Worker:
     # ---- merging ---------------------------------------------------------------------------
     def _apply_event(self, batch: Batch, ev, rec) -> None:
         feeds = self.plan.feeds_for(rec[REC_TOPIC], ev.type)
-        self.t_stats["applied"] += 1
+        self.attempt.stats["applied"] += 1
         if not feeds:
             return
         targets = []
@@ -781,8 +766,8 @@ class Worker:
         """Merge into the view keys this worker owns; the others go to their workers."""
         forwards = self._merge_targets(batch, ev, rec, targets, self.index)
         for owner, update in forwards or ():
-            self.t_stats["forwarded"] += 1
-            self.t_out.setdefault(owner, []).append(update)
+            self.attempt.stats["forwarded"] += 1
+            self.attempt.out.setdefault(owner, []).append(update)
 
     def _merge_targets(self, batch: Batch, ev, rec, targets: list, me: int
                        ) -> list[tuple[int, list]] | None:
@@ -792,7 +777,7 @@ class Worker:
         and nothing is forwarded (None)."""
         applied: list[bytes] = []
         forwards = []
-        owners = self.owners  # workers, or in cluster mode tasks (slot % tasks)
+        owners = self.key_owners  # workers, or in cluster mode tasks (slot % tasks)
         for f, key, slot in targets:
             owner = worker_of(slot, owners)
             if owner != me:
@@ -805,7 +790,7 @@ class Worker:
             dkey = self._apply_local(batch, f, key, slot, ev)
             if dkey is None:
                 for d in applied:
-                    self.t_log[d].pop()
+                    self.attempt.log[d].pop()
                     self._drop_last_change(d)
                 for d in set(applied):
                     self._replay(batch, d)
@@ -818,12 +803,14 @@ class Worker:
         """Merge one event into a document of this shard: its key, or None (and the document
         as it was before this event) on a merge error.
 
-        Documents live in `t_docs` for the whole transaction and are changed in place; the
-        updates applied to each are logged so that a failing merge, which may have changed
-        the document before it failed, is undone by replaying them on the stored version.
+        Documents live in the attempt's `docs` for the whole transaction and are changed in
+        place; the updates applied to each are logged so that a failing merge, which may have
+        changed the document before it failed, is undone by replaying them on the stored
+        version.
         """
         dkey = view_key(slot_prefix(slot), f.view_id, key)
-        stored = self.t_docs.get(dkey)
+        at = self.attempt
+        stored = at.docs.get(dkey)
         if stored is None:
             stored = batch.get_doc(dkey) or {"v": 0, "d": None, "s": {}}
         try:
@@ -835,16 +822,16 @@ class Worker:
         stored["d"] = doc
         stored["v"] += 1
         stored["s"][ev.source] = [ev.sequence, ev.time]
-        self.t_docs[dkey] = stored
-        self.t_log.setdefault(dkey, []).append((f, ev))
+        at.docs[dkey] = stored
+        at.log.setdefault(dkey, []).append((f, ev))
         chg = self.changes
         if chg.enabled and not chg.coalesce and chg.topics[f.view_id] is not None:
-            self.t_changes.append((dkey, f.view_id, key, stored["v"], chg.encode(doc)))
+            at.changes.append((dkey, f.view_id, key, stored["v"], chg.encode(doc)))
         return dkey
 
     def _drop_last_change(self, dkey: bytes) -> None:
         """Forget the change event of an update that was undone."""
-        changes = self.t_changes
+        changes = self.attempt.changes
         for i in range(len(changes) - 1, -1, -1):
             if changes[i][0] == dkey:
                 del changes[i]
@@ -852,57 +839,57 @@ class Worker:
 
     def _replay(self, batch: Batch, dkey: bytes) -> None:
         """Rebuild a document from its stored version and this transaction's updates."""
-        updates = self.t_log.get(dkey)
+        updates = self.attempt.log.get(dkey)
         if not updates:
-            self.t_docs.pop(dkey, None)
+            self.attempt.docs.pop(dkey, None)
             return
         stored = batch.get_doc(dkey) or {"v": 0, "d": None, "s": {}}
         for f, ev in updates:
             stored["d"] = f.merge.apply(stored["d"], ev)
             stored["v"] += 1
             stored["s"][ev.source] = [ev.sequence, ev.time]
-        self.t_docs[dkey] = stored
+        self.attempt.docs[dkey] = stored
 
     # ---- end of transaction ----------------------------------------------------------------
     def _finish(self, batch: Batch) -> None:
         self._expire_gaps(batch)
-        for dkey, stored in self.t_docs.items():
+        for dkey, stored in self.attempt.docs.items():
             batch.put_doc(dkey, stored)
         for g, last in self.gate.dirty():
-            tp = self.t_seqpart.get(g)
+            tp = self.attempt.seqpart.get(g)
             if tp is None:  # a gap expired on a key without events in this batch
                 row = batch.get_seq(g)
                 tp = (row[1], row[2]) if row is not None else ("", -1)
             batch.put_seq(g, last, *tp)
-        for (ti, part), off in self.t_through.items():
+        for (ti, part), off in self.attempt.through.items():
             batch.put_offset(self.topics[ti], part, off)
         if self.publisher is not None:
             self._write_changes(batch)
-        for src, seq in self.t_link_in.items():
+        for src, seq in self.attempt.link_in.items():
             batch.put_link(src, seq)
-        for owner, updates in self.t_out.items():
+        for owner, updates in self.attempt.out.items():
             seq = self.link_out[owner]
-            out = self.t_outmsg[owner] = []
+            out = self.attempt.outmsg[owner] = []
             for msg in self._forward_messages(owner, seq, updates):
                 seq += 1
                 batch.put_outbox(owner, seq, msg)
                 out.append((seq, msg))
-        if self.t_outmsg:
+        if self.attempt.outmsg:
             link_out = dict(self.link_out)
-            link_out.update((owner, out[-1][0]) for owner, out in self.t_outmsg.items())
+            link_out.update((owner, out[-1][0]) for owner, out in self.attempt.outmsg.items())
             batch.put_meta("link_out", link_out)
         for j in self.peer_out:
             acked = self.ctl.link_applied(j, self.index)
             if acked > self.pruned[j]:
                 batch.prune_outbox(j, acked)
-                self.t_pruned_out[j] = acked
+                self.attempt.pruned_out[j] = acked
         if self.bloom.full:
             self.bloom_dropped = max(self.bloom_dropped, self.bloom.rotate())
         if self.bloom.generation != self.bloom_saved:  # also a rotation rolled back before
             batch.put_meta("bloom_generation", self.bloom.generation)
             if self.bloom_dropped >= 0:
                 batch.prune_generations(self.bloom_dropped, limit=10_000_000)
-            self.t_bloom_saved = True
+            self.attempt.bloom_saved = True
         self._log_seen(batch)
         self._count(batch)
 
@@ -911,24 +898,24 @@ class Worker:
         bloom filter (bloom_snapshot.py)."""
         n = batch.seen_count
         if n:
-            self.t_seen_log = (batch.log_seen(self.dedup_log_seq), n)
-            batch.put_meta("dedup_log_seq", self.t_seen_log[0])
+            self.attempt.seen_log = (batch.log_seen(self.dedup_log_seq), n)
+            batch.put_meta("dedup_log_seq", self.attempt.seen_log[0])
         if self.snap_seq is not None and self.snap_seq > self.dedup_log_pruned:
             batch.prune_dedup_log(self.snap_seq)
             batch.put_meta("dedup_log_pruned", self.snap_seq)
-            self.t_log_pruned = self.snap_seq
+            self.attempt.log_pruned = self.snap_seq
 
     def _count(self, batch: Batch) -> None:
         """Add the batch's counts to the shard's totals in its own transaction: a batch is
         counted exactly when it is committed, whatever is killed when (store.py, meta
         ``totals``). Kept in `t_totals` until the commit (a rollback forgets them)."""
-        s = self.t_stats
+        s = self.attempt.stats
         if not any(s.values()):
             return
         totals = {name: self.totals[name] + s[name] for name in TOTALS}
         totals["since"] = self.totals["since"] or int(time.time() * 1000)
         batch.put_totals(totals)
-        self.t_totals = totals
+        self.attempt.totals = totals
 
     def _forward_messages(self, owner: int, last_seq: int, updates: list) -> list[bytes]:
         """The outbox messages (link seqs last_seq+1, ...) carrying `updates`: as many as
@@ -953,19 +940,19 @@ class Worker:
         """The transaction's change events: (doc key, view id, key, version, data)."""
         chg = self.changes
         if not chg.coalesce:
-            return self.t_changes
+            return self.attempt.changes
         rows = []
-        for dkey, updates in self.t_log.items():
+        for dkey, updates in self.attempt.log.items():
             vid = dkey[2]
             if updates and chg.topics[vid] is not None:
-                stored = self.t_docs[dkey]
+                stored = self.attempt.docs[dkey]
                 rows.append((dkey, vid, dkey[3:].decode(), stored["v"],
                              chg.encode(stored["d"])))
         return rows
 
     def _write_changes(self, batch: Batch) -> None:
         """The transaction's change events into the outbox; prune delivered ones."""
-        chg, seq, out = self.changes, self.change_seq, self.t_chg_out
+        chg, seq, out = self.changes, self.change_seq, self.attempt.chg_out
         rows = self._change_rows()
         for _, vid, key, version, data in rows:
             seq += 1
@@ -978,7 +965,7 @@ class Worker:
         if delivered > self.changes_pruned:
             batch.prune_changes(delivered)
             batch.put_meta("changes_published", delivered)
-            self.t_pruned = delivered
+            self.attempt.pruned = delivered
 
     def _check_fence(self) -> None:
         """Raise Fenced if a newer worker of this shard booted (its epoch in our row of the
@@ -1000,36 +987,36 @@ class Worker:
         self._check_fence()  # a replacement booted during the commit: it takes over from here
         ctl, me = self.ctl, self.index
         if self.publisher is not None:
-            if self.t_chg_out:
-                self.change_seq = self.t_chg_out[-1][0]
-                self.publisher.committed(self.t_chg_out)
-            self.changes_pruned = max(self.changes_pruned, self.t_pruned)
+            if self.attempt.chg_out:
+                self.change_seq = self.attempt.chg_out[-1][0]
+                self.publisher.committed(self.attempt.chg_out)
+            self.changes_pruned = max(self.changes_pruned, self.attempt.pruned)
             self.publisher.pump()
             ctl.set(me, Slot.CHANGES_BACKLOG, self.publisher.backlog)
-        self.through.update(self.t_through)
-        self.link_in.update(self.t_link_in)
-        self.pruned.update(self.t_pruned_out)
-        if self.t_bloom_saved:
+        self.through.update(self.attempt.through)
+        self.link_in.update(self.attempt.link_in)
+        self.pruned.update(self.attempt.pruned_out)
+        if self.attempt.bloom_saved:
             self.bloom_saved, self.bloom_dropped = self.bloom.generation, -1
-        if self.t_seen_log is not None:
-            self.dedup_log_seq = self.t_seen_log[0]
-            self.ids_unsaved += self.t_seen_log[1]
-        if self.t_log_pruned:
-            self.dedup_log_pruned = self.t_log_pruned
-        for src, seq in self.t_link_in.items():
+        if self.attempt.seen_log is not None:
+            self.dedup_log_seq = self.attempt.seen_log[0]
+            self.ids_unsaved += self.attempt.seen_log[1]
+        if self.attempt.log_pruned:
+            self.dedup_log_pruned = self.attempt.log_pruned
+        for src, seq in self.attempt.link_in.items():
             ctl.set_link_applied(me, src, seq)
-        for owner, out in self.t_outmsg.items():
+        for owner, out in self.attempt.outmsg.items():
             self.link_out[owner] = out[-1][0]
             self.unsent[owner].extend(out)
             ctl.set_link_committed(me, owner, out[-1][0])
         fault_point("worker_after_publish")  # committed and published, not yet acknowledged
-        if self.t_totals is not None:
-            self.totals = self.t_totals
+        if self.attempt.totals is not None:
+            self.totals = self.attempt.totals
             self._publish_totals()
         ctl.add(me, Slot.COMMITS, 1)
         ctl.set(me, Slot.PARKED, self.gate.parked_total)
-        if self.t_ack >= 0:
-            ctl.set(me, Slot.ACK_BATCH, self.t_ack)
+        if self.attempt.ack >= 0:
+            ctl.set(me, Slot.ACK_BATCH, self.attempt.ack)
         self.gate.evict(self.cfg.gate.max_cached_keys)
         self.txn_bytes = min(self.txn_bytes * 2, TXN_MAX_BYTES)
         if self.ids_unsaved >= self.save_bloom_every:
