@@ -5,18 +5,20 @@ Per batch (one LMDB write transaction):
 1. skip records at or below this shard's through-offset of their partition (redelivery);
 2. parse the CloudEvent (or map a record of an outbox/JSON source, mapping.py);
    malformed → dead-letter;
-3. dedup: the bloom filter answers "definitely new" for most events; a "maybe" is confirmed
-   against the exact LMDB index, so a false positive never drops a new event;
-4. sequence gate per (source, partition key): apply / stale / park, then drain parked
-   successors; gap policy for overflowing or timed-out gaps;
-5. merge into view documents owned by this shard, or write the update to the outbox of the
-   shard that owns the view key (forwarded after commit, applied there exactly once by link
-   sequence number);
+3. dedup (stages/dedup.py): the bloom filter answers "definitely new" for most events; a
+   "maybe" is confirmed against the exact LMDB index, so a false positive never drops a new
+   event;
+4. sequence gate (stages/gate.py) per (source, partition key): apply / stale / park, then
+   drain parked successors; gap policy for overflowing or timed-out gaps;
+5. merge into view documents owned by this shard, or route the update to the shard that owns
+   the view key (stages/route.py): written to the outbox, forwarded after commit, applied
+   there exactly once by link sequence number (stages/links.py);
 6. store through-offsets, link sequences, sequence state and the shard's totals (what the
    batch counted added to meta ``totals``: exact through any crash), then commit;
    acknowledge the batch and publish the totals to the supervisor through the control block.
 
-A transaction that fails keeps nothing, and the same messages are applied again from step 1
+A transaction that fails keeps nothing (the attempt's state is dropped with it,
+batch_state.py), and the same messages are applied again from step 1
 (nothing is acknowledged before the commit, so the supervisor's Kafka commit cannot pass it):
 after growing the map (MAP_FULL; at service.lmdb_max_map_size the worker stops with a fatal
 error), or, when the data disk is full, read-only or failing, after a pause (0.5 s doubling to
@@ -39,7 +41,7 @@ from collections import deque
 
 import lmdb
 
-from . import bloom_snapshot, core
+from . import core
 from .batch_state import BatchState
 from .changes import ChangeEncoder, ChangePublisher
 from .config import Config
@@ -49,17 +51,14 @@ from .envelope import EnvelopeError, parse
 from .faults import fault_flag, fault_point
 from .mapping import apply as apply_mapping
 from .mapping import plans_by_topic
-from .merge import MergeError, get_path
 from .metrics import record_commit
-from .plan import Feed, ViewPlan, assign_view_ids
+from .plan import ViewPlan, assign_view_ids
 from .protocol import (
-    MSG_FORWARD,
     MSG_STOP,
     REC_HEADERS,
     REC_KEY,
     REC_OFFSET,
     REC_PARTITION,
-    REC_SLOT,
     REC_TIMESTAMP,
     REC_TOPIC,
     REC_VALUE,
@@ -68,12 +67,15 @@ from .protocol import (
     UPD_SLOT,
     Forwarded,
     hist_segment_name,
-    pack,
     ring_names,
     unpack,
 )
 from .ring import Ring, SharedCounters
-from .routing import SLOTS, gate_hash, identity_hash, slot_of, slot_prefix, worker_of
+from .routing import SLOTS
+from .stages.dedup import AlwaysMaybe, DedupStage
+from .stages.gate import GateStage
+from .stages.links import LinksStage
+from .stages.route import RouteStage
 from .store import (
     TOTALS,
     Batch,
@@ -83,7 +85,6 @@ from .store import (
     shard_path,
     storage_errno,
     storage_message,
-    view_key,
 )
 
 log = logging.getLogger(__name__)
@@ -96,24 +97,15 @@ FIRST_TXN_BYTES = 128 << 10
 STORAGE_RETRY_S = (0.5, 5.0)  # pause before retrying a batch the data disk refused: min, max
 STORAGE_LOG_EVERY_S = 60.0  # while blocked, how often the error is logged again
 
-class AlwaysMaybe:
-    """A bloom filter that answers "maybe" for every id (fault injection: `bloom-maybe`)."""
 
-    def __init__(self, bloom):
-        self._bloom = bloom
-
-    def check_and_add(self, hashes: bytes) -> bytes:
-        flags = self._bloom.check_and_add(hashes)
-        return b"\x01" * len(flags)
-
-    def __getattr__(self, name):
-        return getattr(self._bloom, name)
-
-
-class Worker:
+class Worker(DedupStage, GateStage, RouteStage, LinksStage):
     """One shard's worker in normal mode: the shard is this worker's alone, and view updates
     for keys of other shards go to their workers through the peer rings.
-    `task_worker.TaskWorker` is the cluster-mode variant (the hooks below)."""
+    `task_worker.TaskWorker` is the cluster-mode variant (the hooks below).
+
+    This class keeps the orchestration: boot, the loop, one batch's attempts and their commit
+    order, fault points; the stages of a batch are its mixins (stages/). What one attempt at
+    a batch has done is `self.attempt` (batch_state.py), built fresh per attempt."""
 
     def __init__(self, config: Config, index: int, prefix: str):
         self.cfg = config
@@ -235,86 +227,9 @@ class Worker:
         log.warning("worker %d: sources or views changed since the last run", self.index)
 
     def _new_bloom(self):
+        """An empty bloom filter of the configured size (stages/dedup.py fills it)."""
         d = self.cfg.dedup
         return core.BloomFilter(d.bloom_capacity, d.bloom_fp_rate, d.bloom_generations)
-
-    def _load_bloom(self) -> None:
-        """The bloom filter at boot: the saved one plus the dedup log after it, or else
-        rebuilt from the whole dedup index (bloom_snapshot.py says when which)."""
-        t0 = time.monotonic()
-        shard = self.shard
-        self.shard_token = shard.get_meta("shard_token")
-        if self.shard_token is None:
-            self.shard_token = os.urandom(16).hex()
-            shard.put_meta(shard_token=self.shard_token)
-        self.dedup_log_seq = shard.get_meta("dedup_log_seq", 0)
-        self.dedup_log_pruned = shard.get_meta("dedup_log_pruned", 0)
-        self.bloom = self._new_bloom()
-        self.snap_seq: int | None = None  # log seq of the saved filter, once durable
-        try:
-            seq = bloom_snapshot.load(shard.path, self.bloom, self.shard_token,
-                                      self.dedup_log_pruned, self.dedup_log_seq)
-            n = 0
-            for _, gen, hashes in shard.dedup_log_after(seq):
-                self.bloom.load(gen, hashes)
-                n += len(hashes) // 16
-            self.snap_seq = seq
-            self._bloom_loaded = n
-            self._bloom_how = f"restored (dedup log {seq}) + {n} ids logged after it"
-        except (bloom_snapshot.SnapshotUnusable, ValueError) as e:
-            self.bloom = self._new_bloom()
-            self._rebuild_bloom()
-            self._bloom_how = f"rebuilt from the dedup index ({e})"
-        gen_meta = shard.get_meta("bloom_generation", 0)
-        while self.bloom.generation < gen_meta:
-            self.bloom.rotate()
-        self.bloom_saved = gen_meta  # bloom_generation as stored in meta
-        self.bloom_dropped = -1  # newest generation dropped from the filter, not yet pruned
-        self.ids_unsaved = self._bloom_loaded if self.snap_seq is None else 0
-        self._bloom_s = time.monotonic() - t0
-
-    def save_bloom(self) -> None:
-        """Save the bloom filter (between batches: it holds every id of the committed
-        batches, dedup log seq `dedup_log_seq`); the next batch prunes the log up to it."""
-        t0 = time.monotonic()
-        try:
-            size = bloom_snapshot.save(self.shard.path, self.bloom, self.shard_token,
-                                       self.dedup_log_seq)
-        except OSError as e:  # the filter is an optimisation: boots rebuild it meanwhile
-            log.warning("worker %d: cannot save the bloom filter: %s", self.index, e)
-            self.ids_unsaved = 0  # not again before as many new ids
-            return
-        self.snap_seq = self.dedup_log_seq
-        self.ids_unsaved = 0
-        log.debug("worker %d: bloom filter saved (%d bytes, dedup log %d) in %.3f s",
-                  self.index, size, self.snap_seq, time.monotonic() - t0)
-
-    def _rebuild_bloom(self) -> None:
-        buf: list[bytes] = []
-        current = None
-        n = 0
-        for gen, h in self.shard.dedup_entries():
-            if gen != current and buf:
-                self.bloom.load(current, b"".join(buf))
-                buf.clear()
-            current = gen
-            buf.append(h)
-            n += 1
-        if buf:
-            self.bloom.load(current, b"".join(buf))
-        self._bloom_loaded = n
-
-    def _load_parked(self) -> None:
-        """Load every key with parked events into the gate (at boot and after the gate was
-        cleared), so that their gaps expire even if the key never sees another event."""
-        for g, (row, parked, ti) in self.shard.parked_streams().items():
-            if not self._stream_here(g):
-                continue  # state of a task this instance does not own (now)
-            if row is not None:
-                last = row[0]
-            else:
-                last = (self.plan.initial[ti] if ti < len(self.plan.initial) else 1) - 1
-            self.gate.load(g, last, parked)
 
     # ---- what cluster mode changes (task_worker.TaskWorker) --------------------------------
     def _boot_tasks(self) -> None:
@@ -545,6 +460,11 @@ class Worker:
             self._apply_events(batch, events)
         return at.stop
 
+    def _apply_events(self, batch: Batch, events: list) -> None:
+        """Parsed events of the batch: dedup (dedup.py), then the sequence gate and the
+        merge (gate.py, route.py)."""
+        self._gate_apply(batch, self._dedup(batch, events))
+
     def _rounds(self, sup_msgs: list):
         """(records, through-offsets) of each records message from the supervisor; notes
         the highest batch id (acknowledged after the commit) and a stop message."""
@@ -585,271 +505,6 @@ class Worker:
         self.attempt.dlq.append(key)
         self.dlq.send(rec, reason, message)
 
-    def _apply_events(self, batch: Batch, events: list) -> None:
-        # dedup: bloom first, exact index only for "maybe"
-        slots = [rec[REC_SLOT] for _, rec in events]
-        hashes = [identity_hash(ev.source, ev.id) for ev, _ in events]
-        if self.retrying:
-            flags = self._bloom_again(hashes)
-        else:
-            flags = self.bloom.check_and_add(b"".join(hashes))
-        gen = self.bloom.generation
-        kept = []
-        for i, (ev, rec) in enumerate(events):
-            skey = slot_prefix(slots[i]) + hashes[i]
-            if flags[i] and batch.seen(skey):
-                self.attempt.stats["duplicates"] += 1
-                continue
-            batch.mark_seen(skey, gen)
-            kept.append((ev, rec))
-        # sequence gate
-        gated = [(i, ev, rec) for i, (ev, rec) in enumerate(kept) if ev.sequence is not None]
-        codes = bytearray(len(kept))  # APPLY by default (no sequence: dedup only)
-        ready: list = []
-        gkeys: list[bytes] = []
-        if gated:
-            gkeys = [slot_prefix(rec[REC_SLOT]) + gate_hash(ev.source, ev.partitionkey)
-                     for _, ev, rec in gated]
-            for g, (_, ev, rec) in zip(gkeys, gated):
-                self.attempt.seqpart[g] = (self.topics[rec[REC_TOPIC]], rec[REC_PARTITION])
-            self._load_gate(batch, gkeys, [rec[REC_TOPIC] for _, _, rec in gated])
-            strict = bytes(self.plan.strict[rec[REC_TOPIC]] for _, _, rec in gated)
-            gcodes, gready = self.gate.decide(gkeys, [ev.sequence for _, ev, _ in gated],
-                                              strict, time.time())
-            for j, (i, _, _) in enumerate(gated):
-                codes[i] = gcodes[j]
-            ready = [(gated[j][0], g, s) for j, g, s in gready]
-        gk_of = {gated[j][0]: gkeys[j] for j in range(len(gated))}
-        rp = 0
-        full = []
-        now = time.time()
-        for i, (ev, rec) in enumerate(kept):
-            code = codes[i]
-            if code == APPLY:
-                self._apply_event(batch, ev, rec)
-            elif code == PARK:
-                g = gk_of[i]
-                batch.park(g, ev.sequence, now, rec)
-                self.attempt.parked[(g, ev.sequence)] = (ev, rec)
-            elif code == STALE:
-                self.attempt.stats["stale"] += 1
-            else:
-                full.append(i)
-            while rp < len(ready) and ready[rp][0] == i:
-                self._apply_parked(batch, ready[rp][1], ready[rp][2])
-                rp += 1
-        for i in full:
-            self._on_full(batch, gk_of[i], *kept[i])
-
-    def _bloom_again(self, hashes: list[bytes]) -> bytearray:
-        """check_and_add for a batch applied again after a rollback: what the failed attempt
-        added is only looked up ("maybe": confirmed by the exact index), so that retries do
-        not count the batch into the current generation again (and rotate it early)."""
-        flags = self.bloom.contains(b"".join(hashes))
-        new = [i for i, f in enumerate(flags) if not f]
-        if new:
-            for i, f in zip(new, self.bloom.check_and_add(b"".join(hashes[i] for i in new))):
-                flags[i] = f
-        return flags
-
-    def _load_gate(self, batch: Batch, gkeys: list[bytes], topic_idx: list[int]) -> None:
-        missing = self.gate.missing(gkeys)
-        if not missing:
-            return
-        first_ti = {}
-        for g, ti in zip(gkeys, topic_idx):
-            first_ti.setdefault(g, ti)
-        for g in missing:
-            row = batch.get_seq(g)
-            last = row[0] if row is not None else self.plan.initial[first_ti[g]] - 1
-            self.gate.load(g, last, batch.parked_of(g))
-
-    def _apply_parked(self, batch: Batch, g: bytes, seq: int) -> None:
-        hit = self.attempt.parked.pop((g, seq), None)
-        rec = batch.unpark(g, seq)
-        if hit is not None:
-            ev, rec = hit
-        else:
-            if rec is None:
-                log.error("worker %d: parked event missing for seq %d", self.index, seq)
-                return
-            ev = self._parse(rec)
-            if ev is None:
-                return
-        self._apply_event(batch, ev, rec)
-
-    def _on_full(self, batch: Batch, g: bytes, ev, rec) -> None:
-        """A sequence ahead of the gap that can no longer be parked: apply the gap policy."""
-        if self.gap_policy == "dead-letter":
-            self._dead_letter(rec, "sequence_gap_overflow",
-                              f"parked-event bound reached; sequence {ev.sequence} not applied")
-            return
-        self._skip_gap(batch, g)
-        codes, ready = self.gate.decide([g], [ev.sequence], b"\x01", time.time())
-        if codes[0] == APPLY:
-            self._apply_event(batch, ev, rec)
-        elif codes[0] == PARK:
-            batch.park(g, ev.sequence, time.time(), rec)
-            self.attempt.parked[(g, ev.sequence)] = (ev, rec)
-        elif codes[0] == FULL:
-            self._dead_letter(rec, "sequence_gap_overflow", "parked-event bound reached")
-        else:  # older than what the skip applied
-            self.attempt.stats["stale"] += 1
-        for _, g2, s in ready:
-            self._apply_parked(batch, g2, s)
-
-    def _skip_gap(self, batch: Batch, g: bytes) -> None:
-        last = self.gate.last(g)
-        seqs = self.gate.skip_gap(g)
-        if seqs:
-            self.attempt.stats["gaps_skipped"] += 1
-            log.warning("worker %d: sequence gap skipped for stream %s: last applied %d, "
-                        "resuming at %d", self.index, g.hex(), last, seqs[0])
-        for s in seqs:
-            self._apply_parked(batch, g, s)
-
-    def _expire_gaps_if_due(self) -> None:
-        if not self.gate.parked_total:
-            return
-        expired = self.gate.expired(time.time(), self.gap_timeout)
-        if expired:
-            self.process([], [])  # the batch path runs _finish, which expires gaps
-
-    def _expire_gaps(self, batch: Batch) -> None:
-        if not self.gate.parked_total:
-            return
-        for g in self.gate.expired(time.time(), self.gap_timeout):
-            if not self._stream_here(g, in_batch=True):
-                continue  # its task is being handed over: the next owner expires it
-            if self.gap_policy == "skip":
-                self._skip_gap(batch, g)
-            else:
-                for s in self.gate.drop_parked(g):
-                    rec = batch.unpark(g, s)
-                    self.attempt.parked.pop((g, s), None)
-                    if rec is not None:
-                        self._dead_letter(rec, "sequence_gap_timeout",
-                                          f"gap not filled within {self.gap_timeout}s")
-
-    # ---- merging ---------------------------------------------------------------------------
-    def _apply_event(self, batch: Batch, ev, rec) -> None:
-        feeds = self.plan.feeds_for(rec[REC_TOPIC], ev.type)
-        self.attempt.stats["applied"] += 1
-        if not feeds:
-            return
-        targets = []
-        for f in feeds:
-            if f.key_path is None:
-                key, slot = ev.partitionkey, rec[REC_SLOT]
-            else:
-                try:
-                    key = get_path(ev.data, f.key_path)
-                except (KeyError, TypeError, IndexError):
-                    self._dead_letter(rec, "merge_error",
-                                      f"view {f.view}: key field data.{'.'.join(f.key_path)} "
-                                      "missing")
-                    return
-                if isinstance(key, bool) or not isinstance(key, (str, int)):
-                    self._dead_letter(rec, "merge_error",
-                                      f"view {f.view}: key must be a string or integer")
-                    return
-                key = str(key)
-                kb = key.encode()
-                if len(kb) > self.max_key:
-                    self._dead_letter(rec, "key_too_long", f"view {f.view}: key too long")
-                    return
-                slot = slot_of(kb)
-            targets.append((f, key, slot))
-        self._route(batch, ev, rec, targets)
-
-    def _route(self, batch: Batch, ev, rec, targets: list) -> None:
-        """Merge into the view keys this worker owns; the others go to their workers."""
-        forwards = self._merge_targets(batch, ev, rec, targets, self.index)
-        for owner, update in forwards or ():
-            self.attempt.stats["forwarded"] += 1
-            self.attempt.out.setdefault(owner, []).append(update)
-
-    def _merge_targets(self, batch: Batch, ev, rec, targets: list, me: int
-                       ) -> list[tuple[int, list]] | None:
-        """Merge the event into its view keys owned by `me` (a worker; in cluster mode a
-        task); returns the updates for the others as (owner, update). All of the event or
-        none of it: on a merge error its other views here are undone, it is dead-lettered
-        and nothing is forwarded (None)."""
-        applied: list[bytes] = []
-        forwards = []
-        owners = self.key_owners  # workers, or in cluster mode tasks (slot % tasks)
-        for f, key, slot in targets:
-            owner = worker_of(slot, owners)
-            if owner != me:
-                # a forwarded update: the UPD_* fields (protocol.py)
-                forwards.append((owner, [f.feed_id, key, slot, ev.id, ev.source, ev.type,
-                                         ev.time, ev.subject, ev.sequence, ev.data,
-                                         ev.partitionkey, rec[REC_TOPIC], rec[REC_PARTITION],
-                                         rec[REC_OFFSET]]))
-                continue
-            dkey = self._apply_local(batch, f, key, slot, ev)
-            if dkey is None:
-                for d in applied:
-                    self.attempt.log[d].pop()
-                    self._drop_last_change(d)
-                for d in set(applied):
-                    self._replay(batch, d)
-                self._dead_letter(rec, "merge_error", f"view {f.view}: merge failed")
-                return None
-            applied.append(dkey)
-        return forwards
-
-    def _apply_local(self, batch: Batch, f: Feed, key: str, slot: int, ev) -> bytes | None:
-        """Merge one event into a document of this shard: its key, or None (and the document
-        as it was before this event) on a merge error.
-
-        Documents live in the attempt's `docs` for the whole transaction and are changed in
-        place; the updates applied to each are logged so that a failing merge, which may have
-        changed the document before it failed, is undone by replaying them on the stored
-        version.
-        """
-        dkey = view_key(slot_prefix(slot), f.view_id, key)
-        at = self.attempt
-        stored = at.docs.get(dkey)
-        if stored is None:
-            stored = batch.get_doc(dkey) or {"v": 0, "d": None, "s": {}}
-        try:
-            doc = f.merge.apply(stored["d"], ev)
-        except MergeError as e:
-            log.warning("worker %d: merge error in view %s: %s", self.index, f.view, e)
-            self._replay(batch, dkey)
-            return None
-        stored["d"] = doc
-        stored["v"] += 1
-        stored["s"][ev.source] = [ev.sequence, ev.time]
-        at.docs[dkey] = stored
-        at.log.setdefault(dkey, []).append((f, ev))
-        chg = self.changes
-        if chg.enabled and not chg.coalesce and chg.topics[f.view_id] is not None:
-            at.changes.append((dkey, f.view_id, key, stored["v"], chg.encode(doc)))
-        return dkey
-
-    def _drop_last_change(self, dkey: bytes) -> None:
-        """Forget the change event of an update that was undone."""
-        changes = self.attempt.changes
-        for i in range(len(changes) - 1, -1, -1):
-            if changes[i][0] == dkey:
-                del changes[i]
-                return
-
-    def _replay(self, batch: Batch, dkey: bytes) -> None:
-        """Rebuild a document from its stored version and this transaction's updates."""
-        updates = self.attempt.log.get(dkey)
-        if not updates:
-            self.attempt.docs.pop(dkey, None)
-            return
-        stored = batch.get_doc(dkey) or {"v": 0, "d": None, "s": {}}
-        for f, ev in updates:
-            stored["d"] = f.merge.apply(stored["d"], ev)
-            stored["v"] += 1
-            stored["s"][ev.source] = [ev.sequence, ev.time]
-        self.attempt.docs[dkey] = stored
-
     # ---- end of transaction ----------------------------------------------------------------
     def _finish(self, batch: Batch) -> None:
         self._expire_gaps(batch)
@@ -865,45 +520,9 @@ class Worker:
             batch.put_offset(self.topics[ti], part, off)
         if self.publisher is not None:
             self._write_changes(batch)
-        for src, seq in self.attempt.link_in.items():
-            batch.put_link(src, seq)
-        for owner, updates in self.attempt.out.items():
-            seq = self.link_out[owner]
-            out = self.attempt.outmsg[owner] = []
-            for msg in self._forward_messages(owner, seq, updates):
-                seq += 1
-                batch.put_outbox(owner, seq, msg)
-                out.append((seq, msg))
-        if self.attempt.outmsg:
-            link_out = dict(self.link_out)
-            link_out.update((owner, out[-1][0]) for owner, out in self.attempt.outmsg.items())
-            batch.put_meta("link_out", link_out)
-        for j in self.peer_out:
-            acked = self.ctl.link_applied(j, self.index)
-            if acked > self.pruned[j]:
-                batch.prune_outbox(j, acked)
-                self.attempt.pruned_out[j] = acked
-        if self.bloom.full:
-            self.bloom_dropped = max(self.bloom_dropped, self.bloom.rotate())
-        if self.bloom.generation != self.bloom_saved:  # also a rotation rolled back before
-            batch.put_meta("bloom_generation", self.bloom.generation)
-            if self.bloom_dropped >= 0:
-                batch.prune_generations(self.bloom_dropped, limit=10_000_000)
-            self.attempt.bloom_saved = True
-        self._log_seen(batch)
+        self._write_links(batch)
+        self._store_dedup(batch)
         self._count(batch)
-
-    def _log_seen(self, batch: Batch) -> None:
-        """The batch's new dedup ids into the dedup log; the log pruned up to the saved
-        bloom filter (bloom_snapshot.py)."""
-        n = batch.seen_count
-        if n:
-            self.attempt.seen_log = (batch.log_seen(self.dedup_log_seq), n)
-            batch.put_meta("dedup_log_seq", self.attempt.seen_log[0])
-        if self.snap_seq is not None and self.snap_seq > self.dedup_log_pruned:
-            batch.prune_dedup_log(self.snap_seq)
-            batch.put_meta("dedup_log_pruned", self.snap_seq)
-            self.attempt.log_pruned = self.snap_seq
 
     def _count(self, batch: Batch) -> None:
         """Add the batch's counts to the shard's totals in its own transaction: a batch is
@@ -916,56 +535,6 @@ class Worker:
         totals["since"] = self.totals["since"] or int(time.time() * 1000)
         batch.put_totals(totals)
         self.attempt.totals = totals
-
-    def _forward_messages(self, owner: int, last_seq: int, updates: list) -> list[bytes]:
-        """The outbox messages (link seqs last_seq+1, ...) carrying `updates`: as many as
-        it takes for each to fit the peer ring's largest message."""
-        limit = self.peer_out[owner].max_message
-        msg = pack([MSG_FORWARD, self.index, last_seq + 1, updates])
-        if len(msg) <= limit:
-            return [msg]
-        chunks: list[list] = [[]]
-        size = 0
-        for u in updates:
-            n = len(pack(u))
-            if chunks[-1] and size + n > limit - 64:  # 64: the envelope [2, from, seq, [...]]
-                chunks.append([])
-                size = 0
-            chunks[-1].append(u)
-            size += n
-        return [pack([MSG_FORWARD, self.index, last_seq + 1 + k, c])
-                for k, c in enumerate(chunks)]
-
-    def _change_rows(self) -> list[tuple]:
-        """The transaction's change events: (doc key, view id, key, version, data)."""
-        chg = self.changes
-        if not chg.coalesce:
-            return self.attempt.changes
-        rows = []
-        for dkey, updates in self.attempt.log.items():
-            vid = dkey[2]
-            if updates and chg.topics[vid] is not None:
-                stored = self.attempt.docs[dkey]
-                rows.append((dkey, vid, dkey[3:].decode(), stored["v"],
-                             chg.encode(stored["d"])))
-        return rows
-
-    def _write_changes(self, batch: Batch) -> None:
-        """The transaction's change events into the outbox; prune delivered ones."""
-        chg, seq, out = self.changes, self.change_seq, self.attempt.chg_out
-        rows = self._change_rows()
-        for _, vid, key, version, data in rows:
-            seq += 1
-            entry = chg.entry(vid, key, version, data)
-            batch.put_change(seq, entry)
-            out.append((seq, entry))
-        if out:
-            batch.put_meta("change_seq", seq)
-        delivered = self.publisher.published
-        if delivered > self.changes_pruned:
-            batch.prune_changes(delivered)
-            batch.put_meta("changes_published", delivered)
-            self.attempt.pruned = delivered
 
     def _check_fence(self) -> None:
         """Raise Fenced if a newer worker of this shard booted (its epoch in our row of the
@@ -1029,33 +598,6 @@ class Worker:
         ctl, me = self.ctl, self.index
         for name, slot in zip(TOTALS, TOTAL_SLOTS):
             ctl.set(me, slot, self.totals[name])
-
-    def _pump_outbox(self) -> None:
-        """Send committed outbox messages to their shards, in link-sequence order."""
-        self._check_fence()
-        ctl, me = self.ctl, self.index
-        for j, ring in self.peer_out.items():
-            epoch = ctl.get(j, Slot.EPOCH)
-            if epoch == 0:
-                continue  # not booted yet: it resets its inbound ring at boot
-            if epoch != self.peer_epoch[j]:
-                self.peer_epoch[j] = epoch
-                self.sent[j] = ctl.link_applied(j, me)
-                self.unsent[j].clear()
-            if self.sent[j] >= self.link_out[j]:
-                continue
-            queue = self.unsent[j]
-            while queue and queue[0][0] <= self.sent[j]:
-                queue.popleft()
-            if not queue or queue[0][0] != self.sent[j] + 1:
-                queue.clear()
-                queue.extend(self.shard.outbox_after(j, self.sent[j]))
-            while queue:
-                seq, msg = queue[0]
-                if not ring.try_put(msg):
-                    break
-                queue.popleft()
-                self.sent[j] = seq
 
     def close(self) -> None:
         self.dlq.close()
