@@ -95,3 +95,10 @@ def test_find_cycle():
 def test_no_import_cycles():
     cycle = find_cycle(import_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_only_the_worker_variants_import_the_worker():
+    """The protocol lives in protocol.py: nothing imports worker.py to learn it; only its
+    subclass and the process entry point that picks between them import it."""
+    importers = {m for m, targets in import_graph().items() if "aggregator.worker" in targets}
+    assert importers == {"aggregator.task_worker", "aggregator.worker_process"}
