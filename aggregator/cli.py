@@ -212,13 +212,38 @@ def read_options(f):
     return f
 
 
+def _written_workers(path) -> int:
+    """The worker count the shards of ``path`` were written by (datadir.py, "Layout").
+
+    Raises DataDirError when ``path`` is not a directory, holds no stamped shard (a wrong
+    path, or a service that never booted there), or holds shards that disagree.
+    """
+    import lmdb
+
+    from .reshard import ReshardError, current_workers  # heavy imports: only when reading
+
+    path = Path(path)
+    if not path.is_dir():
+        raise datadir.DataDirError(f"data dir {path}: no such directory")
+    try:
+        n = current_workers(path)
+    except (ReshardError, OSError) as e:
+        raise datadir.DataDirError(f"data dir {path}: {e}") from None
+    except lmdb.Error as e:
+        raise datadir.DataDirError(f"data dir {path}: cannot read its shards: {e}") from None
+    if n is None:
+        raise datadir.DataDirError(f"data dir {path}: holds no shards (not an aggregator data "
+                                   "directory, or no service has started on it yet)")
+    return n
+
+
 def _read_config(config_path, data_dir, workers):
     """The config with ``service.workers`` as the data dir records it (exit 2: no shards,
     or ``--workers`` disagrees)."""
     cfg = _load(config_path, None, data_dir, None)
     path = cfg.service.data_dir
     try:
-        n = datadir.written_workers(path)
+        n = _written_workers(path)
     except datadir.DataDirError as e:
         _fail(f"error: {e}")
     if workers is not None and workers != n:

@@ -40,7 +40,7 @@ from .routing import slot_of
 log = logging.getLogger(__name__)
 
 ORIGIN_HEADER = "aggregator-origin"  # msgpack [topic index, partition, offset, slot]
-FORWARD_HEADER = "aggregator-forward"  # a forwarded view update (msgpack, worker.Forwarded)
+FORWARD_HEADER = "aggregator-forward"  # a forwarded view update (msgpack, protocol.Forwarded)
 
 _pack = msgpack.Packer(use_bin_type=True).pack
 

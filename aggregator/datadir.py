@@ -11,9 +11,9 @@ children and inherit the umask. A data dir that already exists keeps its mode (a
 files theirs); :func:`more_open_than` tells the service to warn about it.
 
 Layout. The shards stamp the worker count they were written by (``meta["workers"]``,
-store.py); :func:`written_workers` reads it back through :func:`reshard.current_workers`,
-so ``get``/``stats`` need no ``--workers``, and a directory without stamped shards is an
-error rather than an empty answer.
+store.py); ``cli._written_workers`` reads it back through :func:`reshard.current_workers`
+(above this module: store.py imports it), so ``get``/``stats`` need no ``--workers``, and a
+directory without stamped shards is a :class:`DataDirError` rather than an empty answer.
 """
 
 from __future__ import annotations
@@ -53,28 +53,3 @@ def more_open_than(path: str | os.PathLike, umask: int) -> int | None:
     (a data dir made before the umask setting, or by hand), else None."""
     mode = stat.S_IMODE(os.stat(path).st_mode)
     return mode if mode & umask else None
-
-
-def written_workers(path: str | os.PathLike) -> int:
-    """The worker count the shards of ``path`` were written by.
-
-    Raises DataDirError when ``path`` is not a directory, holds no stamped shard (a wrong
-    path, or a service that never booted there), or holds shards that disagree.
-    """
-    import lmdb
-
-    from .reshard import ReshardError, current_workers  # heavy imports: only when reading
-
-    path = Path(path)
-    if not path.is_dir():
-        raise DataDirError(f"data dir {path}: no such directory")
-    try:
-        n = current_workers(path)
-    except (ReshardError, OSError) as e:
-        raise DataDirError(f"data dir {path}: {e}") from None
-    except lmdb.Error as e:
-        raise DataDirError(f"data dir {path}: cannot read its shards: {e}") from None
-    if n is None:
-        raise DataDirError(f"data dir {path}: holds no shards (not an aggregator data "
-                           "directory, or no service has started on it yet)")
-    return n

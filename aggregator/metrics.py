@@ -71,6 +71,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from .control import ControlBlock, Slot
+from .protocol import COMMIT_BUCKETS_MS, HIST_SLOTS, hist_segment_name, ring_names
 from .ring import Ring, SharedCounters, segment_prefix
 
 log = logging.getLogger(__name__)
@@ -79,9 +80,7 @@ STATUS_FILE = "status.json"
 STATUS_VERSION = 1
 STATUS_MAX_AGE_S = 5.0
 
-# Batch commit latency buckets (upper bounds in ms); exported in seconds, as Prometheus wants.
-COMMIT_BUCKETS_MS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
-HIST_SLOTS = len(COMMIT_BUCKETS_MS) + 2  # per worker: buckets, +Inf, sum in µs
+# Commit histogram row (protocol.COMMIT_BUCKETS_MS: upper bounds in ms, exported in seconds)
 _HIST_INF = len(COMMIT_BUCKETS_MS)
 _HIST_SUM = len(COMMIT_BUCKETS_MS) + 1
 
@@ -117,23 +116,11 @@ def prefix_of(data_dir: str | os.PathLike) -> str:
     return segment_prefix(str(Path(data_dir).resolve()))
 
 
-def hist_segment_name(prefix: str) -> str:
-    """Name of the commit-latency histogram segment (removed with the prefix's others)."""
-    return f"{prefix}-hist"
-
-
 def _segment_names(prefix: str, workers: int) -> dict:
-    from .worker import ring_names  # the worker module owns the ring names
-
     return ring_names(prefix, workers)
 
 
 # ---- the commit histogram (worker side) -------------------------------------------------
-
-
-def create_commit_histogram(prefix: str, workers: int) -> SharedCounters:
-    """Create the histogram segment (supervisor, next to the control block)."""
-    return SharedCounters.create(hist_segment_name(prefix), workers * HIST_SLOTS)
 
 
 def record_commit(hist: SharedCounters, worker: int, ms: float) -> None:

@@ -63,6 +63,7 @@ from .config import Config
 from .faults import fault_point
 from .merge import MergeError
 from .plan import ViewPlan, assign_view_ids
+from .protocol import Forwarded
 from .routing import SLOTS, slot_of, slot_prefix
 from .store import (
     FORMAT_VERSION,
@@ -84,7 +85,6 @@ from .store import (
     parse_view_key,
     view_key,
 )
-from .worker import Forwarded
 
 log = logging.getLogger(__name__)
 

@@ -39,31 +39,31 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 
 from . import core, datadir, reshard
 from .checkpoint import Checkpoint
+from .client_check import check_client_settings
 from .config import Config
-from .control import ControlBlock, Slot
+from .control import Slot
 from .deadletter import DeadLetters
 from .envelope import routing_key
 from .faults import fault_point
-from .kafka_clients import KafkaSettingsError, check_client_settings, quiet
+from .kafka_clients import KafkaSettingsError, quiet
 from .mapping import plans_by_topic, route
-from .metrics import create_commit_histogram, partition_label, remove_status, write_status
+from .metrics import partition_label, remove_status, write_status
+from .protocol import (
+    FATAL_EXIT,
+    MSG_STOP,
+    create_segments,
+    frame_records,
+    peer_ring_bytes,
+)
 from .ring import Ring, cleanup_stale, segment_prefix
 from .routing import slot_of
 from .runtime import tune_gc
 from .segments import OWNER_SUFFIX, SegmentOwner, SegmentOwnerError, sweep_orphans
 from .server import ServerStartError, start_server_process
 from .store import Shard, shard_path
-from .worker import (
-    FATAL_EXIT,
-    MSG_RECORDS,
-    MSG_STOP,
-    ring_names,
-    worker_main,
-)
+from .worker_process import worker_main
 
 log = logging.getLogger(__name__)
-
-PEER_RING_DIVISOR = 4  # worker→worker rings are a quarter of the supervisor→worker ring
 
 
 class FatalError(RuntimeError):
@@ -242,14 +242,9 @@ class Supervisor:
             log.warning("removed %d shared-memory segments (%s*) of a dead instance (pid %s, "
                         "data_dir %s)", len(rec["removed"]), prefix, rec.get("pid"),
                         rec.get("data_dir"))
-        names = ring_names(self.prefix, self.n)
-        self.ctl = ControlBlock.create(names["control"], self.n)
-        self.hist = create_commit_histogram(self.prefix, self.n)
-        self.inbound = [Ring.create(name, self.svc.ring_bytes) for name in names["inbound"]]
-        peer_bytes = max(self.svc.ring_bytes // PEER_RING_DIVISOR,
-                         4 * self.svc.max_record_bytes + (1 << 20))
-        peers = [Ring.create(name, peer_bytes) for name in names["peer"].values()]
-        self._rings = self.inbound + peers
+        seg = create_segments(self.prefix, self.n, self.svc.ring_bytes,
+                              peer_ring_bytes(self.svc.ring_bytes, self.svc.max_record_bytes))
+        self.ctl, self.hist, self.inbound, self._rings = seg.ctl, seg.hist, seg.inbound, seg.rings
         self._segments_created()
         self.max_message = min(r.max_message for r in self.inbound)
         self._packer = msgpack.Packer(use_bin_type=True)
@@ -544,18 +539,9 @@ class Supervisor:
     def _encode(self, h: WorkerHandle, records: list, thr: list):
         """(batch id, message, is last) for one worker's records of a round: one message,
         or halves until each fits the ring. Only the last carries the through-offsets."""
-        pack = self._packer.pack
-        pending = [records]
-        while pending:
-            chunk = pending.pop(0)
-            last = not pending
-            bid = h.next_batch
-            msg = pack([MSG_RECORDS, bid, thr if last else [], chunk])
-            if len(msg) > self.max_message and len(chunk) > 1:
-                mid = len(chunk) // 2
-                pending[:0] = [chunk[:mid], chunk[mid:]]
-                continue
-            h.next_batch += 1
+        for bid, msg, last in frame_records(self._packer, records, thr, h.next_batch,
+                                            self.max_message):
+            h.next_batch = bid + 1
             yield bid, msg, last
 
     def _flush_pending(self) -> bool:

@@ -73,9 +73,9 @@ from .faults import fault_flag
 from .kafka_clients import quiet
 from .ownership import Ownership
 from .placement import Placement
+from .protocol import MSG_DROP, MSG_RESTORE
 from .ring import SharedCounters
 from .supervisor import FatalError, Supervisor, WorkerHandle
-from .worker import MSG_DROP, MSG_RESTORE
 
 log = logging.getLogger(__name__)
 

@@ -26,6 +26,7 @@ import time
 import lmdb
 
 from . import bloom_snapshot
+from .batch_state import TaskBatchState
 from .changelog import (
     DEDUP,
     CapturingBatch,
@@ -40,10 +41,26 @@ from .changes import ChangeMessages
 from .cluster import FORWARD_HEADER, wanted_segment_name
 from .control import Slot
 from .faults import fault_point
+from .protocol import (
+    MSG_DROP,
+    MSG_RESTORE,
+    REC_TASK,
+    REC_TASK_OFFSET,
+    REC_TOPIC,
+    REC_VALUE,
+    UPD_FEED,
+    UPD_ID,
+    UPD_KEY,
+    UPD_SLOT,
+    UPD_SOURCE,
+    Forwarded,
+    pack,
+    unpack,
+)
 from .ring import SharedCounters
 from .routing import identity_hash, slot_prefix
 from .store import Batch, ShardError
-from .worker import MSG_DROP, MSG_RESTORE, Forwarded, Worker, _pack, _unpack
+from .worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +72,7 @@ class TaskWorker(Worker):
 
     def _boot_tasks(self) -> None:
         cfg = self.cfg
-        self.tasks = self.owners = cfg.cluster.tasks
+        self.tasks = self.key_owners = cfg.cluster.tasks
         self.TT = len(self.topics)  # the tasks topic's partitions are (topic index TT, task)
         self.topics.append(cfg.tasks_topic())
         self.owned: dict[int, list[int]] = {}  # task -> [epoch, batch seq, request id]
@@ -69,7 +86,7 @@ class TaskWorker(Worker):
 
     def _stream_here(self, g: bytes, in_batch: bool = False) -> bool:
         task = ((g[0] << 8) | g[1]) % self.tasks
-        return task in (self.t_allowed if in_batch else self.owned)
+        return task in (self.attempt.allowed if in_batch else self.owned)
 
     def _process_ring(self, msgs: list, peers: list) -> bool:
         if any(m[0] in _CONTROL for m in msgs):
@@ -86,25 +103,21 @@ class TaskWorker(Worker):
         if self.writer is not None:
             self.writer.abort()
 
-    def _txn_reset(self) -> None:
-        super()._txn_reset()
-        self.t_kfwd: list[tuple[int, list]] = []  # (task, update) to forward
-        self.t_kafka_done = False
-        self.t_markers: dict[int, tuple[int, int]] = {}  # task -> (epoch, seq)
+    def _new_attempt(self) -> TaskBatchState:
         wanted = self.wanted  # owned tasks the supervisor still wants this worker to act on
-        self.t_allowed = {t for t, st in self.owned.items() if wanted.get(t) == st[2]}
+        return TaskBatchState({t for t, st in self.owned.items() if wanted.get(t) == st[2]})
 
     def _route(self, batch: Batch, ev, rec, targets: list) -> None:
         # a view key of another task goes through the tasks topic, even if this worker owns
         # that task now: forwards of earlier batches may still be on their way there, and one
         # stream's updates of a key must arrive in order
-        forwards = self._merge_targets(batch, ev, rec, targets, rec[8])
+        forwards = self._merge_targets(batch, ev, rec, targets, rec[REC_TASK])
         if forwards:
-            self.t_stats["forwarded"] += len(forwards)
-            self.t_kfwd.extend(forwards)
+            self.attempt.stats["forwarded"] += len(forwards)
+            self.attempt.kfwd.extend(forwards)
 
     def _post_commit(self) -> None:
-        for task, (_, seq) in self.t_markers.items():
+        for task, (_, seq) in self.attempt.markers.items():
             self.owned[task][1] = seq
         super()._post_commit()
 
@@ -121,7 +134,7 @@ class TaskWorker(Worker):
         transaction failed. The batch must not be applied again (it would be written to the
         changelog twice): the worker exits, and its restart restores its tasks from the
         changelog, which has the batch."""
-        if self.t_kafka_done:
+        if self.attempt.kafka_done:
             raise ChangelogError(f"worker {self.index}: the LMDB commit failed after the "
                                  "changelog write; restarting to restore from the changelog")
 
@@ -138,26 +151,26 @@ class TaskWorker(Worker):
         """
         events: list = []
         forwards: list = []
-        through = self.t_through
+        through = self.attempt.through
         TT = self.TT
-        allowed = self.t_allowed
+        allowed = self.attempt.allowed
         for records, thr in self._rounds(sup_msgs):
             for rec in records:
-                if rec[8] not in allowed:
+                if rec[REC_TASK] not in allowed:
                     continue  # revoked or lost meanwhile: another instance applies it
-                tp = (TT, rec[8])
-                if rec[9] <= through.get(tp, self.through.get(tp, -1)):
+                tp = (TT, rec[REC_TASK])
+                if rec[REC_TASK_OFFSET] <= through.get(tp, self.through.get(tp, -1)):
                     continue
-                if rec[0] < 0:
+                if rec[REC_TOPIC] < 0:
                     if events:
                         self._apply_events(batch, events)
                         events = []
-                    forwards.append(_unpack(rec[4]))
+                    forwards.append(unpack(rec[REC_VALUE]))
                     continue
                 if forwards:
                     self._apply_forwards(batch, forwards)
                     forwards = []
-                self.t_stats["records"] += 1
+                self.attempt.stats["records"] += 1
                 ev = self._parse(rec)
                 if ev is not None:
                     events.append((ev, rec))
@@ -166,7 +179,7 @@ class TaskWorker(Worker):
             self._apply_forwards(batch, forwards)
         if events:
             self._apply_events(batch, events)
-        return self.t_stop
+        return self.attempt.stop
 
     def _apply_forwards(self, batch: Batch, updates: list) -> None:
         """View updates forwarded through the tasks topic, each applied once
@@ -174,16 +187,16 @@ class TaskWorker(Worker):
         task is restored elsewhere and replays the batch that sent it)."""
         gen = self.bloom.generation
         for u in updates:
-            h = identity_hash(u[4], f"{u[3]}\x00feed:{u[0]}")
+            h = identity_hash(u[UPD_SOURCE], f"{u[UPD_ID]}\x00feed:{u[UPD_FEED]}")
             flags = self._bloom_again([h]) if self.retrying else self.bloom.check_and_add(h)
-            skey = slot_prefix(u[2]) + h
+            skey = slot_prefix(u[UPD_SLOT]) + h
             if flags[0] and batch.seen(skey):
-                self.t_stats["duplicates"] += 1
+                self.attempt.stats["duplicates"] += 1
                 continue
             batch.mark_seen(skey, gen)
             fwd = Forwarded(u)
-            feed = self.plan.feeds[u[0]]
-            if self._apply_local(batch, feed, u[1], u[2], fwd) is None:
+            feed = self.plan.feeds[u[UPD_FEED]]
+            if self._apply_local(batch, feed, u[UPD_KEY], u[UPD_SLOT], fwd) is None:
                 self._dead_letter(fwd.record(), "merge_error", f"view {feed.view}: merge failed")
 
     # ---- the changelog, restores and drops ---------------------------------------------
@@ -199,14 +212,14 @@ class TaskWorker(Worker):
         offsets go into the LMDB transaction, committed right after."""
         by_task = batch.by_task(self.tasks)
         for task, entries in list(by_task.items()):
-            if task not in self.t_allowed:
+            if task not in self.attempt.allowed:
                 if all(e[0] == DEDUP and e[2] is None for e in entries):
                     del by_task[task]  # pruned dedup ids of a task held as a stale cache
                     continue
                 raise ChangelogError(f"worker {self.index}: a batch changed task {task}, "
                                      "which this worker does not own (now)")
         changes = self._change_rows() if self.change_msgs is not None else ()
-        if not by_task and not self.t_kfwd and not changes:
+        if not by_task and not self.attempt.kfwd and not changes:
             return
         w = self._writer()
         markers: dict[int, tuple[int, int]] = {}
@@ -217,14 +230,14 @@ class TaskWorker(Worker):
             w.put_state(task, state[0], state[1] + 1, entries)
         topic = self.topics[self.TT]
         fwd = [(FORWARD_HEADER, b"")]
-        for task, update in self.t_kfwd:
-            w.produce(topic, task, None, _pack(update), fwd)
+        for task, update in self.attempt.kfwd:
+            w.produce(topic, task, None, pack(update), fwd)
         for _, vid, key, version, data in changes:
             ctopic, kb, value, headers = self.change_msgs.message(vid, key, version, data)
             w.produce(ctopic, None, kb, value, headers)
         offsets = w.commit(markers)
-        self.t_kafka_done = True
-        self.t_markers = markers
+        self.attempt.kafka_done = True
+        self.attempt.markers = markers
         for task, (epoch, seq) in markers.items():
             batch.put_meta(meta_name(task), [offsets[task], epoch, seq])
 

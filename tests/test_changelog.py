@@ -8,6 +8,7 @@ import lmdb
 import msgpack
 import pytest
 
+from aggregator.batch_state import TaskBatchState
 from aggregator.changelog import (
     DEDUP,
     OFFSETS,
@@ -265,9 +266,8 @@ def test_pruned_dedup_ids_of_a_stale_task_are_not_written(shard):
     b = CapturingBatch(shard)
     b.prune_generations(0)
     began = []
-    fake = types.SimpleNamespace(tasks=TASKS, owned={2: [7, 3, 1]}, t_allowed={2},
-                                 change_msgs=None, t_kfwd=[], index=0,
-                                 _writer=lambda: began.append(1))
+    fake = types.SimpleNamespace(tasks=TASKS, owned={2: [7, 3, 1]}, attempt=TaskBatchState({2}),
+                                 change_msgs=None, index=0, _writer=lambda: began.append(1))
     TaskWorker._write_changelog(fake, b)  # nothing to write: no transaction at all
     assert began == []
     b.abort()

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from aggregator.cli import main
 from aggregator.control import ControlBlock, Slot
 from aggregator.metrics import prefix_of
-from aggregator.worker import ring_names
+from aggregator.protocol import ring_names
 
 from .support.viewdata import record, write_docs
 

@@ -22,8 +22,10 @@ import pytest
 
 from aggregator.control import Slot
 from aggregator.devtools import simulate
+from aggregator.protocol import FENCED_EXIT, MSG_RECORDS
 from aggregator.store import WRITER_EPOCH, Fenced, Shard
-from aggregator.worker import FENCED_EXIT, MSG_RECORDS, Worker, worker_main
+from aggregator.worker import Worker
+from aggregator.worker_process import worker_main
 from tests.test_worker import Cluster
 
 SPAWN = multiprocessing.get_context("spawn")

@@ -1,6 +1,7 @@
-"""aggregator.kafka_clients: every client kind checked at start-up, librdkafka's output made
-quiet, and no secret value in what it says. No broker needed (librdkafka validates settings
-at construction; connection failures come from a closed port)."""
+"""aggregator.kafka_clients and client_check: every client kind checked at start-up,
+librdkafka's output made quiet, and no secret value in what it says. No broker needed
+(librdkafka validates settings at construction; connection failures come from a closed
+port)."""
 
 from __future__ import annotations
 
@@ -11,14 +12,9 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Producer
 
+from aggregator.client_check import check_client_settings, client_settings
 from aggregator.config import load_config
-from aggregator.kafka_clients import (
-    KafkaSettingsError,
-    check_client_settings,
-    client_settings,
-    quiet,
-    redact_text,
-)
+from aggregator.kafka_clients import KafkaSettingsError, quiet, redact_text
 
 SHOP = Path(__file__).resolve().parent.parent / "examples" / "shop.toml"
 SECRET = "hunter2-s3cr3t"

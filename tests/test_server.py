@@ -14,24 +14,22 @@ from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
 
 from aggregator.config import ConfigError, load_config
-from aggregator.control import ControlBlock, Slot
+from aggregator.control import Slot
 from aggregator.metrics import (
     COMMIT_BUCKETS_MS,
     STATUS_FILE,
-    create_commit_histogram,
     prefix_of,
     read_commit_histogram,
     record_commit,
     write_status,
 )
-from aggregator.ring import Ring
+from aggregator.protocol import create_segments
 from aggregator.server import (
     MAX_URL_BYTES,
     ServerStartError,
     create_app,
     start_server_process,
 )
-from aggregator.worker import ring_names
 
 from .support.viewdata import record, write_docs
 
@@ -66,15 +64,8 @@ def client(data_dir):
 @pytest.fixture
 def segments(data_dir):
     """The shared memory a running service would have: control block, rings, histogram."""
-    prefix = prefix_of(data_dir)
-    names = ring_names(prefix, 2)
-    ctl = ControlBlock.create(names["control"], 2)
-    rings = [Ring.create(n, 4096) for n in names["inbound"]]
-    hist = create_commit_histogram(prefix, 2)
-    yield ctl, rings, hist
-    for seg in [ctl.counters, hist, *rings]:
-        seg.close()
-        seg.unlink()
+    with create_segments(prefix_of(data_dir), 2, 4096, 4096) as seg:
+        yield seg.ctl, seg.inbound, seg.hist
 
 
 def metrics(client, **kw) -> dict[str, dict[tuple, float]]:

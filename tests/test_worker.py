@@ -1,7 +1,8 @@
 """Real `Worker` objects driven in-process: no Kafka, no supervisor.
 
-The test plays the supervisor: it creates the control block and the rings, turns simulated
-Kafka records into ring messages the way `Supervisor._dispatch` does, and moves forwarded
+The test plays the supervisor: it creates the shared-memory segments (protocol.create_segments),
+turns simulated Kafka records into ring messages the way `Supervisor._dispatch` does
+(protocol.frame_records), and moves forwarded
 view updates between workers by reading each worker's inbound peer rings.
 """
 
@@ -25,18 +26,19 @@ import aggregator.store as store_mod
 import aggregator.worker as worker_mod
 from aggregator import _core, bloom_snapshot, core_ref
 from aggregator.config import load_config
-from aggregator.control import TOTAL_SLOTS, ControlBlock, Slot
+from aggregator.control import TOTAL_SLOTS, Slot
 from aggregator.devtools import simulate
 from aggregator.devtools.encoder import to_binary
 from aggregator.envelope import parse, routing_key
-from aggregator.metrics import create_commit_histogram
-from aggregator.ring import Ring
-from aggregator.routing import identity_hash, slot_of
+from aggregator.protocol import REC_SLOT, create_segments, frame_records, through_list, unpack
+from aggregator.routing import identity_hash, slot_of, worker_of
 from aggregator.store import STORAGE_ERRORS as STORAGE_ERRNOS
 from aggregator.store import Shard, ShardError, read_views, shard_path
-from aggregator.worker import Worker, ring_names
+from aggregator.worker import Worker
 
 MiB = 1 << 20
+PACKER = msgpack.Packer(use_bin_type=True)
+_unpack = unpack  # what test_reshard imports
 N_EVENTS = 3000
 INBOUND_RING = 8 * MiB
 PEER_RING = 2 * MiB
@@ -68,10 +70,6 @@ class FakeDLQ:
     @property
     def reasons(self) -> list[str]:
         return [r for _, r, _ in self.sent]
-
-
-def _unpack(m: bytes):
-    return msgpack.unpackb(m, raw=False, strict_map_key=False, use_list=True)
 
 
 class FakePublisher:
@@ -128,11 +126,9 @@ class Cluster:
         self.data_dir = Path(data_dir)
         self.n = n
         self.prefix = "aggtest-" + uuid.uuid4().hex[:12]
-        names = ring_names(self.prefix, n)
-        self.ctl = ControlBlock.create(names["control"], n)
-        self.hist = create_commit_histogram(self.prefix, n)
-        self.rings = [Ring.create(x, INBOUND_RING) for x in names["inbound"]]
-        self.rings += [Ring.create(x, peer_ring) for x in names["peer"].values()]
+        self.segments = create_segments(self.prefix, n, INBOUND_RING, peer_ring)
+        self.ctl = self.segments.ctl
+        self.rings = self.segments.rings
         self.workers: list[Worker | None] = [None] * n
         self.dlqs: list[FakeDLQ] = [FakeDLQ() for _ in range(n)]
         self.published: list = []  # (view, key, version, data) change events, in order
@@ -171,13 +167,7 @@ class Cluster:
         for i, w in enumerate(self.workers):
             if w is not None:
                 self.stop(i)
-        for r in self.rings:
-            r.close()
-            r.unlink()
-        self.ctl.counters.close()
-        self.ctl.counters.unlink()
-        self.hist.close()
-        self.hist.unlink()
+        self.segments.close()
 
     def views(self) -> dict:
         """read_views needs the shards closed (LMDB: one open per process)."""
@@ -212,17 +202,18 @@ class Cluster:
         per: list[list] = [[] for _ in range(self.n)]
         through: dict[tuple[int, int], int] = {}
         for r in recs:
-            per[r[7] % self.n].append(r)
+            per[worker_of(r[REC_SLOT], self.n)].append(r)
             tp = (r[0], r[1])
             through[tp] = max(through.get(tp, -1), r[2])
-        thr = [[ti, p, o] for (ti, p), o in through.items()]
+        thr = through_list(through)
         for i, w in enumerate(self.workers):
-            bid = self.next_batch[i]
-            self.next_batch[i] += 1
+            # framed as the supervisor frames them (one message: the ring takes it whole),
             # through a msgpack round trip, exactly as the ring carries it
-            msg = _unpack(msgpack.packb([1, bid, thr, per[i]], use_bin_type=True))
+            (bid, msg, _), = frame_records(PACKER, per[i], thr, self.next_batch[i],
+                                           self.segments.inbound[i].max_message)
+            self.next_batch[i] = bid + 1
             peers, self.pending[i] = self.pending[i], []
-            w.process([msg], peers)
+            w.process([unpack(msg)], peers)
             assert w.ctl.get(i, Slot.ACK_BATCH) == bid
             self.pump()
 
@@ -238,7 +229,7 @@ class Cluster:
                     msgs = r.get_many(1000)
                     if not msgs:
                         break
-                    self.pending[i].extend(_unpack(m) for m in msgs)
+                    self.pending[i].extend(unpack(m) for m in msgs)
 
     def settle(self, rounds: int = 50) -> None:
         """Deliver forwarded updates until no worker has any left."""

@@ -25,11 +25,10 @@ import pytest
 import aggregator.worker as worker_mod
 from aggregator import core_ref
 from aggregator.config import load_config
-from aggregator.control import ControlBlock
 from aggregator.envelope import routing_key
-from aggregator.ring import Ring
+from aggregator.protocol import create_segments
 from aggregator.routing import slot_of
-from aggregator.worker import Worker, ring_names
+from aggregator.worker import Worker
 
 try:
     from aggregator import _core
@@ -37,7 +36,6 @@ except ImportError:  # only acceptable when the pure core is forced
     _core = None
 
 from bench import workload as wl
-from bench.stages.worker_stage import create_side_segments
 
 BATCH = 5000
 ROUNDS = 12
@@ -98,10 +96,7 @@ def worker(tmp_path, request, monkeypatch):
                                        "service.data_dir": str(tmp_path / "data"),
                                        "service.ring_bytes": 8 << 20}, env={})
     prefix = f"agg-bench-batch-{uuid.uuid4().hex[:10]}"
-    names = ring_names(prefix, 1)
-    ctl = ControlBlock.create(names["control"], 1)
-    rings = [Ring.create(x, 8 << 20) for x in names["inbound"]]
-    rings += create_side_segments(prefix, 1)
+    segments = create_segments(prefix, 1, 8 << 20, 8 << 20)
     w = Worker(cfg, 0, prefix)
     w.boot()
     w.dlq = NoDeadLetters()
@@ -114,11 +109,7 @@ def worker(tmp_path, request, monkeypatch):
     w.close()
     w.inbound.close()
     w.ctl.close()
-    for r in rings:
-        r.close()
-        r.unlink()
-    ctl.counters.close()
-    ctl.counters.unlink()
+    segments.close()
 
 
 @pytest.mark.benchmark(group="worker-process-5000")

@@ -4,9 +4,10 @@ The supervisor is taken out of the way: the harness pre-encodes, before the cloc
 ring messages the supervisor would send for the workload (rounds of `batch_max_records`
 records, one message per worker per round: ``[1, batch id, through-offsets, records]``, each
 record ``[topic idx, partition, offset, key, value, headers, ts, slot]``, routed by
-``slot % workers``), then starts real worker processes (`aggregator.worker.worker_main`, the
-same entry point the supervisor spawns) on real rings and a control block, and copies the
-messages into their rings as fast as the rings take them.
+``slot % workers``), then starts real worker processes
+(`aggregator.worker_process.worker_main`, the same entry point the supervisor spawns) on real
+rings and a control block, and copies the messages into their rings as fast as the rings take
+them.
 
 Window: first message put → every worker has acknowledged its last batch (durably committed)
 and every forwarded update has been applied by its owner (the link counters are quiet).
@@ -30,17 +31,15 @@ import msgpack
 from aggregator.config import load_config
 from aggregator.control import ControlBlock, Slot
 from aggregator.envelope import routing_key
+from aggregator.protocol import MSG_RECORDS, MSG_STOP, create_segments, peer_ring_bytes
 from aggregator.ring import Ring, cleanup_stale
 from aggregator.routing import slot_of
-from aggregator.worker import MSG_RECORDS, MSG_STOP, ring_names, worker_main
+from aggregator.worker_process import worker_main
 from bench import workload as wl
 from bench.metrics import ProcessSampler
 from bench.verify import check_views
 
 log = logging.getLogger(__name__)
-
-PEER_RING_DIVISOR = 4  # as the supervisor sizes worker→worker rings
-
 
 @dataclass
 class StageRun:
@@ -58,16 +57,6 @@ class StageRun:
 
     def to_json(self) -> dict:
         return asdict(self)
-
-
-def create_side_segments(prefix: str, workers: int) -> list:
-    """Shared-memory segments besides the rings and the control block that the supervisor
-    creates for its workers (today: the commit-latency histogram, when the build has it)."""
-    try:
-        from aggregator.metrics import create_commit_histogram
-    except ImportError:
-        return []
-    return [create_commit_histogram(prefix, workers)]
 
 
 def encode_rounds(records: list, workers: int, topics: list[str], round_size: int,
@@ -129,12 +118,9 @@ def measure_stage(workload, oracle: dict, workers: int, *, timeout: float = 1800
     cfg = load_config(wl.CONFIG_PATH, opts, env={})
     svc = cfg.service
     seg = f"agg-stage-{uuid.uuid4().hex[:10]}"
-    names = ring_names(seg, workers)
-    ctl = ControlBlock.create(names["control"], workers)
-    inbound = [Ring.create(x, svc.ring_bytes) for x in names["inbound"]]
-    peer_bytes = max(svc.ring_bytes // PEER_RING_DIVISOR, 4 * svc.max_record_bytes + (1 << 20))
-    rings = inbound + [Ring.create(x, peer_bytes) for x in names["peer"].values()]
-    side = create_side_segments(seg, workers)
+    segments = create_segments(seg, workers, svc.ring_bytes,
+                               peer_ring_bytes(svc.ring_bytes, svc.max_record_bytes))
+    ctl, inbound = segments.ctl, segments.inbound
     msgs = encode_rounds(workload.records, workers, cfg.topics(), svc.batch_max_records,
                          min(r.capacity for r in inbound) // 4, prefix)
     run.messages = sum(len(m) for m in msgs)
@@ -188,11 +174,7 @@ def measure_stage(workload, oracle: dict, workers: int, *, timeout: float = 1800
             if p.is_alive():
                 p.kill()
                 p.join(5)
-        for r in rings + side:
-            r.close()
-            r.unlink()
-        ctl.counters.close()
-        ctl.counters.unlink()
+        segments.close()
         cleanup_stale(seg)
         shutil.rmtree(tmp, ignore_errors=True)
 

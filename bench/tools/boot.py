@@ -143,30 +143,24 @@ class Segments:
     """The control block, histogram and ring a supervisor creates for one worker."""
 
     def __init__(self, cfg):
-        from aggregator.control import ControlBlock
-        from aggregator.metrics import create_commit_histogram
-        from aggregator.ring import Ring
-        from aggregator.worker import ring_names
+        from aggregator.protocol import create_segments
 
         self.prefix = "aggboot-" + uuid.uuid4().hex[:10]
-        names = ring_names(self.prefix, 1)
-        self.ctl = ControlBlock.create(names["control"], 1)
-        self.hist = create_commit_histogram(self.prefix, 1)
-        self.ring = Ring.create(names["inbound"][0], cfg.service.ring_bytes)
+        self.segments = create_segments(self.prefix, 1, cfg.service.ring_bytes, 0)
+        self.ctl = self.segments.ctl
+        self.ring = self.segments.inbound[0]
 
     def __enter__(self) -> Segments:
         return self
 
     def __exit__(self, *exc) -> None:
-        for seg in (self.ring, self.hist, self.ctl.counters):
-            seg.close()
-            seg.unlink()
+        self.segments.close()
 
 
 def one_boot(prepared: Path, work: Path, capacity: int, msgs: list[bytes]) -> dict:
     """Spawn a worker on a fresh copy of `prepared`: seconds to boot and to first commit."""
     from aggregator.control import Slot
-    from aggregator.worker import worker_main
+    from aggregator.worker_process import worker_main
 
     if work.exists():
         shutil.rmtree(work)

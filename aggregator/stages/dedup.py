@@ -1,0 +1,165 @@
+"""Dedup stage of a worker's batch: every event is applied at most once per shard.
+
+The bloom filter answers "definitely new" for most events; a "maybe" is confirmed against
+the exact LMDB index (store.Batch.seen), so a false positive never drops a new event. An id
+marked seen goes into the batch's transaction, and with it into the dedup log
+(bloom_snapshot.py): a boot restores the saved filter plus the log after it, or rebuilds the
+filter from the whole index. After a rollback the filter keeps what the failed attempt added;
+the retry only looks those up (`_bloom_again`) and lets the exact index decide.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+from .. import bloom_snapshot
+from ..protocol import (
+    REC_SLOT,
+)
+from ..routing import identity_hash, slot_prefix
+from ..store import Batch
+
+log = logging.getLogger("aggregator.worker")  # the worker's log lines, as before the split
+
+
+
+class AlwaysMaybe:
+    """A bloom filter that answers "maybe" for every id (fault injection: `bloom-maybe`)."""
+
+    def __init__(self, bloom):
+        self._bloom = bloom
+
+    def check_and_add(self, hashes: bytes) -> bytes:
+        flags = self._bloom.check_and_add(hashes)
+        return b"\x01" * len(flags)
+
+    def __getattr__(self, name):
+        return getattr(self._bloom, name)
+
+
+class DedupStage:
+    """Worker methods of the dedup stage (the state: `bloom`, `snap_seq`, `dedup_log_*`).
+    The filter itself comes from `Worker._new_bloom` (the core the worker module chose)."""
+
+    def _load_bloom(self) -> None:
+        """The bloom filter at boot: the saved one plus the dedup log after it, or else
+        rebuilt from the whole dedup index (bloom_snapshot.py says when which)."""
+        t0 = time.monotonic()
+        shard = self.shard
+        self.shard_token = shard.get_meta("shard_token")
+        if self.shard_token is None:
+            self.shard_token = os.urandom(16).hex()
+            shard.put_meta(shard_token=self.shard_token)
+        self.dedup_log_seq = shard.get_meta("dedup_log_seq", 0)
+        self.dedup_log_pruned = shard.get_meta("dedup_log_pruned", 0)
+        self.bloom = self._new_bloom()
+        self.snap_seq: int | None = None  # log seq of the saved filter, once durable
+        try:
+            seq = bloom_snapshot.load(shard.path, self.bloom, self.shard_token,
+                                      self.dedup_log_pruned, self.dedup_log_seq)
+            n = 0
+            for _, gen, hashes in shard.dedup_log_after(seq):
+                self.bloom.load(gen, hashes)
+                n += len(hashes) // 16
+            self.snap_seq = seq
+            self._bloom_loaded = n
+            self._bloom_how = f"restored (dedup log {seq}) + {n} ids logged after it"
+        except (bloom_snapshot.SnapshotUnusable, ValueError) as e:
+            self.bloom = self._new_bloom()
+            self._rebuild_bloom()
+            self._bloom_how = f"rebuilt from the dedup index ({e})"
+        gen_meta = shard.get_meta("bloom_generation", 0)
+        while self.bloom.generation < gen_meta:
+            self.bloom.rotate()
+        self.bloom_saved = gen_meta  # bloom_generation as stored in meta
+        self.bloom_dropped = -1  # newest generation dropped from the filter, not yet pruned
+        self.ids_unsaved = self._bloom_loaded if self.snap_seq is None else 0
+        self._bloom_s = time.monotonic() - t0
+
+    def save_bloom(self) -> None:
+        """Save the bloom filter (between batches: it holds every id of the committed
+        batches, dedup log seq `dedup_log_seq`); the next batch prunes the log up to it."""
+        t0 = time.monotonic()
+        try:
+            size = bloom_snapshot.save(self.shard.path, self.bloom, self.shard_token,
+                                       self.dedup_log_seq)
+        except OSError as e:  # the filter is an optimisation: boots rebuild it meanwhile
+            log.warning("worker %d: cannot save the bloom filter: %s", self.index, e)
+            self.ids_unsaved = 0  # not again before as many new ids
+            return
+        self.snap_seq = self.dedup_log_seq
+        self.ids_unsaved = 0
+        log.debug("worker %d: bloom filter saved (%d bytes, dedup log %d) in %.3f s",
+                  self.index, size, self.snap_seq, time.monotonic() - t0)
+
+    def _rebuild_bloom(self) -> None:
+        buf: list[bytes] = []
+        current = None
+        n = 0
+        for gen, h in self.shard.dedup_entries():
+            if gen != current and buf:
+                self.bloom.load(current, b"".join(buf))
+                buf.clear()
+            current = gen
+            buf.append(h)
+            n += 1
+        if buf:
+            self.bloom.load(current, b"".join(buf))
+        self._bloom_loaded = n
+
+    def _dedup(self, batch: Batch, events: list) -> list:
+        """The (event, record) pairs of `events` not applied before: bloom first, the exact
+        index only for a "maybe"; each new id marked seen in the batch."""
+        slots = [rec[REC_SLOT] for _, rec in events]
+        hashes = [identity_hash(ev.source, ev.id) for ev, _ in events]
+        if self.retrying:
+            flags = self._bloom_again(hashes)
+        else:
+            flags = self.bloom.check_and_add(b"".join(hashes))
+        gen = self.bloom.generation
+        kept = []
+        for i, (ev, rec) in enumerate(events):
+            skey = slot_prefix(slots[i]) + hashes[i]
+            if flags[i] and batch.seen(skey):
+                self.attempt.stats["duplicates"] += 1
+                continue
+            batch.mark_seen(skey, gen)
+            kept.append((ev, rec))
+        return kept
+
+    def _bloom_again(self, hashes: list[bytes]) -> bytearray:
+        """check_and_add for a batch applied again after a rollback: what the failed attempt
+        added is only looked up ("maybe": confirmed by the exact index), so that retries do
+        not count the batch into the current generation again (and rotate it early)."""
+        flags = self.bloom.contains(b"".join(hashes))
+        new = [i for i, f in enumerate(flags) if not f]
+        if new:
+            for i, f in zip(new, self.bloom.check_and_add(b"".join(hashes[i] for i in new))):
+                flags[i] = f
+        return flags
+
+    def _store_dedup(self, batch: Batch) -> None:
+        """The bloom filter's generation (rotated when full; dropped generations pruned from
+        the dedup index) and the batch's new ids into the dedup log."""
+        if self.bloom.full:
+            self.bloom_dropped = max(self.bloom_dropped, self.bloom.rotate())
+        if self.bloom.generation != self.bloom_saved:  # also a rotation rolled back before
+            batch.put_meta("bloom_generation", self.bloom.generation)
+            if self.bloom_dropped >= 0:
+                batch.prune_generations(self.bloom_dropped, limit=10_000_000)
+            self.attempt.bloom_saved = True
+        self._log_seen(batch)
+
+    def _log_seen(self, batch: Batch) -> None:
+        """The batch's new dedup ids into the dedup log; the log pruned up to the saved
+        bloom filter (bloom_snapshot.py)."""
+        n = batch.seen_count
+        if n:
+            self.attempt.seen_log = (batch.log_seen(self.dedup_log_seq), n)
+            batch.put_meta("dedup_log_seq", self.attempt.seen_log[0])
+        if self.snap_seq is not None and self.snap_seq > self.dedup_log_pruned:
+            batch.prune_dedup_log(self.snap_seq)
+            batch.put_meta("dedup_log_pruned", self.snap_seq)
+            self.attempt.log_pruned = self.snap_seq

@@ -1,0 +1,164 @@
+"""Sequence-gate stage of a worker's batch: per (source, partition key), events in order.
+
+core.SequenceGate decides per event: apply, stale (at or below the last applied), park (ahead
+of a gap; parked events are stored in the shard) or full (the park bounds are reached). An
+applied event that fills a gap makes its parked successors ready; they are applied right after
+it. A gap that overflows or times out is handled by ``gate.gap_policy``: skip it (apply what
+is parked) or dead-letter. The gate is a cache of the shard's sequence rows: it is reloaded
+after a rollback (`_load_parked`) and rows missing from it are read in the batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from .. import core
+from ..protocol import (
+    REC_PARTITION,
+    REC_SLOT,
+    REC_TOPIC,
+)
+from ..routing import gate_hash, slot_prefix
+from ..store import Batch
+
+log = logging.getLogger("aggregator.worker")  # the worker's log lines, as before the split
+
+APPLY, STALE, PARK, FULL = core.APPLY, core.STALE, core.PARK, core.FULL
+
+
+class GateStage:
+    """Worker methods of the sequence-gate stage (the state: `gate`)."""
+
+    def _load_parked(self) -> None:
+        """Load every key with parked events into the gate (at boot and after the gate was
+        cleared), so that their gaps expire even if the key never sees another event."""
+        for g, (row, parked, ti) in self.shard.parked_streams().items():
+            if not self._stream_here(g):
+                continue  # state of a task this instance does not own (now)
+            if row is not None:
+                last = row[0]
+            else:
+                last = (self.plan.initial[ti] if ti < len(self.plan.initial) else 1) - 1
+            self.gate.load(g, last, parked)
+
+    def _gate_apply(self, batch: Batch, kept: list) -> None:
+        """Pass new events through the sequence gate and apply them (route.py) in their
+        order: apply, park or drop (stale); parked successors a gap-filler makes ready
+        right after it; an overflowing park by the gap policy (`_on_full`), last."""
+        gated = [(i, ev, rec) for i, (ev, rec) in enumerate(kept) if ev.sequence is not None]
+        codes = bytearray(len(kept))  # APPLY by default (no sequence: dedup only)
+        ready: list = []
+        gkeys: list[bytes] = []
+        if gated:
+            gkeys = [slot_prefix(rec[REC_SLOT]) + gate_hash(ev.source, ev.partitionkey)
+                     for _, ev, rec in gated]
+            for g, (_, ev, rec) in zip(gkeys, gated):
+                self.attempt.seqpart[g] = (self.topics[rec[REC_TOPIC]], rec[REC_PARTITION])
+            self._load_gate(batch, gkeys, [rec[REC_TOPIC] for _, _, rec in gated])
+            strict = bytes(self.plan.strict[rec[REC_TOPIC]] for _, _, rec in gated)
+            gcodes, gready = self.gate.decide(gkeys, [ev.sequence for _, ev, _ in gated],
+                                              strict, time.time())
+            for j, (i, _, _) in enumerate(gated):
+                codes[i] = gcodes[j]
+            ready = [(gated[j][0], g, s) for j, g, s in gready]
+        gk_of = {gated[j][0]: gkeys[j] for j in range(len(gated))}
+        rp = 0
+        full = []
+        now = time.time()
+        for i, (ev, rec) in enumerate(kept):
+            code = codes[i]
+            if code == APPLY:
+                self._apply_event(batch, ev, rec)
+            elif code == PARK:
+                g = gk_of[i]
+                batch.park(g, ev.sequence, now, rec)
+                self.attempt.parked[(g, ev.sequence)] = (ev, rec)
+            elif code == STALE:
+                self.attempt.stats["stale"] += 1
+            else:
+                full.append(i)
+            while rp < len(ready) and ready[rp][0] == i:
+                self._apply_parked(batch, ready[rp][1], ready[rp][2])
+                rp += 1
+        for i in full:
+            self._on_full(batch, gk_of[i], *kept[i])
+
+    def _load_gate(self, batch: Batch, gkeys: list[bytes], topic_idx: list[int]) -> None:
+        missing = self.gate.missing(gkeys)
+        if not missing:
+            return
+        first_ti = {}
+        for g, ti in zip(gkeys, topic_idx):
+            first_ti.setdefault(g, ti)
+        for g in missing:
+            row = batch.get_seq(g)
+            last = row[0] if row is not None else self.plan.initial[first_ti[g]] - 1
+            self.gate.load(g, last, batch.parked_of(g))
+
+    def _apply_parked(self, batch: Batch, g: bytes, seq: int) -> None:
+        hit = self.attempt.parked.pop((g, seq), None)
+        rec = batch.unpark(g, seq)
+        if hit is not None:
+            ev, rec = hit
+        else:
+            if rec is None:
+                log.error("worker %d: parked event missing for seq %d", self.index, seq)
+                return
+            ev = self._parse(rec)
+            if ev is None:
+                return
+        self._apply_event(batch, ev, rec)
+
+    def _on_full(self, batch: Batch, g: bytes, ev, rec) -> None:
+        """A sequence ahead of the gap that can no longer be parked: apply the gap policy."""
+        if self.gap_policy == "dead-letter":
+            self._dead_letter(rec, "sequence_gap_overflow",
+                              f"parked-event bound reached; sequence {ev.sequence} not applied")
+            return
+        self._skip_gap(batch, g)
+        codes, ready = self.gate.decide([g], [ev.sequence], b"\x01", time.time())
+        if codes[0] == APPLY:
+            self._apply_event(batch, ev, rec)
+        elif codes[0] == PARK:
+            batch.park(g, ev.sequence, time.time(), rec)
+            self.attempt.parked[(g, ev.sequence)] = (ev, rec)
+        elif codes[0] == FULL:
+            self._dead_letter(rec, "sequence_gap_overflow", "parked-event bound reached")
+        else:  # older than what the skip applied
+            self.attempt.stats["stale"] += 1
+        for _, g2, s in ready:
+            self._apply_parked(batch, g2, s)
+
+    def _skip_gap(self, batch: Batch, g: bytes) -> None:
+        last = self.gate.last(g)
+        seqs = self.gate.skip_gap(g)
+        if seqs:
+            self.attempt.stats["gaps_skipped"] += 1
+            log.warning("worker %d: sequence gap skipped for stream %s: last applied %d, "
+                        "resuming at %d", self.index, g.hex(), last, seqs[0])
+        for s in seqs:
+            self._apply_parked(batch, g, s)
+
+    def _expire_gaps_if_due(self) -> None:
+        if not self.gate.parked_total:
+            return
+        expired = self.gate.expired(time.time(), self.gap_timeout)
+        if expired:
+            self.process([], [])  # the batch path runs _finish, which expires gaps
+
+    def _expire_gaps(self, batch: Batch) -> None:
+        if not self.gate.parked_total:
+            return
+        for g in self.gate.expired(time.time(), self.gap_timeout):
+            if not self._stream_here(g, in_batch=True):
+                continue  # its task is being handed over: the next owner expires it
+            if self.gap_policy == "skip":
+                self._skip_gap(batch, g)
+            else:
+                for s in self.gate.drop_parked(g):
+                    rec = batch.unpark(g, s)
+                    self.attempt.parked.pop((g, s), None)
+                    if rec is not None:
+                        self._dead_letter(rec, "sequence_gap_timeout",
+                                          f"gap not filled within {self.gap_timeout}s")
