@@ -117,7 +117,7 @@ class Supervisor:
             raise TypeError("cluster mode runs task_manager.ClusterSupervisor")
         self.cfg = config
         self.svc = config.service
-        self.n = config.service.workers
+        self.workers = config.service.workers  # the worker count; `handles`: their processes
         self.log_level = log_level
         self.log_format = log_format  # logs.py: handed to every spawned process
         self.on_progress = on_progress
@@ -131,7 +131,7 @@ class Supervisor:
         self.detect = [t in detect for t in self.topics]
         # per topic index: the input mapping of a non-CloudEvents source (mapping.route)
         self.maps = plans_by_topic(config, self.topics)
-        self.workers = [WorkerHandle(i) for i in range(self.n)]
+        self.handles = [WorkerHandle(i) for i in range(self.workers)]
         self.stop_requested = False
         self.aborting = False  # _abort: the revoke of consumer.close() must not drain
         self.missing_topics: list[str] = []  # source topics absent at start-up (named once)
@@ -140,7 +140,7 @@ class Supervisor:
         self.next_offset: dict[tuple[int, int], int] = {}
         self.stats = Stats()
         self.start_stats = Stats()  # the totals when the workers had booted (this run: the rest)
-        self.checkpoint = Checkpoint(self.n, self._checkpoint_owner())
+        self.checkpoint = Checkpoint(self.workers, self._checkpoint_owner())
         self._lock_fd: int | None = None
         self._rings: list[Ring] = []
         self.http = None
@@ -220,13 +220,13 @@ class Supervisor:
         holding the LOCK, before anything starts."""
         self._before_reshard()
         try:
-            reshard.ensure_layout(self.cfg, self.data_dir, self.n,
+            reshard.ensure_layout(self.cfg, self.data_dir, self.workers,
                                   dead_letters=lambda: DeadLetters(self.cfg, self.topics))
         except reshard.ReshardError as e:
             raise FatalError(f"data_dir {self.data_dir}: {e}") from None
         core.IMPLEMENTATION  # noqa: B018 - import fails loudly if the compiled core is missing
         log.info("core implementation: %s; %d workers; data_dir %s",
-                 core.IMPLEMENTATION, self.n, self.data_dir)
+                 core.IMPLEMENTATION, self.workers, self.data_dir)
 
     def _create_segments(self) -> None:
         """Take the prefix's owner file (segments.py), remove what a previous run on this
@@ -242,7 +242,7 @@ class Supervisor:
             log.warning("removed %d shared-memory segments (%s*) of a dead instance (pid %s, "
                         "data_dir %s)", len(rec["removed"]), prefix, rec.get("pid"),
                         rec.get("data_dir"))
-        seg = create_segments(self.prefix, self.n, self.svc.ring_bytes,
+        seg = create_segments(self.prefix, self.workers, self.svc.ring_bytes,
                               peer_ring_bytes(self.svc.ring_bytes, self.svc.max_record_bytes))
         self.ctl, self.hist, self.inbound, self._rings = seg.ctl, seg.hist, seg.inbound, seg.rings
         self._segments_created()
@@ -250,10 +250,10 @@ class Supervisor:
         self._packer = msgpack.Packer(use_bin_type=True)
 
     def _start_workers(self) -> None:
-        for h in self.workers:
+        for h in self.handles:
             self._spawn(h)
         deadline = time.monotonic() + 120
-        for h in self.workers:
+        for h in self.handles:
             while self.ctl.get(h.index, Slot.EPOCH) < h.epoch:
                 if not h.process.is_alive():
                     self._reap(h)  # raises FatalError after repeated boot failures
@@ -348,7 +348,7 @@ class Supervisor:
     def _check_workers(self) -> None:
         now = time.monotonic_ns()
         timeout = self.svc.heartbeat_timeout_ms * 1_000_000
-        for h in self.workers:
+        for h in self.handles:
             if not h.process.is_alive():
                 self._reap(h)
                 continue
@@ -485,7 +485,7 @@ class Supervisor:
                 time.sleep(0.002)
 
     def _dispatch(self, msgs: list) -> None:
-        n, tindex, max_bytes = self.n, self.tindex, self.svc.max_record_bytes
+        n, tindex, max_bytes = self.workers, self.tindex, self.svc.max_record_bytes
         per: list[list] = [[] for _ in range(n)]
         through: dict[tuple[int, int], int] = {}
         oversized = False
@@ -527,13 +527,13 @@ class Supervisor:
         for tp, off in through.items():
             self.next_offset[tp] = off + 1
         thr = [[ti, p, o] for (ti, p), o in through.items()]
-        for h in self.workers:
+        for h in self.handles:
             ring = self.inbound[h.index]
             for bid, msg, last in self._encode(h, per[h.index], thr):
                 self.checkpoint.dispatched(h.index, bid, through if last else None)
                 if h.pending or not ring.try_put(msg):
                     h.pending.append(msg)
-        if any(h.pending for h in self.workers):
+        if any(h.pending for h in self.handles):
             self._set_paused(True)
 
     def _encode(self, h: WorkerHandle, records: list, thr: list):
@@ -546,11 +546,11 @@ class Supervisor:
 
     def _flush_pending(self) -> bool:
         """Try to hand buffered messages to their rings. True when nothing is left."""
-        for h in self.workers:
+        for h in self.handles:
             ring = self.inbound[h.index]
             while h.pending and ring.try_put(h.pending[0]):
                 h.pending.pop(0)
-        return not any(h.pending for h in self.workers)
+        return not any(h.pending for h in self.handles)
 
     def _set_paused(self, paused: bool) -> None:
         if paused == self.paused:
@@ -564,7 +564,7 @@ class Supervisor:
         log.debug("partitions %s: a worker ring is full", "paused" if paused else "resumed")
 
     def _collect_acks(self) -> None:
-        for h in self.workers:
+        for h in self.handles:
             self.checkpoint.acked(h.index, self.ctl.get(h.index, Slot.ACK_BATCH))
 
     def _commit(self, asynchronous: bool, only: set | None = None) -> None:
@@ -582,7 +582,7 @@ class Supervisor:
 
     # ---- rebalance callbacks ----------------------------------------------------------------
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        durable = [self._shard_offsets(i) for i in range(self.n)]
+        durable = [self._shard_offsets(i) for i in range(self.workers)]
         for tp in partitions:
             key = (self.tindex[tp.topic], tp.partition)
             offs = [d.get(key) for d in durable]
@@ -645,9 +645,9 @@ class Supervisor:
         while time.monotonic() < deadline:
             self._flush_pending()
             self._collect_acks()
-            if not any(h.pending for h in self.workers) and self.checkpoint.idle():
+            if not any(h.pending for h in self.handles) and self.checkpoint.idle():
                 return True
-            for h in self.workers:
+            for h in self.handles:
                 if not h.process.is_alive():
                     self._reap(h)
             time.sleep(0.005)
@@ -657,7 +657,7 @@ class Supervisor:
     def _links_quiet(self) -> bool:
         ctl = self.ctl
         return all(ctl.link_applied(j, i) >= ctl.link_committed(i, j)
-                   for i in range(self.n) for j in range(self.n) if i != j)
+                   for i in range(self.workers) for j in range(self.workers) if i != j)
 
     def _shutdown(self) -> None:
         deadline = time.monotonic() + self.svc.shutdown_timeout_ms / 1000
@@ -669,9 +669,9 @@ class Supervisor:
             time.sleep(0.005)
         self._commit(asynchronous=False)
         self._refresh_stats()
-        for h in self.workers:
+        for h in self.handles:
             self.inbound[h.index].put(msgpack.packb([MSG_STOP]), timeout=5)
-        for h in self.workers:
+        for h in self.handles:
             h.process.join(max(deadline - time.monotonic(), 1))
             if h.process.is_alive():
                 log.error("worker %d did not stop in time: killing it", h.index)
@@ -709,7 +709,7 @@ class Supervisor:
             nxt = wm + 1 if wm is not None else self.checkpoint.assign_start.get((ti, p), 0)
             lag[partition_label(topic, p)] = max(high - nxt, 0) if high >= 0 else None
         status = {
-            "pid": os.getpid(), "workers": self.n, "ready": ready,
+            "pid": os.getpid(), "workers": self.workers, "ready": ready,
             "assigned": [partition_label(self.topics[ti], p) for ti, p in sorted(self.assigned)],
             "lag": lag, "events_in": self.events_in, "paused": self.paused,
             "pauses": self.stats.pauses, "restarts": self.stats.restarts}
@@ -730,10 +730,10 @@ class Supervisor:
         self.aborting = True
         self._stop_http()
         self._close_intake(clean=False)
-        for h in self.workers:
+        for h in self.handles:
             if h.process is not None and h.process.is_alive():
                 h.process.terminate()
-        for h in self.workers:
+        for h in self.handles:
             if h.process is not None:
                 h.process.join(5)
                 if h.process.is_alive():
@@ -769,7 +769,7 @@ class Supervisor:
     def _refresh_stats(self) -> None:
         s, ctl = self.stats, self.ctl
         total = {slot: 0 for slot in Slot if slot < Slot._FIXED}
-        for w in range(self.n):
+        for w in range(self.workers):
             for slot in total:
                 total[slot] += ctl.get(w, slot)
         s.records, s.applied = total[Slot.RECORDS], total[Slot.APPLIED]

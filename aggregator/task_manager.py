@@ -123,7 +123,7 @@ class TaskManager:
         self.last_request = 0
         # (task, worker) -> drop request id not yet handled
         self.dropping: dict[tuple[int, int], int] = {}
-        self.placement = Placement(sup.n)  # task -> local worker (placement.py)
+        self.placement = Placement(sup.workers)  # task -> local worker (placement.py)
         self.ownership: Ownership | None = None
         self.ingest: Ingest | None = None
         self.unowned: list[int] = []  # the group's tasks no live instance serves
@@ -210,7 +210,7 @@ class TaskManager:
             self.last_request += 1
             rid = self.last_request
             ts = sorted(ts)
-            h = sup.workers[w]
+            h = sup.handles[w]
             msg = sup._packer.pack([kind, rid, ts])
             if h.pending or not sup.inbound[w].try_put(msg):
                 h.pending.append(msg)
@@ -269,7 +269,7 @@ class TaskManager:
                 sup.consumer.seek(part)
                 sup.next_offset[tp] = start
             sup.checkpoint.assign(tp, start, [off if w == wof[t] else None
-                                              for w in range(sup.n)])
+                                              for w in range(sup.workers)])
             sup.assigned.add(tp)
             self._enter(t, TaskState.RUNNING)
             if not sup.paused:
@@ -284,7 +284,7 @@ class TaskManager:
         starts paused at what that shard has (a lower bound), restores from the changelog,
         then resumes at its restored offset (`check_restores`)."""
         sup, TT = self.sup, self.TT
-        durable = {w: sup._shard_offsets(w) for w in range(sup.n)}
+        durable = {w: sup._shard_offsets(w) for w in range(sup.workers)}
         cached: dict[int, int] = {}
         for tp in partitions:
             offs = {w: d[(TT, tp.partition)] for w, d in durable.items()
@@ -300,7 +300,7 @@ class TaskManager:
         tasks = []
         for tp in partitions:
             key = (TT, tp.partition)
-            for w in range(sup.n):
+            for w in range(sup.workers):
                 if w != placed[tp.partition] and key in durable[w]:
                     stale.setdefault(w, []).append(tp.partition)
             off = durable[placed[tp.partition]].get(key)
@@ -418,13 +418,13 @@ class ClusterSupervisor(Supervisor):
 
     def _before_reshard(self) -> None:
         old = reshard.current_workers(self.data_dir)
-        if old is not None and old != self.n:
+        if old is not None and old != self.workers:
             # the shards are a cache of the tasks' changelogs: start empty, restore
             for path in self.data_dir.glob("shard-*"):
                 shutil.rmtree(path)
             log.warning("cluster mode: the data directory was written by %d workers, now "
                         "%d: local state discarded; the tasks are restored from their "
-                        "changelogs", old, self.n)
+                        "changelogs", old, self.workers)
 
     def _segments_created(self) -> None:
         self.tm.create_segments(self.prefix)
@@ -454,7 +454,7 @@ class ClusterSupervisor(Supervisor):
         """Records of the tasks topic to the worker of their task (see
         worker._apply_tasks for the record layout). Each worker gets the through-offsets of
         its own tasks only (it alone acknowledges them: Checkpoint's owner)."""
-        n, TT = self.n, self.TT
+        n, TT = self.workers, self.TT
         wof = self.tm.placement.worker_of
         per: list[list] = [[] for _ in range(n)]
         through: dict[tuple[int, int], int] = {}
@@ -488,7 +488,7 @@ class ClusterSupervisor(Supervisor):
         self.stats.consumed += len(msgs)
         for tp, off in through.items():
             self.next_offset[tp] = off + 1
-        for h in self.workers:
+        for h in self.handles:
             mine = {tp: o for tp, o in through.items() if wof[tp[1]] == h.index}
             if not mine:
                 continue
@@ -498,7 +498,7 @@ class ClusterSupervisor(Supervisor):
                 self.checkpoint.dispatched(h.index, bid, mine if last else None)
                 if h.pending or not ring.try_put(msg):
                     h.pending.append(msg)
-        if any(h.pending for h in self.workers):
+        if any(h.pending for h in self.handles):
             self._set_paused(True)
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:

@@ -222,7 +222,7 @@ def test_a_killed_worker_is_replaced_only_once_it_is_gone(tmp_path, monkeypatch)
                              "service.heartbeat_timeout_ms": 100}, env={})
     sup = sup_mod.Supervisor(cfg)
     sup.ctl = _Ctl(EPOCH=1, HEARTBEAT=1)  # booted, silent since the clock's start
-    h = sup.workers[0]
+    h = sup.handles[0]
     h.process, h.epoch = _Stuck(), 1
     kills: list = []
     spawned: list = []
