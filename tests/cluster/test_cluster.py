@@ -43,6 +43,7 @@ def test_kill_one_of_two(workload, cluster):
     _kill_one_of(2, workload, cluster)
 
 
+@pytest.mark.long  # test_kill_one_of_two takes the same path in CI
 def test_kill_one_of_three(workload, cluster):
     _kill_one_of(3, workload, cluster)
 

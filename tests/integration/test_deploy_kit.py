@@ -195,6 +195,7 @@ def test_dockerfile_shape():
 
 
 @pytest.mark.slow
+@pytest.mark.long  # CI builds and installs the wheel in tests/integration/test_packaging.py
 @pytest.mark.timeout(600)
 def test_dockerfile_build_commands_make_a_service_that_runs(tmp_path, shop_prefix, bootstrap,
                                                             group_id):
