@@ -40,6 +40,8 @@ from pathlib import Path
 
 import msgpack
 
+from .datadir import fsync_dir
+
 log = logging.getLogger(__name__)
 
 FILE = "bloom.snap"
@@ -71,7 +73,7 @@ def save(shard_dir: str | os.PathLike, bloom, token: str, seq: int) -> int:
     finally:
         os.close(fd)
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return len(data)
 
 
@@ -115,13 +117,5 @@ def discard(shard_dir: str | os.PathLike) -> bool:
         path.unlink()
     except FileNotFoundError:
         return False
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return True
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -53,3 +53,13 @@ def more_open_than(path: str | os.PathLike, umask: int) -> int | None:
     (a data dir made before the umask setting, or by hand), else None."""
     mode = stat.S_IMODE(os.stat(path).st_mode)
     return mode if mode & umask else None
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make the entries of directory ``path`` durable (after a create, rename or unlink in
+    it: the reshard's swap, the saved bloom filter)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -60,6 +60,7 @@ import msgpack
 
 from .changes import ChangeEncoder
 from .config import Config
+from .datadir import fsync_dir
 from .faults import fault_point
 from .merge import MergeError
 from .plan import ViewPlan, assign_view_ids
@@ -191,14 +192,6 @@ def current_workers(data_dir: Path) -> int | None:
 # ---- crash safety: the swap and its recovery ---------------------------------------------------
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_marker(data_dir: Path, content: dict) -> None:
     tmp = data_dir / (MARKER + ".tmp")
     with open(tmp, "w") as f:
@@ -206,7 +199,7 @@ def _write_marker(data_dir: Path, content: dict) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, data_dir / MARKER)
-    _fsync_dir(data_dir)
+    fsync_dir(data_dir)
 
 
 def recover(data_dir: Path) -> None:
@@ -226,7 +219,7 @@ def recover(data_dir: Path) -> None:
         log.warning("deleting an unfinished reshard in %s (the shards were not changed)",
                     data_dir / TMP)
         shutil.rmtree(data_dir / TMP)
-        _fsync_dir(data_dir)
+        fsync_dir(data_dir)
 
 
 def _swap(data_dir: Path, new_workers: int) -> None:
@@ -237,21 +230,21 @@ def _swap(data_dir: Path, new_workers: int) -> None:
         if k >= new_workers or (tmp / path.name).exists():  # an old shard
             os.rename(path, old / path.name)
             fault_point("reshard_swap")
-    _fsync_dir(data_dir)
-    _fsync_dir(old)
+    fsync_dir(data_dir)
+    fsync_dir(old)
     if tmp.exists():
         for path in sorted(_shard_dirs(tmp).values()):
             os.rename(path, data_dir / path.name)
             fault_point("reshard_swap")
-        _fsync_dir(tmp)
-    _fsync_dir(data_dir)
+        fsync_dir(tmp)
+    fsync_dir(data_dir)
     shutil.rmtree(old)
     if tmp.exists():
         shutil.rmtree(tmp)
-    _fsync_dir(data_dir)
+    fsync_dir(data_dir)
     fault_point("reshard_swap")
     (data_dir / MARKER).unlink()
-    _fsync_dir(data_dir)
+    fsync_dir(data_dir)
 
 
 # ---- the rewrite ---------------------------------------------------------------------------------
@@ -354,7 +347,7 @@ class Resharder:
                 self._build(j, olds, tmp / f"shard-{j}")
                 fault_point("reshard_build")
             self._check_all_copied(olds)
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             if self.dlq is not None:  # before the commit point: a rerun repeats, never loses
                 self.dlq.deliver(lambda: None)  # waits for the broker, however long
         except BaseException:
@@ -562,7 +555,7 @@ class Resharder:
             os.fsync(fd)
         finally:
             os.close(fd)
-        _fsync_dir(path)
+        fsync_dir(path)
         log.info("reshard: shard-%d of %d written: %d keys, %.1f MB", j, self.m,
                  self.stats.keys - keys0, (self.stats.bytes - bytes0) / 1e6)
 

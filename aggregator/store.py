@@ -534,7 +534,12 @@ class Batch:
 
     def prune_dedup_log(self, upto: int) -> int:
         """Delete dedup log entries with seq <= upto."""
-        cur = self.txn.cursor(db=self._db["dedup_log"])
+        return self._prune_upto("dedup_log", upto)
+
+    def _prune_upto(self, db: str, upto: int) -> int:
+        """Delete the entries of a database keyed by big-endian u64 with key <= upto (they
+        are in key order, so from the first); returns how many."""
+        cur = self.txn.cursor(db=self._db[db])
         n = 0
         if not cur.first():
             return 0
@@ -627,17 +632,7 @@ class Batch:
 
     def prune_changes(self, upto: int) -> int:
         """Delete delivered change events (seq <= upto)."""
-        cur = self.txn.cursor(db=self._db["changes"])
-        n = 0
-        if not cur.first():
-            return 0
-        while _U64.unpack(cur.key())[0] <= upto:
-            if not cur.delete():
-                break
-            n += 1
-            if not cur.key():
-                break
-        return n
+        return self._prune_upto("changes", upto)
 
     def put_meta(self, name: str, value) -> None:
         self.txn.put(name.encode(), _pack(value), db=self._db["meta"])
