@@ -14,7 +14,7 @@ Scenarios
   batch/transport     one pre-packed msgpack batch of N records per message,
                       consumer does not decode (cost of the ring alone)
   batch/pack+unpack   producer msgpack-packs each batch (supervisor->worker
-                      message shape of docs/design.md), consumer unpacks it
+                      message shape of docs/architecture.md, module contracts), consumer unpacks it
   ping-pong           one 64-byte message there and back over two rings,
                       round-trip latency (wait() spin, then short sleeps)
 """

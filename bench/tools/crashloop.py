@@ -4,7 +4,7 @@ within 2x its fault-free time?
     python -m bench.tools.crashloop                         # 200k events; kill every 2 ... 0.25 s
     python -m bench.tools.crashloop --events 1000000 --intervals 4,2,1,0.5,0.25   # the size
 
-The chaos harness (tests/chaos/harness.py) against the embedded broker (or --bootstrap): the
+The chaos harness (tests/support/chaos.py) against the embedded broker (or --bootstrap): the
 seeded 7-source workload is produced to fresh topics, then `aggregator run` (2 workers) starts;
 from its first committed offset on, a random worker is SIGKILLed every `interval` seconds,
 without waiting for the previous one to recover (a crash loop), until every offset is
