@@ -23,7 +23,7 @@ def test_every_state_lists_its_next_states():
 def test_task_manager_keeps_to_the_transitions(tmp_path):
     cfg = load_config(None, {"service.workers": 2, "service.data_dir": str(tmp_path),
                              "cluster.enabled": True}, env={})
-    tm = TaskManager(SimpleNamespace(n=2), cfg)
+    tm = TaskManager(SimpleNamespace(workers=2), cfg)
     tm._enter(3, TaskState.RESTORING)
     assert tm.in_restore() and tm.owned() == []
     tm._enter(3, TaskState.RUNNING)
