@@ -40,8 +40,8 @@ if [ ! -x .venv/bin/python ]; then
     echo "dev.sh: creating .venv" >&2
     "$PYTHON" -m venv .venv
 fi
-stamp=".venv/.installed-$(cat pyproject.toml setup.py aggregator/_core.pyx aggregator/_core.pxd \
-    | sha1sum | cut -c1-12)"
+stamp=".venv/.installed-$(cat pyproject.toml setup.py aggregator/*.pyx aggregator/*.pxd \
+    2>/dev/null | sha1sum | cut -c1-12)"
 if [ ! -f "$stamp" ]; then
     echo "dev.sh: installing aggregator and its test dependencies (builds the Cython core)" >&2
     .venv/bin/python -m pip install --quiet --upgrade pip
