@@ -139,7 +139,7 @@ class Harness:
         if "e2e" in a.stages:
             out.append("load")
             if not a.no_baselines:
-                out += ["raw", "baseline"]
+                out += ["raw", "baseline", "floor"]
             out += [f"aggregator w={w}" for w in a.workers_list]
             if a.latency_seconds > 0:
                 for v in a.latency_variants:
@@ -248,6 +248,7 @@ class Harness:
         if not a.no_baselines:
             self.raw(loaded, broker_pid)
             self.baseline(loaded, broker_pid, embedded)
+            self.floor(loaded, broker_pid)
         self.results["aggregator"] = []
         for n in a.workers_list:
             self.step(f"aggregator w={n}", "cold start")
@@ -303,6 +304,25 @@ class Harness:
             self.fail(f"baseline: {out['verified']}")
         self.done(f"hand-written baseline: {out.get('events_per_s', 0):,.0f} events/s, "
                   f"{out['verified']}")
+
+    def floor(self, loaded: wl.Loaded, broker_pid: int | None) -> None:
+        from bench.child import run_measured
+        from bench.stages.floor import run
+
+        self.step("floor", "the 50-line loop")
+        res, _ = run_measured(run, (self.bootstrap, loaded.targets, 5000), "floor",
+                              broker_pid=broker_pid, timeout=self.args.timeout)
+        expected = len(self.workload.records)
+        out = _rates(res)
+        # it does less than the service (no gate, no merge ops): it is checked for having
+        # read every record, not against the oracle
+        out["verified"] = "PASSED (records read)" if res.get("records") == expected else \
+            f"FAILED: read {res.get('records')} records, produced {expected}"
+        out["ok"] = res.get("records") == expected and not res.get("error")
+        self.results["floor"] = out
+        if not out["ok"]:
+            self.fail(f"floor: {res.get('error') or out['verified']}")
+        self.done(f"50-line floor loop: {out.get('events_per_s', 0):,.0f} events/s")
 
     def latency(self, embedded: bool, broker_pid: int | None, run_id: str, measure) -> None:
         from bench.stages.latency import measure_floor
