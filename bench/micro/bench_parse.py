@@ -1,0 +1,99 @@
+"""Micro-benchmark of the envelope parse: µs per record, compiled and reference side by side.
+
+Run: ``python -m bench.micro.bench_parse [--records N] [--repeat R] [--json]``
+
+The records are the simulated shop's (``bench.workload.generate``, shop.toml: binary JSON,
+binary msgpack, 20 % structured), shaped as the worker receives them from the ring (a
+msgpack round trip: headers become ``[name, value]`` lists), and parsed with the worker's
+arguments (``max_record_bytes``, ``max_key_bytes`` of the shipped config). Each
+implementation parses every record once per repeat, with the worker's garbage-collector
+settings (`runtime.tune_gc`); the best repeat counts (process CPU
+time, so a busy neighbour on the machine counts little). Both implementations must give
+equal events, else the run fails. Also one line per content mode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import msgpack
+
+from aggregator import envelope
+from aggregator.config import load_config
+from aggregator.runtime import tune_gc
+from bench import workload as wl
+
+try:
+    from aggregator import _envelope
+except ImportError:  # only acceptable when the pure core is forced
+    _envelope = None
+
+
+def records(n: int) -> list[tuple]:
+    """(value, headers, key) of n simulated records, as they come out of the ring."""
+    w = wl.generate(11, n)
+    recs = [[key, value, headers] for _topic, key, value, headers in w.records[:n]]
+    recs = msgpack.unpackb(msgpack.packb(recs, use_bin_type=True), raw=False, use_list=True)
+    return [(v, h, k) for k, v, h in recs]
+
+
+def mode_of(rec: tuple) -> str:
+    ct = dict(rec[1]).get("content-type", b"")
+    return {b"application/json": "binary-json", b"application/msgpack": "binary-msgpack",
+            b"application/cloudevents+json": "structured"}.get(ct, "other")
+
+
+def time_parse(parse, recs: list, max_bytes: int, max_key: int, repeat: int) -> float:
+    """Best µs per record over `repeat` passes."""
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.process_time()
+        for v, h, k in recs:
+            parse(v, h, k, max_bytes, max_key, False)
+        best = min(best, time.process_time() - t0)
+    return best / len(recs) * 1e6
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--records", type=int, default=50_000)
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--json", action="store_true", help="print the figures as JSON")
+    args = ap.parse_args(argv)
+    if _envelope is None:
+        print("bench_parse: the compiled aggregator._envelope is not built", file=sys.stderr)
+        return 2
+    cfg = load_config(wl.CONFIG_PATH, {}, env={})
+    max_bytes, max_key = cfg.service.max_record_bytes, cfg.service.max_key_bytes
+    recs = records(args.records)
+    tune_gc()  # as in the worker: the records move out of the collector's view
+    for v, h, k in recs:  # a wrong answer is not fast
+        a = envelope.parse(v, h, k, max_bytes, max_key)
+        b = _envelope.parse(v, h, k, max_bytes, max_key)
+        if a != b or list(a.extensions.items()) != list(b.extensions.items()):
+            print(f"bench_parse: the implementations disagree on {a!r}", file=sys.stderr)
+            return 1
+    groups = {"all": recs}
+    for r in recs:
+        groups.setdefault(mode_of(r), []).append(r)
+    out = {}
+    for name, rs in groups.items():
+        ref = time_parse(envelope.parse, rs, max_bytes, max_key, args.repeat)
+        comp = time_parse(_envelope.parse, rs, max_bytes, max_key, args.repeat)
+        out[name] = {"records": len(rs), "reference_us": round(ref, 3),
+                     "compiled_us": round(comp, 3), "speedup": round(ref / comp, 2)}
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        print(f"{'records':<16}{'n':>8}{'reference µs':>15}{'compiled µs':>14}{'speedup':>9}")
+        for name, r in out.items():
+            print(f"{name:<16}{r['records']:>8}{r['reference_us']:>15.2f}"
+                  f"{r['compiled_us']:>14.2f}{r['speedup']:>8.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
