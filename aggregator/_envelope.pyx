@@ -75,7 +75,6 @@ cdef object _unpackb = msgpack.unpackb
 cdef object _b64decode = base64.b64decode
 cdef object _b64_error = binascii.Error
 cdef object _Event = Event
-cdef object _event_new = Event.__new__
 
 cdef int _KIND_JSON = _ref._JSON
 cdef int _KIND_MSGPACK = _ref._MSGPACK
@@ -222,8 +221,14 @@ cdef bint _long_digits(const unsigned char* p, Py_ssize_t n) noexcept:
 cdef Py_ssize_t _count_brackets(const unsigned char* p, Py_ssize_t n) noexcept:
     """Number of b"[" and b"{" (``raw.count(b"[") + raw.count(b"{")``)."""
     cdef Py_ssize_t i, c = 0
-    for i in range(n):
-        c += (p[i] == 91) | (p[i] == 123)
+    cdef unsigned int part
+    while n > 0:  # blocks of at most 2**24 bytes: a 32-bit count per block (vectorises)
+        part = 0
+        for i in range(min(n, 1 << 24)):
+            part += (p[i] == 91) | (p[i] == 123)
+        c += part
+        p += 1 << 24
+        n -= 1 << 24
     return c
 
 
@@ -303,12 +308,16 @@ cdef object _decode_json(object raw, str what):
 
 
 cdef object _decode_msgpack(object raw, str what):
-    """As the reference's ``_decode_msgpack``; errors come from it."""
+    """As the reference's ``_decode_msgpack``; errors come from it.
+
+    The reference's explicit limits (``max_str_len=len(raw)``, ...) are left out: they are
+    msgpack's defaults for `unpackb`, and input that unpacks at all never reaches them (a
+    string in n bytes is shorter than n, ...). Whatever fails here, the reference decodes
+    again with its limits and says why."""
     cdef Py_ssize_t n = PyBytes_GET_SIZE(raw)
     cdef bint ok = False
     try:
-        obj = _unpackb(raw, raw=False, strict_map_key=False, max_str_len=n, max_bin_len=n,
-                       max_array_len=n, max_map_len=n // 2, max_ext_len=n)
+        obj = _unpackb(raw, raw=False, strict_map_key=False)
         ok = True
     except Exception:
         pass
@@ -403,22 +412,82 @@ def parse(value, headers, key, Py_ssize_t max_bytes=1 << 20, Py_ssize_t max_key_
     return _ref_parse(value, headers, key, max_bytes, max_key_bytes, detect)
 
 
+# ---- Event construction: straight into its __slots__
+#
+# `Event` is a plain class with __slots__, so each slot is a member descriptor of a fixed
+# offset in the instance (the same offsets ``ev.id = ...`` writes through). They are read
+# once here, after checking that nothing else could intercept an attribute write (no
+# __dict__, no __setattr__, object.__new__); an incompatible `Event` fails the import.
+
+cdef extern from "Python.h":
+    ctypedef struct PyMemberDef:
+        const char* name
+        int type
+        Py_ssize_t offset
+        int flags
+    ctypedef struct PyMemberDescrObject:
+        PyMemberDef* d_member
+    ctypedef struct PyTypeObject:
+        PyObject* (*tp_alloc)(PyTypeObject*, Py_ssize_t)
+    void Py_INCREF(object o)
+
+cdef extern from "structmember.h":  # the 3.11 names (3.12 adds Py_T_OBJECT_EX, ...)
+    int T_OBJECT_EX
+    int READONLY
+
+cdef Py_ssize_t _SLOT_OFFSET[12]
+cdef PyTypeObject* _EVENT_TYPE = <PyTypeObject*>Event
+
+
+cdef _event_layout():
+    slots = ("id", "source", "type", "specversion", "time", "subject", "datacontenttype",
+             "dataschema", "partitionkey", "sequence", "data", "extensions")
+    if (tuple(sorted(Event.__slots__)) != tuple(sorted(slots)) or "__dict__" in dir(Event)
+            or Event.__setattr__ is not object.__setattr__
+            or Event.__new__ is not object.__new__ or len(Event.__mro__) != 2):
+        raise ImportError("aggregator._envelope: envelope.Event is no longer a plain "
+                          "__slots__ class; rebuild this module's construction of it")
+    for i, name in enumerate(slots):
+        d = Event.__dict__[name]
+        if type(d).__name__ != "member_descriptor":
+            raise ImportError(f"aggregator._envelope: Event.{name} is a {type(d).__name__}, "
+                              "not a slot")
+        m = (<PyMemberDescrObject*>d).d_member
+        if m.type != T_OBJECT_EX or m.flags & READONLY:
+            raise ImportError(f"aggregator._envelope: Event.{name} is not a writable slot")
+        _SLOT_OFFSET[i] = m.offset
+
+
+_event_layout()
+
+
+cdef inline void _put(object ev, int i, object v) noexcept:
+    """Fill slot i of a new Event (empty: no reference to drop)."""
+    Py_INCREF(v)
+    (<PyObject**>(<char*><PyObject*>ev + _SLOT_OFFSET[i]))[0] = <PyObject*>v
+
+
 cdef object _new_event(str eid, str source, str etype, object time, object subject,
                        object dct, object dataschema, str pk, object seq, object data,
                        dict ext):
-    ev = _event_new(_Event)
-    ev.id = eid
-    ev.source = source
-    ev.type = etype
-    ev.specversion = _SPECVERSION
-    ev.time = time
-    ev.subject = subject
-    ev.datacontenttype = dct
-    ev.dataschema = dataschema
-    ev.partitionkey = pk
-    ev.sequence = seq
-    ev.data = data
-    ev.extensions = ext
+    """``Event.__new__(Event)`` and its 12 slots, as the reference fills them."""
+    cdef PyObject* o = _EVENT_TYPE.tp_alloc(_EVENT_TYPE, 0)
+    if o == NULL:
+        raise MemoryError()
+    cdef object ev = <object>o
+    Py_DECREF(ev)  # <object> took a second reference
+    _put(ev, 0, eid)
+    _put(ev, 1, source)
+    _put(ev, 2, etype)
+    _put(ev, 3, _SPECVERSION)
+    _put(ev, 4, time)
+    _put(ev, 5, subject)
+    _put(ev, 6, dct)
+    _put(ev, 7, dataschema)
+    _put(ev, 8, pk)
+    _put(ev, 9, seq)
+    _put(ev, 10, data)
+    _put(ev, 11, ext)
     return ev
 
 
