@@ -1,6 +1,8 @@
 """Micro-benchmark of the envelope parse: µs per record, compiled and reference side by side.
 
-Run: ``python -m bench.micro.bench_parse [--records N] [--repeat R] [--json]``
+Run: ``python -m bench.micro.bench_parse [--records N] [--repeat R] [--json]`` (a table by
+content mode), or ``pytest bench/micro/bench_parse.py --benchmark-only`` (5,000 records per
+round, part of ``python -m bench --stage micro``; ``extra_info["items_per_s"]``).
 
 The records are the simulated shop's (``bench.workload.generate``, shop.toml: binary JSON,
 binary msgpack, 20 % structured), shaped as the worker receives them from the ring (a
@@ -20,6 +22,7 @@ import sys
 import time
 
 import msgpack
+import pytest
 
 from aggregator import envelope
 from aggregator.config import load_config
@@ -55,6 +58,36 @@ def time_parse(parse, recs: list, max_bytes: int, max_key: int, repeat: int) -> 
             parse(v, h, k, max_bytes, max_key, False)
         best = min(best, time.process_time() - t0)
     return best / len(recs) * 1e6
+
+
+# ---- pytest-benchmark (python -m bench --stage micro)
+PARSERS = [pytest.param(envelope.parse, id="reference")]
+if _envelope is not None:
+    PARSERS.insert(0, pytest.param(_envelope.parse, id="compiled"))
+BATCH = 5000
+
+
+@pytest.fixture(scope="module")
+def batch():
+    cfg = load_config(wl.CONFIG_PATH, {}, env={})
+    recs = records(BATCH)
+    tune_gc()
+    return recs, cfg.service.max_record_bytes, cfg.service.max_key_bytes
+
+
+@pytest.mark.benchmark(group="envelope-parse-5000")
+@pytest.mark.parametrize("parse", PARSERS)
+def test_parse(benchmark, parse, batch):
+    recs, max_bytes, max_key = batch
+
+    def run():
+        for v, h, k in recs:
+            parse(v, h, k, max_bytes, max_key, False)
+
+    benchmark(run)
+    stats = getattr(benchmark, "stats", None)
+    if stats is not None and stats.stats.mean:
+        benchmark.extra_info["items_per_s"] = round(len(recs) / stats.stats.mean)
 
 
 def main(argv: list[str] | None = None) -> int:
