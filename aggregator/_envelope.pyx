@@ -13,8 +13,9 @@ How it is fast:
 * attribute values are decoded straight from the header bytes; ``ce_sequence`` is read by a
   C digit loop;
 * JSON data: a C scan with stride 19 looks for runs of 19 or more digits (what the
-  reference's ``_LONG_DIGITS`` regex finds) and the bytes are parsed by one call of
-  ``orjson.loads``; structured-mode events are parsed by orjson too, guarded the same way;
+  reference's ``_LONG_DIGITS`` regex finds; if there is one, a second scan tells numbers
+  from strings) and the bytes are parsed by one call of ``orjson.loads``, unless a number
+  holds such a run; structured-mode events are parsed by orjson too, guarded the same way;
 * content types are looked up in a bounded cache keyed by the header's bytes.
 
 How it stays identical: this module decides only the records it accepts. The moment a
@@ -66,7 +67,6 @@ cdef object _ref_content_type = _ref._content_type
 cdef object _ref_classify = _ref._classify
 cdef object _ref_decode_json = _ref._decode_json
 cdef object _ref_decode_msgpack = _ref._decode_msgpack
-cdef object _ref_decode_data = _ref._decode_data
 cdef object _ref_parse_structured_json = _ref._parse_structured_json
 cdef object _ref_too_deep = _ref._too_deep
 cdef object _orjson_loads = orjson.loads
@@ -100,6 +100,9 @@ cdef enum:
     H_CT
     H_EXT
     N_SLOTS = 11
+
+
+cdef unsigned long long _deferred = 0  # see deferred()
 
 
 class _Defer(Exception):
@@ -246,17 +249,65 @@ cdef Py_ssize_t _count_msgpack_containers(const unsigned char* p, Py_ssize_t n) 
 
 
 cdef object _digits_value(const unsigned char* p, Py_ssize_t n):
-    """A decimal string of 1..18 ASCII digits -> int; None if it is anything else (the
-    caller defers: empty, a non-digit, or long enough to need the reference's checks)."""
-    cdef Py_ssize_t i
-    cdef long long v = 0
-    if n < 1 or n > 18:
+    """A sequence: a string of ASCII digits whose value is below 2**63 -> int; None if it
+    is anything else (the caller defers: empty, a non-digit, out of range).
+
+    Up to 640 characters (leading zeros included): no limit of ``int(str)`` can be set
+    lower (``sys.int_info.str_digits_check_threshold``), so ``int()`` in the reference
+    never refuses such a string."""
+    cdef Py_ssize_t i = 0
+    cdef unsigned long long v = 0
+    if n < 1 or n > 640:
         return None
-    for i in range(n):
+    while i < n - 1 and p[i] == 48:  # leading zeros
+        i += 1
+    if n - i > 19:  # 20+ significant digits: >= 10**19 > 2**63 (or not digits at all)
+        return None
+    while i < n:
         if not _is_digit(p[i]):
             return None
-        v = v * 10 + (p[i] - 48)
-    return PyLong_FromLongLong(v)
+        v = v * 10 + (p[i] - 48)  # 19 digits < 2**64: no overflow
+        i += 1
+    if v > <unsigned long long>_SEQ_LIMIT:
+        return None
+    return PyLong_FromLongLong(<long long>v)
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+cdef bint _long_number(const unsigned char* p, Py_ssize_t n) noexcept:
+    """True if a run of 19 or more digits lies outside the JSON strings of p[:n], i.e. in
+    a number: what orjson could read differently from the standard library (an integer
+    beyond 64 bits, a long fraction). Exact for valid JSON; on invalid JSON any answer does,
+    since orjson then fails and the reference decides."""
+    cdef Py_ssize_t i = 0, run = 0
+    cdef bint in_str = False
+    cdef unsigned char c
+    while i < n:
+        c = p[i]
+        if in_str:
+            if c == 92:  # backslash: skip the escaped byte (\uXXXX holds no quote)
+                i += 1
+            elif c == 34:
+                in_str = False
+        elif c == 34:
+            in_str = True
+            run = 0
+        elif _is_digit(c):
+            run += 1
+            if run >= 19:
+                return True
+        else:
+            run = 0
+        i += 1
+    return False
+
+
+cdef inline bint _needs_stdlib(const unsigned char* p, Py_ssize_t n) noexcept:
+    """Whether JSON p[:n] must be read by the reference's standard-library path: a number
+    with a run of 19+ digits. The stride scan finds every 19-digit run, in numbers or in
+    strings, cheaply; only then are strings told apart from numbers."""
+    return _long_digits(p, n) and _long_number(p, n)
 
 
 # ---------------------------------------------------------------------------------------
@@ -293,16 +344,21 @@ cdef object _decode_json(object raw, str what):
     cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(raw)
     cdef Py_ssize_t n = PyBytes_GET_SIZE(raw)
     cdef bint ok = False
-    if not _long_digits(p, n):
+    # The reference looks for 19-digit runs anywhere; orjson's result for JSON whose long
+    # runs are all inside strings is the standard library's (both read strings exactly).
+    if not _needs_stdlib(p, n):
         try:
             obj = _orjson_loads(raw)
             ok = True
         except _orjson_error:
             pass
+    global _deferred
     if not ok:  # outside the except block: no chained context on its errors
+        _deferred += 1
         return _ref_decode_json(raw, what)
     if (type(obj) is dict or type(obj) is list) and n > _MAX_DEPTH and \
             _count_brackets(p, n) > _MAX_DEPTH and _ref_too_deep(obj, _MAX_DEPTH):
+        _deferred += 1
         return _ref_decode_json(raw, what)  # raises the depth error
     return obj
 
@@ -321,11 +377,14 @@ cdef object _decode_msgpack(object raw, str what):
         ok = True
     except Exception:
         pass
+    global _deferred
     if not ok:
+        _deferred += 1
         return _ref_decode_msgpack(raw, what)
     if (type(obj) is dict or type(obj) is list) and n > _MAX_DEPTH and \
             _count_msgpack_containers(<const unsigned char*>PyBytes_AS_STRING(raw), n) \
             > _MAX_DEPTH and _ref_too_deep(obj, _MAX_DEPTH):
+        _deferred += 1
         return _ref_decode_msgpack(raw, what)  # raises the depth error
     return obj
 
@@ -400,15 +459,29 @@ def _has_long_digits(bytes raw):
     return _long_digits(<const unsigned char*>PyBytes_AS_STRING(raw), PyBytes_GET_SIZE(raw))
 
 
+def _has_long_number(bytes raw):
+    """Test hook: a 19-digit run outside the strings of JSON `raw`."""
+    return _needs_stdlib(<const unsigned char*>PyBytes_AS_STRING(raw), PyBytes_GET_SIZE(raw))
+
+
+def deferred() -> int:
+    """How many records this process handed, wholly or in part, to the reference code so
+    far: the rejected ones, the unusual ones, and the data the reference itself reads on
+    its slower path (19-digit runs). Tests check that valid records are not among them."""
+    return _deferred
+
+
 def parse(value, headers, key, Py_ssize_t max_bytes=1 << 20, Py_ssize_t max_key_bytes=400,
           bint detect=False):
     """Parse one Kafka record into an `Event`; raise `EnvelopeError` if it is not usable.
 
     Same arguments, result and errors as ``aggregator.envelope.parse``."""
+    global _deferred
     try:
         return _parse(value, headers, key, max_bytes, max_key_bytes, detect)
     except _Defer:
         pass
+    _deferred += 1
     return _ref_parse(value, headers, key, max_bytes, max_key_bytes, detect)
 
 
@@ -657,15 +730,17 @@ cdef object _parse_structured(object value, object key, Py_ssize_t max_key):
     cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(value)
     cdef Py_ssize_t n = PyBytes_GET_SIZE(value)
     cdef bint ok = False
-    if not _long_digits(p, n):
+    if not _needs_stdlib(p, n):
         try:
             d = _orjson_loads(value)
             ok = True
         except _orjson_error:
             pass
+    global _deferred
     if not ok:
         # beyond what orjson reads exactly (19+ digit runs), or invalid: the reference's
         # standard-library path decides
+        _deferred += 1
         return _ref_parse_structured_json(value, key, max_key)
     if type(d) is not dict:
         raise _Defer

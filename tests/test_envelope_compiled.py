@@ -458,6 +458,25 @@ def test_long_digit_scan_equals_the_regex(raw):
     assert _envelope._has_long_digits(raw) == bool(re.search(rb"[0-9]{19}", raw))
 
 
+def _long_number_ref(raw: bytes) -> bool:
+    """A 19-digit run outside the strings of valid JSON `raw`."""
+    text = re.sub(rb'"(?:[^"\\]|\\.)*"', b'""', raw)
+    return re.search(rb"[0-9]{19}", text) is not None
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.recursive(
+    st.integers(-(10**25), 10**25) | st.text("0123456789\\\"x", max_size=30)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text("0123456789", min_size=18, max_size=22).map(lambda d: float("0." + d)),
+    lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text("0123456789\"", max_size=22), c,
+                                                          max_size=3),
+    max_leaves=10))
+def test_long_number_scan_tells_numbers_from_strings(doc):
+    raw = json.dumps(doc).encode()
+    assert _envelope._has_long_number(raw) == _long_number_ref(raw), raw
+
+
 @pytest.mark.parametrize("n", list(range(15, 45)))
 def test_long_digit_scan_every_position(n):
     for start in range(0, 45):
@@ -525,14 +544,48 @@ def test_big_integers_agree(n):
 
 def test_simulated_workload_and_its_malformed_records_agree():
     w = simulate.generate(5, 3000, dup_rate=0.05, reorder_rate=0.02)
-    records = [r[:4] for r in w.records] + [tuple(b)[:4] for b in simulate.bad_records()]
-    kinds = set()
-    for _topic, key, value, headers in records:
+    bad = simulate.bad_records()
+    before = _envelope.deferred()
+    for _topic, key, value, headers in (r[:4] for r in w.records):
         for detect in (False, True):
-            kinds.add(check(value, headers, key, detect=detect)[0])
+            assert check(value, headers, key, detect=detect)[0] == "event"
             # as the worker gets them from the ring: [name, value] lists
             check(value, [list(h) for h in headers], key, detect=detect)
-    assert kinds == {"event", "error"}
+    # the compiled parse decided every valid record itself
+    assert _envelope.deferred() == before
+    for b in bad:
+        res = check(b.value, b.headers, b.key)
+        assert res[:2] == ("error", b.reason)
+    assert _envelope.deferred() == before + len(bad)
+
+
+@pytest.mark.parametrize("mode", ["binary-json", "binary-msgpack", "binary-text",
+                                  "structured", "structured-base64", "detect"])
+def test_valid_records_are_not_deferred(mode):
+    """Valid records of every kind are decided by the compiled code (a twin that deferred
+    everything would pass the comparisons, and be as slow as the reference)."""
+    # a sequence of epoch nanoseconds (19 digits), an id of 22 digits in a string
+    attrs = dict(ATTRS_OK, sequence=1733461234567890123)
+    data = dict(DATA, big_id="1234567890123456789012", n=-(10**18 - 1), f=0.1234567890123456)
+    if mode.startswith("binary"):
+        ct = {"binary-json": "application/json", "binary-msgpack": "application/msgpack",
+              "binary-text": "text/plain; charset=utf-8"}[mode]
+        headers, value = to_binary(attrs, "txt" if mode == "binary-text" else data, ct)
+        records = [(value, headers), (value, [list(h) for h in headers]), (None, headers)]
+    else:
+        data = msgpack.packb(data) if mode == "structured-base64" else data
+        if mode == "structured-base64":
+            attrs["datacontenttype"] = "application/msgpack"
+        headers, value = to_structured(attrs, data)
+        records = [(value, [] if mode == "detect" else headers)]
+    before = _envelope.deferred()
+    for value, headers in records:
+        assert check(value, headers, b"k", detect=mode == "detect")[0] == "event"
+    assert _envelope.deferred() == before
+    # a number of 19+ digits: the reference's standard-library path reads the JSON
+    headers, value = to_binary(ATTRS_OK, {"n": 10**19})
+    assert check(value, headers, b"k")[0] == "event"
+    assert _envelope.deferred() == before + 1
 
 
 def test_headers_first_occurrence_wins_and_extension_order():
