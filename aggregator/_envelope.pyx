@@ -241,10 +241,16 @@ cdef Py_ssize_t _count_msgpack_containers(const unsigned char* p, Py_ssize_t n) 
     """Bytes that can start a msgpack map/array (0x80-0x9f, 0xdc-0xdf): the reference's
     ``len(raw.translate(None, _NOT_CONTAINER_BYTES))``."""
     cdef Py_ssize_t i, c = 0
+    cdef unsigned int part
     cdef unsigned char b
-    for i in range(n):
-        b = p[i]
-        c += (<unsigned char>(b - 0x80) < 0x20) | (<unsigned char>(b - 0xDC) < 4)
+    while n > 0:  # blocks of at most 2**24 bytes: a 32-bit count per block (vectorises)
+        part = 0
+        for i in range(min(n, 1 << 24)):
+            b = p[i]
+            part += (<unsigned char>(b - 0x80) < 0x20) | (<unsigned char>(b - 0xDC) < 4)
+        c += part
+        p += 1 << 24
+        n -= 1 << 24
     return c
 
 
