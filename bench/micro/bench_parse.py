@@ -1,8 +1,10 @@
 """Micro-benchmark of the envelope parse: µs per record, compiled and reference side by side.
 
-Run: ``python -m bench.micro.bench_parse [--records N] [--repeat R] [--json]`` (a table by
-content mode), or ``pytest bench/micro/bench_parse.py --benchmark-only`` (5,000 records per
-round, part of ``python -m bench --stage micro``; ``extra_info["items_per_s"]``).
+Run: ``python -m bench.micro.bench_parse [--records N] [--repeat R] [--json] [--worker B]``
+(a table by content mode; ``--worker``: also ``Worker.process()`` per record with each
+parser, B batches each, alternating), or ``pytest bench/micro/bench_parse.py
+--benchmark-only`` (5,000 records per round, part of ``python -m bench --stage micro``;
+``extra_info["items_per_s"]``).
 
 The records are the simulated shop's (``bench.workload.generate``, shop.toml: binary JSON,
 binary msgpack, 20 % structured), shaped as the worker receives them from the ring (a
@@ -106,11 +108,79 @@ def test_parse(benchmark, parse, batch):
         benchmark.extra_info["items_per_s"] = round(len(recs) / stats.stats.mean)
 
 
+def worker_process(batches: int = 10, batch: int = 5000) -> dict:
+    """`Worker.process()` CPU per record with each parser, in the same run: one real worker
+    on a temporary LMDB shard (as bench_batch.py), the parser alternating per batch."""
+    import tempfile
+    import uuid
+
+    import aggregator.worker as worker_mod
+    from aggregator.envelope import routing_key
+    from aggregator.protocol import create_segments
+    from aggregator.routing import slot_of
+    from aggregator.worker import Worker
+    from bench.micro.bench_batch import NoDeadLetters
+
+    n = (2 * batches + 1) * batch
+    w = wl.generate(11, n)
+    cfg = load_config(wl.CONFIG_PATH, {}, env={})
+    tindex = {t: i for i, t in enumerate(cfg.topics())}
+    offs: dict = {}
+    recs = []
+    for topic, key, value, headers in w.records[:n]:
+        ti, part = tindex[topic], slot_of(key) % wl.PARTITIONS
+        off = offs.get((ti, part), 0)
+        offs[(ti, part)] = off + 1
+        recs.append([ti, part, off, key, value, headers, off,
+                     slot_of(routing_key(value, headers, key))])
+    msgs = []
+    for bid, i in enumerate(range(0, len(recs), batch), start=1):
+        chunk = recs[i:i + batch]
+        through = {(r[0], r[1]): r[2] for r in chunk}
+        msgs.append(msgpack.packb([1, bid, [[t, p, o] for (t, p), o in through.items()],
+                                   chunk], use_bin_type=True))
+    out: dict = {"reference": [], "compiled": []}
+    saved = worker_mod.parse
+    with tempfile.TemporaryDirectory() as tmp:
+        c = load_config(wl.CONFIG_PATH, {"service.workers": 1, "service.data_dir": tmp,
+                                         "service.ring_bytes": 8 << 20}, env={})
+        prefix = f"agg-bench-parse-{uuid.uuid4().hex[:10]}"
+        segments = create_segments(prefix, 1, 8 << 20, 8 << 20)
+        wk = Worker(c, 0, prefix)
+        try:
+            wk.boot()
+            wk.dlq = NoDeadLetters()
+            unpack = lambda m: msgpack.unpackb(m, raw=False, strict_map_key=False)  # noqa: E731
+            wk.process([unpack(msgs[0])], [])  # warm-up: creates the databases
+            tune_gc()
+            for r, m in enumerate(msgs[1:]):
+                name = "compiled" if r % 2 else "reference"
+                worker_mod.parse = _envelope.parse if r % 2 else envelope.parse
+                m = unpack(m)
+                t0 = time.process_time()
+                wk.process([m], [])
+                out[name].append((time.process_time() - t0) / batch * 1e6)
+        finally:
+            worker_mod.parse = saved
+            producer = getattr(getattr(wk, "publisher", None), "producer", None)
+            if producer is not None and hasattr(producer, "purge"):
+                producer.purge()  # no broker here: drop queued change events
+            wk.close()
+            wk.inbound.close()
+            wk.ctl.close()
+            segments.close()
+    return {k: {"median_us": round(sorted(v)[len(v) // 2], 2), "min_us": round(min(v), 2),
+                "batches": len(v)} for k, v in out.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--records", type=int, default=50_000)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--json", action="store_true", help="print the figures as JSON")
+    ap.add_argument("--worker", type=int, default=0, metavar="BATCHES",
+                    help="also Worker.process() per record, BATCHES batches of 5,000 records "
+                         "per parser, alternating (a real worker and LMDB shard)")
     args = ap.parse_args(argv)
     if _envelope is None:
         print("bench_parse: the compiled aggregator._envelope is not built", file=sys.stderr)
@@ -136,14 +206,21 @@ def main(argv: list[str] | None = None) -> int:
         out[name] = {"records": len(rs), "reference_us": round(ref, 3),
                      "compiled_us": round(comp, 3), "speedup": round(ref / comp, 2),
                      "decode_only_us": round(floor, 3)}
+    if args.worker:
+        out["worker_process"] = worker_process(args.worker)
     if args.json:
         print(json.dumps(out, indent=2))
     else:
         print(f"{'records':<16}{'n':>8}{'reference µs':>15}{'compiled µs':>14}{'speedup':>9}"
               f"{'decode only µs':>17}")
         for name, r in out.items():
+            if name == "worker_process":
+                continue
             print(f"{name:<16}{r['records']:>8}{r['reference_us']:>15.2f}"
                   f"{r['compiled_us']:>14.2f}{r['speedup']:>8.2f}x{r['decode_only_us']:>17.2f}")
+        for name, r in out.get("worker_process", {}).items():
+            print(f"Worker.process with the {name} parse: {r['median_us']:.1f} µs/record "
+                  f"(median of {r['batches']} batches; min {r['min_us']:.1f})")
     return 0
 
 
