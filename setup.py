@@ -1,9 +1,10 @@
-"""Build the compiled core ``aggregator._core`` (Cython); metadata lives in pyproject.toml.
+"""Build the compiled core, ``aggregator._core`` and ``aggregator._envelope`` (Cython);
+metadata lives in pyproject.toml.
 
-The extension is mandatory: a Cython or C compile error fails the build (no optional
+The extensions are mandatory: a Cython or C compile error fails the build (no optional
 extension, no silent pure-Python install). ``AGGREGATOR_CYTHON_TRACE=1`` makes a debug
 build: line tracing and profiling hooks (for coverage and cProfile), an annotated HTML
-report next to the .pyx (``aggregator/_core.html``), and no optimisation.
+report next to each .pyx (``aggregator/_core.html``, ...), and no optimisation.
 """
 
 import os
@@ -36,7 +37,14 @@ extensions = [
         ["aggregator/_core.pyx"],
         define_macros=macros,
         extra_compile_args=compile_args,
-    )
+    ),
+    # the compiled twin of envelope.parse
+    Extension(
+        "aggregator._envelope",
+        ["aggregator/_envelope.pyx"],
+        define_macros=macros,
+        extra_compile_args=compile_args,
+    ),
 ]
 
 setup(

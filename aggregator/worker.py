@@ -41,17 +41,18 @@ from collections import deque
 
 import lmdb
 
-from . import core
+from . import core, parser
 from .batch_state import BatchState
 from .changes import ChangeEncoder, ChangePublisher
 from .config import Config
 from .control import TOTAL_SLOTS, ControlBlock, Slot
 from .deadletter import DeadLetters
-from .envelope import EnvelopeError, parse
+from .envelope import EnvelopeError
 from .faults import fault_flag, fault_point
 from .mapping import apply as apply_mapping
 from .mapping import plans_by_topic
 from .metrics import record_commit
+from .parser import parse
 from .plan import ViewPlan, assign_view_ids
 from .protocol import (
     MSG_STOP,
@@ -206,8 +207,9 @@ class Worker(DedupStage, GateStage, RouteStage, LinksStage):
         # row was replaced (_check_fence)
         self.ctl_epoch = max(self.epoch, ctl.get(me, Slot.EPOCH) + 1)
         ctl.set(me, Slot.EPOCH, self.ctl_epoch)
-        log.info("worker %d booted: core=%s, bloom filter %s (%d ids read, %.3f s), %d bloom "
-                 "generations, %d partitions", me, core.IMPLEMENTATION, self._bloom_how,
+        log.info("worker %d booted: core=%s, parser=%s, bloom filter %s (%d ids read, %.3f s), "
+                 "%d bloom generations, %d partitions", me, core.IMPLEMENTATION,
+                 parser.IMPLEMENTATION, self._bloom_how,
                  self._bloom_loaded, self._bloom_s, len(self.bloom.live_generations),
                  len(self.through))
 

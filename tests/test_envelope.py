@@ -1,4 +1,10 @@
-"""CloudEvents over Kafka: round trips, every rejection reason, routing keys."""
+"""CloudEvents over Kafka: round trips, every rejection reason, routing keys.
+
+Every test runs over both parsers: the reference ``aggregator.envelope.parse`` and its
+compiled twin ``aggregator._envelope.parse`` (when built). The module-scoped fixture
+`_parser` rebinds this module's `parse` to each in turn; `routing_key` has one
+implementation. tests/test_envelope_compiled.py compares the two on generated records.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from aggregator import envelope
 from aggregator.devtools.encoder import to_binary, to_structured
 from aggregator.envelope import (
     MAX_DEPTH,
@@ -17,9 +24,27 @@ from aggregator.envelope import (
     EnvelopeError,
     Event,
     _decode_json,
-    parse,
     routing_key,
 )
+
+try:
+    from aggregator import _envelope
+except ImportError:  # only acceptable when the pure core is forced
+    _envelope = None
+
+PARSERS = [pytest.param(envelope.parse, id="reference")]
+if _envelope is not None:
+    PARSERS.append(pytest.param(_envelope.parse, id="compiled"))
+
+parse = envelope.parse  # rebound by _parser
+
+
+@pytest.fixture(scope="module", params=PARSERS, autouse=True)
+def _parser(request):
+    global parse
+    parse = request.param
+    yield request.param
+    parse = envelope.parse
 
 SECRET = "SECRET-PAYLOAD-7f3a"  # planted in every malformed payload; must never leak
 
