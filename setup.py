@@ -1,4 +1,4 @@
-"""Build the compiled core ``aggregator._core`` (Cython); metadata lives in pyproject.toml.
+"""Build the compiled core ``aggregator._core`` and ``aggregator._frames`` (Cython); metadata lives in pyproject.toml.
 
 The extension is mandatory: a Cython or C compile error fails the build (no optional
 extension, no silent pure-Python install). ``AGGREGATOR_CYTHON_TRACE=1`` makes a debug
@@ -36,7 +36,13 @@ extensions = [
         ["aggregator/_core.pyx"],
         define_macros=macros,
         extra_compile_args=compile_args,
-    )
+    ),
+    Extension(
+        "aggregator._frames",
+        ["aggregator/_frames.pyx"],
+        define_macros=macros,
+        extra_compile_args=compile_args,
+    ),
 ]
 
 setup(
