@@ -23,7 +23,7 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes
 from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE, PyList_New, PyList_SET_ITEM
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from cpython.object cimport PyObject
-from cpython.ref cimport Py_INCREF
+from cpython.ref cimport Py_INCREF, Py_XDECREF
 from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE, PyTuple_New, PyTuple_SET_ITEM
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcmp, memcpy, memset
@@ -606,10 +606,10 @@ cdef class FrameRouter:
                   int64_t ts, object key, object value, object headers) except -1:
         cdef Py_ssize_t klen = -1, vlen = -1, size = FRAME_HEAD_SIZE, nh = -1, i
         cdef Py_ssize_t nlen, hvlen
-        cdef object item, name, hv, nb
+        cdef object item, name, hv
         cdef const char* np
         cdef char* p
-        cdef list names
+        cdef list encoded = None  # names outside ASCII, UTF-8 with surrogateescape
         if key is not None:
             if type(key) is not bytes:
                 raise TypeError("record key must be bytes or None")
@@ -620,26 +620,29 @@ cdef class FrameRouter:
                 raise TypeError("record value must be bytes or None")
             vlen = PyBytes_GET_SIZE(value)
             size += vlen
-        names = None
         if headers is not None:
             if type(headers) is not list:
-                headers = list(headers)
+                headers = [tuple(h) for h in headers]
             nh = PyList_GET_SIZE(headers)
-            names = []
             for i in range(nh):
                 item = <object>PyList_GET_ITEM(headers, i)
-                name, hv = item
-                if type(name) is str and PyUnicode_IS_ASCII(name):
-                    nb = name
-                elif type(name) is str:
-                    nb = (<str>name).encode("utf-8", "surrogateescape")
-                else:
+                if type(item) is not tuple or PyTuple_GET_SIZE(item) != 2:
+                    item = tuple(item)
+                    if PyTuple_GET_SIZE(item) != 2:
+                        raise ValueError("a header is a (name, value) pair")
+                    headers = list(headers)
+                    headers[i] = item
+                name = <object>PyTuple_GET_ITEM(item, 0)
+                hv = <object>PyTuple_GET_ITEM(item, 1)
+                if type(name) is not str:
                     raise TypeError("header name must be str")
-                names.append(nb)
-                if type(nb) is str:
-                    PyUnicode_AsUTF8AndSize(nb, &nlen)
+                if PyUnicode_IS_ASCII(name):
+                    PyUnicode_AsUTF8AndSize(name, &nlen)
                 else:
-                    nlen = PyBytes_GET_SIZE(nb)
+                    if encoded is None:
+                        encoded = [None] * nh
+                    encoded[i] = (<str>name).encode("utf-8", "surrogateescape")
+                    nlen = PyBytes_GET_SIZE(encoded[i])
                 size += HDR_ITEM + nlen
                 if hv is not None:
                     if type(hv) is not bytes:
@@ -668,13 +671,12 @@ cdef class FrameRouter:
             p += vlen
         for i in range(nh if nh > 0 else 0):
             item = <object>PyList_GET_ITEM(headers, i)
-            hv = item[1]
-            nb = <object>PyList_GET_ITEM(names, i)
-            if type(nb) is str:
-                np = PyUnicode_AsUTF8AndSize(nb, &nlen)
+            hv = <object>PyTuple_GET_ITEM(item, 1)
+            if encoded is not None and encoded[i] is not None:
+                np = PyBytes_AS_STRING(encoded[i])
+                nlen = PyBytes_GET_SIZE(encoded[i])
             else:
-                np = PyBytes_AS_STRING(nb)
-                nlen = PyBytes_GET_SIZE(nb)
+                np = PyUnicode_AsUTF8AndSize(<object>PyTuple_GET_ITEM(item, 0), &nlen)
             hvlen = -1 if hv is None else PyBytes_GET_SIZE(hv)
             _st32(p, <uint32_t>nlen)
             _st32(p + 4, <uint32_t><int32_t>hvlen)
@@ -816,6 +818,40 @@ cdef class FrameRouter:
 
 # ---- the worker's reader --------------------------------------------------------------------
 
+cdef enum:
+    NAME_CACHE = 128  # a power of two
+    NAME_MAX = 40
+
+# Decoded header names by their bytes: producers repeat a few names ("ce_id", ...), so the
+# reader hands out the same str objects instead of decoding each (an entry is replaced on a
+# collision; the cache holds a reference to its str).
+cdef PyObject* _name_obj[NAME_CACHE]
+cdef Py_ssize_t _name_len[NAME_CACHE]
+cdef char _name_raw[NAME_CACHE][NAME_MAX]
+memset(_name_obj, 0, sizeof(_name_obj))
+
+
+cdef object _name(const char* p, Py_ssize_t n):
+    cdef size_t h
+    cdef Py_ssize_t i
+    cdef object s
+    if n > NAME_MAX:
+        return PyUnicode_DecodeUTF8(p, n, "surrogateescape")
+    h = <size_t>n * 2654435761u
+    for i in range(n):
+        h = (h ^ <uint8_t>p[i]) * 16777619u
+    h = (h ^ (h >> 15)) & (NAME_CACHE - 1)
+    if _name_obj[h] != NULL and _name_len[h] == n and memcmp(_name_raw[h], p, n) == 0:
+        return <object>_name_obj[h]
+    s = PyUnicode_DecodeUTF8(p, n, "surrogateescape")
+    Py_INCREF(s)
+    Py_XDECREF(_name_obj[h])
+    _name_obj[h] = <PyObject*>s
+    _name_len[h] = n
+    memcpy(_name_raw[h], p, n)
+    return s
+
+
 cdef inline object _field(const char* base, Py_ssize_t* p, Py_ssize_t end, int32_t n):
     if n == -1:
         return None
@@ -879,7 +915,7 @@ def read_frames(msg):
                 p += HDR_ITEM
                 if nlen < 0 or p + nlen > end:
                     raise ValueError("frames message: field beyond its frame")
-                name = PyUnicode_DecodeUTF8(base + p, nlen, "surrogateescape")
+                name = _name(base + p, nlen)
                 p += nlen
                 hval = _field(base, &p, end, hvlen)
                 pair = (name, hval)
