@@ -1,6 +1,8 @@
 """Supervisor → worker framing: CPU µs per record, msgpack (before) vs binary frames (after).
 
-Run: ``python -m bench.micro.bench_frames [--records N] [--rounds R] [--workers W] [--json]``.
+Run: ``python -m bench.micro.bench_frames [--records N] [--round R] [--workers W] [--json]``
+(also as pytest-benchmark, on 10k records: ``pytest bench/micro/bench_frames.py
+--benchmark-only``, and in ``python -m bench --stage micro``).
 
 On a seeded `bench.workload` (shop.toml: binary JSON, binary msgpack, 20 % structured), in
 rounds of `batch_max_records` (5,000) records, with Message stand-ins that answer like
@@ -27,6 +29,7 @@ import json
 import time
 
 import msgpack
+import pytest
 
 from aggregator import _frames
 from aggregator.config import load_config
@@ -111,45 +114,39 @@ def _cpu(fn, repeat: int) -> float:
     return best
 
 
-def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--records", type=int, default=50_000)
-    ap.add_argument("--round", type=int, default=5000, help="records per consume round")
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--json", action="store_true")
-    args = ap.parse_args(argv)
-
+def setup(records: int, round_: int, workers: int):
+    """(encode variants, unpack variants, records, bytes per record) on a seeded workload;
+    checks first that msgpack and frames carry the same records."""
     cfg = load_config(wl.CONFIG_PATH, {}, env={})
     topics = cfg.topics()
     tindex = {t: i for i, t in enumerate(topics)}
     detect_topics = {s.topic for s in cfg.sources.values() if s.structured == "detect"}
     detect = [t in detect_topics for t in topics]
     max_bytes = cfg.service.max_record_bytes
-    w = wl.generate(7, args.records)
+    w = wl.generate(7, records)
     offs: dict = {}
     msgs = []
-    for topic, key, value, headers in w.records[:args.records]:
+    for topic, key, value, headers in w.records[:records]:
         part = slot_of(key) % wl.PARTITIONS if key else 0
         off = offs.get((topic, part), 0)
         offs[(topic, part)] = off + 1
         msgs.append(Msg(topic, part, off, key, value, list(headers) if headers else None,
                         1_700_000_000_000 + off))
-    rounds = [msgs[i:i + args.round] for i in range(0, len(msgs), args.round)]
+    rounds = [msgs[i:i + round_] for i in range(0, len(msgs), round_)]
     n = len(msgs)
-    bids = [1] * args.workers
+    bids = [1] * workers
     packer = msgpack.Packer(use_bin_type=True)
     fns = [None] * len(topics)
-    fast = _frames.FrameRouter(args.workers, tindex, detect, fns, max_bytes)
-    ref = FrameRouterRef(args.workers, tindex, detect, fns, max_bytes)
+    fast = _frames.FrameRouter(workers, tindex, detect, fns, max_bytes)
+    ref = FrameRouterRef(workers, tindex, detect, fns, max_bytes)
 
     enc = {
-        "msgpack": lambda: [msgpack_encode(r, tindex, detect, args.workers, max_bytes,
+        "msgpack": lambda: [msgpack_encode(r, tindex, detect, workers, max_bytes,
                                            packer, bids) for r in rounds],
         "frames (compiled)": lambda: [fast.route(r, bids, MAX_MESSAGE) for r in rounds],
         "frames (pure)": lambda: [ref.route(r, bids, MAX_MESSAGE) for r in rounds],
     }
-    old_msgs = [m for r in rounds for out in msgpack_encode(r, tindex, detect, args.workers,
+    old_msgs = [m for r in rounds for out in msgpack_encode(r, tindex, detect, workers,
                                                             max_bytes, packer, bids)
                 for m in out]
     new_msgs = [m for r in rounds for out in fast.route(r, bids, MAX_MESSAGE).messages
@@ -186,10 +183,22 @@ def main(argv=None) -> dict:
         "frames (compiled)": drain(_frames.read_frames, new_msgs),
         "frames (pure)": drain(read_frames, new_msgs),
     }
+    sizes = {"msgpack": sum(map(len, old_msgs)) / n, "frames": sum(map(len, new_msgs)) / n}
+    return enc, dec, n, sizes
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--records", type=int, default=50_000)
+    ap.add_argument("--round", type=int, default=5000, help="records per consume round")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    enc, dec, n, sizes = setup(args.records, args.round, args.workers)
     tune_gc()  # the collector's settings of the service processes
     res: dict = {"records": n, "round": args.round, "workers": args.workers,
-                 "bytes_per_record": {"msgpack": sum(map(len, old_msgs)) / n,
-                                      "frames": sum(map(len, new_msgs)) / n},
+                 "bytes_per_record": sizes,
                  "supervisor_encode_us": {}, "worker_unpack_us": {}}
     for name, fn in enc.items():
         res["supervisor_encode_us"][name] = _cpu(fn, args.repeat) / n * 1e6
@@ -207,6 +216,38 @@ def main(argv=None) -> dict:
         print("bytes per record: msgpack {msgpack:.0f}, frames {frames:.0f}".format(
             **res["bytes_per_record"]))
     return res
+
+
+# ---- pytest-benchmark (`python -m bench --stage micro`): the same variants, 10k records --
+
+VARIANTS = ["msgpack", "frames (compiled)", "frames (pure)"]
+
+
+@pytest.fixture(scope="module")
+def variants():
+    return setup(10_000, 5000, 2)
+
+
+@pytest.mark.benchmark(group="frames-supervisor-encode")
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_supervisor_encode(benchmark, variants, variant):
+    enc, _, n, _ = variants
+    benchmark(enc[variant])
+    _report(benchmark, n)
+
+
+@pytest.mark.benchmark(group="frames-worker-unpack")
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_worker_unpack(benchmark, variants, variant):
+    _, dec, n, _ = variants
+    benchmark(dec[variant])
+    _report(benchmark, n)
+
+
+def _report(benchmark, items: int) -> None:
+    stats = getattr(benchmark, "stats", None)
+    if stats is not None and stats.stats.mean:
+        benchmark.extra_info["items_per_s"] = round(items / stats.stats.mean)
 
 
 if __name__ == "__main__":
