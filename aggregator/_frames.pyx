@@ -86,6 +86,7 @@ cdef enum:
     FRAME_HEAD_SIZE = 44
     HDR_ITEM = 8
     NSLOTS = 4096
+    SCAN_BYTES = 1 << 20  # routing_key's default max_bytes: the JSON scan's limit
     MAX_DEPTH = 200
     MAX_INT_DIGITS = 640
     MAGIC = 0xC1
@@ -582,7 +583,7 @@ cdef class FrameRouter:
                 return RK_DEFER
             vp = <const uint8_t*>PyBytes_AS_STRING(value)
             vlen = PyBytes_GET_SIZE(value)
-            if vlen and vlen <= self.max_bytes and (
+            if vlen and vlen <= SCAN_BYTES and (
                     memmem(vp, vlen, b'"partitionkey"', 14) != NULL
                     or memmem(vp, vlen, b"\\u", 2) != NULL):
                 r = _scan_partitionkey(vp, vlen, &pk_at, &pk_len)
@@ -697,7 +698,7 @@ cdef class FrameRouter:
             return self.route_fns[ti](value, headers, key), False
         r = self._route_c(value, headers, key, self.detect_c[ti], &rk, &rklen)
         if r == RK_DEFER:
-            return routing_key(value, headers, key, self.max_bytes, self.detect[ti]), False
+            return routing_key(value, headers, key, detect=self.detect[ti]), False
         return (PyBytes_FromStringAndSize(rk, rklen) if r == RK_FOUND else None), True
 
     def route(self, msgs, list next_bids, Py_ssize_t max_message):
@@ -749,8 +750,7 @@ cdef class FrameRouter:
                 else:
                     r = self._route_c(value, headers, key, self.detect_c[ti], &rk, &rklen)
                     if r == RK_DEFER:
-                        pyrk = routing_key(value, headers, key, self.max_bytes,
-                                           self.detect[ti])
+                        pyrk = routing_key(value, headers, key, detect=self.detect[ti])
                 if r == RK_DEFER:
                     if pyrk is None:
                         r = RK_NONE

@@ -10,6 +10,11 @@ list the rest of it reads (`decode`).
 ``aggregator._frames`` is the compiled implementation; `FrameRouterRef` below and
 protocol.read_frames are the readable reference, run when ``AGGREGATOR_PURE_CORE=1``
 selects the pure-Python core (core.py), and the tests compare the two byte for byte.
+
+Routing is exactly what it was before frames: routing_key with its default `max_bytes`
+(1 MiB), so a structured event is scanned for its ``partitionkey`` up to 1 MiB whatever
+``service.max_record_bytes`` says (a larger record keeps routing by its Kafka key); records
+over ``max_record_bytes`` are not routed but returned as oversized (dead-lettered).
 """
 
 from __future__ import annotations
@@ -75,7 +80,7 @@ class FrameRouterRef:
                 oversized.append([ti, part, off, key, value, headers])
                 continue
             fn = self.route_fns[ti]
-            rk = (routing_key(value, headers, key, max_bytes, self.detect[ti]) if fn is None
+            rk = (routing_key(value, headers, key, detect=self.detect[ti]) if fn is None
                   else fn(value, headers, key))
             slot = slot_of(rk) if rk is not None else 0
             per[slot % n].append(pack_frame(ti, part, off, key, value, headers,

@@ -215,7 +215,7 @@ def test_compiled_routing_key_is_routing_key(value, headers, key, ti):
     _, router = routers(1)
     got, _ = router.routing_key(value, headers, key, ti)
     if ROUTE_FNS[ti] is None:
-        assert got == routing_key(value, headers, key, MAX_BYTES, DETECT[ti])
+        assert got == routing_key(value, headers, key, detect=DETECT[ti])
     else:
         assert got == _mapped_route(value, headers, key)
 
@@ -270,7 +270,7 @@ def _expected_records(msgs):
             continue
         ti = TINDEX[m.topic()]
         fn = ROUTE_FNS[ti]
-        rk = (routing_key(v, m.headers(), m.key(), MAX_BYTES, DETECT[ti]) if fn is None
+        rk = (routing_key(v, m.headers(), m.key(), detect=DETECT[ti]) if fn is None
               else fn(v, m.headers(), m.key()))
         out.append([ti, m.partition(), m.offset(), m.key(), v,
                     None if m.headers() is None else [tuple(h) for h in m.headers()],
@@ -411,3 +411,16 @@ def test_pure_core_selects_the_reference():
             "assert f.FrameRouter is f.FrameRouterRef and f.read is p.read_frames")
     subprocess.run([sys.executable, "-c", code], check=True,
                    env={"AGGREGATOR_PURE_CORE": "1", "PATH": ""})
+
+
+def test_structured_events_over_1_mib_route_by_the_kafka_key_as_before():
+    """routing_key scans at most 1 MiB (its default), whatever service.max_record_bytes."""
+    value = b'{"partitionkey":"json-pk","pad":"' + b"x" * (1 << 20) + b'"}'
+    small = b'{"partitionkey":"json-pk"}'
+    for cls in (FrameRouterRef, _frames.FrameRouter):
+        router = cls(1, TINDEX, DETECT, ROUTE_FNS, 4 << 20)
+        for v, pk in ((value, b"kafka-key"), (small, b"json-pk")):
+            m = FakeMessage("t0", 0, 1, b"kafka-key", v, STRUCTURED, 0)
+            rnd = router.route([m], [1], 8 << 20)
+            assert rnd.oversized == []
+            assert read_frames(rnd.messages[0][0])[3][0][7] == slot_of(pk)
