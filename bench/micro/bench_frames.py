@@ -6,7 +6,9 @@ Run: ``python -m bench.micro.bench_frames [--records N] [--round R] [--workers W
 
 On a seeded `bench.workload` (shop.toml: binary JSON, binary msgpack, 20 % structured), in
 rounds of `batch_max_records` (5,000) records, with Message stand-ins that answer like
-confluent_kafka.Message (their accessor calls cost the same in every variant):
+confluent_kafka.Message (Python methods: their calls cost the same in every variant), or with
+``--kafka`` real Messages consumed from the embedded broker (`headers()` then builds its
+list of tuples on every call, as in the service):
 
 - ``supervisor encode``: the consume batch → one ring message per worker. *msgpack*: the
   loop `Supervisor._dispatch` ran before binary frames (envelope.routing_key, slot_of, a
@@ -27,6 +29,7 @@ import argparse
 import gc
 import json
 import time
+import uuid
 
 import msgpack
 import pytest
@@ -114,24 +117,45 @@ def _cpu(fn, repeat: int) -> float:
     return best
 
 
-def setup(records: int, round_: int, workers: int):
+def consumed(bootstrap: str, w, records: int) -> tuple[str, list]:
+    """Load the workload into fresh topics and consume it back: real Message objects."""
+    from confluent_kafka import Consumer
+
+    prefix = f"bench-frames-{uuid.uuid4().hex[:8]}-"
+    loaded = wl.load(bootstrap, w, prefix)
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": prefix + "g",
+                  "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    c.subscribe(loaded.topics)
+    msgs: list = []
+    deadline = time.monotonic() + 300
+    while len(msgs) < records and time.monotonic() < deadline:
+        msgs.extend(m for m in c.consume(5000, 1.0) if m.error() is None)
+    c.close()
+    return prefix, msgs[:records]
+
+
+def setup(records: int, round_: int, workers: int, bootstrap: str = ""):
     """(encode variants, unpack variants, records, bytes per record) on a seeded workload;
-    checks first that msgpack and frames carry the same records."""
+    checks first that msgpack and frames carry the same records. With `bootstrap`, the
+    records are real confluent_kafka Messages consumed from that broker."""
     cfg = load_config(wl.CONFIG_PATH, {}, env={})
     topics = cfg.topics()
-    tindex = {t: i for i, t in enumerate(topics)}
     detect_topics = {s.topic for s in cfg.sources.values() if s.structured == "detect"}
     detect = [t in detect_topics for t in topics]
     max_bytes = cfg.service.max_record_bytes
     w = wl.generate(7, records)
-    offs: dict = {}
-    msgs = []
-    for topic, key, value, headers in w.records[:records]:
-        part = slot_of(key) % wl.PARTITIONS if key else 0
-        off = offs.get((topic, part), 0)
-        offs[(topic, part)] = off + 1
-        msgs.append(Msg(topic, part, off, key, value, list(headers) if headers else None,
-                        1_700_000_000_000 + off))
+    if bootstrap:
+        prefix, msgs = consumed(bootstrap, w, records)
+    else:
+        prefix, msgs = "", []
+        offs: dict = {}
+        for topic, key, value, headers in w.records[:records]:
+            part = slot_of(key) % wl.PARTITIONS if key else 0
+            off = offs.get((topic, part), 0)
+            offs[(topic, part)] = off + 1
+            msgs.append(Msg(topic, part, off, key, value, list(headers) if headers else None,
+                            1_700_000_000_000 + off))
+    tindex = {prefix + t: i for i, t in enumerate(topics)}
     rounds = [msgs[i:i + round_] for i in range(0, len(msgs), round_)]
     n = len(msgs)
     bids = [1] * workers
@@ -193,11 +217,21 @@ def main(argv=None) -> dict:
     ap.add_argument("--round", type=int, default=5000, help="records per consume round")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--kafka", action="store_true",
+                    help="real Message objects: consumed from the embedded broker")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
-    enc, dec, n, sizes = setup(args.records, args.round, args.workers)
+    if args.kafka:
+        from aggregator.devtools.broker import EmbeddedBroker
+
+        with EmbeddedBroker() as broker:
+            enc, dec, n, sizes = setup(args.records, args.round, args.workers,
+                                       broker.bootstrap_servers)
+    else:
+        enc, dec, n, sizes = setup(args.records, args.round, args.workers)
     tune_gc()  # the collector's settings of the service processes
-    res: dict = {"records": n, "round": args.round, "workers": args.workers,
+    res: dict = {"records": n, "messages": "confluent_kafka" if args.kafka else "stand-ins",
+                 "round": args.round, "workers": args.workers,
                  "bytes_per_record": sizes,
                  "supervisor_encode_us": {}, "worker_unpack_us": {}}
     for name, fn in enc.items():
@@ -207,8 +241,8 @@ def main(argv=None) -> dict:
     if args.json:
         print(json.dumps(res, indent=2))
     else:
-        print(f"{n} records, rounds of {args.round}, {args.workers} workers; CPU µs per "
-              f"record (best of {args.repeat})")
+        print(f"{n} records ({res['messages']}), rounds of {args.round}, {args.workers} "
+              f"workers; CPU µs per record (best of {args.repeat})")
         print(f"{'':22}{'supervisor encode':>20}{'worker unpack+free':>20}")
         for name in enc:
             print(f"{name:22}{res['supervisor_encode_us'][name]:>20.2f}"
