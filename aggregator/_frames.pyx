@@ -86,6 +86,7 @@ cdef enum:
     FRAME_HEAD_SIZE = 44
     HDR_ITEM = 8
     NSLOTS = 4096
+    KEEP_BYTES = 32 << 20  # a worker's frame buffer above this is freed after its round
     SCAN_BYTES = 1 << 20  # routing_key's default max_bytes: the JSON scan's limit
     MAX_DEPTH = 200
     MAX_INT_DIGITS = 640
@@ -772,6 +773,12 @@ cdef class FrameRouter:
             through[(self.thr[i].ti, self.thr[i].part)] = self.thr[i].off
         messages = [self._messages(w, next_bids[w], max_message) if self.nthr else []
                     for w in range(n)]
+        for w in range(n):  # a round of big records does not keep its memory for good
+            if self.bufs[w].cap > KEEP_BYTES:
+                PyMem_Free(self.bufs[w].p)
+                self.bufs[w].p = NULL
+                self.bufs[w].cap = 0
+            self.bufs[w].n = 0
         return Round(messages, through, counts, errors, oversized)
 
     cdef list _messages(self, int w, int64_t first_bid, Py_ssize_t max_message):
