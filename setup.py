@@ -1,5 +1,5 @@
-"""Build the compiled core, ``aggregator._core`` and ``aggregator._envelope`` (Cython);
-metadata lives in pyproject.toml.
+"""Build the compiled extensions ``aggregator._core``, ``aggregator._envelope`` and
+``aggregator._frames`` (Cython); metadata lives in pyproject.toml.
 
 The extensions are mandatory: a Cython or C compile error fails the build (no optional
 extension, no silent pure-Python install). ``AGGREGATOR_CYTHON_TRACE=1`` makes a debug
@@ -42,6 +42,12 @@ extensions = [
     Extension(
         "aggregator._envelope",
         ["aggregator/_envelope.pyx"],
+        define_macros=macros,
+        extra_compile_args=compile_args,
+    ),
+    Extension(
+        "aggregator._frames",
+        ["aggregator/_frames.pyx"],
         define_macros=macros,
         extra_compile_args=compile_args,
     ),

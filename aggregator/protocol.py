@@ -11,7 +11,8 @@ by the workers, the HTTP server and the CLI by name, `ring_names`/`hist_segment_
 - ``{prefix}-p{a}-{b}``: worker a → worker b, forwarded view updates (`peer_ring_bytes`);
 - ``{prefix}-hist``: the commit-latency histogram (metrics.record_commit has the row layout).
 
-Ring messages are msgpack arrays (`pack`/`unpack`), the first element their kind:
+Ring messages are msgpack arrays (`pack`/`unpack`), the first element their kind, except
+the records message of normal mode, which is binary frames (below):
 
 - ``[MSG_RECORDS, batch id, through-offsets, records]``: supervisor → worker. The
   through-offsets ``[[topic index, partition, offset], ...]`` are the last offsets of the
@@ -22,6 +23,25 @@ Ring messages are msgpack arrays (`pack`/`unpack`), the first element their kind
 - ``[MSG_RESTORE, request id, [task, ...]]``, ``[MSG_DROP, request id, [task, ...]]``:
   cluster mode, supervisor → worker (task_worker.py).
 - ``[MSG_STOP]``: supervisor → worker: commit what came before, then exit 0.
+
+Frames (normal mode's records message; its first byte, `FRAMES_MAGIC` = 0xC1, is one no
+msgpack message starts with). Little-endian, no padding:
+
+- message head (`FRAMES_HEAD`, 24 bytes): magic u8, version u8 (`FRAMES_VERSION`), 0 u16,
+  record count u32, batch id i64, through-offset count u32, 0 u32;
+- the through-offsets (`FRAMES_THROUGH`, 16 bytes each): topic index i32, partition i32,
+  offset i64;
+- one frame per record: a fixed head (`FRAME_HEAD`, 44 bytes): frame length u32 (head
+  included), topic index i32, partition i32, slot u16, 0 u16, offset i64, timestamp i64, key
+  length i32, value length i32, header count i32 (-1 for None: no key, value, header list),
+  then the key bytes, the value bytes, and per header (`FRAME_HEADER`, 8 bytes) name length
+  i32, value length i32 (-1: None), name (UTF-8; a name that is not UTF-8 travels as
+  ``surrogateescape`` decodes it), value.
+
+A reader turns a frames message into the msgpack message's list, `read_frames` here
+(struct-based: the reference) or its compiled twin (frames.py chooses), with each header
+a ``(name, value)`` tuple. The supervisor writes frames with frames.FrameRouter; tests and
+benches that play the supervisor with records at hand use `frame_messages`.
 
 Records are positional lists (no object per record on the hot path); the field positions are
 the ``REC_*`` constants: 8 fields in normal mode, 10 in cluster mode (the tasks-topic task
@@ -36,6 +56,7 @@ respawned: the service stops), `FENCED_EXIT` (a newer worker of the shard booted
 from __future__ import annotations
 
 import json
+import struct
 
 import msgpack
 
@@ -107,6 +128,118 @@ def frame_records(packer, records: list, thr: list, first_bid: int, max_message:
             continue
         yield bid, msg, last
         bid += 1
+
+
+FRAMES_MAGIC = 0xC1  # never the first byte of a msgpack message
+FRAMES_VERSION = 1
+FRAMES_HEAD = struct.Struct("<BBHIqII")
+FRAMES_THROUGH = struct.Struct("<iiq")
+FRAME_HEAD = struct.Struct("<IiiHHqqiii")
+FRAME_HEADER = struct.Struct("<ii")
+_NONE_LEN = -1
+
+
+def pack_frame(ti: int, part: int, off: int, key, value, headers, ts: int, slot: int) -> bytes:
+    """One record's frame (the module docstring has the layout)."""
+    parts = [b"", b"" if key is None else bytes(key), b"" if value is None else bytes(value)]
+    if headers is not None:
+        for name, hv in headers:
+            nb = name.encode("utf-8", "surrogateescape")
+            vb = b"" if hv is None else bytes(hv)
+            parts.append(FRAME_HEADER.pack(len(nb), _NONE_LEN if hv is None else len(vb)))
+            parts.append(nb)
+            parts.append(vb)
+    size = FRAME_HEAD.size + sum(len(p) for p in parts)
+    parts[0] = FRAME_HEAD.pack(
+        size, ti, part, slot, 0, off, ts, _NONE_LEN if key is None else len(parts[1]),
+        _NONE_LEN if value is None else len(parts[2]),
+        _NONE_LEN if headers is None else len(headers))
+    return b"".join(parts)
+
+
+def frame_messages(frames: list, thr: list, first_bid: int, max_message: int) -> list:
+    """One worker's frames of a round as ring messages: as many frames per message as fit in
+    `max_message` with the through-offsets' room kept (a frame alone may not fit; at least one
+    message, even without frames). Batch ids count from `first_bid`; only the last message
+    carries the through-offsets `thr` ([[topic index, partition, offset], ...])."""
+    room = max_message - FRAMES_HEAD.size - FRAMES_THROUGH.size * len(thr)
+    chunks: list = [[]]
+    size = 0
+    for f in frames:
+        if chunks[-1] and size + len(f) > room:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(f)
+        size += len(f)
+    out = []
+    for i, chunk in enumerate(chunks):
+        last = i == len(chunks) - 1
+        t = thr if last else ()
+        head = FRAMES_HEAD.pack(FRAMES_MAGIC, FRAMES_VERSION, 0, len(chunk), first_bid + i,
+                                len(t), 0)
+        out.append(b"".join([head, *(FRAMES_THROUGH.pack(*x) for x in t), *chunk]))
+    return out
+
+
+def read_frames(msg) -> list:
+    """A frames message as ``[MSG_RECORDS, batch id, through-offsets, records]``, the
+    records REC_* lists (the reference reader; ValueError if the message is malformed)."""
+    mv = memoryview(msg).cast("B")
+    if len(mv) < FRAMES_HEAD.size:
+        raise ValueError("frames message: truncated head")
+    magic, version, _, count, bid, nthr, _ = FRAMES_HEAD.unpack_from(mv, 0)
+    if magic != FRAMES_MAGIC or version != FRAMES_VERSION:
+        raise ValueError(f"frames message: magic {magic:#x} version {version}")
+    pos = FRAMES_HEAD.size
+    if pos + nthr * FRAMES_THROUGH.size > len(mv):
+        raise ValueError("frames message: truncated through-offsets")
+    thr = []
+    for _ in range(nthr):
+        thr.append(list(FRAMES_THROUGH.unpack_from(mv, pos)))
+        pos += FRAMES_THROUGH.size
+    records = []
+    for _ in range(count):
+        if pos + FRAME_HEAD.size > len(mv):
+            raise ValueError("frames message: truncated frame head")
+        size, ti, part, slot, _, off, ts, klen, vlen, hcount = FRAME_HEAD.unpack_from(mv, pos)
+        end = pos + size
+        if size < FRAME_HEAD.size or end > len(mv):
+            raise ValueError("frames message: bad frame length")
+        p = pos + FRAME_HEAD.size
+
+        def take(n):
+            nonlocal p
+            if n == _NONE_LEN:
+                return None
+            if n < 0 or p + n > end:
+                raise ValueError("frames message: field beyond its frame")
+            b = bytes(mv[p:p + n])
+            p += n
+            return b
+
+        key = take(klen)
+        value = take(vlen)
+        headers = None
+        if hcount != _NONE_LEN:
+            if hcount < 0:
+                raise ValueError("frames message: bad header count")
+            headers = []
+            for _ in range(hcount):
+                if p + FRAME_HEADER.size > end:
+                    raise ValueError("frames message: field beyond its frame")
+                nlen, hvlen = FRAME_HEADER.unpack_from(mv, p)
+                p += FRAME_HEADER.size
+                name = take(nlen)
+                if name is None:
+                    raise ValueError("frames message: header without a name")
+                headers.append((name.decode("utf-8", "surrogateescape"), take(hvlen)))
+        if p != end:
+            raise ValueError("frames message: frame length does not match its fields")
+        records.append([ti, part, off, key, value, headers, ts, slot])
+        pos = end
+    if pos != len(mv):
+        raise ValueError("frames message: bytes after the last frame")
+    return [MSG_RECORDS, bid, thr, records]
 
 
 def through_list(through: dict) -> list:

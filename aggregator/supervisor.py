@@ -1,8 +1,9 @@
 """The supervisor: consumes Kafka, routes records to workers, owns the worker lifecycle.
 
 Routing: the routing key (`partitionkey` extension, else the Kafka key) → slot → worker; one
-ring message per worker per consumed round, carrying that worker's records and the round's
-"through" offsets (the last offset consumed per partition). A worker that commits a message
+ring message per worker per consumed round, carrying that worker's records as binary frames
+(frames.FrameRouter, compiled; protocol.py has the format) and the round's "through" offsets
+(the last offset consumed per partition). A worker that commits a message
 has durably handled everything routed to it up to those offsets.
 
 Commit (see checkpoint.py): Kafka offsets are committed only up to the minimum over workers
@@ -43,8 +44,8 @@ from .client_check import check_client_settings
 from .config import Config
 from .control import Slot
 from .deadletter import DeadLetters
-from .envelope import routing_key
 from .faults import fault_point
+from .frames import FrameRouter
 from .kafka_clients import KafkaSettingsError, quiet
 from .mapping import plans_by_topic, route
 from .metrics import partition_label, remove_status, write_status
@@ -56,7 +57,6 @@ from .protocol import (
     peer_ring_bytes,
 )
 from .ring import Ring, cleanup_stale, segment_prefix
-from .routing import slot_of
 from .runtime import tune_gc
 from .segments import OWNER_SUFFIX, SegmentOwner, SegmentOwnerError, sweep_orphans
 from .server import ServerStartError, start_server_process
@@ -131,6 +131,9 @@ class Supervisor:
         self.detect = [t in detect for t in self.topics]
         # per topic index: the input mapping of a non-CloudEvents source (mapping.route)
         self.maps = plans_by_topic(config, self.topics)
+        self.source_of = [config.source_by_topic(t)[0] if t in config.topics() else None
+                          for t in self.topics]
+        self.router = None if config.cluster.enabled else self._new_router()
         self.handles = [WorkerHandle(i) for i in range(self.workers)]
         self.stop_requested = False
         self.aborting = False  # _abort: the revoke of consumer.close() must not drain
@@ -485,56 +488,49 @@ class Supervisor:
                 time.sleep(0.002)
 
     def _dispatch(self, msgs: list) -> None:
-        n, tindex, max_bytes = self.workers, self.tindex, self.svc.max_record_bytes
-        per: list[list] = [[] for _ in range(n)]
-        through: dict[tuple[int, int], int] = {}
-        oversized = False
-        last_topic, ti, run = None, -1, 0
-        counts: dict[str, int] = {}
-        for m in msgs:
-            if m.error() is not None:
-                err = m.error()
-                if err.code() != KafkaError._PARTITION_EOF:
-                    self._consumer_error(err)
-                continue
-            topic = m.topic()
-            if topic is not last_topic:
-                if last_topic is not None:
-                    counts[last_topic] = counts.get(last_topic, 0) + run
-                last_topic, ti, run = topic, tindex[topic], 0
-            run += 1
-            part, off = m.partition(), m.offset()
-            through[(ti, part)] = off
-            value, key, headers = m.value(), m.key(), m.headers()
-            if value is not None and len(value) > max_bytes:
-                self.dlq.too_large([ti, part, off, key, value, headers], max_bytes)
-                oversized = True
-                continue
-            plan = self.maps[ti]
-            rk = (routing_key(value, headers, key, detect=self.detect[ti]) if plan is None
-                  else route(plan, value, headers, key, max_bytes))
-            slot = slot_of(rk) if rk is not None else 0
-            per[slot % n].append((ti, part, off, key, value, headers, m.timestamp()[1], slot))
-        if last_topic is not None:
-            counts[last_topic] = counts.get(last_topic, 0) + run
-        for topic, c in counts.items():
-            self.events_in[self.cfg.source_by_topic(topic)[0]] += c
-        if oversized:
+        """Route and frame a consumed batch (frames.FrameRouter): one ring message per
+        worker (more if it does not fit), every one of the round's through-offsets on the
+        last; errors, oversized records and the per-source counts are handled here."""
+        max_bytes = self.svc.max_record_bytes
+        rnd = self.router.route(msgs, [h.next_batch for h in self.handles], self.max_message)
+        for err in rnd.errors:
+            if err.code() != KafkaError._PARTITION_EOF:
+                self._consumer_error(err)
+        for rec in rnd.oversized:
+            self.dlq.too_large(rec, max_bytes)
+        for ti, c in enumerate(rnd.counts):
+            if c:
+                self.events_in[self.source_of[ti]] += c
+        if rnd.oversized:
             self.dlq.deliver(lambda: None)  # before these offsets can be committed
+        through = rnd.through
         if not through:
             return
         self.stats.consumed += len(msgs)
         for tp, off in through.items():
             self.next_offset[tp] = off + 1
-        thr = [[ti, p, o] for (ti, p), o in through.items()]
         for h in self.handles:
             ring = self.inbound[h.index]
-            for bid, msg, last in self._encode(h, per[h.index], thr):
-                self.checkpoint.dispatched(h.index, bid, through if last else None)
+            out = rnd.messages[h.index]
+            for i, msg in enumerate(out):
+                last = i == len(out) - 1
+                self.checkpoint.dispatched(h.index, h.next_batch, through if last else None)
+                h.next_batch += 1
                 if h.pending or not ring.try_put(msg):
                     h.pending.append(msg)
         if any(h.pending for h in self.handles):
             self._set_paused(True)
+
+    def _new_router(self):
+        """The route-and-frame step of normal mode (frames.py): a source with an input
+        mapping routes by its `mapping.route`, the others by envelope.routing_key's rules."""
+        max_bytes = self.svc.max_record_bytes
+
+        def mapped(plan):
+            return lambda value, headers, key: route(plan, value, headers, key, max_bytes)
+
+        fns = [None if plan is None else mapped(plan) for plan in self.maps]
+        return FrameRouter(self.workers, self.tindex, self.detect, fns, max_bytes)
 
     def _encode(self, h: WorkerHandle, records: list, thr: list):
         """(batch id, message, is last) for one worker's records of a round: one message,

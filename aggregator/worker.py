@@ -49,6 +49,7 @@ from .control import TOTAL_SLOTS, ControlBlock, Slot
 from .deadletter import DeadLetters
 from .envelope import EnvelopeError
 from .faults import fault_flag, fault_point
+from .frames import decode
 from .mapping import apply as apply_mapping
 from .mapping import plans_by_topic
 from .metrics import record_commit
@@ -289,7 +290,7 @@ class Worker(DedupStage, GateStage, RouteStage, LinksStage):
                 self.inbound.wait(0.05 if self.publisher is None or
                                   not self.publisher.backlog else 0.005)
                 continue
-            stop = self._process_ring([unpack(m) for m in sup], peers)
+            stop = self._process_ring([decode(m) for m in sup], peers)
             if stop:
                 self.stopping = True
                 self._pump_outbox()

@@ -40,7 +40,7 @@ log = logging.getLogger("bench")
 STAGES = ("e2e", "worker", "ring", "micro")
 MICRO_FILES = [
     "bench/micro/bench_core.py", "bench/micro/bench_ring_micro.py", "bench/micro/bench_batch.py",
-    "bench/micro/bench_parse.py",
+    "bench/micro/bench_parse.py", "bench/micro/bench_frames.py",
 ]
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -2,7 +2,7 @@
 
 The test plays the supervisor: it creates the shared-memory segments (protocol.create_segments),
 turns simulated Kafka records into ring messages the way `Supervisor._dispatch` does
-(protocol.frame_records), and moves forwarded
+(protocol.frame_messages, binary frames), and moves forwarded
 view updates between workers by reading each worker's inbound peer rings.
 """
 
@@ -30,7 +30,15 @@ from aggregator.control import TOTAL_SLOTS, Slot
 from aggregator.devtools import simulate
 from aggregator.devtools.encoder import to_binary
 from aggregator.envelope import parse, routing_key
-from aggregator.protocol import REC_SLOT, create_segments, frame_records, through_list, unpack
+from aggregator.frames import decode
+from aggregator.protocol import (
+    REC_SLOT,
+    create_segments,
+    frame_messages,
+    pack_frame,
+    through_list,
+    unpack,
+)
 from aggregator.routing import identity_hash, slot_of, worker_of
 from aggregator.store import STORAGE_ERRORS as STORAGE_ERRNOS
 from aggregator.store import Shard, ShardError, read_views, shard_path
@@ -207,13 +215,14 @@ class Cluster:
             through[tp] = max(through.get(tp, -1), r[2])
         thr = through_list(through)
         for i, w in enumerate(self.workers):
-            # framed as the supervisor frames them (one message: the ring takes it whole),
-            # through a msgpack round trip, exactly as the ring carries it
-            (bid, msg, _), = frame_records(PACKER, per[i], thr, self.next_batch[i],
-                                           self.segments.inbound[i].max_message)
+            # in binary frames, as the supervisor writes them (one message: the ring takes
+            # it whole), read back as the worker reads what the ring carries
+            msg, = frame_messages([pack_frame(*r) for r in per[i]], thr, self.next_batch[i],
+                                  self.segments.inbound[i].max_message)
+            bid = self.next_batch[i]
             self.next_batch[i] = bid + 1
             peers, self.pending[i] = self.pending[i], []
-            w.process([unpack(msg)], peers)
+            w.process([decode(msg)], peers)
             assert w.ctl.get(i, Slot.ACK_BATCH) == bid
             self.pump()
 
@@ -719,14 +728,14 @@ def test_malformed_records_are_dead_lettered(make_cluster, workload, oracle, n):
     sent = [x for q in c.dlqs for x in q.sent]
     assert sorted(r for _, r, _ in sent) == sorted(b.reason for b in bad)
     # the dead-lettered record is the ring record (topic index, partition, offset, key,
-    # value, headers): find each bad record by its position
+    # value, headers as (name, value) tuples): find each bad record by its position
     by_pos = {(rec[0], rec[1], rec[2]): (rec, reason) for rec, reason, _ in sent}
     for b in bad:
         pos = mixed.index(tuple(b[:4]))
         r = recs[pos]
         rec, reason = by_pos[(r[0], r[1], r[2])]
         assert reason == b.reason, b
-        assert (rec[3], bytes(rec[4]), rec[5]) == (b.key, b.value, [list(h) for h in b.headers])
+        assert (rec[3], bytes(rec[4]), rec[5]) == (b.key, b.value, [tuple(h) for h in b.headers])
     assert c.total(Slot.DEADLETTERED) == len(bad)
     assert all(q.flushes > 0 for q in c.dlqs if q.sent)
     # the batches still committed every good record, and every offset

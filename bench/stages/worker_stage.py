@@ -2,8 +2,8 @@
 
 The supervisor is taken out of the way: the harness pre-encodes, before the clock starts, the
 ring messages the supervisor would send for the workload (rounds of `batch_max_records`
-records, one message per worker per round: ``[1, batch id, through-offsets, records]``, each
-record ``[topic idx, partition, offset, key, value, headers, ts, slot]``, routed by
+records, one message per worker per round in binary frames (protocol.py), each record's
+frame carrying topic idx, partition, offset, key, value, headers, ts and slot, routed by
 ``slot % workers``), then starts real worker processes
 (`aggregator.worker_process.worker_main`, the same entry point the supervisor spawns) on real
 rings and a control block, and copies the messages into their rings as fast as the rings take
@@ -31,7 +31,13 @@ import msgpack
 from aggregator.config import load_config
 from aggregator.control import ControlBlock, Slot
 from aggregator.envelope import routing_key
-from aggregator.protocol import MSG_RECORDS, MSG_STOP, create_segments, peer_ring_bytes
+from aggregator.protocol import (
+    MSG_STOP,
+    create_segments,
+    frame_messages,
+    pack_frame,
+    peer_ring_bytes,
+)
 from aggregator.ring import Ring, cleanup_stale
 from aggregator.routing import slot_of
 from aggregator.worker_process import worker_main
@@ -79,30 +85,14 @@ def encode_rounds(records: list, workers: int, topics: list[str], round_size: in
             through[(ti, part)] = off
             rk = routing_key(value, headers, key)
             slot = slot_of(rk) if rk is not None else 0
-            per[slot % workers].append([ti, part, off, key, value, headers, ts + off, slot])
+            per[slot % workers].append(pack_frame(ti, part, off, key, value, headers, ts + off,
+                                                  slot))
         thr = [[ti, p, o] for (ti, p), o in through.items()]
         for w in range(workers):
-            chunks = _split(per[w], max_message - 4096)
-            for k, chunk in enumerate(chunks):
-                last = k == len(chunks) - 1
-                out[w].append(msgpack.packb([MSG_RECORDS, bids[w], thr if last else [], chunk],
-                                            use_bin_type=True))
-                bids[w] += 1
+            msgs = frame_messages(per[w], thr, bids[w], max_message)
+            out[w].extend(msgs)
+            bids[w] += len(msgs)
     return out
-
-
-def _split(records: list, limit: int) -> list[list]:
-    chunks: list[list] = [[]]
-    size = 0
-    for r in records:
-        rs = len(r[4] or b"") + len(r[3] or b"") + 64 + sum(len(k) + len(v or b"")
-                                                          for k, v in r[5] or ())
-        if chunks[-1] and size + rs > limit:
-            chunks.append([])
-            size = 0
-        chunks[-1].append(r)
-        size += rs
-    return chunks
 
 
 def measure_stage(workload, oracle: dict, workers: int, *, timeout: float = 1800,

@@ -1,0 +1,941 @@
+# cython: language_level=3
+"""Compiled route-and-frame (supervisor) and frame reader (worker).
+
+The fast twin of ``frames.FrameRouterRef`` and ``protocol.read_frames`` (read them first:
+they are the specification; the tests compare both byte for byte). ``frames.py`` chooses.
+
+Routing follows ``envelope.routing_key`` on the records it can decide exactly in C: str
+header names in ASCII, bytes values, and for a structured event a strict JSON scan of the
+top-level object (UTF-8 checked like ``bytes.decode``, the grammar of the stdlib's C
+scanner, the last ``"partitionkey"`` member wins as in a dict). Anything else — a name
+outside ASCII, a key or partition key written with escapes, an integer of more than 640
+digits (Python's int limit is configurable above that), nesting deeper than 200 — is
+handed to ``routing_key`` itself, so the outcome is the same by construction. The slot is
+``XXH3_64bits(key) % 4096``, called in the xxhash library the ``xxhash`` package ships
+(checked against ``xxhash.xxh3_64_intdigest`` at import).
+
+Frames are written into one growing C buffer per worker and cut into ring messages at the
+end of the round. Inner loops run on raw pointers whose bounds are checked explicitly.
+"""
+
+cimport cython
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE, PyList_New, PyList_SET_ITEM
+from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
+from cpython.object cimport PyObject
+from cpython.ref cimport Py_INCREF, Py_XDECREF
+from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE, PyTuple_New, PyTuple_SET_ITEM
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.string cimport memcmp, memcpy, memset
+
+import ctypes
+
+import xxhash
+import xxhash._xxhash
+
+from aggregator.envelope import _JSON, _classify, _hstr_or_none, routing_key
+from aggregator.protocol import (
+    FRAME_HEAD,
+    FRAME_HEADER,
+    FRAMES_HEAD,
+    FRAMES_MAGIC,
+    FRAMES_THROUGH,
+    FRAMES_VERSION,
+    MSG_RECORDS,
+)
+
+cdef extern from "Python.h":
+    const char* PyUnicode_AsUTF8AndSize(object, Py_ssize_t*) except NULL
+    bint PyUnicode_IS_ASCII(object)
+    object PyUnicode_DecodeUTF8(const char*, Py_ssize_t, const char*)
+    object PyLong_FromLongLong(long long)
+
+cdef extern from "string.h" nogil:
+    void* memmem(const void*, size_t, const void*, size_t)
+
+ctypedef uint64_t (*xxh3_fn)(const void*, size_t) noexcept nogil
+
+cdef xxh3_fn _xxh3 = NULL
+
+
+def _bind_xxh3():
+    """Find XXH3_64bits in the extension of the ``xxhash`` package (loaded already)."""
+    global _xxh3
+    lib = ctypes.CDLL(xxhash._xxhash.__file__)
+    cdef size_t addr = ctypes.cast(lib.XXH3_64bits, ctypes.c_void_p).value
+    _xxh3 = <xxh3_fn>addr
+    for probe in (b"", b"a", b"customer-000001", bytes(range(256)) * 3):
+        if xxh3_64(probe) != xxhash.xxh3_64_intdigest(probe):
+            raise ImportError("aggregator._frames: XXH3_64bits of the xxhash package does not "
+                              "match xxhash.xxh3_64_intdigest")
+
+
+def xxh3_64(bytes b) -> int:
+    """XXH3_64bits of `b` through the bound library function (tests compare)."""
+    return _xxh3(PyBytes_AS_STRING(b), PyBytes_GET_SIZE(b))
+
+
+_bind_xxh3()
+
+assert FRAMES_HEAD.size == 24 and FRAMES_THROUGH.size == 16
+assert FRAME_HEAD.size == 44 and FRAME_HEADER.size == 8
+
+cdef enum:
+    MSG_HEAD = 24
+    THR_SIZE = 16
+    FRAME_HEAD_SIZE = 44
+    HDR_ITEM = 8
+    NSLOTS = 4096
+    KEEP_BYTES = 32 << 20  # a worker's frame buffer above this is freed after its round
+    SCAN_BYTES = 1 << 20  # routing_key's default max_bytes: the JSON scan's limit
+    MAX_DEPTH = 200
+    MAX_INT_DIGITS = 640
+    MAGIC = 0xC1
+    VERSION = 1
+
+# routing outcomes of the C path
+cdef enum:
+    RK_NONE = 0
+    RK_FOUND = 1
+    RK_DEFER = 2
+
+# ---- little-endian stores and loads (x86-64: unaligned memcpy is one move) ---------------
+
+assert FRAMES_MAGIC == MAGIC and FRAMES_VERSION == VERSION
+
+
+cdef inline void _st32(char* p, uint32_t v) noexcept nogil:
+    memcpy(p, &v, 4)
+
+cdef inline void _st16(char* p, uint16_t v) noexcept nogil:
+    memcpy(p, &v, 2)
+
+cdef inline void _st64(char* p, int64_t v) noexcept nogil:
+    memcpy(p, &v, 8)
+
+cdef inline uint32_t _ld32(const char* p) noexcept nogil:
+    cdef uint32_t v
+    memcpy(&v, p, 4)
+    return v
+
+cdef inline int32_t _ldi32(const char* p) noexcept nogil:
+    cdef int32_t v
+    memcpy(&v, p, 4)
+    return v
+
+cdef inline uint16_t _ld16(const char* p) noexcept nogil:
+    cdef uint16_t v
+    memcpy(&v, p, 2)
+    return v
+
+cdef inline int64_t _ld64(const char* p) noexcept nogil:
+    cdef int64_t v
+    memcpy(&v, p, 8)
+    return v
+
+
+# ---- UTF-8 and JSON: what bytes.decode("utf-8") and the stdlib's C scanner accept --------
+
+cdef bint _utf8_ok(const uint8_t* s, Py_ssize_t n) noexcept nogil:
+    """Strict UTF-8 (no overlongs, no surrogates, at most U+10FFFF), as bytes.decode."""
+    cdef Py_ssize_t i = 0
+    cdef uint8_t c, c1
+    while i < n:
+        c = s[i]
+        if c < 0x80:
+            i += 1
+            continue
+        if c < 0xC2:
+            return False
+        if c < 0xE0:
+            if i + 1 >= n or (s[i + 1] & 0xC0) != 0x80:
+                return False
+            i += 2
+            continue
+        if c < 0xF0:
+            if i + 2 >= n:
+                return False
+            c1 = s[i + 1]
+            if (c1 & 0xC0) != 0x80 or (s[i + 2] & 0xC0) != 0x80:
+                return False
+            if c == 0xE0 and c1 < 0xA0:
+                return False
+            if c == 0xED and c1 >= 0xA0:
+                return False
+            i += 3
+            continue
+        if c < 0xF5:
+            if i + 3 >= n:
+                return False
+            c1 = s[i + 1]
+            if ((c1 & 0xC0) != 0x80 or (s[i + 2] & 0xC0) != 0x80
+                    or (s[i + 3] & 0xC0) != 0x80):
+                return False
+            if c == 0xF0 and c1 < 0x90:
+                return False
+            if c == 0xF4 and c1 >= 0x90:
+                return False
+            i += 4
+            continue
+        return False
+    return True
+
+
+cdef inline bint _hex(uint8_t c) noexcept nogil:
+    return (c >= 48 and c <= 57) or (c >= 65 and c <= 70) or (c >= 97 and c <= 102)
+
+
+cdef inline bint _digit(uint8_t c) noexcept nogil:
+    return c >= 48 and c <= 57
+
+
+cdef inline Py_ssize_t _ws(const uint8_t* s, Py_ssize_t i, Py_ssize_t n) noexcept nogil:
+    while i < n and (s[i] == 32 or s[i] == 9 or s[i] == 10 or s[i] == 13):
+        i += 1
+    return i
+
+
+cdef struct Scan:
+    const uint8_t* s
+    Py_ssize_t n
+    bint defer  # a case the C path leaves to Python (see the module docstring)
+
+
+cdef Py_ssize_t _string(Scan* sc, Py_ssize_t i, bint* escaped) noexcept nogil:
+    """At the opening quote: the index after the closing quote, or -1 (invalid)."""
+    cdef const uint8_t* s = sc.s
+    cdef Py_ssize_t n = sc.n
+    cdef uint8_t c
+    escaped[0] = False
+    i += 1
+    while i < n:
+        c = s[i]
+        if c == 34:  # "
+            return i + 1
+        if c == 92:  # backslash
+            escaped[0] = True
+            if i + 1 >= n:
+                return -1
+            c = s[i + 1]
+            if c == 117:  # u
+                if i + 5 >= n or not (_hex(s[i + 2]) and _hex(s[i + 3]) and _hex(s[i + 4])
+                                      and _hex(s[i + 5])):
+                    return -1
+                i += 6
+                continue
+            if (c == 34 or c == 92 or c == 47 or c == 98 or c == 102 or c == 110
+                    or c == 114 or c == 116):
+                i += 2
+                continue
+            return -1
+        if c < 32:
+            return -1
+        i += 1
+    return -1
+
+
+cdef Py_ssize_t _number(Scan* sc, Py_ssize_t i) noexcept nogil:
+    """A JSON number at i: the index after it, or -1."""
+    cdef const uint8_t* s = sc.s
+    cdef Py_ssize_t n = sc.n
+    cdef Py_ssize_t start, e
+    cdef bint is_float = False
+    if s[i] == 45:  # -
+        i += 1
+        if i >= n:
+            return -1
+    start = i
+    if s[i] >= 49 and s[i] <= 57:
+        i += 1
+        while i < n and _digit(s[i]):
+            i += 1
+    elif s[i] == 48:
+        i += 1
+    else:
+        return -1
+    if i + 1 < n and s[i] == 46 and _digit(s[i + 1]):  # .digit
+        is_float = True
+        i += 2
+        while i < n and _digit(s[i]):
+            i += 1
+    if i < n and (s[i] == 101 or s[i] == 69):  # e E
+        e = i
+        i += 1
+        if i < n and (s[i] == 45 or s[i] == 43):
+            i += 1
+        if i < n and _digit(s[i]):
+            is_float = True
+            while i < n and _digit(s[i]):
+                i += 1
+        else:
+            i = e
+    if not is_float and i - start > MAX_INT_DIGITS:
+        sc.defer = True
+    return i
+
+
+cdef Py_ssize_t _value(Scan* sc, Py_ssize_t i, int depth) noexcept nogil:
+    """A JSON value at i (no leading whitespace): the index after it, or -1."""
+    cdef const uint8_t* s = sc.s
+    cdef Py_ssize_t n = sc.n
+    cdef uint8_t c
+    cdef bint esc
+    if i >= n:
+        return -1
+    c = s[i]
+    if c == 34:
+        return _string(sc, i, &esc)
+    if c == 123 or c == 91:  # { [
+        if depth >= MAX_DEPTH:
+            sc.defer = True
+            return -1
+        return _container(sc, i, depth + 1)
+    if c == 116:  # true
+        return i + 4 if i + 4 <= n and memcmp(s + i, b"true", 4) == 0 else -1
+    if c == 102:
+        return i + 5 if i + 5 <= n and memcmp(s + i, b"false", 5) == 0 else -1
+    if c == 110:
+        return i + 4 if i + 4 <= n and memcmp(s + i, b"null", 4) == 0 else -1
+    if c == 45 or _digit(c):
+        return _number(sc, i)
+    return -1  # NaN, Infinity (parse_constant rejects them) and everything else
+
+
+cdef Py_ssize_t _container(Scan* sc, Py_ssize_t i, int depth) noexcept nogil:
+    cdef const uint8_t* s = sc.s
+    cdef Py_ssize_t n = sc.n
+    cdef bint obj = s[i] == 123
+    cdef uint8_t close = 125 if obj else 93
+    cdef bint esc
+    i = _ws(s, i + 1, n)
+    if i < n and s[i] == close:
+        return i + 1
+    while True:
+        if obj:
+            if i >= n or s[i] != 34:
+                return -1
+            i = _string(sc, i, &esc)
+            if i < 0:
+                return -1
+            i = _ws(s, i, n)
+            if i >= n or s[i] != 58:  # :
+                return -1
+            i = _ws(s, i + 1, n)
+        i = _value(sc, i, depth)
+        if i < 0:
+            return -1
+        i = _ws(s, i, n)
+        if i >= n:
+            return -1
+        if s[i] == close:
+            return i + 1
+        if s[i] != 44:  # ,
+            return -1
+        i = _ws(s, i + 1, n)
+
+
+cdef int _scan_partitionkey(const uint8_t* s, Py_ssize_t n, Py_ssize_t* pk_at,
+                            Py_ssize_t* pk_len) noexcept nogil:
+    """The ``partitionkey`` of a structured event (the whole value, already known to hold
+    ``"partitionkey"`` or ``\\u``): RK_FOUND with the string's bytes, RK_NONE (not a JSON
+    object, no such member, not a non-empty string: the Kafka key applies), or RK_DEFER."""
+    cdef Scan sc
+    cdef Py_ssize_t i, k0, k1, v0, v1
+    cdef bint esc, have = False, pk_esc = False
+    if n == 0 or s[0] != 123:
+        return RK_NONE
+    if not _utf8_ok(s, n):
+        return RK_NONE
+    sc.s, sc.n, sc.defer = s, n, False
+    i = _ws(s, 1, n)
+    if i < n and s[i] == 125:
+        return RK_NONE
+    while True:
+        if i >= n or s[i] != 34:
+            return RK_DEFER if sc.defer else RK_NONE
+        k0 = i
+        i = _string(&sc, i, &esc)
+        if i < 0:
+            return RK_NONE
+        k1 = i
+        if esc:
+            sc.defer = True  # the name may spell partitionkey with escapes
+        i = _ws(s, i, n)
+        if i >= n or s[i] != 58:
+            return RK_DEFER if sc.defer else RK_NONE
+        i = _ws(s, i + 1, n)
+        v0 = i
+        i = _value(&sc, i, 1)
+        if i < 0:
+            return RK_DEFER if sc.defer else RK_NONE
+        if k1 - k0 == 14 and memcmp(s + k0, b'"partitionkey"', 14) == 0:
+            if s[v0] == 34:
+                have = True
+                pk_at[0] = v0 + 1
+                pk_len[0] = i - v0 - 2
+                pk_esc = memchr_backslash(s + v0 + 1, i - v0 - 2)
+            else:
+                have = False
+        i = _ws(s, i, n)
+        if i >= n:
+            return RK_DEFER if sc.defer else RK_NONE
+        if s[i] == 125:
+            break
+        if s[i] != 44:
+            return RK_DEFER if sc.defer else RK_NONE
+        i = _ws(s, i + 1, n)
+    if sc.defer:
+        return RK_DEFER
+    if not have or pk_len[0] == 0:
+        return RK_NONE
+    if pk_esc:
+        return RK_DEFER  # escapes: Python decodes them (and rejects lone surrogates)
+    return RK_FOUND
+
+
+cdef inline bint memchr_backslash(const uint8_t* s, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n):
+        if s[i] == 92:
+            return True
+    return False
+
+
+# ---- header names -----------------------------------------------------------------------
+
+cdef inline bint _ieq(const char* a, const char* lower, Py_ssize_t n) noexcept nogil:
+    """ASCII case-insensitive equality of a with the lower-case `lower` (n bytes)."""
+    cdef Py_ssize_t i
+    cdef char c
+    for i in range(n):
+        c = a[i]
+        if c >= 65 and c <= 90:
+            c = c + 32
+        if c != lower[i]:
+            return False
+    return True
+
+
+# ---- the per-worker buffers ----------------------------------------------------------------
+
+cdef struct Buf:
+    char* p
+    Py_ssize_t n
+    Py_ssize_t cap
+
+
+cdef int _reserve(Buf* b, Py_ssize_t extra) except -1:
+    cdef Py_ssize_t cap
+    cdef char* p
+    if b.n + extra <= b.cap:
+        return 0
+    cap = max(b.cap * 2, b.n + extra, 1 << 16)
+    p = <char*>PyMem_Realloc(b.p, cap)
+    if p == NULL:
+        raise MemoryError()
+    b.p = p
+    b.cap = cap
+    return 0
+
+
+cdef struct Thr:
+    int32_t ti
+    int32_t part
+    int64_t off
+
+
+@cython.final
+cdef class FrameRouter:
+    """Compiled twin of frames.FrameRouterRef (same constructor, same `route`)."""
+
+    cdef int workers
+    cdef int ntopics
+    cdef Py_ssize_t max_bytes
+    cdef dict tindex
+    cdef list detect
+    cdef list route_fns
+    cdef bint* detect_c
+    cdef bint* mapped_c
+    cdef Buf* bufs
+    cdef Thr* thr
+    cdef Py_ssize_t nthr
+    cdef Py_ssize_t thr_cap
+    cdef dict ct_json  # content-type bytes -> reads as JSON (routing_key's detect rule)
+
+    def __cinit__(self, int workers, dict tindex, detect, route_fns, Py_ssize_t max_bytes):
+        if workers < 1:
+            raise ValueError("workers must be >= 1")
+        self.workers = workers
+        self.tindex = dict(tindex)
+        self.detect = list(detect)
+        self.route_fns = list(route_fns)
+        self.ntopics = len(self.detect)
+        if len(self.route_fns) != self.ntopics:
+            raise ValueError("detect and route_fns differ in length")
+        self.max_bytes = max_bytes
+        self.ct_json = {}
+        self.detect_c = <bint*>PyMem_Malloc(max(self.ntopics, 1) * sizeof(bint))
+        self.mapped_c = <bint*>PyMem_Malloc(max(self.ntopics, 1) * sizeof(bint))
+        self.bufs = <Buf*>PyMem_Malloc(workers * sizeof(Buf))
+        self.thr_cap = 64
+        self.thr = <Thr*>PyMem_Malloc(self.thr_cap * sizeof(Thr))
+        if (self.detect_c == NULL or self.mapped_c == NULL or self.bufs == NULL
+                or self.thr == NULL):
+            raise MemoryError()
+        memset(self.bufs, 0, workers * sizeof(Buf))
+        for i in range(self.ntopics):
+            self.detect_c[i] = bool(self.detect[i])
+            self.mapped_c[i] = self.route_fns[i] is not None
+
+    def __dealloc__(self):
+        if self.bufs != NULL:
+            for w in range(self.workers):
+                PyMem_Free(self.bufs[w].p)
+            PyMem_Free(self.bufs)
+        PyMem_Free(self.detect_c)
+        PyMem_Free(self.mapped_c)
+        PyMem_Free(self.thr)
+
+    cdef int _through(self, int32_t ti, int32_t part, int64_t off, Py_ssize_t* hint) except -1:
+        cdef Py_ssize_t i = hint[0]
+        cdef Thr* t
+        if i < self.nthr and self.thr[i].ti == ti and self.thr[i].part == part:
+            self.thr[i].off = off
+            return 0
+        for i in range(self.nthr):
+            if self.thr[i].ti == ti and self.thr[i].part == part:
+                self.thr[i].off = off
+                hint[0] = i
+                return 0
+        if self.nthr == self.thr_cap:
+            t = <Thr*>PyMem_Realloc(self.thr, 2 * self.thr_cap * sizeof(Thr))
+            if t == NULL:
+                raise MemoryError()
+            self.thr = t
+            self.thr_cap *= 2
+        self.thr[self.nthr].ti = ti
+        self.thr[self.nthr].part = part
+        self.thr[self.nthr].off = off
+        hint[0] = self.nthr
+        self.nthr += 1
+        return 0
+
+    cdef bint _reads_as_json(self, object ct) except -1:
+        hit = self.ct_json.get(ct)
+        if hit is None:
+            text = _hstr_or_none(ct)
+            hit = text is not None and _classify(text)[0] == _JSON
+            if len(self.ct_json) < 256:
+                self.ct_json[ct] = hit
+        return hit
+
+    cdef int _route_c(self, object value, object headers, object key, bint detect,
+                      const char** rk, Py_ssize_t* rklen) except -1:
+        """routing_key in C: RK_FOUND (rk points into a live bytes object), RK_NONE, or
+        RK_DEFER (let routing_key decide)."""
+        cdef bint pk_seen = False, has_ce = False, structured
+        cdef object ct = None
+        cdef object item, name, hv
+        cdef Py_ssize_t nlen, i, nh, vlen
+        cdef const char* np
+        cdef const uint8_t* vp
+        cdef Py_ssize_t pk_at = 0, pk_len = 0
+        cdef int r
+        if headers is not None:
+            if type(headers) is not list:
+                return RK_DEFER
+            nh = PyList_GET_SIZE(headers)
+            for i in range(nh):
+                item = <object>PyList_GET_ITEM(headers, i)
+                if type(item) is not tuple or PyTuple_GET_SIZE(item) != 2:
+                    return RK_DEFER
+                name = <object>PyTuple_GET_ITEM(item, 0)
+                if type(name) is not str or not PyUnicode_IS_ASCII(name):
+                    return RK_DEFER
+                np = PyUnicode_AsUTF8AndSize(name, &nlen)
+                if nlen == 15 and _ieq(np, b"ce_partitionkey", 15):
+                    if not pk_seen:
+                        pk_seen = True
+                        hv = <object>PyTuple_GET_ITEM(item, 1)
+                        if hv is None:
+                            continue
+                        if type(hv) is not bytes:
+                            return RK_DEFER
+                        if PyBytes_GET_SIZE(hv):
+                            rk[0] = PyBytes_AS_STRING(hv)
+                            rklen[0] = PyBytes_GET_SIZE(hv)
+                            return RK_FOUND
+                elif nlen == 12 and _ieq(np, b"content-type", 12):
+                    if ct is None:
+                        ct = <object>PyTuple_GET_ITEM(item, 1)
+                elif nlen > 3 and _ieq(np, b"ce_", 3):
+                    has_ce = True
+        if ct is not None:
+            if type(ct) is not bytes:
+                return RK_DEFER
+            structured = PyBytes_GET_SIZE(ct) >= 28 and _ieq(
+                PyBytes_AS_STRING(ct), b"application/cloudevents+json", 28)
+            if not structured and detect and not has_ce:
+                structured = self._reads_as_json(ct)
+        else:
+            structured = detect and not has_ce
+        if structured and value is not None:
+            if type(value) is not bytes:
+                return RK_DEFER
+            vp = <const uint8_t*>PyBytes_AS_STRING(value)
+            vlen = PyBytes_GET_SIZE(value)
+            if vlen and vlen <= SCAN_BYTES and (
+                    memmem(vp, vlen, b'"partitionkey"', 14) != NULL
+                    or memmem(vp, vlen, b"\\u", 2) != NULL):
+                r = _scan_partitionkey(vp, vlen, &pk_at, &pk_len)
+                if r == RK_DEFER:
+                    return RK_DEFER
+                if r == RK_FOUND:
+                    rk[0] = <const char*>vp + pk_at
+                    rklen[0] = pk_len
+                    return RK_FOUND
+        if key is None:
+            return RK_NONE
+        if type(key) is not bytes:
+            return RK_DEFER
+        if PyBytes_GET_SIZE(key) == 0:
+            return RK_NONE
+        rk[0] = PyBytes_AS_STRING(key)
+        rklen[0] = PyBytes_GET_SIZE(key)
+        return RK_FOUND
+
+    cdef int _put(self, Buf* b, int32_t ti, int32_t part, int64_t off, uint16_t slot,
+                  int64_t ts, object key, object value, object headers) except -1:
+        cdef Py_ssize_t klen = -1, vlen = -1, size = FRAME_HEAD_SIZE, nh = -1, i
+        cdef Py_ssize_t nlen, hvlen
+        cdef object item, name, hv
+        cdef const char* np
+        cdef char* p
+        cdef list encoded = None  # names outside ASCII, UTF-8 with surrogateescape
+        if key is not None:
+            if type(key) is not bytes:
+                raise TypeError("record key must be bytes or None")
+            klen = PyBytes_GET_SIZE(key)
+            size += klen
+        if value is not None:
+            if type(value) is not bytes:
+                raise TypeError("record value must be bytes or None")
+            vlen = PyBytes_GET_SIZE(value)
+            size += vlen
+        if headers is not None:
+            if type(headers) is not list:
+                headers = [tuple(h) for h in headers]
+            nh = PyList_GET_SIZE(headers)
+            for i in range(nh):
+                item = <object>PyList_GET_ITEM(headers, i)
+                if type(item) is not tuple or PyTuple_GET_SIZE(item) != 2:
+                    item = tuple(item)
+                    if PyTuple_GET_SIZE(item) != 2:
+                        raise ValueError("a header is a (name, value) pair")
+                    headers = list(headers)
+                    headers[i] = item
+                name = <object>PyTuple_GET_ITEM(item, 0)
+                hv = <object>PyTuple_GET_ITEM(item, 1)
+                if type(name) is not str:
+                    raise TypeError("header name must be str")
+                if PyUnicode_IS_ASCII(name):
+                    PyUnicode_AsUTF8AndSize(name, &nlen)
+                else:
+                    if encoded is None:
+                        encoded = [None] * nh
+                    encoded[i] = (<str>name).encode("utf-8", "surrogateescape")
+                    nlen = PyBytes_GET_SIZE(encoded[i])
+                size += HDR_ITEM + nlen
+                if hv is not None:
+                    if type(hv) is not bytes:
+                        raise TypeError("header value must be bytes or None")
+                    size += PyBytes_GET_SIZE(hv)
+        if size > 0xFFFFFFFF:
+            raise ValueError("record too large for a frame")
+        _reserve(b, size)
+        p = b.p + b.n
+        _st32(p, <uint32_t>size)
+        _st32(p + 4, <uint32_t>ti)
+        _st32(p + 8, <uint32_t>part)
+        _st16(p + 12, slot)
+        _st16(p + 14, 0)
+        _st64(p + 16, off)
+        _st64(p + 24, ts)
+        _st32(p + 32, <uint32_t><int32_t>klen)
+        _st32(p + 36, <uint32_t><int32_t>vlen)
+        _st32(p + 40, <uint32_t><int32_t>nh)
+        p += FRAME_HEAD_SIZE
+        if klen > 0:
+            memcpy(p, PyBytes_AS_STRING(key), klen)
+            p += klen
+        if vlen > 0:
+            memcpy(p, PyBytes_AS_STRING(value), vlen)
+            p += vlen
+        for i in range(nh if nh > 0 else 0):
+            item = <object>PyList_GET_ITEM(headers, i)
+            hv = <object>PyTuple_GET_ITEM(item, 1)
+            if encoded is not None and encoded[i] is not None:
+                np = PyBytes_AS_STRING(encoded[i])
+                nlen = PyBytes_GET_SIZE(encoded[i])
+            else:
+                np = PyUnicode_AsUTF8AndSize(<object>PyTuple_GET_ITEM(item, 0), &nlen)
+            hvlen = -1 if hv is None else PyBytes_GET_SIZE(hv)
+            _st32(p, <uint32_t>nlen)
+            _st32(p + 4, <uint32_t><int32_t>hvlen)
+            p += HDR_ITEM
+            memcpy(p, np, nlen)
+            p += nlen
+            if hvlen > 0:
+                memcpy(p, PyBytes_AS_STRING(hv), hvlen)
+                p += hvlen
+        b.n += size
+        return 0
+
+    def routing_key(self, value, headers, key, int ti):
+        """(routing key or None, decided in C?) of one record of topic index `ti` (tests)."""
+        cdef const char* rk = NULL
+        cdef Py_ssize_t rklen = 0
+        if self.mapped_c[ti]:
+            return self.route_fns[ti](value, headers, key), False
+        r = self._route_c(value, headers, key, self.detect_c[ti], &rk, &rklen)
+        if r == RK_DEFER:
+            return routing_key(value, headers, key, detect=self.detect[ti]), False
+        return (PyBytes_FromStringAndSize(rk, rklen) if r == RK_FOUND else None), True
+
+    def route(self, msgs, list next_bids, Py_ssize_t max_message):
+        """The round of `msgs` (see frames.Round)."""
+        from aggregator.frames import Round
+        cdef int n = self.workers, w
+        cdef Py_ssize_t hint = 0, rklen = 0, i
+        cdef const char* rk = NULL
+        cdef object m, err, topic, last_topic = None, value, key, headers, fn, pyrk
+        cdef int32_t ti = -1, part
+        cdef int64_t off, ts
+        cdef int r
+        cdef uint16_t slot
+        cdef list errors = [], oversized = []
+        cdef list counts = [0] * self.ntopics
+        cdef int64_t* cnt = <int64_t*>PyMem_Malloc(max(self.ntopics, 1) * sizeof(int64_t))
+        if cnt == NULL:
+            raise MemoryError()
+        memset(cnt, 0, max(self.ntopics, 1) * sizeof(int64_t))
+        self.nthr = 0
+        for w in range(n):
+            self.bufs[w].n = 0
+        try:
+            for m in msgs:
+                err = m.error()
+                if err is not None:
+                    errors.append(err)
+                    continue
+                topic = m.topic()
+                if topic is not last_topic:
+                    ti = self.tindex[topic]
+                    if ti < 0 or ti >= self.ntopics:
+                        raise ValueError(f"topic index {ti} of {topic!r} out of range")
+                    last_topic = topic
+                cnt[ti] += 1
+                part = m.partition()
+                off = m.offset()
+                self._through(ti, part, off, &hint)
+                value = m.value()
+                key = m.key()
+                headers = m.headers()
+                if value is not None and len(value) > self.max_bytes:
+                    oversized.append([ti, part, off, key, value, headers])
+                    continue
+                if self.mapped_c[ti]:
+                    fn = self.route_fns[ti]
+                    pyrk = fn(value, headers, key)
+                    r = RK_DEFER
+                else:
+                    r = self._route_c(value, headers, key, self.detect_c[ti], &rk, &rklen)
+                    if r == RK_DEFER:
+                        pyrk = routing_key(value, headers, key, detect=self.detect[ti])
+                if r == RK_DEFER:
+                    if pyrk is None:
+                        r = RK_NONE
+                    else:
+                        if type(pyrk) is not bytes:
+                            pyrk = bytes(pyrk)
+                        rk = PyBytes_AS_STRING(pyrk)
+                        rklen = PyBytes_GET_SIZE(pyrk)
+                        r = RK_FOUND
+                slot = <uint16_t>(_xxh3(rk, rklen) % NSLOTS) if r == RK_FOUND else 0
+                ts = m.timestamp()[1]
+                self._put(&self.bufs[slot % n], ti, part, off, slot, ts, key, value, headers)
+            for i in range(self.ntopics):
+                counts[i] = cnt[i]
+        finally:
+            PyMem_Free(cnt)
+        through = {}
+        for i in range(self.nthr):
+            through[(self.thr[i].ti, self.thr[i].part)] = self.thr[i].off
+        messages = [self._messages(w, next_bids[w], max_message) if self.nthr else []
+                    for w in range(n)]
+        for w in range(n):  # a round of big records does not keep its memory for good
+            if self.bufs[w].cap > KEEP_BYTES:
+                PyMem_Free(self.bufs[w].p)
+                self.bufs[w].p = NULL
+                self.bufs[w].cap = 0
+            self.bufs[w].n = 0
+        return Round(messages, through, counts, errors, oversized)
+
+    cdef list _messages(self, int w, int64_t first_bid, Py_ssize_t max_message):
+        """The worker's buffer cut into ring messages (protocol.frame_messages' rule)."""
+        cdef Buf* b = &self.bufs[w]
+        cdef Py_ssize_t room = max_message - MSG_HEAD - THR_SIZE * self.nthr
+        cdef Py_ssize_t pos = 0, start = 0, size = 0, flen
+        cdef uint32_t count = 0
+        cdef list out = []
+        while pos < b.n:
+            flen = _ld32(b.p + pos)
+            if count and size + flen > room:
+                out.append(self._message(b.p + start, pos - start, count,
+                                         first_bid + len(out), False))
+                start, size, count = pos, 0, 0
+            size += flen
+            count += 1
+            pos += flen
+        out.append(self._message(b.p + start, pos - start, count, first_bid + len(out), True))
+        return out
+
+    cdef bytes _message(self, const char* frames, Py_ssize_t nbytes, uint32_t count,
+                        int64_t bid, bint last):
+        cdef Py_ssize_t nthr = self.nthr if last else 0, i
+        cdef bytes msg = PyBytes_FromStringAndSize(NULL, MSG_HEAD + THR_SIZE * nthr + nbytes)
+        cdef char* p = PyBytes_AS_STRING(msg)
+        (<uint8_t*>p)[0] = MAGIC
+        (<uint8_t*>p)[1] = VERSION
+        _st16(p + 2, 0)
+        _st32(p + 4, count)
+        _st64(p + 8, bid)
+        _st32(p + 16, <uint32_t>nthr)
+        _st32(p + 20, 0)
+        p += MSG_HEAD
+        for i in range(nthr):
+            _st32(p, <uint32_t>self.thr[i].ti)
+            _st32(p + 4, <uint32_t>self.thr[i].part)
+            _st64(p + 8, self.thr[i].off)
+            p += THR_SIZE
+        if nbytes:
+            memcpy(p, frames, nbytes)
+        return msg
+
+
+# ---- the worker's reader --------------------------------------------------------------------
+
+cdef enum:
+    NAME_CACHE = 128  # a power of two
+    NAME_MAX = 40
+
+# Decoded header names by their bytes: producers repeat a few names ("ce_id", ...), so the
+# reader hands out the same str objects instead of decoding each (an entry is replaced on a
+# collision; the cache holds a reference to its str).
+cdef PyObject* _name_obj[NAME_CACHE]
+cdef Py_ssize_t _name_len[NAME_CACHE]
+cdef char _name_raw[NAME_CACHE][NAME_MAX]
+memset(_name_obj, 0, sizeof(_name_obj))
+
+
+cdef object _name(const char* p, Py_ssize_t n):
+    cdef size_t h
+    cdef Py_ssize_t i
+    cdef object s
+    if n > NAME_MAX:
+        return PyUnicode_DecodeUTF8(p, n, "surrogateescape")
+    h = <size_t>n * 2654435761u
+    for i in range(n):
+        h = (h ^ <uint8_t>p[i]) * 16777619u
+    h = (h ^ (h >> 15)) & (NAME_CACHE - 1)
+    if _name_obj[h] != NULL and _name_len[h] == n and memcmp(_name_raw[h], p, n) == 0:
+        return <object>_name_obj[h]
+    s = PyUnicode_DecodeUTF8(p, n, "surrogateescape")
+    Py_INCREF(s)
+    Py_XDECREF(_name_obj[h])
+    _name_obj[h] = <PyObject*>s
+    _name_len[h] = n
+    memcpy(_name_raw[h], p, n)
+    return s
+
+
+cdef inline object _field(const char* base, Py_ssize_t* p, Py_ssize_t end, int32_t n):
+    if n == -1:
+        return None
+    if n < 0 or p[0] + n > end:
+        raise ValueError("frames message: field beyond its frame")
+    o = PyBytes_FromStringAndSize(base + p[0], n)
+    p[0] += n
+    return o
+
+
+def read_frames(msg):
+    """Compiled twin of protocol.read_frames."""
+    cdef const unsigned char[::1] view = msg
+    cdef const char* base
+    cdef Py_ssize_t total = view.shape[0], pos, end, p, k
+    cdef uint32_t count, nthr, size, j
+    cdef int32_t nlen, hvlen, hcount
+    cdef list thr, records, rec, hl
+    cdef object name, hval
+    if total < MSG_HEAD:
+        raise ValueError("frames message: truncated head")
+    base = <const char*>&view[0]
+    if (<const uint8_t*>base)[0] != MAGIC or (<const uint8_t*>base)[1] != VERSION:
+        raise ValueError(f"frames message: magic {<uint8_t>base[0]:#x} version "
+                         f"{<uint8_t>base[1]}")
+    count = _ld32(base + 4)
+    bid = PyLong_FromLongLong(_ld64(base + 8))
+    nthr = _ld32(base + 16)
+    pos = MSG_HEAD
+    if pos + <Py_ssize_t>nthr * THR_SIZE > total:
+        raise ValueError("frames message: truncated through-offsets")
+    thr = []
+    for j in range(nthr):
+        thr.append([_ldi32(base + pos), _ldi32(base + pos + 4), _ld64(base + pos + 8)])
+        pos += THR_SIZE
+    records = PyList_New(count) if count <= <uint32_t>(total // FRAME_HEAD_SIZE) else None
+    if records is None:
+        raise ValueError("frames message: truncated frame head")
+    for j in range(count):
+        if pos + FRAME_HEAD_SIZE > total:
+            raise ValueError("frames message: truncated frame head")
+        size = _ld32(base + pos)
+        end = pos + size
+        if size < FRAME_HEAD_SIZE or end > total:
+            raise ValueError("frames message: bad frame length")
+        p = pos + FRAME_HEAD_SIZE
+        key = _field(base, &p, end, _ldi32(base + pos + 32))
+        value = _field(base, &p, end, _ldi32(base + pos + 36))
+        hcount = _ldi32(base + pos + 40)
+        if hcount == -1:
+            headers = None
+        else:
+            if hcount < 0 or <Py_ssize_t>hcount * HDR_ITEM > end - p:
+                raise ValueError("frames message: bad header count")
+            hl = PyList_New(hcount)
+            for k in range(hcount):
+                if p + HDR_ITEM > end:
+                    raise ValueError("frames message: field beyond its frame")
+                nlen = _ldi32(base + p)
+                hvlen = _ldi32(base + p + 4)
+                p += HDR_ITEM
+                if nlen < 0 or p + nlen > end:
+                    raise ValueError("frames message: field beyond its frame")
+                name = _name(base + p, nlen)
+                p += nlen
+                hval = _field(base, &p, end, hvlen)
+                pair = (name, hval)
+                Py_INCREF(pair)
+                PyList_SET_ITEM(hl, k, pair)
+            headers = hl
+        if p != end:
+            raise ValueError("frames message: frame length does not match its fields")
+        rec = [_ldi32(base + pos + 4), _ldi32(base + pos + 8), _ld64(base + pos + 16), key,
+               value, headers, _ld64(base + pos + 24), _ld16(base + pos + 12)]
+        Py_INCREF(rec)
+        PyList_SET_ITEM(records, j, rec)
+        pos = end
+    if pos != total:
+        raise ValueError("frames message: bytes after the last frame")
+    return [MSG_RECORDS, bid, thr, records]
