@@ -1,4 +1,4 @@
-"""Build the compiled core ``aggregator._core`` (Cython); metadata lives in pyproject.toml.
+"""Build the compiled core ``aggregator._core`` and ``aggregator._publish`` (Cython); metadata lives in pyproject.toml.
 
 The extension is mandatory: a Cython or C compile error fails the build (no optional
 extension, no silent pure-Python install). ``AGGREGATOR_CYTHON_TRACE=1`` makes a debug
@@ -36,7 +36,15 @@ extensions = [
         ["aggregator/_core.pyx"],
         define_macros=macros,
         extra_compile_args=compile_args,
-    )
+    ),
+    # change events produced through confluent-kafka's librdkafka (dlopen'ed at run time)
+    Extension(
+        "aggregator._publish",
+        ["aggregator/_publish.pyx"],
+        define_macros=macros,
+        extra_compile_args=compile_args,
+        libraries=["dl"],
+    ),
 ]
 
 setup(
