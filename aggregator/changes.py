@@ -38,7 +38,7 @@ import msgpack
 import orjson
 from confluent_kafka import KafkaException, Producer
 
-from .config import Config
+from .config import CHANGES_PRODUCER_DEFAULTS, Config
 from .kafka_clients import quiet
 from .store import parse_change_key
 
@@ -220,8 +220,8 @@ class ChangeMessages:
 
 def publisher_conf(config: Config) -> dict:
     """The change-event producer's librdkafka settings (without its delivery callback)."""
-    return {**config.kafka.producer_conf(), "enable.idempotence": True, "acks": "all",
-            "delivery.report.only.error": True}
+    return {**config.kafka.producer_conf(CHANGES_PRODUCER_DEFAULTS), "enable.idempotence": True,
+            "acks": "all", "delivery.report.only.error": True}
 
 
 class _Publisher:
