@@ -15,9 +15,9 @@ with its seq as the message opaque, and stops at a full queue. The delivery-repo
 (run by `rd_kafka_poll`/`rd_kafka_flush` in the calling thread, no Python) marks the seq in
 a ring of flags; `poll()` advances the watermark `delivered` over the marked prefix, so the
 caller learns "every change <= delivered was delivered" also while others are in flight.
-A failed delivery leaves its seq unmarked (the watermark stops there) and sets `failed`;
-once nothing is outstanding the caller resets and sends again from `delivered + 1`, as the
-reference publisher does.
+A failed delivery leaves its seq unmarked (the watermark stops there) and counts in
+`failed`; once nothing is outstanding the caller replaces the producer with a new one that
+sends again from `delivered + 1`, as the reference publisher does.
 """
 
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint64_t, uintptr_t
@@ -77,6 +77,7 @@ cdef extern from *:
     static int (*agg_outq_len)(void *rk);
     static int (*agg_purge)(void *rk, int flags);
     static const char *(*agg_err2str)(int err);
+    static int (*agg_fatal_error)(void *rk, char *errstr, size_t errstr_size);
 
     static const char *agg_load(const char *path) {
         void *h = dlopen(path, RTLD_NOW | RTLD_LOCAL);
@@ -102,6 +103,7 @@ cdef extern from *:
         AGG_SYM(agg_outq_len, "rd_kafka_outq_len")
         AGG_SYM(agg_purge, "rd_kafka_purge")
         AGG_SYM(agg_err2str, "rd_kafka_err2str")
+        AGG_SYM(agg_fatal_error, "rd_kafka_fatal_error")
         #undef AGG_SYM
         return NULL;
     }
@@ -110,7 +112,7 @@ cdef extern from *:
     typedef struct {
         uint8_t *done;          /* ring of flags: done[seq & mask] = delivered */
         uint64_t mask;
-        uint64_t failed;        /* deliveries that failed since the last reset */
+        uint64_t failed;        /* deliveries that failed (a new producer starts at 0) */
         int failed_err;
         uint64_t errors;        /* error_cb calls */
         int last_err;
@@ -190,6 +192,7 @@ cdef extern from *:
     int agg_outq_len(void *rk)
     int agg_purge(void *rk, int flags)
     const char *agg_err2str(int err)
+    int agg_fatal_error(void *rk, char *errstr, size_t errstr_size)
     void agg_on_delivery(void *rk, const void *m, void *opaque)
     void agg_on_error(void *rk, int err, const char *reason, void *opaque)
     void agg_vu_ptr(agg_vu *v, int type, void *p)
@@ -449,6 +452,14 @@ cdef class BlobProducer:
         return agg_outq_len(self.rk) if self.rk != NULL else 0
 
     @property
+    def fatal(self) -> str | None:
+        """The producer's fatal error (it cannot produce any more: make a new one), or None."""
+        cdef char errstr[512]
+        if self.rk == NULL or agg_fatal_error(self.rk, errstr, sizeof(errstr)) == 0:
+            return None
+        return errstr.decode(errors="replace")
+
+    @property
     def failed(self) -> int:
         return self.tally.failed
 
@@ -464,13 +475,6 @@ cdef class BlobProducer:
     def last_error(self) -> str:
         return (f"{agg_err2str(self.tally.last_err).decode(errors='replace')}: "
                 f"{self.tally.last_reason.decode(errors='replace')}")
-
-    def reset(self) -> None:
-        """After a failure, with nothing outstanding: send again from `delivered + 1`."""
-        self.poll()
-        memset(self.tally.done, 0, RING)
-        self.tally.failed = 0
-        self.sent = self.delivered
 
     def close(self) -> None:
         """Destroy the producer (what it still holds is dropped: flush first)."""

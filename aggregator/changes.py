@@ -308,10 +308,12 @@ class ChangePublisher(_Publisher):
     def __init__(self, config: Config, encoder: ChangeEncoder, read_after, published: int,
                  last_committed: int):
         super().__init__(encoder, read_after, published, last_committed)
-        conf, _ = quiet(publisher_conf(config), "change-event producer")
-        self.conf = {**conf, "on_delivery": self._failed}
+        conf, events = quiet(publisher_conf(config), "change-event producer")
+        self._client_error = events.error
+        self.conf = {**conf, "on_delivery": self._failed, "error_cb": self._error}
         self.producer: Producer | None = None
         self.failed = False
+        self.fatal = False
         self._time_ms = -1
         self._time_b = b""
 
@@ -325,11 +327,19 @@ class ChangePublisher(_Publisher):
         log.warning("change event not delivered: %s", err)
         self.failed = True
 
+    def _error(self, err) -> None:
+        self._client_error(err)
+        if err.fatal():
+            self.fatal = True
+
     def _settle(self) -> None:
         """Serve error reports; when nothing is outstanding, all that was sent is delivered
         (or, after a failure, send everything after the last delivered again)."""
         producer = self.producer
         producer.poll(0)
+        if self.fatal:
+            self._renew("a fatal error")
+            return
         if len(producer):
             if self.sent - self.published > self.FORCE_DRAIN:
                 producer.flush(1.0)
@@ -338,12 +348,23 @@ class ChangePublisher(_Publisher):
             else:
                 return
         if self.failed:
-            log.warning("change events: resending from sequence %d", self.published + 1)
-            self.failed = False
-            self.sent = self.published
-            self.queue.clear()
+            self._renew("a failed delivery")
         else:
             self.published = self.sent
+
+    def _renew(self, why: str) -> None:
+        """A new producer sends everything after `published` again. A new one, as the old
+        may stay unable to deliver: after timeouts an idempotent producer bumps its epoch,
+        and a broker may answer that with PRODUCER_FENCED on every later batch (seen with
+        the test broker), which librdkafka does not treat as fatal."""
+        log.warning("change events: new producer after %s; resending from sequence %d", why,
+                    self.published + 1)
+        self.producer.purge()
+        self.producer.poll(0)
+        self.producer = Producer(self.conf)
+        self.fatal = self.failed = False
+        self.sent = self.published
+        self.queue.clear()
 
     def _wait(self, timeout: float) -> None:
         self.producer.flush(timeout)
@@ -431,14 +452,22 @@ class NativeChangePublisher(_Publisher):
         if p.errors != self._errors:
             self._errors = p.errors
             log.warning("change-event producer: %s", p.last_error)
-        if p.failed:
-            if p.outstanding:
-                return
-            log.warning("change events: not delivered (%s); resending from sequence %d",
-                        p.failed_reason, self.published + 1)
-            p.reset()
-            self.sent = self.published
-            self.queue.clear()
+        fatal = p.fatal
+        if fatal is not None:
+            self._renew(f"a fatal error ({fatal})")
+        elif p.failed and not p.outstanding:
+            self._renew(f"a failed delivery ({p.failed_reason})")
+
+    def _renew(self, why: str) -> None:
+        """A new producer sends everything after `published` again (ChangePublisher._renew
+        says why a new one)."""
+        log.warning("change events: new producer after %s; resending from sequence %d", why,
+                    self.published + 1)
+        self.producer.close()
+        self.producer = None
+        self.sent = self.published
+        self._start()
+        self.queue.clear()
 
     def _wait(self, timeout: float) -> None:
         self.producer.flush(int(timeout * 1000))
