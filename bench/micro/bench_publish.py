@@ -23,6 +23,11 @@ event:
 Each publisher first delivers 200 records untimed (its start: metadata, producer id).
 
 The combinations run in turn on the same broker, each on the same records.
+
+`--outbox` first times the outbox itself on the same records, in a real LMDB shard: per
+change event, the CPU of writing a commit's changes (format 1: one msgpack entry and one put
+per event; now: one blob and one put per commit), committing, and pruning them in the next
+transaction.
 """
 
 from __future__ import annotations
@@ -32,7 +37,9 @@ import itertools
 import json
 import os
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import orjson
 
@@ -40,6 +47,7 @@ from aggregator.changes import ChangeEncoder, ChangePublisher, NativeChangePubli
 from aggregator.config import load_config
 from aggregator.devtools import simulate
 from aggregator.devtools.broker import EmbeddedBroker
+from aggregator.store import Shard
 
 IMPLS = {"native": NativeChangePublisher, "python": ChangePublisher}
 _TICK = os.sysconf("SC_CLK_TCK")
@@ -60,6 +68,32 @@ def change_rows(n: int, seed: int = 1) -> list[tuple[int, str, int, bytes]]:
             for key, doc in sorted(views[name].items())]
     return [(vid, key, 1 + i // len(docs), body)
             for i, (vid, key, body) in zip(range(n), itertools.cycle(docs))]
+
+
+def measure_outbox(cfg, rows, commit: int) -> dict:
+    """CPU µs per change event of writing, committing and pruning the change outbox."""
+    enc = ChangeEncoder(cfg, ["customer", "order", "product"])
+    out = {}
+    for layout in ("entries", "blobs"):
+        with tempfile.TemporaryDirectory() as d:
+            shard = Shard(Path(d) / "shard-0", map_size=1 << 30)
+            seq = 0
+            c0 = time.process_time()
+            for k in range(0, len(rows), commit):
+                part = rows[k:k + commit]
+                b = shard.begin()
+                b.prune_changes(seq)  # the previous commit's, delivered by now
+                if layout == "entries":
+                    for vid, key, version, data in part:
+                        seq += 1
+                        b.put_change(seq, enc.entry(vid, key, version, data))
+                else:
+                    b.put_changes(seq + 1, seq + len(part), enc.blob(part))
+                    seq += len(part)
+                b.commit()
+            out[layout] = round((time.process_time() - c0) / len(rows) * 1e6, 2)
+            shard.close()
+    return out
 
 
 def measure(impl: str, cfg, rows, commit: int, broker_pid: int, rate: int = 0) -> dict:
@@ -115,6 +149,7 @@ def main() -> None:
     ap.add_argument("--rate", default="0",
                     help="events/s, comma-separated: commits paced at this rate (0: at once)")
     ap.add_argument("--repeat", type=int, default=1, help="runs per combination (median)")
+    ap.add_argument("--outbox", action="store_true", help="also time the outbox (LMDB)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     rows = change_rows(args.n)
@@ -128,6 +163,10 @@ def main() -> None:
         broker_topics = list(base.changes_topics().values())
         from aggregator.admin import create_topics
         create_topics(broker.bootstrap_servers, broker_topics, 4)
+        outbox = measure_outbox(base, rows, args.commit) if args.outbox else None
+        if outbox and not args.json:
+            print(f"outbox write + commit + prune: {outbox['entries']:.2f} µs/event as "
+                  f"format 1 entries, {outbox['blobs']:.2f} µs/event as blobs", flush=True)
         for rate, impl, linger, comp in itertools.product(
                 [int(r) for r in args.rate.split(",")], args.impl.split(","),
                 args.linger.split(","), args.compression.split(",")):
@@ -149,7 +188,7 @@ def main() -> None:
         broker.stop()
     if args.json:
         print(json.dumps({"events": args.n, "body_bytes": round(size), "commit": args.commit,
-                          "runs": out}, indent=1))
+                          "outbox_us": outbox, "runs": out}, indent=1))
     else:
         print(f"{args.n:,} change events, JSON bodies of {size:.0f} B on average, "
               f"blobs of {args.commit}")
