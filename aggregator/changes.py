@@ -39,7 +39,7 @@ import orjson
 from confluent_kafka import KafkaException, Producer
 
 from .config import CHANGES_PRODUCER_DEFAULTS, Config
-from .kafka_clients import quiet
+from .kafka_clients import quiet, redact_text
 from .store import parse_change_key
 
 log = logging.getLogger(__name__)
@@ -421,7 +421,7 @@ class NativeChangePublisher(_Publisher):
 
     The records on the wire are those of `ChangePublisher` (tests/integration/
     test_changes_native.py). librdkafka's log lines are off (their errors reach this
-    module's log through the error callback's tally, once per distinct error)."""
+    module's log through the error callback's tally, once per distinct text and minute)."""
 
     implementation = "native"
 
@@ -433,6 +433,7 @@ class NativeChangePublisher(_Publisher):
         self.conf = {k: _conf_value(v) for k, v in conf.items() if not callable(v)}
         self.producer = None
         self._errors = 0
+        self._error_logged = ("", 0.0)  # (text, monotonic time) of the last error logged
 
     def _started(self) -> bool:
         return self.producer is not None
@@ -449,9 +450,12 @@ class NativeChangePublisher(_Publisher):
         a failure, once nothing is outstanding, send everything after it again."""
         p = self.producer
         self.published = p.poll()
-        if p.errors != self._errors:
+        if p.errors != self._errors:  # librdkafka's error_cb: once per text and minute
             self._errors = p.errors
-            log.warning("change-event producer: %s", p.last_error)
+            text, now = redact_text(p.last_error, self.conf), time.monotonic()
+            if text != self._error_logged[0] or now - self._error_logged[1] >= 60:
+                self._error_logged = (text, now)
+                log.warning("change-event producer: Kafka error: %s", text)
         fatal = p.fatal
         if fatal is not None:
             self._renew(f"a fatal error ({fatal})")
@@ -461,8 +465,8 @@ class NativeChangePublisher(_Publisher):
     def _renew(self, why: str) -> None:
         """A new producer sends everything after `published` again (ChangePublisher._renew
         says why a new one)."""
-        log.warning("change events: new producer after %s; resending from sequence %d", why,
-                    self.published + 1)
+        log.warning("change events: new producer after %s; resending from sequence %d",
+                    redact_text(why, self.conf), self.published + 1)
         self.producer.close()
         self.producer = None
         self.sent = self.published
