@@ -97,8 +97,9 @@ PRODUCER_DEFAULTS: dict[str, Any] = {
 }
 # The change-event producer on top of PRODUCER_DEFAULTS. Measured with
 # bench/micro/bench_publish.py (commits of 200 change events paced at 20k/s, real view
-# documents, lz4): linger.ms=100 halves the broker's CPU per change event (4.3 -> 2.0 µs)
-# at the same producer CPU; lz4 costs the producer ~0.5 µs and saves the broker 1-2 µs.
+# documents, lz4): linger.ms=100 cuts the broker's CPU per change event 6.3 -> 1.5 µs at
+# the same producer CPU; lz4 costs the producer ~0.6 µs and saves the broker ~1.8 µs.
+# bench/results/publish.md
 CHANGES_PRODUCER_DEFAULTS: dict[str, Any] = {"linger.ms": 100}
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 TOPIC_RE = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
