@@ -431,6 +431,9 @@ class NativeChangePublisher(_Publisher):
         conf = {**publisher_conf(config), "delivery.report.only.error": False,
                 "log.connection.close": False}
         self.conf = {k: _conf_value(v) for k, v in conf.items() if not callable(v)}
+        from ._publish import load
+
+        self.library = load()  # librdkafka, at boot: a failure here stops the worker's start
         self.producer = None
         self._errors = 0
         self._error_logged = ("", 0.0)  # (text, monotonic time) of the last error logged
