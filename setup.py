@@ -1,5 +1,5 @@
-"""Build the compiled extensions ``aggregator._core``, ``aggregator._envelope`` and
-``aggregator._frames`` (Cython); metadata lives in pyproject.toml.
+"""Build the compiled extensions ``aggregator._core``, ``aggregator._envelope``,
+``aggregator._frames`` and ``aggregator._publish`` (Cython); metadata lives in pyproject.toml.
 
 The extensions are mandatory: a Cython or C compile error fails the build (no optional
 extension, no silent pure-Python install). ``AGGREGATOR_CYTHON_TRACE=1`` makes a debug
@@ -50,6 +50,14 @@ extensions = [
         ["aggregator/_frames.pyx"],
         define_macros=macros,
         extra_compile_args=compile_args,
+    ),
+    # change events produced through confluent-kafka's librdkafka (dlopen'ed at run time)
+    Extension(
+        "aggregator._publish",
+        ["aggregator/_publish.pyx"],
+        define_macros=macros,
+        extra_compile_args=compile_args,
+        libraries=["dl"],
     ),
 ]
 

@@ -37,7 +37,7 @@ class BatchState:
         self.docs: dict[bytes, dict] = {}  # document key -> document, changed in place
         self.log: dict[bytes, list] = {}  # document key -> updates applied (for undo)
         self.changes: list[tuple] = []  # change events, one per version (not coalesced)
-        self.chg_out: list[tuple[int, bytes]] = []  # (change seq, entry) written
+        self.chg_out: list[tuple[int, int, bytes]] = []  # (first, last change seq, blob)
         self.pruned = 0  # change events pruned up to this seq
         self.outmsg: dict[int, list[tuple[int, bytes]]] = {}  # owner -> (link seq, message)
         self.pruned_out: dict[int, int] = {}  # peer -> outbox pruned up to this link seq

@@ -1,10 +1,14 @@
 """Change events: every change of a view document, published through a transactional outbox.
 
-A worker writes each change into its shard's `changes` table in the same LMDB transaction as
-the document itself, under a per-shard change sequence number. After the commit, this
-module's `ChangePublisher` produces the changes in sequence order with an idempotent
-producer and remembers which were delivered; the worker prunes delivered entries in a later
-transaction. Hence:
+A worker writes the changes of a transaction into its shard's `changes` table in that same
+LMDB transaction, as one blob (`pack_blob`) keyed by the range of per-shard change sequence
+numbers they take. After the commit, a publisher produces the changes in sequence order with
+an idempotent producer and learns which were delivered; the worker prunes a blob in a later
+transaction once all of it was delivered. Two publishers, with the same records on the wire:
+`NativeChangePublisher` (the default) hands a whole blob to librdkafka in one compiled loop
+(aggregator/_publish.pyx) and tallies the delivery reports in C; `ChangePublisher`, in plain
+Python over confluent-kafka, is the reference (``AGGREGATOR_PURE_CORE=1`` selects it).
+Hence:
 
 - nothing that was not committed is ever published (produce happens after the commit);
 - after any crash every change is published at least once (the outbox survives; unpruned
@@ -24,15 +28,19 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import os
+import struct
 import time
 from collections import deque
+from typing import Iterable, Iterator
 
 import msgpack
 import orjson
 from confluent_kafka import KafkaException, Producer
 
-from .config import Config
-from .kafka_clients import quiet
+from .config import CHANGES_PRODUCER_DEFAULTS, Config
+from .kafka_clients import quiet, redact_text
+from .store import parse_change_key
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +88,92 @@ class ChangeEncoder:
         return _pack(doc)
 
     def entry(self, view_id: int, key: str, version: int, data: bytes | None) -> bytes:
-        """Outbox entry: [view id, key, version, data, ms, json?] — the encoding travels with
-        the entry, so a changed `changes.format` never mislabels pending events."""
+        """Outbox entry of format 1: [view id, key, version, data, ms, json?] — the encoding
+        travels with the entry, so a changed `changes.format` never mislabels pending
+        events (the reshard writes these)."""
         return _pack([view_id, key, version, data, int(time.time() * 1000), self.json])
+
+    def blob(self, rows: Iterable[tuple[int, str, int, bytes | None]]) -> bytes:
+        """A commit's change events (view id, key, version, data) as one outbox blob."""
+        return pack_blob(rows, int(time.time() * 1000), self.json)
+
+
+# A blob: a head, then per change event a record head, its key and its data (none: a
+# tombstone). Little-endian, no padding; read by `blob_records` and by _publish.pyx.
+BLOB_FORMAT = 1
+_BLOB_HEAD = struct.Struct("<BBHIq")  # format, flags (1: data is JSON), 0, count, unix ms
+_BLOB_REC = struct.Struct("<HIiQ")  # view id, key length, data length (-1: null), version
+BLOB_JSON = 1
+
+
+def pack_blob(rows: Iterable[tuple[int, str, int, bytes | None]], ms: int,
+              is_json: bool) -> bytes:
+    """One commit's change events (view id, key, version, data) as one outbox value; `ms`
+    (their `ce_time`) and the data's encoding are the commit's."""
+    parts = [b""]
+    rec = _BLOB_REC.pack
+    n = 0
+    for vid, key, version, data in rows:
+        kb = key.encode()
+        if data is None:
+            parts += (rec(vid, len(kb), -1, version), kb)
+        else:
+            parts += (rec(vid, len(kb), len(data), version), kb, data)
+        n += 1
+    parts[0] = _BLOB_HEAD.pack(BLOB_FORMAT, BLOB_JSON if is_json else 0, 0, n, ms)
+    return b"".join(parts)
+
+
+def blob_records(blob: bytes) -> tuple[int, bool, list[tuple[int, bytes, int, bytes | None]]]:
+    """(ms, data is JSON, [(view id, key, version, data)]) of a blob."""
+    fmt, flags, _, n, ms = _BLOB_HEAD.unpack_from(blob)
+    if fmt != BLOB_FORMAT:
+        raise ValueError(f"change outbox blob of format {fmt} (this build reads {BLOB_FORMAT})")
+    pos = _BLOB_HEAD.size
+    out = []
+    for _ in range(n):
+        vid, klen, dlen, version = _BLOB_REC.unpack_from(blob, pos)
+        pos += _BLOB_REC.size
+        key = blob[pos:pos + klen]
+        pos += klen
+        if dlen < 0:
+            data = None
+        else:
+            data = blob[pos:pos + dlen]
+            pos += dlen
+        out.append((vid, key, version, data))
+    if pos != len(blob):
+        raise ValueError("change outbox blob: trailing bytes")
+    return ms, bool(flags & BLOB_JSON), out
+
+
+def outbox_blobs(rows: Iterable[tuple[bytes, bytes]]) -> Iterator[tuple[int, int, bytes]]:
+    """(first seq, last seq, blob) of change outbox rows (store.Shard.changes_after); a row
+    of format 1 (one msgpack entry) comes out as a blob of one event."""
+    for key, value in rows:
+        first, last, is_blob = parse_change_key(key)
+        value = bytes(value)
+        if not is_blob:
+            vid, k, version, data, ms, *rest = msgpack.unpackb(value, raw=False)
+            value = pack_blob([(vid, k, version, data)], ms, rest[0] if rest else True)
+        yield first, last, value
+
+
+def entry_of(view_id: int, key: str, version: int, data: bytes | None, ms: int,
+             is_json: bool) -> bytes:
+    """One change event as an outbox row of format 1 (`ChangeEncoder.entry`)."""
+    return _pack([view_id, key, version, data, ms, is_json])
+
+
+def outbox_records(rows: Iterable[tuple[bytes, bytes]], after: int = 0
+                   ) -> Iterator[tuple[int, int, str, int, bytes | None, int, bool]]:
+    """(seq, view id, key, version, data, ms, JSON?) of the change events in outbox rows
+    with seq > after."""
+    for first, _, blob in outbox_blobs(rows):
+        ms, is_json, recs = blob_records(blob)
+        for seq, (vid, key, version, data) in enumerate(recs, first):
+            if seq > after:
+                yield seq, vid, key.decode(), version, data, ms, is_json
 
 
 def change_headers(const: tuple[bytes, str], kb: bytes, version: int, ce_time: bytes,
@@ -129,12 +220,80 @@ class ChangeMessages:
 
 def publisher_conf(config: Config) -> dict:
     """The change-event producer's librdkafka settings (without its delivery callback)."""
-    return {**config.kafka.producer_conf(), "enable.idempotence": True, "acks": "all",
-            "delivery.report.only.error": True}
+    return {**config.kafka.producer_conf(CHANGES_PRODUCER_DEFAULTS), "enable.idempotence": True,
+            "acks": "all", "delivery.report.only.error": True}
 
 
-class ChangePublisher:
-    """Produces a shard's committed changes in order and tracks what was delivered.
+class _Publisher:
+    """What both publishers share: the queue of committed blobs, the sequence numbers
+    (`sent`: handed to the producer; `published`: delivered, every change <= it), reading
+    the outbox again after a gap or a failure, and flushing."""
+
+    def __init__(self, encoder: ChangeEncoder, read_after, published: int, last_committed: int):
+        """`read_after(seq)` yields the outbox rows (key, value) from the one holding seq + 1
+        (store.Shard.changes_after)."""
+        self.enc = encoder
+        self.read_after = read_after
+        self.published = published  # every change <= this was delivered
+        self.sent = published  # every change <= this was handed to the producer
+        self.committed_seq = last_committed
+        self.queue: deque = deque()  # (first seq, last seq, blob) committed, not all sent
+        self._const = [(f"{encoder.source}/{view}".encode(), view) for view in encoder.views]
+
+    @property
+    def backlog(self) -> int:
+        return self.committed_seq - self.published
+
+    def committed(self, blobs: list[tuple[int, int, bytes]]) -> None:
+        """A transaction with these blobs (first seq, last seq, blob) was committed."""
+        if blobs:
+            self.queue.extend(blobs)
+            self.committed_seq = blobs[-1][1]
+
+    def _dropped(self, vid: int, key, version: int) -> None:
+        view = self._const[vid][1]
+        log.warning("change event %s:%d:%s dropped: view %r has no changes_topic", view,
+                    version, key.decode() if isinstance(key, bytes) else key, view)
+
+    def pump(self) -> None:
+        """Settle what was sent, then hand over as many committed changes as fit."""
+        if not self._started():
+            if self.committed_seq <= self.sent:
+                return
+            self._start()
+        self._settle()
+        if self.sent >= self.committed_seq:
+            return
+        q = self.queue
+        while q and q[0][1] <= self.sent:
+            q.popleft()
+        if not q or q[0][0] > self.sent + 1:
+            q.clear()
+            q.extend(outbox_blobs(self.read_after(self.sent)))
+        while q:
+            first, last, blob = q[0]
+            self._produce(first, blob)
+            if self.sent < last:
+                break  # the producer's queue is full
+            q.popleft()
+
+    def flush(self, timeout: float) -> bool:
+        """Send and wait for everything committed so far; True when all was delivered."""
+        deadline = time.monotonic() + timeout
+        while self.published < self.committed_seq and time.monotonic() < deadline:
+            self.pump()
+            if self._started():
+                self._wait(min(0.2, max(deadline - time.monotonic(), 0)))
+        self._settle_if_started()
+        return self.published >= self.committed_seq
+
+    def _settle_if_started(self) -> None:
+        if self._started():
+            self._settle()
+
+
+class ChangePublisher(_Publisher):
+    """The reference publisher: confluent-kafka's `Producer.produce()` per change event.
 
     Delivery is tracked without a Python callback per event: the producer reports errors
     only (`delivery.report.only.error`), and whenever nothing is outstanding in it and no
@@ -144,45 +303,43 @@ class ChangePublisher:
     """
 
     FORCE_DRAIN = 200_000
+    implementation = "python"
 
     def __init__(self, config: Config, encoder: ChangeEncoder, read_after, published: int,
                  last_committed: int):
-        """`read_after(seq)` yields (seq, entry) of the outbox after `seq` (from LMDB)."""
-        self.enc = encoder
-        self.read_after = read_after
-        conf, _ = quiet(publisher_conf(config), "change-event producer")
-        self.conf = {**conf, "on_delivery": self._failed}
+        super().__init__(encoder, read_after, published, last_committed)
+        conf, events = quiet(publisher_conf(config), "change-event producer")
+        self._client_error = events.error
+        self.conf = {**conf, "on_delivery": self._failed, "error_cb": self._error}
         self.producer: Producer | None = None
-        self.published = published  # every change <= this was delivered
-        self.sent = published  # every change <= this was handed to the producer
-        self.committed_seq = last_committed
-        self.queue: deque = deque()  # (seq, entry) committed but not yet sent
         self.failed = False
-        # per view: the constant headers (source, both types, content types)
-        self._const = [
-            (f"{encoder.source}/{view}".encode(), view) for view in encoder.views]
+        self.fatal = False
         self._time_ms = -1
         self._time_b = b""
 
-    @property
-    def backlog(self) -> int:
-        return self.committed_seq - self.published
+    def _started(self) -> bool:
+        return self.producer is not None
 
-    def committed(self, changes: list[tuple[int, bytes]]) -> None:
-        """A transaction with these changes was committed."""
-        if changes:
-            self.queue.extend(changes)
-            self.committed_seq = changes[-1][0]
+    def _start(self) -> None:
+        self.producer = Producer(self.conf)
 
     def _failed(self, err, _msg) -> None:
         log.warning("change event not delivered: %s", err)
         self.failed = True
+
+    def _error(self, err) -> None:
+        self._client_error(err)
+        if err.fatal():
+            self.fatal = True
 
     def _settle(self) -> None:
         """Serve error reports; when nothing is outstanding, all that was sent is delivered
         (or, after a failure, send everything after the last delivered again)."""
         producer = self.producer
         producer.poll(0)
+        if self.fatal:
+            self._renew("a fatal error")
+            return
         if len(producer):
             if self.sent - self.published > self.FORCE_DRAIN:
                 producer.flush(1.0)
@@ -191,12 +348,26 @@ class ChangePublisher:
             else:
                 return
         if self.failed:
-            log.warning("change events: resending from sequence %d", self.published + 1)
-            self.failed = False
-            self.sent = self.published
-            self.queue.clear()
+            self._renew("a failed delivery")
         else:
             self.published = self.sent
+
+    def _renew(self, why: str) -> None:
+        """A new producer sends everything after `published` again. A new one, as the old
+        may stay unable to deliver: after timeouts an idempotent producer bumps its epoch,
+        and a broker may answer that with PRODUCER_FENCED on every later batch (seen with
+        the test broker), which librdkafka does not treat as fatal."""
+        log.warning("change events: new producer after %s; resending from sequence %d", why,
+                    self.published + 1)
+        self.producer.purge()
+        self.producer.poll(0)
+        self.producer = Producer(self.conf)
+        self.fatal = self.failed = False
+        self.sent = self.published
+        self.queue.clear()
+
+    def _wait(self, timeout: float) -> None:
+        self.producer.flush(timeout)
 
     def _ce_time(self, ms: int) -> bytes:
         if ms != self._time_ms:
@@ -204,56 +375,30 @@ class ChangePublisher:
             self._time_b = ce_time(ms)
         return self._time_b
 
-    def pump(self) -> None:
-        """Settle what was sent, then hand over as many committed changes as fit."""
-        if self.producer is None:
-            if self.committed_seq <= self.sent:
-                return
-            self.producer = Producer(self.conf)
-        self._settle()
-        if self.sent >= self.committed_seq:
-            return
-        q = self.queue
-        while q and q[0][0] <= self.sent:
-            q.popleft()
-        if not q or q[0][0] != self.sent + 1:
-            q.clear()
-            q.extend(self.read_after(self.sent))
+    def _produce(self, first: int, blob: bytes) -> None:
+        """Hand the blob's events after `sent` to the producer, until its queue is full."""
+        ms, is_json, recs = blob_records(blob)
+        t = self._ce_time(ms)
         produce = self.producer.produce
-        unpack = msgpack.unpackb
         topics, const = self.enc.topics, self._const
         sent = self.sent
         try:
-            while q:
-                seq, raw = q[0]
-                view_id, key, version, data, ms, is_json = unpack(raw, raw=False)
-                topic = topics[view_id]
+            for seq, (vid, kb, version, data) in enumerate(recs, first):
+                if seq <= sent:
+                    continue
+                topic = topics[vid]
                 if topic is None:  # the view stopped publishing changes (config changed)
-                    log.warning("change event %s:%d:%s dropped: view %r has no changes_topic",
-                                const[view_id][1], version, key, const[view_id][1])
-                    q.popleft()
+                    self._dropped(vid, kb, version)
                     sent = seq
                     continue
-                kb = key.encode()
-                headers = change_headers(const[view_id], kb, version, self._ce_time(ms), data,
-                                         is_json)
+                headers = change_headers(const[vid], kb, version, t, data, is_json)
                 try:
                     produce(topic, value=data, key=kb, headers=headers)
                 except BufferError:
                     break
-                q.popleft()
                 sent = seq
         finally:
             self.sent = sent
-
-    def flush(self, timeout: float) -> bool:
-        """Send and wait for everything committed so far; True when all was delivered."""
-        deadline = time.monotonic() + timeout
-        while self.published < self.committed_seq and time.monotonic() < deadline:
-            self.pump()
-            if self.producer is not None:
-                self.producer.flush(min(0.2, max(deadline - time.monotonic(), 0)))
-        return self.published >= self.committed_seq
 
     def close(self, timeout: float = 5.0) -> None:
         if self.producer is not None:
@@ -261,3 +406,96 @@ class ChangePublisher:
                 self.producer.flush(timeout)
             except KafkaException:  # pragma: no cover - shutting down anyway
                 pass
+
+
+def _conf_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+class NativeChangePublisher(_Publisher):
+    """Publishes through librdkafka driven from compiled code (aggregator._publish): a
+    blob's events are produced in one C loop (headers built there), every delivery report
+    is tallied in C, and `published` is the highest seq up to which all were delivered.
+
+    The records on the wire are those of `ChangePublisher` (tests/integration/
+    test_changes_native.py). librdkafka's log lines are off (their errors reach this
+    module's log through the error callback's tally, once per distinct text and minute)."""
+
+    implementation = "native"
+
+    def __init__(self, config: Config, encoder: ChangeEncoder, read_after, published: int,
+                 last_committed: int):
+        super().__init__(encoder, read_after, published, last_committed)
+        conf = {**publisher_conf(config), "delivery.report.only.error": False,
+                "log.connection.close": False}
+        self.conf = {k: _conf_value(v) for k, v in conf.items() if not callable(v)}
+        from ._publish import load
+
+        self.library = load()  # librdkafka, at boot: a failure here stops the worker's start
+        self.producer = None
+        self._errors = 0
+        self._error_logged = ("", 0.0)  # (text, monotonic time) of the last error logged
+
+    def _started(self) -> bool:
+        return self.producer is not None
+
+    def _start(self) -> None:
+        from ._publish import BlobProducer
+
+        topics = [t.encode() if t is not None else None for t in self.enc.topics]
+        self.producer = BlobProducer(self.conf, topics, [c[0] for c in self._const],
+                                     [c[1].encode() for c in self._const], self.sent)
+
+    def _settle(self) -> None:
+        """Serve delivery reports: `published` = the producer's delivered watermark; after
+        a failure, once nothing is outstanding, send everything after it again."""
+        p = self.producer
+        self.published = p.poll()
+        if p.errors != self._errors:  # librdkafka's error_cb: once per text and minute
+            self._errors = p.errors
+            text, now = redact_text(p.last_error, self.conf), time.monotonic()
+            if text != self._error_logged[0] or now - self._error_logged[1] >= 60:
+                self._error_logged = (text, now)
+                log.warning("change-event producer: Kafka error: %s", text)
+        fatal = p.fatal
+        if fatal is not None:
+            self._renew(f"a fatal error ({fatal})")
+        elif p.failed and not p.outstanding:
+            self._renew(f"a failed delivery ({p.failed_reason})")
+
+    def _renew(self, why: str) -> None:
+        """A new producer sends everything after `published` again (ChangePublisher._renew
+        says why a new one)."""
+        log.warning("change events: new producer after %s; resending from sequence %d",
+                    redact_text(why, self.conf), self.published + 1)
+        self.producer.close()
+        self.producer = None
+        self.sent = self.published
+        self._start()
+        self.queue.clear()
+
+    def _wait(self, timeout: float) -> None:
+        self.producer.flush(int(timeout * 1000))
+
+    def _produce(self, first: int, blob: bytes) -> None:
+        self.sent = self.producer.produce(first, blob)
+        for vid, kb, version in self.producer.take_dropped():
+            self._dropped(vid, kb, version)
+
+    def close(self, timeout: float = 5.0) -> None:
+        if self.producer is not None:
+            self.producer.flush(int(timeout * 1000))
+            self.producer.close()
+            self.producer = None
+
+
+def make_publisher(config: Config, encoder: ChangeEncoder, read_after, published: int,
+                   last_committed: int) -> _Publisher:
+    """The native publisher, or the reference with ``AGGREGATOR_PURE_CORE=1``."""
+    from .core import PURE_ENV
+
+    pure = os.environ.get(PURE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+    cls = ChangePublisher if pure else NativeChangePublisher
+    return cls(config, encoder, read_after, published, last_committed)

@@ -58,7 +58,7 @@ from typing import Callable
 import lmdb
 import msgpack
 
-from .changes import ChangeEncoder
+from .changes import ChangeEncoder, entry_of, outbox_records
 from .config import Config
 from .datadir import fsync_dir
 from .faults import fault_point
@@ -399,19 +399,19 @@ class Resharder:
         self.totals = {name: sum(t[name] for t in olds_totals) for name in TOTALS}
         self.totals["since"] = min((t["since"] for t in olds_totals if t["since"]), default=0)
         self.new_docs: list[dict[bytes, dict]] = [{} for _ in range(self.m)]
-        self.moved_changes: list[list[tuple[int, bytes]]] = [[] for _ in range(self.m)]
+        self.moved_changes: list[list[bytes]] = [[] for _ in range(self.m)]
         self.new_changes: list[list[bytes]] = [[] for _ in range(self.m)]
         self._move_changes(olds)
         self._apply_forwarded(olds)
 
     def _move_changes(self, olds: list[_Old]) -> None:
         """Unpublished change events → the new owner of their document, in sequence order
-        (remembered as (old shard, key): the entries are read again when written)."""
+        (from blobs or format 1 rows, written as format 1 entries with their own time)."""
         for i, o in enumerate(olds):
             published = o.meta.get("changes_published", 0)
             index = None  # (view id, key) -> slot of the documents of shard i, if needed
-            for k, entry in o.rows("changes", start=change_key(published + 1)):
-                vid, key = _unpack(entry)[:2]
+            for rec in outbox_records(o.rows("changes"), published):
+                vid, key = rec[1], rec[2]
                 slot = slot_of(key.encode())
                 if slot % self.n != i or o.get("views", view_key(slot_prefix(slot), vid,
                                                                  key)) is None:
@@ -423,7 +423,7 @@ class Resharder:
                                     self.views[vid], key)
                     else:
                         slot = found
-                self.moved_changes[slot % self.m].append((i, k))
+                self.moved_changes[slot % self.m].append(entry_of(*rec[1:]))
                 self.stats.changes += 1
 
     def _apply_forwarded(self, olds: list[_Old]) -> None:
@@ -530,8 +530,8 @@ class Resharder:
                     self.copied[(src, table)] = self.copied.get((src, table), 0) + n
             for dkey, raw in self.new_docs[j].items():  # documents of forwarded updates
                 w.put("views", dkey, raw)
-            moved = (olds[i].get("changes", k) for i, k in self.moved_changes[j])
-            for seq, entry in enumerate(itertools.chain(moved, self.new_changes[j]), 1):
+            for seq, entry in enumerate(itertools.chain(self.moved_changes[j],
+                                                        self.new_changes[j]), 1):
                 w.put("changes", change_key(seq), entry, append=True)
             for (topic, part), off in self._offsets(j, olds).items():
                 w.put("offsets", offset_key(topic, part), offset_value(off))

@@ -14,8 +14,11 @@ parked         S + gate hash (16) + seq (8)           msgpack [parked_at, record
 offsets        topic + b"\\0" + partition (4)          through offset (8, signed)
 links          source worker (2)                      last applied link seq (8)
 outbox         target worker (2) + link seq (8)       msgpack message (view updates)
-changes        change seq (8)                         msgpack [view id, key, version, data,
-                                                      ms] (change events not yet delivered)
+changes        first change seq (8) + last (8)        one commit's change events: a blob
+                                                      (changes.py, `pack_blob`), not yet
+                                                      all delivered
+               (format 1 rows: change seq (8))        msgpack [view id, key, version, data,
+                                                      ms, json?] (one change event)
 dedup_log      log seq (8)                            generation (8) + identity hashes
                                                       (16 each): the ids a batch added
 meta           name                                   msgpack value
@@ -30,6 +33,9 @@ written before them opens as it is):
   batches did, through any crash. A shard without it starts from zero at its next batch
   (``since`` then says when): the earlier counts cannot be derived from the shard (the
   dedup index keeps only the dedup window, sequences only the last one).
+- ``changes`` rows keyed by a change seq range (16 bytes) hold all the change events of one
+  commit in one value; rows keyed by one change seq (8 bytes, written before them and by the
+  reshard) stay readable, so a shard upgraded with undelivered events publishes them all.
 - ``dedup_log`` and meta ``dedup_log_seq`` (last log seq used), ``dedup_log_pruned`` (entries
   up to it deleted) and ``shard_token`` (random, made at the first boot): the ids each batch
   adds to the dedup index, in the batch's transaction, kept until a saved bloom filter
@@ -202,6 +208,20 @@ def parse_offset_value(value: bytes) -> int:
     return _I64.unpack(value)[0]
 
 
+def change_range_key(first: int, last: int) -> bytes:
+    """Key of a commit's blob of change events (seqs first..last)."""
+    return _U64.pack(first) + _U64.pack(last)
+
+
+def parse_change_key(key: bytes) -> tuple[int, int, bool]:
+    """(first seq, last seq, blob?) of a change outbox key: a blob's range (16 bytes) or
+    one change event of format 1 (8 bytes)."""
+    if len(key) == 16:
+        return _U64.unpack_from(key)[0], _U64.unpack_from(key, 8)[0], True
+    seq = _U64.unpack(key)[0]
+    return seq, seq, False
+
+
 def change_key(seq: int) -> bytes:
     return _U64.pack(seq)
 
@@ -341,19 +361,31 @@ class Shard:
                 return _U64.unpack(cur.key()[2:])[0]
         return 0
 
-    def changes_after(self, after: int) -> Iterator[tuple[int, bytes]]:
-        """(change seq, entry) of the change outbox with seq > after, in order."""
+    def changes_after(self, after: int) -> Iterator[tuple[bytes, bytes]]:
+        """(key, value) rows of the change outbox, in order, from the one that holds change
+        seq after + 1 (it may start before it: see `parse_change_key`)."""
         with self.env.begin(db=self.db["changes"]) as txn:
             cur = txn.cursor()
-            if not cur.set_range(_U64.pack(after + 1)):
+            if cur.set_range(_U64.pack(after + 1)):
+                if cur.prev() and parse_change_key(cur.key())[1] <= after:
+                    cur.next()
+            elif not cur.last() or parse_change_key(cur.key())[1] <= after:
                 return
             for k, v in cur:
-                yield _U64.unpack(k)[0], bytes(v)
+                yield bytes(k), bytes(v)
+
+    def count_changes_after(self, after: int) -> int:
+        """How many change events of the outbox have seq > after."""
+        n = 0
+        for k, _ in self.changes_after(after):
+            first, last, _ = parse_change_key(k)
+            n += last - max(first, after + 1) + 1
+        return n
 
     def last_change_seq(self) -> int:
         with self.env.begin(db=self.db["changes"]) as txn:
             cur = txn.cursor()
-            return _U64.unpack(cur.key())[0] if cur.last() else 0
+            return parse_change_key(cur.key())[1] if cur.last() else 0
 
     def dedup_entries(self) -> Iterator[tuple[int, bytes]]:
         """(generation, identity hash) of the dedup index, oldest generation first."""
@@ -628,11 +660,27 @@ class Batch:
         return n
 
     def put_change(self, seq: int, entry: bytes) -> None:
+        """One change event in format 1 (the reshard writes these)."""
         self.txn.put(_U64.pack(seq), entry, db=self._db["changes"])
 
+    def put_changes(self, first: int, last: int, blob: bytes) -> None:
+        """A commit's change events (seqs first..last) as one blob."""
+        self.txn.put(change_range_key(first, last), blob, db=self._db["changes"])
+
     def prune_changes(self, upto: int) -> int:
-        """Delete delivered change events (seq <= upto)."""
-        return self._prune_upto("changes", upto)
+        """Delete the rows of the change outbox whose events were all delivered (last seq
+        <= upto); returns how many rows."""
+        cur = self.txn.cursor(db=self._db["changes"])
+        n = 0
+        if not cur.first():
+            return 0
+        while parse_change_key(cur.key())[1] <= upto:
+            if not cur.delete():
+                break
+            n += 1
+            if not cur.key():
+                break
+        return n
 
     def put_meta(self, name: str, value) -> None:
         self.txn.put(name.encode(), _pack(value), db=self._db["meta"])

@@ -43,7 +43,7 @@ import lmdb
 
 from . import core, parser
 from .batch_state import BatchState
-from .changes import ChangeEncoder, ChangePublisher
+from .changes import ChangeEncoder, make_publisher
 from .config import Config
 from .control import TOTAL_SLOTS, ControlBlock, Slot
 from .deadletter import DeadLetters
@@ -145,8 +145,8 @@ class Worker(DedupStage, GateStage, RouteStage, LinksStage):
         self.changes_pruned = self.shard.get_meta("changes_published", 0)
         self.publisher = None
         if self.changes.enabled:
-            self.publisher = ChangePublisher(cfg, self.changes, self.shard.changes_after,
-                                             self.changes_pruned, self.change_seq)
+            self.publisher = make_publisher(cfg, self.changes, self.shard.changes_after,
+                                            self.changes_pruned, self.change_seq)
         self.totals = self.shard.totals()  # exact: stored with every batch (_finish)
         self.topics = list(self.plan.topics)
         # topic indexes of the sources with structured = "detect" (envelope.parse)
@@ -209,10 +209,11 @@ class Worker(DedupStage, GateStage, RouteStage, LinksStage):
         self.ctl_epoch = max(self.epoch, ctl.get(me, Slot.EPOCH) + 1)
         ctl.set(me, Slot.EPOCH, self.ctl_epoch)
         log.info("worker %d booted: core=%s, parser=%s, bloom filter %s (%d ids read, %.3f s), "
-                 "%d bloom generations, %d partitions", me, core.IMPLEMENTATION,
-                 parser.IMPLEMENTATION, self._bloom_how,
+                 "%d bloom generations, %d partitions, change events %s", me,
+                 core.IMPLEMENTATION, parser.IMPLEMENTATION, self._bloom_how,
                  self._bloom_loaded, self._bloom_s, len(self.bloom.live_generations),
-                 len(self.through))
+                 len(self.through),
+                 self.publisher.implementation if self.publisher is not None else "off")
 
     def _check_fingerprint(self, fingerprint: str) -> None:
         """Outbox messages name feeds and parked records name topics by their position in the
@@ -560,7 +561,7 @@ class Worker(DedupStage, GateStage, RouteStage, LinksStage):
         ctl, me = self.ctl, self.index
         if self.publisher is not None:
             if self.attempt.chg_out:
-                self.change_seq = self.attempt.chg_out[-1][0]
+                self.change_seq = self.attempt.chg_out[-1][1]
                 self.publisher.committed(self.attempt.chg_out)
             self.changes_pruned = max(self.changes_pruned, self.attempt.pruned)
             self.publisher.pump()

@@ -22,6 +22,7 @@ import msgpack
 import pytest
 
 from aggregator import reshard
+from aggregator.changes import outbox_records
 from aggregator.control import Slot
 from aggregator.plan import ViewPlan
 from aggregator.routing import SLOTS, slot_of
@@ -135,8 +136,7 @@ class Snapshot:
             self.offsets.append(s.offsets())
             st = s.stat()
             self.parked += st["parked"]
-            self.unpublished += sum(1 for _ in s.changes_after(s.get_meta("changes_published",
-                                                                          0)))
+            self.unpublished += s.count_changes_after(s.get_meta("changes_published", 0))
             links.append(s.links())
         for i, s in enumerate(opened):
             for t in range(self.n):
@@ -401,6 +401,7 @@ def test_pending_forwards_of_another_config_are_refused(tmp_path, clusters, work
 SUBPROCESS = """
 import json, logging, sys
 from aggregator import reshard
+from aggregator.changes import outbox_records
 from aggregator.config import load_config
 logging.basicConfig(level=logging.INFO)
 opts = json.loads(sys.argv[1])
@@ -419,7 +420,7 @@ def dump(data_dir: Path) -> dict:
                 for name, db in sorted(s.db.items()):
                     rows = [(bytes(k), bytes(v)) for k, v in txn.cursor(db=db)]
                     if name == "changes":
-                        rows = [(k, msgpack.unpackb(v)[:4]) for k, v in rows]
+                        rows = [r[:5] for r in outbox_records(rows)]
                     out[(path.name, name)] = rows
         finally:
             s.close()

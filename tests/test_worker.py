@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 import aggregator.store as store_mod
 import aggregator.worker as worker_mod
 from aggregator import _core, bloom_snapshot, core_ref
+from aggregator.changes import blob_records, outbox_blobs
 from aggregator.config import load_config
 from aggregator.control import TOTAL_SLOTS, Slot
 from aggregator.devtools import simulate
@@ -88,9 +89,10 @@ class FakePublisher:
         self.enc = real.enc
         self.sink = sink
         self.pending: list = []
-        for seq, entry in real.read_after(real.published):  # what a crash left unpublished
-            self.pending.append((seq, entry))
-            self.committed_seq = seq
+        # what a crash left unpublished
+        for first, last, blob in outbox_blobs(real.read_after(real.published)):
+            self.pending.append((first, last, blob))
+            self.committed_seq = last
 
     @property
     def backlog(self) -> int:
@@ -99,12 +101,13 @@ class FakePublisher:
     def committed(self, changes) -> None:
         if changes:
             self.pending.extend(changes)
-            self.committed_seq = changes[-1][0]
+            self.committed_seq = changes[-1][1]
 
     def pump(self) -> None:
-        for _, entry in self.pending:
-            view_id, key, version, data, *_ = msgpack.unpackb(entry, raw=False)
-            self.sink.append((self.enc.views[view_id], key, version, data))
+        for first, _, blob in self.pending:
+            for seq, (view_id, key, version, data) in enumerate(blob_records(blob)[2], first):
+                if seq > self.published:
+                    self.sink.append((self.enc.views[view_id], key.decode(), version, data))
         self.pending.clear()
         self.published = self.committed_seq
 

@@ -5,8 +5,8 @@ link sequence numbers per peer (the last used also in meta "link_out": the outbo
 and a restart must not start again at 1). After the commit they are sent through the peer
 ring (`_pump_outbox`, in link-sequence order, from the outbox again after the peer
 restarted); the peer applies each link seq once and publishes it in the control block, and
-the outbox is pruned up to there. Change events go the same way through the change outbox
-(changes.py publishes them after the commit).
+the outbox is pruned up to there. Change events go the same way through the change outbox,
+one blob per transaction (changes.py publishes them after the commit).
 """
 
 from __future__ import annotations
@@ -84,16 +84,16 @@ class LinksStage:
         return rows
 
     def _write_changes(self, batch: Batch) -> None:
-        """The transaction's change events into the outbox; prune delivered ones."""
-        chg, seq, out = self.changes, self.change_seq, self.attempt.chg_out
+        """The transaction's change events into the outbox, as one blob keyed by their seq
+        range; prune the blobs that were delivered whole."""
         rows = self._change_rows()
-        for _, vid, key, version, data in rows:
-            seq += 1
-            entry = chg.entry(vid, key, version, data)
-            batch.put_change(seq, entry)
-            out.append((seq, entry))
-        if out:
-            batch.put_meta("change_seq", seq)
+        if rows:
+            first = self.change_seq + 1
+            last = self.change_seq + len(rows)
+            blob = self.changes.blob([r[1:] for r in rows])
+            batch.put_changes(first, last, blob)
+            self.attempt.chg_out.append((first, last, blob))
+            batch.put_meta("change_seq", last)
         delivered = self.publisher.published
         if delivered > self.changes_pruned:
             batch.prune_changes(delivered)

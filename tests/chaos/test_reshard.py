@@ -38,7 +38,7 @@ def pending_state(data_dir) -> dict:
             for t in range(len(shards)):
                 if t != i:
                     out["forwarded"] += sum(1 for _ in s.outbox_after(t, links[t].get(i, 0)))
-            out["changes"] += sum(1 for _ in s.changes_after(s.get_meta("changes_published", 0)))
+            out["changes"] += s.count_changes_after(s.get_meta("changes_published", 0))
             out["parked"] += s.stat()["parked"]
         offsets = [s.offsets() for s in shards]
         out["uneven_offsets"] = sum(1 for tp in offsets[0]
