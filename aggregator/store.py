@@ -950,7 +950,7 @@ class RawWrite(_IndexWrites):
         for gen, _ in self._index():
             cur = self.txn.cursor(db=self.shard.dedup_db(gen))
             for key in (HOT, SEALED):
-                if not cur.set_range_dup(key, prefix):
+                if not (cur.set_range_dup(key, prefix) if prefix else cur.set_key(key)):
                     continue
                 while cur.key() == key and cur.value().startswith(prefix):
                     cur.delete()
@@ -1004,7 +1004,7 @@ class Snapshot:
                 continue
             cur = self.txn.cursor(db=db)
             for key in (SEALED, HOT):
-                if not cur.set_range_dup(key, prefix):
+                if not (cur.set_range_dup(key, prefix) if prefix else cur.set_key(key)):
                     continue
                 while cur.key() == key:
                     v = cur.value()
