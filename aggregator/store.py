@@ -1043,6 +1043,11 @@ class Snapshot:
                        for g, _ in self._index if g % DEDUP_POOL in self._pool)
         return 0 if db is None else self.txn.stat(db)["entries"]
 
+    def dedup_entries(self) -> int:
+        """Ids in the dedup index, from the databases this snapshot opened (format 2)."""
+        return sum(self.txn.stat(db)["entries"] for name, db in self._db.items()
+                   if name.startswith("dedup.") and db is not None)
+
     def entries_of(self) -> dict[str, int]:
         """Entries per database of this snapshot that exists."""
         return {name: self.txn.stat(db)["entries"] for name, db in self._db.items()
@@ -1099,7 +1104,7 @@ class Snapshot:
         self.txn.abort()  # read-only: releases the snapshot
 
 
-_READER_MAX_DBS = 16  # >= the named databases above
+_READER_MAX_DBS = 16 + DEDUP_POOL  # >= the named databases above
 
 
 class SharedReader:
