@@ -210,22 +210,9 @@ def parked_key(gkey: bytes, seq: int) -> bytes:
     return gkey + _U64.pack(seq)
 
 
-def generation_value(generation: int) -> bytes:
-    """A dedup value (and the first 8 bytes of its dedup_gen key)."""
-    return _U64.pack(generation)
-
-
 def parse_generation(value: bytes) -> int:
+    """The generation of a format-1 ``dedup`` value (read by the migration)."""
     return _U64.unpack(value[:8])[0]
-
-
-def dedup_db_name(generation: int) -> str:
-    return f"dedup.{generation % DEDUP_POOL}"
-
-
-def seq_value(last: int, topic_index: int, partition: int) -> bytes:
-    """A format-2 ``seq`` row (SEQ_ROW)."""
-    return SEQ_ROW.pack(last, topic_index, partition)
 
 
 def parse_seq_value(value: bytes, topics: list[str]) -> list:
