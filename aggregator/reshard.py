@@ -581,7 +581,13 @@ class Resharder:
                 w.put("changes", change_key(seq), entry, append=True)
             for (topic, part), off in self._offsets(j, olds).items():
                 w.put("offsets", offset_key(topic, part), offset_value(off))
-            meta = {**self.extra_meta, "format": FORMAT_VERSION, "shard": j,
+            extra = self.extra_meta
+            if self.same and olds[j].present:  # a migration: shard j's own names (e.g. the
+                # cluster mode's task.<t> cache rows are per shard), above every old epoch
+                extra = {**{k: v for k, v in olds[j].meta.items() if k not in _KNOWN_META},
+                         **({"writer_epoch": self.extra_meta["writer_epoch"]}
+                            if "writer_epoch" in self.extra_meta else {})}
+            meta = {**extra, "format": FORMAT_VERSION, "shard": j,
                     "workers": self.m, "slots": SLOTS, "views": self.views,
                     "bloom_generation": generation,
                     "change_seq": len(self.moved_changes[j]) + len(self.new_changes[j]),

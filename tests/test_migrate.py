@@ -253,3 +253,24 @@ def test_the_migrate_command(tmp_path):
     res = CliRunner().invoke(cli_main, args)
     assert res.exit_code == 0 and "nothing to do" in res.output
     assert not reshard.needs_migration(data)
+
+
+def test_a_migration_keeps_each_shards_own_meta(tmp_path):
+    """Cluster mode keeps per-shard cache rows in meta (changelog.py, ``task.<t>``): a
+    migration (same worker count) leaves them with their shard, unlike a reshard."""
+    data, _ = unpack_fixture(tmp_path)
+    for i in range(2):
+        env = lmdb.open(str(shard_path(data, i)), max_dbs=16)
+        with env.begin(write=True, db=env.open_db(b"meta")) as txn:
+            txn.put(f"task.{i + 1}".encode(), msgpack.packb([100 + i, 1, 7]))
+        env.close()
+    reshard.ensure_layout(_cfg(data), data, 2)
+    for i in range(2):
+        s = Shard(shard_path(data, i), readonly=True)
+        try:
+            meta = s.meta_items()
+        finally:
+            s.close()
+        assert [k for k in meta if k.startswith("task.")] == [f"task.{i + 1}"]
+        assert meta[f"task.{i + 1}"] == [100 + i, 1, 7]
+        assert meta["writer_epoch"] == 2  # above every old writer's
