@@ -44,10 +44,11 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, To
 from .kafka_clients import quiet
 from .routing import SLOTS, slot_prefix
 from .store import (
+    HOT,
+    SEALED,
     Batch,
     RawWrite,
     Shard,
-    generation_value,
     offset_key,
     offset_value,
     parked_key,
@@ -108,13 +109,19 @@ class CapturingBatch(Batch):
         super().mark_seen(skey, generation)
         self.log.append((DEDUP, skey, b""))
 
-    def _unseen(self, skey: bytes) -> None:
-        self.log.append((DEDUP, bytes(skey), None))
+    def _dropping(self, generation: int, db) -> None:
+        """The ids of a dropped generation leave the changelog as tombstones."""
+        cur = self.txn.cursor(db=db)
+        for key in (HOT, SEALED):
+            if cur.set_key(key):
+                for skey in cur.iternext_dup():
+                    self.log.append((DEDUP, bytes(skey), None))
 
     def put_seq(self, gkey: bytes, last: int, topic: str, partition: int) -> None:
-        v = _pack([last, topic, partition])
-        self.put_raw("seq", gkey, v)
-        self.log.append((SEQ, gkey, v))
+        # the changelog keeps format 1's portable row (topic by name): shards number their
+        # topics each their own way (store.py, meta seq_topics)
+        super().put_seq(gkey, last, topic, partition)
+        self.log.append((SEQ, gkey, _pack([last, topic, partition])))
 
     def park(self, gkey: bytes, seq: int, parked_at: float, record: list) -> None:
         k, v = parked_key(gkey, seq), _pack([parked_at, record])
@@ -201,9 +208,13 @@ class Restore:
         self._in_chunk += 1
         self.applied += 1
         if code == DEDUP:
-            chunk.set_seen(key, None if value is None else generation_value(self.generation))
+            chunk.set_seen(key, None if value is None else self.generation)
             if value is not None:
                 self.dedup_hashes.append(key[2:])
+            return
+        if code == SEQ and value is not None:
+            last, topic, part = _unpack(value)
+            chunk.put_seq(key, last, topic, part)
             return
         name = _DB_OF.get(code)
         if name is None:

@@ -1,4 +1,4 @@
-"""Command line: `aggregator run`, `demo`, `get`, `stats`.
+"""Command line: `aggregator run`, `demo`, `get`, `stats`, `migrate`.
 
 Every mistake in user input ends in one line on stderr and a documented exit code (see
 ``EXIT_CODES``), never a traceback: click's parameter types (``Choice``, ``IntRange``,
@@ -157,6 +157,49 @@ def run(config_path, workers, data_dir, bootstrap, log_level, log_format):
     log.info("config: %s", cfg.kafka.redacted())
     sup_class = ClusterSupervisor if cfg.cluster.enabled else Supervisor
     sys.exit(sup_class(cfg, log_level=level, log_format=log_format).run())
+
+
+@main.command(epilog=_env_help())
+@_config_option(True, "TOML config (required)")
+@click.option("--workers", "-w", type=_WORKERS, default=None, help="worker processes")
+@click.option("--data-dir", type=_DATA_DIR, default=None, help="the data dir to migrate")
+@click.option("--log-level", type=click.Choice(logs.LEVELS, case_sensitive=False),
+              envvar="AGGREGATOR_LOG_LEVEL", default="INFO", show_default=True)
+def migrate(config_path, workers, data_dir, log_level):
+    """Rewrite a data dir in this build's storage format (and worker count), offline.
+
+    Crash-safe like a reshard: killed at any point, the next `migrate` or `run` finishes it
+    or starts it again from the untouched old shards. `run` does the same at start; this
+    command does it without starting the service. Refused while a service holds the data dir.
+    """
+    import fcntl
+    import os
+
+    from . import reshard
+
+    _setup_logging(log_level, "text")
+    cfg = _load(config_path, workers, data_dir, None)
+    path = Path(cfg.service.data_dir)
+    if not path.is_dir():
+        _fail(f"data dir {path} does not exist")
+    fd = os.open(path / "LOCK", os.O_RDWR | os.O_CREAT, datadir.FILE_MODE)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            _fail(f"data dir {path} is in use by a running service")
+        try:
+            stats = reshard.ensure_layout(cfg, path, cfg.service.workers)
+        except reshard.ReshardError as e:
+            _fail(f"data dir {path}: {e}")
+    finally:
+        os.close(fd)
+    if stats is None:
+        click.echo(f"{path}: already in format {reshard.FORMAT_VERSION} with "
+                   f"{cfg.service.workers} workers; nothing to do")
+    else:
+        click.echo(f"{path}: migrated to format {reshard.FORMAT_VERSION}, "
+                   f"{stats.new_workers} workers: {stats.keys} rows in {stats.seconds:.2f} s")
 
 
 def command_name() -> str:

@@ -119,7 +119,12 @@ class ShardReader:
         out["file_bytes"] = data.stat().st_size
 
         names = self.read((), lambda snap: snap.names())
-        entries = self.read(tuple(names or ()), lambda snap: snap.entries_of())
+        # the dedup index's databases count as one, "dedup" (store.py, format 2)
+        tables = tuple(n for n in names or () if not n.startswith("dedup."))
+        entries = self.read(tables, lambda snap: snap.entries_of())
+        if entries is not None and names and any(n.startswith("dedup.") for n in names):
+            entries["dedup"] = self.read(tuple(n for n in names if n.startswith("dedup.")),
+                                         lambda snap: snap.dedup_entries())
         with self._lock:
             opened = self._reader.info()
             if entries is None or opened is None:

@@ -4,13 +4,22 @@ The supervisor calls `ensure_layout` at start, holding the data-dir LOCK, before
 exists. Every per-key LMDB key starts with its 2-byte slot (routing.py), so slot `s` moves
 whole from old shard `s % N` to new shard `s % M`. Per table:
 
-- ``views``, ``seq``, ``parked``: copied slot by slot, unchanged (documents keep their version,
-  sequence state and parked events move with their stream).
-- ``dedup``: copied slot by slot; generations are shifted so that every old shard's current
+- ``views``, ``parked``: copied slot by slot, unchanged (documents keep their version and
+  parked events move with their stream); ``seq`` rows too, their topic index translated to
+  the new shard's topic table (meta ``seq_topics``: the old shards' tables merged).
+- dedup ids: copied slot by slot; generations are shifted so that every old shard's current
   bloom generation becomes the new current one G = max over old shards (so one merged shard
   keeps every live generation of each source), and entries older than the dedup window
-  (G - dedup.bloom_generations) are dropped, as a rotation would. ``dedup_gen`` is rebuilt
-  from ``dedup``; the bloom filter is rebuilt from it at boot.
+  (G - dedup.bloom_generations) are dropped, as a rotation would. The new shard's worker
+  seals the older generations (store.py); the bloom filter is rebuilt from the index at boot.
+
+Migration from format 1 (store.py) is a reshard from N to N workers (or to the configured
+count) that reads format 1 and writes format 2: the same crash-safe steps below, at every
+start (`ensure_layout`) or with `aggregator migrate`. Format 1's ``seq`` rows (msgpack with
+the topic name) become fixed-size rows, its ``dedup`` table (``dedup_gen`` is not read)
+becomes the per-generation index. With the worker count unchanged, every new shard is its
+old shard: generations are not shifted, and the shard token, the dedup log and the saved
+bloom filter (bloom_snapshot.py) are carried over, so the first boot restores the filter.
 - ``offsets``: per (topic, partition) the minimum over the old shards that give slots to the
   new one (none if any of them has none). Records above that minimum are redelivered to the
   new shard; those an old shard had applied are dropped there by the exact dedup index that
@@ -58,6 +67,7 @@ from typing import Callable
 import lmdb
 import msgpack
 
+from . import bloom_snapshot
 from .changes import ChangeEncoder, entry_of, outbox_records
 from .config import Config
 from .datadir import fsync_dir
@@ -72,17 +82,17 @@ from .store import (
     TOTALS_KEY,
     Shard,
     change_key,
-    generation_value,
     key_slot,
     normalize_totals,
     offset_key,
     offset_value,
     outbox_prefix,
-    parse_generation,
     parse_link,
     parse_offset_key,
     parse_offset_value,
     parse_outbox_key,
+    parse_seq_value,
+    parse_seq_value_v1,
     parse_view_key,
     view_key,
 )
@@ -92,10 +102,13 @@ log = logging.getLogger(__name__)
 MARKER = "RESHARD"
 TMP = "reshard-tmp"
 OLD = "reshard-old"
-_SLOT_TABLES = ("views", "seq", "parked")  # copied as they are, slot by slot
+_SLOT_TABLES = ("views", "seq", "parked")  # copied slot by slot
 _KNOWN_META = {"format", "shard", "workers", "slots", "views", "fingerprint",
                "bloom_generation", "change_seq", "changes_published", "link_out",
-               TOTALS_KEY, "shard_token", "dedup_log_seq", "dedup_log_pruned"}
+               TOTALS_KEY, "shard_token", "dedup_log_seq", "dedup_log_pruned",
+               "dedup_index", "seq_topics"}
+_CARRIED_META = ("shard_token", "dedup_log_seq", "dedup_log_pruned")  # same worker count
+FORMATS_READ = (1, FORMAT_VERSION)  # format 1 is migrated
 _CHUNK_BYTES = 16 << 20  # bytes written per LMDB transaction
 
 _pack = msgpack.Packer(use_bin_type=True).pack
@@ -137,9 +150,15 @@ def ensure_layout(cfg: Config, data_dir: str | os.PathLike, workers: int,
     data_dir = Path(data_dir)
     recover(data_dir)
     old = current_workers(data_dir)
-    if old is None or old == workers:
+    if old is None or (old == workers and not needs_migration(data_dir)):
         return None
     return Resharder(cfg, data_dir, old, workers, dead_letters).run()
+
+
+def needs_migration(data_dir: Path) -> bool:
+    """True if a shard of the data dir is in an older format than this build writes."""
+    return any(_read_meta(p).get("format", FORMAT_VERSION) != FORMAT_VERSION
+               for p in _shard_dirs(Path(data_dir)).values())
 
 
 def _shard_dirs(data_dir: Path) -> dict[int, Path]:
@@ -171,10 +190,10 @@ def current_workers(data_dir: Path) -> int | None:
         meta = _read_meta(path)
         if "format" not in meta:
             continue  # never stamped: empty
-        if meta["format"] != FORMAT_VERSION or meta.get("slots") != SLOTS:
+        if meta["format"] not in FORMATS_READ or meta.get("slots") != SLOTS:
             raise ReshardError(f"{path}: data format {meta['format']} with "
-                               f"{meta.get('slots')} slots; this build reads format "
-                               f"{FORMAT_VERSION} with {SLOTS} slots")
+                               f"{meta.get('slots')} slots; this build reads formats "
+                               f"{FORMATS_READ} with {SLOTS} slots")
         if meta.get("shard") != i:
             raise ReshardError(f"{path} says it is shard {meta.get('shard')}")
         counts.setdefault(meta.get("workers"), []).append(i)
@@ -258,9 +277,24 @@ class _Old:
         self.meta: dict = {}
         if not self.present:
             return
+        self.path = path
         self.shard = Shard(path, readonly=True)
         self.snap = self.shard.snapshot()
         self.meta = self.snap.meta()
+        self.format = self.meta.get("format", FORMAT_VERSION)
+        self.topics = self.snap.seq_topics()
+
+    def seq_row(self, value: bytes) -> list:
+        """[last, topic name, partition] of a seq row of this shard's format."""
+        if self.format == 1:
+            return parse_seq_value_v1(value)
+        return parse_seq_value(value, self.topics)
+
+    def dedup_rows(self, prefix: bytes):
+        """(S + identity hash, generation) of the shard's dedup ids in a slot."""
+        if not self.present:
+            return iter(())
+        return self.snap.dedup_rows(prefix)
 
     def rows(self, table: str, prefix: bytes = b"", start: bytes | None = None):
         """(key, value) of a table whose key starts with `prefix` (and is >= `start`), in
@@ -290,9 +324,11 @@ class _Writer:
         self.ops: list[tuple[str, bytes, bytes, bool]] = []
         self.size = 0
 
-    def put(self, table: str, key: bytes, value: bytes, append: bool = False) -> None:
+    def put(self, table: str, key: bytes, value, append: bool = False) -> None:
+        """A row; table ``dedup``: value = generation, ``seq``: value = [last, topic,
+        partition] (the new shard's own encodings, store.py)."""
         self.ops.append((table, key, value, append))
-        self.size += len(key) + len(value)
+        self.size += len(key) + (len(value) if isinstance(value, bytes) else 16)
         if self.size >= _CHUNK_BYTES:
             self.flush()
 
@@ -303,7 +339,11 @@ class _Writer:
             chunk = self.shard.raw_write()
             try:
                 for table, k, v, append in self.ops:
-                    if not chunk.put(table, k, v, append=append):
+                    if table == "dedup":
+                        chunk.set_seen(k, v)
+                    elif table == "seq":
+                        chunk.put_seq(k, *v)
+                    elif not chunk.put(table, k, v, append=append):
                         raise ReshardError(f"{self.shard.path}: {table} key out of order")
                 chunk.commit()
                 break
@@ -391,8 +431,10 @@ class Resharder:
             self.extra_meta["writer_epoch"] = max(epochs) + 1
         # dedup generations: old shard i's generation g becomes g + shift[i]
         gens = [o.meta.get("bloom_generation", 0) for o in olds]
+        self.same = self.n == self.m  # a migration: new shard j is old shard j
+        self.gens = gens
         self.generation = max(gens)
-        self.shift = [self.generation - g for g in gens]
+        self.shift = [0 if self.same else self.generation - g for g in gens]
         self.oldest_gen = self.generation - self.cfg.dedup.bloom_generations + 1
         # the service's totals, all in new shard 0 (the module docstring)
         olds_totals = [normalize_totals(m.get(TOTALS_KEY)) for m in metas if TOTALS_KEY in m]
@@ -506,21 +548,25 @@ class Resharder:
         try:
             w = _Writer(shard, self.stats)
             slots = range(j, SLOTS, self.m)
+            generation = self.gens[j] if self.same else self.generation
             for table in (*_SLOT_TABLES, "dedup"):
                 for s in slots:
                     src = s % self.n
                     n = 0
                     if table == "dedup":
-                        shift, oldest = self.shift[src], self.oldest_gen
-                        for k, v in olds[src].rows(table, slot_prefix(s)):
+                        shift = self.shift[src]
+                        oldest = generation - self.cfg.dedup.bloom_generations + 1
+                        for k, gen in olds[src].dedup_rows(slot_prefix(s)):
                             n += 1
-                            gen = parse_generation(v) + shift
+                            gen += shift
                             if gen < oldest:
                                 self.stats.dedup_dropped += 1
                                 continue
-                            g = generation_value(gen)
-                            w.put("dedup", k, g, append=True)
-                            w.put("dedup_gen", g + k, b"")
+                            w.put("dedup", k, gen)
+                    elif table == "seq":
+                        for k, v in olds[src].rows(table, slot_prefix(s)):
+                            n += 1
+                            w.put("seq", k, olds[src].seq_row(v))
                     else:
                         for k, v in olds[src].rows(table, slot_prefix(s)):
                             n += 1
@@ -535,21 +581,37 @@ class Resharder:
                 w.put("changes", change_key(seq), entry, append=True)
             for (topic, part), off in self._offsets(j, olds).items():
                 w.put("offsets", offset_key(topic, part), offset_value(off))
-            meta = {**self.extra_meta, "format": FORMAT_VERSION, "shard": j,
+            extra = self.extra_meta
+            if self.same and olds[j].present:  # a migration: shard j's own names (e.g. the
+                # cluster mode's task.<t> cache rows are per shard), above every old epoch
+                extra = {**{k: v for k, v in olds[j].meta.items() if k not in _KNOWN_META},
+                         **({"writer_epoch": self.extra_meta["writer_epoch"]}
+                            if "writer_epoch" in self.extra_meta else {})}
+            meta = {**extra, "format": FORMAT_VERSION, "shard": j,
                     "workers": self.m, "slots": SLOTS, "views": self.views,
-                    "bloom_generation": self.generation,
+                    "bloom_generation": generation,
                     "change_seq": len(self.moved_changes[j]) + len(self.new_changes[j]),
                     "changes_published": 0, "link_out": {}}
             if self.fingerprint is not None:
                 meta["fingerprint"] = self.fingerprint
             if j == 0 and (self.totals["since"] or any(self.totals.values())):
                 meta[TOTALS_KEY] = self.totals
+            if self.same and olds[j].present:  # the saved bloom filter stays usable
+                for name in _CARRIED_META:
+                    if name in olds[j].meta:
+                        meta[name] = olds[j].meta[name]
+                for k, v in olds[j].rows("dedup_log"):
+                    w.put("dedup_log", k, v, append=True)
             for name, value in meta.items():
                 w.put("meta", name.encode(), _pack(value))
             w.flush()
             shard.sync()
         finally:
             shard.close()
+        if self.same and olds[j].present:
+            snap = bloom_snapshot.path_of(olds[j].path)
+            if snap.exists():
+                shutil.copyfile(snap, bloom_snapshot.path_of(path))
         fd = os.open(path / "data.mdb", os.O_RDONLY)
         try:
             os.fsync(fd)

@@ -7,9 +7,12 @@ database       key                                    value
 =============  =====================================  ====================================
 views          S + view id (1 byte) + view key        msgpack {"v": version, "d": doc,
                                                       "s": {source: [seq, time]}}
-dedup          S + identity hash (16)                 generation (8, big-endian)
-dedup_gen      generation (8) + S + identity hash     b""  (prune index by generation)
-seq            S + gate hash (16)                     msgpack [last, topic, partition]
+dedup.<i>      b"h" (hot) or b"s" (sealed); DUPSORT   S + identity hash (16) per duplicate
+               + DUPFIXED: one database per dedup     (sorted, fixed size: LMDB packs them
+               generation g, i = g % DEDUP_POOL       16+2 bytes each, no node headers)
+seq            S + gate hash (16)                     SEQ_ROW: last (8, signed) + topic
+                                                      index (2, meta ``seq_topics``) +
+                                                      partition (4, signed)
 parked         S + gate hash (16) + seq (8)           msgpack [parked_at, record]
 offsets        topic + b"\\0" + partition (4)          through offset (8, signed)
 links          source worker (2)                      last applied link seq (8)
@@ -24,7 +27,23 @@ dedup_log      log seq (8)                            generation (8) + identity 
 meta           name                                   msgpack value
 =============  =====================================  ====================================
 
-Format notes (additions that keep FORMAT_VERSION 1: older builds ignore them, and a shard
+Format 2 (this build; format 1 is migrated by reshard.py, `aggregator migrate`):
+
+- the dedup index: meta ``dedup_index`` = [[generation, sealed_below], ...] lists the live
+  generations, oldest first. A generation's ids go to its database under key b"h" as they
+  come (random inserts: ~27 bytes per id on disk). Once the generation is no longer the
+  bloom filter's current one, `Batch.seal_dedup` moves them in slices, slot by slot in
+  order, to key b"s" with appends (full pages: ~18 bytes per id); ``sealed_below`` is the
+  first slot not moved yet, so an id of slot s is under b"s" if s < sealed_below, else
+  under b"h". A generation leaves the window whole: `Batch.drop_generations` empties its
+  database with mdb_drop, which frees the pages without visiting the entries (no dirty
+  page, no per-id work). Format 1 had ``dedup`` (S + hash -> generation) and ``dedup_gen``
+  (generation + S + hash), ~108 bytes per id, pruned id by id.
+- ``seq`` rows are fixed-size (SEQ_ROW); meta ``seq_topics`` is the shard's topic table
+  (append-only; index NO_TOPIC = no topic). Format 1 stored msgpack [last, topic name,
+  partition].
+
+Format notes (additions within a format version: older builds ignore them, and a shard
 written before them opens as it is):
 
 - meta ``totals``: msgpack {name: int} with the names of `TOTALS`, plus
@@ -62,6 +81,7 @@ instead of a transaction, before it writes anything.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -76,9 +96,14 @@ from .datadir import FILE_MODE
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-_DBS = ("views", "dedup", "dedup_gen", "seq", "parked", "offsets", "links", "outbox", "changes",
-        "dedup_log", "meta")
+FORMAT_VERSION = 2
+_DBS = ("views", "seq", "parked", "offsets", "links", "outbox", "changes", "dedup_log", "meta")
+FORMAT1_DBS = ("dedup", "dedup_gen")  # format 1's dedup index (read by the migration only)
+DEDUP_POOL = 66  # dedup.<g % DEDUP_POOL>: more than dedup.bloom_generations (<= 64) + 1
+HOT, SEALED = b"h", b"s"  # the two keys of a generation's database (format 2 above)
+SLOTS_ALL = 1 << 16  # sealed_below of a fully sealed generation (above every slot)
+SEQ_ROW = struct.Struct(">qHi")  # last applied sequence, topic index, partition
+NO_TOPIC = 0xFFFF
 _U64 = struct.Struct(">Q")
 _I64 = struct.Struct(">q")
 _U16 = struct.Struct(">H")
@@ -191,13 +216,21 @@ def parked_key(gkey: bytes, seq: int) -> bytes:
     return gkey + _U64.pack(seq)
 
 
-def generation_value(generation: int) -> bytes:
-    """A dedup value (and the first 8 bytes of its dedup_gen key)."""
-    return _U64.pack(generation)
-
-
 def parse_generation(value: bytes) -> int:
+    """The generation of a format-1 ``dedup`` value (read by the migration)."""
     return _U64.unpack(value[:8])[0]
+
+
+def parse_seq_value(value: bytes, topics: list[str]) -> list:
+    """[last, topic name, partition] of a format-2 ``seq`` row (`topics`: the shard's
+    ``seq_topics``)."""
+    last, ti, part = SEQ_ROW.unpack(value)
+    return [last, "" if ti == NO_TOPIC or ti >= len(topics) else topics[ti], part]
+
+
+def parse_seq_value_v1(value: bytes) -> list:
+    """[last, topic name, partition] of a format-1 ``seq`` row (msgpack)."""
+    return list(_unpack(value))
 
 
 def offset_value(through: int) -> bytes:
@@ -258,20 +291,45 @@ class Shard:
         self.writer_epoch: int | None = None  # set by claim_writer; checked by every Batch
         # mode: the process umask decides (datadir.py; py-lmdb's default 0755 would make
         # data.mdb executable)
-        self._options = dict(max_dbs=len(_DBS) + 2, sync=sync, metasync=sync, readahead=False,
-                             readonly=readonly, lock=True, max_readers=256, mode=FILE_MODE)
+        self._options = dict(max_dbs=len(_DBS) + len(FORMAT1_DBS) + DEDUP_POOL + 2,
+                             sync=sync, metasync=sync, readahead=False, readonly=readonly,
+                             lock=True, max_readers=256, mode=FILE_MODE)
         if not readonly:
             self.path.mkdir(parents=True, exist_ok=True)
             _allocate_lock_file(self.path / "lock.mdb")
         self.env = lmdb.open(str(self.path), map_size=map_size, **self._options)
-        if readonly:
+        self._open_dbs()
+
+    def _open_dbs(self) -> None:
+        """Handles of the layout's databases (read-only: those that exist), the dedup pool
+        (`dedup_pool`, by pool index) and the shard's dedup index and topic table."""
+        names = None
+        if self.readonly:
             with self.env.begin() as txn:
-                names = {name for name, _ in txn.cursor()}
-            self.db = {
-                n: self.env.open_db(n.encode()) for n in _DBS if n.encode() in names
-            }
-        else:
-            self.db = {n: self.env.open_db(n.encode()) for n in _DBS}
+                names = {bytes(name).decode() for name, _ in txn.cursor()}
+        # the writer opens (and creates) every handle in one transaction; read-only, each
+        # handle in a transaction of its own (one opened in a read transaction dies with it)
+        with self.env.begin(write=True) if not self.readonly else _no_txn() as txn:
+            self.db = {n: self.env.open_db(n.encode(), txn=txn) for n in (*_DBS, *FORMAT1_DBS)
+                       if (names is None and n in _DBS) or (names is not None and n in names)}
+            self.dedup_pool: dict[int, object] = {}
+            for i in range(DEDUP_POOL):
+                name = f"dedup.{i}"
+                if names is None or name in names:
+                    self.dedup_pool[i] = self.env.open_db(name.encode(), txn=txn,
+                                                          dupsort=True, dupfixed=True)
+        self.dedup_index: list[list[int]] = [list(e) for e in
+                                             self.get_meta("dedup_index", [])]
+        self.seq_topics: list[str] = list(self.get_meta("seq_topics", []))
+        self.topic_ix = {t: i for i, t in enumerate(self.seq_topics)}
+
+    def dedup_db(self, generation: int):
+        """The database of a dedup generation (format 2)."""
+        try:
+            return self.dedup_pool[generation % DEDUP_POOL]
+        except KeyError:
+            raise ShardError(f"{self.path}: no dedup database for generation "
+                             f"{generation}") from None
 
     # ---- metadata --------------------------------------------------------------------
     def get_meta(self, name: str, default=None):
@@ -316,7 +374,10 @@ class Shard:
             self.put_meta(format=FORMAT_VERSION, shard=shard, workers=workers, slots=slots)
             return
         if fmt != FORMAT_VERSION:
-            raise ShardError(f"{self.path}: data format {fmt}, this build reads {FORMAT_VERSION}")
+            raise ShardError(
+                f"{self.path}: data format {fmt}, this build reads {FORMAT_VERSION}"
+                + (f"; migrate it first: aggregator migrate --config <config> --data-dir "
+                   f"{self.path.parent}" if fmt == 1 else ""))
         old = (self.get_meta("workers"), self.get_meta("slots"), self.get_meta("shard"))
         if old != (workers, slots, shard):
             raise ShardError(
@@ -388,10 +449,33 @@ class Shard:
             return parse_change_key(cur.key())[1] if cur.last() else 0
 
     def dedup_entries(self) -> Iterator[tuple[int, bytes]]:
-        """(generation, identity hash) of the dedup index, oldest generation first."""
-        with self.env.begin(db=self.db["dedup_gen"]) as txn:
-            for k, _ in txn.cursor():
-                yield _U64.unpack(k[:8])[0], bytes(k[10:26])
+        """(generation, identity hash) of the dedup index, oldest generation first (in a
+        generation: sealed ids, then hot ones)."""
+        with self.env.begin() as txn:
+            for gen, _ in self.dedup_index:
+                cur = txn.cursor(db=self.dedup_db(gen))
+                for key in (SEALED, HOT):
+                    if cur.set_key(key):
+                        for v in cur.iternext_dup():
+                            yield gen, v[2:]
+
+    def dedup_generations(self) -> Iterator[tuple[int, bytes]]:
+        """(generation, its identity hashes joined, 16 bytes each): the boot's rebuild of the
+        bloom filter, in one call per generation."""
+        with self.env.begin() as txn:
+            for gen, _ in self.dedup_index:
+                cur = txn.cursor(db=self.dedup_db(gen))
+                parts = []
+                for key in (SEALED, HOT):
+                    if cur.set_key(key):
+                        parts.extend(v[2:] for v in cur.iternext_dup())
+                if parts:
+                    yield gen, b"".join(parts)
+
+    def dedup_count(self) -> int:
+        """Ids in the dedup index."""
+        with self.env.begin() as txn:
+            return sum(txn.stat(self.dedup_db(g))["entries"] for g, _ in self.dedup_index)
 
     def dedup_log_after(self, after: int) -> Iterator[tuple[int, int, bytes]]:
         """(log seq, generation, identity hashes) of the dedup log with seq > after."""
@@ -416,7 +500,8 @@ class Shard:
                 entry = out.get(g)
                 if entry is None:
                     raw = txn.get(g, db=self.db["seq"])
-                    entry = out[g] = (None if raw is None else _unpack(raw), [], record[0])
+                    row = None if raw is None else parse_seq_value(raw, self.seq_topics)
+                    entry = out[g] = (row, [], record[0])
                 entry[1].append((seq, parked_at))
         return out
 
@@ -437,7 +522,7 @@ class Shard:
 
     def snapshot(self) -> "Snapshot":
         """One read transaction over the whole shard, until `Snapshot.close`."""
-        return Snapshot(self.env.begin(buffers=False), self.db)
+        return Snapshot(self.env.begin(buffers=False), self.db, self.dedup_pool)
 
     def raw_write(self) -> "RawWrite":
         """A write transaction of encoded rows (no fencing check: see RawWrite)."""
@@ -453,7 +538,21 @@ class Shard:
         with self.env.begin() as txn:
             for name, db in self.db.items():
                 out[name] = txn.stat(db)["entries"]
+            if "dedup" not in self.db:
+                out["dedup"] = sum(txn.stat(self.dedup_db(g))["entries"]
+                                   for g, _ in self.dedup_index)
         return out
+
+    def dedup_bytes(self) -> tuple[int, int]:
+        """(ids, bytes of the pages that hold them) of the dedup index."""
+        ids = pages = 0
+        with self.env.begin() as txn:
+            for g, _ in self.dedup_index:
+                st = txn.stat(self.dedup_db(g))
+                ids += st["entries"]
+                pages += st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"]
+            psize = txn.stat(self.db["meta"])["psize"]
+        return ids, pages * psize
 
     def begin(self) -> "Batch":
         return Batch(self)
@@ -474,11 +573,16 @@ class Shard:
         (a failed write of the meta page), LMDB refuses every transaction until then."""
         self.env.close()
         self.env = lmdb.open(str(self.path), map_size=self.map_size, **self._options)
-        self.db = {n: self.env.open_db(n.encode()) for n in _DBS}
+        self._open_dbs()
         log.warning("%s: LMDB environment reopened", self.path)
 
     def close(self) -> None:
         self.env.close()
+
+
+@contextlib.contextmanager
+def _no_txn():
+    yield None
 
 
 def _allocate_lock_file(path: Path) -> None:
@@ -508,16 +612,103 @@ def _allocate_lock_file(path: Path) -> None:
         os.close(fd)
 
 
-class Batch:
+class _IndexWrites:
+    """What `Batch` and `RawWrite` share: the dedup index and the seq topic table of format 2,
+    changed in the transaction and adopted by the shard when it commits."""
+
+    __slots__ = ()
+
+    def _init_index(self) -> None:
+        self._dx: list[list[int]] | None = None  # dedup_index changed in this transaction
+        self._topics: list[str] | None = None  # seq_topics grown in this transaction
+
+    def _index(self) -> list[list[int]]:
+        return self.shard.dedup_index if self._dx is None else self._dx
+
+    def _index_w(self) -> list[list[int]]:
+        if self._dx is None:
+            self._dx = [list(e) for e in self.shard.dedup_index]
+        return self._dx
+
+    def _entry(self, generation: int) -> list[int]:
+        """The dedup_index entry of a generation, added if new."""
+        for e in self._index():
+            if e[0] == generation:
+                return e
+        idx = self._index_w()
+        for e in idx:
+            if e[0] % DEDUP_POOL == generation % DEDUP_POOL:
+                raise ShardError(f"{self.shard.path}: dedup generations {e[0]} and "
+                                 f"{generation} would share a database")
+        e = [generation, 0]
+        idx.append(e)
+        idx.sort()
+        return e
+
+    def _put_seen(self, skey: bytes, generation: int) -> None:
+        e = self._entry(generation)
+        key = SEALED if ((skey[0] << 8) | skey[1]) < e[1] else HOT
+        self.txn.put(key, skey, db=self.shard.dedup_db(generation), dupdata=True)
+
+    def _unset_seen(self, skey: bytes) -> bool:
+        """Delete an id from every generation; True if it was there."""
+        found = False
+        for gen, _ in self._index():
+            db = self.shard.dedup_db(gen)
+            for key in (HOT, SEALED):
+                found |= self.txn.delete(key, skey, db=db)
+        return found
+
+    def seen(self, skey: bytes) -> bool:
+        slot = (skey[0] << 8) | skey[1]
+        for gen, sealed_below in self._index():
+            cur = self.txn.cursor(db=self.shard.dedup_db(gen))
+            if cur.set_key_dup(SEALED if slot < sealed_below else HOT, skey):
+                return True
+        return False
+
+    def _topic_index(self, topic: str) -> int:
+        if not topic:
+            return NO_TOPIC
+        ix = self.shard.topic_ix.get(topic)
+        if ix is not None:
+            return ix
+        if self._topics is None:
+            self._topics = list(self.shard.seq_topics)
+        if topic not in self._topics:
+            if len(self._topics) >= NO_TOPIC:
+                raise ShardError(f"{self.shard.path}: more than {NO_TOPIC} topics")
+            self._topics.append(topic)
+        return self._topics.index(topic)
+
+    def _write_index(self) -> None:
+        """Before the commit: the changed dedup index and topic table into meta."""
+        if self._dx is not None:
+            self.txn.put(b"dedup_index", _pack(self._dx), db=self.shard.db["meta"])
+        if self._topics is not None:
+            self.txn.put(b"seq_topics", _pack(self._topics), db=self.shard.db["meta"])
+
+    def _adopt_index(self) -> None:
+        """After the commit: the shard takes the transaction's dedup index and topics."""
+        if self._dx is not None:
+            self.shard.dedup_index = self._dx
+        if self._topics is not None:
+            self.shard.seq_topics = self._topics
+            self.shard.topic_ix = {t: i for i, t in enumerate(self._topics)}
+        self._dx = self._topics = None
+
+
+class Batch(_IndexWrites):
     """One write transaction: everything a batch changes, committed at once or not at all."""
 
-    __slots__ = ("shard", "txn", "_db", "_seen")
+    __slots__ = ("shard", "txn", "_db", "_seen", "_dx", "_topics")
 
     def __init__(self, shard: Shard):
         self.shard = shard
         self.txn = shard.env.begin(write=True)
         self._db = shard.db
         self._seen: dict[int, list[bytes]] = {}  # generation -> hashes marked seen
+        self._init_index()
         mine = shard.writer_epoch
         if mine is not None:  # fencing: one get per transaction (see Shard.claim_writer)
             raw = self.txn.get(WRITER_EPOCH, db=self._db["meta"])
@@ -537,14 +728,9 @@ class Batch:
     def delete_doc(self, dkey: bytes) -> None:
         self.txn.delete(dkey, db=self._db["views"])
 
-    # dedup index
-    def seen(self, skey: bytes) -> bool:
-        return self.txn.get(skey, db=self._db["dedup"]) is not None
-
+    # dedup index (seen: _IndexWrites)
     def mark_seen(self, skey: bytes, generation: int) -> None:
-        g = _U64.pack(generation)
-        self.txn.put(skey, g, db=self._db["dedup"])
-        self.txn.put(g + skey, b"", db=self._db["dedup_gen"])
+        self._put_seen(skey, generation)
         seen = self._seen.get(generation)
         if seen is None:
             seen = self._seen[generation] = []
@@ -583,37 +769,68 @@ class Batch:
                 break
         return n
 
-    def prune_generations(self, upto: int, limit: int = 100_000) -> int:
-        """Delete index entries of generations <= upto; at most `limit` per call."""
-        cur = self.txn.cursor(db=self._db["dedup_gen"])
-        dedup = self._db["dedup"]
-        n = 0
-        if not cur.first():
+    def drop_generations(self, upto: int) -> int:
+        """Drop the dedup generations <= upto whole (mdb_drop: their pages are freed without
+        visiting the ids); returns the number of ids dropped."""
+        idx = self._index()
+        gone = [e for e in idx if e[0] <= upto]
+        if not gone:
             return 0
-        while n < limit:
-            k = cur.key()
-            if not k or _U64.unpack(k[:8])[0] > upto:
-                break
-            skey = k[8:]
-            raw = self.txn.get(skey, db=dedup)
-            if raw is not None and _U64.unpack(raw)[0] <= upto:
-                self.txn.delete(skey, db=dedup)
-                self._unseen(skey)
-            if not cur.delete():
-                break
-            n += 1
+        n = 0
+        for gen, _ in gone:
+            db = self.shard.dedup_db(gen)
+            n += self.txn.stat(db)["entries"]
+            self._dropping(gen, db)
+            self.txn.drop(db, delete=False)
+        self._dx = [e for e in self._index_w() if e[0] > upto]
         return n
 
-    def _unseen(self, skey: bytes) -> None:
-        """A dedup id was pruned (a hook for changelog.CapturingBatch)."""
+    def _dropping(self, generation: int, db) -> None:
+        """A dedup generation is about to be dropped (a hook for changelog.CapturingBatch)."""
+
+    def seal_dedup(self, current: int, budget: int) -> int:
+        """Move up to about `budget` ids (whole slots) of the oldest generation before
+        `current` that is not sealed yet from its hot key to its sealed key, in slot order,
+        with appends (full pages); returns the ids moved."""
+        for e in self._index():
+            if e[0] < current and e[1] < SLOTS_ALL:
+                break
+        else:
+            return 0
+        e = next(x for x in self._index_w() if x[0] == e[0])
+        db = self.shard.dedup_db(e[0])
+        cur = self.txn.cursor(db=db)
+        vals: list[bytes] = []
+        last = -1
+        if cur.set_key(HOT):  # read the slice first: no cursor walks while the tree changes
+            for v in cur.iternext_dup():
+                slot = (v[0] << 8) | v[1]
+                if len(vals) >= budget and slot != last:
+                    break
+                vals.append(v)
+                last = slot
+        for v in vals:
+            if not cur.put(SEALED, v, dupdata=True, append=True):
+                cur.put(SEALED, v, dupdata=True)  # a sealed-range id written out of order
+        moved = len(vals)
+        if moved and cur.set_key(HOT):
+            for _ in range(moved):
+                cur.delete()  # the first duplicate left: the next one moves up
+        e[1] = last + 1 if cur.set_key(HOT) else SLOTS_ALL
+        return moved
 
     # sequences and parked events
     def get_seq(self, gkey: bytes) -> list | None:
+        """[last, topic, partition] of a stream's seq row, or None."""
         raw = self.txn.get(gkey, db=self._db["seq"])
-        return None if raw is None else _unpack(raw)
+        if raw is None:
+            return None
+        return parse_seq_value(raw, self.shard.seq_topics if self._topics is None
+                               else self._topics)
 
     def put_seq(self, gkey: bytes, last: int, topic: str, partition: int) -> None:
-        self.txn.put(gkey, _pack([last, topic, partition]), db=self._db["seq"])
+        self.txn.put(gkey, SEQ_ROW.pack(last, self._topic_index(topic), partition),
+                     db=self._db["seq"])
 
     def park(self, gkey: bytes, seq: int, parked_at: float, record: list) -> None:
         self.txn.put(gkey + _U64.pack(seq), _pack([parked_at, record]), db=self._db["parked"])
@@ -696,27 +913,32 @@ class Batch:
     def commit(self) -> None:
         """Commit; raises lmdb.MapFullError (the caller aborts, grows and retries), or a
         data-disk error (see storage_errno); either way nothing of the transaction is kept."""
+        self._write_index()
         self.txn.commit()
+        self._adopt_index()
 
     def abort(self) -> None:
+        self._dx = self._topics = None
         try:
             self.txn.abort()
         except lmdb.Error:
             pass
 
 
-class RawWrite:
+class RawWrite(_IndexWrites):
     """A write transaction of encoded rows, by database name, for the changelog's restore and
     task drop and the reshard's copy. Unlike `Batch` it does not check the writer epoch: its
     callers run in the shard's writer (the restore, before the worker's batches) or on a shard
     nobody else opened (the reshard). As a context manager it commits at the end of the block
     and aborts on an exception."""
 
-    __slots__ = ("txn", "_db")
+    __slots__ = ("shard", "txn", "_db", "_dx", "_topics")
 
     def __init__(self, shard: Shard):
+        self.shard = shard
         self.txn = shard.env.begin(write=True)
         self._db = shard.db
+        self._init_index()
 
     def get(self, table: str, key: bytes) -> bytes | None:
         return self.txn.get(key, db=self._db[table])
@@ -728,21 +950,23 @@ class RawWrite:
     def delete(self, table: str, key: bytes) -> bool:
         return self.txn.delete(key, db=self._db[table])
 
-    def set_seen(self, skey: bytes, generation: bytes | None) -> None:
-        """Put (or, with None, delete) a dedup id with its generation (8 bytes), keeping the
-        ``dedup_gen`` index in step."""
-        old = self.txn.get(skey, db=self._db["dedup"])
-        if old is not None:
-            self.txn.delete(bytes(old) + skey, db=self._db["dedup_gen"])
+    def set_seen(self, skey: bytes, generation: int | None) -> None:
+        """Put a dedup id into a generation, or with None delete it from every one."""
         if generation is None:
-            self.txn.delete(skey, db=self._db["dedup"])
+            self._unset_seen(skey)
         else:
-            self.txn.put(skey, generation, db=self._db["dedup"])
-            self.txn.put(generation + skey, b"", db=self._db["dedup_gen"])
+            self._put_seen(skey, generation)
+
+    def put_seq(self, gkey: bytes, last: int, topic: str, partition: int) -> None:
+        """A seq row from its fields (the topic by name: see the shard's ``seq_topics``)."""
+        self.txn.put(gkey, SEQ_ROW.pack(last, self._topic_index(topic), partition),
+                     db=self._db["seq"])
 
     def delete_prefix(self, table: str, prefix: bytes) -> int:
-        """Delete the rows whose key starts with `prefix` (dedup ids with their ``dedup_gen``
-        entries); returns the number of rows deleted from `table`."""
+        """Delete the rows whose key starts with `prefix` (``dedup``: the ids of every
+        generation); returns the number of rows deleted."""
+        if table == "dedup":
+            return self._delete_seen_prefix(prefix)
         cur = self.txn.cursor(db=self._db[table])
         n = 0
         if not cur.set_range(prefix):
@@ -751,17 +975,30 @@ class RawWrite:
             k = cur.key()
             if not k or not k.startswith(prefix):
                 break
-            if table == "dedup":
-                self.txn.delete(bytes(cur.value()) + bytes(k), db=self._db["dedup_gen"])
             if not cur.delete():
                 break
             n += 1
         return n
 
+    def _delete_seen_prefix(self, prefix: bytes) -> int:
+        n = 0
+        for gen, _ in self._index():
+            cur = self.txn.cursor(db=self.shard.dedup_db(gen))
+            for key in (HOT, SEALED):
+                if not (cur.set_range_dup(key, prefix) if prefix else cur.set_key(key)):
+                    continue
+                while cur.key() == key and cur.value().startswith(prefix):
+                    cur.delete()
+                    n += 1
+        return n
+
     def commit(self) -> None:
+        self._write_index()
         self.txn.commit()
+        self._adopt_index()
 
     def abort(self) -> None:
+        self._dx = self._topics = None
         self.txn.abort()
 
     def __enter__(self) -> "RawWrite":
@@ -778,10 +1015,39 @@ class Snapshot:
     """One read transaction (a consistent snapshot) over named databases; a database that
     does not exist (yet) reads as empty. Closed by its owner: it pins its pages."""
 
-    __slots__ = ("txn", "_db")
+    __slots__ = ("txn", "_db", "_pool", "_index")
 
-    def __init__(self, txn, dbs: dict):
-        self.txn, self._db = txn, dbs
+    def __init__(self, txn, dbs: dict, pool: dict | None = None):
+        self.txn, self._db, self._pool = txn, dbs, pool or {}
+        raw = self.get("meta", b"dedup_index")
+        self._index = [] if raw is None else _unpack(raw)
+
+    def seq_topics(self) -> list[str]:
+        raw = self.get("meta", b"seq_topics")
+        return [] if raw is None else list(_unpack(raw))
+
+    def dedup_rows(self, prefix: bytes = b"") -> Iterator[tuple[bytes, int]]:
+        """(S + identity hash, generation) of the dedup ids whose key starts with `prefix`:
+        format 2's index, or format 1's ``dedup`` table (a shard being migrated)."""
+        if "dedup" in self._db:
+            for k, v in self.rows("dedup", prefix):
+                yield bytes(k), parse_generation(v)
+            return
+        for gen, _ in self._index:
+            db = self._pool.get(gen % DEDUP_POOL)
+            if db is None:
+                continue
+            cur = self.txn.cursor(db=db)
+            for key in (SEALED, HOT):
+                if not (cur.set_range_dup(key, prefix) if prefix else cur.set_key(key)):
+                    continue
+                while cur.key() == key:
+                    v = cur.value()
+                    if not v.startswith(prefix):
+                        break
+                    yield bytes(v), gen
+                    if not cur.next_dup():
+                        break
 
     def get(self, table: str, key: bytes) -> bytes | None:
         db = self._db.get(table)
@@ -807,7 +1073,15 @@ class Snapshot:
 
     def entries(self, table: str) -> int:
         db = self._db.get(table)
+        if db is None and table == "dedup":
+            return sum(self.txn.stat(self._pool[g % DEDUP_POOL])["entries"]
+                       for g, _ in self._index if g % DEDUP_POOL in self._pool)
         return 0 if db is None else self.txn.stat(db)["entries"]
+
+    def dedup_entries(self) -> int:
+        """Ids in the dedup index, from the databases this snapshot opened (format 2)."""
+        return sum(self.txn.stat(db)["entries"] for name, db in self._db.items()
+                   if name.startswith("dedup.") and db is not None)
 
     def entries_of(self) -> dict[str, int]:
         """Entries per database of this snapshot that exists."""
@@ -865,7 +1139,7 @@ class Snapshot:
         self.txn.abort()  # read-only: releases the snapshot
 
 
-_READER_MAX_DBS = 16  # >= the named databases above
+_READER_MAX_DBS = 16 + DEDUP_POOL  # >= the named databases above
 
 
 class SharedReader:

@@ -112,7 +112,7 @@ def test_capturing_batch_logs_every_change_of_task_state(shard):
 def test_pruned_dedup_generations_are_tombstones(shard):
     capture(shard, lambda b: [b.mark_seen(sk(s, s), 0) for s in range(4)])
     capture(shard, lambda b: b.mark_seen(sk(9, 9), 1))
-    b = capture(shard, lambda b: b.prune_generations(0))
+    b = capture(shard, lambda b: b.drop_generations(0))
     assert sorted((c, k, v) for c, k, v in b.log) == [(DEDUP, sk(s, s), None) for s in range(4)]
 
 
@@ -138,9 +138,26 @@ def test_restore_applies_confirmed_batches_and_drops_a_cut_short_tail(shard):
     assert shard.offsets() == {(TOPIC, 1): 41}
     assert shard.get_meta(meta_name(1)) == [log.records[-3][0], 1, 2]  # batch 2's marker
     assert r.dedup_hashes == [sk(1, 1)[2:]]
-    with shard.env.begin() as txn:  # dedup ids get the restoring worker's generation
-        assert txn.get(sk(1, 1), db=shard.db["dedup"]) == (7).to_bytes(8, "big")
-        assert txn.get((7).to_bytes(8, "big") + sk(1, 1), db=shard.db["dedup_gen"]) == b""
+    # dedup ids get the restoring worker's generation
+    assert list(shard.dedup_entries()) == [(7, sk(1, 1)[2:])]
+
+
+def test_seq_rows_travel_in_the_portable_form(shard, other):
+    """The changelog carries [last, topic name, partition]: shards number topics their own
+    way (store.py, meta seq_topics)."""
+    b = capture(shard, lambda b: (b.put_seq(sk(1, 2), 5, "a", 0), b.put_seq(sk(1, 3), 6, "b", 1)))
+    assert [msgpack.unpackb(v) for _, _, v in b.log] == [[5, "a", 0], [6, "b", 1]]
+    log = Log()
+    log.batch(1, 0, [])
+    log.batch(1, 1, [(SEQ, sk(1, 3), msgpack.packb([6, "b", 1])),
+                     (SEQ, sk(1, 2), msgpack.packb([5, "a", 0]))])
+    r = Restore(other, 1, generation=0)
+    log.feed(r)
+    r.finish()
+    assert other.seq_topics == ["b", "a"]
+    w = other.begin()
+    assert w.get_seq(sk(1, 2)) == [5, "a", 0] and w.get_seq(sk(1, 3)) == [6, "b", 1]
+    w.abort()
 
 
 def test_restore_ignores_a_superseded_owner(shard):
@@ -200,8 +217,7 @@ def test_restore_resumes_from_the_cached_offset(shard, other):
     log.feed(full)
     full.finish()
     assert views(shard) == views(other)
-    with shard.env.begin() as a, other.env.begin() as b:
-        assert list(a.cursor(db=shard.db["dedup"])) == list(b.cursor(db=other.db["dedup"]))
+    assert list(shard.dedup_entries()) == list(other.dedup_entries())
 
 
 def test_restore_commits_in_chunks_at_markers(shard, monkeypatch):
@@ -242,9 +258,7 @@ def test_drop_task_deletes_only_that_task(shard):
     assert views(shard) == {dk(2, "c"): 1}
     assert shard.offsets() == {(TOPIC, 2): 20}
     assert shard.get_meta(meta_name(1)) is None
-    with shard.env.begin() as txn:
-        assert [bytes(k) for k, _ in txn.cursor(db=shard.db["dedup_gen"])] == [
-            (0).to_bytes(8, "big") + sk(2, 2)]
+    assert list(shard.dedup_entries()) == [(0, sk(2, 2)[2:])]
 
 
 def test_a_claim_has_a_key_no_marker_shares():
@@ -264,7 +278,7 @@ def test_pruned_dedup_ids_of_a_stale_task_are_not_written(shard):
 
     capture(shard, lambda b: (b.mark_seen(sk(1, 1), 0), b.mark_seen(sk(2, 2), 5)))
     b = CapturingBatch(shard)
-    b.prune_generations(0)
+    b.drop_generations(0)
     began = []
     fake = types.SimpleNamespace(tasks=TASKS, owned={2: [7, 3, 1]}, attempt=TaskBatchState({2}),
                                  change_msgs=None, index=0, _writer=lambda: began.append(1))

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import errno
 import os
+import random
 
 import lmdb
 import msgpack
 import pytest
 
 from aggregator.store import (
+    DEDUP_POOL,
     FORMAT_VERSION,
     LOCK_FILE_BYTES,
+    SEQ_ROW,
+    SLOTS_ALL,
     Shard,
     ShardError,
     offset_key,
@@ -200,7 +204,7 @@ def test_dedup_entries_order_oldest_generation_first(shard):
     assert got[-1] == (256, sk(3, 4)[2:])
 
 
-def test_prune_generations_removes_only_up_to(shard):
+def test_drop_generations_removes_only_up_to(shard):
     def write(b):
         for g in range(5):
             for j in range(3):
@@ -208,38 +212,91 @@ def test_prune_generations_removes_only_up_to(shard):
 
     commit(shard, write)
     b = shard.begin()
-    assert b.prune_generations(1) == 6
+    assert b.drop_generations(1) == 6
     for g in range(5):
         for j in range(3):
             assert b.seen(sk(j, g * 10 + j)) == (g > 1), (g, j)
-    assert b.prune_generations(1) == 0  # nothing left at or below 1
+    assert b.drop_generations(1) == 0  # nothing left at or below 1
     b.commit()
     assert sorted({g for g, _ in shard.dedup_entries()}) == [2, 3, 4]
     assert shard.stat()["dedup"] == 9
+    assert [g for g, _ in shard.dedup_index] == [2, 3, 4]
 
 
-def test_prune_generations_limit_and_everything(shard):
+def test_drop_generations_rolled_back_keeps_them(shard):
     commit(shard, lambda b: [b.mark_seen(sk(0, i), i % 3) for i in range(30)])
     b = shard.begin()
-    assert b.prune_generations(10, limit=7) == 7
-    assert b.prune_generations(10, limit=100) == 23
-    assert b.prune_generations(10) == 0
-    b.commit()
+    assert b.drop_generations(10) == 30
+    b.abort()
+    assert shard.stat()["dedup"] == 30
+    assert [g for g, _ in shard.dedup_index] == [0, 1, 2]
+    commit(shard, lambda b: b.drop_generations(10))
     assert list(shard.dedup_entries()) == []
     assert shard.stat()["dedup"] == 0
+    # the database of a dropped generation is used again by a later one
+    commit(shard, lambda b: b.mark_seen(sk(1, 1), DEDUP_POOL))
+    b = shard.begin()
+    assert b.seen(sk(1, 1)) and not b.seen(sk(0, 0))
+    b.abort()
 
 
-def test_prune_keeps_an_id_marked_again_in_a_newer_generation(shard):
+def test_drop_keeps_an_id_marked_again_in_a_newer_generation(shard):
     def write(b):
         b.mark_seen(sk(0, 1), 0)
-        b.mark_seen(sk(0, 1), 3)  # the exact index holds the newest generation
+        b.mark_seen(sk(0, 1), 3)
 
     commit(shard, write)
-    commit(shard, lambda b: b.prune_generations(0))
+    commit(shard, lambda b: b.drop_generations(0))
     b = shard.begin()
     assert b.seen(sk(0, 1))
     b.abort()
     assert list(shard.dedup_entries()) == [(3, sk(0, 1)[2:])]
+
+
+def test_seal_moves_slices_in_slot_order_and_lookups_follow(shard):
+    ids = [sk(s, i) for s in (5, 1, 300, 2, 7) for i in range(40)]
+    commit(shard, lambda b: [b.mark_seen(k, 4) for k in ids])
+    commit(shard, lambda b: b.mark_seen(sk(9, 9), 5))
+    moved = []
+    while True:
+        b = shard.begin()
+        moved.append(b.seal_dedup(5, 50))
+        for k in ids:
+            assert b.seen(k)
+        assert not b.seen(sk(3, 3))
+        b.commit()
+        if shard.dedup_index[0][1] == SLOTS_ALL:
+            break
+    assert moved == [80, 40, 40, 40, 0] or sum(moved) == 200, moved
+    assert sum(moved) == 200
+    assert shard.dedup_index == [[4, SLOTS_ALL], [5, 0]]  # the current one stays hot
+    b = shard.begin()
+    assert b.seal_dedup(5, 50) == 0
+    b.mark_seen(sk(0, 99), 4)  # a late id of a sealed generation: found where it went
+    assert b.seen(sk(0, 99))
+    b.commit()
+    assert sorted(h for g, h in shard.dedup_entries() if g == 4) == \
+        sorted([k[2:] for k in ids] + [sk(0, 99)[2:]])
+
+
+def test_sealed_ids_take_fewer_bytes(tmp_path):
+    s = Shard(tmp_path / "s", sync=False)
+    rng = random.Random(3)
+    try:
+        for _ in range(20):
+            commit(s, lambda b: [b.mark_seen(rng.randbytes(18), 0) for _ in range(2000)])
+        ids, hot = s.dedup_bytes()
+        while True:
+            b = s.begin()
+            n = b.seal_dedup(1, 10_000)
+            b.commit()
+            if not n:
+                break
+        ids2, sealed = s.dedup_bytes()
+        assert ids == ids2 == 40_000
+        assert sealed / ids <= 19.5 < hot / ids, (hot / ids, sealed / ids)
+    finally:
+        s.close()
 
 
 # ---- sequences and parked events ---------------------------------------------------------
@@ -252,6 +309,23 @@ def test_seq_round_trip(shard):
     assert b.get_seq(g) == [41, "shop.orders", 3]
     assert b.get_seq(gk(7, 2)) is None
     b.abort()
+    commit(shard, lambda b: (b.put_seq(gk(7, 3), -1, "", -1), b.put_seq(gk(7, 4), 2, "t2", 0)))
+    assert shard.seq_topics == ["shop.orders", "t2"]
+    b = shard.begin()
+    assert b.get_seq(gk(7, 3)) == [-1, "", -1]  # no topic known (a gap expired alone)
+    assert b.get_seq(gk(7, 4)) == [2, "t2", 0]
+    raw = b.txn.get(gk(7, 4), db=shard.db["seq"])
+    assert len(raw) == SEQ_ROW.size == 14
+    b.abort()
+
+
+def test_seq_topic_table_rolled_back_with_the_batch(shard):
+    b = shard.begin()
+    b.put_seq(gk(1, 1), 5, "new.topic", 0)
+    b.abort()
+    assert shard.seq_topics == []
+    commit(shard, lambda b: b.put_seq(gk(1, 1), 5, "other", 1))
+    assert shard.seq_topics == ["other"]
 
 
 def test_park_unpark_parked_of(shard):
@@ -374,7 +448,7 @@ def test_abort_keeps_nothing(shard):
 
 
 def test_map_full_aborts_the_whole_transaction(tmp_path):
-    s = Shard(tmp_path / "tiny", map_size=64 * KiB, max_map_size=64 * KiB, sync=False)
+    s = Shard(tmp_path / "tiny", map_size=128 * KiB, max_map_size=128 * KiB, sync=False)
     try:
         commit(s, lambda b: (b.put_offset("t", 0, 1), b.mark_seen(sk(0, 0), 0)))
         before = s.stat()

@@ -15,6 +15,7 @@ import os
 import time
 
 from .. import bloom_snapshot
+from ..faults import fault_point
 from ..protocol import (
     REC_SLOT,
 )
@@ -22,6 +23,8 @@ from ..routing import identity_hash, slot_prefix
 from ..store import Batch
 
 log = logging.getLogger("aggregator.worker")  # the worker's log lines, as before the split
+
+SEAL_MIN = 2048  # ids sealed per batch at least (whole slots: a few more)
 
 
 
@@ -95,18 +98,10 @@ class DedupStage:
                   self.index, size, self.snap_seq, time.monotonic() - t0)
 
     def _rebuild_bloom(self) -> None:
-        buf: list[bytes] = []
-        current = None
         n = 0
-        for gen, h in self.shard.dedup_entries():
-            if gen != current and buf:
-                self.bloom.load(current, b"".join(buf))
-                buf.clear()
-            current = gen
-            buf.append(h)
-            n += 1
-        if buf:
-            self.bloom.load(current, b"".join(buf))
+        for gen, hashes in self.shard.dedup_generations():
+            self.bloom.load(gen, hashes)
+            n += len(hashes) // 16
         self._bloom_loaded = n
 
     def _dedup(self, batch: Batch, events: list) -> list:
@@ -148,8 +143,12 @@ class DedupStage:
         if self.bloom.generation != self.bloom_saved:  # also a rotation rolled back before
             batch.put_meta("bloom_generation", self.bloom.generation)
             if self.bloom_dropped >= 0:
-                batch.prune_generations(self.bloom_dropped, limit=10_000_000)
+                batch.drop_generations(self.bloom_dropped)
+                fault_point("dedup_drop")
             self.attempt.bloom_saved = True
+        # seal the older generations' ids (store.py) at twice the rate new ones come, so a
+        # generation is sealed long before the next one fills
+        batch.seal_dedup(self.bloom.generation, SEAL_MIN + 2 * batch.seen_count)
         self._log_seen(batch)
 
     def _log_seen(self, batch: Batch) -> None:

@@ -48,7 +48,7 @@ def _config(data_dir: Path, capacity: int):
 
 def prepare(data_dir: Path, ids: int, capacity: int, generations: int) -> None:
     """A shard with `ids` dedup ids over consecutive generations (the newest partly full),
-    as the worker writes them: every id in `dedup` and `dedup_gen`."""
+    as the worker writes them (store.py: the dedup index of the build that runs this)."""
     from aggregator.store import Shard, shard_path
 
     cfg = _config(data_dir, capacity)

@@ -152,3 +152,42 @@ def test_totals_exact_through_worker_kills_at_every_commit_point(chaos):
         assert m[metric] == got[name], (metric, m[metric], got)
     print(f"kills per fault point: {kills}; totals: {got}")
     report.assert_ok()
+
+
+SMALL_WINDOW = """
+[dedup]
+bloom_capacity = 2500
+bloom_generations = 2
+"""
+
+
+def test_workers_killed_in_the_middle_of_a_generation_drop(chaos):
+    """Fault 3b: a small dedup window (2 generations of 2,500 ids) makes every worker drop a
+    generation every ~2,500 ids; each worker process SIGKILLs itself at its 2nd drop, inside
+    the batch transaction that drops it (fault point ``dedup_drop``), so its replacement
+    redoes that drop and dies at the next one. Then a restart without faults: the views,
+    the dedup (no double apply) and the totals are exact."""
+    w = simulate.generate(24, TOTALS_EVENTS)
+    run = chaos(w, name="kill workers in a dedup generation drop").produce()
+    svc = run.start(extra=SMALL_WINDOW, env={"AGGREGATOR_FAULTS": "dedup_drop=2"})
+    t0 = time.monotonic()
+    while run.committed_total() < run.total():
+        run._check_alive()
+        assert time.monotonic() - t0 < 300, f"no end\n{svc.log()[-3000:]}"
+        time.sleep(0.2)
+    kills = svc.log().count("exited with code -9")
+    pids = svc.worker_pids()
+    svc.kill()
+    _wait_gone(pids)
+    run.report.faults.append(Fault("workers SIGKILLed at dedup_drop", t0, f"{kills} kills"))
+    assert kills >= 2, svc.log()[-3000:]
+    run.start(extra=SMALL_WINDOW)
+    run.svc.wait_workers(2)
+    report = run.finish()
+    applied = simulate.applied_events(w)
+    got = shard_totals(run.data_dir)
+    assert got["applied"] == len(applied), got  # a duplicate beyond the window: stale
+    assert got["duplicates"] + got["stale"] == \
+        w.stats["duplicates"] + len(w.events) - len(applied), got
+    print(f"kills at dedup_drop: {kills}; totals: {got}")
+    report.assert_ok()
