@@ -8,7 +8,9 @@ the rings, and hands `process()` decoded supervisor messages of 5,000 records ea
 simulated shop: JSON, msgpack and structured events, 5 % duplicates, 2 % reordered).
 Every round takes the next batch of the stream (new offsets), so the shard grows as in
 production. One worker owns every slot here (workers = 1, no forwarding). Compiled core
-and the pure-Python twin side by side.
+and the pure-Python twin side by side, each with the document cache as shipped
+(``-cache``: documents of earlier batches come from it) and without it (``-nocache``:
+``service.doc_cache_bytes = 0``, every document read from LMDB and unpacked).
 
 ``extra_info["items_per_s"]`` is records per second from the mean time.
 """
@@ -46,6 +48,10 @@ if _core is not None:
     CORES.insert(0, pytest.param(types.SimpleNamespace(
         BloomFilter=_core.BloomFilter, SequenceGate=_core.SequenceGate,
         IMPLEMENTATION="cython"), id="cython"))
+# (core, overrides): each core with the document cache as shipped and without it
+VARIANTS = [pytest.param((c.values[0], extra), id=f"{c.id}-{name}")
+            for c in CORES for name, extra in (("cache", {}),
+                                               ("nocache", {"service.doc_cache_bytes": 0}))]
 
 
 class NoDeadLetters:
@@ -91,10 +97,11 @@ def batches():
 
 @pytest.fixture
 def worker(tmp_path, request, monkeypatch):
-    monkeypatch.setattr(worker_mod, "core", request.param)
+    core, extra = request.param
+    monkeypatch.setattr(worker_mod, "core", core)
     cfg = load_config(wl.CONFIG_PATH, {"service.workers": 1,
                                        "service.data_dir": str(tmp_path / "data"),
-                                       "service.ring_bytes": 8 << 20}, env={})
+                                       "service.ring_bytes": 8 << 20, **extra}, env={})
     prefix = f"agg-bench-batch-{uuid.uuid4().hex[:10]}"
     segments = create_segments(prefix, 1, 8 << 20, 8 << 20)
     w = Worker(cfg, 0, prefix)
@@ -113,7 +120,7 @@ def worker(tmp_path, request, monkeypatch):
 
 
 @pytest.mark.benchmark(group="worker-process-5000")
-@pytest.mark.parametrize("worker", CORES, indirect=True)
+@pytest.mark.parametrize("worker", VARIANTS, indirect=True)
 def test_worker_process(benchmark, worker, batches):
     it = itertools.cycle(batches)
     worker.process([next(it)], [])  # warm-up: the first batch creates the databases
@@ -125,3 +132,7 @@ def test_worker_process(benchmark, worker, batches):
     stats = getattr(benchmark, "stats", None)
     if stats is not None and stats.stats.mean:
         benchmark.extra_info["items_per_s"] = round(BATCH / stats.stats.mean)
+    cache = worker.doc_cache
+    if cache is not None and cache.hits + cache.misses:
+        benchmark.extra_info["doc_cache_hit_rate"] = round(
+            cache.hits / (cache.hits + cache.misses), 3)
