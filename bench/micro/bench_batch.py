@@ -10,13 +10,15 @@ Every round takes the next batch of the stream (new offsets), so the shard grows
 production. One worker owns every slot here (workers = 1, no forwarding). Compiled core
 and the pure-Python twin side by side, each with the document cache as shipped
 (``-cache``: documents of earlier batches come from it) and without it (``-nocache``:
-``service.doc_cache_bytes = 0``, every document read from LMDB and unpacked).
+``service.doc_cache_bytes = 0``, every document read from LMDB and unpacked). The garbage
+collector is tuned after the boot as in a worker process (`runtime.tune_gc`).
 
 ``extra_info["items_per_s"]`` is records per second from the mean time.
 """
 
 from __future__ import annotations
 
+import gc
 import itertools
 import types
 import uuid
@@ -30,6 +32,7 @@ from aggregator.config import load_config
 from aggregator.envelope import routing_key
 from aggregator.protocol import create_segments
 from aggregator.routing import slot_of
+from aggregator.runtime import tune_gc
 from aggregator.worker import Worker
 
 try:
@@ -107,7 +110,11 @@ def worker(tmp_path, request, monkeypatch):
     w = Worker(cfg, 0, prefix)
     w.boot()
     w.dlq = NoDeadLetters()
+    thresholds = gc.get_threshold()
+    tune_gc()  # as worker_process does after the boot
     yield w
+    gc.set_threshold(*thresholds)
+    gc.unfreeze()
     # No broker here: drop queued change events (if the build publishes them) instead of
     # waiting for their delivery at close.
     producer = getattr(getattr(w, "publisher", None), "producer", None)
