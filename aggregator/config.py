@@ -283,14 +283,14 @@ class ServiceConfig(BaseModel):
     max_key_bytes: Size = Field(400, ge=1, le=480)  # + our prefixes <= LMDB's 511-byte keys
     batch_max_records: Int = Field(5000, ge=1)
     commit_interval_ms: Int = Field(1000, ge=1)
-    ring_bytes: Size = Field(16 * MiB, ge=1)  # 2 transactions' worth (commit_max_bytes)
+    ring_bytes: Size = Field(16 * MiB, ge=1)  # 4 transactions' worth (commit_max_bytes)
     lmdb_map_size: Size = Field(GiB, ge=MiB)
     lmdb_max_map_size: Size = Field(64 * GiB, ge=MiB)
     lmdb_sync: bool = True
     # a worker's transaction (worker.py): ring messages are taken into it for up to
     # commit_window_ms after its first one, or until commit_max_bytes of them (0: one take)
     commit_window_ms: Int = Field(50, ge=0, le=10_000)
-    commit_max_bytes: Size = Field(8 * MiB, ge=64 * KiB)
+    commit_max_bytes: Size = Field(4 * MiB, ge=64 * KiB)
     # committed documents a worker keeps unpacked across transactions (doc_cache.py); 0: none
     doc_cache_bytes: Size = Field(32 * MiB, ge=0)
     heartbeat_timeout_ms: Int = Field(10_000, ge=1)

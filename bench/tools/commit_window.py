@@ -12,7 +12,8 @@ Variants (config overrides; the same pre-encoded workload for each):
   (the worker before issue 13's commit window);
 - ``cache``: the document cache as shipped, one commit per take;
 - ``after``: everything as shipped (cache, ``commit_window_ms``, ``commit_max_bytes``);
-- ``window=MS``: as shipped with ``commit_window_ms = MS``.
+- ``window=MS``, ``max=MIB``, ``cache=MIB``, joined with ``+``: as shipped with those
+  settings (commit_window_ms, commit_max_bytes, doc_cache_bytes).
 
 1. The worker stage (bench/stages/worker_stage.py: real worker processes fed from
    pre-encoded ring messages as fast as they take them, LMDB fsync on), per variant:
@@ -42,10 +43,21 @@ VARIANTS = {
 }
 
 
+SETTINGS = {"window": ("service.commit_window_ms", 1),
+            "max": ("service.commit_max_bytes", MiB), "cache": ("service.doc_cache_bytes", MiB)}
+
+
 def variant(name: str) -> dict:
-    if name.startswith("window="):
-        return {"service.commit_window_ms": int(name.partition("=")[2])}
-    return VARIANTS[name]
+    """A named variant, or settings on top of the shipped config: ``window=MS``, ``max=MIB``
+    (commit_max_bytes), ``cache=MIB`` (doc_cache_bytes), joined with ``+``."""
+    if name in VARIANTS:
+        return VARIANTS[name]
+    out = {}
+    for item in name.split("+"):
+        key, _, value = item.partition("=")
+        setting, unit = SETTINGS[key]
+        out[setting] = int(float(value) * unit)
+    return out
 
 
 def stage(events: int, workers: int, names: list[str], seed: int) -> list[dict]:
@@ -70,6 +82,7 @@ def stage(events: int, workers: int, names: list[str], seed: int) -> list[dict]:
                    "worker_cpu_us_per_record": round(cpu / r.records * 1e6, 1),
                    "commits_per_100k": round(r.commits / r.records * 100_000),
                    "disk_write_bytes_per_record": round(r.write_bytes / r.records),
+                   "workers_peak_rss_mib": r.memory.get("peak_rss_total_mib"),
                    "verified": r.verified}
             print(json.dumps(row), flush=True)
             out.append(row)
