@@ -291,8 +291,10 @@ class ServiceConfig(BaseModel):
     # commit_window_ms after its first one, or until commit_max_bytes of them (0: one take)
     commit_window_ms: Int = Field(50, ge=0, le=10_000)
     commit_max_bytes: Size = Field(4 * MiB, ge=64 * KiB)
-    # committed documents a worker keeps unpacked across transactions (doc_cache.py); 0: none
-    doc_cache_bytes: Size = Field(32 * MiB, ge=0)
+    # committed documents a worker keeps unpacked across transactions (doc_cache.py); 0: none.
+    # Off by default: as Python objects a hit (cold in the CPU caches) costs about what the
+    # LMDB read and unpack it saves (bench/micro/bench_batch.py, bench.tools.commit_window)
+    doc_cache_bytes: Size = Field(0, ge=0)
     heartbeat_timeout_ms: Int = Field(10_000, ge=1)
     max_boot_failures: Int = Field(5, ge=1)
     # a worker that crashes this many times in a row after booting, with the same error and

@@ -44,7 +44,8 @@ make_cluster = test_worker.make_cluster  # the harness's fixtures
 flaky_commits = test_worker.flaky_commits
 
 MiB = 1 << 20
-NO_CACHE = {"service.doc_cache_bytes": 0}
+NO_CACHE = {"service.doc_cache_bytes": 0}  # the default
+CACHE = {"service.doc_cache_bytes": 32 * MiB}
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +145,7 @@ def test_cache_on_and_off_give_identical_results(make_cluster, workload, oracle,
     for b in bad:
         records.insert(rng.randrange(len(records) + 1), b)
     off = _deliver(make_cluster(n, sub="off", overrides=NO_CACHE), records, 3)
-    on = _deliver(make_cluster(n, sub="on"), records, 3)
+    on = _deliver(make_cluster(n, sub="on", overrides=CACHE), records, 3)
     tiny = _deliver(make_cluster(n, sub="tiny", overrides={"service.doc_cache_bytes": 65536}),
                     records, 3)
     assert off[4] == 0 and on[4] > len(records) // 4 and 0 < tiny[4] < on[4]
@@ -164,7 +165,7 @@ def test_a_rolled_back_transaction_leaves_no_uncommitted_document_in_the_cache(
     """A document is committed (and cached), then changed by a transaction whose commit
     fails (data disk error): while it is rolled back the cache holds only committed states,
     and the retry applies the change once (version 2, not 3)."""
-    c = make_cluster(1)
+    c = make_cluster(1, overrides=CACHE)
     w = c.workers[0]
     rolled_back = []
     real = worker_mod.Worker._roll_back
@@ -199,7 +200,7 @@ def test_storage_errors_with_the_cache_match_a_clean_run(make_cluster, workload,
     clean.feed(clean.ring_records(workload.records), random.Random(8))
     want = stored_documents(clean)
 
-    c = make_cluster(2, overrides={"service.lmdb_map_size": MiB,
+    c = make_cluster(2, overrides={**CACHE, "service.lmdb_map_size": MiB,
                                    "service.lmdb_max_map_size": 256 * MiB})
     checked = []
     real = worker_mod.Worker._roll_back
@@ -219,7 +220,7 @@ def test_storage_errors_with_the_cache_match_a_clean_run(make_cluster, workload,
 def test_a_merge_error_on_a_cached_document_is_undone(make_cluster):
     """The reviews feed upserts, then adds: a bad rating fails after the upsert changed the
     document, which came from the cache. The next transaction sees the committed state."""
-    c = make_cluster(1)
+    c = make_cluster(1, overrides=CACHE)
     w = c.workers[0]
 
     def review(rid: str, rating) -> tuple:
