@@ -23,10 +23,10 @@ the window. The first transaction after a boot takes FIRST_TXN_BYTES, doubling p
 to commit_max_bytes: a replacement commits soon after it booted. Nothing is acknowledged,
 forwarded or published before the commit, so the window moves only latency.
 
-Documents: the committed documents of recent transactions stay unpacked in `doc_cache`
-(doc_cache.py, ``service.doc_cache_bytes``); a transaction takes a document from the cache
-or else reads it from the shard, and the documents it stored go back into the cache after
-its commit, so a rolled-back attempt leaves nothing in it.
+Documents: with ``service.doc_cache_bytes`` set (off by default), the committed documents of
+recent transactions stay unpacked in `doc_cache` (doc_cache.py); a transaction takes a
+document from the cache or else reads it from the shard, and the documents it stored go back
+into the cache after its commit, so a rolled-back attempt leaves nothing in it.
 
 A transaction that fails keeps nothing (the attempt's state is dropped with it,
 batch_state.py), and the same messages are applied again from step 1
