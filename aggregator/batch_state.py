@@ -20,7 +20,7 @@ class BatchState:
     __slots__ = (
         "through", "link_in", "out", "seqpart", "parked", "stats", "totals", "seen_log",
         "log_pruned", "ack", "docs", "log", "changes", "chg_out", "pruned", "outmsg",
-        "pruned_out", "bloom_saved", "dlq", "stop",
+        "pruned_out", "bloom_saved", "dlq", "stop", "doc_bytes",
     )
 
     def __init__(self) -> None:
@@ -34,7 +34,10 @@ class BatchState:
         self.seen_log: tuple[int, int] | None = None  # (dedup log seq, ids) of the batch
         self.log_pruned = 0  # dedup log pruned up to this seq
         self.ack = -1  # highest supervisor batch id, acknowledged after the commit
-        self.docs: dict[bytes, dict] = {}  # document key -> document, changed in place
+        # document key -> document, changed in place (taken from the worker's doc_cache, or
+        # read from the shard; back into the cache after the commit)
+        self.docs: dict[bytes, dict] = {}
+        self.doc_bytes: dict[bytes, int] = {}  # document key -> stored size (as committed)
         self.log: dict[bytes, list] = {}  # document key -> updates applied (for undo)
         self.changes: list[tuple] = []  # change events, one per version (not coalesced)
         self.chg_out: list[tuple[int, int, bytes]] = []  # (first, last change seq, blob)

@@ -96,10 +96,11 @@ class CapturingBatch(Batch):
         super().__init__(shard)
         self.log: list[tuple[int, bytes, bytes | None]] = []
 
-    def put_doc(self, dkey: bytes, record: dict) -> None:
+    def put_doc(self, dkey: bytes, record: dict) -> int:
         v = _pack(record)
         self.put_raw("views", dkey, v)
         self.log.append((VIEWS, dkey, v))
+        return len(v)
 
     def delete_doc(self, dkey: bytes) -> None:
         super().delete_doc(dkey)

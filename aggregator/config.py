@@ -291,10 +291,18 @@ class ServiceConfig(BaseModel):
     max_key_bytes: Size = Field(400, ge=1, le=480)  # + our prefixes <= LMDB's 511-byte keys
     batch_max_records: Int = Field(5000, ge=1)
     commit_interval_ms: Int = Field(1000, ge=1)
-    ring_bytes: Size = Field(16 * MiB, ge=1)  # 4 transactions' worth (worker.TXN_MAX_BYTES)
+    ring_bytes: Size = Field(16 * MiB, ge=1)  # 4 transactions' worth (commit_max_bytes)
     lmdb_map_size: Size = Field(GiB, ge=MiB)
     lmdb_max_map_size: Size = Field(64 * GiB, ge=MiB)
     lmdb_sync: bool = True
+    # a worker's transaction (worker.py): ring messages are taken into it for up to
+    # commit_window_ms after its first one, or until commit_max_bytes of them (0: one take)
+    commit_window_ms: Int = Field(50, ge=0, le=10_000)
+    commit_max_bytes: Size = Field(4 * MiB, ge=64 * KiB)
+    # committed documents a worker keeps unpacked across transactions (doc_cache.py); 0: none.
+    # Off by default: as Python objects a hit (cold in the CPU caches) costs about what the
+    # LMDB read and unpack it saves (bench/micro/bench_batch.py, bench.tools.commit_window)
+    doc_cache_bytes: Size = Field(0, ge=0)
     heartbeat_timeout_ms: Int = Field(10_000, ge=1)
     max_boot_failures: Int = Field(5, ge=1)
     # a worker that crashes this many times in a row after booting, with the same error and

@@ -722,8 +722,11 @@ class Batch(_IndexWrites):
         raw = self.txn.get(dkey, db=self._db["views"])
         return None if raw is None else _unpack(raw)
 
-    def put_doc(self, dkey: bytes, record: dict) -> None:
-        self.txn.put(dkey, _pack(record), db=self._db["views"])
+    def put_doc(self, dkey: bytes, record: dict) -> int:
+        """Store a document; returns its stored size in bytes."""
+        raw = _pack(record)
+        self.txn.put(dkey, raw, db=self._db["views"])
+        return len(raw)
 
     def delete_doc(self, dkey: bytes) -> None:
         self.txn.delete(dkey, db=self._db["views"])

@@ -83,6 +83,12 @@ class TaskWorker(Worker):
             self.publisher = None
             self.change_msgs = ChangeMessages(self.changes)
         self.wanted = SharedCounters.attach(wanted_segment_name(self.prefix))
+        # restores and drops write documents with raw writes, and control messages split a
+        # ring take: cluster mode reads every document from the shard and commits per take
+        # of at most 4 MiB per ring (each batch is also one Kafka transaction)
+        self.doc_cache = None
+        self.commit_window = 0.0
+        self.txn_max_bytes = min(self.txn_max_bytes, 4 << 20)
 
     def _stream_here(self, g: bytes, in_batch: bool = False) -> bool:
         task = ((g[0] << 8) | g[1]) % self.tasks

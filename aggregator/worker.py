@@ -17,6 +17,17 @@ Per batch (one LMDB write transaction):
    batch counted added to meta ``totals``: exact through any crash), then commit;
    acknowledge the batch and publish the totals to the supervisor through the control block.
 
+Commit window: a transaction takes ring messages for up to ``service.commit_window_ms`` after
+its first one, or until ``service.commit_max_bytes`` of them (`_take`); a stop message ends
+the window. The first transaction after a boot takes FIRST_TXN_BYTES, doubling per commit up
+to commit_max_bytes: a replacement commits soon after it booted. Nothing is acknowledged,
+forwarded or published before the commit, so the window moves only latency.
+
+Documents: with ``service.doc_cache_bytes`` set (off by default), the committed documents of
+recent transactions stay unpacked in `doc_cache` (doc_cache.py); a transaction takes a
+document from the cache or else reads it from the shard, and the documents it stored go back
+into the cache after its commit, so a rolled-back attempt leaves nothing in it.
+
 A transaction that fails keeps nothing (the attempt's state is dropped with it,
 batch_state.py), and the same messages are applied again from step 1
 (nothing is acknowledged before the commit, so the supervisor's Kafka commit cannot pass it):
@@ -47,6 +58,7 @@ from .changes import ChangeEncoder, make_publisher
 from .config import Config
 from .control import TOTAL_SLOTS, ControlBlock, Slot
 from .deadletter import DeadLetters
+from .doc_cache import DocCache
 from .envelope import EnvelopeError
 from .faults import fault_flag, fault_point
 from .frames import decode
@@ -92,10 +104,11 @@ from .store import (
 log = logging.getLogger(__name__)
 
 APPLY, STALE, PARK, FULL = core.APPLY, core.STALE, core.PARK, core.FULL
-TXN_MAX_BYTES = 4 << 20  # ring bytes taken into one transaction (bounds its duration)
-# after a boot the first transaction takes this much, doubling per commit up to TXN_MAX_BYTES:
-# a replacement commits (acknowledges, moves the Kafka commit) soon after it booted
+# after a boot the first transaction takes this many ring bytes, doubling per commit up to
+# service.commit_max_bytes: a replacement commits (acknowledges, moves the Kafka commit) soon
+# after it booted
 FIRST_TXN_BYTES = 128 << 10
+WINDOW_POLL_S = 0.002  # within a commit window: longest sleep between looks at the rings
 STORAGE_RETRY_S = (0.5, 5.0)  # pause before retrying a batch the data disk refused: min, max
 STORAGE_LOG_EVERY_S = 60.0  # while blocked, how often the error is logged again
 
@@ -119,6 +132,10 @@ class Worker(DedupStage, GateStage, RouteStage, LinksStage):
         self.max_key = svc.max_key_bytes
         self.stopping = False
         self.txn_bytes = FIRST_TXN_BYTES  # ring bytes of the next transaction (slow start)
+        self.txn_max_bytes = max(svc.commit_max_bytes, FIRST_TXN_BYTES)
+        self.commit_window = svc.commit_window_ms / 1000.0
+        # committed documents kept across transactions; None: every one read from the shard
+        self.doc_cache = DocCache(svc.doc_cache_bytes) if svc.doc_cache_bytes else None
         # new dedup ids after which the bloom filter is saved again: a boot reads at most
         # these from the dedup log (bloom_snapshot.py)
         self.save_bloom_every = max(config.dedup.bloom_capacity // 8, 10_000)
@@ -272,11 +289,7 @@ class Worker(DedupStage, GateStage, RouteStage, LinksStage):
             if self.publisher is not None:
                 self.publisher.pump()
             self._check_fence()  # right before taking messages from the rings
-            sup = self.inbound.get_many(1024, self.txn_bytes)
-            peers = []
-            for j, r in self.peer_in.items():
-                if r.used_bytes:
-                    peers.extend(r.get_many(1024, self.txn_bytes))
+            sup, peers, taken = self._take_once(self.txn_bytes)
             if not sup and not peers:
                 if self.stopping:
                     return 0
@@ -291,7 +304,7 @@ class Worker(DedupStage, GateStage, RouteStage, LinksStage):
                 self.inbound.wait(0.05 if self.publisher is None or
                                   not self.publisher.backlog else 0.005)
                 continue
-            stop = self._process_ring([decode(m) for m in sup], peers)
+            stop = self._process_ring(*self._take(sup, peers, taken))
             if stop:
                 self.stopping = True
                 self._pump_outbox()
@@ -302,6 +315,49 @@ class Worker(DedupStage, GateStage, RouteStage, LinksStage):
                     self.process([], [])  # prune what was delivered
                 self.save_bloom()  # the next start reads no dedup index
                 return 0
+
+    def _take_once(self, budget: int) -> tuple[list, list, int]:
+        """Messages from the supervisor's ring and the peer rings, up to about `budget`
+        bytes from each (at least one message of each that has one): (supervisor messages,
+        peer messages, still packed, bytes taken)."""
+        sup = self.inbound.get_many(1024, budget)
+        taken = sum(len(m) for m in sup)
+        peers = []
+        for r in self.peer_in.values():
+            if r.used_bytes:
+                got = r.get_many(1024, budget)
+                taken += sum(len(m) for m in got)
+                peers.extend(got)
+        return sup, peers, taken
+
+    def _take(self, sup: list, peers: list, taken: int) -> tuple[list, list]:
+        """The ring messages of one transaction, starting with a first take: more are taken
+        until the commit window (`commit_window`, from now) closes, `txn_bytes` are taken
+        or a stop message arrives. Returns (supervisor messages unpacked, peer messages)."""
+        msgs = [decode(m) for m in sup]
+        window = self.commit_window
+        if window <= 0 or taken >= self.txn_bytes or any(m[0] == MSG_STOP for m in msgs):
+            return msgs, peers
+        ctl, me = self.ctl, self.index
+        deadline = time.monotonic() + window
+        while taken < self.txn_bytes:
+            ctl.heartbeat(me)
+            self._check_fence()  # right before taking messages from the rings
+            more, more_peers, n = self._take_once(self.txn_bytes - taken)
+            if more or more_peers:
+                taken += n
+                peers.extend(more_peers)
+                more = [decode(m) for m in more]
+                msgs.extend(more)
+                fault_point("worker_commit_window")  # messages taken, nothing committed
+                if any(m[0] == MSG_STOP for m in more):
+                    break
+                continue
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self.inbound.wait(min(left, WINDOW_POLL_S))
+        return msgs, peers
 
     # ---- one batch -------------------------------------------------------------------------
     def process(self, sup_msgs: list, peer_msgs: list) -> bool:
@@ -512,8 +568,9 @@ class Worker(DedupStage, GateStage, RouteStage, LinksStage):
     # ---- end of transaction ----------------------------------------------------------------
     def _finish(self, batch: Batch) -> None:
         self._expire_gaps(batch)
+        sizes = self.attempt.doc_bytes
         for dkey, stored in self.attempt.docs.items():
-            batch.put_doc(dkey, stored)
+            sizes[dkey] = batch.put_doc(dkey, stored)
         for g, last in self.gate.dirty():
             tp = self.attempt.seqpart.get(g)
             if tp is None:  # a gap expired on a key without events in this batch
@@ -568,6 +625,10 @@ class Worker(DedupStage, GateStage, RouteStage, LinksStage):
             ctl.set(me, Slot.CHANGES_BACKLOG, self.publisher.backlog)
         self.through.update(self.attempt.through)
         self.link_in.update(self.attempt.link_in)
+        if self.doc_cache is not None:  # the documents as committed (doc_cache.py)
+            put, sizes = self.doc_cache.put, self.attempt.doc_bytes
+            for dkey, stored in self.attempt.docs.items():
+                put(dkey, stored, sizes[dkey])
         self.pruned.update(self.attempt.pruned_out)
         if self.attempt.bloom_saved:
             self.bloom_saved, self.bloom_dropped = self.bloom.generation, -1
@@ -591,7 +652,7 @@ class Worker(DedupStage, GateStage, RouteStage, LinksStage):
         if self.attempt.ack >= 0:
             ctl.set(me, Slot.ACK_BATCH, self.attempt.ack)
         self.gate.evict(self.cfg.gate.max_cached_keys)
-        self.txn_bytes = min(self.txn_bytes * 2, TXN_MAX_BYTES)
+        self.txn_bytes = min(self.txn_bytes * 2, self.txn_max_bytes)
         if self.ids_unsaved >= self.save_bloom_every:
             self.save_bloom()
         self._pump_outbox()

@@ -104,13 +104,17 @@ class RouteStage:
         Documents live in the attempt's `docs` for the whole transaction and are changed in
         place; the updates applied to each are logged so that a failing merge, which may have
         changed the document before it failed, is undone by replaying them on the stored
-        version.
+        version. A document comes from the worker's cache of committed documents (taken out
+        of it: a rollback leaves nothing there) or from the shard.
         """
         dkey = view_key(slot_prefix(slot), f.view_id, key)
         at = self.attempt
         stored = at.docs.get(dkey)
         if stored is None:
-            stored = batch.get_doc(dkey) or {"v": 0, "d": None, "s": {}}
+            cache = self.doc_cache  # committed documents (doc_cache.py): the attempt owns
+            stored = cache.take(dkey) if cache is not None else None  # what it takes
+            if stored is None:
+                stored = batch.get_doc(dkey) or {"v": 0, "d": None, "s": {}}
         try:
             doc = f.merge.apply(stored["d"], ev)
         except MergeError as e:
@@ -136,7 +140,8 @@ class RouteStage:
                 return
 
     def _replay(self, batch: Batch, dkey: bytes) -> None:
-        """Rebuild a document from its stored version and this transaction's updates."""
+        """Rebuild a document from its stored version and this transaction's updates (the
+        object the failed merge changed, perhaps taken from the cache, is dropped)."""
         updates = self.attempt.log.get(dkey)
         if not updates:
             self.attempt.docs.pop(dkey, None)

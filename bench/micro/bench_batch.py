@@ -8,13 +8,17 @@ the rings, and hands `process()` decoded supervisor messages of 5,000 records ea
 simulated shop: JSON, msgpack and structured events, 5 % duplicates, 2 % reordered).
 Every round takes the next batch of the stream (new offsets), so the shard grows as in
 production. One worker owns every slot here (workers = 1, no forwarding). Compiled core
-and the pure-Python twin side by side.
+and the pure-Python twin side by side, each without the document cache (``-nocache``, as
+shipped: every document read from LMDB and unpacked) and with it (``-cache``:
+``service.doc_cache_bytes = 32 MiB``, documents of earlier batches come from it). The garbage
+collector is tuned after the boot as in a worker process (`runtime.tune_gc`).
 
 ``extra_info["items_per_s"]`` is records per second from the mean time.
 """
 
 from __future__ import annotations
 
+import gc
 import itertools
 import types
 import uuid
@@ -28,6 +32,7 @@ from aggregator.config import load_config
 from aggregator.envelope import routing_key
 from aggregator.protocol import create_segments
 from aggregator.routing import slot_of
+from aggregator.runtime import tune_gc
 from aggregator.worker import Worker
 
 try:
@@ -46,6 +51,10 @@ if _core is not None:
     CORES.insert(0, pytest.param(types.SimpleNamespace(
         BloomFilter=_core.BloomFilter, SequenceGate=_core.SequenceGate,
         IMPLEMENTATION="cython"), id="cython"))
+# (core, overrides): each core without the document cache (as shipped) and with it
+VARIANTS = [pytest.param((c.values[0], extra), id=f"{c.id}-{name}")
+            for c in CORES for name, extra in (("nocache", {}),
+                                               ("cache", {"service.doc_cache_bytes": 32 << 20}))]
 
 
 class NoDeadLetters:
@@ -91,16 +100,21 @@ def batches():
 
 @pytest.fixture
 def worker(tmp_path, request, monkeypatch):
-    monkeypatch.setattr(worker_mod, "core", request.param)
+    core, extra = request.param
+    monkeypatch.setattr(worker_mod, "core", core)
     cfg = load_config(wl.CONFIG_PATH, {"service.workers": 1,
                                        "service.data_dir": str(tmp_path / "data"),
-                                       "service.ring_bytes": 8 << 20}, env={})
+                                       "service.ring_bytes": 8 << 20, **extra}, env={})
     prefix = f"agg-bench-batch-{uuid.uuid4().hex[:10]}"
     segments = create_segments(prefix, 1, 8 << 20, 8 << 20)
     w = Worker(cfg, 0, prefix)
     w.boot()
     w.dlq = NoDeadLetters()
+    thresholds = gc.get_threshold()
+    tune_gc()  # as worker_process does after the boot
     yield w
+    gc.set_threshold(*thresholds)
+    gc.unfreeze()
     # No broker here: drop queued change events (if the build publishes them) instead of
     # waiting for their delivery at close.
     producer = getattr(getattr(w, "publisher", None), "producer", None)
@@ -113,7 +127,7 @@ def worker(tmp_path, request, monkeypatch):
 
 
 @pytest.mark.benchmark(group="worker-process-5000")
-@pytest.mark.parametrize("worker", CORES, indirect=True)
+@pytest.mark.parametrize("worker", VARIANTS, indirect=True)
 def test_worker_process(benchmark, worker, batches):
     it = itertools.cycle(batches)
     worker.process([next(it)], [])  # warm-up: the first batch creates the databases
@@ -125,3 +139,7 @@ def test_worker_process(benchmark, worker, batches):
     stats = getattr(benchmark, "stats", None)
     if stats is not None and stats.stats.mean:
         benchmark.extra_info["items_per_s"] = round(BATCH / stats.stats.mean)
+    cache = worker.doc_cache
+    if cache is not None and cache.hits + cache.misses:
+        benchmark.extra_info["doc_cache_hit_rate"] = round(
+            cache.hits / (cache.hits + cache.misses), 3)

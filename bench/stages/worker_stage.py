@@ -58,6 +58,8 @@ class StageRun:
     records_per_s: float = 0.0
     cpu_s: dict = field(default_factory=dict)
     feeder_cpu_s: float = 0.0
+    commits: int = 0  # LMDB commits of all workers in the window
+    write_bytes: int = 0  # bytes the workers caused to be written to disk (/proc/<pid>/io)
     memory: dict = field(default_factory=dict)
     verified: str = "not checked"
 
@@ -95,16 +97,27 @@ def encode_rounds(records: list, workers: int, topics: list[str], round_size: in
     return out
 
 
+def _write_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/io") as f:
+        for line in f:
+            if line.startswith("write_bytes:"):
+                return int(line.split()[1])
+    return 0
+
+
 def measure_stage(workload, oracle: dict, workers: int, *, timeout: float = 1800,
-                  bootstrap: str = "", prefix: str = "") -> StageRun:
+                  bootstrap: str = "", prefix: str = "",
+                  overrides: dict | None = None) -> StageRun:
     """`bootstrap`/`prefix`: where the workers' own output goes (dead letters, change events
-    when the config publishes them); the topics must exist. Nothing is consumed from Kafka."""
+    when the config publishes them); the topics must exist. Nothing is consumed from Kafka.
+    `overrides`: config settings on top (e.g. ``{"service.commit_window_ms": 0}``)."""
     run = StageRun(workers, records=len(workload.records))
     tmp = Path(tempfile.mkdtemp(prefix="agg-stage-"))
     opts = {"service.workers": workers, "service.data_dir": str(tmp / "data")}
     if bootstrap:
         opts.update(wl.overrides(bootstrap, prefix, workers=workers, data_dir=tmp / "data",
                                  group="unused", embedded=False))
+    opts.update(overrides or {})
     cfg = load_config(wl.CONFIG_PATH, opts, env={})
     svc = cfg.service
     seg = f"agg-stage-{uuid.uuid4().hex[:10]}"
@@ -130,6 +143,8 @@ def measure_stage(workload, oracle: dict, workers: int, *, timeout: float = 1800
         sampler = ProcessSampler({f"worker-{i}": p.pid for i, p in enumerate(procs)})
         sampler.__enter__()
         r0 = resource.getrusage(resource.RUSAGE_SELF)
+        io0 = sum(_write_bytes(p.pid) for p in procs)
+        commits0 = sum(ctl.get(i, Slot.COMMITS) for i in range(workers))
         t0 = time.monotonic()
         _feed(inbound, msgs, procs, t0 + timeout)
         last_bid = [len(m) for m in msgs]
@@ -140,6 +155,8 @@ def measure_stage(workload, oracle: dict, workers: int, *, timeout: float = 1800
             time.sleep(0.002)
         t1 = time.monotonic()
         r1 = resource.getrusage(resource.RUSAGE_SELF)
+        run.commits = sum(ctl.get(i, Slot.COMMITS) for i in range(workers)) - commits0
+        run.write_bytes = sum(_write_bytes(p.pid) for p in procs) - io0
         run.window_s = t1 - t0
         run.records_per_s = run.records / run.window_s
         run.feeder_cpu_s = round(r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime, 3)
