@@ -583,6 +583,12 @@ class Batch:
     def put_seq(self, gkey: bytes, last: int, topic: str, partition: int) -> None:
         self.txn.put(gkey, _pack([last, topic, partition]), db=self._db["seq"])
 
+    def put_seqs(self, rows: list[tuple[bytes, int, str, int]]) -> None:
+        """`put_seq` of each ``(gkey, last, topic, partition)``: one commit's dirty keys."""
+        put_seq = self.put_seq
+        for gkey, last, topic, partition in rows:
+            put_seq(gkey, last, topic, partition)
+
     def park(self, gkey: bytes, seq: int, parked_at: float, record: list) -> None:
         self.txn.put(gkey + _U64.pack(seq), _pack([parked_at, record]), db=self._db["parked"])
 

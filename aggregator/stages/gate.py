@@ -19,7 +19,6 @@ from ..protocol import (
     REC_SLOT,
     REC_TOPIC,
 )
-from ..routing import gate_hash, slot_prefix
 from ..store import Batch
 
 log = logging.getLogger("aggregator.worker")  # the worker's log lines, as before the split
@@ -51,8 +50,9 @@ class GateStage:
         ready: list = []
         gkeys: list[bytes] = []
         if gated:
-            gkeys = [slot_prefix(rec[REC_SLOT]) + gate_hash(ev.source, ev.partitionkey)
-                     for _, ev, rec in gated]
+            gkeys = core.gate_keys([rec[REC_SLOT] for _, _, rec in gated],
+                                   [ev.source for _, ev, _ in gated],
+                                   [ev.partitionkey for _, ev, _ in gated])
             for g, (_, ev, rec) in zip(gkeys, gated):
                 self.attempt.seqpart[g] = (self.topics[rec[REC_TOPIC]], rec[REC_PARTITION])
             self._load_gate(batch, gkeys, [rec[REC_TOPIC] for _, _, rec in gated])
