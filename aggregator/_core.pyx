@@ -861,7 +861,9 @@ cdef class SequenceGate:
                 g = keys[i]
                 ix = self._get(g)
                 s = _as_ll(sq[i])
-                e = &self._entries[ix]  # no entry moves within decide (no insert)
+                # Entries move only when a load grows the table; the pointer is not kept
+                # across a dict operation keyed by g (a bytes subclass could run code).
+                e = &self._entries[ix]
                 last = e.last
                 if s <= last:
                     c[i] = C_STALE
@@ -871,6 +873,7 @@ cdef class SequenceGate:
                 elif e.flags & F_PARKED and s in (<_Parked>self._parking[g]).seqs:
                     c[i] = C_STALE
                 elif s == last + 1:
+                    e = &self._entries[ix]
                     e.last = s
                     self._mark(ix)
                     if e.flags & F_PARKED:
@@ -923,11 +926,12 @@ cdef class SequenceGate:
 
     cdef int _drain(self, object g, Py_ssize_t ix, Py_ssize_t i, list ready) except -1:
         cdef _Parked pk = <_Parked>self._parking[g]
-        cdef GateEntry* e = &self._entries[ix]
-        while e.flags & F_PARKED and (e.last + 1) in pk.seqs:
-            e.last += 1
-            self._unpark(g, ix, pk, e.last)
-            ready.append((i, g, e.last))
+        cdef long long s
+        while self._entries[ix].flags & F_PARKED and (self._entries[ix].last + 1) in pk.seqs:
+            s = self._entries[ix].last + 1
+            self._entries[ix].last = s
+            self._unpark(g, ix, pk, s)
+            ready.append((i, g, s))
         return 0
 
     # ----------------------------------------------------------------- gaps
