@@ -598,6 +598,10 @@ class Batch:
         raw = self.txn.pop(k, db=self._db["parked"])
         return None if raw is None else _unpack(raw)[1]
 
+    def has_parked(self) -> bool:
+        """Whether any parked event is stored (this transaction's own writes included)."""
+        return self.txn.stat(self._db["parked"])["entries"] > 0
+
     def parked_of(self, gkey: bytes) -> list[tuple[int, float]]:
         cur = self.txn.cursor(db=self._db["parked"])
         out = []

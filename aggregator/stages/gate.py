@@ -91,10 +91,11 @@ class GateStage:
         first_ti = {}
         for g, ti in zip(gkeys, topic_idx):
             first_ti.setdefault(g, ti)
+        parked = batch.has_parked()  # none stored: no key has parked events to read
         for g in missing:
             row = batch.get_seq(g)
             last = row[0] if row is not None else self.plan.initial[first_ti[g]] - 1
-            self.gate.load(g, last, batch.parked_of(g))
+            self.gate.load(g, last, batch.parked_of(g) if parked else ())
 
     def _apply_parked(self, batch: Batch, g: bytes, seq: int) -> None:
         hit = self.attempt.parked.pop((g, seq), None)
