@@ -194,3 +194,26 @@ def test_gate_keys_errors(impl):
     with pytest.raises(TypeError):
         impl.gate_keys([1], ["a"], [None])
     assert impl.gate_keys([True], ["a"], ["b"]) == [slot_prefix(1) + gate_hash("a", "b")]
+
+
+# ----------------------------------------------------------------------------- the stage
+def test_batch_has_parked_sees_the_transaction(tmp_path):
+    """`_load_gate` reads a key's parked rows only when the shard holds any: `has_parked`
+    must count the transaction's own parks and unparks, and survive the commit."""
+    from aggregator.store import Shard
+
+    shard = Shard(tmp_path / "shard-0", map_size=16 << 20, max_map_size=64 << 20, sync=False)
+    try:
+        g = slot_prefix(1) + gate_hash("s", "k")
+        b = shard.begin()
+        assert not b.has_parked()
+        b.park(g, 5, 1.0, [0, 0, 1, b"k", b"v", [], 1, 1])
+        assert b.has_parked() and b.parked_of(g) == [(5, 1.0)]
+        b.commit()
+        b = shard.begin()
+        assert b.has_parked()
+        assert b.unpark(g, 5) is not None
+        assert not b.has_parked()
+        b.commit()
+    finally:
+        shard.close()
