@@ -15,33 +15,47 @@ negative); list indexing keeps its bounds checks (a key's ``__eq__`` could mutat
 cimport cython
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_FromStringAndSize
-from cpython.bytes cimport PyBytes_FromStringAndSize
+from cpython.bytes cimport (
+    PyBytes_AS_STRING,
+    PyBytes_Check,
+    PyBytes_FromStringAndSize,
+    PyBytes_GET_SIZE,
+)
 from cpython.memoryview cimport PyMemoryView_FromObject
 from cpython.long cimport PyLong_AsLongLong, PyLong_CheckExact
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.number cimport PyNumber_Index
-from libc.stdint cimport INT64_MAX, int64_t, uint64_t
+from cpython.unicode cimport PyUnicode_Check
+from libc.stdint cimport INT64_MAX, int32_t, int64_t, uint8_t, uint64_t
 from libc.stdlib cimport calloc, free
-from libc.string cimport memcpy, memset
+from libc.string cimport memcmp, memcpy, memset
+
+cdef extern from "Python.h":
+    const char* PyUnicode_AsUTF8AndSize(object s, Py_ssize_t* size) except NULL
 
 import math
 import struct
 import sys
 
+from xxhash import xxh3_128_digest as _xxh3_128_digest
+
 __all__ = [
     "APPLY",
     "FULL",
+    "GATE_KEY_MAX",
     "PARK",
     "STALE",
     "BloomFilter",
     "SequenceGate",
     "bloom_size",
+    "gate_keys",
 ]
 
 APPLY = 0
 STALE = 1
 PARK = 2
 FULL = 3
+GATE_KEY_MAX = C_GATE_KEY_MAX  # longest gate key the table holds (slot prefix + hash = 18)
 
 cdef enum:
     C_APPLY = 0
@@ -480,45 +494,265 @@ cdef class BloomFilter:
         )
 
 
+# ===================================================================== gate keys
+cdef inline const char* _utf8(object s, Py_ssize_t* n) except NULL:
+    """UTF-8 of a str, like ``str.encode()`` (same errors); TypeError for a non-str."""
+    if not PyUnicode_Check(s):
+        raise TypeError(f"expected str, not {type(s).__name__}")
+    return PyUnicode_AsUTF8AndSize(s, n)
+
+
+@cython.wraparound(False)
+def gate_keys(slots, sources, partitionkeys):
+    """Gate keys of a batch: ``slot.to_bytes(2, "big") + xxh3_128(f"{source}\\0{pk}")``
+    per event, i.e. ``routing.slot_prefix(slot) + routing.gate_hash(source, pk)``.
+
+    One call per batch; returns a list of 18-byte ``bytes``. ValueError if the three
+    sequences differ in length, OverflowError for a slot outside 0..65535, TypeError for a
+    source or partition key that is not a str.
+    """
+    cdef list sl = slots if type(slots) is list else list(slots)
+    cdef list so = sources if type(sources) is list else list(sources)
+    cdef list pk = partitionkeys if type(partitionkeys) is list else list(partitionkeys)
+    cdef Py_ssize_t i, a, b, n = len(sl)
+    cdef long long slot
+    cdef const char* ps
+    cdef const char* pp
+    cdef char* sp
+    cdef unsigned char* out
+    cdef bytes joined, digest, key
+    cdef list keys
+    if len(so) != n or len(pk) != n:
+        raise ValueError(
+            f"slots, sources and partitionkeys differ in length: {n}, {len(so)}, {len(pk)}"
+        )
+    keys = [None] * n
+    h128 = _xxh3_128_digest
+    for i in range(n):
+        slot = _as_ll(sl[i])
+        if slot < 0 or slot > 0xFFFF:
+            raise OverflowError(f"slot out of range 0..65535: {slot}")
+        ps = _utf8(so[i], &a)
+        pp = _utf8(pk[i], &b)
+        joined = PyBytes_FromStringAndSize(NULL, a + 1 + b)
+        sp = PyBytes_AS_STRING(joined)
+        memcpy(sp, ps, a)
+        sp[a] = 0
+        memcpy(sp + a + 1, pp, b)
+        digest = h128(joined)
+        if PyBytes_GET_SIZE(digest) != 16:  # pragma: no cover - xxh3_128 is 16 bytes
+            raise RuntimeError("xxh3_128_digest did not return 16 bytes")
+        key = PyBytes_FromStringAndSize(NULL, 18)
+        out = <unsigned char*>PyBytes_AS_STRING(key)
+        out[0] = <unsigned char>(slot >> 8)
+        out[1] = <unsigned char>(slot & 0xFF)
+        memcpy(out + 2, PyBytes_AS_STRING(digest), 16)
+        keys[i] = key
+    return keys
+
+
 # ===================================================================== SequenceGate
+# The gate's state is an insertion-ordered open-addressing table (the layout of CPython's
+# compact dict): ``_entries`` holds one 32-byte GateEntry per loaded key in load order (a
+# removed key leaves a dead entry, flags 0, until the next rebuild compacts the array);
+# ``_index`` maps a key's hash to its entry number by linear probing (-1 empty, -2 removed).
+# At most 2/3 of the index is used (live + removed <= _cap), so a probe always ends.
+# ``_dirty`` lists entry numbers in the order their ``last`` first changed. Parked
+# sequences are rare: a key with some has F_PARKED set and a ``_Parked`` in ``_parking``.
+
+cdef enum:
+    _EMPTY = -1
+    _REMOVED = -2
+    _MIN_SIZE = 8
+
+cdef inline uint64_t _key_hash(const unsigned char* p, Py_ssize_t n) noexcept nogil:
+    """A 64-bit mix of a short key (gate keys end with an xxh3 digest already)."""
+    cdef uint64_t h = <uint64_t>n * <uint64_t>0x9E3779B97F4A7C15ULL
+    cdef uint64_t w
+    cdef Py_ssize_t i = 0
+    while i + 8 <= n:
+        h = (h ^ _load64(p + i)) * <uint64_t>0xFF51AFD7ED558CCDULL
+        h ^= h >> 32
+        i += 8
+    if i < n:
+        w = 0
+        memcpy(&w, p + i, n - i)
+        h = (h ^ w) * <uint64_t>0xFF51AFD7ED558CCDULL
+    h ^= h >> 33
+    h *= <uint64_t>0xC4CEB9FE1A85EC53ULL
+    h ^= h >> 33
+    return h
+
+
 @cython.final
-cdef class _KeyState:
-    """Gate state of one key: last applied sequence and parked sequences."""
+cdef class _Parked:
+    """Parked sequences of one key (the rare side structure of the table)."""
 
-    def __cinit__(self, long long last):
-        self.last = last
-        self.parked = None
-        self.oldest_at = 0.0
-        self.oldest_stale = False
-        self.dirty = False
-
-
-cdef inline Py_ssize_t _nparked(_KeyState st) noexcept:
-    return 0 if st.parked is None else len(st.parked)
+    def __cinit__(self, dict seqs, double oldest_at, bint oldest_stale):
+        self.seqs = seqs
+        self.oldest_at = oldest_at
+        self.oldest_stale = oldest_stale
 
 
 @cython.final
 cdef class SequenceGate:
     """Per-key sequence gating (decisions ``APPLY``, ``STALE``, ``PARK``, ``FULL``).
 
-    ``SequenceGate(max_parked_per_key, max_parked_total)``. Keys (``bytes``) must be
-    loaded before they are decided: ask ``missing()`` which keys the gate does not hold,
-    read their state from storage and ``load()`` it. The caller persists ``last`` from
-    ``dirty()`` and the parked payloads itself.
+    ``SequenceGate(max_parked_per_key, max_parked_total)``. Keys (``bytes`` of at most
+    ``GATE_KEY_MAX`` bytes) must be loaded before they are decided: ask ``missing()`` which
+    keys the gate does not hold, read their state from storage and ``load()`` it. The caller
+    persists ``last`` from ``dirty()`` and the parked payloads itself.
 
     Invariant: every parked sequence is greater than ``last + 1`` (a latest-mode event may
     jump ``last`` past parked sequences; those become stale and ``skip_gap`` discards them).
     """
 
     def __cinit__(self, max_parked_per_key, max_parked_total):
+        self._entries = NULL
+        self._index = NULL
+        self._dirty = NULL
         self._max_per_key = _as_ll(max_parked_per_key)
         self._max_total = _as_ll(max_parked_total)
         if self._max_per_key < 0 or self._max_total < 0:
             raise ValueError("parking limits must be >= 0")
-        self._states = {}
         self._parking = {}
-        self._dirty = {}
         self._parked_total = 0
+        self._reset(_MIN_SIZE)
+
+    def __dealloc__(self):
+        PyMem_Free(self._entries)
+        PyMem_Free(self._index)
+        PyMem_Free(self._dirty)
+
+    # ----------------------------------------------------------------- the table
+    cdef int _reset(self, Py_ssize_t size) except -1:
+        """Empty table with ``size`` index slots (a power of two)."""
+        cdef Py_ssize_t cap = size * 2 // 3
+        cdef GateEntry* entries = <GateEntry*>PyMem_Malloc(cap * sizeof(GateEntry))
+        cdef int32_t* index = <int32_t*>PyMem_Malloc(size * sizeof(int32_t))
+        cdef int32_t* dirty = <int32_t*>PyMem_Malloc(cap * sizeof(int32_t))
+        if entries == NULL or index == NULL or dirty == NULL:
+            PyMem_Free(entries)
+            PyMem_Free(index)
+            PyMem_Free(dirty)
+            raise MemoryError()
+        memset(index, 0xFF, size * sizeof(int32_t))  # all _EMPTY
+        PyMem_Free(self._entries)
+        PyMem_Free(self._index)
+        PyMem_Free(self._dirty)
+        self._entries, self._index, self._dirty = entries, index, dirty
+        self._size, self._cap = size, cap
+        self._used = self._live = self._ndirty = 0
+        return 0
+
+    cdef Py_ssize_t _probe(self, const unsigned char* p, Py_ssize_t n) noexcept:
+        """Index slot holding key ``p[:n]``, or -1."""
+        cdef size_t mask = self._size - 1
+        cdef size_t i = _key_hash(p, n) & mask
+        cdef int32_t ix
+        cdef GateEntry* e
+        while True:
+            ix = self._index[i]
+            if ix == _EMPTY:
+                return -1
+            if ix >= 0:
+                e = &self._entries[ix]
+                if e.klen == n and memcmp(e.key, p, n) == 0:
+                    return i
+            i = (i + 1) & mask
+
+    cdef Py_ssize_t _find(self, object g) except -2:
+        """Entry number of key ``g``, or -1 (TypeError if ``g`` is unhashable)."""
+        cdef Py_ssize_t pos
+        if PyBytes_Check(g):
+            pos = self._probe(<const unsigned char*>PyBytes_AS_STRING(g), PyBytes_GET_SIZE(g))
+            return -1 if pos < 0 else self._index[pos]
+        hash(g)  # a dict lookup would raise TypeError for an unhashable key
+        return -1
+
+    cdef Py_ssize_t _get(self, object g) except -1:
+        """Entry number of key ``g``; KeyError if it is not loaded."""
+        cdef Py_ssize_t ix = self._find(g)
+        if ix < 0:
+            raise KeyError(g)
+        return ix
+
+    cdef int _rebuild(self) except -1:
+        """Compact the entries (order kept) into a table with room for twice the live keys."""
+        cdef GateEntry* old = self._entries
+        cdef int32_t* old_dirty = self._dirty
+        cdef Py_ssize_t old_used = self._used, old_ndirty = self._ndirty
+        cdef Py_ssize_t size = _MIN_SIZE, j, k = 0, nd = 0
+        cdef size_t i, mask
+        cdef int32_t* remap = <int32_t*>PyMem_Malloc(max(old_used, 1) * sizeof(int32_t))
+        if remap == NULL:
+            raise MemoryError()
+        while size * 2 // 3 < 2 * self._live + 1:
+            size *= 2
+        if size > 0x40000000:
+            PyMem_Free(remap)
+            raise MemoryError("sequence gate: more than 2**29 keys")
+        self._entries = NULL
+        self._dirty = NULL
+        try:
+            self._reset(size)
+        except MemoryError:
+            self._entries, self._dirty = old, old_dirty
+            PyMem_Free(remap)
+            raise
+        mask = size - 1
+        for j in range(old_used):
+            if old[j].flags & F_LIVE:
+                self._entries[k] = old[j]
+                remap[j] = k
+                i = _key_hash(old[j].key, old[j].klen) & mask
+                while self._index[i] != _EMPTY:
+                    i = (i + 1) & mask
+                self._index[i] = k
+                k += 1
+            else:
+                remap[j] = -1
+        for j in range(old_ndirty):
+            if remap[old_dirty[j]] >= 0 and old[old_dirty[j]].flags & F_DIRTY:
+                self._dirty[nd] = remap[old_dirty[j]]
+                nd += 1
+        self._used = self._live = k
+        self._ndirty = nd
+        PyMem_Free(old)
+        PyMem_Free(old_dirty)
+        PyMem_Free(remap)
+        return 0
+
+    cdef Py_ssize_t _insert(self, const unsigned char* p, Py_ssize_t n,
+                            long long last) except -1:
+        """Append a new entry for an absent key; returns its number."""
+        cdef size_t mask, i
+        cdef Py_ssize_t ix
+        cdef GateEntry* e
+        if self._used == self._cap:
+            self._rebuild()
+        mask = self._size - 1
+        i = _key_hash(p, n) & mask
+        while self._index[i] >= 0:  # the key is absent: the first free slot takes it
+            i = (i + 1) & mask
+        ix = self._used
+        e = &self._entries[ix]
+        memset(e, 0, sizeof(GateEntry))
+        e.last = last
+        e.klen = <uint8_t>n
+        e.flags = F_LIVE
+        memcpy(e.key, p, n)
+        self._index[i] = <int32_t>ix
+        self._used += 1
+        self._live += 1
+        return ix
+
+    cdef int _remove_at(self, Py_ssize_t pos) noexcept:
+        """Drop the key in index slot ``pos`` (its parked sequences are the caller's)."""
+        self._entries[self._index[pos]].flags = 0
+        self._index[pos] = _REMOVED
+        self._live -= 1
+        return 0
 
     # ----------------------------------------------------------------- properties
     @property
@@ -537,19 +771,18 @@ cdef class SequenceGate:
         return self._parked_total
 
     def __len__(self):
-        return len(self._states)
+        return self._live
 
     def __contains__(self, gkey):
-        return gkey in self._states
+        return self._find(gkey) >= 0
 
     # ----------------------------------------------------------------- loading
     def missing(self, gkeys):
         """Distinct keys of ``gkeys`` (first-seen order) the gate holds no state for."""
-        cdef dict states = self._states
         cdef set seen = set()
         cdef list out = []
         for g in gkeys:
-            if g not in states and g not in seen:
+            if self._find(g) < 0 and g not in seen:
                 seen.add(g)
                 out.append(g)
         return out
@@ -557,32 +790,40 @@ cdef class SequenceGate:
     def load(self, gkey, last, parked=()):
         """Set the state of ``gkey``: ``last`` applied sequence and ``(seq, parked_at)``
         pairs. Parked sequences ``<= last`` are stale and ignored. Replaces any state held
-        for the key (and forgets that it was dirty).
+        for the key (and forgets that it was dirty). ValueError for a key longer than
+        ``GATE_KEY_MAX`` bytes.
         """
         if type(gkey) is not bytes:
             raise TypeError(f"gkey must be bytes, not {type(gkey).__name__}")
-        cdef _KeyState st = _KeyState(_as_ll(last))
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(gkey), ix
+        cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(gkey)
+        if n > C_GATE_KEY_MAX:
+            raise ValueError(f"gate key of {n} bytes; at most {C_GATE_KEY_MAX}")
+        cdef long long lst = _as_ll(last)
         cdef long long s
-        cdef dict p = {}
+        cdef dict seqs = {}
         for seq, at in parked:
             s = _as_ll(seq)
             at = float(at)
-            if s > st.last:
-                p[s] = at
+            if s > lst:
+                seqs[s] = at
         self._forget(gkey)
-        self._states[gkey] = st
-        if p:
-            st.parked = p
-            st.oldest_stale = True
-            self._parking[gkey] = st
-            self._parked_total += len(p)
+        ix = self._insert(p, n, lst)
+        if seqs:
+            self._parking[gkey] = _Parked(seqs, 0.0, True)
+            self._entries[ix].flags |= F_PARKED
+            self._parked_total += len(seqs)
 
-    cdef int _forget(self, object g) except -1:
-        cdef _KeyState old = self._states.pop(g, None)
-        if old is not None:
-            self._parked_total -= _nparked(old)
-            self._parking.pop(g, None)
-            self._dirty.pop(g, None)
+    cdef int _forget(self, bytes g) except -1:
+        cdef Py_ssize_t pos = self._probe(<const unsigned char*>PyBytes_AS_STRING(g),
+                                          PyBytes_GET_SIZE(g))
+        cdef _Parked pk
+        if pos < 0:
+            return 0
+        if self._entries[self._index[pos]].flags & F_PARKED:
+            pk = <_Parked>self._parking.pop(g)
+            self._parked_total -= len(pk.seqs)
+        self._remove_at(pos)
         return 0
 
     # ----------------------------------------------------------------- decisions
@@ -598,13 +839,13 @@ cdef class SequenceGate:
         cdef list keys = gkeys if type(gkeys) is list else list(gkeys)
         cdef list sq = seqs if type(seqs) is list else list(seqs)
         cdef Py_buffer fb
-        cdef Py_ssize_t i, n = len(keys)
+        cdef Py_ssize_t i, ix, n = len(keys)
         cdef const unsigned char* flags
         cdef unsigned char* c
         cdef long long s, last
-        cdef _KeyState st
-        cdef dict states = self._states
+        cdef GateEntry* e
         cdef list ready = []
+        cdef double t
         _get_bytes(strict, &fb)
         try:
             if len(sq) != n or fb.len != n:
@@ -618,79 +859,93 @@ cdef class SequenceGate:
             flags = <const unsigned char*>fb.buf
             for i in range(n):
                 g = keys[i]
-                st = <_KeyState>states[g]
+                ix = self._get(g)
                 s = _as_ll(sq[i])
-                last = st.last
+                # Entries move only when a load grows the table; the pointer is not kept
+                # across a dict operation keyed by g (a bytes subclass could run code).
+                e = &self._entries[ix]
+                last = e.last
                 if s <= last:
                     c[i] = C_STALE
                 elif not flags[i]:  # latest mode
-                    st.last = s
-                    if not st.dirty:
-                        self._mark(g, st)
-                elif st.parked and s in st.parked:
+                    e.last = s
+                    self._mark(ix)
+                elif e.flags & F_PARKED and s in (<_Parked>self._parking[g]).seqs:
                     c[i] = C_STALE
                 elif s == last + 1:
-                    st.last = s
-                    if not st.dirty:
-                        self._mark(g, st)
-                    if st.parked:
-                        self._drain(g, st, i, ready)
-                elif _nparked(st) < self._max_per_key and self._parked_total < self._max_total:
+                    e = &self._entries[ix]
+                    e.last = s
+                    self._mark(ix)
+                    if e.flags & F_PARKED:
+                        self._drain(g, ix, i, ready)
+                elif (self._nparked(g, ix) < self._max_per_key
+                        and self._parked_total < self._max_total):
                     c[i] = C_PARK
-                    self._park(g, st, s, t)
+                    self._park(g, ix, s, t)
                 else:
                     c[i] = C_FULL
         finally:
             PyBuffer_Release(&fb)
         return codes, ready
 
-    cdef int _mark(self, object g, _KeyState st) except -1:
-        if not st.dirty:
-            st.dirty = True
-            self._dirty[g] = st
-        return 0
+    cdef inline void _mark(self, Py_ssize_t ix) noexcept:
+        cdef GateEntry* e = &self._entries[ix]
+        if not e.flags & F_DIRTY:
+            e.flags |= F_DIRTY
+            self._dirty[self._ndirty] = <int32_t>ix  # an entry is listed once: ndirty <= used
+            self._ndirty += 1
 
-    cdef int _park(self, object g, _KeyState st, long long s, double now) except -1:
-        if st.parked is None:
-            st.parked = {}
-        if not st.parked:
-            self._parking[g] = st
-            st.oldest_at = now
-            st.oldest_stale = False
-        elif not st.oldest_stale and now < st.oldest_at:
-            st.oldest_at = now
-        st.parked[s] = now
+    cdef Py_ssize_t _nparked(self, object g, Py_ssize_t ix) except -1:
+        if not self._entries[ix].flags & F_PARKED:
+            return 0
+        return len((<_Parked>self._parking[g]).seqs)
+
+    cdef int _park(self, object g, Py_ssize_t ix, long long s, double now) except -1:
+        cdef _Parked pk
+        if not self._entries[ix].flags & F_PARKED:
+            pk = _Parked({}, now, False)
+            self._parking[g] = pk
+            self._entries[ix].flags |= F_PARKED
+        else:
+            pk = <_Parked>self._parking[g]
+            if not pk.oldest_stale and now < pk.oldest_at:
+                pk.oldest_at = now
+        pk.seqs[s] = now
         self._parked_total += 1
         return 0
 
-    cdef int _unpark(self, object g, _KeyState st, long long s) except -1:
-        del st.parked[s]
+    cdef int _unpark(self, object g, Py_ssize_t ix, _Parked pk, long long s) except -1:
+        del pk.seqs[s]
         self._parked_total -= 1
-        if not st.parked:
+        if not pk.seqs:
             del self._parking[g]
+            self._entries[ix].flags &= ~F_PARKED
         else:
-            st.oldest_stale = True
+            pk.oldest_stale = True
         return 0
 
-    cdef int _drain(self, object g, _KeyState st, Py_ssize_t i, list ready) except -1:
-        while st.parked and (st.last + 1) in st.parked:
-            st.last += 1
-            self._unpark(g, st, st.last)
-            ready.append((i, g, st.last))
+    cdef int _drain(self, object g, Py_ssize_t ix, Py_ssize_t i, list ready) except -1:
+        cdef _Parked pk = <_Parked>self._parking[g]
+        cdef long long s
+        while self._entries[ix].flags & F_PARKED and (self._entries[ix].last + 1) in pk.seqs:
+            s = self._entries[ix].last + 1
+            self._entries[ix].last = s
+            self._unpark(g, ix, pk, s)
+            ready.append((i, g, s))
         return 0
 
     # ----------------------------------------------------------------- gaps
     def expired(self, now, timeout):
         """Keys whose oldest parked event was parked at or before ``now - timeout``."""
         cdef double limit = float(now) - float(timeout)
-        cdef _KeyState st
+        cdef _Parked pk
         cdef list out = []
         for g, obj in self._parking.items():
-            st = <_KeyState>obj
-            if st.oldest_stale:
-                st.oldest_at = min(st.parked.values())
-                st.oldest_stale = False
-            if st.oldest_at <= limit:
+            pk = <_Parked>obj
+            if pk.oldest_stale:
+                pk.oldest_at = min(pk.seqs.values())
+                pk.oldest_stale = False
+            if pk.oldest_at <= limit:
                 out.append(g)
         return out
 
@@ -701,86 +956,91 @@ cdef class SequenceGate:
         Returns the sequences applied, in order (they are no longer parked); empty if
         nothing is parked. Stale parked sequences (``<= last``) are discarded first.
         """
-        cdef _KeyState st = <_KeyState>self._states[gkey]
+        cdef Py_ssize_t ix = self._get(gkey)
         cdef list out = []
-        if not st.parked:
+        cdef _Parked pk
+        if not self._entries[ix].flags & F_PARKED:
             return []
-        for s in sorted(st.parked):
-            if s > st.last:
+        pk = <_Parked>self._parking[gkey]
+        for s in sorted(pk.seqs):
+            if s > self._entries[ix].last:
                 break
-            self._unpark(gkey, st, s)
-        if not st.parked:
+            self._unpark(gkey, ix, pk, s)
+        if not self._entries[ix].flags & F_PARKED:
             return []
-        st.last = min(st.parked) - 1
-        self._drain(gkey, st, 0, out)
-        self._mark(gkey, st)
+        self._entries[ix].last = min(pk.seqs) - 1
+        self._drain(gkey, ix, 0, out)
+        self._mark(ix)
         return [r[2] for r in out]
 
     def drop_parked(self, gkey):
         """Remove every parked sequence of ``gkey``; returns them ascending and sets
         ``last = max(last, max(them))`` (dead-letter policy)."""
-        cdef _KeyState st = <_KeyState>self._states[gkey]
-        if not st.parked:
+        cdef Py_ssize_t ix = self._get(gkey)
+        cdef _Parked pk
+        if not self._entries[ix].flags & F_PARKED:
             return []
-        cdef list out = sorted(st.parked)
+        pk = <_Parked>self._parking.pop(gkey)
+        self._entries[ix].flags &= ~F_PARKED
+        cdef list out = sorted(pk.seqs)
         self._parked_total -= len(out)
-        st.parked.clear()
-        del self._parking[gkey]
-        if out[-1] > st.last:
-            st.last = out[-1]
-            self._mark(gkey, st)
+        if out[-1] > self._entries[ix].last:
+            self._entries[ix].last = out[-1]
+            self._mark(ix)
         return out
 
     # ----------------------------------------------------------------- inspection
     def parked(self, gkey):
         """Parked sequences of ``gkey``, ascending."""
-        cdef _KeyState st = <_KeyState>self._states[gkey]
-        return [] if st.parked is None else sorted(st.parked)
+        cdef Py_ssize_t ix = self._get(gkey)
+        if not self._entries[ix].flags & F_PARKED:
+            return []
+        return sorted((<_Parked>self._parking[gkey]).seqs)
 
     def last(self, gkey):
         """Last applied sequence of ``gkey``."""
-        return (<_KeyState>self._states[gkey]).last
+        return self._entries[self._get(gkey)].last
 
     def dirty(self):
         """``(gkey, last)`` of keys whose ``last`` changed since the previous call, in the
         order they first changed; clears the dirty set."""
         cdef list out = []
-        cdef _KeyState st
-        for g, obj in self._dirty.items():
-            st = <_KeyState>obj
-            st.dirty = False
-            out.append((g, st.last))
-        self._dirty.clear()
+        cdef Py_ssize_t j
+        cdef GateEntry* e
+        for j in range(self._ndirty):
+            e = &self._entries[self._dirty[j]]
+            if e.flags & F_DIRTY:  # a removed entry has flags 0
+                e.flags &= ~F_DIRTY
+                out.append((PyBytes_FromStringAndSize(<char*>e.key, e.klen), e.last))
+        self._ndirty = 0
         return out
 
     # ----------------------------------------------------------------- housekeeping
     def clear(self):
         """Forget every key (e.g. after an aborted transaction)."""
-        self._states.clear()
-        self._parking.clear()
-        self._dirty.clear()
+        self._reset(_MIN_SIZE)
+        self._parking = {}
         self._parked_total = 0
 
     def evict(self, max_keys):
         """Drop clean keys without parked events, oldest-loaded first, until at most
         ``max_keys`` keys are held. Returns how many were dropped."""
-        cdef Py_ssize_t excess = len(self._states) - PyNumber_Index(max_keys)
-        cdef list victims = []
-        cdef _KeyState st
+        cdef Py_ssize_t excess = self._live - PyNumber_Index(max_keys)
+        cdef Py_ssize_t j, done = 0
+        cdef GateEntry* e
         if excess <= 0:
             return 0
-        for g, obj in self._states.items():
-            st = <_KeyState>obj
-            if not st.dirty and not st.parked:
-                victims.append(g)
-                if len(victims) == excess:
+        for j in range(self._used):
+            e = &self._entries[j]
+            if e.flags == F_LIVE:  # live, clean, nothing parked
+                self._remove_at(self._probe(e.key, e.klen))
+                done += 1
+                if done == excess:
                     break
-        for g in victims:
-            del self._states[g]
-        return len(victims)
+        return done
 
     def __repr__(self):
         return (
-            f"SequenceGate(keys={len(self._states)}, parked_total={self._parked_total}, "
+            f"SequenceGate(keys={self._live}, parked_total={self._parked_total}, "
             f"max_parked_per_key={self._max_per_key}, max_parked_total={self._max_total})"
         )

@@ -14,12 +14,14 @@ import os
 __all__ = [
     "APPLY",
     "FULL",
+    "GATE_KEY_MAX",
     "IMPLEMENTATION",
     "PARK",
     "STALE",
     "BloomFilter",
     "SequenceGate",
     "bloom_size",
+    "gate_keys",
 ]
 
 PURE_ENV = "AGGREGATOR_PURE_CORE"
@@ -28,11 +30,13 @@ if os.environ.get(PURE_ENV, "").strip().lower() in ("1", "true", "yes", "on"):
     from aggregator.core_ref import (
         APPLY,
         FULL,
+        GATE_KEY_MAX,
         PARK,
         STALE,
         BloomFilter,
         SequenceGate,
         bloom_size,
+        gate_keys,
     )
 
     IMPLEMENTATION = "python"
@@ -41,11 +45,13 @@ else:
         from aggregator._core import (
             APPLY,
             FULL,
+            GATE_KEY_MAX,
             PARK,
             STALE,
             BloomFilter,
             SequenceGate,
             bloom_size,
+            gate_keys,
         )
     except ImportError as exc:
         raise ImportError(

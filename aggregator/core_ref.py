@@ -15,7 +15,11 @@ Two objects live here:
 ``SequenceGate``
     Per-key ordering of events by a sequence number: decides for each event whether to
     apply it, drop it as stale, park it until the gap before it is filled, or report that
-    the parking space is full.
+    the parking space is full. Keys are bytes of at most ``GATE_KEY_MAX`` bytes (the
+    compiled gate stores them in fixed-size table entries).
+
+``gate_keys``
+    The gate keys of a batch, ``routing.slot_prefix(slot) + routing.gate_hash(source, pk)``.
 """
 
 from __future__ import annotations
@@ -25,20 +29,25 @@ import operator
 import struct
 from collections.abc import Iterable
 
+import xxhash
+
 __all__ = [
     "APPLY",
     "FULL",
+    "GATE_KEY_MAX",
     "PARK",
     "STALE",
     "BloomFilter",
     "SequenceGate",
     "bloom_size",
+    "gate_keys",
 ]
 
 APPLY = 0
 STALE = 1
 PARK = 2
 FULL = 3
+GATE_KEY_MAX = 22  # longest gate key (a slot prefix + a gate hash is 18)
 
 _MASK64 = (1 << 64) - 1
 _INT64_MIN = -(1 << 63)
@@ -360,6 +369,36 @@ def _snapshot_layout(view, capacity: int, fp_rate: float, generations: int, k: i
     return nlive, live
 
 
+def gate_keys(
+    slots: Iterable[int], sources: Iterable[str], partitionkeys: Iterable[str]
+) -> list[bytes]:
+    """Gate keys of a batch: ``slot.to_bytes(2, "big") + xxh3_128(f"{source}\\0{pk}")``
+    per event, i.e. ``routing.slot_prefix(slot) + routing.gate_hash(source, pk)``.
+
+    One call per batch; returns a list of 18-byte ``bytes``. ValueError if the three
+    sequences differ in length, OverflowError for a slot outside 0..65535, TypeError for a
+    source or partition key that is not a str.
+    """
+    slots, sources, partitionkeys = list(slots), list(sources), list(partitionkeys)
+    n = len(slots)
+    if len(sources) != n or len(partitionkeys) != n:
+        raise ValueError(
+            f"slots, sources and partitionkeys differ in length: "
+            f"{n}, {len(sources)}, {len(partitionkeys)}"
+        )
+    keys = []
+    for slot, source, pk in zip(slots, sources, partitionkeys):
+        slot = _int64(slot, "slot")
+        if not 0 <= slot <= 0xFFFF:
+            raise OverflowError(f"slot out of range 0..65535: {slot}")
+        for s in (source, pk):
+            if not isinstance(s, str):
+                raise TypeError(f"expected str, not {type(s).__name__}")
+        joined = source.encode() + b"\x00" + pk.encode()
+        keys.append(slot.to_bytes(2, "big") + xxhash.xxh3_128_digest(joined))
+    return keys
+
+
 class _KeyState:
     """Gate state of one key: last applied sequence and parked sequences."""
 
@@ -436,6 +475,8 @@ class SequenceGate:
         """
         if type(gkey) is not bytes:
             raise TypeError(f"gkey must be bytes, not {type(gkey).__name__}")
+        if len(gkey) > GATE_KEY_MAX:
+            raise ValueError(f"gate key of {len(gkey)} bytes; at most {GATE_KEY_MAX}")
         st = _KeyState(_int64(last, "last"))
         for seq, at in parked:
             s = _int64(seq, "parked sequence")

@@ -835,6 +835,12 @@ class Batch(_IndexWrites):
         self.txn.put(gkey, SEQ_ROW.pack(last, self._topic_index(topic), partition),
                      db=self._db["seq"])
 
+    def put_seqs(self, rows: list[tuple[bytes, int, str, int]]) -> None:
+        """`put_seq` of each ``(gkey, last, topic, partition)``: one commit's dirty keys."""
+        put_seq = self.put_seq
+        for gkey, last, topic, partition in rows:
+            put_seq(gkey, last, topic, partition)
+
     def park(self, gkey: bytes, seq: int, parked_at: float, record: list) -> None:
         self.txn.put(gkey + _U64.pack(seq), _pack([parked_at, record]), db=self._db["parked"])
 
@@ -843,6 +849,10 @@ class Batch(_IndexWrites):
         k = gkey + _U64.pack(seq)
         raw = self.txn.pop(k, db=self._db["parked"])
         return None if raw is None else _unpack(raw)[1]
+
+    def has_parked(self) -> bool:
+        """Whether any parked event is stored (this transaction's own writes included)."""
+        return self.txn.stat(self._db["parked"])["entries"] > 0
 
     def parked_of(self, gkey: bytes) -> list[tuple[int, float]]:
         cur = self.txn.cursor(db=self._db["parked"])

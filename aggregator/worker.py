@@ -571,12 +571,15 @@ class Worker(DedupStage, GateStage, RouteStage, LinksStage):
         sizes = self.attempt.doc_bytes
         for dkey, stored in self.attempt.docs.items():
             sizes[dkey] = batch.put_doc(dkey, stored)
+        seqpart = self.attempt.seqpart
+        rows = []
         for g, last in self.gate.dirty():
-            tp = self.attempt.seqpart.get(g)
+            tp = seqpart.get(g)
             if tp is None:  # a gap expired on a key without events in this batch
                 row = batch.get_seq(g)
                 tp = (row[1], row[2]) if row is not None else ("", -1)
-            batch.put_seq(g, last, *tp)
+            rows.append((g, last, tp[0], tp[1]))
+        batch.put_seqs(rows)
         for (ti, part), off in self.attempt.through.items():
             batch.put_offset(self.topics[ti], part, off)
         if self.publisher is not None:

@@ -19,7 +19,6 @@ from ..protocol import (
     REC_SLOT,
     REC_TOPIC,
 )
-from ..routing import gate_hash, slot_prefix
 from ..store import Batch
 
 log = logging.getLogger("aggregator.worker")  # the worker's log lines, as before the split
@@ -51,8 +50,9 @@ class GateStage:
         ready: list = []
         gkeys: list[bytes] = []
         if gated:
-            gkeys = [slot_prefix(rec[REC_SLOT]) + gate_hash(ev.source, ev.partitionkey)
-                     for _, ev, rec in gated]
+            gkeys = core.gate_keys([rec[REC_SLOT] for _, _, rec in gated],
+                                   [ev.source for _, ev, _ in gated],
+                                   [ev.partitionkey for _, ev, _ in gated])
             for g, (_, ev, rec) in zip(gkeys, gated):
                 self.attempt.seqpart[g] = (self.topics[rec[REC_TOPIC]], rec[REC_PARTITION])
             self._load_gate(batch, gkeys, [rec[REC_TOPIC] for _, _, rec in gated])
@@ -91,10 +91,11 @@ class GateStage:
         first_ti = {}
         for g, ti in zip(gkeys, topic_idx):
             first_ti.setdefault(g, ti)
+        parked = batch.has_parked()  # none stored: no key has parked events to read
         for g in missing:
             row = batch.get_seq(g)
             last = row[0] if row is not None else self.plan.initial[first_ti[g]] - 1
-            self.gate.load(g, last, batch.parked_of(g))
+            self.gate.load(g, last, batch.parked_of(g) if parked else ())
 
     def _apply_parked(self, batch: Batch, g: bytes, seq: int) -> None:
         hit = self.attempt.parked.pop((g, seq), None)

@@ -12,7 +12,11 @@ Workloads are seeded and identical for both implementations:
   case: new events); the ``_present`` / ``_duplicates`` cases take items already held.
 - gate ``decide``: batches of 10,000 events over 2,000 keys, latest mode, strict mode in
   order, and strict mode with 5% of a key's events swapped with its next one (parks and
-  ready runs). One round = 6 batches on a freshly loaded gate.
+  ready runs), and strict mode with new key objects in every batch (as the gate stage
+  makes them). One round = 6 batches on a freshly loaded gate.
+- gate keys: one batch of 10,000 (slot, source, partition key) → 18-byte gate keys with
+  ``gate_keys`` of each twin, and the per-event expression the gate stage used before
+  (``slot_prefix(slot) + gate_hash(source, pk)`` in a list comprehension), same data.
 
 ``extra_info["items_per_s"]`` in the report is items per second from the mean time.
 """
@@ -25,6 +29,7 @@ import random
 import pytest
 
 from aggregator import core_ref
+from aggregator.routing import gate_hash, slot_prefix
 
 try:
     from aggregator import _core
@@ -140,12 +145,16 @@ def gate_batches(mode: str, n_batches: int = 6):
                 for a, b in itertools.pairwise(plist):
                     if rng.random() < 0.05:
                         ss[a], ss[b] = ss[b], ss[a]
+        if mode == "strict-fresh-keys":
+            # new key objects, as the gate stage makes them per batch (no cached hash, no
+            # identity hit in a dict)
+            ks = [bytes(bytearray(k)) for k in ks]
         out.append((ks, ss, bytes([mode != "latest"]) * BATCH))
     return keys, out
 
 
 @pytest.mark.benchmark(group="gate-decide-10k")
-@pytest.mark.parametrize("mode", ["latest", "strict", "strict-reordered"])
+@pytest.mark.parametrize("mode", ["latest", "strict", "strict-reordered", "strict-fresh-keys"])
 @pytest.mark.parametrize("impl", IMPLS)
 def test_gate_decide(benchmark, impl, mode):
     keys, batches = gate_batches(mode)
@@ -164,3 +173,25 @@ def test_gate_decide(benchmark, impl, mode):
 
     benchmark.pedantic(decide_all, setup=fresh_gate, rounds=5, iterations=1, warmup_rounds=1)
     _report(benchmark, BATCH * len(batches))
+
+
+# ----------------------------------------------------------------------------- gate keys
+def _per_event_keys(slots, sources, pks):
+    return [slot_prefix(s) + gate_hash(src, pk) for s, src, pk in zip(slots, sources, pks)]
+
+
+GATE_KEYS = [pytest.param(_per_event_keys, id="per-event-routing")]
+GATE_KEYS += [pytest.param(p.values[0].gate_keys, id=p.id) for p in IMPLS]
+
+
+@pytest.mark.benchmark(group="gate-keys-10k")
+@pytest.mark.parametrize("fn", GATE_KEYS)
+def test_gate_keys(benchmark, fn):
+    rng = random.Random(3)
+    services = ["customers", "orders", "payments", "shipments", "inventory", "products"]
+    sources = [f"https://shop.example/{rng.choice(services)}" for _ in range(BATCH)]
+    pks = [f"{src[-1]}-{rng.randrange(100_000):06d}" for src in sources]
+    slots = [rng.randrange(4096) for _ in range(BATCH)]
+    assert fn(slots, sources, pks) == _per_event_keys(slots, sources, pks)
+    benchmark(fn, slots, sources, pks)
+    _report(benchmark, BATCH)
