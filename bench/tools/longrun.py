@@ -144,8 +144,8 @@ def main(argv: list[str] | None = None) -> int:
 
         env = dict(os.environ, **env_overrides(overrides), PYTHONUNBUFFERED="1")
         log = open(tmp / "service.log", "wb")
-        svc = subprocess.Popen([sys.executable, "-m", "aggregator", "run", "--log-level",
-                                "WARNING"], stdout=log, stderr=subprocess.STDOUT, env=env,
+        svc = subprocess.Popen([sys.executable, "-m", "aggregator", "run", "--config",
+                                str(wl.CONFIG_PATH), "--log-level", "WARNING"], stdout=log, stderr=subprocess.STDOUT, env=env,
                                cwd=ROOT)
         t_prod = threading.Thread(target=producer, daemon=True)
         t_prod.start()
