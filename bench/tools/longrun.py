@@ -145,8 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         env = dict(os.environ, **env_overrides(overrides), PYTHONUNBUFFERED="1")
         log = open(tmp / "service.log", "wb")
         svc = subprocess.Popen([sys.executable, "-m", "aggregator", "run", "--config",
-                                str(wl.CONFIG_PATH), "--log-level", "WARNING"], stdout=log, stderr=subprocess.STDOUT, env=env,
-                               cwd=ROOT)
+                                str(wl.CONFIG_PATH), "--log-level", "WARNING"], stdout=log,
+                               stderr=subprocess.STDOUT, env=env, cwd=ROOT)
         t_prod = threading.Thread(target=producer, daemon=True)
         t_prod.start()
         t0 = time.monotonic()
@@ -185,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{ratio['rss']:.2f}, PSS {ratio['pss']:.2f}, anon {ratio['anon']:.2f} "
                   "(the bar: RSS within 0.90–1.10)"]
         args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+        chart(result, args.out.with_suffix(".png"))
         print("\n".join(lines))
         return 0
     finally:
@@ -195,6 +196,34 @@ def main(argv: list[str] | None = None) -> int:
             except subprocess.TimeoutExpired:
                 svc.kill()
         broker.stop()
+
+
+def chart(result: dict, path: Path) -> None:
+    """RSS, PSS and anonymous memory of the service against millions of event ids: the
+    per-second samples (committed records as the x axis) and the end of each cycle."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    per_event = result["events_per_cycle"]
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    samples = [s for s in result["samples"] if s.get("committed", -1) > 0]
+    ends = result["per_cycle"]
+    for m, style in (("rss", "-"), ("pss", "--"), ("anon", ":")):
+        ax.plot([s["committed"] / 1e6 for s in samples], [s[m] for s in samples], style,
+                label=m.upper() if m != "anon" else "anonymous")
+        ax.plot([r["unique_events"] / 1e6 for r in ends], [r[m] for r in ends], "o",
+                color=ax.lines[-1].get_color(), markersize=3)
+    ax.set_xlabel(f"millions of records committed (cycles of {per_event:,} events)")
+    ax.set_ylabel("MiB, all service processes")
+    ax.set_title(f"memory over {result['cycles']} cycles, {result['workers']} workers")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
