@@ -1,0 +1,103 @@
+"""Does a worker's cost per record grow with its state? One in-process `Worker` on a real
+LMDB shard is fed the seeded shop workload in 5,000-record batches; CPU per record is printed
+for the first fifth, the middle three fifths and the last fifth, and the last fifth is
+profiled (cProfile, top functions by own time).
+
+    python -m bench.tools.scale_profile [--events 400000] [--top 22]
+
+Session 6: 36 → 48 → 85 µs/record at 400k events (the last under cProfile); in the last fifth the
+LMDB commit, document put/unpack and orjson of whole documents lead — the documents grow
+(collections of upserts) and every update re-encodes them whole.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import tempfile
+import time
+import uuid
+
+import msgpack
+
+from aggregator.config import load_config
+from aggregator.envelope import routing_key
+from aggregator.protocol import create_segments
+from aggregator.routing import slot_of
+from aggregator.runtime import tune_gc
+from aggregator.worker import Worker
+from bench import workload as wl
+from bench.micro.bench_batch import NoDeadLetters
+
+BATCH = 5000
+
+
+def batches(events: int) -> list:
+    """Decoded supervisor messages of BATCH records each, as `Worker.process` takes them."""
+    w = wl.generate(11, events)
+    tindex = {t: i for i, t in enumerate(load_config(wl.CONFIG_PATH, {}, env={}).topics())}
+    offs: dict = {}
+    recs = []
+    for topic, key, value, headers in w.records:
+        ti, part = tindex[topic], slot_of(key) % wl.PARTITIONS
+        off = offs.get((ti, part), 0)
+        offs[(ti, part)] = off + 1
+        recs.append([ti, part, off, key, value, headers, off,
+                     slot_of(routing_key(value, headers, key))])
+    out = []
+    for bid, i in enumerate(range(0, len(recs), BATCH), start=1):
+        chunk = recs[i:i + BATCH]
+        through = {(r[0], r[1]): r[2] for r in chunk}
+        msg = msgpack.packb([1, bid, [[t, p, o] for (t, p), o in through.items()], chunk],
+                            use_bin_type=True)
+        out.append(msgpack.unpackb(msg, raw=False, strict_map_key=False))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--events", type=int, default=400_000)
+    ap.add_argument("--top", type=int, default=22)
+    args = ap.parse_args(argv)
+    msgs = batches(args.events)
+    tmp = tempfile.mkdtemp(prefix="agg-scale-")
+    cfg = load_config(wl.CONFIG_PATH, {"service.workers": 1, "service.data_dir": tmp + "/data",
+                                       "service.ring_bytes": 8 << 20}, env={})
+    prefix = f"agg-scale-{uuid.uuid4().hex[:8]}"
+    segments = create_segments(prefix, 1, 8 << 20, 8 << 20)
+    worker = Worker(cfg, 0, prefix)
+    worker.boot()
+    worker.dlq = NoDeadLetters()
+    tune_gc()
+
+    def run(part: list) -> float:
+        t = time.process_time()
+        for m in part:
+            worker.process([m], [])
+        return (time.process_time() - t) / (len(part) * BATCH) * 1e6
+
+    try:
+        k = len(msgs)
+        first = run(msgs[:k // 5])
+        middle = run(msgs[k // 5:4 * k // 5])
+        prof = cProfile.Profile()
+        prof.enable()
+        last = run(msgs[4 * k // 5:])
+        prof.disable()
+        print(f"CPU µs/record: first fifth {first:.1f}, middle {middle:.1f}, "
+              f"last fifth {last:.1f} (profiled: cProfile adds its own cost)")
+        pstats.Stats(prof).sort_stats("tottime").print_stats(args.top)
+    finally:
+        producer = getattr(getattr(worker, "publisher", None), "producer", None)
+        if producer is not None and hasattr(producer, "purge"):
+            producer.purge()
+        worker.close()
+        worker.inbound.close()
+        worker.ctl.close()
+        segments.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
