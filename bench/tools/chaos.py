@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as f:
         rows_path = Path(f.name)
-    env = dict(os.environ, AGGREGATOR_CHAOS_EVENTS=str(args.events),
+    env = dict(os.environ, AGGREGATOR_CHAOS_EVENTS=str(args.events), AGGREGATOR_LONG_TESTS="1",
                AGGREGATOR_CHAOS_HOT_EVENTS=str(args.hot_events),
                AGGREGATOR_CHAOS_KILL_EVERY=str(args.kill_every),
                AGGREGATOR_CHAOS_FREEZE_S=str(args.freeze),

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from aggregator.devtools import simulate
 
 EVENTS = 30_000
@@ -15,6 +17,7 @@ SLICES = 40  # produced one after the other while the service runs: the rings ru
 # window takes several times from them (a saturated worker fills its window in one take)
 
 
+@pytest.mark.long  # CI: the worker kills of test_kills.py land in the default 50 ms window too
 def test_sigkill_a_worker_inside_its_commit_window(chaos, tmp_path):
     run = chaos(simulate.generate(29, EVENTS), name="kill a worker inside its commit window")
     once = tmp_path / "fired"

@@ -98,6 +98,7 @@ def test_workers_killed_in_a_cluster(workload, cluster):
     assert restores >= 8 + len(killed), "the respawned workers restore their tasks again"
 
 
+@pytest.mark.long  # CI: test_scale_up_one_to_two moves tasks that restore from the changelog
 def test_tasks_revoked_during_their_restore(workload, cluster):
     """The second instance's workers stall as their restores begin; a third instance joins
     meanwhile and the group gives it tasks the second one is restoring. The third one claims

@@ -44,6 +44,7 @@ def worker_applied(inst) -> dict[int, float]:
             inst.api().labeled("aggregator_events_applied_total").items()}
 
 
+@pytest.mark.long  # CI: test_two_by_two_placement_is_balanced checks the placement
 def test_local_moves_balance_workers_and_keep_views_exact(workload, cluster):
     """Both instances place every task they gain on worker 0 (a fault flag: the idle-worker
     placement of issue 17, whatever the group assigns); each must move tasks to worker 1
