@@ -122,3 +122,35 @@ def overrides(bootstrap: str, prefix: str, *, workers: int, data_dir: str | Path
         for k, v in FAST_JOIN.items():
             o[f"kafka.consumer.{k}"] = v
     return o
+
+
+def ring_messages(w: simulate.Workload, batch: int, *, limit: int | None = None,
+                  packed: bool = False) -> list:
+    """The workload's records as supervisor → worker ring messages of `batch` records each
+    (normal mode: ``[MSG_RECORDS, batch id, through-offsets, records]``, REC_* fields), for
+    benches that drive a `Worker` in-process. Partitions by the Kafka key, offsets counted
+    per partition, slots from the routing key. `packed`: msgpack bytes; else decoded as a
+    worker decodes them (headers become ``[name, value]`` lists)."""
+    import msgpack
+
+    from aggregator.envelope import routing_key
+    from aggregator.routing import slot_of
+
+    tindex = {t: i for i, t in enumerate(load_config(CONFIG_PATH, {}, env={}).topics())}
+    offs: dict = {}
+    recs = []
+    for topic, key, value, headers in w.records[:limit]:
+        ti, part = tindex[topic], slot_of(key) % PARTITIONS
+        off = offs.get((ti, part), 0)
+        offs[(ti, part)] = off + 1
+        recs.append([ti, part, off, key, value, headers, off,
+                     slot_of(routing_key(value, headers, key))])
+    out = []
+    for bid, i in enumerate(range(0, len(recs), batch), start=1):
+        chunk = recs[i:i + batch]
+        through = {(r[0], r[1]): r[2] for r in chunk}
+        raw = msgpack.packb([1, bid, [[t, p, o] for (t, p), o in through.items()], chunk],
+                            use_bin_type=True)
+        out.append(raw if packed else
+                   msgpack.unpackb(raw, raw=False, strict_map_key=False, use_list=True))
+    return out

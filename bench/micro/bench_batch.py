@@ -23,15 +23,12 @@ import itertools
 import types
 import uuid
 
-import msgpack
 import pytest
 
 import aggregator.worker as worker_mod
 from aggregator import core_ref
 from aggregator.config import load_config
-from aggregator.envelope import routing_key
 from aggregator.protocol import create_segments
-from aggregator.routing import slot_of
 from aggregator.runtime import tune_gc
 from aggregator.worker import Worker
 
@@ -74,28 +71,7 @@ class NoDeadLetters:
 @pytest.fixture(scope="module")
 def batches():
     """ROUNDS + 2 decoded supervisor messages of BATCH records each."""
-    w = wl.generate(11, (ROUNDS + 2) * BATCH)
-    cfg = load_config(wl.CONFIG_PATH, {}, env={})
-    tindex = {t: i for i, t in enumerate(cfg.topics())}
-    offs: dict = {}
-    recs = []
-    for topic, key, value, headers in w.records[:(ROUNDS + 2) * BATCH]:
-        ti = tindex[topic]
-        part = slot_of(key) % wl.PARTITIONS
-        off = offs.get((ti, part), 0)
-        offs[(ti, part)] = off + 1
-        rk = routing_key(value, headers, key)
-        recs.append([ti, part, off, key, value, headers, off, slot_of(rk)])
-    out = []
-    for bid, i in enumerate(range(0, len(recs), BATCH), start=1):
-        chunk = recs[i:i + BATCH]
-        through: dict = {}
-        for r in chunk:
-            through[(r[0], r[1])] = r[2]
-        msg = msgpack.packb([1, bid, [[t, p, o] for (t, p), o in through.items()], chunk],
-                            use_bin_type=True)
-        out.append(msgpack.unpackb(msg, raw=False, strict_map_key=False, use_list=True))
-    return out
+    return wl.ring_messages(wl.generate(11, (ROUNDS + 2) * BATCH), BATCH)
 
 
 @pytest.fixture

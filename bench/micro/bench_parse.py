@@ -115,30 +115,13 @@ def worker_process(batches: int = 10, batch: int = 5000) -> dict:
     import uuid
 
     import aggregator.worker as worker_mod
-    from aggregator.envelope import routing_key
     from aggregator.protocol import create_segments
-    from aggregator.routing import slot_of
     from aggregator.worker import Worker
     from bench.micro.bench_batch import NoDeadLetters
 
     n = (2 * batches + 1) * batch
     w = wl.generate(11, n)
-    cfg = load_config(wl.CONFIG_PATH, {}, env={})
-    tindex = {t: i for i, t in enumerate(cfg.topics())}
-    offs: dict = {}
-    recs = []
-    for topic, key, value, headers in w.records[:n]:
-        ti, part = tindex[topic], slot_of(key) % wl.PARTITIONS
-        off = offs.get((ti, part), 0)
-        offs[(ti, part)] = off + 1
-        recs.append([ti, part, off, key, value, headers, off,
-                     slot_of(routing_key(value, headers, key))])
-    msgs = []
-    for bid, i in enumerate(range(0, len(recs), batch), start=1):
-        chunk = recs[i:i + batch]
-        through = {(r[0], r[1]): r[2] for r in chunk}
-        msgs.append(msgpack.packb([1, bid, [[t, p, o] for (t, p), o in through.items()],
-                                   chunk], use_bin_type=True))
+    msgs = wl.ring_messages(w, batch, limit=n, packed=True)
     out: dict = {"reference": [], "compiled": []}
     saved = worker_mod.parse
     with tempfile.TemporaryDirectory() as tmp:

@@ -62,13 +62,9 @@ def _dedup_bytes(shard) -> tuple[int, int]:
 def worker_mode(events: int, batch: int, no_gc: bool = False) -> dict:
     import gc
 
-    import msgpack
-
     from aggregator import store
     from aggregator.config import load_config
-    from aggregator.envelope import routing_key
     from aggregator.protocol import create_segments
-    from aggregator.routing import slot_of
     from aggregator.worker import Worker
     from bench import workload as wl
 
@@ -77,25 +73,8 @@ def worker_mode(events: int, batch: int, no_gc: bool = False) -> dict:
     cfg = load_config(wl.CONFIG_PATH, {"service.workers": 1,
                                        "service.data_dir": str(tmp / "data"),
                                        "service.ring_bytes": 8 << 20}, env={})
-    tindex = {t: i for i, t in enumerate(cfg.topics())}
-    offs: dict = {}
-    recs = []
-    for topic, key, value, headers in w.records:
-        ti = tindex[topic]
-        part = slot_of(key) % wl.PARTITIONS
-        off = offs.get((ti, part), 0)
-        offs[(ti, part)] = off + 1
-        recs.append([ti, part, off, key, value, headers, off, slot_of(routing_key(value, headers,
-                                                                                 key))])
-    msgs = []
-    for bid, i in enumerate(range(0, len(recs), batch), start=1):
-        chunk = recs[i:i + batch]
-        through: dict = {}
-        for r in chunk:
-            through[(r[0], r[1])] = r[2]
-        raw = msgpack.packb([1, bid, [[t, p, o] for (t, p), o in through.items()], chunk],
-                            use_bin_type=True)
-        msgs.append(msgpack.unpackb(raw, raw=False, strict_map_key=False, use_list=True))
+    msgs = wl.ring_messages(w, batch)
+    recs = [r for m in msgs for r in m[3]]
     prefix = f"agg-bench-storage-{uuid.uuid4().hex[:10]}"
     segments = create_segments(prefix, 1, 8 << 20, 8 << 20)
     wk = Worker(cfg, 0, prefix)

@@ -19,12 +19,8 @@ import tempfile
 import time
 import uuid
 
-import msgpack
-
 from aggregator.config import load_config
-from aggregator.envelope import routing_key
 from aggregator.protocol import create_segments
-from aggregator.routing import slot_of
 from aggregator.runtime import tune_gc
 from aggregator.worker import Worker
 from bench import workload as wl
@@ -35,24 +31,7 @@ BATCH = 5000
 
 def batches(events: int) -> list:
     """Decoded supervisor messages of BATCH records each, as `Worker.process` takes them."""
-    w = wl.generate(11, events)
-    tindex = {t: i for i, t in enumerate(load_config(wl.CONFIG_PATH, {}, env={}).topics())}
-    offs: dict = {}
-    recs = []
-    for topic, key, value, headers in w.records:
-        ti, part = tindex[topic], slot_of(key) % wl.PARTITIONS
-        off = offs.get((ti, part), 0)
-        offs[(ti, part)] = off + 1
-        recs.append([ti, part, off, key, value, headers, off,
-                     slot_of(routing_key(value, headers, key))])
-    out = []
-    for bid, i in enumerate(range(0, len(recs), BATCH), start=1):
-        chunk = recs[i:i + BATCH]
-        through = {(r[0], r[1]): r[2] for r in chunk}
-        msg = msgpack.packb([1, bid, [[t, p, o] for (t, p), o in through.items()], chunk],
-                            use_bin_type=True)
-        out.append(msgpack.unpackb(msg, raw=False, strict_map_key=False))
-    return out
+    return wl.ring_messages(wl.generate(11, events), BATCH)
 
 
 def main(argv: list[str] | None = None) -> int:
