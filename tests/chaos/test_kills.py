@@ -17,7 +17,8 @@ import pytest
 from aggregator.devtools import simulate
 from tests.support.chaos import Fault, shard_totals
 
-EVENTS = int(os.environ.get("AGGREGATOR_CHAOS_EVENTS", "60000"))  # CI size, as the other files
+# CI size: with fewer events the run can end before the random-kill test's three kills
+EVENTS = int(os.environ.get("AGGREGATOR_CHAOS_EVENTS", "100000"))
 JOIN_S = 120  # a join takes ~3 s, ~11 s after a SIGKILLed member (evicted after the
 # session timeout); wait_group_settled keeps Tansu's ghost leader out (service.py)
 KILL_EVERY = float(os.environ.get("AGGREGATOR_CHAOS_KILL_EVERY", "1.0"))  # s; long mode: 2
@@ -105,7 +106,7 @@ def _wait_gone(pids: list[int], timeout: float = 10) -> None:
 # Every fault point around a worker's commit: each worker process SIGKILLs itself at its 2nd
 # visit, so its replacement does too (a crash loop with one commit per life).
 WORKER_COMMIT_POINTS = ["worker_before_commit", "worker_after_commit", "worker_after_publish"]
-TOTALS_EVENTS = max(int(os.environ.get("AGGREGATOR_CHAOS_EVENTS", "100000")) // 4, 5000)  # CI: 25k
+TOTALS_EVENTS = max(EVENTS // 4, 5000)  # CI: 25k; AGGREGATOR_CHAOS_EVENTS raises it
 
 
 def test_totals_exact_through_worker_kills_at_every_commit_point(chaos):
