@@ -62,9 +62,14 @@ COMMIT_STEPS = [
 ]
 
 
-def test_sigkill_supervisor_at_every_commit_step(workload, chaos, tmp_path):
+# CI: 60k events (AGGREGATOR_CHAOS_EVENTS raises it): a fifth of them per step is enough work
+SUPERVISOR_EVENTS = int(os.environ.get("AGGREGATOR_CHAOS_EVENTS", "60000"))
+
+
+def test_sigkill_supervisor_at_every_commit_step(chaos, tmp_path):
     """Fault 2: the supervisor SIGKILLed at each step of a commit, then restarted. A fifth
     of the workload arrives before each step, so that each faulty run has work to do."""
+    workload = simulate.generate(21, SUPERVISOR_EVENTS)
     run = chaos(workload, name="kill the supervisor at each commit step")
     parts = len(COMMIT_STEPS) + 1
     run.produce(0, 1 / parts)

@@ -64,6 +64,7 @@ def test_scale_up_one_to_two(workload, cluster):
     assert joined.get(RESTORED, 0) > 0, f"the new instance restored nothing: {joined}"
 
 
+@pytest.mark.long  # CI: worker kills in tests/chaos/test_kills.py, instance kills here
 def test_workers_killed_in_a_cluster(workload, cluster):
     """SIGKILL a worker that owns tasks, in each instance in turn, three times, while they
     run: each respawned worker restores its tasks from the changelog again (a catch-up: a
