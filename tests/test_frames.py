@@ -28,6 +28,7 @@ from aggregator.protocol import (
     read_frames,
 )
 from aggregator.routing import slot_of
+from tests.support.messages import FakeError, FakeMessage
 
 TOPICS = ["t0", "t1", "t2", "t3"]
 TINDEX = {t: i for i, t in enumerate(TOPICS)}
@@ -43,44 +44,6 @@ def _mapped_route(value, headers, key):
 ROUTE_FNS = [None, None, _mapped_route, None]
 
 
-class FakeError:
-    def __init__(self, code):
-        self._code = code
-
-    def code(self):
-        return self._code
-
-
-class FakeMessage:
-    """What the routers read of a confluent_kafka.Message."""
-
-    def __init__(self, topic, part, off, key, value, headers, ts, error=None):
-        self._t, self._p, self._o = topic, part, off
-        self._k, self._v, self._h, self._ts, self._e = key, value, headers, ts, error
-
-    def error(self):
-        return self._e
-
-    def topic(self):
-        return self._t
-
-    def partition(self):
-        return self._p
-
-    def offset(self):
-        return self._o
-
-    def key(self):
-        return self._k
-
-    def value(self):
-        return self._v
-
-    def headers(self):
-        return None if self._h is None else list(self._h)
-
-    def timestamp(self):
-        return (1, self._ts)
 
 
 def routers(workers):

@@ -42,41 +42,11 @@ from aggregator.protocol import frame_records, read_frames, unpack
 from aggregator.routing import slot_of
 from aggregator.runtime import tune_gc
 from bench import workload as wl
+from tests.support.messages import FakeMessage
 
 MAX_MESSAGE = 16 << 20
 
 
-class Msg:
-    """A consumed record, answering like confluent_kafka.Message."""
-
-    __slots__ = ("_t", "_p", "_o", "_k", "_v", "_h", "_ts")
-
-    def __init__(self, t, p, o, k, v, h, ts):
-        self._t, self._p, self._o, self._k, self._v, self._h, self._ts = t, p, o, k, v, h, ts
-
-    def error(self):
-        return None
-
-    def topic(self):
-        return self._t
-
-    def partition(self):
-        return self._p
-
-    def offset(self):
-        return self._o
-
-    def key(self):
-        return self._k
-
-    def value(self):
-        return self._v
-
-    def headers(self):
-        return self._h
-
-    def timestamp(self):
-        return (1, self._ts)
 
 
 def msgpack_encode(msgs, tindex, detect, workers, max_bytes, packer, bids):
@@ -153,8 +123,9 @@ def setup(records: int, round_: int, workers: int, bootstrap: str = ""):
             part = slot_of(key) % wl.PARTITIONS if key else 0
             off = offs.get((topic, part), 0)
             offs[(topic, part)] = off + 1
-            msgs.append(Msg(topic, part, off, key, value, list(headers) if headers else None,
-                            1_700_000_000_000 + off))
+            msgs.append(FakeMessage(topic, part, off, key, value,
+                                    list(headers) if headers else None,
+                                    1_700_000_000_000 + off))
     tindex = {prefix + t: i for i, t in enumerate(topics)}
     rounds = [msgs[i:i + round_] for i in range(0, len(msgs), round_)]
     n = len(msgs)

@@ -67,6 +67,7 @@ def worker_mode(events: int, batch: int, no_gc: bool = False) -> dict:
     from aggregator.protocol import create_segments
     from aggregator.worker import Worker
     from bench import workload as wl
+    from bench.micro.bench_batch import NoDeadLetters
 
     w = wl.generate(11, events)
     tmp = Path(tempfile.mkdtemp(prefix="bench-storage-"))
@@ -80,20 +81,7 @@ def worker_mode(events: int, batch: int, no_gc: bool = False) -> dict:
     wk = Worker(cfg, 0, prefix)
     wk.boot()
 
-    class NoDLQ:
-        def send(self, *a):
-            pass
-
-        def flush(self, timeout=30.0):
-            pass
-
-        def deliver(self, waiting):
-            pass
-
-        def close(self):
-            pass
-
-    wk.dlq = NoDLQ()
+    wk.dlq = NoDeadLetters()
     spent = {"dedup": 0.0}
 
     def timed(fn):
