@@ -104,6 +104,8 @@ class Stats:
     consumed: int = 0
     restarts: int = 0
     pauses: int = 0  # times the partitions were paused because a worker's ring was full
+    commits: int = 0  # LMDB write transactions committed by the workers since they started
+    commit_ms: float = 0.0  # wall time the workers spent in those commits
     committed: dict = field(default_factory=dict)
 
 
@@ -772,6 +774,7 @@ class Supervisor:
         s.duplicates, s.stale = total[Slot.DUPLICATES], total[Slot.STALE]
         s.parked, s.gaps_skipped = total[Slot.PARKED], total[Slot.GAPS_SKIPPED]
         s.deadlettered, s.forwarded = total[Slot.DEADLETTERED], total[Slot.FORWARDED]
+        s.commits, s.commit_ms = total[Slot.COMMITS], total[Slot.COMMIT_NS] / 1e6
 
     # ---- hooks: normal mode here; cluster mode overrides them (task_manager.py) ---------------
     def _consumed_topics(self, config: Config) -> list[str]:
