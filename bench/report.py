@@ -219,6 +219,12 @@ def markdown(results: dict, png: str | None = None) -> str:
                              f"RSS/PSS MiB: {rss}; startup (spawn + boot + group join) "
                              f"{r['startup_s']:.1f} s; the Kafka commit covered everything "
                              f"{r['kafka_committed_s']:.1f} s after the first fetch")
+                st = r.get("stats") or {}
+                if st.get("commits"):
+                    lines.append(
+                        f"  - {st['commits']:,} LMDB commits, {st['records'] / st['commits']:,.0f} "
+                        f"records and {st['commit_ms'] / st['commits']:.1f} ms each; "
+                        f"{st.get('forwarded', 0):,} view updates forwarded between workers")
         lines.append("")
     if png and results.get("aggregator"):
         lines += [f"![throughput against workers]({png})", ""]
