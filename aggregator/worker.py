@@ -86,6 +86,7 @@ from .protocol import (
 )
 from .ring import Ring, SharedCounters
 from .routing import SLOTS
+from .runtime import collect_between_batches
 from .stages.dedup import AlwaysMaybe, DedupStage
 from .stages.gate import GateStage
 from .stages.links import LinksStage
@@ -372,6 +373,8 @@ class Worker(DedupStage, GateStage, RouteStage, LinksStage):
         failures = 0  # data-disk errors in a row
         while True:
             self.attempt = self._new_attempt()  # nothing of a failed attempt is kept
+            if not self.retrying:  # the collector's work, between transactions
+                collect_between_batches()
             batch = None
             try:
                 if self.retrying:
