@@ -1,5 +1,6 @@
 # cython: language_level=3
-"""Compiled hot path of the aggregator: ``BloomFilter`` and ``SequenceGate``.
+"""Compiled hot path of the aggregator: ``BloomFilter``, ``SequenceGate`` and
+``json_lossless`` (the stored documents' JSON check, doc_codec.py).
 
 This is the fast twin of ``aggregator.core_ref`` (plain Python, same API, bit-identical
 behaviour; read it first, it is the specification). ``aggregator.core`` chooses between
@@ -29,6 +30,7 @@ from cpython.unicode cimport PyUnicode_Check
 from libc.stdint cimport INT64_MAX, int32_t, int64_t, uint8_t, uint64_t
 from libc.stdlib cimport calloc, free
 from libc.string cimport memcmp, memcpy, memset
+from libc.math cimport isfinite
 
 cdef extern from "Python.h":
     const char* PyUnicode_AsUTF8AndSize(object s, Py_ssize_t* size) except NULL
@@ -43,12 +45,14 @@ __all__ = [
     "APPLY",
     "FULL",
     "GATE_KEY_MAX",
+    "JSON_DEPTH",
     "PARK",
     "STALE",
     "BloomFilter",
     "SequenceGate",
     "bloom_size",
     "gate_keys",
+    "json_lossless",
 ]
 
 APPLY = 0
@@ -1044,3 +1048,41 @@ cdef class SequenceGate:
             f"SequenceGate(keys={self._live}, parked_total={self._parked_total}, "
             f"max_parked_per_key={self._max_per_key}, max_parked_total={self._max_total})"
         )
+
+
+# ------------------------------------------------------------------ JSON-exact documents
+JSON_DEPTH = 256  # containers nested deeper than this: json_lossless says False
+cdef int _JSON_DEPTH = JSON_DEPTH
+
+
+def json_lossless(value):
+    """False when orjson would encode `value` without error but decoding would not give it
+    back: a NaN or infinite float (written as ``null``) or a tuple (read back as a list),
+    anywhere in dict values and list items; also False for containers nested deeper than
+    JSON_DEPTH. Anything else is True (what orjson refuses is not looked at here)."""
+    return _lossless(value, 0) == 1
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+cdef int _lossless(object v, int depth) except -1:
+    cdef object x
+    if isinstance(v, float):
+        return 1 if isfinite(<double>v) else 0
+    if isinstance(v, dict):
+        if depth >= _JSON_DEPTH:
+            return 0
+        for x in (<dict>v).values():
+            if _lossless(x, depth + 1) == 0:
+                return 0
+        return 1
+    if isinstance(v, list):
+        if depth >= _JSON_DEPTH:
+            return 0
+        for x in <list>v:
+            if _lossless(x, depth + 1) == 0:
+                return 0
+        return 1
+    if isinstance(v, tuple):
+        return 0
+    return 1
