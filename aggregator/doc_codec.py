@@ -56,6 +56,8 @@ def pack_record(record: dict, body: bytes | None) -> bytes:
     its document) the ``"j"`` form, with None the ``"d"`` form."""
     if body is None:
         return _pack(record)
+    if len(record) == 3:  # {"v", "d", "s"}
+        return _pack({"v": record["v"], "j": body, "s": record["s"]})
     rec = record.copy()
     del rec["d"]
     rec["j"] = body
