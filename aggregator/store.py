@@ -51,9 +51,8 @@ written before them opens as it is):
   stored as those bytes under ``"j"``, the same bytes as its JSON change event body; any
   other document, and a tombstone (``"d": None``), stays a msgpack value under ``"d"``, as
   every record written before this note (doc_codec.py decides and reads both: no
-  migration). A build older than this note would read a ``"j"`` record as a tombstone: do
-  not downgrade a data directory past it.
-
+  migration). A build older than this note does not know ``"j"`` records (it would stop
+  on them or hide their documents): a data directory is not downgraded past this note.
 - meta ``totals``: msgpack {name: int} with the names of `TOTALS`, plus
   ``since`` (unix ms when this shard started counting). The worker writes it in the
   transaction of every batch that counted something, so it is exactly what the committed
