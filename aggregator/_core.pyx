@@ -1,5 +1,6 @@
 # cython: language_level=3
-"""Compiled hot path of the aggregator: ``BloomFilter`` and ``SequenceGate``.
+"""Compiled hot path of the aggregator: ``BloomFilter``, ``SequenceGate`` and
+``json_lossless`` (the stored documents' JSON check, doc_codec.py).
 
 This is the fast twin of ``aggregator.core_ref`` (plain Python, same API, bit-identical
 behaviour; read it first, it is the specification). ``aggregator.core`` chooses between
@@ -25,10 +26,12 @@ from cpython.memoryview cimport PyMemoryView_FromObject
 from cpython.long cimport PyLong_AsLongLong, PyLong_CheckExact
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.number cimport PyNumber_Index
+from cpython.object cimport PyObject
 from cpython.unicode cimport PyUnicode_Check
 from libc.stdint cimport INT64_MAX, int32_t, int64_t, uint8_t, uint64_t
 from libc.stdlib cimport calloc, free
 from libc.string cimport memcmp, memcpy, memset
+from libc.math cimport isfinite
 
 cdef extern from "Python.h":
     const char* PyUnicode_AsUTF8AndSize(object s, Py_ssize_t* size) except NULL
@@ -43,12 +46,14 @@ __all__ = [
     "APPLY",
     "FULL",
     "GATE_KEY_MAX",
+    "JSON_DEPTH",
     "PARK",
     "STALE",
     "BloomFilter",
     "SequenceGate",
     "bloom_size",
     "gate_keys",
+    "json_lossless",
 ]
 
 APPLY = 0
@@ -1044,3 +1049,71 @@ cdef class SequenceGate:
             f"SequenceGate(keys={self._live}, parked_total={self._parked_total}, "
             f"max_parked_per_key={self._max_per_key}, max_parked_total={self._max_total})"
         )
+
+
+# ------------------------------------------------------------------ JSON-exact documents
+JSON_DEPTH = 256  # containers nested deeper than this: json_lossless says False
+cdef int _JSON_DEPTH = JSON_DEPTH
+
+
+def json_lossless(value):
+    """False when orjson would encode `value` without error but decoding would not give it
+    back: a NaN or infinite float (written as ``null``) or a tuple (read back as a list),
+    anywhere in dict values and list items; also False for containers nested deeper than
+    JSON_DEPTH. Anything else is True (what orjson refuses is not looked at here)."""
+    return _lossless(<PyObject*>value, 0) == 1
+
+
+# The walk runs no Python code (exact type compares, then the C type checks, which do not
+# call __instancecheck__), so nothing can change the document under it: borrowed references.
+cdef extern from "Python.h":
+    ctypedef struct _PyTypeObj "PyTypeObject":
+        pass
+    _PyTypeObj* _type_of "Py_TYPE" (PyObject* o)
+    _PyTypeObj _str_type "PyUnicode_Type"
+    _PyTypeObj _int_type "PyLong_Type"
+    _PyTypeObj _bool_type "PyBool_Type"
+    _PyTypeObj _float_type "PyFloat_Type"
+    _PyTypeObj _dict_type "PyDict_Type"
+    _PyTypeObj _list_type "PyList_Type"
+    PyObject* _none "Py_None"
+    int _dict_next "PyDict_Next" (PyObject* d, Py_ssize_t* pos, PyObject** key,
+                                  PyObject** value)
+    Py_ssize_t _list_size "PyList_GET_SIZE" (PyObject* o)
+    PyObject* _list_item "PyList_GET_ITEM" (PyObject* o, Py_ssize_t i)
+    double _float_value "PyFloat_AS_DOUBLE" (PyObject* o)
+    bint _is_float "PyFloat_Check" (PyObject* o)
+    bint _is_dict "PyDict_Check" (PyObject* o)
+    bint _is_list "PyList_Check" (PyObject* o)
+    bint _is_tuple "PyTuple_Check" (PyObject* o)
+
+
+cdef int _lossless(PyObject* v, int depth) noexcept:
+    cdef _PyTypeObj* t = _type_of(v)
+    cdef Py_ssize_t pos = 0, i, n
+    cdef PyObject* x
+    # the exact types of decoded documents first; then, for subclasses, the twin's checks
+    if t is &_str_type or t is &_int_type or t is &_bool_type or v is _none:
+        return 1
+    if t is &_float_type:
+        return 1 if isfinite(_float_value(v)) else 0
+    if t is &_dict_type or (t is not &_list_type and _is_dict(v)):
+        if depth >= _JSON_DEPTH:
+            return 0
+        while _dict_next(v, &pos, NULL, &x):
+            if _lossless(x, depth + 1) == 0:
+                return 0
+        return 1
+    if t is &_list_type or _is_list(v):
+        if depth >= _JSON_DEPTH:
+            return 0
+        n = _list_size(v)
+        for i in range(n):
+            if _lossless(_list_item(v, i), depth + 1) == 0:
+                return 0
+        return 1
+    if _is_float(v):
+        return 1 if isfinite(_float_value(v)) else 0
+    if _is_tuple(v):
+        return 0
+    return 1

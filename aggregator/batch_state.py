@@ -20,7 +20,7 @@ class BatchState:
     __slots__ = (
         "through", "link_in", "out", "seqpart", "parked", "stats", "totals", "seen_log",
         "log_pruned", "ack", "docs", "log", "changes", "chg_out", "pruned", "outmsg",
-        "pruned_out", "bloom_saved", "dlq", "stop", "doc_bytes",
+        "pruned_out", "bloom_saved", "dlq", "stop", "doc_bytes", "bodies",
     )
 
     def __init__(self) -> None:
@@ -38,6 +38,10 @@ class BatchState:
         # read from the shard; back into the cache after the commit)
         self.docs: dict[bytes, dict] = {}
         self.doc_bytes: dict[bytes, int] = {}  # document key -> stored size (as committed)
+        # document key -> (version, doc_codec.json_body of the document at that version:
+        # JSON bytes, or None when not JSON-exact), made by the change event of that version
+        # or at the store, used by both (one encoding, see doc_codec.py)
+        self.bodies: dict[bytes, tuple[int, bytes | None]] = {}
         self.log: dict[bytes, list] = {}  # document key -> updates applied (for undo)
         self.changes: list[tuple] = []  # change events, one per version (not coalesced)
         self.chg_out: list[tuple[int, int, bytes]] = []  # (first, last change seq, blob)

@@ -41,6 +41,7 @@ from typing import Callable
 import msgpack
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
 
+from .doc_codec import json_body, pack_record
 from .kafka_clients import quiet
 from .routing import SLOTS, slot_prefix
 from .store import (
@@ -96,8 +97,8 @@ class CapturingBatch(Batch):
         super().__init__(shard)
         self.log: list[tuple[int, bytes, bytes | None]] = []
 
-    def put_doc(self, dkey: bytes, record: dict) -> int:
-        v = _pack(record)
+    def put_doc(self, dkey: bytes, record: dict, body: bytes | None | bool = True) -> int:
+        v = pack_record(record, json_body(record["d"]) if body is True else body)
         self.put_raw("views", dkey, v)
         self.log.append((VIEWS, dkey, v))
         return len(v)

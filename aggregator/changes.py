@@ -39,6 +39,7 @@ import orjson
 from confluent_kafka import KafkaException, Producer
 
 from .config import CHANGES_PRODUCER_DEFAULTS, Config
+from .doc_codec import json_body
 from .kafka_clients import quiet, redact_text
 from .store import parse_change_key
 
@@ -77,15 +78,27 @@ class ChangeEncoder:
         return self.topics[view_id] is not None
 
     def encode(self, doc) -> bytes | None:
+        """The change event's data of a document (None: a tombstone)."""
         if doc is None:
             return None
         if self.json:
-            try:  # orjson: ~10x json.dumps, byte-identical for the compact UTF-8 form
-                return orjson.dumps(doc, default=_jsonable, option=orjson.OPT_NON_STR_KEYS)
-            except TypeError:  # an integer beyond 64 bits, a lone surrogate from a JSON
-                # escape ("\\ud800"): the standard library copes, escaping non-ASCII
-                return json.dumps(doc, separators=(",", ":"), default=_jsonable).encode()
+            return self.encode_json(doc)[0]
         return _pack(doc)
+
+    def encode_json(self, doc) -> tuple[bytes | None, bytes | None]:
+        """(data, stored body) of a document for JSON change events: a JSON-exact document's
+        data is its stored body (doc_codec.json_body: one encoding for both), any other's
+        body is None and its data as before this form existed — the same bytes either way."""
+        body = json_body(doc)
+        if body is not None:
+            return body, body
+        if doc is None:
+            return None, None
+        try:  # orjson: ~10x json.dumps, byte-identical for the compact UTF-8 form
+            return orjson.dumps(doc, default=_jsonable, option=orjson.OPT_NON_STR_KEYS), None
+        except TypeError:  # an integer beyond 64 bits, a lone surrogate from a JSON
+            # escape ("\\ud800"): the standard library copes, escaping non-ASCII
+            return json.dumps(doc, separators=(",", ":"), default=_jsonable).encode(), None
 
     def entry(self, view_id: int, key: str, version: int, data: bytes | None) -> bytes:
         """Outbox entry of format 1: [view id, key, version, data, ms, json?] — the encoding

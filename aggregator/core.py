@@ -16,12 +16,14 @@ __all__ = [
     "FULL",
     "GATE_KEY_MAX",
     "IMPLEMENTATION",
+    "JSON_DEPTH",
     "PARK",
     "STALE",
     "BloomFilter",
     "SequenceGate",
     "bloom_size",
     "gate_keys",
+    "json_lossless",
 ]
 
 PURE_ENV = "AGGREGATOR_PURE_CORE"
@@ -31,12 +33,14 @@ if os.environ.get(PURE_ENV, "").strip().lower() in ("1", "true", "yes", "on"):
         APPLY,
         FULL,
         GATE_KEY_MAX,
+        JSON_DEPTH,
         PARK,
         STALE,
         BloomFilter,
         SequenceGate,
         bloom_size,
         gate_keys,
+        json_lossless,
     )
 
     IMPLEMENTATION = "python"
@@ -46,12 +50,14 @@ else:
             APPLY,
             FULL,
             GATE_KEY_MAX,
+            JSON_DEPTH,
             PARK,
             STALE,
             BloomFilter,
             SequenceGate,
             bloom_size,
             gate_keys,
+            json_lossless,
         )
     except ImportError as exc:
         raise ImportError(

@@ -20,6 +20,10 @@ Two objects live here:
 
 ``gate_keys``
     The gate keys of a batch, ``routing.slot_prefix(slot) + routing.gate_hash(source, pk)``.
+
+``json_lossless``
+    Whether a document that orjson encodes without error decodes back to itself (no NaN or
+    infinite float, no tuple, bounded nesting): doc_codec.py's check of JSON-exact documents.
 """
 
 from __future__ import annotations
@@ -35,12 +39,14 @@ __all__ = [
     "APPLY",
     "FULL",
     "GATE_KEY_MAX",
+    "JSON_DEPTH",
     "PARK",
     "STALE",
     "BloomFilter",
     "SequenceGate",
     "bloom_size",
     "gate_keys",
+    "json_lossless",
 ]
 
 APPLY = 0
@@ -673,3 +679,25 @@ class SequenceGate:
             f"SequenceGate(keys={len(self._states)}, parked_total={self._parked_total}, "
             f"max_parked_per_key={self._max_per_key}, max_parked_total={self._max_total})"
         )
+
+
+# ---------------------------------------------------------------------- JSON-exact documents
+JSON_DEPTH = 256  # containers nested deeper than this: json_lossless says False
+
+
+def json_lossless(value: object) -> bool:
+    """False when orjson would encode `value` without error but decoding would not give it
+    back: a NaN or infinite float (written as ``null``) or a tuple (read back as a list),
+    anywhere in dict values and list items; also False for containers nested deeper than
+    JSON_DEPTH. Anything else is True (what orjson refuses is not looked at here)."""
+    return _lossless(value, 0)
+
+
+def _lossless(v: object, depth: int) -> bool:
+    if isinstance(v, float):
+        return math.isfinite(v)
+    if isinstance(v, dict):
+        return depth < JSON_DEPTH and all(_lossless(x, depth + 1) for x in v.values())
+    if isinstance(v, list):
+        return depth < JSON_DEPTH and all(_lossless(x, depth + 1) for x in v)
+    return not isinstance(v, tuple)

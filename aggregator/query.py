@@ -35,6 +35,7 @@ from typing import Any, Callable
 
 import msgpack
 
+from .doc_codec import unpack_record
 from .metrics import read_status
 from .routing import slot_of, slot_prefix, worker_of
 from .store import (
@@ -241,7 +242,7 @@ class Views:
         raw = shard.read(("views",), lambda snap: snap.get("views", lkey))
         if raw is None:
             return None
-        rec = _unpack(raw)
+        rec = unpack_record(raw)
         if rec.get("d") is None:
             return None  # tombstone
         return {

@@ -71,6 +71,7 @@ from . import bloom_snapshot
 from .changes import ChangeEncoder, entry_of, outbox_records
 from .config import Config
 from .datadir import fsync_dir
+from .doc_codec import json_body, pack_record, unpack_record
 from .faults import fault_point
 from .merge import MergeError
 from .plan import ViewPlan, assign_view_ids
@@ -502,7 +503,8 @@ class Resharder:
                 stored = docs.get(dkey)
                 if stored is None:
                     raw = olds[slot % self.n].get("views", dkey)
-                    stored = _unpack(raw) if raw is not None else {"v": 0, "d": None, "s": {}}
+                    stored = unpack_record(raw) if raw is not None else \
+                        {"v": 0, "d": None, "s": {}}
                 before = _pack(stored)
                 fwd = Forwarded(u)
                 try:
@@ -537,7 +539,8 @@ class Resharder:
             self.new_changes[slot % self.m].append(
                 chg.entry(vid, key, stored["v"], chg.encode(stored["d"])))
         for dkey, stored in docs.items():
-            self.new_docs[key_slot(dkey) % self.m][dkey] = _pack(stored)
+            self.new_docs[key_slot(dkey) % self.m][dkey] = pack_record(stored,
+                                                                      json_body(stored["d"]))
 
     # -- one new shard ----------------------------------------------------------------------------
     def _build(self, j: int, olds: list[_Old], path: Path) -> None:

@@ -5,8 +5,9 @@ Layout (named databases; `S` = 2-byte slot prefix, see routing.py):
 =============  =====================================  ====================================
 database       key                                    value
 =============  =====================================  ====================================
-views          S + view id (1 byte) + view key        msgpack {"v": version, "d": doc,
-                                                      "s": {source: [seq, time]}}
+views          S + view id (1 byte) + view key        msgpack {"v": version, "j": JSON of
+                                                      the doc, "s": {source: [seq, time]}}
+                                                      or {"v", "d": doc, "s"} (see below)
 dedup.<i>      b"h" (hot) or b"s" (sealed); DUPSORT   S + identity hash (16) per duplicate
                + DUPFIXED: one database per dedup     (sorted, fixed size: LMDB packs them
                generation g, i = g % DEDUP_POOL       16+2 bytes each, no node headers)
@@ -46,6 +47,12 @@ Format 2 (this build; format 1 is migrated by reshard.py, `aggregator migrate`):
 Format notes (additions within a format version: older builds ignore them, and a shard
 written before them opens as it is):
 
+- ``views`` records: a JSON-exact document (one that orjson's bytes give back exactly) is
+  stored as those bytes under ``"j"``, the same bytes as its JSON change event body; any
+  other document, and a tombstone (``"d": None``), stays a msgpack value under ``"d"``, as
+  every record written before this note (doc_codec.py decides and reads both: no
+  migration). A build older than this note does not know ``"j"`` records (it would stop
+  on them or hide their documents): a data directory is not downgraded past this note.
 - meta ``totals``: msgpack {name: int} with the names of `TOTALS`, plus
   ``since`` (unix ms when this shard started counting). The worker writes it in the
   transaction of every batch that counted something, so it is exactly what the committed
@@ -93,6 +100,7 @@ import lmdb
 import msgpack
 
 from .datadir import FILE_MODE
+from .doc_codec import json_body, pack_record, record_live, unpack_record
 
 log = logging.getLogger(__name__)
 
@@ -510,7 +518,7 @@ class Shard:
         with self.env.begin(db=self.db["views"], buffers=False) as txn:
             for k, v in txn.cursor():
                 vid = k[2]
-                yield views[vid], k[3:].decode(), _unpack(v)
+                yield views[vid], k[3:].decode(), unpack_record(v)
 
     def meta_items(self) -> dict:
         """Every meta entry, decoded ({} for a shard without the meta database)."""
@@ -719,12 +727,15 @@ class Batch(_IndexWrites):
 
     # documents
     def get_doc(self, dkey: bytes) -> dict | None:
+        """The record {"v", "d", "s"} of a document, or None."""
         raw = self.txn.get(dkey, db=self._db["views"])
-        return None if raw is None else _unpack(raw)
+        return None if raw is None else unpack_record(raw)
 
-    def put_doc(self, dkey: bytes, record: dict) -> int:
-        """Store a document; returns its stored size in bytes."""
-        raw = _pack(record)
+    def put_doc(self, dkey: bytes, record: dict, body: bytes | None | bool = True) -> int:
+        """Store a document's record {"v", "d", "s"}; returns its stored size in bytes.
+        `body`: the document's `doc_codec.json_body` when the caller has it (bytes, or
+        None: not JSON-exact); True (the default) decides here."""
+        raw = pack_record(record, json_body(record["d"]) if body is True else body)
         self.txn.put(dkey, raw, db=self._db["views"])
         return len(raw)
 
@@ -1136,7 +1147,7 @@ class Snapshot:
             if kv == vid:
                 raw = cur.value()
                 if (serves is None or serves(int.from_bytes(slot, "big"))) and \
-                        _unpack(raw).get("d") is not None:
+                        record_live(raw):
                     n += 1
                     yield bytes(k)
                 found = cur.next()

@@ -59,6 +59,7 @@ from .config import Config
 from .control import TOTAL_SLOTS, ControlBlock, Slot
 from .deadletter import DeadLetters
 from .doc_cache import DocCache
+from .doc_codec import json_body
 from .envelope import EnvelopeError
 from .faults import fault_flag, fault_point
 from .frames import decode
@@ -571,9 +572,14 @@ class Worker(DedupStage, GateStage, RouteStage, LinksStage):
     # ---- end of transaction ----------------------------------------------------------------
     def _finish(self, batch: Batch) -> None:
         self._expire_gaps(batch)
-        sizes = self.attempt.doc_bytes
+        sizes, bodies = self.attempt.doc_bytes, self.attempt.bodies
         for dkey, stored in self.attempt.docs.items():
-            sizes[dkey] = batch.put_doc(dkey, stored)
+            # one encoding (doc_codec.py): the JSON body of the last change event, if it was
+            # of this version; else encoded here (and used by a coalesced change event)
+            known = bodies.get(dkey)
+            if known is None or known[0] != stored["v"]:
+                known = bodies[dkey] = (stored["v"], json_body(stored["d"]))
+            sizes[dkey] = batch.put_doc(dkey, stored, known[1])
         seqpart = self.attempt.seqpart
         rows = []
         for g, last in self.gate.dirty():

@@ -25,6 +25,7 @@ from aggregator.config import load_config
 from aggregator.control import Slot
 from aggregator.devtools import simulate
 from aggregator.doc_cache import DocCache, cost
+from aggregator.doc_codec import unpack_record
 from aggregator.envelope import routing_key
 from aggregator.protocol import (
     MSG_STOP,
@@ -70,7 +71,7 @@ def stored_documents(c: Cluster) -> dict[bytes, dict]:
         try:
             snap = shard.snapshot()
             for k, v in snap.rows("views"):
-                out[bytes(k)] = msgpack.unpackb(v, raw=False, strict_map_key=False)
+                out[bytes(k)] = unpack_record(v)
             snap.close()
         finally:
             shard.close()
@@ -83,7 +84,7 @@ def committed_doc(w, dkey: bytes) -> dict | None:
         raw = snap.get("views", dkey)
     finally:
         snap.close()
-    return None if raw is None else msgpack.unpackb(raw, raw=False, strict_map_key=False)
+    return None if raw is None else unpack_record(raw)
 
 
 def assert_cache_is_committed(w) -> int:

@@ -24,6 +24,7 @@ import pytest
 from aggregator import reshard
 from aggregator.changes import outbox_records
 from aggregator.control import Slot
+from aggregator.doc_codec import unpack_record
 from aggregator.plan import ViewPlan
 from aggregator.routing import SLOTS, slot_of
 from aggregator.store import TOTALS, Shard, shard_path
@@ -131,7 +132,7 @@ class Snapshot:
                     assert slot % self.n == i, f"slot {slot} in shard {i} of {self.n}"
                     doc = (views[k[2]], bytes(k[3:]).decode())
                     assert doc not in self.docs, f"{doc} in shards {self.owner[doc]} and {i}"
-                    self.docs[doc] = msgpack.unpackb(v, raw=False)
+                    self.docs[doc] = unpack_record(v)
                     self.owner[doc] = i
             self.offsets.append(s.offsets())
             st = s.stat()

@@ -75,12 +75,16 @@ class LinksStage:
         if not chg.coalesce:
             return self.attempt.changes
         rows = []
+        bodies = self.attempt.bodies
         for dkey, updates in self.attempt.log.items():
             vid = dkey[2]
             if updates and chg.topics[vid] is not None:
                 stored = self.attempt.docs[dkey]
-                rows.append((dkey, vid, dkey[3:].decode(), stored["v"],
-                             chg.encode(stored["d"])))
+                # the stored JSON body is the data (`_finish` stored the documents first)
+                known = bodies.get(dkey) if chg.json else None
+                data = known[1] if known is not None and known[0] == stored["v"] and \
+                    known[1] is not None else chg.encode(stored["d"])
+                rows.append((dkey, vid, dkey[3:].decode(), stored["v"], data))
         return rows
 
     def _write_changes(self, batch: Batch) -> None:

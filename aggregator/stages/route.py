@@ -128,7 +128,12 @@ class RouteStage:
         at.log.setdefault(dkey, []).append((f, ev))
         chg = self.changes
         if chg.enabled and not chg.coalesce and chg.topics[f.view_id] is not None:
-            at.changes.append((dkey, f.view_id, key, stored["v"], chg.encode(doc)))
+            if chg.json:  # the data is the stored body too, if the document is JSON-exact
+                data, body = chg.encode_json(doc)
+                at.bodies[dkey] = (stored["v"], body)
+            else:
+                data = chg.encode(doc)
+            at.changes.append((dkey, f.view_id, key, stored["v"], data))
         return dkey
 
     def _drop_last_change(self, dkey: bytes) -> None:
@@ -141,7 +146,9 @@ class RouteStage:
 
     def _replay(self, batch: Batch, dkey: bytes) -> None:
         """Rebuild a document from its stored version and this transaction's updates (the
-        object the failed merge changed, perhaps taken from the cache, is dropped)."""
+        object the failed merge changed, perhaps taken from the cache, is dropped; so is
+        its JSON body: the store encodes the rebuilt document)."""
+        self.attempt.bodies.pop(dkey, None)
         updates = self.attempt.log.get(dkey)
         if not updates:
             self.attempt.docs.pop(dkey, None)
