@@ -79,6 +79,7 @@ from .protocol import Forwarded
 from .routing import SLOTS, slot_of, slot_prefix
 from .store import (
     FORMAT_VERSION,
+    FORMATS_IN_PLACE,
     TOTALS,
     TOTALS_KEY,
     Shard,
@@ -109,7 +110,7 @@ _KNOWN_META = {"format", "shard", "workers", "slots", "views", "fingerprint",
                TOTALS_KEY, "shard_token", "dedup_log_seq", "dedup_log_pruned",
                "dedup_index", "seq_topics"}
 _CARRIED_META = ("shard_token", "dedup_log_seq", "dedup_log_pruned")  # same worker count
-FORMATS_READ = (1, FORMAT_VERSION)  # format 1 is migrated
+FORMATS_READ = (1, *FORMATS_IN_PLACE, FORMAT_VERSION)  # format 1 is migrated
 _CHUNK_BYTES = 16 << 20  # bytes written per LMDB transaction
 
 _pack = msgpack.Packer(use_bin_type=True).pack
@@ -158,8 +159,8 @@ def ensure_layout(cfg: Config, data_dir: str | os.PathLike, workers: int,
 
 def needs_migration(data_dir: Path) -> bool:
     """True if a shard of the data dir is in an older format than this build writes."""
-    return any(_read_meta(p).get("format", FORMAT_VERSION) != FORMAT_VERSION
-               for p in _shard_dirs(Path(data_dir)).values())
+    return any(_read_meta(p).get("format", FORMAT_VERSION) not in
+               (FORMAT_VERSION, *FORMATS_IN_PLACE) for p in _shard_dirs(Path(data_dir)).values())
 
 
 def _shard_dirs(data_dir: Path) -> dict[int, Path]:

@@ -28,7 +28,11 @@ dedup_log      log seq (8)                            generation (8) + identity 
 meta           name                                   msgpack value
 =============  =====================================  ====================================
 
-Format 2 (this build; format 1 is migrated by reshard.py, `aggregator migrate`):
+Format 3 (this build) is format 2 with the ``"j"`` form of ``views`` records (below). A
+format-2 shard is read as it is and stamped 3 when a worker opens it (`Shard.check_layout`;
+its records are all ``"d"``, which format 3 reads), so that a build of format 2 then refuses
+it ("data format 3") instead of misreading ``"j"`` records. Format 1 is migrated by
+reshard.py (`aggregator migrate`). What format 2 brought:
 
 - the dedup index: meta ``dedup_index`` = [[generation, sealed_below], ...] lists the live
   generations, oldest first. A generation's ids go to its database under key b"h" as they
@@ -47,12 +51,10 @@ Format 2 (this build; format 1 is migrated by reshard.py, `aggregator migrate`):
 Format notes (additions within a format version: older builds ignore them, and a shard
 written before them opens as it is):
 
-- ``views`` records: a JSON-exact document (one that orjson's bytes give back exactly) is
-  stored as those bytes under ``"j"``, the same bytes as its JSON change event body; any
-  other document, and a tombstone (``"d": None``), stays a msgpack value under ``"d"``, as
-  every record written before this note (doc_codec.py decides and reads both: no
-  migration). A build older than this note does not know ``"j"`` records (it would stop
-  on them or hide their documents): a data directory is not downgraded past this note.
+- ``views`` records (format 3): a JSON-exact document (one that orjson's bytes give back
+  exactly) is stored as those bytes under ``"j"``, the same bytes as its JSON change event
+  body; any other document, and a tombstone (``"d": None``), stays a msgpack value under
+  ``"d"``, as every record of format 2 (doc_codec.py decides and reads both).
 - meta ``totals``: msgpack {name: int} with the names of `TOTALS`, plus
   ``since`` (unix ms when this shard started counting). The worker writes it in the
   transaction of every batch that counted something, so it is exactly what the committed
@@ -104,7 +106,8 @@ from .doc_codec import json_body, pack_record, record_live, unpack_record
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+FORMATS_IN_PLACE = (2,)  # read as they are; stamped FORMAT_VERSION when a worker opens them
 _DBS = ("views", "seq", "parked", "offsets", "links", "outbox", "changes", "dedup_log", "meta")
 FORMAT1_DBS = ("dedup", "dedup_gen")  # format 1's dedup index (read by the migration only)
 DEDUP_POOL = 66  # dedup.<g % DEDUP_POOL>: more than dedup.bloom_generations (<= 64) + 1
@@ -381,6 +384,9 @@ class Shard:
         if fmt is None:
             self.put_meta(format=FORMAT_VERSION, shard=shard, workers=workers, slots=slots)
             return
+        if fmt in FORMATS_IN_PLACE:  # readable as it is (see the format notes)
+            self.put_meta(format=FORMAT_VERSION)
+            fmt = FORMAT_VERSION
         if fmt != FORMAT_VERSION:
             raise ShardError(
                 f"{self.path}: data format {fmt}, this build reads {FORMAT_VERSION}"

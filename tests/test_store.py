@@ -84,6 +84,32 @@ def test_check_layout_refuses_another_format(shard):
         shard.check_layout(shard=0, workers=1, slots=4096)
 
 
+def test_a_format2_shard_is_stamped_3_and_read_as_it_is(tmp_path):
+    """Format 3 only adds the "j" form of views records: a format-2 shard (all "d") opens as
+    it is, is stamped 3 (a format-2 build then refuses it) and needs no migration."""
+    from aggregator.reshard import needs_migration
+    from aggregator.store import FORMATS_IN_PLACE, view_key
+
+    assert FORMAT_VERSION == 3 and FORMATS_IN_PLACE == (2,)
+    s = Shard(tmp_path / "shard-0", sync=False)
+    s.check_layout(shard=0, workers=1, slots=4096)
+    s.put_meta(format=2)
+    dkey = view_key(b"\0\1", 0, "k")
+    with s.env.begin(write=True, db=s.db["views"]) as txn:  # a record as format 2 wrote it
+        txn.put(dkey, msgpack.packb({"v": 3, "d": {"a": [1, 2]}, "s": {"src": [3, None]}}))
+    s.close()
+    assert not needs_migration(tmp_path)
+    s = Shard(tmp_path / "shard-0", sync=False)
+    s.check_layout(shard=0, workers=1, slots=4096)
+    assert s.get_meta("format") == 3
+    b = s.begin()
+    try:
+        assert b.get_doc(dkey) == {"v": 3, "d": {"a": [1, 2]}, "s": {"src": [3, None]}}
+    finally:
+        b.abort()
+    s.close()
+
+
 def test_layout_survives_reopen(tmp_path):
     s = Shard(tmp_path / "s", sync=False)
     s.check_layout(shard=0, workers=4, slots=4096)
