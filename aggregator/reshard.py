@@ -67,7 +67,7 @@ from typing import Callable
 import lmdb
 import msgpack
 
-from . import bloom_snapshot
+from . import bloom_snapshot, forwards
 from .changes import ChangeEncoder, entry_of, outbox_records
 from .config import Config
 from .datadir import fsync_dir
@@ -495,7 +495,7 @@ class Resharder:
         docs: dict[bytes, dict] = {}
         changed: dict[bytes, tuple[int, str]] = {}
         for _, msg in pending:
-            for u in _unpack(msg)[3]:
+            for u in forwards.decode(msg)[3]:
                 feed = plan.feeds[u[0]]
                 key, slot = u[1], u[2]
                 dkey = view_key(slot_prefix(slot), feed.view_id, key)

@@ -52,7 +52,7 @@ from collections import deque
 
 import lmdb
 
-from . import core, parser
+from . import core, forwards, parser
 from .batch_state import BatchState
 from .changes import ChangeEncoder, make_publisher
 from .config import Config
@@ -82,7 +82,6 @@ from .protocol import (
     Forwarded,
     hist_segment_name,
     ring_names,
-    unpack,
 )
 from .ring import Ring, SharedCounters
 from .routing import SLOTS
@@ -262,7 +261,11 @@ class Worker(DedupStage, GateStage, RouteStage, LinksStage):
 
     def _process_ring(self, msgs: list, peers: list) -> bool:
         """Apply messages taken from the rings (peers still packed); True when told to stop."""
-        return self.process(msgs, [unpack(m) for m in peers])
+        return self.process(msgs, [self._decode_peer(m) for m in peers])
+
+    def _decode_peer(self, msg: bytes) -> list:
+        """A peer ring message: ``[MSG_FORWARD, from, link seq, updates]`` (forwards.py)."""
+        return forwards.decode(msg)
 
     def _begin(self) -> Batch:
         return self.shard.begin()
@@ -492,18 +495,8 @@ class Worker(DedupStage, GateStage, RouteStage, LinksStage):
 
     def _apply(self, batch: Batch, sup_msgs: list, peer_msgs: list) -> bool:
         at = self.attempt
-        for m in peer_msgs:
-            _, src, seq, updates = m
-            last = at.link_in.get(src, self.link_in.get(src, 0))
-            if seq != last + 1:
-                continue  # duplicate (<=) or gap after our restart (the sender resends)
-            at.link_in[src] = seq
-            for u in updates:
-                fwd = Forwarded(u)
-                feed = self.plan.feeds[u[UPD_FEED]]
-                if self._apply_local(batch, feed, u[UPD_KEY], u[UPD_SLOT], fwd) is None:
-                    self._dead_letter(fwd.record(), "merge_error",
-                                      f"view {feed.view}: merge failed")
+        if peer_msgs:
+            self._apply_forwarded(batch, peer_msgs)
         events = []
         through, stats = at.through, at.stats
         for records, thr in self._rounds(sup_msgs):
@@ -524,6 +517,23 @@ class Worker(DedupStage, GateStage, RouteStage, LinksStage):
         """Parsed events of the batch: dedup (dedup.py), then the sequence gate and the
         merge (gate.py, route.py)."""
         self._gate_apply(batch, self._dedup(batch, events))
+
+    def _apply_forwarded(self, batch: Batch, peer_msgs: list) -> None:
+        """The peers' forwarded view updates, each link seq once (in order: a duplicate or
+        a gap after our restart is skipped, the sender resends from its outbox)."""
+        at = self.attempt
+        for m in peer_msgs:
+            _, src, seq, updates = m
+            last = at.link_in.get(src, self.link_in.get(src, 0))
+            if seq != last + 1:
+                continue  # duplicate (<=) or gap after our restart (the sender resends)
+            at.link_in[src] = seq
+            for u in updates:
+                fwd = Forwarded(u)
+                feed = self.plan.feeds[u[UPD_FEED]]
+                if self._apply_local(batch, feed, u[UPD_KEY], u[UPD_SLOT], fwd) is None:
+                    self._dead_letter(fwd.record(), "merge_error",
+                                      f"view {feed.view}: merge failed")
 
     def _rounds(self, sup_msgs: list):
         """(records, through-offsets) of each records message from the supervisor; notes

@@ -3,7 +3,7 @@
 The test plays the supervisor: it creates the shared-memory segments (protocol.create_segments),
 turns simulated Kafka records into ring messages the way `Supervisor._dispatch` does
 (protocol.frame_messages, binary frames), and moves forwarded
-view updates between workers by reading each worker's inbound peer rings.
+view updates between workers by reading each worker's inbound peer rings (forwards.decode).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from aggregator.control import TOTAL_SLOTS, Slot
 from aggregator.devtools import simulate
 from aggregator.devtools.encoder import to_binary
 from aggregator.envelope import parse, routing_key
+from aggregator.forwards import decode as decode_forward
 from aggregator.frames import decode
 from aggregator.protocol import (
     REC_SLOT,
@@ -241,7 +242,7 @@ class Cluster:
                     msgs = r.get_many(1000)
                     if not msgs:
                         break
-                    self.pending[i].extend(unpack(m) for m in msgs)
+                    self.pending[i].extend(decode_forward(m) for m in msgs)
 
     def settle(self, rounds: int = 50) -> None:
         """Deliver forwarded updates until no worker has any left."""
