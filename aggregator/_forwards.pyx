@@ -15,8 +15,12 @@ from cpython.ref cimport Py_INCREF
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t
 from libc.string cimport memcpy
 
-from aggregator.forwards import HEAD, MAGIC, NO_SEQUENCE, UPDATE, VERSION
-from aggregator.protocol import MSG_FORWARD, unpack
+from aggregator.protocol import FORWARD_HEAD as HEAD
+from aggregator.protocol import FORWARD_MAGIC as MAGIC
+from aggregator.protocol import FORWARD_NO_SEQUENCE as NO_SEQUENCE
+from aggregator.protocol import FORWARD_UPDATE as UPDATE
+from aggregator.protocol import FORWARD_VERSION as VERSION
+from aggregator.protocol import MSG_FORWARD, Forwarded, unpack
 
 cdef extern from "Python.h":
     const char* PyUnicode_AsUTF8AndSize(object, Py_ssize_t*) except NULL
@@ -163,17 +167,19 @@ cdef inline object _str_at(const char* p, Py_ssize_t* pos, Py_ssize_t end):
 
 
 def decode(bytes msg):
-    """``[MSG_FORWARD, from worker, link seq, updates]`` of a message of either format."""
-    cdef Py_ssize_t end = PyBytes_GET_SIZE(msg), pos, k, i
+    """``[MSG_FORWARD, from worker, link seq, updates]`` of a message of either format, each
+    update ``(feed id, view key, slot, Forwarded)``."""
+    cdef Py_ssize_t end = PyBytes_GET_SIZE(msg), pos, k
     cdef const char* p = PyBytes_AS_STRING(msg)
     cdef uint32_t src, count, feed
     cdef int64_t seq, off, sequence
     cdef uint16_t slot, flags
     cdef int32_t ti, part
-    cdef list updates, u
-    cdef object o
+    cdef list updates
     if end == 0 or <uint8_t>p[0] != _MAGIC:
-        return unpack(msg)
+        m = unpack(msg)
+        m[3] = [(u[0], u[1], u[2], Forwarded(u)) for u in m[3]]
+        return m
     if end < 24:
         raise ValueError("forwarded updates: truncated message")
     if <uint8_t>p[1] != _VERSION:
@@ -184,6 +190,7 @@ def decode(bytes msg):
     memcpy(&count, p + 16, 4)
     pos = 24
     updates = PyList_New(count)
+    new = Forwarded.__new__
     for k in range(count):
         if pos + 36 > end:
             raise ValueError("forwarded updates: truncated message")
@@ -195,21 +202,22 @@ def decode(bytes msg):
         memcpy(&off, p + pos + 16, 8)
         memcpy(&sequence, p + pos + 24, 8)
         pos += 36
-        u = PyList_New(14)
-        for i, o in enumerate((
-                feed, None, slot, None, None, None, None, None,
-                None if flags & _NO_SEQUENCE else PyLong_FromLongLong(sequence), None,
-                None, ti, part, PyLong_FromLongLong(off))):
-            Py_INCREF(o)
-            PyList_SET_ITEM(u, i, o)
-        for i in range(7):
-            o = _str_at(p, &pos, end)
-            u[_STR[i]] = o
+        fwd = new(Forwarded)
+        key = _str_at(p, &pos, end)
+        fwd.id = _str_at(p, &pos, end)
+        fwd.source = _str_at(p, &pos, end)
+        fwd.type = _str_at(p, &pos, end)
+        fwd.time = _str_at(p, &pos, end)
+        fwd.subject = _str_at(p, &pos, end)
+        fwd.partitionkey = _str_at(p, &pos, end)
+        fwd.sequence = None if flags & _NO_SEQUENCE else PyLong_FromLongLong(sequence)
+        fwd.origin = [ti, part, PyLong_FromLongLong(off)]
+        u = (feed, key, slot, fwd)
         Py_INCREF(u)
         PyList_SET_ITEM(updates, k, u)
     datas = unpack(msg[pos:])
-    if len(datas) != count:
+    if type(datas) is not list or len(datas) != count:
         raise ValueError("forwarded updates: data count does not match the updates")
     for k in range(count):
-        (<list>PyList_GET_ITEM(updates, k))[9] = datas[k]
+        (<tuple>PyList_GET_ITEM(updates, k))[3].data = datas[k]
     return [_MSG_FORWARD, src, seq, updates]

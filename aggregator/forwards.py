@@ -3,8 +3,10 @@
 A worker writes the view updates of a transaction for a peer as outbox rows (stages/links.py,
 one per link seq) and, after the commit, puts the same bytes into the peer ring; the peer
 (and a reshard, for what its peer had not applied) reads them with `decode`, which returns
-``[MSG_FORWARD, from worker, link seq, [update, ...]]``, each update the list of 14
-``UPD_*`` fields (protocol.py), whatever format the row was written in.
+``[MSG_FORWARD, from worker, link seq, [(feed id, view key, slot, Forwarded), ...]]``
+(protocol.Forwarded: what the merge reads of the event), whatever format the row was
+written in. `encode` takes the updates as `stages/route.py` makes them: lists of the 14
+``UPD_*`` fields (protocol.py).
 
 Format 1 (written before format 2; still read): msgpack
 ``[MSG_FORWARD, from worker, link seq, [update, ...]]``.
@@ -32,16 +34,26 @@ from __future__ import annotations
 import struct
 
 from . import core
-from .protocol import MSG_FORWARD, pack, unpack
+from .protocol import (
+    FORWARD_HEAD,
+    FORWARD_MAGIC,
+    FORWARD_NO_SEQUENCE,
+    FORWARD_UPDATE,
+    FORWARD_VERSION,
+    MSG_FORWARD,
+    Forwarded,
+    pack,
+    unpack,
+)
 
 __all__ = ["IMPLEMENTATION", "MAGIC", "VERSION", "decode", "decode_ref", "encode",
-           "encode_ref"]
+           "encode_fast", "encode_ref", "encode_v1"]
 
-MAGIC = 0xC7  # a format 1 message starts with 0x94 (a msgpack array of 4)
-VERSION = 2
-HEAD = struct.Struct("<BBHIqII")
-UPDATE = struct.Struct("<IHHiiqqi")
-NO_SEQUENCE = 1
+MAGIC = FORWARD_MAGIC  # a format 1 message starts with 0x94 (a msgpack array of 4)
+VERSION = FORWARD_VERSION
+HEAD = FORWARD_HEAD
+UPDATE = FORWARD_UPDATE
+NO_SEQUENCE = FORWARD_NO_SEQUENCE
 _LEN = struct.Struct("<i")
 _STR_FIELDS = (1, 3, 4, 5, 6, 7, 10)  # view key, id, source, type, time, subject, partitionkey
 _INTS = (0, 2, 11, 12, 13)  # feed id, slot, topic index, partition, offset
@@ -138,10 +150,9 @@ def encode_v1(src: int, first_seq: int, updates: list, limit: int) -> list[bytes
     return [pack([MSG_FORWARD, src, first_seq + k, c]) for k, c in enumerate(chunks)]
 
 
-def decode_ref(msg: bytes) -> list:
-    """``[MSG_FORWARD, from worker, link seq, updates]`` of a message of either format."""
-    if not msg or msg[0] != MAGIC:
-        return unpack(msg)
+def _read_updates(msg: bytes) -> tuple[list, int, int, int]:
+    """The updates of a format 2 message without their data: (updates, where the data
+    starts, from worker, link seq)."""
     magic, version, _, src, seq, count, _ = HEAD.unpack_from(msg)
     if version != VERSION:
         raise ValueError(f"forwarded updates: format version {version} is not {VERSION}")
@@ -163,35 +174,52 @@ def decode_ref(msg: bytes) -> list:
         key, eid, source, etype, time, subject, pk = s
         updates.append([feed, key, slot, eid, source, etype, time, subject,
                         None if flags & NO_SEQUENCE else sequence, None, pk, ti, part, off])
-    datas = unpack(mv[pos:])
-    if len(datas) != count:
+    return updates, pos, src, seq
+
+
+def decode_ref(msg: bytes) -> list:
+    """``[MSG_FORWARD, from worker, link seq, updates]`` of a message of either format, each
+    update ``(feed id, view key, slot, Forwarded)``."""
+    if not msg or msg[0] != MAGIC:
+        m = unpack(msg)
+        m[3] = [(u[0], u[1], u[2], Forwarded(u)) for u in m[3]]
+        return m
+    try:
+        updates, pos, src, seq = _read_updates(msg)
+    except struct.error:
+        raise ValueError("forwarded updates: truncated message") from None
+    datas = unpack(memoryview(msg)[pos:])
+    if type(datas) is not list or len(datas) != len(updates):
         raise ValueError("forwarded updates: data count does not match the updates")
     for u, d in zip(updates, datas):
         u[_DATA] = d
-    return [MSG_FORWARD, src, seq, updates]
+    return [MSG_FORWARD, src, seq, [(u[0], u[1], u[2], Forwarded(u)) for u in updates]]
 
+
+def encode_fast(src: int, first_seq: int, updates: list, limit: int) -> list[bytes]:
+    """`encode_ref` with the updates' fixed parts and strings made by ``_forwards``."""
+    if WRITE_FORMAT == 1:
+        return encode_v1(src, first_seq, updates, limit)
+    frames = _forwards.encode_frames(updates)
+    if frames is None:
+        return encode_v1(src, first_seq, updates, limit)
+    msg = b"".join([HEAD.pack(MAGIC, VERSION, 0, src, first_seq, len(updates), 0),
+                    frames[0], pack([u[_DATA] for u in updates])])
+    if len(msg) <= limit:
+        return [msg]
+    return _cut(src, first_seq, updates, _forwards.encode_frames(updates, True), limit)
+
+
+try:
+    from . import _forwards
+except ImportError:  # only acceptable when the pure core is forced (core.py)
+    if core.IMPLEMENTATION != "python":
+        raise
+    _forwards = None  # type: ignore[assignment]
 
 if core.IMPLEMENTATION == "python":
     IMPLEMENTATION = "python"
     encode, decode = encode_ref, decode_ref
 else:
-    from ._forwards import decode, encode_frames
-
     IMPLEMENTATION = "cython"
-
-    def encode(src: int, first_seq: int, updates: list, limit: int) -> list[bytes]:
-        """Compiled `encode_ref` (the frames in C, the cut here)."""
-        if WRITE_FORMAT == 1:
-            return encode_v1(src, first_seq, updates, limit)
-        frames = encode_frames(updates)
-        if frames is None:
-            return encode_v1(src, first_seq, updates, limit)
-        if len(frames) == 1:  # the whole batch as one frame string: the common case
-            msg = b"".join([HEAD.pack(MAGIC, VERSION, 0, src, first_seq, len(updates), 0),
-                            frames[0], pack([u[_DATA] for u in updates])])
-            if len(msg) <= limit:
-                return [msg]
-        return _cut(src, first_seq, updates, frames_each(updates), limit)
-
-    def frames_each(updates: list) -> list[bytes]:
-        return encode_frames(updates, True)
+    encode, decode = encode_fast, _forwards.decode

@@ -103,6 +103,13 @@ UPD_PARTITIONKEY = 10
 UPD_ORIGIN = 11  # 11, 12, 13: topic index, partition, offset of the event's record
 UPDATE_FIELDS = 14
 
+# ---- forwarded updates, format 2 (forwards.py has the layout) ---------------------------
+FORWARD_MAGIC = 0xC7  # a format 1 message starts with 0x94 (a msgpack array of 4)
+FORWARD_VERSION = 2
+FORWARD_HEAD = struct.Struct("<BBHIqII")  # magic, version, 0, from, link seq, count, 0
+FORWARD_UPDATE = struct.Struct("<IHHiiqqi")  # feed, slot, flags, topic, part, offset, seq, 0
+FORWARD_NO_SEQUENCE = 1  # flag: the update's sequence is None
+
 # ---- framing ----------------------------------------------------------------------------
 pack = msgpack.Packer(use_bin_type=True).pack
 

@@ -74,7 +74,6 @@ from .datadir import fsync_dir
 from .faults import fault_point
 from .merge import MergeError
 from .plan import ViewPlan, assign_view_ids
-from .protocol import Forwarded
 from .routing import SLOTS, slot_of, slot_prefix
 from .store import (
     FORMAT_VERSION,
@@ -495,16 +494,14 @@ class Resharder:
         docs: dict[bytes, dict] = {}
         changed: dict[bytes, tuple[int, str]] = {}
         for _, msg in pending:
-            for u in forwards.decode(msg)[3]:
-                feed = plan.feeds[u[0]]
-                key, slot = u[1], u[2]
+            for feed_id, key, slot, fwd in forwards.decode(msg)[3]:
+                feed = plan.feeds[feed_id]
                 dkey = view_key(slot_prefix(slot), feed.view_id, key)
                 stored = docs.get(dkey)
                 if stored is None:
                     raw = olds[slot % self.n].get("views", dkey)
                     stored = _unpack(raw) if raw is not None else {"v": 0, "d": None, "s": {}}
                 before = _pack(stored)
-                fwd = Forwarded(u)
                 try:
                     doc = feed.merge.apply(stored["d"], fwd)
                 except MergeError as e:

@@ -76,10 +76,6 @@ from .protocol import (
     REC_TIMESTAMP,
     REC_TOPIC,
     REC_VALUE,
-    UPD_FEED,
-    UPD_KEY,
-    UPD_SLOT,
-    Forwarded,
     hist_segment_name,
     ring_names,
 )
@@ -224,9 +220,10 @@ class Worker(DedupStage, GateStage, RouteStage, LinksStage):
         # row was replaced (_check_fence)
         self.ctl_epoch = max(self.epoch, ctl.get(me, Slot.EPOCH) + 1)
         ctl.set(me, Slot.EPOCH, self.ctl_epoch)
-        log.info("worker %d booted: core=%s, parser=%s, bloom filter %s (%d ids read, %.3f s), "
-                 "%d bloom generations, %d partitions, change events %s", me,
-                 core.IMPLEMENTATION, parser.IMPLEMENTATION, self._bloom_how,
+        log.info("worker %d booted: core=%s, parser=%s, forwards=%s, bloom filter %s (%d ids "
+                 "read, %.3f s), %d bloom generations, %d partitions, change events %s", me,
+                 core.IMPLEMENTATION, parser.IMPLEMENTATION, forwards.IMPLEMENTATION,
+                 self._bloom_how,
                  self._bloom_loaded, self._bloom_s, len(self.bloom.live_generations),
                  len(self.through),
                  self.publisher.implementation if self.publisher is not None else "off")
@@ -264,7 +261,8 @@ class Worker(DedupStage, GateStage, RouteStage, LinksStage):
         return self.process(msgs, [self._decode_peer(m) for m in peers])
 
     def _decode_peer(self, msg: bytes) -> list:
-        """A peer ring message: ``[MSG_FORWARD, from, link seq, updates]`` (forwards.py)."""
+        """A peer ring message: ``[MSG_FORWARD, from, link seq, updates]``, each update
+        ``(feed id, view key, slot, Forwarded)`` (forwards.py)."""
         return forwards.decode(msg)
 
     def _begin(self) -> Batch:
@@ -528,10 +526,10 @@ class Worker(DedupStage, GateStage, RouteStage, LinksStage):
             if seq != last + 1:
                 continue  # duplicate (<=) or gap after our restart (the sender resends)
             at.link_in[src] = seq
-            for u in updates:
-                fwd = Forwarded(u)
-                feed = self.plan.feeds[u[UPD_FEED]]
-                if self._apply_local(batch, feed, u[UPD_KEY], u[UPD_SLOT], fwd) is None:
+            feeds = self.plan.feeds
+            for feed_id, key, slot, fwd in updates:
+                feed = feeds[feed_id]
+                if self._apply_local(batch, feed, key, slot, fwd) is None:
                     self._dead_letter(fwd.record(), "merge_error",
                                       f"view {feed.view}: merge failed")
 

@@ -144,8 +144,8 @@ class Snapshot:
                 if t == i:
                     continue
                 for _, msg in s.outbox_after(t, links[t].get(i, 0)):
-                    for u in decode_forward(msg)[3]:
-                        doc = (plan.feeds[u[0]].view, u[1])
+                    for feed_id, key, _, _ in decode_forward(msg)[3]:
+                        doc = (plan.feeds[feed_id].view, key)
                         self.pending[doc] = self.pending.get(doc, 0) + 1
         for s in opened:
             s.close()

@@ -24,14 +24,13 @@ from hypothesis import strategies as st
 
 import aggregator.store as store_mod
 import aggregator.worker as worker_mod
-from aggregator import _core, bloom_snapshot, core_ref
+from aggregator import _core, bloom_snapshot, core_ref, forwards
 from aggregator.changes import blob_records, outbox_blobs
 from aggregator.config import load_config
 from aggregator.control import TOTAL_SLOTS, Slot
 from aggregator.devtools import simulate
 from aggregator.devtools.encoder import to_binary
 from aggregator.envelope import parse, routing_key
-from aggregator.forwards import decode as decode_forward
 from aggregator.frames import decode
 from aggregator.protocol import (
     REC_SLOT,
@@ -242,7 +241,7 @@ class Cluster:
                     msgs = r.get_many(1000)
                     if not msgs:
                         break
-                    self.pending[i].extend(decode_forward(m) for m in msgs)
+                    self.pending[i].extend(forwards.decode(m) for m in msgs)
 
     def settle(self, rounds: int = 50) -> None:
         """Deliver forwarded updates until no worker has any left."""
