@@ -177,9 +177,11 @@ def _read_updates(msg: bytes) -> tuple[list, int, int, int]:
     return updates, pos, src, seq
 
 
-def decode_ref(msg: bytes) -> list:
+def decode_ref(msg: bytes, keys: list | None = None) -> list:
     """``[MSG_FORWARD, from worker, link seq, updates]`` of a message of either format, each
-    update ``(feed id, view key, slot, Forwarded)``."""
+    update ``(feed id, view key, slot, Forwarded)`` with its whole data. (`keys`, which the
+    compiled reader uses to read only the data fields a feed's ops read, changes nothing the
+    merge sees: the reference ignores it.)"""
     if not msg or msg[0] != MAGIC:
         m = unpack(msg)
         m[3] = [(u[0], u[1], u[2], Forwarded(u)) for u in m[3]]
@@ -194,6 +196,35 @@ def decode_ref(msg: bytes) -> list:
     for u, d in zip(updates, datas):
         u[_DATA] = d
     return [MSG_FORWARD, src, seq, [(u[0], u[1], u[2], Forwarded(u)) for u in updates]]
+
+
+def data_keys(config) -> list:
+    """Per feed id (plan.ViewPlan's order): None when its merge ops read the event's data
+    whole (``from``/``id`` = ``"data"``), else the top-level data fields they read (``from``/
+    ``id`` = ``"data.<field>..."``; ``from = "data"`` with ``fields``: those fields) as
+    ``((UTF-8 bytes, ...), (str, ...))``. The merge of an
+    update reads nothing else of its data (merge.py: event values only through these
+    paths), so a data object cut down to these fields merges exactly as the whole."""
+    out: list = []
+    for view in config.views.values():
+        for feed in view.feeds:
+            fields: dict[str, None] = {}
+            whole = False
+            for op in feed.ops:
+                spec = op.model_dump(by_alias=True, exclude_none=True)
+                for name in ("from", "id"):
+                    path = spec.get(name)
+                    if isinstance(path, str) and path.split(".")[0] == "data":
+                        parts = path.split(".")
+                        if len(parts) > 1:
+                            fields[parts[1]] = None
+                        elif name == "from" and spec.get("fields"):
+                            # the data object, then only these fields of it (merge._producer)
+                            fields.update(dict.fromkeys(spec["fields"]))
+                        else:
+                            whole = True
+            out.append(None if whole else (tuple(f.encode() for f in fields), tuple(fields)))
+    return out
 
 
 def encode_fast(src: int, first_seq: int, updates: list, limit: int) -> list[bytes]:

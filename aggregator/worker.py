@@ -152,6 +152,10 @@ class Worker(DedupStage, GateStage, RouteStage, LinksStage):
         self._check_fingerprint(cfg.fingerprint())
         self.shard.put_meta(views=views, fingerprint=cfg.fingerprint())
         self.plan = ViewPlan(cfg, {v: i for i, v in enumerate(views)})
+        # per feed: the data fields its merge reads (a forwarded update's data is read as
+        # those alone, forwards.data_keys)
+        self.fwd_keys = forwards.data_keys(cfg)
+        assert len(self.fwd_keys) == len(self.plan.feeds)
         self.changes = ChangeEncoder(cfg, views)
         self.change_seq = max(self.shard.last_change_seq(), self.shard.get_meta("change_seq", 0))
         self.changes_pruned = self.shard.get_meta("changes_published", 0)
@@ -263,7 +267,7 @@ class Worker(DedupStage, GateStage, RouteStage, LinksStage):
     def _decode_peer(self, msg: bytes) -> list:
         """A peer ring message: ``[MSG_FORWARD, from, link seq, updates]``, each update
         ``(feed id, view key, slot, Forwarded)`` (forwards.py)."""
-        return forwards.decode(msg)
+        return forwards.decode(msg, self.fwd_keys)
 
     def _begin(self) -> Batch:
         return self.shard.begin()

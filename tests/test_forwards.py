@@ -7,6 +7,7 @@ restart of the workers and through a reshard.
 
 from __future__ import annotations
 
+import json
 import random
 
 import msgpack
@@ -15,7 +16,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from aggregator import _forwards, forwards, reshard
+from aggregator.config import default_config_path, load_config
 from aggregator.control import Slot
+from aggregator.plan import ViewPlan
 from aggregator.protocol import MSG_FORWARD, UPDATE_FIELDS, unpack
 from tests import test_worker
 from tests.test_worker import assert_views
@@ -84,6 +87,43 @@ def test_both_encoders_write_the_same_bytes_and_both_decoders_read_them(ups, src
         assert a[:3] == [MSG_FORWARD, src, seq + k]
         got.extend(a[3])
     assert got == want
+
+
+WANTED = ("a", "ключ", "z")  # the fields a feed reads, in the test's `keys` below
+keyed_data = st.dictionaries(st.sampled_from(WANTED) | st.text(max_size=4)
+                             | st.integers(-3, 3), data_values, max_size=6)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(datas=st.lists(keyed_data | data_values, min_size=1, max_size=6))
+def test_the_compiled_reader_projects_the_data_a_feed_reads(datas):
+    """Feed 1 reads the fields WANTED (forwards.data_keys), feed 0 the whole data: with
+    `keys` the compiled reader gives feed 1 the map cut down to those fields, in the map's
+    order (anything else whole), and the whole data in `raw` for a dead letter."""
+    ups = [[k % 2, "k", 1, "id", "/s", "t", None, None, None, d, "pk", 0, 0, k]
+           for k, d in enumerate(datas)]
+    keys = [None, (tuple(w.encode() for w in WANTED), WANTED)]
+    (msg,) = forwards.encode_ref(0, 1, ups, 1 << 30)
+    whole = [msgpack_exact(u)[9] for u in ups]
+    for (feed, _, _, f), d in zip(_forwards.decode(msg, keys)[3], whole):
+        if feed == 1 and isinstance(d, dict):
+            assert list(f.data.items()) == [(k, v) for k, v in d.items() if k in WANTED]
+            assert unpack(f.raw) == d
+        else:
+            assert f.data == d and f.raw is None
+    assert [f.data for *_, f in forwards.decode_ref(msg, keys)[3]] == whole
+
+
+def test_data_keys_of_the_shop():
+    """What each shop feed reads of the data: whole for `from = "data"` without fields."""
+    cfg = load_config(default_config_path(), {}, env={})
+    got = {(f.view, i): (None if k is None else set(k[1]))
+           for i, (f, k) in enumerate(zip(ViewPlan(cfg, {v: i for i, v in enumerate(
+               cfg.views)}).feeds, forwards.data_keys(cfg)))}
+    assert got[("customer", 0)] is None  # set profile from data
+    assert got[("customer", 2)] == {"order_id", "status", "amount_cents"}  # upsert orders
+    assert got[("customer", 5)] == set()  # reviews_written: a literal
+    assert got[("product", 12)] == {"review_id", "rating"}  # remove + add
 
 
 @settings(max_examples=100, deadline=None)
@@ -202,3 +242,22 @@ def test_a_reshard_applies_pending_format_1_rows(make_cluster, workload, oracle,
     c3 = make_cluster(3)
     c3.feed(recs[1300:], random.Random(3))
     assert_views(c3.views(), oracle)
+
+
+@pytest.mark.parametrize("decode", DECODERS)
+def test_a_forwarded_update_that_fails_to_merge_is_dead_lettered_whole(make_cluster,
+                                                                       monkeypatch, decode):
+    """The receiver's merge fails (rating "four": the add fails): the dead letter carries
+    the whole event, also when the compiled reader gave the merge only the fields it reads."""
+    monkeypatch.setattr(forwards, "decode", decode)
+    c = make_cluster(2)
+    worker = [lambda k: test_worker.worker_of(test_worker.slot_of(k.encode()), 2)][0]
+    review = next(r for r in (f"r-{n}" for n in range(50)) if worker(r) == 0)
+    product = next(p for p in (f"p-{n}" for n in range(50)) if worker(p) == 1)
+    data = {"review_id": review, "product_id": product, "customer_id": "c-1",
+            "rating": "four", "text": "long " * 20, "tags": ["a", {"b": 1.5}]}
+    c.feed(c.ring_records([test_worker._event("reviews", "shop.review.posted", review, 1,
+                                              data, "v-bad")]), random.Random(1))
+    sent = [s for d in c.dlqs for s in d.sent]
+    assert [r for _, r, _ in sent] == ["merge_error"]
+    assert json.loads(sent[0][0][4])["data"] == data
