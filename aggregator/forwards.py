@@ -12,9 +12,8 @@ Format 1 (written before format 2; still read): msgpack
 ``[MSG_FORWARD, from worker, link seq, [update, ...]]``.
 
 Format 2 (written now), little-endian:
-- message head (`HEAD`, 24 bytes): magic u8 (`MAGIC`, never the first byte of a msgpack
-  message), version u8 (`VERSION`), 0 u16, from worker u32, link seq i64, update count u32,
-  0 u32;
+- message head (`HEAD`, 24 bytes): magic u8 (`MAGIC`; a format 1 message starts with 0x94),
+  version u8 (`VERSION`), 0 u16, from worker u32, link seq i64, update count u32, 0 u32;
 - per update a fixed part (`UPDATE`, 36 bytes): feed id u32, slot u16, flags u16
   (`NO_SEQUENCE`: the sequence is None), topic index i32, partition i32, offset i64,
   sequence i64 (0 when None), 0 i32; then seven strings, each a length i32 (-1: None) and
@@ -27,6 +26,15 @@ string that is not valid UTF-8) makes `encode` write that call's messages in for
 ``aggregator._forwards`` is the compiled encoder and decoder; `encode_ref`/`decode_ref`
 here are the reference, run when ``AGGREGATOR_PURE_CORE=1`` selects the pure-Python core
 (core.py); the tests compare the two byte for byte.
+
+Reading only what the merge reads: the worker passes `decode` the top-level data fields
+each feed's merge ops read (`data_keys`, from the config). The compiled reader then walks a
+format 2 update's data map in C and makes Python objects of those fields only (a dict in
+the map's order), keeping the data's bytes in ``Forwarded.raw`` so that a dead letter still
+carries the whole event; a feed that reads the data whole, data that is not a map, and
+format 1 rows are read whole. The merge reads event data only through its ``from``/``id``
+paths (merge.py), so the documents are the same as with the whole data, which the
+reference reader always gives (the tests compare them).
 """
 
 from __future__ import annotations
@@ -46,8 +54,8 @@ from .protocol import (
     unpack,
 )
 
-__all__ = ["IMPLEMENTATION", "MAGIC", "VERSION", "decode", "decode_ref", "encode",
-           "encode_fast", "encode_ref", "encode_v1"]
+__all__ = ["IMPLEMENTATION", "MAGIC", "VERSION", "data_keys", "decode", "decode_ref",
+           "encode", "encode_fast", "encode_ref", "encode_v1"]
 
 MAGIC = FORWARD_MAGIC  # a format 1 message starts with 0x94 (a msgpack array of 4)
 VERSION = FORWARD_VERSION
@@ -199,12 +207,12 @@ def decode_ref(msg: bytes, keys: list | None = None) -> list:
 
 
 def data_keys(config) -> list:
-    """Per feed id (plan.ViewPlan's order): None when its merge ops read the event's data
-    whole (``from``/``id`` = ``"data"``), else the top-level data fields they read (``from``/
-    ``id`` = ``"data.<field>..."``; ``from = "data"`` with ``fields``: those fields) as
-    ``((UTF-8 bytes, ...), (str, ...))``. The merge of an
-    update reads nothing else of its data (merge.py: event values only through these
-    paths), so a data object cut down to these fields merges exactly as the whole."""
+    """Per feed id (plan.ViewPlan numbers the feeds in this same order): None when its
+    merge ops read the event's data whole (``from``/``id`` = ``"data"``), else the top-level
+    data fields they read (``from``/``id`` = ``"data.<field>..."``; ``from = "data"`` with
+    ``fields``: those fields) as ``((UTF-8 bytes, ...), (str, ...))``. The merge of an update
+    reads nothing else of its data (merge.py: event values only through these paths), so a
+    data object cut down to these fields merges exactly as the whole."""
     out: list = []
     for view in config.views.values():
         for feed in view.feeds:
