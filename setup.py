@@ -1,5 +1,6 @@
 """Build the compiled extensions ``aggregator._core``, ``aggregator._envelope``,
-``aggregator._frames`` and ``aggregator._publish`` (Cython); metadata lives in pyproject.toml.
+``aggregator._frames``, ``aggregator._forwards`` and ``aggregator._publish`` (Cython);
+metadata lives in pyproject.toml.
 
 The extensions are mandatory: a Cython or C compile error fails the build (no optional
 extension, no silent pure-Python install). ``AGGREGATOR_CYTHON_TRACE=1`` makes a debug
@@ -48,6 +49,13 @@ extensions = [
     Extension(
         "aggregator._frames",
         ["aggregator/_frames.pyx"],
+        define_macros=macros,
+        extra_compile_args=compile_args,
+    ),
+    # forwarded view updates between workers (forwards.py: format 2)
+    Extension(
+        "aggregator._forwards",
+        ["aggregator/_forwards.pyx"],
         define_macros=macros,
         extra_compile_args=compile_args,
     ),

@@ -103,6 +103,13 @@ UPD_PARTITIONKEY = 10
 UPD_ORIGIN = 11  # 11, 12, 13: topic index, partition, offset of the event's record
 UPDATE_FIELDS = 14
 
+# ---- forwarded updates, format 2 (forwards.py has the layout) ---------------------------
+FORWARD_MAGIC = 0xC7  # a format 1 message starts with 0x94 (a msgpack array of 4)
+FORWARD_VERSION = 2
+FORWARD_HEAD = struct.Struct("<BBHIqII")  # magic, version, 0, from, link seq, count, 0
+FORWARD_UPDATE = struct.Struct("<IHHiiqqi")  # feed, slot, flags, topic, part, offset, seq, 0
+FORWARD_NO_SEQUENCE = 1  # flag: the update's sequence is None
+
 # ---- framing ----------------------------------------------------------------------------
 pack = msgpack.Packer(use_bin_type=True).pack
 
@@ -252,22 +259,26 @@ class Forwarded:
 
     Update layout: [feed id, view key, slot, id, source, type, time, subject, sequence, data,
     partitionkey, topic index, partition, offset] (the ``UPD_*`` constants).
+    `raw`: None, or the msgpack bytes of the whole data when `data` holds only the top-level
+    fields the feed's merge ops read (forwards.py, the compiled reader): the dead-letter
+    record still carries the whole event.
     """
 
     __slots__ = ("id", "source", "type", "time", "subject", "sequence", "data", "partitionkey",
-                 "origin")
+                 "origin", "raw")
 
     def __init__(self, u):
         (_, _, _, self.id, self.source, self.type, self.time, self.subject,
          self.sequence, self.data, self.partitionkey) = u[:UPD_ORIGIN]
         self.origin = u[UPD_ORIGIN:UPDATE_FIELDS]
+        self.raw = None
 
     def record(self) -> list:
         """A dead-letter record for this update: the event in structured JSON mode."""
         attrs = {"specversion": "1.0", "id": self.id, "source": self.source, "type": self.type,
                  "time": self.time, "subject": self.subject, "partitionkey": self.partitionkey,
                  "sequence": None if self.sequence is None else str(self.sequence),
-                 "data": self.data}
+                 "data": self.data if self.raw is None else unpack(self.raw)}
         value = json.dumps({k: v for k, v in attrs.items() if v is not None},
                            default=repr).encode()
         ti, part, off = self.origin

@@ -67,7 +67,7 @@ from typing import Callable
 import lmdb
 import msgpack
 
-from . import bloom_snapshot
+from . import bloom_snapshot, forwards
 from .changes import ChangeEncoder, entry_of, outbox_records
 from .config import Config
 from .datadir import fsync_dir
@@ -75,7 +75,6 @@ from .doc_codec import json_body, pack_record, unpack_record
 from .faults import fault_point
 from .merge import MergeError
 from .plan import ViewPlan, assign_view_ids
-from .protocol import Forwarded
 from .routing import SLOTS, slot_of, slot_prefix
 from .store import (
     FORMAT_VERSION,
@@ -497,9 +496,8 @@ class Resharder:
         docs: dict[bytes, dict] = {}
         changed: dict[bytes, tuple[int, str]] = {}
         for _, msg in pending:
-            for u in _unpack(msg)[3]:
-                feed = plan.feeds[u[0]]
-                key, slot = u[1], u[2]
+            for feed_id, key, slot, fwd in forwards.decode(msg)[3]:
+                feed = plan.feeds[feed_id]
                 dkey = view_key(slot_prefix(slot), feed.view_id, key)
                 stored = docs.get(dkey)
                 if stored is None:
@@ -507,7 +505,6 @@ class Resharder:
                     stored = unpack_record(raw) if raw is not None else \
                         {"v": 0, "d": None, "s": {}}
                 before = _pack(stored)
-                fwd = Forwarded(u)
                 try:
                     doc = feed.merge.apply(stored["d"], fwd)
                 except MergeError as e:

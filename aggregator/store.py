@@ -17,7 +17,8 @@ seq            S + gate hash (16)                     SEQ_ROW: last (8, signed) 
 parked         S + gate hash (16) + seq (8)           msgpack [parked_at, record]
 offsets        topic + b"\\0" + partition (4)          through offset (8, signed)
 links          source worker (2)                      last applied link seq (8)
-outbox         target worker (2) + link seq (8)       msgpack message (view updates)
+outbox         target worker (2) + link seq (8)       forwarded view updates (forwards.py:
+                                                      format 2; format 1 msgpack still read)
 changes        first change seq (8) + last (8)        one commit's change events: a blob
                                                       (changes.py, `pack_blob`), not yet
                                                       all delivered

@@ -52,7 +52,7 @@ from collections import deque
 
 import lmdb
 
-from . import core, parser
+from . import core, forwards, parser
 from .batch_state import BatchState
 from .changes import ChangeEncoder, make_publisher
 from .config import Config
@@ -77,13 +77,8 @@ from .protocol import (
     REC_TIMESTAMP,
     REC_TOPIC,
     REC_VALUE,
-    UPD_FEED,
-    UPD_KEY,
-    UPD_SLOT,
-    Forwarded,
     hist_segment_name,
     ring_names,
-    unpack,
 )
 from .ring import Ring, SharedCounters
 from .routing import SLOTS
@@ -159,6 +154,10 @@ class Worker(DedupStage, GateStage, RouteStage, LinksStage):
         self._check_fingerprint(cfg.fingerprint())
         self.shard.put_meta(views=views, fingerprint=cfg.fingerprint())
         self.plan = ViewPlan(cfg, {v: i for i, v in enumerate(views)})
+        # per feed: the data fields its merge reads (a forwarded update's data is read as
+        # those alone, forwards.data_keys)
+        self.fwd_keys = forwards.data_keys(cfg)
+        assert len(self.fwd_keys) == len(self.plan.feeds)
         self.changes = ChangeEncoder(cfg, views)
         self.change_seq = max(self.shard.last_change_seq(), self.shard.get_meta("change_seq", 0))
         self.changes_pruned = self.shard.get_meta("changes_published", 0)
@@ -227,9 +226,10 @@ class Worker(DedupStage, GateStage, RouteStage, LinksStage):
         # row was replaced (_check_fence)
         self.ctl_epoch = max(self.epoch, ctl.get(me, Slot.EPOCH) + 1)
         ctl.set(me, Slot.EPOCH, self.ctl_epoch)
-        log.info("worker %d booted: core=%s, parser=%s, bloom filter %s (%d ids read, %.3f s), "
-                 "%d bloom generations, %d partitions, change events %s", me,
-                 core.IMPLEMENTATION, parser.IMPLEMENTATION, self._bloom_how,
+        log.info("worker %d booted: core=%s, parser=%s, forwards=%s, bloom filter %s (%d ids "
+                 "read, %.3f s), %d bloom generations, %d partitions, change events %s", me,
+                 core.IMPLEMENTATION, parser.IMPLEMENTATION, forwards.IMPLEMENTATION,
+                 self._bloom_how,
                  self._bloom_loaded, self._bloom_s, len(self.bloom.live_generations),
                  len(self.through),
                  self.publisher.implementation if self.publisher is not None else "off")
@@ -264,7 +264,12 @@ class Worker(DedupStage, GateStage, RouteStage, LinksStage):
 
     def _process_ring(self, msgs: list, peers: list) -> bool:
         """Apply messages taken from the rings (peers still packed); True when told to stop."""
-        return self.process(msgs, [unpack(m) for m in peers])
+        return self.process(msgs, [self._decode_peer(m) for m in peers])
+
+    def _decode_peer(self, msg: bytes) -> list:
+        """A peer ring message: ``[MSG_FORWARD, from, link seq, updates]``, each update
+        ``(feed id, view key, slot, Forwarded)`` (forwards.py)."""
+        return forwards.decode(msg, self.fwd_keys)
 
     def _begin(self) -> Batch:
         return self.shard.begin()
@@ -496,18 +501,8 @@ class Worker(DedupStage, GateStage, RouteStage, LinksStage):
 
     def _apply(self, batch: Batch, sup_msgs: list, peer_msgs: list) -> bool:
         at = self.attempt
-        for m in peer_msgs:
-            _, src, seq, updates = m
-            last = at.link_in.get(src, self.link_in.get(src, 0))
-            if seq != last + 1:
-                continue  # duplicate (<=) or gap after our restart (the sender resends)
-            at.link_in[src] = seq
-            for u in updates:
-                fwd = Forwarded(u)
-                feed = self.plan.feeds[u[UPD_FEED]]
-                if self._apply_local(batch, feed, u[UPD_KEY], u[UPD_SLOT], fwd) is None:
-                    self._dead_letter(fwd.record(), "merge_error",
-                                      f"view {feed.view}: merge failed")
+        if peer_msgs:
+            self._apply_forwarded(batch, peer_msgs)
         events = []
         through, stats = at.through, at.stats
         for records, thr in self._rounds(sup_msgs):
@@ -528,6 +523,23 @@ class Worker(DedupStage, GateStage, RouteStage, LinksStage):
         """Parsed events of the batch: dedup (dedup.py), then the sequence gate and the
         merge (gate.py, route.py)."""
         self._gate_apply(batch, self._dedup(batch, events))
+
+    def _apply_forwarded(self, batch: Batch, peer_msgs: list) -> None:
+        """The peers' forwarded view updates, each link seq once (in order: a duplicate or
+        a gap after our restart is skipped, the sender resends from its outbox)."""
+        at = self.attempt
+        for m in peer_msgs:
+            _, src, seq, updates = m
+            last = at.link_in.get(src, self.link_in.get(src, 0))
+            if seq != last + 1:
+                continue  # duplicate (<=) or gap after our restart (the sender resends)
+            at.link_in[src] = seq
+            feeds = self.plan.feeds
+            for feed_id, key, slot, fwd in updates:
+                feed = feeds[feed_id]
+                if self._apply_local(batch, feed, key, slot, fwd) is None:
+                    self._dead_letter(fwd.record(), "merge_error",
+                                      f"view {feed.view}: merge failed")
 
     def _rounds(self, sup_msgs: list):
         """(records, through-offsets) of each records message from the supervisor; notes

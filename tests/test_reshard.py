@@ -25,6 +25,7 @@ from aggregator import reshard
 from aggregator.changes import outbox_records
 from aggregator.control import Slot
 from aggregator.doc_codec import unpack_record
+from aggregator.forwards import decode as decode_forward
 from aggregator.plan import ViewPlan
 from aggregator.routing import SLOTS, slot_of
 from aggregator.store import TOTALS, Shard, shard_path
@@ -144,8 +145,8 @@ class Snapshot:
                 if t == i:
                     continue
                 for _, msg in s.outbox_after(t, links[t].get(i, 0)):
-                    for u in _unpack(msg)[3]:
-                        doc = (plan.feeds[u[0]].view, u[1])
+                    for feed_id, key, _, _ in decode_forward(msg)[3]:
+                        doc = (plan.feeds[feed_id].view, key)
                         self.pending[doc] = self.pending.get(doc, 0) + 1
         for s in opened:
             s.close()
@@ -403,6 +404,7 @@ SUBPROCESS = """
 import json, logging, sys
 from aggregator import reshard
 from aggregator.changes import outbox_records
+from aggregator.forwards import decode as decode_forward
 from aggregator.config import load_config
 logging.basicConfig(level=logging.INFO)
 opts = json.loads(sys.argv[1])

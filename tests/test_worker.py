@@ -3,7 +3,7 @@
 The test plays the supervisor: it creates the shared-memory segments (protocol.create_segments),
 turns simulated Kafka records into ring messages the way `Supervisor._dispatch` does
 (protocol.frame_messages, binary frames), and moves forwarded
-view updates between workers by reading each worker's inbound peer rings.
+view updates between workers by reading each worker's inbound peer rings (forwards.decode).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 import aggregator.store as store_mod
 import aggregator.worker as worker_mod
-from aggregator import _core, bloom_snapshot, core_ref
+from aggregator import _core, bloom_snapshot, core_ref, forwards
 from aggregator.changes import blob_records, outbox_blobs
 from aggregator.config import load_config
 from aggregator.control import TOTAL_SLOTS, Slot
@@ -241,7 +241,7 @@ class Cluster:
                     msgs = r.get_many(1000)
                     if not msgs:
                         break
-                    self.pending[i].extend(unpack(m) for m in msgs)
+                    self.pending[i].extend(forwards.decode(m) for m in msgs)
 
     def settle(self, rounds: int = 50) -> None:
         """Deliver forwarded updates until no worker has any left."""

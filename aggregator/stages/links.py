@@ -13,11 +13,8 @@ from __future__ import annotations
 
 import logging
 
+from .. import forwards
 from ..control import Slot
-from ..protocol import (
-    MSG_FORWARD,
-    pack,
-)
 from ..store import Batch
 
 log = logging.getLogger("aggregator.worker")  # the worker's log lines, as before the split
@@ -51,23 +48,10 @@ class LinksStage:
                 at.pruned_out[j] = acked
 
     def _forward_messages(self, owner: int, last_seq: int, updates: list) -> list[bytes]:
-        """The outbox messages (link seqs last_seq+1, ...) carrying `updates`: as many as
-        it takes for each to fit the peer ring's largest message."""
-        limit = self.peer_out[owner].max_message
-        msg = pack([MSG_FORWARD, self.index, last_seq + 1, updates])
-        if len(msg) <= limit:
-            return [msg]
-        chunks: list[list] = [[]]
-        size = 0
-        for u in updates:
-            n = len(pack(u))
-            if chunks[-1] and size + n > limit - 64:  # 64: the envelope [2, from, seq, [...]]
-                chunks.append([])
-                size = 0
-            chunks[-1].append(u)
-            size += n
-        return [pack([MSG_FORWARD, self.index, last_seq + 1 + k, c])
-                for k, c in enumerate(chunks)]
+        """The outbox messages (link seqs last_seq+1, ...) carrying `updates` (forwards.py):
+        as many as it takes for each to fit the peer ring's largest message."""
+        return forwards.encode(self.index, last_seq + 1, updates,
+                               self.peer_out[owner].max_message)
 
     def _change_rows(self) -> list[tuple]:
         """The transaction's change events: (doc key, view id, key, version, data)."""
