@@ -29,10 +29,12 @@ dedup_log      log seq (8)                            generation (8) + identity 
 meta           name                                   msgpack value
 =============  =====================================  ====================================
 
-Format 3 (this build) is format 2 with the ``"j"`` form of ``views`` records (below). A
+Format 3 (this build) is format 2 with the ``"j"`` form of ``views`` records (below) and
+``outbox`` rows of forwards.py's binary format 2 (format-1 msgpack rows are still read). A
 format-2 shard is read as it is and stamped 3 when a worker opens it (`Shard.check_layout`;
-its records are all ``"d"``, which format 3 reads), so that a build of format 2 then refuses
-it ("data format 3") instead of misreading ``"j"`` records. Format 1 is migrated by
+its records are all ``"d"`` and its outbox rows format 1, both read by format 3), so that a
+build of format 2 then refuses it ("data format 3") instead of misreading what format 3
+writes. Format 1 is migrated by
 reshard.py (`aggregator migrate`). What format 2 brought:
 
 - the dedup index: meta ``dedup_index`` = [[generation, sealed_below], ...] lists the live
