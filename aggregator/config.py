@@ -303,6 +303,12 @@ class ServiceConfig(BaseModel):
     # Off by default: as Python objects a hit (cold in the CPU caches) costs about what the
     # LMDB read and unpack it saves (bench/micro/bench_batch.py, bench.tools.commit_window)
     doc_cache_bytes: Size = Field(0, ge=0)
+    # glibc malloc arenas per service process (memory.py; 0: glibc's default, 8 per core):
+    # librdkafka's threads otherwise each keep an arena of what they freed
+    malloc_arena_max: Int = Field(0, ge=0, le=1024)
+    # malloc_trim(0) at most this often, after a worker's commit and in the supervisor's
+    # loop (memory.py): the pages a transaction freed go back to the kernel; 0: never
+    malloc_trim_interval_ms: Int = Field(0, ge=0)
     heartbeat_timeout_ms: Int = Field(10_000, ge=1)
     max_boot_failures: Int = Field(5, ge=1)
     # a worker that crashes this many times in a row after booting, with the same error and

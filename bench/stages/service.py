@@ -98,7 +98,9 @@ class AggregatorProcess:
 
     def __init__(self, bootstrap: str, prefix: str, workers: int, *, embedded: bool,
                  broker_pid: int | None = None, log_level: int = logging.WARNING,
-                 consumer: dict | None = None) -> None:
+                 consumer: dict | None = None, overrides: dict | None = None) -> None:
+        """`consumer`: extra librdkafka consumer settings; `overrides`: extra config
+        overrides (dotted keys, e.g. ``{"service.ring_bytes": 8 << 20}``)."""
         self.workers = workers
         self.tmp = Path(tempfile.mkdtemp(prefix="agg-bench-"))
         self.data_dir = self.tmp / "data"
@@ -107,6 +109,7 @@ class AggregatorProcess:
                                       group=f"bench-{uuid.uuid4().hex[:8]}", embedded=embedded)
         for k, v in (consumer or {}).items():  # extra librdkafka consumer settings
             self.overrides[f"kafka.consumer.{k}"] = v
+        self.overrides.update(overrides or {})
         self.broker_pid = broker_pid
         self.log_level = log_level
         self.result: dict = {}
@@ -154,13 +157,13 @@ class AggregatorProcess:
 
 def measure_throughput(loaded: wl.Loaded, bootstrap: str, workers: int, oracle: dict, *,
                        embedded: bool, broker_pid: int | None, timeout: float,
-                       on_tick=None) -> AggRun:
+                       on_tick=None, overrides: dict | None = None) -> AggRun:
     """Cold start on the pre-loaded topics; time first fetch → last offset durable."""
     from bench.verify import check_views
 
     run = AggRun(workers)
     p = AggregatorProcess(bootstrap, loaded.prefix, workers, embedded=embedded,
-                          broker_pid=broker_pid)
+                          broker_pid=broker_pid, overrides=overrides)
     try:
         p.start(loaded.targets)
         res = p.finish(timeout, on_tick)
