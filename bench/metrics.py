@@ -352,6 +352,8 @@ class DurablePoller:
 
 # ---- what a process's resident memory is (from /proc/<pid>/smaps) -----------------------
 BREAKDOWN = ("heap", "thread_arenas", "anon_other", "stacks", "shm", "lmdb", "code_files")
+_ARENA_HEAP = 64 << 20  # glibc's HEAP_MAX_SIZE on 64-bit: a non-main arena's heaps, aligned
+_GUARD_MAX = 1 << 20  # a thread stack's PROT_NONE guard (one page unless set larger)
 _MAP_HEAD = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) (\S{4}) \S+ \S+ (\d+)\s*(.*)$")
 
 
@@ -360,9 +362,10 @@ def smaps_breakdown(pid: int) -> dict[str, dict[str, int]] | None:
 
     - ``heap``: the brk heap (glibc's main malloc arena: the main thread's malloc, e.g.
       LMDB's dirty pages of a transaction, msgpack buffers);
-    - ``thread_arenas``: glibc's per-thread malloc arenas (reserved 64 MiB, a PROT_NONE tail
-      after the used part): what non-main threads malloc, i.e. librdkafka's threads (fetch
-      buffers, the consumer's prefetch queue, producer batches) and Python threads;
+    - ``thread_arenas``: glibc's per-thread malloc arenas (64 MiB-aligned heaps, reserved
+      64 MiB: a PROT_NONE tail after the used part): what non-main threads malloc, i.e.
+      librdkafka's threads (fetch buffers, the consumer's prefetch queue, producer
+      batches) and Python threads;
     - ``stacks``: thread stacks (an anonymous mapping right after its PROT_NONE guard page);
     - ``anon_other``: the other private anonymous mappings: CPython's 1 MiB object arenas,
       malloc's mmap'd large blocks (>= 128 KiB, e.g. big bytes objects, bloom bit arrays);
@@ -406,10 +409,12 @@ def smaps_breakdown(pid: int) -> dict[str, dict[str, int]] | None:
         else:
             prev = maps[n - 1] if n else None
             nxt = maps[n + 1] if n + 1 < len(maps) else None
-            if prev and prev[1] == start and prev[2].startswith("---") and not prev[4]:
-                cat = "stacks"
-            elif nxt and nxt[0] == end and nxt[2].startswith("---") and not nxt[4]:
-                cat = "thread_arenas"
+            if start % _ARENA_HEAP == 0 and (end - start == _ARENA_HEAP or (
+                    nxt and nxt[0] == end and nxt[2].startswith("---") and not nxt[4])):
+                cat = "thread_arenas"  # a heap of a glibc arena: 64 MiB aligned and reserved
+            elif (prev and prev[1] == start and prev[2].startswith("---") and not prev[4]
+                  and prev[1] - prev[0] <= _GUARD_MAX):
+                cat = "stacks"  # right after its guard pages
             else:
                 cat = "anon_other"
         c = out[cat]

@@ -14,11 +14,14 @@ separately as `kafka_committed_s`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing as mp
 import shutil
+import sys
 import tempfile
 import time
+import types
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,9 +32,27 @@ from bench.metrics import DurablePoller, ProcessSampler
 log = logging.getLogger(__name__)
 
 
+@contextlib.contextmanager
+def lean_main():
+    """Hide the main module while a process is spawned.
+
+    A 'spawn' child imports its parent's ``__main__`` module again (as ``__mp_main__``), and
+    so do its own children: every process of the measured service would carry the bench
+    harness (``python -m bench``: rich, the workload generator, the report; 5-8 MiB of RSS
+    each). `aggregator run` starts them from the CLI module, which imports little, so the
+    harness hides its main module from the processes it measures."""
+    main = sys.modules.get("__main__")
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
+
+
 def serve(overrides: dict, targets: dict, conn, stop, log_level: int) -> None:
     """Child process: run the Supervisor until every target offset is committed to Kafka
     (or `stop` is set); send timings and stats through `conn`."""
+    sys.modules["__main__"] = types.ModuleType("__main__")  # lean_main: for its children
     logging.basicConfig(level=log_level,
                         format="%(asctime)s supervisor %(levelname)s %(name)s: %(message)s")
     import aggregator.supervisor as sup_mod
@@ -121,7 +142,8 @@ class AggregatorProcess:
         self.proc = ctx.Process(target=serve, name="bench-aggregator",
                                 args=(self.overrides, targets or {}, child_conn,
                                       self.stop_event, self.log_level))
-        self.proc.start()
+        with lean_main():
+            self.proc.start()
         child_conn.close()
         self.poller = DurablePoller(self.data_dir, self.workers).start()
         if targets:
