@@ -1,22 +1,21 @@
-"""The C heap of a service process: how many malloc arenas it has, and giving freed memory back.
+"""Giving the C heap's freed pages back to the kernel (glibc's ``malloc_trim``).
 
-Both act on glibc's malloc, which every C library in the process uses (CPython for objects
-over 512 bytes, LMDB's dirty pages, msgpack buffers, librdkafka):
+Every C library in a service process allocates from glibc's malloc: CPython for objects over
+512 bytes, msgpack and orjson buffers, librdkafka's fetch and produce buffers (in its
+threads' arenas). free() returns memory to the kernel only from the top of a heap, so the
+pages a transaction's objects leave free between chunks that live on stay resident until
+malloc reuses them. ``malloc_trim(0)`` releases the free pages inside every arena
+(``madvise(MADV_DONTNEED)`` of free chunks, not only the top).
 
-- `limit_arenas(n)`: glibc gives each thread that contends for the heap its own arena (up
-  to 8 per core), each reserving 64 MiB and keeping what its thread freed. librdkafka runs
-  several threads per client (per broker connection, its main and background threads), and
-  a service process has one to three clients: their arenas held 20-45 MiB per process at
-  400k events (bench/tools/memory_map.py, ``thread_arenas``). `service.malloc_arena_max`
-  caps them (``mallopt(M_ARENA_MAX)``); it only acts on arenas created afterwards, so each
-  process calls it first thing.
-- `trim()`: ``malloc_trim(0)`` returns the free pages inside every arena to the kernel
-  (``madvise(MADV_DONTNEED)`` of free chunks, not only the top of the heap). The worker calls
-  it after a commit at most every `service.malloc_trim_interval_ms`, the supervisor in its
-  loop at the same pace: a transaction's objects are freed at its end, and the pages they
-  leave free between live chunks would otherwise stay resident until reused.
+The worker calls `Trimmer.maybe` after a commit and the supervisor in its loop, at most
+every `service.malloc_trim_interval_ms` (a call takes ~1 ms). Measured with
+bench/tools/memory_map.py (2 workers, 400k events) it takes 10-40 MiB off the RSS sum; it
+does not touch what stays allocated (LMDB keeps the dirty pages of its largest
+transaction on its own free list, which malloc_trim cannot release). Also tried and not
+kept: ``mallopt(M_ARENA_MAX, 2)`` (librdkafka's threads sharing one arena) changed nothing
+measurable.
 
-Both are no-ops where glibc's functions are missing (another libc, not Linux).
+A no-op where glibc's function is missing (another libc, not Linux).
 """
 
 from __future__ import annotations
@@ -24,8 +23,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import time
-
-M_ARENA_MAX = -8  # glibc malloc.h
 
 _libc = None
 
@@ -35,20 +32,11 @@ def _glibc():
     if _libc is None:
         try:
             lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-            lib.mallopt.argtypes, lib.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
             lib.malloc_trim.argtypes, lib.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
         except (OSError, AttributeError):
             lib = False
         _libc = lib
     return _libc
-
-
-def limit_arenas(n: int) -> bool:
-    """At most `n` malloc arenas in this process (0: leave glibc's default). True when set."""
-    lib = _glibc()
-    if not n or not lib:
-        return False
-    return bool(lib.mallopt(M_ARENA_MAX, n))
 
 
 def trim() -> bool:

@@ -60,7 +60,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from . import logs, memory
+from . import logs
 from .config import Config
 from .connections import ConnectionLimits, protocol_factory
 from .metrics import make_registry, read_status, readiness, storage_blocked
@@ -471,7 +471,6 @@ def _url_host(host: str) -> str:
 def _server_main(config: Config, log_level: int, report, log_format: str = "text") -> None:
     """Entry point of the server process (spawned by :func:`start_server_process`)."""
     set_parent_death_signal(signal.SIGTERM)  # a graceful stop when the supervisor dies
-    memory.limit_arenas(config.service.malloc_arena_max)  # before uvicorn's threads
     logs.setup(log_level, log_format, "http")
     logging.getLogger("uvicorn.error").setLevel(max(log_level, logging.WARNING))
     try:

@@ -156,7 +156,6 @@ class Supervisor:
     # ---- lifecycle ------------------------------------------------------------------------
     def run(self) -> int:
         """Run until SIGTERM/SIGINT (or `stop_when`); 0 on a clean stop."""
-        memory.limit_arenas(self.svc.malloc_arena_max)  # before librdkafka's threads
         self._install_signals()
         try:
             self._consumer_conf()  # kafka.bootstrap_servers is set

@@ -14,7 +14,7 @@ import signal
 
 import lmdb
 
-from . import logs, memory
+from . import logs
 from .config import Config
 from .kafka_clients import redact_text
 from .protocol import FATAL_EXIT, FENCED_EXIT
@@ -42,7 +42,6 @@ def worker_main(config: Config, index: int, prefix: str, log_level: int,
     a pipe, if given): the supervisor stops the service when the same error ends a worker
     `service.max_worker_crashes` times in a row (supervisor._count_crash)."""
     set_parent_death_signal()
-    memory.limit_arenas(config.service.malloc_arena_max)  # before any thread mallocs
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor coordinates shutdown
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     logs.setup(log_level, log_format, "worker", index)

@@ -219,6 +219,11 @@ def markdown(results: dict, png: str | None = None) -> str:
                              f"RSS/PSS MiB: {rss}; startup (spawn + boot + group join) "
                              f"{r['startup_s']:.1f} s; the Kafka commit covered everything "
                              f"{r['kafka_committed_s']:.1f} s after the first fetch")
+                for k, v in procs.items():  # bench.metrics.smaps_breakdown near its peak
+                    b = v.get("breakdown")
+                    if k != "broker" and b:
+                        parts = ", ".join(f"{c} {m:,.0f}" for c, m in b["rss_mib"].items())
+                        lines.append(f"  - {k} at {b['at_rss_mib']:,.0f} MiB RSS: {parts}")
         lines.append("")
     if png and results.get("aggregator"):
         lines += [f"![throughput against workers]({png})", ""]

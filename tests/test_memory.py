@@ -1,4 +1,4 @@
-"""aggregator/memory.py (malloc arenas, malloc_trim) on real allocations, the worker's trim
+"""aggregator/memory.py (malloc_trim) on real allocations, the worker's trim
 after its commits on a real shard, and bench.metrics.smaps_breakdown on real mappings."""
 
 from __future__ import annotations
@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import textwrap
 
 import lmdb
 import pytest
@@ -42,42 +41,6 @@ def test_trim_gives_back_the_free_pages_between_live_chunks():
     assert len(keep) == 625
 
 
-_ARENAS = """
-import threading, sys
-from aggregator import memory
-from bench.metrics import smaps_breakdown
-if sys.argv[1] != "0":
-    assert memory.limit_arenas(int(sys.argv[1]))
-go = threading.Barrier(9)
-held = []
-def work():
-    go.wait()  # all threads malloc at once: glibc gives contending threads their own arena
-    for _ in range(200):
-        held.append(bytearray(2000))
-threads = [threading.Thread(target=work) for _ in range(8)]
-[t.start() for t in threads]
-go.wait()
-[t.join() for t in threads]
-b = smaps_breakdown(__import__("os").getpid())
-print(b["thread_arenas"]["rss"])
-"""
-
-
-def _thread_arena_bytes(limit: int) -> int:
-    out = subprocess.run([sys.executable, "-c", textwrap.dedent(_ARENAS), str(limit)],
-                         capture_output=True, text=True, timeout=60, check=True)
-    return int(out.stdout.split()[-1])
-
-
-def test_limit_arenas_keeps_threads_in_the_main_arena():
-    assert _thread_arena_bytes(0) > 0  # glibc's default: the threads got arenas of their own
-    assert _thread_arena_bytes(1) == 0  # one arena: the brk heap only
-
-
-def test_limit_zero_is_glibcs_default():
-    assert memory.limit_arenas(0) is False
-
-
 def test_trimmer_interval():
     t = memory.Trimmer(0)
     assert not t.maybe() and t.trims == 0
@@ -88,9 +51,9 @@ def test_trimmer_interval():
 
 def test_config_documents_the_defaults():
     svc = load_config(None, {}, env={}).service
-    assert svc.malloc_arena_max >= 0 and svc.malloc_trim_interval_ms >= 0
+    assert svc.malloc_trim_interval_ms == 1000
     with pytest.raises(Exception):
-        load_config(None, {"service.malloc_arena_max": -1}, env={})
+        load_config(None, {"service.malloc_trim_interval_ms": -1}, env={})
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,9 @@ resident pages are: the brk heap (main-thread malloc), the per-thread malloc are
 thread stacks, /dev/shm rings, the LMDB map and code/files. The shm and lmdb columns show
 RSS/PSS: a ring page touched by the supervisor and a worker counts twice in an RSS sum.
 
-Variants are config overrides joined with ``+`` (``shipped`` = none):
+Variants are config overrides joined with ``+`` (``shipped`` = none; ``before`` = the
+settings before issue 14's memory work: 16 MiB rings, 16 MiB consumer prefetch, no
+malloc_trim):
 ``ring=MIB`` (service.ring_bytes), ``max=MIB`` (service.commit_max_bytes),
 ``prefetch=KB`` (kafka.consumer queued.max.messages.kbytes),
 ``kset.NAME=VALUE`` (any librdkafka setting of kafka.common), ``set.PATH=VALUE`` (any
@@ -41,6 +43,9 @@ def variant(name: str) -> dict:
     out: dict = {}
     if name == "shipped":
         return out
+    if name == "before":
+        return {"service.ring_bytes": 16 * MiB, "service.malloc_trim_interval_ms": 0,
+                "kafka.consumer.queued.max.messages.kbytes": 16384}
     for item in name.split("+"):
         key, _, value = item.partition("=")
         if key.startswith("kset."):
