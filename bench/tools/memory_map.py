@@ -16,8 +16,8 @@ thread stacks, /dev/shm rings, the LMDB map and code/files. The shm and lmdb col
 RSS/PSS: a ring page touched by the supervisor and a worker counts twice in an RSS sum.
 
 Variants are config overrides joined with ``+`` (``shipped`` = none; ``before`` = the
-settings before issue 14's memory work: 16 MiB rings, 16 MiB consumer prefetch, no
-malloc_trim):
+settings before issue 14's memory work: 16 MiB rings, 16 MiB consumer prefetch, 4 MiB
+transactions, no malloc_trim):
 ``ring=MIB`` (service.ring_bytes), ``max=MIB`` (service.commit_max_bytes),
 ``prefetch=KB`` (kafka.consumer queued.max.messages.kbytes),
 ``kset.NAME=VALUE`` (any librdkafka setting of kafka.common), ``set.PATH=VALUE`` (any
@@ -45,6 +45,7 @@ def variant(name: str) -> dict:
         return out
     if name == "before":
         return {"service.ring_bytes": 16 * MiB, "service.malloc_trim_interval_ms": 0,
+                "service.commit_max_bytes": 4 * MiB,
                 "kafka.consumer.queued.max.messages.kbytes": 16384}
     for item in name.split("+"):
         key, _, value = item.partition("=")
