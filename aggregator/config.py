@@ -83,10 +83,10 @@ CONSUMER_DEFAULTS: dict[str, Any] = {
     "partition.assignment.strategy": "cooperative-sticky",
     "fetch.queue.backoff.ms": 20,
     "enable.partition.eof": False,
-    # prefetch at most 4 MiB (librdkafka's default is 64 MiB): the rings buffer four
-    # transactions per worker behind it. 16 MiB held ~30 MiB more supervisor RSS at the same
+    # prefetch at most 2 MiB (librdkafka's default is 64 MiB): the rings buffer two
+    # transactions per worker behind it. 16 MiB held ~40 MiB more supervisor RSS at the same
     # CPU per event (bench/tools/memory_map.py, 400k and 1M events)
-    "queued.max.messages.kbytes": 4096,
+    "queued.max.messages.kbytes": 2048,
 }
 # lz4 is in the bundled librdkafka's builtin.features (checked with confluent-kafka 2.16.1).
 PRODUCER_DEFAULTS: dict[str, Any] = {
@@ -293,10 +293,10 @@ class ServiceConfig(BaseModel):
     max_key_bytes: Size = Field(400, ge=1, le=480)  # + our prefixes <= LMDB's 511-byte keys
     batch_max_records: Int = Field(5000, ge=1)
     commit_interval_ms: Int = Field(1000, ge=1)
-    # 4 transactions' worth (commit_max_bytes). Every page ends up resident in the supervisor
-    # AND the worker: 16 MiB cost 32 MiB more RSS (2 workers) at the same CPU per event
-    # (bench/tools/memory_map.py)
-    ring_bytes: Size = Field(8 * MiB, ge=1)
+    # 2 transactions' worth (commit_max_bytes): the supervisor fills one while the worker
+    # applies the other. Every page ends up resident in the supervisor AND the worker: 16 MiB
+    # cost ~50 MiB more RSS (2 workers) at the same CPU per event (bench/tools/memory_map.py)
+    ring_bytes: Size = Field(4 * MiB, ge=1)
     lmdb_map_size: Size = Field(GiB, ge=MiB)
     lmdb_max_map_size: Size = Field(64 * GiB, ge=MiB)
     lmdb_sync: bool = True
