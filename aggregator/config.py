@@ -83,8 +83,10 @@ CONSUMER_DEFAULTS: dict[str, Any] = {
     "partition.assignment.strategy": "cooperative-sticky",
     "fetch.queue.backoff.ms": 20,
     "enable.partition.eof": False,
-    # prefetch at most 16 MiB (librdkafka's default is 64 MiB): the rings buffer the rest
-    "queued.max.messages.kbytes": 16384,
+    # prefetch at most 2 MiB (librdkafka's default is 64 MiB): the rings buffer two
+    # transactions per worker behind it. 16 MiB held ~40 MiB more supervisor RSS at the same
+    # CPU per event (bench/tools/memory_map.py, 400k and 1M events)
+    "queued.max.messages.kbytes": 2048,
 }
 # lz4 is in the bundled librdkafka's builtin.features (checked with confluent-kafka 2.16.1).
 PRODUCER_DEFAULTS: dict[str, Any] = {
@@ -291,18 +293,28 @@ class ServiceConfig(BaseModel):
     max_key_bytes: Size = Field(400, ge=1, le=480)  # + our prefixes <= LMDB's 511-byte keys
     batch_max_records: Int = Field(5000, ge=1)
     commit_interval_ms: Int = Field(1000, ge=1)
-    ring_bytes: Size = Field(16 * MiB, ge=1)  # 4 transactions' worth (commit_max_bytes)
+    # 2 transactions' worth (commit_max_bytes): the supervisor fills one while the worker
+    # applies the other. Every page ends up resident in the supervisor AND the worker: 16 MiB
+    # cost ~50 MiB more RSS (2 workers) at the same CPU per event (bench/tools/memory_map.py)
+    ring_bytes: Size = Field(4 * MiB, ge=1)
     lmdb_map_size: Size = Field(GiB, ge=MiB)
     lmdb_max_map_size: Size = Field(64 * GiB, ge=MiB)
     lmdb_sync: bool = True
     # a worker's transaction (worker.py): ring messages are taken into it for up to
     # commit_window_ms after its first one, or until commit_max_bytes of them (0: one take)
     commit_window_ms: Int = Field(50, ge=0, le=10_000)
-    commit_max_bytes: Size = Field(4 * MiB, ge=64 * KiB)
+    # 2 MiB: a transaction's dirty LMDB pages (which LMDB keeps allocated after the commit)
+    # and its Python objects grow with it. Against 4 MiB (bench.tools.commit_window, 200k
+    # events, 2 workers): worker CPU 58 -> 51 µs/record, workers' peak RSS 550 -> 450 MiB,
+    # but disk writes 4.4 -> 7.1 KB/record (docs/configuration.md)
+    commit_max_bytes: Size = Field(2 * MiB, ge=64 * KiB)
     # committed documents a worker keeps unpacked across transactions (doc_cache.py); 0: none.
     # Off by default: as Python objects a hit (cold in the CPU caches) costs about what the
     # LMDB read and unpack it saves (bench/micro/bench_batch.py, bench.tools.commit_window)
     doc_cache_bytes: Size = Field(0, ge=0)
+    # malloc_trim(0) at most this often, after a worker's commit and in the supervisor's
+    # loop (memory.py): the pages a transaction freed go back to the kernel; 0: never
+    malloc_trim_interval_ms: Int = Field(1000, ge=0)
     heartbeat_timeout_ms: Int = Field(10_000, ge=1)
     max_boot_failures: Int = Field(5, ge=1)
     # a worker that crashes this many times in a row after booting, with the same error and

@@ -38,7 +38,7 @@ from typing import Callable
 import msgpack
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
-from . import core, datadir, reshard
+from . import core, datadir, memory, reshard
 from .checkpoint import Checkpoint
 from .client_check import check_client_settings
 from .config import Config
@@ -460,6 +460,7 @@ class Supervisor:
         commit_every = self.svc.commit_interval_ms / 1000.0
         next_commit = time.monotonic() + commit_every
         next_progress = time.monotonic() + 1.0
+        trimmer = memory.Trimmer(self.svc.malloc_trim_interval_ms)
         while not self.stop_requested:
             fault_point("supervisor_loop")
             self._check_workers()
@@ -477,6 +478,7 @@ class Supervisor:
             if now >= next_commit:
                 self._commit(asynchronous=True)
                 next_commit = now + commit_every
+                trimmer.maybe()  # the pages freed with the consumed batches (memory.py)
             if now >= next_progress:
                 self._progress()
                 self._refresh_stats()

@@ -52,7 +52,7 @@ from collections import deque
 
 import lmdb
 
-from . import core, forwards, parser
+from . import core, forwards, memory, parser
 from .batch_state import BatchState
 from .changes import ChangeEncoder, make_publisher
 from .config import Config
@@ -133,6 +133,7 @@ class Worker(DedupStage, GateStage, RouteStage, LinksStage):
         self.commit_window = svc.commit_window_ms / 1000.0
         # committed documents kept across transactions; None: every one read from the shard
         self.doc_cache = DocCache(svc.doc_cache_bytes) if svc.doc_cache_bytes else None
+        self.trimmer = memory.Trimmer(svc.malloc_trim_interval_ms)  # after commits
         # new dedup ids after which the bloom filter is saved again: a boot reads at most
         # these from the dedup log (bloom_snapshot.py)
         self.save_bloom_every = max(config.dedup.bloom_capacity // 8, 10_000)
@@ -680,6 +681,7 @@ class Worker(DedupStage, GateStage, RouteStage, LinksStage):
         if self.ids_unsaved >= self.save_bloom_every:
             self.save_bloom()
         self._pump_outbox()
+        self.trimmer.maybe()  # the pages the transaction's objects freed (memory.py)
 
     def _publish_totals(self) -> None:
         """The shard's committed totals into the control block (set, not added: the block

@@ -26,6 +26,7 @@ import psutil
 from aggregator.store import Shard, shard_path
 
 log = logging.getLogger(__name__)
+MiB = 1 << 20
 
 
 _INBOUND_RING = re.compile(r"/dev/shm/\S+-s(\d+)$", re.M)
@@ -61,6 +62,8 @@ class ProcStats:
     peak_pss: int = 0
     cpu_first: float | None = None  # cpu seconds when first seen
     cpu_last: float = 0.0
+    breakdown: dict | None = None  # smaps_breakdown() near the peak RSS
+    breakdown_rss: int = 0  # the RSS when it was read
 
 
 @dataclass
@@ -74,13 +77,18 @@ class ProcessSampler:
     """Samples a process tree in a background thread; use as a context manager."""
 
     def __init__(self, roots: dict[str, int], *, interval: float = 0.1,
-                 extra: dict[str, int | None] | None = None, pss_every: int = 10) -> None:
+                 extra: dict[str, int | None] | None = None, pss_every: int = 10,
+                 breakdown: bool = True) -> None:
         """`roots`: {label: pid}, sampled with all their descendants and counted in the
-        totals; `extra`: {label: pid} sampled alone and left out of the totals."""
+        totals; `extra`: {label: pid} sampled alone and left out of the totals.
+        `breakdown`: read /proc/<pid>/smaps of a counted process whenever its RSS has grown
+        by 2 % (and 1 MiB) since the last read (`smaps_breakdown`), so the summary shows
+        what each process's memory is near its peak (a read costs ~1 ms)."""
         self.roots = {pid: label for label, pid in roots.items()}
         self.interval = interval
         self.extra = {pid: name for name, pid in (extra or {}).items() if pid}
         self.pss_every = pss_every
+        self.breakdown = breakdown
         self.procs: dict[int, ProcStats] = {}
         self.samples: list[Sample] = []
         self.peak_rss_total = 0
@@ -158,6 +166,11 @@ class ProcessSampler:
             cpu[p.pid] = c
             st.peak_rss = max(st.peak_rss, rss)
             st.peak_pss = max(st.peak_pss, pss)
+            if (self.breakdown and p.pid not in self.extra
+                    and rss > st.breakdown_rss + max(MiB, st.breakdown_rss // 50)):
+                b = smaps_breakdown(p.pid)
+                if b is not None:
+                    st.breakdown, st.breakdown_rss = b, rss
             if p.pid not in self.extra:
                 rss_total += rss
                 pss_total += pss
@@ -199,6 +212,11 @@ class ProcessSampler:
             per[name] = {"pid": pid, "peak_rss_mib": _mib(st.peak_rss),
                          "peak_pss_mib": _mib(st.peak_pss),
                          "cpu_s": round(st.cpu_last - (st.cpu_first or 0.0), 3)}
+            if st.breakdown is not None:
+                per[name]["breakdown"] = {
+                    "at_rss_mib": _mib(st.breakdown_rss),
+                    "rss_mib": {k: _mib(v["rss"]) for k, v in st.breakdown.items()},
+                    "pss_mib": {k: _mib(v["pss"]) for k, v in st.breakdown.items()}}
         return {"processes": per, "peak_rss_total_mib": _mib(self.peak_rss_total),
                 "peak_pss_total_mib": _mib(self.peak_pss_total),
                 "samples": len(self.samples), "interval_s": self.interval}
@@ -330,3 +348,77 @@ class DurablePoller:
         while not self._stop.is_set():
             self.poll()
             self._stop.wait(self.interval)
+
+
+# ---- what a process's resident memory is (from /proc/<pid>/smaps) -----------------------
+BREAKDOWN = ("heap", "thread_arenas", "anon_other", "stacks", "shm", "lmdb", "code_files")
+_ARENA_HEAP = 64 << 20  # glibc's HEAP_MAX_SIZE on 64-bit: a non-main arena's heaps, aligned
+_GUARD_MAX = 1 << 20  # a thread stack's PROT_NONE guard (one page unless set larger)
+_MAP_HEAD = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) (\S{4}) \S+ \S+ (\d+)\s*(.*)$")
+
+
+def smaps_breakdown(pid: int) -> dict[str, dict[str, int]] | None:
+    """{category: {"rss": bytes, "pss": bytes, "anon": bytes}} of one process, by mapping:
+
+    - ``heap``: the brk heap (glibc's main malloc arena: the main thread's malloc, e.g.
+      LMDB's dirty pages of a transaction, msgpack buffers);
+    - ``thread_arenas``: glibc's per-thread malloc arenas (64 MiB-aligned heaps, reserved
+      64 MiB: a PROT_NONE tail after the used part): what non-main threads malloc, i.e.
+      librdkafka's threads (fetch buffers, the consumer's prefetch queue, producer
+      batches) and Python threads;
+    - ``stacks``: thread stacks (an anonymous mapping right after its PROT_NONE guard page);
+    - ``anon_other``: the other private anonymous mappings: CPython's 1 MiB object arenas,
+      malloc's mmap'd large blocks (>= 128 KiB, e.g. big bytes objects, bloom bit arrays);
+    - ``shm``: /dev/shm segments (the rings: mapped by the supervisor and a worker, so an RSS
+      sum counts a touched page twice; PSS splits it);
+    - ``lmdb``: the LMDB map files (``*.mdb``, file-backed, shared with readers);
+    - ``code_files``: every other file mapping (the interpreter, .so libraries, locale).
+    None when the process is gone or unreadable."""
+    out = {k: {"rss": 0, "pss": 0, "anon": 0} for k in BREAKDOWN}
+    try:
+        with open(f"/proc/{pid}/smaps", "rb") as f:
+            text = f.read().decode("utf-8", "replace")
+    except OSError:
+        return None
+    maps: list[list] = []  # [start, end, perms, inode, path, rss, pss, anon]
+    for line in text.splitlines():
+        m = _MAP_HEAD.match(line)
+        if m:
+            maps.append([int(m.group(1), 16), int(m.group(2), 16), m.group(3),
+                         int(m.group(4)), m.group(5).strip(), 0, 0, 0])
+        elif maps:
+            key, _, rest = line.partition(":")
+            if key in ("Rss", "Pss", "Anonymous"):
+                i = {"Rss": 5, "Pss": 6, "Anonymous": 7}[key]
+                maps[-1][i] = int(rest.split()[0]) * 1024
+    for n, (start, end, perms, inode, path, rss, pss, anon) in enumerate(maps):
+        if not rss:
+            continue
+        if path == "[heap]":
+            cat = "heap"
+        elif path in ("[stack]",):
+            cat = "stacks"
+        elif path.startswith("/dev/shm/") or path.startswith("/SYSV"):
+            cat = "shm"
+        elif path.endswith(".mdb") or path.endswith(".mdb (deleted)"):
+            cat = "lmdb"
+        elif inode or path.startswith("/"):
+            cat = "code_files"
+        elif path.startswith("["):  # [vdso], [vvar] ...
+            cat = "code_files"
+        else:
+            prev = maps[n - 1] if n else None
+            nxt = maps[n + 1] if n + 1 < len(maps) else None
+            if start % _ARENA_HEAP == 0 and (end - start == _ARENA_HEAP or (
+                    nxt and nxt[0] == end and nxt[2].startswith("---") and not nxt[4])):
+                cat = "thread_arenas"  # a heap of a glibc arena: 64 MiB aligned and reserved
+            elif (prev and prev[1] == start and prev[2].startswith("---") and not prev[4]
+                  and prev[1] - prev[0] <= _GUARD_MAX):
+                cat = "stacks"  # right after its guard pages
+            else:
+                cat = "anon_other"
+        c = out[cat]
+        c["rss"] += rss
+        c["pss"] += pss
+        c["anon"] += anon
+    return out

@@ -225,6 +225,11 @@ def markdown(results: dict, png: str | None = None) -> str:
                         f"  - {st['commits']:,} LMDB commits, {st['records'] / st['commits']:,.0f} "
                         f"records and {st['commit_ms'] / st['commits']:.1f} ms each; "
                         f"{st.get('forwarded', 0):,} view updates forwarded between workers")
+                for k, v in procs.items():  # bench.metrics.smaps_breakdown near its peak
+                    b = v.get("breakdown")
+                    if k != "broker" and b:
+                        parts = ", ".join(f"{c} {m:,.0f}" for c, m in b["rss_mib"].items())
+                        lines.append(f"  - {k} at {b['at_rss_mib']:,.0f} MiB RSS: {parts}")
         lines.append("")
     if png and results.get("aggregator"):
         lines += [f"![throughput against workers]({png})", ""]

@@ -64,7 +64,7 @@ def test_loads_example() -> None:
     assert cfg.kafka.bootstrap_servers == ""
     assert cfg.service.workers == 2
     assert cfg.service.dead_letter_topic == "shop.deadletter"
-    assert cfg.service.ring_bytes == 16 * 2**20  # default
+    assert cfg.service.ring_bytes == 4 * 2**20  # default
     assert cfg.dedup.bloom_generations == 4
     assert cfg.gate.gap_policy == "skip"
     assert list(cfg.sources) == ["customers", "orders", "payments", "shipments", "inventory",
@@ -556,7 +556,7 @@ def test_consumer_and_producer_conf(data: dict) -> None:
         "partition.assignment.strategy": "cooperative-sticky",
         "fetch.queue.backoff.ms": 20,
         "enable.partition.eof": False,
-        "queued.max.messages.kbytes": 16384,
+        "queued.max.messages.kbytes": 2048,
         "security.protocol": "SASL_SSL",
         "linger.ms": 1,
         "client.id": "agg",

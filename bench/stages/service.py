@@ -14,11 +14,14 @@ separately as `kafka_committed_s`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing as mp
 import shutil
+import sys
 import tempfile
 import time
+import types
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,9 +32,27 @@ from bench.metrics import DurablePoller, ProcessSampler
 log = logging.getLogger(__name__)
 
 
+@contextlib.contextmanager
+def lean_main():
+    """Hide the main module while a process is spawned.
+
+    A 'spawn' child imports its parent's ``__main__`` module again (as ``__mp_main__``), and
+    so do its own children: every process of the measured service would carry the bench
+    harness (``python -m bench``: rich, the workload generator, the report; 5-8 MiB of RSS
+    each). `aggregator run` starts them from the CLI module, which imports little, so the
+    harness hides its main module from the processes it measures."""
+    main = sys.modules.get("__main__")
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
+
+
 def serve(overrides: dict, targets: dict, conn, stop, log_level: int) -> None:
     """Child process: run the Supervisor until every target offset is committed to Kafka
     (or `stop` is set); send timings and stats through `conn`."""
+    sys.modules["__main__"] = types.ModuleType("__main__")  # lean_main: for its children
     logging.basicConfig(level=log_level,
                         format="%(asctime)s supervisor %(levelname)s %(name)s: %(message)s")
     import aggregator.supervisor as sup_mod
@@ -98,7 +119,9 @@ class AggregatorProcess:
 
     def __init__(self, bootstrap: str, prefix: str, workers: int, *, embedded: bool,
                  broker_pid: int | None = None, log_level: int = logging.WARNING,
-                 consumer: dict | None = None) -> None:
+                 consumer: dict | None = None, overrides: dict | None = None) -> None:
+        """`consumer`: extra librdkafka consumer settings; `overrides`: extra config
+        overrides (dotted keys, e.g. ``{"service.ring_bytes": 8 << 20}``)."""
         self.workers = workers
         self.tmp = Path(tempfile.mkdtemp(prefix="agg-bench-"))
         self.data_dir = self.tmp / "data"
@@ -107,6 +130,7 @@ class AggregatorProcess:
                                       group=f"bench-{uuid.uuid4().hex[:8]}", embedded=embedded)
         for k, v in (consumer or {}).items():  # extra librdkafka consumer settings
             self.overrides[f"kafka.consumer.{k}"] = v
+        self.overrides.update(overrides or {})
         self.broker_pid = broker_pid
         self.log_level = log_level
         self.result: dict = {}
@@ -118,7 +142,8 @@ class AggregatorProcess:
         self.proc = ctx.Process(target=serve, name="bench-aggregator",
                                 args=(self.overrides, targets or {}, child_conn,
                                       self.stop_event, self.log_level))
-        self.proc.start()
+        with lean_main():
+            self.proc.start()
         child_conn.close()
         self.poller = DurablePoller(self.data_dir, self.workers).start()
         if targets:
@@ -154,13 +179,13 @@ class AggregatorProcess:
 
 def measure_throughput(loaded: wl.Loaded, bootstrap: str, workers: int, oracle: dict, *,
                        embedded: bool, broker_pid: int | None, timeout: float,
-                       on_tick=None) -> AggRun:
+                       on_tick=None, overrides: dict | None = None) -> AggRun:
     """Cold start on the pre-loaded topics; time first fetch → last offset durable."""
     from bench.verify import check_views
 
     run = AggRun(workers)
     p = AggregatorProcess(bootstrap, loaded.prefix, workers, embedded=embedded,
-                          broker_pid=broker_pid)
+                          broker_pid=broker_pid, overrides=overrides)
     try:
         p.start(loaded.targets)
         res = p.finish(timeout, on_tick)
