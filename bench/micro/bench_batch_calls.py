@@ -1,0 +1,83 @@
+"""The per-batch calls of the worker's stages, compiled against their references: CPU per
+record of each, on the same batch, in one run.
+
+    python -m bench.micro.bench_batch_calls [--n 5000] [--repeat 200]
+
+- ``pack_blob``: a commit's change rows ((doc key, view id, key, version, ~370 B JSON
+  data), as LinksStage._write_changes passes them) into one outbox blob — changes.pack_blob_ref
+  (the reference: struct per row, the `[r[1:] for r in rows]` slice it replaces) vs
+  _publish.pack_blob;
+- ``dedup``: dedup keys of a batch (slot prefix + identity hash) and the bloom input —
+  `routing.identity_hash` per event (the former DedupStage) vs core.dedup_keys;
+- ``mark_seen``: n new ids into a dedup generation of a real LMDB shard, one transaction
+  (aborted) per round — `Batch.mark_seen` per id vs `Batch.mark_seen_many`.
+
+Prints µs per record (process CPU time, best of --repeat rounds after a warm-up).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import time
+
+from aggregator import changes
+
+try:
+    from aggregator import _core, _publish
+except ImportError:  # pragma: no cover - the compiled core is required for this bench
+    _core = _publish = None
+
+
+def best(fn, repeat: int) -> float:
+    fn()
+    t = []
+    for _ in range(repeat):
+        t0 = time.process_time()
+        fn()
+        t.append(time.process_time() - t0)
+    return min(t)
+
+
+def change_rows(n: int, rnd: random.Random) -> list[tuple]:
+    rows = []
+    for i in range(n):
+        key = f"order-{rnd.randrange(100000)}"
+        data = None if i % 50 == 0 else b'{"x":' + os.urandom(180).hex().encode() + b"}"
+        rows.append((b"\x00\x01\x00" + key.encode(), i % 3, key, rnd.randrange(1, 1000), data))
+    return rows
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=5000)
+    ap.add_argument("--repeat", type=int, default=200)
+    ap.add_argument("--only", default="", help="comma-separated: pack_blob,dedup,mark_seen")
+    a = ap.parse_args(argv)
+    rnd = random.Random(7)
+    n = a.n
+    only = set(filter(None, a.only.split(",")))
+    res = []
+
+    def run(name, ref, comp):
+        if only and name.split(" ")[0] not in only:
+            return
+        r = best(ref, a.repeat) / n * 1e6
+        c = best(comp, a.repeat) / n * 1e6
+        res.append((name, r, c))
+        print(f"{name:<28} reference {r:7.3f} µs/rec   compiled {c:7.3f} µs/rec   "
+              f"x{r / c:5.1f}", flush=True)
+
+    rows = change_rows(n, rnd)
+    run("pack_blob",
+        lambda: changes.pack_blob_ref([r[1:] for r in rows], 123, True),
+        lambda: _publish.pack_blob(rows, 123, True, 1))
+    for extra in BENCHES:
+        extra(run, n, rnd, a.repeat)
+
+
+BENCHES: list = []  # further stages register here (below)
+
+if __name__ == "__main__":
+    main()
