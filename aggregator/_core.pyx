@@ -52,6 +52,7 @@ __all__ = [
     "BloomFilter",
     "SequenceGate",
     "bloom_size",
+    "dedup_keys",
     "gate_keys",
     "json_lossless",
 ]
@@ -554,6 +555,56 @@ def gate_keys(slots, sources, partitionkeys):
         memcpy(out + 2, PyBytes_AS_STRING(digest), 16)
         keys[i] = key
     return keys
+
+
+@cython.wraparound(False)
+def dedup_keys(events, Py_ssize_t slot_index):
+    """Dedup keys of a batch of ``(event, record)`` pairs: per pair
+    ``routing.slot_prefix(record[slot_index]) + routing.identity_hash(event.source,
+    event.id)`` (the gate key's layout, over the event id), and the 16-byte hashes joined
+    (the bloom filter's input, and the dedup log's when every id is new).
+
+    One call per batch; returns (list of 18-byte ``bytes``, ``bytes`` of 16 * n).
+    OverflowError for a slot outside 0..65535, TypeError for a source or id not a str.
+    """
+    cdef list ev = events if type(events) is list else list(events)
+    cdef Py_ssize_t i, a, b, n = len(ev)
+    cdef long long slot
+    cdef const char* ps
+    cdef const char* pp
+    cdef char* sp
+    cdef unsigned char* out
+    cdef unsigned char* hp
+    cdef bytes joined, digest, key, hashes
+    cdef list keys = [None] * n
+    cdef object pair, e
+    hashes = PyBytes_FromStringAndSize(NULL, 16 * n)
+    hp = <unsigned char*>PyBytes_AS_STRING(hashes)
+    h128 = _xxh3_128_digest
+    for i in range(n):
+        pair = ev[i]
+        e = pair[0]
+        slot = _as_ll(pair[1][slot_index])
+        if slot < 0 or slot > 0xFFFF:
+            raise OverflowError(f"slot out of range 0..65535: {slot}")
+        ps = _utf8(e.source, &a)
+        pp = _utf8(e.id, &b)
+        joined = PyBytes_FromStringAndSize(NULL, a + 1 + b)
+        sp = PyBytes_AS_STRING(joined)
+        memcpy(sp, ps, a)
+        sp[a] = 0
+        memcpy(sp + a + 1, pp, b)
+        digest = h128(joined)
+        if PyBytes_GET_SIZE(digest) != 16:  # pragma: no cover - xxh3_128 is 16 bytes
+            raise RuntimeError("xxh3_128_digest did not return 16 bytes")
+        key = PyBytes_FromStringAndSize(NULL, 18)
+        out = <unsigned char*>PyBytes_AS_STRING(key)
+        out[0] = <unsigned char>(slot >> 8)
+        out[1] = <unsigned char>(slot & 0xFF)
+        memcpy(out + 2, PyBytes_AS_STRING(digest), 16)
+        memcpy(hp + 16 * i, PyBytes_AS_STRING(digest), 16)
+        keys[i] = key
+    return keys, hashes
 
 
 # ===================================================================== SequenceGate

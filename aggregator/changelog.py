@@ -111,6 +111,11 @@ class CapturingBatch(Batch):
         super().mark_seen(skey, generation)
         self.log.append((DEDUP, skey, b""))
 
+    def mark_seen_many(self, skeys: list[bytes], generation: int,
+                       hashes: bytes | None = None) -> None:
+        super().mark_seen_many(skeys, generation, hashes)
+        self.log.extend((DEDUP, skey, b"") for skey in skeys)
+
     def _dropping(self, generation: int, db) -> None:
         """The ids of a dropped generation leave the changelog as tombstones."""
         cur = self.txn.cursor(db=db)

@@ -22,6 +22,7 @@ __all__ = [
     "BloomFilter",
     "SequenceGate",
     "bloom_size",
+    "dedup_keys",
     "gate_keys",
     "json_lossless",
 ]
@@ -39,6 +40,7 @@ if os.environ.get(PURE_ENV, "").strip().lower() in ("1", "true", "yes", "on"):
         BloomFilter,
         SequenceGate,
         bloom_size,
+        dedup_keys,
         gate_keys,
         json_lossless,
     )
@@ -56,6 +58,7 @@ else:
             BloomFilter,
             SequenceGate,
             bloom_size,
+            dedup_keys,
             gate_keys,
             json_lossless,
         )

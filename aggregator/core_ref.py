@@ -45,6 +45,7 @@ __all__ = [
     "BloomFilter",
     "SequenceGate",
     "bloom_size",
+    "dedup_keys",
     "gate_keys",
     "json_lossless",
 ]
@@ -403,6 +404,29 @@ def gate_keys(
         joined = source.encode() + b"\x00" + pk.encode()
         keys.append(slot.to_bytes(2, "big") + xxhash.xxh3_128_digest(joined))
     return keys
+
+
+def dedup_keys(events: Iterable, slot_index: int) -> tuple[list[bytes], bytes]:
+    """Dedup keys of a batch of ``(event, record)`` pairs: per pair
+    ``routing.slot_prefix(record[slot_index]) + routing.identity_hash(event.source,
+    event.id)`` (the gate key's layout, over the event id), and the 16-byte hashes joined
+    (the bloom filter's input, and the dedup log's when every id is new).
+
+    One call per batch; returns (list of 18-byte ``bytes``, ``bytes`` of 16 * n).
+    OverflowError for a slot outside 0..65535, TypeError for a source or id not a str.
+    """
+    keys = []
+    for ev, rec in events:
+        slot = _int64(rec[slot_index], "slot")
+        if not 0 <= slot <= 0xFFFF:
+            raise OverflowError(f"slot out of range 0..65535: {slot}")
+        source, event_id = ev.source, ev.id
+        for s in (source, event_id):
+            if not isinstance(s, str):
+                raise TypeError(f"expected str, not {type(s).__name__}")
+        joined = source.encode() + b"\x00" + event_id.encode()
+        keys.append(slot.to_bytes(2, "big") + xxhash.xxh3_128_digest(joined))
+    return keys, b"".join(k[2:] for k in keys)
 
 
 class _KeyState:
