@@ -53,6 +53,7 @@ __all__ = [
     "SequenceGate",
     "bloom_size",
     "dedup_keys",
+    "gate_batch",
     "gate_keys",
     "json_lossless",
 ]
@@ -605,6 +606,61 @@ def dedup_keys(events, Py_ssize_t slot_index):
         memcpy(hp + 16 * i, PyBytes_AS_STRING(digest), 16)
         keys[i] = key
     return keys, hashes
+
+
+@cython.wraparound(False)
+def gate_batch(events, Py_ssize_t slot_index, Py_ssize_t topic_index,
+               Py_ssize_t partition_index, topics, strict):
+    """The sequence gate's inputs of a batch of ``(event, record)`` pairs, for the events
+    with a sequence (``event.sequence is not None``), in one call: returns
+    ``(at, gkeys, seqs, topic_ix, modes, streams)`` —
+
+    - ``at``: their positions in `events`;
+    - ``gkeys``: their gate keys, ``gate_keys`` of (record[slot_index], event.source,
+      event.partitionkey);
+    - ``seqs``: their sequences; ``topic_ix``: their record[topic_index];
+    - ``modes``: ``bytes`` of strict[topic index] per event (SequenceGate.decide's `strict`);
+    - ``streams``: ``(topics[topic index], record[partition_index])`` per event.
+
+    Errors as gate_keys; IndexError for a topic index outside `topics`/`strict`,
+    ValueError for a strict value outside 0..255.
+    """
+    cdef list ev = events if type(events) is list else list(events)
+    cdef list tl = topics if type(topics) is list else list(topics)
+    cdef list sl = strict if type(strict) is list else list(strict)
+    cdef Py_ssize_t i, n = len(ev), m
+    cdef list at = [], slots = [], sources = [], pks = [], seqs = [], tix = [], streams = []
+    cdef object pair, e, rec, seq, ti
+    cdef long long t, v
+    cdef bytes modes
+    cdef unsigned char* mp
+    for i in range(n):
+        pair = ev[i]
+        e = pair[0]
+        seq = e.sequence
+        if seq is None:
+            continue
+        rec = pair[1]
+        ti = rec[topic_index]
+        at.append(i)
+        slots.append(rec[slot_index])
+        sources.append(e.source)
+        pks.append(e.partitionkey)
+        seqs.append(seq)
+        tix.append(ti)
+        streams.append((tl[ti], rec[partition_index]))
+    m = len(at)
+    modes = PyBytes_FromStringAndSize(NULL, m)
+    mp = <unsigned char*>PyBytes_AS_STRING(modes)
+    for i in range(m):
+        t = _as_ll(tix[i])
+        if t < 0:
+            t += len(sl)  # a negative index as the list takes it
+        v = _as_ll(sl[t])
+        if v < 0 or v > 255:
+            raise ValueError("bytes must be in range(0, 256)")
+        mp[i] = <unsigned char>v
+    return at, gate_keys(slots, sources, pks), seqs, tix, modes, streams
 
 
 # ===================================================================== SequenceGate

@@ -23,6 +23,7 @@ __all__ = [
     "SequenceGate",
     "bloom_size",
     "dedup_keys",
+    "gate_batch",
     "gate_keys",
     "json_lossless",
 ]
@@ -41,6 +42,7 @@ if os.environ.get(PURE_ENV, "").strip().lower() in ("1", "true", "yes", "on"):
         SequenceGate,
         bloom_size,
         dedup_keys,
+        gate_batch,
         gate_keys,
         json_lossless,
     )
@@ -59,6 +61,7 @@ else:
             SequenceGate,
             bloom_size,
             dedup_keys,
+            gate_batch,
             gate_keys,
             json_lossless,
         )

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aggregator import _core, _publish, changes, core, core_ref
-from aggregator.protocol import REC_SLOT
+from aggregator.protocol import REC_PARTITION, REC_SLOT, REC_TOPIC
 from aggregator.routing import identity_hash, slot_prefix
 from aggregator.stages.dedup import AlwaysMaybe, DedupStage
 from aggregator.store import Shard
@@ -165,3 +165,59 @@ def rec_of(slot):
     rec = [None] * (REC_SLOT + 1)
     rec[REC_SLOT] = slot
     return rec
+
+
+# ---- gate: core.gate_batch against the stage's former per-event bookkeeping ------------------
+
+class SeqEv:
+    __slots__ = ("source", "partitionkey", "sequence")
+
+    def __init__(self, source, pk, sequence):
+        self.source, self.partitionkey, self.sequence = source, pk, sequence
+
+
+def per_event_gate_inputs(kept, topics, strict):
+    """What GateStage._gate_apply built event by event before core.gate_batch."""
+    gated = [(i, ev, rec) for i, (ev, rec) in enumerate(kept) if ev.sequence is not None]
+    gkeys = core_ref.gate_keys([rec[REC_SLOT] for _, _, rec in gated],
+                               [ev.source for _, ev, _ in gated],
+                               [ev.partitionkey for _, ev, _ in gated])
+    seqpart = {}
+    for g, (_, ev, rec) in zip(gkeys, gated):
+        seqpart[g] = (topics[rec[REC_TOPIC]], rec[REC_PARTITION])
+    return ([i for i, _, _ in gated], gkeys, [ev.sequence for _, ev, _ in gated],
+            [rec[REC_TOPIC] for _, _, rec in gated],
+            bytes(strict[rec[REC_TOPIC]] for _, _, rec in gated), seqpart)
+
+
+def gate_rec(slot, topic, partition):
+    rec = [None] * (max(REC_SLOT, REC_TOPIC, REC_PARTITION) + 1)
+    rec[REC_SLOT], rec[REC_TOPIC], rec[REC_PARTITION] = slot, topic, partition
+    return rec
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["s1", "s2", "é"]), st.text(max_size=6),
+                          st.none() | st.integers(-5, 2**63 - 1), st.integers(0, 65535),
+                          st.integers(0, 2), st.integers(0, 7)), max_size=40),
+       st.lists(st.booleans(), min_size=3, max_size=3))
+def test_gate_batch_compiled_is_the_reference(rows, strict):
+    topics = ["t0", "t1", "t2"]
+    kept = [(SeqEv(src, pk, seq), gate_rec(slot, ti, part))
+            for src, pk, seq, slot, ti, part in rows]
+    at, gkeys, seqs, tix, modes, seqpart = per_event_gate_inputs(kept, topics, strict)
+    for impl in (core_ref.gate_batch, _core.gate_batch):
+        got = impl(kept, REC_SLOT, REC_TOPIC, REC_PARTITION, topics, strict)
+        assert got[:5] == (at, gkeys, seqs, tix, modes)
+        assert dict(zip(got[1], got[5])) == seqpart
+
+
+def test_gate_batch_refuses_what_the_reference_refuses():
+    ok = (SeqEv("s", "k", 1), gate_rec(0, 0, 0))
+    for row, strict, error in [((SeqEv("s", "k", 1), gate_rec(0, 5, 0)), [1], IndexError),
+                               ((SeqEv("s", "k", 1), gate_rec(70000, 0, 0)), [1], OverflowError),
+                               ((SeqEv("s", 3, 1), gate_rec(0, 0, 0)), [1], TypeError),
+                               (ok, [300], ValueError)]:
+        for impl in (core_ref.gate_batch, _core.gate_batch):
+            with pytest.raises(error):
+                impl([ok, row], REC_SLOT, REC_TOPIC, REC_PARTITION, ["t"], strict)

@@ -9,6 +9,9 @@ record of each, on the same batch, in one run.
   _publish.pack_blob;
 - ``dedup_keys``: dedup keys of a batch (slot prefix + identity hash) and the bloom input —
   `routing.identity_hash` per event (the former DedupStage) vs _core.dedup_keys;
+- ``gate_batch``: the gate stage's inputs (gate keys, sequences, strict modes, the streams'
+  topic/partition, the first topic of each key) — built event by event as the former
+  GateStage._gate_apply did vs _core.gate_batch;
 - ``mark_seen``: n new ids into a dedup generation of a real LMDB shard, one transaction
   (aborted) per round — `Batch.mark_seen` per id vs `Batch.mark_seen_many`.
 
@@ -56,7 +59,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=5000)
     ap.add_argument("--repeat", type=int, default=200)
-    ap.add_argument("--only", default="", help="comma-separated: pack_blob,dedup_keys,mark_seen")
+    ap.add_argument("--only", default="",
+                    help="comma-separated: pack_blob,dedup_keys,mark_seen,gate_batch")
     a = ap.parse_args(argv)
     rnd = random.Random(7)
     n = a.n
@@ -131,7 +135,57 @@ def bench_dedup(run, n, rnd, repeat):
             shard.close()
 
 
-BENCHES: list = [bench_dedup]
+class _SeqEv:
+    __slots__ = ("source", "partitionkey", "sequence")
+
+    def __init__(self, source, pk, sequence):
+        self.source, self.partitionkey, self.sequence = source, pk, sequence
+
+
+def bench_gate(run, n, rnd, repeat):
+    """The gate stage's per-event inputs: keys, sequences, modes, seqpart."""
+    from aggregator.protocol import REC_PARTITION, REC_SLOT, REC_TOPIC
+
+    topics, strict = ["orders", "customers", "products"], [False, True, False]
+    kept = []
+    for _ in range(n):
+        rec = [None] * (max(REC_SLOT, REC_TOPIC, REC_PARTITION) + 1)
+        rec[REC_SLOT], rec[REC_TOPIC], rec[REC_PARTITION] = rnd.randrange(4096), \
+            rnd.randrange(3), rnd.randrange(8)
+        kept.append((_SeqEv("https://shop.example/orders", f"order-{rnd.randrange(20000)}",
+                            rnd.randrange(1, 100)), rec))
+
+    def per_event():  # the former GateStage._gate_apply up to SequenceGate.decide
+        gated = [(i, ev, rec) for i, (ev, rec) in enumerate(kept) if ev.sequence is not None]
+        gkeys = _core.gate_keys([rec[REC_SLOT] for _, _, rec in gated],
+                                [ev.source for _, ev, _ in gated],
+                                [ev.partitionkey for _, ev, _ in gated])
+        seqpart = {}
+        for g, (_, ev, rec) in zip(gkeys, gated):
+            seqpart[g] = (topics[rec[REC_TOPIC]], rec[REC_PARTITION])
+        tix = [rec[REC_TOPIC] for _, _, rec in gated]
+        modes = bytes(strict[rec[REC_TOPIC]] for _, _, rec in gated)
+        seqs = [ev.sequence for _, ev, _ in gated]
+        codes = bytearray(len(kept))
+        for j, (i, _, _) in enumerate(gated):
+            codes[i] = 0
+        first_ti = {}
+        for g, ti in zip(gkeys, tix):
+            first_ti.setdefault(g, ti)
+        return {gated[j][0]: gkeys[j] for j in range(len(gated))}, seqs, modes
+
+    def batch():
+        at, gkeys, seqs, tix, modes, streams = _core.gate_batch(
+            kept, REC_SLOT, REC_TOPIC, REC_PARTITION, topics, strict)
+        seqpart = {}
+        seqpart.update(zip(gkeys, streams))
+        first_ti = dict(zip(reversed(gkeys), reversed(tix)))
+        return first_ti, seqs, modes
+
+    run("gate_batch", per_event, batch)
+
+
+BENCHES: list = [bench_dedup, bench_gate]
 
 if __name__ == "__main__":
     main()
