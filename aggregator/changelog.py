@@ -130,6 +130,11 @@ class CapturingBatch(Batch):
         super().put_seq(gkey, last, topic, partition)
         self.log.append((SEQ, gkey, _pack([last, topic, partition])))
 
+    def put_seqs(self, rows: list[tuple[bytes, int, str, int]]) -> None:
+        super().put_seqs(rows)
+        self.log.extend((SEQ, gkey, _pack([last, topic, partition]))
+                        for gkey, last, topic, partition in rows)
+
     def park(self, gkey: bytes, seq: int, parked_at: float, record: list) -> None:
         k, v = parked_key(gkey, seq), _pack([parked_at, record])
         self.put_raw("parked", k, v)

@@ -882,10 +882,13 @@ class Batch(_IndexWrites):
                      db=self._db["seq"])
 
     def put_seqs(self, rows: list[tuple[bytes, int, str, int]]) -> None:
-        """`put_seq` of each ``(gkey, last, topic, partition)``: one commit's dirty keys."""
-        put_seq = self.put_seq
-        for gkey, last, topic, partition in rows:
-            put_seq(gkey, last, topic, partition)
+        """`put_seq` of each ``(gkey, last, topic, partition)``: one commit's dirty keys,
+        in one cursor call."""
+        if not rows:
+            return
+        pack, tix = SEQ_ROW.pack, self._topic_index
+        self.txn.cursor(db=self._db["seq"]).putmulti(
+            [(gkey, pack(last, tix(topic), partition)) for gkey, last, topic, partition in rows])
 
     def park(self, gkey: bytes, seq: int, parked_at: float, record: list) -> None:
         self.txn.put(gkey + _U64.pack(seq), _pack([parked_at, record]), db=self._db["parked"])

@@ -9,6 +9,8 @@ record of each, on the same batch, in one run.
   _publish.pack_blob;
 - ``dedup_keys``: dedup keys of a batch (slot prefix + identity hash) and the bloom input —
   `routing.identity_hash` per event (the former DedupStage) vs _core.dedup_keys;
+- ``put_seqs``: a commit's dirty seq rows, `Batch.put_seq` per row vs `Batch.put_seqs`
+  (one cursor putmulti);
 - ``gate_batch``: the gate stage's inputs (gate keys, sequences, strict modes, the streams'
   topic/partition, the first topic of each key) — built event by event as the former
   GateStage._gate_apply did vs _core.gate_batch;
@@ -60,7 +62,7 @@ def main(argv=None) -> None:
     ap.add_argument("--n", type=int, default=5000)
     ap.add_argument("--repeat", type=int, default=200)
     ap.add_argument("--only", default="",
-                    help="comma-separated: pack_blob,dedup_keys,mark_seen,gate_batch")
+                    help="comma-separated: pack_blob,dedup_keys,mark_seen,put_seqs,gate_batch")
     a = ap.parse_args(argv)
     rnd = random.Random(7)
     n = a.n
@@ -131,6 +133,21 @@ def bench_dedup(run, n, rnd, repeat):
                 b.txn.abort()
 
             run("mark_seen", one_by_one, many)
+
+            rows = [(k, rnd.randrange(1, 10**6), "orders", rnd.randrange(8)) for k in skeys]
+
+            def seq_one_by_one():  # the former Batch.put_seqs
+                b = shard.begin()
+                for row in rows:
+                    b.put_seq(*row)
+                b.txn.abort()
+
+            def seq_many():
+                b = shard.begin()
+                b.put_seqs(rows)
+                b.txn.abort()
+
+            run("put_seqs", seq_one_by_one, seq_many)
         finally:
             shard.close()
 
