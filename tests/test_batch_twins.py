@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aggregator import _core, _publish, changes, core, core_ref
+from aggregator.changelog import CapturingBatch
 from aggregator.protocol import REC_PARTITION, REC_SLOT, REC_TOPIC
 from aggregator.routing import identity_hash, slot_prefix
 from aggregator.stages.dedup import AlwaysMaybe, DedupStage
@@ -221,3 +222,30 @@ def test_gate_batch_refuses_what_the_reference_refuses():
         for impl in (core_ref.gate_batch, _core.gate_batch):
             with pytest.raises(error):
                 impl([ok, row], REC_SLOT, REC_TOPIC, REC_PARTITION, ["t"], strict)
+
+
+def test_changelog_batch_logs_batch_calls_as_single_ones(tmp_path):
+    """Cluster mode's CapturingBatch: mark_seen_many and put_seqs leave the same changelog
+    entries (and rows) as mark_seen and put_seq one by one."""
+    skeys = [bytes([0, i % 3]) + bytes([i]) * 16 for i in range(20)]
+    rows = [(bytes([0, i]) + bytes([i]) * 16, 10 + i, f"t{i % 2}", i % 4) for i in range(10)]
+    logs = []
+    for run in ("batch", "single"):
+        shard = Shard(tmp_path / run, map_size=16 << 20)
+        try:
+            b = CapturingBatch(shard)
+            if run == "batch":
+                b.mark_seen_many(skeys, 0)
+                b.put_seqs(rows)
+            else:
+                for k in skeys:
+                    b.mark_seen(k, 0)
+                for row in rows:
+                    b.put_seq(*row)
+            logs.append((list(b.log), b.seen_count,
+                         [b.get_seq(g) for g, *_ in rows], [b.seen(k) for k in skeys]))
+            b.commit()
+        finally:
+            shard.close()
+    assert logs[0] == logs[1]
+    assert logs[0][1] == 20 and all(logs[0][3])
