@@ -52,6 +52,8 @@ __all__ = [
     "BloomFilter",
     "SequenceGate",
     "bloom_size",
+    "dedup_keys",
+    "gate_batch",
     "gate_keys",
     "json_lossless",
 ]
@@ -554,6 +556,111 @@ def gate_keys(slots, sources, partitionkeys):
         memcpy(out + 2, PyBytes_AS_STRING(digest), 16)
         keys[i] = key
     return keys
+
+
+@cython.wraparound(False)
+def dedup_keys(events, Py_ssize_t slot_index):
+    """Dedup keys of a batch of ``(event, record)`` pairs: per pair
+    ``routing.slot_prefix(record[slot_index]) + routing.identity_hash(event.source,
+    event.id)`` (the gate key's layout, over the event id), and the 16-byte hashes joined
+    (the bloom filter's input, and the dedup log's when every id is new).
+
+    One call per batch; returns (list of 18-byte ``bytes``, ``bytes`` of 16 * n).
+    OverflowError for a slot outside 0..65535, TypeError for a source or id not a str.
+    """
+    cdef list ev = events if type(events) is list else list(events)
+    cdef Py_ssize_t i, a, b, n = len(ev)
+    cdef long long slot
+    cdef const char* ps
+    cdef const char* pp
+    cdef char* sp
+    cdef unsigned char* out
+    cdef unsigned char* hp
+    cdef bytes joined, digest, key, hashes
+    cdef list keys = [None] * n
+    cdef object pair, e
+    hashes = PyBytes_FromStringAndSize(NULL, 16 * n)
+    hp = <unsigned char*>PyBytes_AS_STRING(hashes)
+    h128 = _xxh3_128_digest
+    for i in range(n):
+        pair = ev[i]
+        e = pair[0]
+        slot = _as_ll(pair[1][slot_index])
+        if slot < 0 or slot > 0xFFFF:
+            raise OverflowError(f"slot out of range 0..65535: {slot}")
+        ps = _utf8(e.source, &a)
+        pp = _utf8(e.id, &b)
+        joined = PyBytes_FromStringAndSize(NULL, a + 1 + b)
+        sp = PyBytes_AS_STRING(joined)
+        memcpy(sp, ps, a)
+        sp[a] = 0
+        memcpy(sp + a + 1, pp, b)
+        digest = h128(joined)
+        if PyBytes_GET_SIZE(digest) != 16:  # pragma: no cover - xxh3_128 is 16 bytes
+            raise RuntimeError("xxh3_128_digest did not return 16 bytes")
+        key = PyBytes_FromStringAndSize(NULL, 18)
+        out = <unsigned char*>PyBytes_AS_STRING(key)
+        out[0] = <unsigned char>(slot >> 8)
+        out[1] = <unsigned char>(slot & 0xFF)
+        memcpy(out + 2, PyBytes_AS_STRING(digest), 16)
+        memcpy(hp + 16 * i, PyBytes_AS_STRING(digest), 16)
+        keys[i] = key
+    return keys, hashes
+
+
+@cython.wraparound(False)
+def gate_batch(events, Py_ssize_t slot_index, Py_ssize_t topic_index,
+               Py_ssize_t partition_index, topics, strict):
+    """The sequence gate's inputs of a batch of ``(event, record)`` pairs, for the events
+    with a sequence (``event.sequence is not None``), in one call: returns
+    ``(at, gkeys, seqs, topic_ix, modes, streams)`` —
+
+    - ``at``: their positions in `events`;
+    - ``gkeys``: their gate keys, ``gate_keys`` of (record[slot_index], event.source,
+      event.partitionkey);
+    - ``seqs``: their sequences; ``topic_ix``: their record[topic_index];
+    - ``modes``: ``bytes`` of strict[topic index] per event (SequenceGate.decide's `strict`);
+    - ``streams``: ``(topics[topic index], record[partition_index])`` per event.
+
+    Errors as gate_keys; IndexError for a topic index outside `topics`/`strict`,
+    ValueError for a strict value outside 0..255.
+    """
+    cdef list ev = events if type(events) is list else list(events)
+    cdef list tl = topics if type(topics) is list else list(topics)
+    cdef list sl = strict if type(strict) is list else list(strict)
+    cdef Py_ssize_t i, n = len(ev), m
+    cdef list at = [], slots = [], sources = [], pks = [], seqs = [], tix = [], streams = []
+    cdef object pair, e, rec, seq, ti
+    cdef long long t, v
+    cdef bytes modes
+    cdef unsigned char* mp
+    for i in range(n):
+        pair = ev[i]
+        e = pair[0]
+        seq = e.sequence
+        if seq is None:
+            continue
+        rec = pair[1]
+        ti = rec[topic_index]
+        at.append(i)
+        slots.append(rec[slot_index])
+        sources.append(e.source)
+        pks.append(e.partitionkey)
+        seqs.append(seq)
+        tix.append(ti)
+        streams.append((tl[ti], rec[partition_index]))
+    m = len(at)
+    modes = PyBytes_FromStringAndSize(NULL, m)
+    mp = <unsigned char*>PyBytes_AS_STRING(modes)
+    for i in range(m):
+        t = _as_ll(tix[i])
+        if t < 0:
+            t += len(sl)  # a negative index as the list takes it
+        v = _as_ll(sl[t])
+        if v < 0 or v > 255:
+            raise ValueError("bytes must be in range(0, 256)")
+        mp[i] = <unsigned char>v
+    return at, gate_keys(slots, sources, pks), seqs, tix, modes, streams
 
 
 # ===================================================================== SequenceGate

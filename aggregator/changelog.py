@@ -111,6 +111,11 @@ class CapturingBatch(Batch):
         super().mark_seen(skey, generation)
         self.log.append((DEDUP, skey, b""))
 
+    def mark_seen_many(self, skeys: list[bytes], generation: int,
+                       hashes: bytes | None = None) -> None:
+        super().mark_seen_many(skeys, generation, hashes)
+        self.log.extend((DEDUP, skey, b"") for skey in skeys)
+
     def _dropping(self, generation: int, db) -> None:
         """The ids of a dropped generation leave the changelog as tombstones."""
         cur = self.txn.cursor(db=db)
@@ -124,6 +129,11 @@ class CapturingBatch(Batch):
         # topics each their own way (store.py, meta seq_topics)
         super().put_seq(gkey, last, topic, partition)
         self.log.append((SEQ, gkey, _pack([last, topic, partition])))
+
+    def put_seqs(self, rows: list[tuple[bytes, int, str, int]]) -> None:
+        super().put_seqs(rows)
+        self.log.extend((SEQ, gkey, _pack([last, topic, partition]))
+                        for gkey, last, topic, partition in rows)
 
     def park(self, gkey: bytes, seq: int, parked_at: float, record: list) -> None:
         k, v = parked_key(gkey, seq), _pack([parked_at, record])

@@ -38,6 +38,7 @@ import msgpack
 import orjson
 from confluent_kafka import KafkaException, Producer
 
+from . import core
 from .config import CHANGES_PRODUCER_DEFAULTS, Config
 from .doc_codec import json_body
 from .kafka_clients import quiet, redact_text
@@ -106,9 +107,10 @@ class ChangeEncoder:
         events (the reshard writes these)."""
         return _pack([view_id, key, version, data, int(time.time() * 1000), self.json])
 
-    def blob(self, rows: Iterable[tuple[int, str, int, bytes | None]]) -> bytes:
-        """A commit's change events (view id, key, version, data) as one outbox blob."""
-        return pack_blob(rows, int(time.time() * 1000), self.json)
+    def blob(self, rows: Iterable[tuple], first: int = 0) -> bytes:
+        """A commit's change events (view id, key, version, data; from index `first` of
+        each row on) as one outbox blob."""
+        return pack_blob(rows, int(time.time() * 1000), self.json, first)
 
 
 # A blob: a head, then per change event a record head, its key and its data (none: a
@@ -119,14 +121,19 @@ _BLOB_REC = struct.Struct("<HIiQ")  # view id, key length, data length (-1: null
 BLOB_JSON = 1
 
 
-def pack_blob(rows: Iterable[tuple[int, str, int, bytes | None]], ms: int,
-              is_json: bool) -> bytes:
+def pack_blob_ref(rows: Iterable[tuple], ms: int, is_json: bool, first: int = 0) -> bytes:
     """One commit's change events (view id, key, version, data) as one outbox value; `ms`
-    (their `ce_time`) and the data's encoding are the commit's."""
+    (their `ce_time`) and the data's encoding are the commit's. Each row holds those four
+    fields from index `first` on. The reference of the compiled `pack_blob` (_publish.pyx),
+    which ``AGGREGATOR_PURE_CORE=1`` replaces with this one."""
     parts = [b""]
     rec = _BLOB_REC.pack
     n = 0
-    for vid, key, version, data in rows:
+    end = first + 4
+    for row in rows:
+        if len(row) < end:
+            raise ValueError(f"change row of {len(row)} fields, {end} needed")
+        vid, key, version, data = row[first:end]
         kb = key.encode()
         if data is None:
             parts += (rec(vid, len(kb), -1, version), kb)
@@ -135,6 +142,12 @@ def pack_blob(rows: Iterable[tuple[int, str, int, bytes | None]], ms: int,
         n += 1
     parts[0] = _BLOB_HEAD.pack(BLOB_FORMAT, BLOB_JSON if is_json else 0, 0, n, ms)
     return b"".join(parts)
+
+
+if core.IMPLEMENTATION == "python":  # AGGREGATOR_PURE_CORE=1
+    pack_blob = pack_blob_ref
+else:
+    from ._publish import pack_blob  # noqa: E402 - the compiled twin, chosen as core.py does
 
 
 def blob_records(blob: bytes) -> tuple[int, bool, list[tuple[int, bytes, int, bytes | None]]]:

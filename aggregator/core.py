@@ -22,6 +22,8 @@ __all__ = [
     "BloomFilter",
     "SequenceGate",
     "bloom_size",
+    "dedup_keys",
+    "gate_batch",
     "gate_keys",
     "json_lossless",
 ]
@@ -39,6 +41,8 @@ if os.environ.get(PURE_ENV, "").strip().lower() in ("1", "true", "yes", "on"):
         BloomFilter,
         SequenceGate,
         bloom_size,
+        dedup_keys,
+        gate_batch,
         gate_keys,
         json_lossless,
     )
@@ -56,6 +60,8 @@ else:
             BloomFilter,
             SequenceGate,
             bloom_size,
+            dedup_keys,
+            gate_batch,
             gate_keys,
             json_lossless,
         )

@@ -45,6 +45,8 @@ __all__ = [
     "BloomFilter",
     "SequenceGate",
     "bloom_size",
+    "dedup_keys",
+    "gate_batch",
     "gate_keys",
     "json_lossless",
 ]
@@ -403,6 +405,55 @@ def gate_keys(
         joined = source.encode() + b"\x00" + pk.encode()
         keys.append(slot.to_bytes(2, "big") + xxhash.xxh3_128_digest(joined))
     return keys
+
+
+def dedup_keys(events: Iterable, slot_index: int) -> tuple[list[bytes], bytes]:
+    """Dedup keys of a batch of ``(event, record)`` pairs: per pair
+    ``routing.slot_prefix(record[slot_index]) + routing.identity_hash(event.source,
+    event.id)`` (the gate key's layout, over the event id), and the 16-byte hashes joined
+    (the bloom filter's input, and the dedup log's when every id is new).
+
+    One call per batch; returns (list of 18-byte ``bytes``, ``bytes`` of 16 * n).
+    OverflowError for a slot outside 0..65535, TypeError for a source or id not a str.
+    """
+    keys = []
+    for ev, rec in events:
+        slot = _int64(rec[slot_index], "slot")
+        if not 0 <= slot <= 0xFFFF:
+            raise OverflowError(f"slot out of range 0..65535: {slot}")
+        source, event_id = ev.source, ev.id
+        for s in (source, event_id):
+            if not isinstance(s, str):
+                raise TypeError(f"expected str, not {type(s).__name__}")
+        joined = source.encode() + b"\x00" + event_id.encode()
+        keys.append(slot.to_bytes(2, "big") + xxhash.xxh3_128_digest(joined))
+    return keys, b"".join(k[2:] for k in keys)
+
+
+def gate_batch(events: Iterable, slot_index: int, topic_index: int, partition_index: int,
+               topics: list[str], strict: list) -> tuple:
+    """The sequence gate's inputs of a batch of ``(event, record)`` pairs, for the events
+    with a sequence (``event.sequence is not None``), in one call: returns
+    ``(at, gkeys, seqs, topic_ix, modes, streams)`` —
+
+    - ``at``: their positions in `events`;
+    - ``gkeys``: their gate keys, ``gate_keys`` of (record[slot_index], event.source,
+      event.partitionkey);
+    - ``seqs``: their sequences; ``topic_ix``: their record[topic_index];
+    - ``modes``: ``bytes`` of strict[topic index] per event (SequenceGate.decide's `strict`);
+    - ``streams``: ``(topics[topic index], record[partition_index])`` per event.
+
+    Errors as gate_keys; IndexError for a topic index outside `topics`/`strict`,
+    ValueError for a strict value outside 0..255.
+    """
+    gated = [(i, ev, rec) for i, (ev, rec) in enumerate(events) if ev.sequence is not None]
+    streams = [(topics[rec[topic_index]], rec[partition_index]) for _, _, rec in gated]
+    gkeys = gate_keys([rec[slot_index] for _, _, rec in gated],
+                      [ev.source for _, ev, _ in gated],
+                      [ev.partitionkey for _, ev, _ in gated])
+    tix = [rec[topic_index] for _, _, rec in gated]
+    return ([i for i, _, _ in gated], gkeys, [ev.sequence for _, ev, _ in gated], tix,
+            bytes(strict[t] for t in tix), streams)
 
 
 class _KeyState:

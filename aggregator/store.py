@@ -95,6 +95,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import logging
 import os
 import struct
@@ -724,7 +725,8 @@ class Batch(_IndexWrites):
         self.shard = shard
         self.txn = shard.env.begin(write=True)
         self._db = shard.db
-        self._seen: dict[int, list[bytes]] = {}  # generation -> hashes marked seen
+        self._seen: dict[int, list[bytes]] = {}  # generation -> hashes marked seen (runs
+        # of 16-byte hashes, in the order they were marked)
         self._init_index()
         mine = shard.writer_epoch
         if mine is not None:  # fencing: one get per transaction (see Shard.claim_writer)
@@ -759,10 +761,34 @@ class Batch(_IndexWrites):
             seen = self._seen[generation] = []
         seen.append(skey[2:])
 
+    def mark_seen_many(self, skeys: list[bytes], generation: int,
+                       hashes: bytes | None = None) -> None:
+        """`mark_seen` of each of `skeys` (in order) in one cursor call per dedup key (HOT,
+        SEALED) instead of a put per id; `hashes`: their 16-byte hashes joined, when the
+        caller has them (core.dedup_keys)."""
+        if not skeys:
+            return
+        below = self._entry(generation)[1]
+        cur = self.txn.cursor(db=self.shard.dedup_db(generation))
+        if below <= 0:  # nothing sealed in this generation (the current one, as a rule)
+            cur.putmulti(zip(itertools.repeat(HOT), skeys), dupdata=True)
+        else:
+            sealed = [k for k in skeys if ((k[0] << 8) | k[1]) < below]
+            if sealed:
+                cur.putmulti(zip(itertools.repeat(SEALED), sealed), dupdata=True)
+            if len(sealed) < len(skeys):
+                cur.putmulti(zip(itertools.repeat(HOT),
+                                 [k for k in skeys if ((k[0] << 8) | k[1]) >= below]),
+                             dupdata=True)
+        seen = self._seen.get(generation)
+        if seen is None:
+            seen = self._seen[generation] = []
+        seen.append(b"".join([k[2:] for k in skeys]) if hashes is None else hashes)
+
     @property
     def seen_count(self) -> int:
         """Ids this transaction added to the dedup index."""
-        return sum(len(v) for v in self._seen.values())
+        return sum(len(h) for v in self._seen.values() for h in v) // 16
 
     def log_seen(self, last_seq: int) -> int:
         """Write the ids this transaction marked seen to the dedup log (one entry per
@@ -856,10 +882,13 @@ class Batch(_IndexWrites):
                      db=self._db["seq"])
 
     def put_seqs(self, rows: list[tuple[bytes, int, str, int]]) -> None:
-        """`put_seq` of each ``(gkey, last, topic, partition)``: one commit's dirty keys."""
-        put_seq = self.put_seq
-        for gkey, last, topic, partition in rows:
-            put_seq(gkey, last, topic, partition)
+        """`put_seq` of each ``(gkey, last, topic, partition)``: one commit's dirty keys,
+        in one cursor call."""
+        if not rows:
+            return
+        pack, tix = SEQ_ROW.pack, self._topic_index
+        self.txn.cursor(db=self._db["seq"]).putmulti(
+            [(gkey, pack(last, tix(topic), partition)) for gkey, last, topic, partition in rows])
 
     def park(self, gkey: bytes, seq: int, parked_at: float, record: list) -> None:
         self.txn.put(gkey + _U64.pack(seq), _pack([parked_at, record]), db=self._db["parked"])

@@ -194,7 +194,7 @@ class TaskWorker(Worker):
         gen = self.bloom.generation
         for u in updates:
             h = identity_hash(u[UPD_SOURCE], f"{u[UPD_ID]}\x00feed:{u[UPD_FEED]}")
-            flags = self._bloom_again([h]) if self.retrying else self.bloom.check_and_add(h)
+            flags = self._bloom_again(h) if self.retrying else self.bloom.check_and_add(h)
             skey = slot_prefix(u[UPD_SLOT]) + h
             if flags[0] and batch.seen(skey):
                 self.attempt.stats["duplicates"] += 1

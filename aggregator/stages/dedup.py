@@ -12,19 +12,20 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 
-from .. import bloom_snapshot
+from .. import bloom_snapshot, core
 from ..faults import fault_point
 from ..protocol import (
     REC_SLOT,
 )
-from ..routing import identity_hash, slot_prefix
 from ..store import Batch
 
 log = logging.getLogger("aggregator.worker")  # the worker's log lines, as before the split
 
 SEAL_MIN = 2048  # ids sealed per batch at least (whole slots: a few more)
+_MAYBE = re.compile(b"[^\x00]")  # a "maybe" in the bloom filter's flags
 
 
 
@@ -106,32 +107,60 @@ class DedupStage:
 
     def _dedup(self, batch: Batch, events: list) -> list:
         """The (event, record) pairs of `events` not applied before: bloom first, the exact
-        index only for a "maybe"; each new id marked seen in the batch."""
-        slots = [rec[REC_SLOT] for _, rec in events]
-        hashes = [identity_hash(ev.source, ev.id) for ev, _ in events]
+        index only for a "maybe"; the new ids marked seen in the batch, in their order.
+
+        Keys and hashes come from one core call per batch (core.dedup_keys) and the ids go
+        into the index in one cursor call (Batch.mark_seen_many). An id is a duplicate when
+        the exact index has it or an earlier event of this batch has it (what marking each
+        id before looking up the next one found)."""
+        skeys, hashes = core.dedup_keys(events, REC_SLOT)
         if self.retrying:
             flags = self._bloom_again(hashes)
         else:
-            flags = self.bloom.check_and_add(b"".join(hashes))
+            flags = self.bloom.check_and_add(hashes)
         gen = self.bloom.generation
-        kept = []
-        for i, (ev, rec) in enumerate(events):
-            skey = slot_prefix(slots[i]) + hashes[i]
-            if flags[i] and batch.seen(skey):
-                self.attempt.stats["duplicates"] += 1
-                continue
-            batch.mark_seen(skey, gen)
-            kept.append((ev, rec))
+        n = len(events)
+        if flags.count(0) == n:  # every id definitely new (no "maybe")
+            batch.mark_seen_many(skeys, gen, hashes)
+            return list(events)
+        first: dict | None = None  # skey -> its first index in the batch
+        dups = []
+        for m in _MAYBE.finditer(flags):
+            i = m.start()
+            skey = skeys[i]
+            if first is None:
+                first = dict(zip(reversed(skeys), range(n - 1, -1, -1)))
+            if first[skey] < i or batch.seen(skey):
+                dups.append(i)
+        if not dups:
+            batch.mark_seen_many(skeys, gen, hashes)
+            return list(events)
+        self.attempt.stats["duplicates"] += len(dups)
+        kept: list = []
+        new_keys: list = []
+        new_hashes = []
+        prev = 0
+        for d in dups:  # the runs between duplicates
+            kept += events[prev:d]
+            new_keys += skeys[prev:d]
+            new_hashes.append(hashes[16 * prev:16 * d])
+            prev = d + 1
+        kept += events[prev:]
+        new_keys += skeys[prev:]
+        new_hashes.append(hashes[16 * prev:])
+        batch.mark_seen_many(new_keys, gen, b"".join(new_hashes))
         return kept
 
-    def _bloom_again(self, hashes: list[bytes]) -> bytearray:
+    def _bloom_again(self, hashes: bytes) -> bytearray:
         """check_and_add for a batch applied again after a rollback: what the failed attempt
         added is only looked up ("maybe": confirmed by the exact index), so that retries do
-        not count the batch into the current generation again (and rotate it early)."""
-        flags = self.bloom.contains(b"".join(hashes))
+        not count the batch into the current generation again (and rotate it early).
+        `hashes`: 16-byte hashes joined."""
+        flags = self.bloom.contains(hashes)
         new = [i for i, f in enumerate(flags) if not f]
         if new:
-            for i, f in zip(new, self.bloom.check_and_add(b"".join(hashes[i] for i in new))):
+            again = self.bloom.check_and_add(b"".join(hashes[16 * i:16 * i + 16] for i in new))
+            for i, f in zip(new, again):
                 flags[i] = f
         return flags
 

@@ -45,24 +45,22 @@ class GateStage:
         """Pass new events through the sequence gate and apply them (route.py) in their
         order: apply, park or drop (stale); parked successors a gap-filler makes ready
         right after it; an overflowing park by the gap policy (`_on_full`), last."""
-        gated = [(i, ev, rec) for i, (ev, rec) in enumerate(kept) if ev.sequence is not None]
-        codes = bytearray(len(kept))  # APPLY by default (no sequence: dedup only)
+        at, gkeys, seqs, tix, modes, streams = core.gate_batch(
+            kept, REC_SLOT, REC_TOPIC, REC_PARTITION, self.topics, self.plan.strict)
         ready: list = []
-        gkeys: list[bytes] = []
-        if gated:
-            gkeys = core.gate_keys([rec[REC_SLOT] for _, _, rec in gated],
-                                   [ev.source for _, ev, _ in gated],
-                                   [ev.partitionkey for _, ev, _ in gated])
-            for g, (_, ev, rec) in zip(gkeys, gated):
-                self.attempt.seqpart[g] = (self.topics[rec[REC_TOPIC]], rec[REC_PARTITION])
-            self._load_gate(batch, gkeys, [rec[REC_TOPIC] for _, _, rec in gated])
-            strict = bytes(self.plan.strict[rec[REC_TOPIC]] for _, _, rec in gated)
-            gcodes, gready = self.gate.decide(gkeys, [ev.sequence for _, ev, _ in gated],
-                                              strict, time.time())
-            for j, (i, _, _) in enumerate(gated):
-                codes[i] = gcodes[j]
-            ready = [(gated[j][0], g, s) for j, g, s in gready]
-        gk_of = {gated[j][0]: gkeys[j] for j in range(len(gated))}
+        gk_of: list | dict = gkeys  # position in `kept` -> gate key
+        if not at:
+            codes = bytearray(len(kept))  # APPLY (no sequence: dedup only)
+        else:
+            self.attempt.seqpart.update(zip(gkeys, streams))
+            self._load_gate(batch, gkeys, tix)
+            codes, gready = self.gate.decide(gkeys, seqs, modes, time.time())
+            if len(at) < len(kept):  # some without a sequence: APPLY for them
+                gcodes, codes = codes, bytearray(len(kept))
+                for j, i in enumerate(at):
+                    codes[i] = gcodes[j]
+                gk_of = dict(zip(at, gkeys))
+            ready = [(at[j], g, s) for j, g, s in gready]
         rp = 0
         full = []
         now = time.time()
@@ -88,9 +86,7 @@ class GateStage:
         missing = self.gate.missing(gkeys)
         if not missing:
             return
-        first_ti = {}
-        for g, ti in zip(gkeys, topic_idx):
-            first_ti.setdefault(g, ti)
+        first_ti = dict(zip(reversed(gkeys), reversed(topic_idx)))  # a key's first topic
         parked = batch.has_parked()  # none stored: no key has parked events to read
         for g in missing:
             row = batch.get_seq(g)

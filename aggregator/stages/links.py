@@ -78,7 +78,7 @@ class LinksStage:
         if rows:
             first = self.change_seq + 1
             last = self.change_seq + len(rows)
-            blob = self.changes.blob([r[1:] for r in rows])
+            blob = self.changes.blob(rows, 1)  # fields after the doc key
             batch.put_changes(first, last, blob)
             self.attempt.chg_out.append((first, last, blob))
             batch.put_meta("change_seq", last)
