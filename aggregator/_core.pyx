@@ -510,6 +510,39 @@ cdef inline const char* _utf8(object s, Py_ssize_t* n) except NULL:
 
 
 @cython.wraparound(False)
+cdef bytes _slot_hash_key(object h128, long long slot, object first, object second,
+                          unsigned char* digest_out):
+    """``slot_prefix(slot) + xxh3_128(first + NUL + second)`` (18 bytes): a gate key over
+    (source, partition key), a dedup key over (source, id); the 16-byte digest is also
+    copied to `digest_out` unless it is NULL."""
+    cdef Py_ssize_t a, b
+    cdef const char* ps
+    cdef const char* pp
+    cdef char* sp
+    cdef unsigned char* out
+    cdef bytes joined, digest, key
+    if slot < 0 or slot > 0xFFFF:
+        raise OverflowError(f"slot out of range 0..65535: {slot}")
+    ps = _utf8(first, &a)
+    pp = _utf8(second, &b)
+    joined = PyBytes_FromStringAndSize(NULL, a + 1 + b)
+    sp = PyBytes_AS_STRING(joined)
+    memcpy(sp, ps, a)
+    sp[a] = 0
+    memcpy(sp + a + 1, pp, b)
+    digest = h128(joined)
+    if PyBytes_GET_SIZE(digest) != 16:  # pragma: no cover - xxh3_128 is 16 bytes
+        raise RuntimeError("xxh3_128_digest did not return 16 bytes")
+    key = PyBytes_FromStringAndSize(NULL, 18)
+    out = <unsigned char*>PyBytes_AS_STRING(key)
+    out[0] = <unsigned char>(slot >> 8)
+    out[1] = <unsigned char>(slot & 0xFF)
+    memcpy(out + 2, PyBytes_AS_STRING(digest), 16)
+    if digest_out != NULL:
+        memcpy(digest_out, PyBytes_AS_STRING(digest), 16)
+    return key
+
+
 def gate_keys(slots, sources, partitionkeys):
     """Gate keys of a batch: ``slot.to_bytes(2, "big") + xxh3_128(f"{source}\\0{pk}")``
     per event, i.e. ``routing.slot_prefix(slot) + routing.gate_hash(source, pk)``.
@@ -521,13 +554,7 @@ def gate_keys(slots, sources, partitionkeys):
     cdef list sl = slots if type(slots) is list else list(slots)
     cdef list so = sources if type(sources) is list else list(sources)
     cdef list pk = partitionkeys if type(partitionkeys) is list else list(partitionkeys)
-    cdef Py_ssize_t i, a, b, n = len(sl)
-    cdef long long slot
-    cdef const char* ps
-    cdef const char* pp
-    cdef char* sp
-    cdef unsigned char* out
-    cdef bytes joined, digest, key
+    cdef Py_ssize_t i, n = len(sl)
     cdef list keys
     if len(so) != n or len(pk) != n:
         raise ValueError(
@@ -536,25 +563,7 @@ def gate_keys(slots, sources, partitionkeys):
     keys = [None] * n
     h128 = _xxh3_128_digest
     for i in range(n):
-        slot = _as_ll(sl[i])
-        if slot < 0 or slot > 0xFFFF:
-            raise OverflowError(f"slot out of range 0..65535: {slot}")
-        ps = _utf8(so[i], &a)
-        pp = _utf8(pk[i], &b)
-        joined = PyBytes_FromStringAndSize(NULL, a + 1 + b)
-        sp = PyBytes_AS_STRING(joined)
-        memcpy(sp, ps, a)
-        sp[a] = 0
-        memcpy(sp + a + 1, pp, b)
-        digest = h128(joined)
-        if PyBytes_GET_SIZE(digest) != 16:  # pragma: no cover - xxh3_128 is 16 bytes
-            raise RuntimeError("xxh3_128_digest did not return 16 bytes")
-        key = PyBytes_FromStringAndSize(NULL, 18)
-        out = <unsigned char*>PyBytes_AS_STRING(key)
-        out[0] = <unsigned char>(slot >> 8)
-        out[1] = <unsigned char>(slot & 0xFF)
-        memcpy(out + 2, PyBytes_AS_STRING(digest), 16)
-        keys[i] = key
+        keys[i] = _slot_hash_key(h128, _as_ll(sl[i]), so[i], pk[i], NULL)
     return keys
 
 
@@ -569,14 +578,9 @@ def dedup_keys(events, Py_ssize_t slot_index):
     OverflowError for a slot outside 0..65535, TypeError for a source or id not a str.
     """
     cdef list ev = events if type(events) is list else list(events)
-    cdef Py_ssize_t i, a, b, n = len(ev)
-    cdef long long slot
-    cdef const char* ps
-    cdef const char* pp
-    cdef char* sp
-    cdef unsigned char* out
+    cdef Py_ssize_t i, n = len(ev)
     cdef unsigned char* hp
-    cdef bytes joined, digest, key, hashes
+    cdef bytes hashes
     cdef list keys = [None] * n
     cdef object pair, e
     hashes = PyBytes_FromStringAndSize(NULL, 16 * n)
@@ -585,26 +589,8 @@ def dedup_keys(events, Py_ssize_t slot_index):
     for i in range(n):
         pair = ev[i]
         e = pair[0]
-        slot = _as_ll(pair[1][slot_index])
-        if slot < 0 or slot > 0xFFFF:
-            raise OverflowError(f"slot out of range 0..65535: {slot}")
-        ps = _utf8(e.source, &a)
-        pp = _utf8(e.id, &b)
-        joined = PyBytes_FromStringAndSize(NULL, a + 1 + b)
-        sp = PyBytes_AS_STRING(joined)
-        memcpy(sp, ps, a)
-        sp[a] = 0
-        memcpy(sp + a + 1, pp, b)
-        digest = h128(joined)
-        if PyBytes_GET_SIZE(digest) != 16:  # pragma: no cover - xxh3_128 is 16 bytes
-            raise RuntimeError("xxh3_128_digest did not return 16 bytes")
-        key = PyBytes_FromStringAndSize(NULL, 18)
-        out = <unsigned char*>PyBytes_AS_STRING(key)
-        out[0] = <unsigned char>(slot >> 8)
-        out[1] = <unsigned char>(slot & 0xFF)
-        memcpy(out + 2, PyBytes_AS_STRING(digest), 16)
-        memcpy(hp + 16 * i, PyBytes_AS_STRING(digest), 16)
-        keys[i] = key
+        keys[i] = _slot_hash_key(h128, _as_ll(pair[1][slot_index]), e.source, e.id,
+                                 hp + 16 * i)
     return keys, hashes
 
 

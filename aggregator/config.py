@@ -296,7 +296,7 @@ class ServiceConfig(BaseModel):
     # 2 transactions' worth (commit_max_bytes): the supervisor fills one while the worker
     # applies the other. Every page ends up resident in the supervisor AND the worker: 16 MiB
     # cost ~50 MiB more RSS (2 workers) at the same CPU per event (bench/tools/memory_map.py)
-    ring_bytes: Size = Field(4 * MiB, ge=1)
+    ring_bytes: Size = Field(16 * MiB, ge=1)
     lmdb_map_size: Size = Field(GiB, ge=MiB)
     lmdb_max_map_size: Size = Field(64 * GiB, ge=MiB)
     lmdb_sync: bool = True

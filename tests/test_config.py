@@ -64,7 +64,7 @@ def test_loads_example() -> None:
     assert cfg.kafka.bootstrap_servers == ""
     assert cfg.service.workers == 2
     assert cfg.service.dead_letter_topic == "shop.deadletter"
-    assert cfg.service.ring_bytes == 4 * 2**20  # default
+    assert cfg.service.ring_bytes == 16 * 2**20  # default
     assert cfg.dedup.bloom_generations == 4
     assert cfg.gate.gap_policy == "skip"
     assert list(cfg.sources) == ["customers", "orders", "payments", "shipments", "inventory",

@@ -16,6 +16,7 @@ from aggregator.devtools import simulate
 from aggregator.ring import Ring
 from bench.metrics import BREAKDOWN, smaps_breakdown
 from tests import test_worker as tw
+from tests.test_worker import make_cluster  # noqa: F401 - the fixture
 
 MiB = 1 << 20
 
@@ -61,26 +62,12 @@ def events() -> simulate.Workload:
     return simulate.generate(7, tw.N_EVENTS)
 
 
-@pytest.fixture
-def cluster(tmp_path):
-    made = []
-
-    def make(n: int, overrides: dict) -> tw.Cluster:
-        c = tw.Cluster(tmp_path / f"data{len(made)}", n, overrides)
-        made.append(c)
-        c.boot()
-        return c
-
-    yield make
-    for c in made:
-        c.close()
-
-
-def test_worker_trims_after_its_commits_on_a_real_shard(cluster, events, monkeypatch):
+def test_worker_trims_after_its_commits_on_a_real_shard(make_cluster, events,  # noqa: F811
+                                                         monkeypatch):
     calls = []
     real = memory.trim
     monkeypatch.setattr(memory, "trim", lambda: calls.append(1) or real())
-    c = cluster(2, {"service.malloc_trim_interval_ms": 1})
+    c = make_cluster(2, overrides={"service.malloc_trim_interval_ms": 1})
     recs = c.ring_records(events.records)
     half = len(recs) // 2
     c.dispatch(recs[:half])
@@ -91,10 +78,10 @@ def test_worker_trims_after_its_commits_on_a_real_shard(cluster, events, monkeyp
     tw.assert_views(c.views(), simulate.expected_views(events))
 
 
-def test_worker_does_not_trim_when_off(cluster, events, monkeypatch):
+def test_worker_does_not_trim_when_off(make_cluster, events, monkeypatch):  # noqa: F811
     calls = []
     monkeypatch.setattr(memory, "trim", lambda: calls.append(1))
-    c = cluster(1, {"service.malloc_trim_interval_ms": 0})
+    c = make_cluster(1, overrides={"service.malloc_trim_interval_ms": 0})
     c.dispatch(c.ring_records(events.records[:500]))
     assert calls == [] and c.workers[0].trimmer.trims == 0
 

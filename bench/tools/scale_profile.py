@@ -18,6 +18,8 @@ import pstats
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from aggregator.config import load_config
 from aggregator.protocol import create_segments
@@ -34,39 +36,22 @@ def batches(events: int) -> list:
     return wl.ring_messages(wl.generate(11, events), BATCH)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--events", type=int, default=400_000)
-    ap.add_argument("--top", type=int, default=22)
-    args = ap.parse_args(argv)
-    msgs = batches(args.events)
-    tmp = tempfile.mkdtemp(prefix="agg-scale-")
+@contextmanager
+def in_process_worker(tag: str) -> Iterator[tuple[Worker, object, str]]:
+    """(worker, config, temp dir): one booted `Worker` of shop.toml owning every slot, on a
+    fresh shard in a temp dir, dead letters discarded, the collector tuned as in a worker
+    process; closed afterwards (the change producer purged)."""
+    tmp = tempfile.mkdtemp(prefix=f"agg-{tag}-")
     cfg = load_config(wl.CONFIG_PATH, {"service.workers": 1, "service.data_dir": tmp + "/data",
                                        "service.ring_bytes": 8 << 20}, env={})
-    prefix = f"agg-scale-{uuid.uuid4().hex[:8]}"
+    prefix = f"agg-{tag}-{uuid.uuid4().hex[:8]}"
     segments = create_segments(prefix, 1, 8 << 20, 8 << 20)
     worker = Worker(cfg, 0, prefix)
     worker.boot()
     worker.dlq = NoDeadLetters()
     tune_gc()
-
-    def run(part: list) -> float:
-        t = time.process_time()
-        for m in part:
-            worker.process([m], [])
-        return (time.process_time() - t) / (len(part) * BATCH) * 1e6
-
     try:
-        k = len(msgs)
-        first = run(msgs[:k // 5])
-        middle = run(msgs[k // 5:4 * k // 5])
-        prof = cProfile.Profile()
-        prof.enable()
-        last = run(msgs[4 * k // 5:])
-        prof.disable()
-        print(f"CPU µs/record: first fifth {first:.1f}, middle {middle:.1f}, "
-              f"last fifth {last:.1f} (profiled: cProfile adds its own cost)")
-        pstats.Stats(prof).sort_stats("tottime").print_stats(args.top)
+        yield worker, cfg, tmp
     finally:
         producer = getattr(getattr(worker, "publisher", None), "producer", None)
         if producer is not None and hasattr(producer, "purge"):
@@ -75,6 +60,35 @@ def main(argv: list[str] | None = None) -> int:
         worker.inbound.close()
         worker.ctl.close()
         segments.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--events", type=int, default=400_000)
+    ap.add_argument("--top", type=int, default=22)
+    args = ap.parse_args(argv)
+    msgs = batches(args.events)
+    with in_process_worker("scale") as (worker, _, _):
+        return _profile(worker, msgs, args.top)
+
+
+def _profile(worker: Worker, msgs: list, top: int) -> int:
+    def run(part: list) -> float:
+        t = time.process_time()
+        for m in part:
+            worker.process([m], [])
+        return (time.process_time() - t) / (len(part) * BATCH) * 1e6
+
+    k = len(msgs)
+    first = run(msgs[:k // 5])
+    middle = run(msgs[k // 5:4 * k // 5])
+    prof = cProfile.Profile()
+    prof.enable()
+    last = run(msgs[4 * k // 5:])
+    prof.disable()
+    print(f"CPU µs/record: first fifth {first:.1f}, middle {middle:.1f}, "
+          f"last fifth {last:.1f} (profiled: cProfile adds its own cost)")
+    pstats.Stats(prof).sort_stats("tottime").print_stats(top)
     return 0
 
 

@@ -14,21 +14,13 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import tempfile
 import time
-import uuid
 
 import orjson
 
 from aggregator.changes import outbox_records
-from aggregator.config import load_config
-from aggregator.protocol import create_segments
-from aggregator.runtime import tune_gc
 from aggregator.store import read_views
-from aggregator.worker import Worker
-from bench import workload as wl
-from bench.micro.bench_batch import NoDeadLetters
-from bench.tools.scale_profile import BATCH, batches
+from bench.tools.scale_profile import BATCH, batches, in_process_worker
 
 
 def digests(shard) -> dict[str, str]:
@@ -55,29 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--events", type=int, default=60_000)
     args = ap.parse_args(argv)
     msgs = batches(args.events)
-    tmp = tempfile.mkdtemp(prefix="agg-digest-")
-    cfg = load_config(wl.CONFIG_PATH, {"service.workers": 1, "service.data_dir": tmp + "/data",
-                                       "service.ring_bytes": 8 << 20}, env={})
-    prefix = f"agg-digest-{uuid.uuid4().hex[:8]}"
-    segments = create_segments(prefix, 1, 8 << 20, 8 << 20)
-    worker = Worker(cfg, 0, prefix)
-    worker.boot()
-    worker.dlq = NoDeadLetters()
-    tune_gc()
-    try:
+    with in_process_worker("digest") as (worker, cfg, tmp):
         t = time.process_time()
         for m in msgs:
             worker.process([m], [])
         cpu = (time.process_time() - t) / (len(msgs) * BATCH) * 1e6
         d = digests(worker.shard)
-    finally:
-        producer = getattr(getattr(worker, "publisher", None), "producer", None)
-        if producer is not None and hasattr(producer, "purge"):
-            producer.purge()
-        worker.close()
-        worker.inbound.close()
-        worker.ctl.close()
-        segments.close()
     views = read_views(tmp + "/data", list(cfg.views))
     d["views"] = hashlib.sha256(orjson.dumps(views, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
     print(f"CPU µs/record {cpu:.1f}; " + ", ".join(f"{k} {v}" for k, v in sorted(d.items())))
