@@ -83,9 +83,8 @@ CONSUMER_DEFAULTS: dict[str, Any] = {
     "partition.assignment.strategy": "cooperative-sticky",
     "fetch.queue.backoff.ms": 20,
     "enable.partition.eof": False,
-    # prefetch at most 2 MiB (librdkafka's default is 64 MiB): the rings buffer two
-    # transactions per worker behind it. 16 MiB held ~40 MiB more supervisor RSS at the same
-    # CPU per event (bench/tools/memory_map.py, 400k and 1M events)
+    # prefetch at most 2 MiB (librdkafka's default is 64 MiB): the rings buffer the rest.
+    # 16 MiB held ~40 MiB more supervisor RSS at the same rate (bench/results/ring-variants.md)
     "queued.max.messages.kbytes": 2048,
 }
 # lz4 is in the bundled librdkafka's builtin.features (checked with confluent-kafka 2.16.1).
@@ -293,9 +292,10 @@ class ServiceConfig(BaseModel):
     max_key_bytes: Size = Field(400, ge=1, le=480)  # + our prefixes <= LMDB's 511-byte keys
     batch_max_records: Int = Field(5000, ge=1)
     commit_interval_ms: Int = Field(1000, ge=1)
-    # 2 transactions' worth (commit_max_bytes): the supervisor fills one while the worker
-    # applies the other. Every page ends up resident in the supervisor AND the worker: 16 MiB
-    # cost ~50 MiB more RSS (2 workers) at the same CPU per event (bench/tools/memory_map.py)
+    # 8 transactions' worth (commit_max_bytes): the supervisor keeps filling it while the
+    # worker applies and commits (fsync). Every page ends up resident in the supervisor AND
+    # the worker, but at 1M events, 2 workers, 4 MiB rings ran 18.6k events/s against 25.5k
+    # with 16 MiB for ~45 MiB less RSS (bench/results/ring-variants.md)
     ring_bytes: Size = Field(16 * MiB, ge=1)
     lmdb_map_size: Size = Field(GiB, ge=MiB)
     lmdb_max_map_size: Size = Field(64 * GiB, ge=MiB)

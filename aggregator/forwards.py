@@ -49,6 +49,18 @@ from .protocol import (
     FORWARD_UPDATE,
     FORWARD_VERSION,
     MSG_FORWARD,
+    UPD_DATA,
+    UPD_FEED,
+    UPD_ID,
+    UPD_KEY,
+    UPD_ORIGIN,
+    UPD_PARTITIONKEY,
+    UPD_SEQUENCE,
+    UPD_SLOT,
+    UPD_SOURCE,
+    UPD_SUBJECT,
+    UPD_TIME,
+    UPD_TYPE,
     Forwarded,
     pack,
     unpack,
@@ -63,10 +75,11 @@ HEAD = FORWARD_HEAD
 UPDATE = FORWARD_UPDATE
 NO_SEQUENCE = FORWARD_NO_SEQUENCE
 _LEN = struct.Struct("<i")
-_STR_FIELDS = (1, 3, 4, 5, 6, 7, 10)  # view key, id, source, type, time, subject, partitionkey
-_INTS = (0, 2, 11, 12, 13)  # feed id, slot, topic index, partition, offset
-_DATA = 9
-_SEQUENCE = 8
+_STR_FIELDS = (UPD_KEY, UPD_ID, UPD_SOURCE, UPD_TYPE, UPD_TIME, UPD_SUBJECT, UPD_PARTITIONKEY)
+# feed id, slot, and the event's record: topic index, partition, offset
+_INTS = (UPD_FEED, UPD_SLOT, UPD_ORIGIN, UPD_ORIGIN + 1, UPD_ORIGIN + 2)
+_DATA = UPD_DATA
+_SEQUENCE = UPD_SEQUENCE
 _ENVELOPE = 64  # room for a format 1 envelope [2, from, seq, [...]] (as before)
 _I64 = 1 << 63
 

@@ -34,8 +34,7 @@ Format 3 (this build) is format 2 with the ``"j"`` form of ``views`` records (be
 format-2 shard is read as it is and stamped 3 when a worker opens it (`Shard.check_layout`;
 its records are all ``"d"`` and its outbox rows format 1, both read by format 3), so that a
 build of format 2 then refuses it ("data format 3") instead of misreading what format 3
-writes. Format 1 is migrated by
-reshard.py (`aggregator migrate`). What format 2 brought:
+writes. Format 1 is migrated by reshard.py (`aggregator migrate`). What format 2 brought:
 
 - the dedup index: meta ``dedup_index`` = [[generation, sealed_below], ...] lists the live
   generations, oldest first. A generation's ids go to its database under key b"h" as they
@@ -665,7 +664,7 @@ class _IndexWrites:
 
     def _put_seen(self, skey: bytes, generation: int) -> None:
         e = self._entry(generation)
-        key = SEALED if ((skey[0] << 8) | skey[1]) < e[1] else HOT
+        key = SEALED if key_slot(skey) < e[1] else HOT
         self.txn.put(key, skey, db=self.shard.dedup_db(generation), dupdata=True)
 
     def _unset_seen(self, skey: bytes) -> bool:
@@ -678,7 +677,7 @@ class _IndexWrites:
         return found
 
     def seen(self, skey: bytes) -> bool:
-        slot = (skey[0] << 8) | skey[1]
+        slot = key_slot(skey)
         for gen, sealed_below in self._index():
             cur = self.txn.cursor(db=self.shard.dedup_db(gen))
             if cur.set_key_dup(SEALED if slot < sealed_below else HOT, skey):
@@ -769,17 +768,11 @@ class Batch(_IndexWrites):
         if not skeys:
             return
         below = self._entry(generation)[1]
-        cur = self.txn.cursor(db=self.shard.dedup_db(generation))
         if below <= 0:  # nothing sealed in this generation (the current one, as a rule)
-            cur.putmulti(zip(itertools.repeat(HOT), skeys), dupdata=True)
-        else:
-            sealed = [k for k in skeys if ((k[0] << 8) | k[1]) < below]
-            if sealed:
-                cur.putmulti(zip(itertools.repeat(SEALED), sealed), dupdata=True)
-            if len(sealed) < len(skeys):
-                cur.putmulti(zip(itertools.repeat(HOT),
-                                 [k for k in skeys if ((k[0] << 8) | k[1]) >= below]),
-                             dupdata=True)
+            items = zip(itertools.repeat(HOT), skeys)
+        else:  # under SEALED or HOT by slot, as _put_seen
+            items = [(SEALED if key_slot(k) < below else HOT, k) for k in skeys]
+        self.txn.cursor(db=self.shard.dedup_db(generation)).putmulti(items, dupdata=True)
         seen = self._seen.get(generation)
         if seen is None:
             seen = self._seen[generation] = []

@@ -6,12 +6,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import lmdb
 import pytest
 
 from aggregator import memory
-from aggregator.config import load_config
+from aggregator.config import ConfigError, load_config
 from aggregator.devtools import simulate
 from aggregator.ring import Ring
 from bench.metrics import BREAKDOWN, smaps_breakdown
@@ -53,7 +54,10 @@ def test_trimmer_interval():
 def test_config_documents_the_defaults():
     svc = load_config(None, {}, env={}).service
     assert svc.malloc_trim_interval_ms == 1000
-    with pytest.raises(Exception):
+    doc = (Path(__file__).parent.parent / "docs" / "configuration.md").read_text()
+    assert "| `malloc_trim_interval_ms` | int, ≥ 0 | `1000` |" in doc
+    assert f"| `ring_bytes` | size | `{svc.ring_bytes >> 20} MiB` |" in doc
+    with pytest.raises(ConfigError, match="malloc_trim_interval_ms"):
         load_config(None, {"service.malloc_trim_interval_ms": -1}, env={})
 
 
