@@ -24,7 +24,9 @@ from hypothesis import strategies as st
 
 import aggregator.store as store_mod
 import aggregator.worker as worker_mod
-from aggregator import _core, bloom_snapshot, core_ref, forwards
+from aggregator import _core, _merge, bloom_snapshot, core_ref, forwards
+from aggregator import merge as merge_ref
+from aggregator import plan as plan_mod
 from aggregator.changes import blob_records, outbox_blobs
 from aggregator.config import load_config
 from aggregator.control import TOTAL_SLOTS, Slot
@@ -924,6 +926,24 @@ def _rebuild_from_changes(published) -> dict:
         else:
             docs.setdefault(view, {})[key] = json.loads(data)
     return docs
+
+
+def test_compiled_and_reference_merge_store_and_publish_the_same(make_cluster, workload,
+                                                                  monkeypatch):
+    """The shop workload through two workers (forwarded updates included) with the compiled
+    merge ops and with the reference: the same views and the same change events, in order."""
+    results = []
+    for compile_ops, plan_type in ((_merge.compile_ops, _merge.MergePlan),
+                                   (merge_ref.compile_ops, merge_ref.MergePlan)):
+        monkeypatch.setattr(plan_mod, "compile_ops", compile_ops)
+        c = make_cluster(2, sub=plan_type.__module__)
+        assert all(type(f.merge) is plan_type for f in c.workers[0].plan.feeds)
+        c.feed(c.ring_records(workload.records), random.Random(5))
+        for w in c.workers:
+            w.publisher.pump()
+        results.append((c.views(), c.published))
+    assert results[0][0] == results[1][0]
+    assert results[0][1] == results[1][1] and results[0][1]
 
 
 @pytest.mark.parametrize("n", [1, 2])
