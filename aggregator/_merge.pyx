@@ -10,11 +10,16 @@ phases:
 
 1. *check*: every value the ops take from the event (and every entry id) is read, projected,
    type-checked and copied if needed, before the document is touched. A missing or
-   wrong-typed event value therefore leaves the document as it was.
+   wrong-typed event value therefore leaves the document as it was. In an *atomic* plan
+   (`MergePlan.atomic`: one op, or no ``delete`` and no op's path a prefix of another's, as
+   in every feed of the example config) the document is checked here too (a path through
+   a non-object, adding to a string, merging into a list): no op sees what an earlier one
+   wrote, so the checks on the document as it came give the reference's errors, and a
+   `MergeError` always leaves the document as it was.
 2. *mutate*: the ops run in order on the document (intermediate objects created on write,
-   tombstones, numeric add). Errors that depend on the document (a path through a
-   non-object, adding to a string) can still stop this phase part-way, as in the reference:
-   the caller (stages/route.py) rebuilds the document by replay.
+   tombstones, numeric add). In a plan that is not atomic, errors that depend on the
+   document can still stop this phase part-way, as in the reference: the caller
+   (stages/route.py) rebuilds the document by replay, whichever plan failed.
 
 Errors are the reference's, in the reference's order: if phase 1 fails at op k, the ops
 before k run on a copy of the document first, so a document error of an earlier op is
@@ -219,6 +224,58 @@ cdef dict _container(_Op op, dict doc, bint create):
     return c
 
 
+cdef int _check_doc(_Op op, dict doc) except -1:
+    """Phase 1 of an atomic plan: the document errors `_mutate` would raise for this op on
+    `doc` as it is (a missing or null object on the way is created on write: nothing
+    below it can fail)."""
+    cdef dict c = doc
+    cdef PyObject* hit
+    cdef object t
+    cdef int code = op.code
+    if code == OP_UNSET or code == OP_REMOVE or code == OP_DELETE or op.root:
+        return 0  # these never fail on the document (merge into the root: doc is a dict)
+    for k in op.parents:
+        hit = PyDict_GetItem(c, k)
+        if hit is NULL or <object>hit is None:
+            return 0
+        if not isinstance(<object>hit, dict):
+            raise _MergeError(f"{op.where}: {k!r} is not an object in the document")
+        c = <dict>hit
+    hit = PyDict_GetItem(c, op.last)
+    if hit is NULL or <object>hit is None:
+        return 0
+    t = <object>hit
+    if code == OP_ADD:
+        if type(t) is not int and type(t) is not float:
+            raise _MergeError(
+                f"{op.where}: document value is {type(t).__name__}, not a number")
+    elif code == OP_MERGE:
+        if not isinstance(t, dict):
+            raise _MergeError(f"{op.where}: target is not an object in the document")
+    elif code == OP_UPSERT:
+        if not isinstance(t, dict):
+            raise _MergeError(f"{op.where}: collection is not an object in the document")
+    return 0
+
+
+cdef bint _atomic(tuple table):
+    """One op, or no delete and no op's path a prefix of (or equal to) another's."""
+    cdef Py_ssize_t i, j, n = len(table)
+    if n == 1:
+        return True
+    paths = [tuple(e.path) for e in table]
+    for e in table:
+        if e.op == "delete":
+            return False
+    for i in range(n):
+        for j in range(i + 1, n):
+            a, b = paths[i], paths[j]
+            m = min(len(a), len(b))
+            if a[:m] == b[:m]:
+                return False
+    return True
+
+
 cdef object _mutate(_Op op, object doc, object v, object eid):
     """Phase 2 of one op on `doc` (a dict or None), with its phase-1 value and entry id;
     returns the document (None: tombstone)."""
@@ -284,8 +341,11 @@ cdef class MergePlan:
     cdef readonly tuple ops
     cdef readonly bint writes
     cdef readonly bint deletes
+    cdef readonly bint atomic
 
     def __init__(self, table):
+        table = tuple(table)
+        self.atomic = _atomic(table)
         self._rows = tuple(_Op(e) for e in table)
         self._n = len(self._rows)
         self.ops = tuple((e.op, ".".join(e.path)) for e in table)
@@ -304,7 +364,19 @@ cdef class MergePlan:
             PyList_SET_ITEM(vals, i, None)
         if doc is None:
             doc = {}
-        # phase 1: every event value and entry id, checked
+        # phase 1: every event value and entry id, checked; in an atomic plan the document
+        # too, in the reference's order (each op's event values, then its document)
+        if self.atomic:
+            for i in range(n):
+                op = <_Op>self._rows[i]
+                if op.has_id:
+                    vals[2 * i + 1] = _entry_id(op, event)
+                if op.src != SRC_NONE:
+                    vals[2 * i] = _value(op, event)
+                _check_doc(op, <dict>doc)
+            for i in range(n):  # phase 2 (no error left)
+                doc = _mutate(<_Op>self._rows[i], doc, vals[2 * i], vals[2 * i + 1])
+            return doc
         for i in range(n):
             op = <_Op>self._rows[i]
             try:

@@ -141,16 +141,32 @@ def compile_both(specs, context=None):
     return p_ref, p_c
 
 
+def atomic(specs) -> bool:
+    """The rule `_merge.MergePlan.atomic` follows, spelled out independently."""
+    if len(specs) == 1:
+        return True
+    paths = [tuple(s["path"].split(".")) if s.get("path") else () for s in specs]
+    return all(s["op"] != "delete" for s in specs) and not any(
+        a[:len(b)] == b or b[:len(a)] == a
+        for i, a in enumerate(paths) for b in paths[i + 1:])
+
+
 def check_twins(specs, doc, events_, context=None):
     plans = compile_both(specs, context)
     if plans is None:
         return
     p_ref, p_c = plans
+    assert p_c.atomic == atomic(specs)
     for event in events_:
         pristine = copy.deepcopy(event.data)
         want = outcome(p_ref, doc, event)
         got = outcome(p_c, doc, event)
         assert got[:2] == want[:2]
+        if got[0] == "error" and p_c.atomic:  # an atomic plan fails before it changes
+            mine = copy.deepcopy(doc)  # anything
+            with pytest.raises(MergeError):
+                p_c.apply(mine, event)
+            assert typed(mine) == typed(doc)
         assert typed(event.data) == typed(pristine)  # never mutated, by either
         if got[0] == "ok":  # a result shares nothing of the plan that a later apply uses
             private = copy.copy(event)  # (it may share the event's data: scramble a copy)
@@ -231,6 +247,44 @@ def ev(data=None, **attrs) -> Event:
 ])
 def test_error_order_matches(specs, doc, data):
     check_twins(specs, doc, [ev(data)])
+
+
+ATOMIC_PLAN = [{"op": "add", "path": "n", "value": 1},
+               {"op": "set", "path": "s", "from": "data.s"},
+               {"op": "upsert", "path": "c.x", "id": "id", "from": "data"},
+               {"op": "add", "path": "a.b", "value": 1}]
+
+
+@pytest.mark.parametrize("doc", [
+    {"a": {"b": "x"}},  # add to a string (the last op)
+    {"a": [1]},  # a path through a list
+    {"c": {"x": 5}},  # upsert into a number
+    {"n": True},  # add to a bool (the first op)
+])
+def test_atomic_plan_document_error_leaves_document_untouched(doc):
+    """An atomic plan checks the document before it changes it: the ops before the failing
+    one would apply, and yet nothing changed; the error is the reference's."""
+    plan = _merge.compile_ops(ATOMIC_PLAN)
+    assert plan.atomic
+    check_twins(ATOMIC_PLAN, doc, [ev({"s": 1})])
+    before = copy.deepcopy(doc)
+    with pytest.raises(MergeError):
+        plan.apply(doc, ev({"s": 1}))
+    assert typed(doc) == typed(before)
+
+
+def test_atomic_rule():
+    assert _merge.compile_ops([{"op": "delete"}]).atomic
+    assert not _merge.compile_ops([{"op": "add", "path": "a", "value": 1},
+                                   {"op": "delete"}]).atomic
+    assert not _merge.compile_ops([{"op": "set", "path": "a", "value": {}},
+                                   {"op": "add", "path": "a.b", "value": 1}]).atomic
+    assert not _merge.compile_ops([{"op": "merge", "path": "", "value": {}},
+                                   {"op": "add", "path": "b", "value": 1}]).atomic
+    assert _merge.compile_ops([{"op": "add", "path": "s.a", "value": 1},
+                               {"op": "add", "path": "s.b", "value": 1}]).atomic
+    for specs, view_specs in example_feeds():
+        assert _merge.compile_ops(specs, view_specs).atomic
 
 
 def test_event_error_leaves_document_untouched():
