@@ -7,7 +7,10 @@ later result). tests/test_merge.py runs the hand-written cases against both."""
 from __future__ import annotations
 
 import copy
+import os
 import pathlib
+import subprocess
+import sys
 import tomllib
 
 import pytest
@@ -337,3 +340,35 @@ def test_simulated_shop_workload_agrees():
             assert typed(pair[1]) == typed(pair[0])
             applied += 1
     assert applied > 3000 and len(docs) > 100
+
+
+# ---------------------------------------------------------------------------------------
+# selection (merger.py)
+
+
+def test_merger_selects_the_implementation():
+    from aggregator import core, merger
+
+    if core.IMPLEMENTATION == "python":
+        assert merger.IMPLEMENTATION == "python" and merger.compile_ops is ref.compile_ops
+    else:
+        assert merger.IMPLEMENTATION == "cython" and merger.compile_ops is _merge.compile_ops
+
+
+def _import_merger_without_extension(pure: str) -> subprocess.CompletedProcess:
+    code = ("import sys; sys.modules['aggregator._merge'] = None\n"
+            "import aggregator.merger as m; print(m.IMPLEMENTATION)\n")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, env=dict(os.environ, AGGREGATOR_PURE_CORE=pure))
+
+
+def test_merger_fails_loudly_without_the_extension():
+    res = _import_merger_without_extension("")
+    assert res.returncode != 0 and "aggregator._merge" in res.stderr
+    assert "AGGREGATOR_PURE_CORE=1" in res.stderr
+
+
+def test_merger_pure_needs_no_extension():
+    res = _import_merger_without_extension("1")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "python"
