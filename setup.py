@@ -1,6 +1,6 @@
 """Build the compiled extensions ``aggregator._core``, ``aggregator._envelope``,
-``aggregator._frames``, ``aggregator._forwards`` and ``aggregator._publish`` (Cython);
-metadata lives in pyproject.toml.
+``aggregator._frames``, ``aggregator._merge``, ``aggregator._forwards`` and
+``aggregator._publish`` (Cython); metadata lives in pyproject.toml.
 
 The extensions are mandatory: a Cython or C compile error fails the build (no optional
 extension, no silent pure-Python install). ``AGGREGATOR_CYTHON_TRACE=1`` makes a debug
@@ -49,6 +49,13 @@ extensions = [
     Extension(
         "aggregator._frames",
         ["aggregator/_frames.pyx"],
+        define_macros=macros,
+        extra_compile_args=compile_args,
+    ),
+    # the compiled twin of merge.compile_ops (merger.py chooses)
+    Extension(
+        "aggregator._merge",
+        ["aggregator/_merge.pyx"],
         define_macros=macros,
         extra_compile_args=compile_args,
     ),

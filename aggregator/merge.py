@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 __all__ = [
     "OP_GRAMMAR",
@@ -45,7 +45,9 @@ __all__ = [
     "MergeConfigError",
     "MergeError",
     "MergePlan",
+    "OpEntry",
     "compile_ops",
+    "op_table",
     "compile_path",
     "get_path",
 ]
@@ -663,6 +665,18 @@ class MergePlan:
             doc = fn(doc, event)
         return doc
 
+    def apply_update(self, stored: dict, event: Any) -> dict | None:
+        """Apply the event to a stored document ``{"v": version, "d": document, "s":
+        freshness}`` in place: the new document, the version + 1 and the source's
+        freshness entry ``[sequence, time]``; returns the new document. On `MergeError`
+        the version and freshness are unchanged but the document may be part-changed (the
+        caller rebuilds it: stages/route.py replays)."""
+        doc = self.apply(stored["d"], event)
+        stored["d"] = doc
+        stored["v"] += 1
+        stored["s"][event.source] = [event.sequence, event.time]
+        return doc
+
     def __len__(self) -> int:
         return len(self._ops)
 
@@ -692,3 +706,67 @@ def compile_ops(specs: list[dict], context: list[dict] | None = None) -> MergePl
         for i, spec in enumerate(specs)
     ]
     return MergePlan(compiled)
+
+
+# ---------------------------------------------------------------------------------------
+# the op table: what the compiled twin (_merge.pyx) runs
+
+
+class OpEntry(NamedTuple):
+    """One checked op as data (the compiled twin's table row; this module runs closures).
+
+    ``source``: ``"value"`` (``literal`` holds the value, negated for add and projected to
+    ``fields``), or the event attribute a value is read from (``source_path`` below it, for
+    ``data``; ``source_text`` is the configured string for messages). ``id_*`` likewise
+    for the entry id of upsert/remove (``id_attr`` None: no id). ``clone``: an event value
+    is deep-copied before it is stored (see `_needs_clone`).
+    """
+
+    op: str
+    where: str
+    path: tuple[str, ...]
+    source: str | None
+    source_path: tuple[str, ...]
+    source_text: str
+    literal: Any
+    id_attr: str | None
+    id_path: tuple[str, ...]
+    id_text: str
+    fields: tuple[str, ...] | None
+    negate: bool
+    clone: bool
+
+
+def op_table(specs: list[dict], context: list[dict] | None = None) -> tuple[OpEntry, ...]:
+    """The table of a feed's ops, after `compile_ops` (same arguments) checked them; each
+    row holds what the op's closures hold, computed the same way."""
+    compile_ops(specs, context)  # the checks and their messages
+    specs = list(specs)
+    rows = []
+    for i, spec in enumerate(specs):
+        op = spec["op"]
+        if op == "delete":
+            rows.append(OpEntry(op, f"op #{i} (delete)", (), None, (), "", None, None, (), "",
+                                None, False, False))
+            continue
+        where = f"op #{i} ({op} {spec.get('path', '')!r})"
+        parsed = _parse_common(op, spec, where)
+        source, source_path, source_text, literal = None, (), "", None
+        if op in _WRITES:
+            if parsed.has_value:
+                source, literal = "value", spec["value"]
+                if op == "add" and parsed.negate:
+                    literal = -literal
+                if parsed.fields is not None:
+                    literal = {f: literal[f] for f in parsed.fields if f in literal}
+            else:
+                source_text = spec["from"]
+                source, source_path = _parse_event_path(source_text, where, "from")
+        id_attr, id_path, id_text = None, (), ""
+        if parsed.get_id is not None:
+            id_text = spec["id"]
+            id_attr, id_path = _parse_event_path(id_text, where, "id")
+        rows.append(OpEntry(op, where, parsed.path, source, source_path, source_text, literal,
+                            id_attr, id_path, id_text, parsed.fields, parsed.negate,
+                            _needs_clone(specs, i, context)))
+    return tuple(rows)

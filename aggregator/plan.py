@@ -8,7 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .config import Config
-from .merge import MergePlan, compile_ops
+from .merge import MergePlan
+from .merger import compile_ops
 
 
 @dataclass(frozen=True, slots=True)
@@ -17,7 +18,7 @@ class Feed:
     view: str
     view_id: int
     key_path: tuple[str, ...] | None  # None: the partition key; else a path below `data`
-    merge: MergePlan
+    merge: MergePlan  # or its compiled twin (_merge.MergePlan, same API; merger.py)
 
 
 class ViewPlan:

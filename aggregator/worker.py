@@ -52,7 +52,7 @@ from collections import deque
 
 import lmdb
 
-from . import core, forwards, memory, parser
+from . import core, forwards, memory, merger, parser
 from .batch_state import BatchState
 from .changes import ChangeEncoder, make_publisher
 from .config import Config
@@ -227,9 +227,10 @@ class Worker(DedupStage, GateStage, RouteStage, LinksStage):
         # row was replaced (_check_fence)
         self.ctl_epoch = max(self.epoch, ctl.get(me, Slot.EPOCH) + 1)
         ctl.set(me, Slot.EPOCH, self.ctl_epoch)
-        log.info("worker %d booted: core=%s, parser=%s, forwards=%s, bloom filter %s (%d ids "
-                 "read, %.3f s), %d bloom generations, %d partitions, change events %s", me,
-                 core.IMPLEMENTATION, parser.IMPLEMENTATION, forwards.IMPLEMENTATION,
+        log.info("worker %d booted: core=%s, parser=%s, merge=%s, forwards=%s, bloom filter %s "
+                 "(%d ids read, %.3f s), %d bloom generations, %d partitions, change events %s",
+                 me, core.IMPLEMENTATION, parser.IMPLEMENTATION, merger.IMPLEMENTATION,
+                 forwards.IMPLEMENTATION,
                  self._bloom_how,
                  self._bloom_loaded, self._bloom_s, len(self.bloom.live_generations),
                  len(self.through),

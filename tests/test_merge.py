@@ -1,16 +1,22 @@
-"""Merge ops: each op, paths, projection, tombstones, errors, config errors, aliasing."""
+"""Merge ops: each op, paths, projection, tombstones, errors, config errors, aliasing.
+
+Every test runs against both implementations (the module-scoped `impl` fixture swaps this
+module's `compile_ops` and `MergePlan`): the reference merge.py and the compiled _merge.
+"""
 
 from __future__ import annotations
 
 import copy
 import datetime
 import pathlib
+import sys
 import tomllib
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from aggregator import merge as merge_ref
 from aggregator.envelope import Event
 from aggregator.merge import (
     MergeConfigError,
@@ -20,6 +26,24 @@ from aggregator.merge import (
     compile_path,
     get_path,
 )
+
+try:
+    from aggregator import _merge
+except ImportError:  # only acceptable when the pure core is forced
+    _merge = None
+
+IMPLS = [merge_ref] + ([_merge] if _merge is not None else [])
+
+
+@pytest.fixture(scope="module", autouse=True, params=IMPLS,
+                ids=lambda m: "python" if m is merge_ref else "cython")
+def impl(request):
+    """Run the module's tests with this implementation's compile_ops and MergePlan."""
+    mod = sys.modules[__name__]
+    saved = mod.compile_ops, mod.MergePlan
+    mod.compile_ops, mod.MergePlan = request.param.compile_ops, request.param.MergePlan
+    yield request.param
+    mod.compile_ops, mod.MergePlan = saved
 
 EXAMPLE = pathlib.Path(__file__).resolve().parent.parent / "examples" / "shop.toml"
 

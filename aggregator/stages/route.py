@@ -115,15 +115,12 @@ class RouteStage:
             stored = cache.take(dkey) if cache is not None else None  # what it takes
             if stored is None:
                 stored = batch.get_doc(dkey) or {"v": 0, "d": None, "s": {}}
-        try:
-            doc = f.merge.apply(stored["d"], ev)
+        try:  # the document, its version and the source's freshness, in one call
+            doc = f.merge.apply_update(stored, ev)
         except MergeError as e:
             log.warning("worker %d: merge error in view %s: %s", self.index, f.view, e)
             self._replay(batch, dkey)
             return None
-        stored["d"] = doc
-        stored["v"] += 1
-        stored["s"][ev.source] = [ev.sequence, ev.time]
         at.docs[dkey] = stored
         at.log.setdefault(dkey, []).append((f, ev))
         chg = self.changes
@@ -155,7 +152,5 @@ class RouteStage:
             return
         stored = batch.get_doc(dkey) or {"v": 0, "d": None, "s": {}}
         for f, ev in updates:
-            stored["d"] = f.merge.apply(stored["d"], ev)
-            stored["v"] += 1
-            stored["s"][ev.source] = [ev.sequence, ev.time]
+            f.merge.apply_update(stored, ev)
         self.attempt.docs[dkey] = stored
