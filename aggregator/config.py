@@ -300,6 +300,9 @@ class ServiceConfig(BaseModel):
     lmdb_map_size: Size = Field(GiB, ge=MiB)
     lmdb_max_map_size: Size = Field(64 * GiB, ge=MiB)
     lmdb_sync: bool = True
+    # MDB_WRITEMAP: dirty pages are written in the map (no malloc'd copy, no pwrite), the
+    # data file's blocks allocated up to the map size (store._allocate_map)
+    lmdb_writemap: bool = False
     # a worker's transaction (worker.py): ring messages are taken into it for up to
     # commit_window_ms after its first one, or until commit_max_bytes of them (0: one take)
     commit_window_ms: Int = Field(50, ge=0, le=10_000)

@@ -37,13 +37,15 @@ def batches(events: int) -> list:
 
 
 @contextmanager
-def in_process_worker(tag: str) -> Iterator[tuple[Worker, object, str]]:
+def in_process_worker(tag: str, overrides: dict | None = None
+                      ) -> Iterator[tuple[Worker, object, str]]:
     """(worker, config, temp dir): one booted `Worker` of shop.toml owning every slot, on a
     fresh shard in a temp dir, dead letters discarded, the collector tuned as in a worker
-    process; closed afterwards (the change producer purged)."""
+    process; closed afterwards (the change producer purged). `overrides`: more config."""
     tmp = tempfile.mkdtemp(prefix=f"agg-{tag}-")
     cfg = load_config(wl.CONFIG_PATH, {"service.workers": 1, "service.data_dir": tmp + "/data",
-                                       "service.ring_bytes": 8 << 20}, env={})
+                                       "service.ring_bytes": 8 << 20, **(overrides or {})},
+                      env={})
     prefix = f"agg-{tag}-{uuid.uuid4().hex[:8]}"
     segments = create_segments(prefix, 1, 8 << 20, 8 << 20)
     worker = Worker(cfg, 0, prefix)
