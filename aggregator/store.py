@@ -321,6 +321,7 @@ class Shard:
         """lmdb.open with the shard's options; with WRITEMAP, the data file's blocks are
         allocated (`_allocate_map`) before anything writes through the map."""
         env = lmdb.open(str(self.path), map_size=self.map_size, **self._options)
+        self.psize = env.stat()["psize"]
         if self.writemap:
             try:
                 _allocate_map(self.path / "data.mdb", env.info()["map_size"])
@@ -588,6 +589,16 @@ class Shard:
 
     def begin(self) -> "Batch":
         return Batch(self)
+
+    def grow_ahead(self) -> bool:
+        """Grow the map (`grow`) once its committed pages reach 3/4 of it: between two
+        transactions, rather than by a MAP_FULL that rolls one back (which stays the
+        backstop). True if it grew."""
+        info = self.env.info()
+        size = info["map_size"]
+        if size >= self.max_map_size or (info["last_pgno"] + 1) * self.psize * 4 < size * 3:
+            return False
+        return self.grow()
 
     def grow(self) -> bool:
         """Double the map size up to the maximum. False when already at the maximum."""

@@ -387,6 +387,7 @@ class Worker(DedupStage, GateStage, RouteStage, LinksStage):
             try:
                 if self.retrying:
                     self._reload_after_rollback()
+                self.shard.grow_ahead()  # with WRITEMAP: allocates (a full disk: OSError)
                 batch = self._begin()
                 stop = self._apply(batch, sup_msgs, peer_msgs)
                 self._finish(batch)

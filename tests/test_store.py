@@ -667,6 +667,25 @@ def test_writemap_allocates_the_map_at_open_and_before_each_grow(tmp_path):
         s.close()
 
 
+@pytest.mark.parametrize("writemap", [False, True], ids=["pwrite", "writemap"])
+def test_grow_ahead_grows_between_transactions_at_three_quarters(tmp_path, writemap):
+    s = Shard(tmp_path / "a", map_size=256 * KiB, max_map_size=512 * KiB, sync=False,
+              writemap=writemap)
+    try:
+        assert s.grow_ahead() is False  # nearly empty
+        n = 0
+        while (s.env.info()["last_pgno"] + 1) * s.psize * 4 < 256 * KiB * 3:
+            commit(s, lambda b: _docs(b, 20, n))
+            n += 20
+        assert s.grow_ahead() is True
+        assert s.env.info()["map_size"] == 512 * KiB
+        if writemap:
+            assert _allocated(tmp_path / "a" / "data.mdb") >= 512 * KiB
+        assert s.grow_ahead() is False  # at the maximum: MAP_FULL will say so
+    finally:
+        s.close()
+
+
 READER = textwrap.dedent("""
     import sys
     from pathlib import Path
