@@ -11,6 +11,8 @@ them, as the worker's commit window does under a backlog (`Worker._take`), and
 `Worker.process` applies and commits it. Per variant:
 
 - ``cpu_us``: process CPU (user + sys) per record of the apply-and-commit loop;
+- ``sys_us``, ``faults_per_record``: the loop's system CPU and minor page faults per record
+  (with WRITEMAP the first store to a page after a commit's msync is a write fault);
 - ``commit_cpu_us``: CPU per record of the committing thread in `Batch.commit` (LMDB's
   commit: page copies, pwrite or msync, fsyncs' system time);
 - ``commit_ms``: mean wall time of an LMDB commit (the worker's Slot.COMMIT_NS), and
@@ -31,6 +33,8 @@ import argparse
 import hashlib
 import json
 import os
+import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -100,12 +104,14 @@ def run_variant(msgs_path: str, writemap: bool, max_bytes: int) -> dict:
         ns0, n0 = ctl.get(me, Slot.COMMIT_NS), ctl.get(me, Slot.COMMITS)
         wb0 = _write_bytes()
         peak_anon = 0
+        r0 = resource.getrusage(resource.RUSAGE_SELF)
         c0, t0 = time.process_time(), time.monotonic()
         for group in txns:
             worker.process([msgpack.unpackb(m, raw=False, strict_map_key=False)
                             for m in group], [])
             peak_anon = max(peak_anon, _status("RssAnon"))
         cpu, wall = time.process_time() - c0, time.monotonic() - t0
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
         shard.sync()
         wb = _write_bytes() - wb0
         commit_ns = ctl.get(me, Slot.COMMIT_NS) - ns0
@@ -118,10 +124,13 @@ def run_variant(msgs_path: str, writemap: bool, max_bytes: int) -> dict:
         txn_records = records / len(txns)
     views = read_views(tmp + "/data", list(cfg.views))
     d["views"] = hashlib.sha256(orjson.dumps(views, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
+    shutil.rmtree(tmp, ignore_errors=True)  # with WRITEMAP the file holds its whole map
     return {"writemap": writemap, "max_mib": max_bytes / MiB, "records": records,
             "txns": len(txns), "records_per_txn": round(txn_records),
             "cpu_us": round(cpu / records * 1e6, 1),
             "commit_cpu_us": round(commit_cpu[0] / records * 1e6, 2),
+            "sys_us": round((r1.ru_stime - r0.ru_stime) / records * 1e6, 1),
+            "faults_per_record": round((r1.ru_minflt - r0.ru_minflt) / records, 2),
             "commit_ms": round(commit_ns / commits / 1e6, 1),
             "commit_wall_pct": round(commit_ns / 1e9 / wall * 100, 1),
             "write_kb": round(wb / records / 1000, 2),
@@ -159,8 +168,8 @@ def main(argv: list[str] | None = None) -> int:
                 row = json.loads(out.stdout.strip().splitlines()[-1])
                 print(json.dumps(row), flush=True)
                 rows.append(row)
-    keys = ("cpu_us", "commit_cpu_us", "commit_ms", "commit_wall_pct", "write_kb",
-            "rss_anon_mib", "hwm_mib", "file_mib", "alloc_mib")
+    keys = ("cpu_us", "sys_us", "faults_per_record", "commit_cpu_us", "commit_ms",
+            "commit_wall_pct", "write_kb", "rss_anon_mib", "hwm_mib", "file_mib", "alloc_mib")
     print("\n| writemap | MiB/txn | records/txn | " + " | ".join(keys) + " | digests |")
     print("|---" * (len(keys) + 4) + "|")
     for r in rows:
