@@ -1064,6 +1064,24 @@ def test_other_lmdb_errors_are_not_retried(make_cluster, workload, flaky_commits
     assert c.stat(0, Slot.COMMITS) == 0 and c.stat(0, Slot.STORAGE_ERRORS) == 0
 
 
+@pytest.mark.parametrize("writemap", [False, True])
+def test_lmdb_writemap_switch_opens_the_shard_so(make_cluster, workload, oracle, writemap):
+    """service.lmdb_writemap decides how the worker opens its shard: with it, WRITEMAP and
+    data.mdb allocated up to the map size; without, neither; the views are the same."""
+    c = make_cluster(2, overrides={"service.lmdb_writemap": writemap})
+    for w in c.workers:
+        assert w.shard.env.flags()["writemap"] is writemap
+    c.feed(c.ring_records(workload.records), random.Random(36))
+    for w in c.workers:
+        st = os.stat(w.shard.path / "data.mdb")
+        allocated, size = st.st_blocks * 512, w.shard.env.info()["map_size"]
+        assert (allocated >= size) is writemap, (allocated, size)
+    assert_views(c.views(), oracle)
+    assert load_config(None, {}, env={}).service.lmdb_writemap is True  # the default
+    assert load_config(None, {}, env={"AGGREGATOR__SERVICE__LMDB_WRITEMAP": "false"}
+                       ).service.lmdb_writemap is False
+
+
 def test_writemap_grow_refused_by_the_disk_is_retried(make_cluster, workload, oracle,
                                                       monkeypatch, caplog):
     """service.lmdb_writemap: the map's blocks are allocated before it grows; a disk that
