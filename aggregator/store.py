@@ -676,7 +676,8 @@ def _allocate_map(path: Path, size: int) -> None:
     except OSError as e:
         if e.errno in STORAGE_ERRORS:
             raise OSError(e.errno, os.strerror(e.errno), str(path)) from None
-        log.debug("%s: not preallocated: %s", path, e)  # a filesystem without fallocate
+        log.warning("%s: not preallocated (%s): on a full disk a store through the map is a "
+                    "SIGBUS; service.lmdb_writemap = false avoids it", path, e)
     finally:
         os.close(fd)
 
