@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import pstats
+import shutil
 import tempfile
 import time
 import uuid
@@ -70,8 +71,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--top", type=int, default=22)
     args = ap.parse_args(argv)
     msgs = batches(args.events)
-    with in_process_worker("scale") as (worker, _, _):
-        return _profile(worker, msgs, args.top)
+    with in_process_worker("scale") as (worker, _, tmp):
+        try:
+            return _profile(worker, msgs, args.top)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # WRITEMAP: the file takes its whole map
 
 
 def _profile(worker: Worker, msgs: list, top: int) -> int:
