@@ -297,16 +297,24 @@ class ServiceConfig(BaseModel):
     # the worker, but at 1M events, 2 workers, 4 MiB rings ran 18.6k events/s against 25.5k
     # with 16 MiB for ~45 MiB less RSS (bench/results/ring-variants.md)
     ring_bytes: Size = Field(16 * MiB, ge=1)
-    lmdb_map_size: Size = Field(GiB, ge=MiB)
+    # the initial map; with lmdb_writemap also the disk it takes (allocated) until it grows
+    lmdb_map_size: Size = Field(64 * MiB, ge=MiB)
     lmdb_max_map_size: Size = Field(64 * GiB, ge=MiB)
     lmdb_sync: bool = True
+    # MDB_WRITEMAP: a transaction's pages are written in the map (no malloc'd copy, no
+    # sorted dirty list, no pwrite); the data file's blocks are allocated up to the map size
+    # (store._allocate_map). One worker, 210k records (bench.tools.write_path): commit CPU
+    # 5-7 -> 0.6-2.4 µs/record, commit wall 67 -> 23 ms at 2 MiB, disk writes 14.9 -> 4.4
+    # KB/record (docs/configuration.md)
+    lmdb_writemap: bool = True
     # a worker's transaction (worker.py): ring messages are taken into it for up to
     # commit_window_ms after its first one, or until commit_max_bytes of them (0: one take)
     commit_window_ms: Int = Field(50, ge=0, le=10_000)
-    # 2 MiB: a transaction's dirty LMDB pages (which LMDB keeps allocated after the commit)
-    # and its Python objects grow with it. Against 4 MiB (bench.tools.commit_window, 200k
-    # events, 2 workers): worker CPU 58 -> 51 µs/record, workers' peak RSS 550 -> 450 MiB,
-    # but disk writes 4.4 -> 7.1 KB/record (docs/configuration.md)
+    # 2 MiB: a transaction's Python objects (and without lmdb_writemap its malloc'd dirty
+    # LMDB pages, kept after the commit) grow with it. With WRITEMAP, one worker, 210k
+    # records (bench.tools.write_path): 2/4/8/16 MiB take disk writes 4.4/3.1/2.2/1.7
+    # KB/record and commit CPU 2.4/1.3/0.7/0.5 µs/record, but the heap +0/+40/+120/+275 MiB
+    # and total CPU within the noise (docs/configuration.md)
     commit_max_bytes: Size = Field(2 * MiB, ge=64 * KiB)
     # committed documents a worker keeps unpacked across transactions (doc_cache.py); 0: none.
     # Off by default: as Python objects a hit (cold in the CPU caches) costs about what the

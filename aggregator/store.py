@@ -297,22 +297,38 @@ class Shard:
         max_map_size: int = 64 << 30,
         sync: bool = True,
         readonly: bool = False,
+        writemap: bool = False,
     ):
         self.path = Path(path)
         self.map_size = map_size
         self.max_map_size = max_map_size
         self.readonly = readonly
+        self.writemap = writemap and not readonly  # a writer's flag (readers never pass it)
         self.writer_epoch: int | None = None  # set by claim_writer; checked by every Batch
         # mode: the process umask decides (datadir.py; py-lmdb's default 0755 would make
         # data.mdb executable)
         self._options = dict(max_dbs=len(_DBS) + len(FORMAT1_DBS) + DEDUP_POOL + 2,
                              sync=sync, metasync=sync, readahead=False, readonly=readonly,
-                             lock=True, max_readers=256, mode=FILE_MODE)
+                             lock=True, max_readers=256, mode=FILE_MODE,
+                             writemap=self.writemap)
         if not readonly:
             self.path.mkdir(parents=True, exist_ok=True)
             _allocate_lock_file(self.path / "lock.mdb")
-        self.env = lmdb.open(str(self.path), map_size=map_size, **self._options)
+        self.env = self._open_env()
         self._open_dbs()
+
+    def _open_env(self) -> lmdb.Environment:
+        """lmdb.open with the shard's options; with WRITEMAP, the data file's blocks are
+        allocated (`_allocate_map`) before anything writes through the map."""
+        env = lmdb.open(str(self.path), map_size=self.map_size, **self._options)
+        self.psize = env.stat()["psize"]
+        if self.writemap:
+            try:
+                _allocate_map(self.path / "data.mdb", env.info()["map_size"])
+            except BaseException:
+                env.close()
+                raise
+        return env
 
     def _open_dbs(self) -> None:
         """Handles of the layout's databases (read-only: those that exist), the dedup pool
@@ -574,12 +590,24 @@ class Shard:
     def begin(self) -> "Batch":
         return Batch(self)
 
+    def grow_ahead(self) -> bool:
+        """Grow the map (`grow`) once its committed pages reach 3/4 of it: between two
+        transactions, rather than by a MAP_FULL that rolls one back (which stays the
+        backstop). True if it grew."""
+        info = self.env.info()
+        size = info["map_size"]
+        if size >= self.max_map_size or (info["last_pgno"] + 1) * self.psize * 4 < size * 3:
+            return False
+        return self.grow()
+
     def grow(self) -> bool:
         """Double the map size up to the maximum. False when already at the maximum."""
         size = self.env.info()["map_size"]
         if size >= self.max_map_size:
             return False
         new = min(size * 2, self.max_map_size)
+        if self.writemap:  # the blocks first: a full disk is an OSError here, the map unchanged
+            _allocate_map(self.path / "data.mdb", new)
         self.env.set_mapsize(new)  # only valid with no write transaction open
         self.map_size = new
         log.warning("%s: LMDB map grown from %d to %d bytes", self.path, size, new)
@@ -589,7 +617,7 @@ class Shard:
         """Close and open the environment again, at its current map size: after MDB_PANIC
         (a failed write of the meta page), LMDB refuses every transaction until then."""
         self.env.close()
-        self.env = lmdb.open(str(self.path), map_size=self.map_size, **self._options)
+        self.env = self._open_env()
         self._open_dbs()
         log.warning("%s: LMDB environment reopened", self.path)
 
@@ -625,6 +653,31 @@ def _allocate_lock_file(path: Path) -> None:
                 pass
             raise
         log.debug("%s: not preallocated: %s", path, e)  # a filesystem without fallocate
+    finally:
+        os.close(fd)
+
+
+def _allocate_map(path: Path, size: int) -> None:
+    """Allocate the disk blocks of an LMDB data file opened with WRITEMAP, up to `size`
+    (the map size).
+
+    With MDB_WRITEMAP LMDB extends data.mdb to the map size with ftruncate (a sparse file)
+    and writes pages through a shared writable mapping (mdb.c, mdb_env_map): on a full disk
+    the first store to a page without blocks is a SIGBUS, not an error code. Allocated here
+    at open and before each `Shard.grow`, a full disk is an OSError (ENOSPC), which the
+    worker's storage retry handles, and no later store through the map needs a new block
+    (on a filesystem that overwrites in place: not btrfs/ZFS copy-on-write). The cost: the
+    file takes its whole map size on disk. An allocation that fails part-way keeps what it
+    got (the next attempt completes it).
+    """
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        if e.errno in STORAGE_ERRORS:
+            raise OSError(e.errno, os.strerror(e.errno), str(path)) from None
+        log.warning("%s: not preallocated (%s): on a full disk a store through the map is a "
+                    "SIGBUS; service.lmdb_writemap = false avoids it", path, e)
     finally:
         os.close(fd)
 

@@ -148,7 +148,8 @@ class Worker(DedupStage, GateStage, RouteStage, LinksStage):
     def boot(self) -> None:
         cfg, svc = self.cfg, self.cfg.service
         self.shard = Shard(shard_path(svc.data_dir, self.index), map_size=svc.lmdb_map_size,
-                           max_map_size=svc.lmdb_max_map_size, sync=svc.lmdb_sync)
+                           max_map_size=svc.lmdb_max_map_size, sync=svc.lmdb_sync,
+                           writemap=svc.lmdb_writemap)
         self.shard.check_layout(shard=self.index, workers=self.workers, slots=SLOTS)
         self.epoch = self.shard.claim_writer()  # fences a previous worker; read state after
         views = assign_view_ids(self.shard.get_meta("views"), list(cfg.views))
@@ -387,6 +388,7 @@ class Worker(DedupStage, GateStage, RouteStage, LinksStage):
             try:
                 if self.retrying:
                     self._reload_after_rollback()
+                self.shard.grow_ahead()  # with WRITEMAP: allocates (a full disk: OSError)
                 batch = self._begin()
                 stop = self._apply(batch, sup_msgs, peer_msgs)
                 self._finish(batch)
@@ -402,7 +404,16 @@ class Worker(DedupStage, GateStage, RouteStage, LinksStage):
             except lmdb.MapFullError:
                 self._roll_back(batch)
                 self._check_kafka_committed()
-                if not self.shard.grow():
+                try:
+                    grown = self.shard.grow()
+                except OSError as e:  # WRITEMAP: the disk refused the grown map's blocks
+                    code = storage_errno(e)
+                    if code is None:
+                        raise
+                    self._wait_for_storage(code, failures)
+                    failures += 1
+                    continue
+                if not grown:
                     raise ShardError(
                         f"{self.shard.path}: LMDB map full at service.lmdb_max_map_size "
                         f"({self.shard.max_map_size} bytes): raise service.lmdb_max_map_size "

@@ -5,6 +5,10 @@ from __future__ import annotations
 import errno
 import os
 import random
+import signal
+import subprocess
+import sys
+import textwrap
 
 import lmdb
 import msgpack
@@ -40,9 +44,10 @@ def gk(slot: int, n: int) -> bytes:
     return slot.to_bytes(2, "big") + (n + 1000).to_bytes(16, "big")
 
 
-@pytest.fixture
-def shard(tmp_path):
-    s = Shard(tmp_path / "shard-0", map_size=16 << 20, max_map_size=64 << 20, sync=False)
+@pytest.fixture(params=[False, True], ids=["pwrite", "writemap"])
+def shard(tmp_path, request):
+    s = Shard(tmp_path / "shard-0", map_size=16 << 20, max_map_size=64 << 20, sync=False,
+              writemap=request.param)
     yield s
     s.close()
 
@@ -610,3 +615,214 @@ def test_reopen_keeps_the_data_and_the_grown_map(shard):
     assert shard.offsets() == {("t", 0): 7}
     commit(shard, lambda b: b.put_offset("t", 0, 8))
     assert shard.offsets() == {("t", 0): 8}
+
+
+# ---- WRITEMAP (service.lmdb_writemap) --------------------------------------------------------
+
+
+def _allocated(path) -> int:
+    return os.stat(path).st_blocks * 512
+
+
+def _docs(b: object, n: int, start: int = 0) -> None:
+    for i in range(start, start + n):
+        b.put_doc(view_key(b"\x00\x01", 0, f"k{i}"), {"v": 1, "d": "x" * 100, "s": {}})
+
+
+def test_writemap_allocates_the_map_at_open_and_before_each_grow(tmp_path):
+    """With WRITEMAP LMDB ftruncates data.mdb to the map size (sparse) and stores through the
+    mapping: the shard allocates the file's blocks up to the map size at open and before the
+    map grows; MAP_FULL, grow and retry work as without it, and so does a reopen."""
+    path = tmp_path / "w"
+    s = Shard(path, map_size=64 * KiB, max_map_size=1 << 20, sync=True, writemap=True)
+    try:
+        assert s.env.flags()["writemap"]
+        assert _allocated(path / "data.mdb") >= 64 * KiB
+        grows = 0
+        while True:
+            b = s.begin()
+            try:
+                _docs(b, 1500)
+                b.commit()
+                break
+            except lmdb.MapFullError:
+                b.abort()
+                assert s.grow()
+                grows += 1
+        size = s.env.info()["map_size"]
+        assert grows >= 1 and size > 64 * KiB
+        assert _allocated(path / "data.mdb") >= size
+        s.reopen()  # as after MDB_PANIC
+        assert s.env.flags()["writemap"] and s.env.info()["map_size"] == size
+        commit(s, lambda b: _docs(b, 10, 1500))
+        assert len(list(s.documents(["v"]))) == 1510
+    finally:
+        s.close()
+    # a shard written with WRITEMAP opens without it, and the other way round
+    s = Shard(path, map_size=64 * KiB, max_map_size=1 << 20, sync=False)
+    try:
+        assert not s.env.flags()["writemap"]
+        assert len(list(s.documents(["v"]))) == 1510
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("writemap", [False, True], ids=["pwrite", "writemap"])
+def test_grow_ahead_grows_between_transactions_at_three_quarters(tmp_path, writemap):
+    s = Shard(tmp_path / "a", map_size=256 * KiB, max_map_size=512 * KiB, sync=False,
+              writemap=writemap)
+    try:
+        assert s.grow_ahead() is False  # nearly empty
+        n = 0
+        while (s.env.info()["last_pgno"] + 1) * s.psize * 4 < 256 * KiB * 3:
+            commit(s, lambda b: _docs(b, 20, n))
+            n += 20
+        assert s.grow_ahead() is True
+        assert s.env.info()["map_size"] == 512 * KiB
+        if writemap:
+            assert _allocated(tmp_path / "a" / "data.mdb") >= 512 * KiB
+        assert s.grow_ahead() is False  # at the maximum: MAP_FULL will say so
+    finally:
+        s.close()
+
+
+READER = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    from aggregator.store import Shard, SharedReader, offset_key, parse_offset_value
+
+    path = Path(sys.argv[1])
+    r = Shard(path, readonly=True, writemap=True)  # the flag is the writer's alone
+    assert not r.env.flags()["writemap"]
+    offsets = r.offsets()
+    r.close()
+    shared = SharedReader(path)
+    snap = shared.snapshot(("offsets", "views"))
+    views = snap.entries("views")
+    through = parse_offset_value(snap.get("offsets", offset_key("t", 3)))
+    snap.close()
+    assert not shared.info()[0].get("writemap", False)
+    shared.close()
+    print(offsets[("t", 3)], through, views)
+""")
+
+
+def test_readers_of_a_writemap_shard_map_it_read_only(tmp_path):
+    """Readers (other processes: the HTTP API, the CLI) open the files of a WRITEMAP writer
+    read-only, without the flag, while it writes and after it grew the map."""
+    path = tmp_path / "shard-0"
+
+    def read() -> str:
+        r = subprocess.run([sys.executable, "-c", READER, str(path)], capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return r.stdout.strip()
+
+    w = Shard(path, map_size=64 * KiB, max_map_size=4 << 20, sync=False, writemap=True)
+    try:
+        commit(w, lambda b: b.put_offset("t", 3, 41))
+        assert read() == "41 41 0"
+        while w.grow():
+            pass
+        commit(w, lambda b: (b.put_offset("t", 3, 42), _docs(b, 2000)))
+        assert read() == "42 42 2000"
+    finally:
+        w.close()
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 4 MiB tmpfs (a full disk is easy to make); skipped without the right to mount."""
+    mnt = tmp_path / "fs"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs (needs root): {r.stderr.strip()}")
+    yield mnt
+    if subprocess.run(["umount", str(mnt)], capture_output=True).returncode != 0:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+# Run in a child process: a store through the map into a hole of a full tmpfs is a SIGBUS,
+# which must show as the child's exit status rather than kill the test run.
+FULL_DISK = textwrap.dedent("""
+    import errno, os, sys
+    import lmdb
+    from aggregator import store
+    from aggregator.store import Shard, storage_errno, view_key
+
+    mnt, allocate = sys.argv[1], sys.argv[2] == "allocate"
+    if not allocate:
+        store._allocate_map = lambda path, size: None
+    KiB = 1 << 10
+
+    def docs(b, n, start):
+        for i in range(start, start + n):
+            b.put_doc(view_key(b"\\x00\\x01", 0, f"k{i}"), {"v": 1, "d": "x" * 100, "s": {}})
+
+    # a shard made while there is space, closed; the disk then fills up
+    Shard(mnt + "/old", map_size=64 * KiB, sync=True).close()
+    s = Shard(mnt + "/s", map_size=256 * KiB, max_map_size=8 << 20, sync=True,
+              writemap=True)
+    with open(mnt + "/filler", "wb", buffering=0) as f:
+        try:
+            while f.write(b"\\0" * 65536):
+                pass
+        except OSError as e:
+            assert e.errno == errno.ENOSPC
+    # reopened with WRITEMAP on the full disk: its map cannot be allocated
+    try:
+        old = Shard(mnt + "/old", map_size=256 * KiB, sync=True, writemap=True)
+    except OSError as e:
+        assert storage_errno(e) == errno.ENOSPC, e
+    else:  # not allocated: its first transaction stores into a hole of the full disk
+        b = old.begin()
+        docs(b, 200, 0)
+        b.commit()
+        raise SystemExit("wrote through the map on a full disk")
+    # the allocated map is written although the disk is full; then MAP_FULL, and growing
+    # it is an ENOSPC that leaves the map as it was
+    n = 0
+    while True:
+        b = s.begin()
+        try:
+            docs(b, 200, n)
+            b.commit()
+            n += 200
+        except lmdb.MapFullError:
+            b.abort()
+            break
+    assert n > 0
+    size = s.env.info()["map_size"]
+    try:
+        s.grow()
+        raise SystemExit("grew on a full disk")
+    except OSError as e:
+        assert storage_errno(e) == errno.ENOSPC, e
+    assert s.env.info()["map_size"] == size == s.map_size
+    # space returns: the grow and the retried transaction succeed
+    os.unlink(mnt + "/filler")
+    assert s.grow()
+    b = s.begin()
+    docs(b, 200, n)
+    b.commit()
+    assert len(list(s.documents(["v"]))) == n + 200
+    s.close()
+    print("OK")
+""")
+
+
+@pytest.mark.parametrize("allocate", [True, False], ids=["allocated", "sparse"])
+def test_writemap_on_a_full_disk_is_an_error_not_a_sigbus(small_tmpfs, allocate):
+    """On a full disk (a real tmpfs) a WRITEMAP shard answers ENOSPC at open and at grow (a
+    storage error the worker retries), writes what it allocated, and carries on once space
+    returns. Without the allocation (`sparse`), LMDB's first store into the full disk kills
+    the process with SIGBUS: the case the allocation exists for."""
+    r = subprocess.run([sys.executable, "-c", FULL_DISK, str(small_tmpfs),
+                        "allocate" if allocate else "sparse"],
+                       capture_output=True, text=True, timeout=120)
+    if allocate:
+        assert r.returncode == 0 and r.stdout.strip() == "OK", r.stderr[-3000:]
+    else:
+        assert r.returncode == -signal.SIGBUS, (r.returncode, r.stderr[-3000:])

@@ -8,7 +8,9 @@ view updates between workers by reading each worker's inbound peer rings (forwar
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import random
 import tempfile
 import time
@@ -1104,6 +1106,54 @@ def test_other_lmdb_errors_are_not_retried(make_cluster, workload, flaky_commits
     with pytest.raises(lmdb.CorruptedError):
         c.dispatch(c.ring_records(workload.records[:20]))
     assert c.stat(0, Slot.COMMITS) == 0 and c.stat(0, Slot.STORAGE_ERRORS) == 0
+
+
+@pytest.mark.parametrize("writemap", [False, True])
+def test_lmdb_writemap_switch_opens_the_shard_so(make_cluster, workload, oracle, writemap):
+    """service.lmdb_writemap decides how the worker opens its shard: with it, WRITEMAP and
+    data.mdb allocated up to the map size; without, neither; the views are the same."""
+    c = make_cluster(2, overrides={"service.lmdb_writemap": writemap})
+    for w in c.workers:
+        assert w.shard.env.flags()["writemap"] is writemap
+    c.feed(c.ring_records(workload.records), random.Random(36))
+    for w in c.workers:
+        st = os.stat(w.shard.path / "data.mdb")
+        allocated, size = st.st_blocks * 512, w.shard.env.info()["map_size"]
+        assert (allocated >= size) is writemap, (allocated, size)
+    assert_views(c.views(), oracle)
+    assert load_config(None, {}, env={}).service.lmdb_writemap is True  # the default
+    assert load_config(None, {}, env={"AGGREGATOR__SERVICE__LMDB_WRITEMAP": "false"}
+                       ).service.lmdb_writemap is False
+
+
+def test_writemap_grow_refused_by_the_disk_is_retried(make_cluster, workload, oracle,
+                                                      monkeypatch, caplog):
+    """service.lmdb_writemap: the map's blocks are allocated before it grows; a disk that
+    refuses them (ENOSPC from posix_fallocate) blocks the worker like a failed commit: the
+    batch is rolled back, the worker waits and retries, and the views end up exact."""
+    monkeypatch.setattr(worker_mod, "STORAGE_RETRY_S", (0.001, 0.004))
+    real = store_mod._allocate_map
+    refused = []
+
+    def allocate(path, size):
+        if size > MiB and len(refused) < 3:  # every grow is refused three times
+            refused.append(size)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        real(path, size)
+        refused.clear()
+
+    monkeypatch.setattr(store_mod, "_allocate_map", allocate)
+    c = make_cluster(1, overrides={"service.lmdb_writemap": True, "service.lmdb_sync": True,
+                                   "service.lmdb_map_size": MiB,
+                                   "service.lmdb_max_map_size": 64 * MiB})
+    w = c.workers[0]
+    assert w.shard.env.flags()["writemap"]
+    with caplog.at_level("ERROR", logger="aggregator.worker"):
+        c.feed(c.ring_records(workload.records), random.Random(35))
+    assert w.shard.env.info()["map_size"] > MiB  # it grew, after the refusals
+    assert c.stat(0, Slot.STORAGE_ERRORS) >= 3 and c.stat(0, Slot.STORAGE_BLOCKED) == 0
+    assert "data disk full" in caplog.text
+    assert_views(c.views(), oracle)
 
 
 # ---- 9. the shard's totals -----------------------------------------------------------------------

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import pstats
+import shutil
 import tempfile
 import time
 import uuid
@@ -37,13 +38,15 @@ def batches(events: int) -> list:
 
 
 @contextmanager
-def in_process_worker(tag: str) -> Iterator[tuple[Worker, object, str]]:
+def in_process_worker(tag: str, overrides: dict | None = None
+                      ) -> Iterator[tuple[Worker, object, str]]:
     """(worker, config, temp dir): one booted `Worker` of shop.toml owning every slot, on a
     fresh shard in a temp dir, dead letters discarded, the collector tuned as in a worker
-    process; closed afterwards (the change producer purged)."""
+    process; closed afterwards (the change producer purged). `overrides`: more config."""
     tmp = tempfile.mkdtemp(prefix=f"agg-{tag}-")
     cfg = load_config(wl.CONFIG_PATH, {"service.workers": 1, "service.data_dir": tmp + "/data",
-                                       "service.ring_bytes": 8 << 20}, env={})
+                                       "service.ring_bytes": 8 << 20, **(overrides or {})},
+                      env={})
     prefix = f"agg-{tag}-{uuid.uuid4().hex[:8]}"
     segments = create_segments(prefix, 1, 8 << 20, 8 << 20)
     worker = Worker(cfg, 0, prefix)
@@ -68,8 +71,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--top", type=int, default=22)
     args = ap.parse_args(argv)
     msgs = batches(args.events)
-    with in_process_worker("scale") as (worker, _, _):
-        return _profile(worker, msgs, args.top)
+    with in_process_worker("scale") as (worker, _, tmp):
+        try:
+            return _profile(worker, msgs, args.top)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # WRITEMAP: the file takes its whole map
 
 
 def _profile(worker: Worker, msgs: list, top: int) -> int:
