@@ -85,8 +85,8 @@ CONSUMER_DEFAULTS: dict[str, Any] = {
     # a fetch the broker holds for want of data ends after this (librdkafka: 500 ms). A
     # Kafka broker answers as soon as data arrives, so this only bounds the idle fetches (10
     # a second per broker instead of 2); a broker that answers only when the wait runs out
-    # (the embedded Tansu) held records up to 500 ms: the bare consumer's p99 ~330 -> ~135
-    # ms at 9,400 records/s, same broker CPU (bench/results/latency.md)
+    # (the embedded Tansu) held records up to 500 ms: at 4,500 events/s produce ->
+    # dispatched p50 ~140 -> ~63 ms, p99 ~445 -> ~200 ms (bench/results/latency.md)
     "fetch.wait.max.ms": 100,
     "enable.partition.eof": False,
     # prefetch at most 2 MiB (librdkafka's default is 64 MiB): the rings buffer the rest.
@@ -312,8 +312,8 @@ class ServiceConfig(BaseModel):
     # the window closes early once the rings stayed empty this long: under a light load
     # nothing more is coming, and waiting only adds latency; under load the rings are not
     # empty and transactions still grow to commit_max_bytes (>= commit_window_ms: off).
-    # At 6,000 events/s a record's wait in the window ~51 -> ~10 ms at p50 (bench/results/
-    # latency.md); the 400k e2e run made as many commits at its max rate
+    # At 4,500 events/s a record's wait in the window ~50 -> ~8 ms at p50, for 2.3-2.9x the
+    # transactions (bench/results/latency.md); at the max rate as many commits as without
     commit_idle_ms: Int = Field(5, ge=0, le=10_000)
     # 2 MiB: a transaction's dirty LMDB pages (which LMDB keeps allocated after the commit)
     # and its Python objects grow with it. Against 4 MiB (bench.tools.commit_window, 200k
