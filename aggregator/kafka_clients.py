@@ -1,4 +1,5 @@
-"""librdkafka clients: their logs and errors made quiet, their secrets redacted.
+"""librdkafka clients: their logs and errors made quiet, their secrets redacted; a consume
+round that does not wait for more than is there (`consume_ready`).
 
 Invariants:
 
