@@ -82,6 +82,12 @@ CONSUMER_DEFAULTS: dict[str, Any] = {
     "auto.offset.reset": "earliest",
     "partition.assignment.strategy": "cooperative-sticky",
     "fetch.queue.backoff.ms": 20,
+    # a fetch the broker holds for want of data ends after this (librdkafka: 500 ms). A
+    # Kafka broker answers as soon as data arrives, so this only bounds the idle fetches (10
+    # a second per broker instead of 2); a broker that answers only when the wait runs out
+    # (the embedded Tansu) held records up to 500 ms: at 4,500 events/s produce ->
+    # dispatched p50 ~140 -> ~63 ms, p99 ~445 -> ~200 ms (bench/results/latency.md)
+    "fetch.wait.max.ms": 100,
     "enable.partition.eof": False,
     # prefetch at most 2 MiB (librdkafka's default is 64 MiB): the rings buffer the rest.
     # 16 MiB held ~40 MiB more supervisor RSS at the same rate (bench/results/ring-variants.md)
@@ -310,6 +316,12 @@ class ServiceConfig(BaseModel):
     # a worker's transaction (worker.py): ring messages are taken into it for up to
     # commit_window_ms after its first one, or until commit_max_bytes of them (0: one take)
     commit_window_ms: Int = Field(50, ge=0, le=10_000)
+    # the window closes early once the rings stayed empty this long: under a light load
+    # nothing more is coming, and waiting only adds latency; under load the rings are not
+    # empty and transactions still grow to commit_max_bytes (>= commit_window_ms: off).
+    # At 4,500 events/s a record's wait in the window ~50 -> ~8 ms at p50, for 2.3-2.9x the
+    # transactions (bench/results/latency.md); at the max rate as many commits as without
+    commit_idle_ms: Int = Field(5, ge=0, le=10_000)
     # 2 MiB: a transaction's Python objects (and without lmdb_writemap its malloc'd dirty
     # LMDB pages, kept after the commit) grow with it. With WRITEMAP, one worker, 210k
     # records (bench.tools.write_path): 2/4/8/16 MiB take disk writes 4.4/3.1/2.2/1.7

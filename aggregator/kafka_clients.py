@@ -1,4 +1,5 @@
-"""librdkafka clients: their logs and errors made quiet, their secrets redacted.
+"""librdkafka clients: their logs and errors made quiet, their secrets redacted; a consume
+round that does not wait for more than is there (`consume_ready`).
 
 Invariants:
 
@@ -120,6 +121,23 @@ class ClientEvents:
             self.unreachable = False
             log.info("Kafka reachable again (%s, after %.0f s)", self.servers,
                      time.monotonic() - self.down_since)
+
+
+def consume_ready(consumer, n: int, timeout: float) -> list:
+    """Up to `n` records without waiting for `n`: those the client holds now, else the
+    first to arrive within `timeout` seconds and every one that came with it.
+
+    ``consume(n, timeout)`` alone returns only once it has `n` records or the timeout ran
+    out (librdkafka's rd_kafka_q_serve_rkmessages waits on the queue until then), so under a
+    light load every round lasted the whole timeout and each record waited for it too.
+    At saturation the client holds `n` records already and this is one ``consume()``."""
+    msgs = consumer.consume(n, 0)
+    if msgs or timeout <= 0:
+        return msgs
+    msgs = consumer.consume(1, timeout)
+    if msgs and n > 1:
+        msgs += consumer.consume(n - 1, 0)
+    return msgs
 
 
 def quiet(conf: Mapping[str, Any], role: str,

@@ -44,9 +44,10 @@ from .client_check import check_client_settings
 from .config import Config
 from .control import Slot
 from .deadletter import DeadLetters
+from .devtools.latency_trace import open_trace
 from .faults import fault_point
 from .frames import FrameRouter
-from .kafka_clients import KafkaSettingsError, quiet
+from .kafka_clients import KafkaSettingsError, consume_ready, quiet
 from .mapping import plans_by_topic, route
 from .metrics import partition_label, remove_status, write_status
 from .protocol import (
@@ -152,6 +153,9 @@ class Supervisor:
         self.hist = None
         self.events_in = {config.source_by_topic(t)[0]: 0 for t in config.topics()}
         self._status_failing = False  # the status file could not be written (full disk)
+        self.trace = open_trace("supervisor")  # bench only (devtools/latency_trace.py)
+        if self.trace is not None:
+            self.trace.write("topics", self.topics)
 
     # ---- lifecycle ------------------------------------------------------------------------
     def run(self) -> int:
@@ -468,8 +472,11 @@ class Supervisor:
                 if self._flush_pending():
                     self._set_paused(False)
             self._round()
-            msgs = self.consumer.consume(batch_max, 0.0 if self.paused else 0.05)
+            t_call = time.time() if self.trace is not None else 0.0
+            msgs = consume_ready(self.consumer, batch_max, 0.0 if self.paused else 0.05)
             if msgs:
+                if self.trace is not None:
+                    self.trace.round(t_call, len(msgs))
                 if self.kafka_events.unreachable:
                     self.kafka_events.reachable()
                 self._dispatch(msgs)
@@ -513,6 +520,8 @@ class Supervisor:
         self.stats.consumed += len(msgs)
         for tp, off in through.items():
             self.next_offset[tp] = off + 1
+        trace = self.trace
+        t_dispatched = time.time() if trace is not None else 0.0
         for h in self.handles:
             ring = self.inbound[h.index]
             out = rnd.messages[h.index]
@@ -522,6 +531,10 @@ class Supervisor:
                 h.next_batch += 1
                 if h.pending or not ring.try_put(msg):
                     h.pending.append(msg)
+                    if trace is not None:
+                        trace.pending(h.index, h.next_batch - 1, t_dispatched)
+                elif trace is not None:
+                    trace.put(h.index, h.next_batch - 1, t_dispatched)
         if any(h.pending for h in self.handles):
             self._set_paused(True)
 
@@ -549,6 +562,8 @@ class Supervisor:
         for h in self.handles:
             ring = self.inbound[h.index]
             while h.pending and ring.try_put(h.pending[0]):
+                if self.trace is not None:
+                    self.trace.put(h.index, h.next_batch - len(h.pending))
                 h.pending.pop(0)
         return not any(h.pending for h in self.handles)
 

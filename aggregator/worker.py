@@ -18,10 +18,11 @@ Per batch (one LMDB write transaction):
    acknowledge the batch and publish the totals to the supervisor through the control block.
 
 Commit window: a transaction takes ring messages for up to ``service.commit_window_ms`` after
-its first one, or until ``service.commit_max_bytes`` of them (`_take`); a stop message ends
-the window. The first transaction after a boot takes FIRST_TXN_BYTES, doubling per commit up
-to commit_max_bytes: a replacement commits soon after it booted. Nothing is acknowledged,
-forwarded or published before the commit, so the window moves only latency.
+its first one, or until ``service.commit_max_bytes`` of them (`_take`); the rings empty for
+``service.commit_idle_ms`` or a stop message end the window. The first transaction after a
+boot takes FIRST_TXN_BYTES, doubling per commit up to commit_max_bytes: a replacement
+commits soon after it booted. Nothing is acknowledged, forwarded or published before the
+commit, so the window moves only latency.
 
 Documents: with ``service.doc_cache_bytes`` set (off by default), the committed documents of
 recent transactions stay unpacked in `doc_cache` (doc_cache.py); a transaction takes a
@@ -58,6 +59,7 @@ from .changes import ChangeEncoder, make_publisher
 from .config import Config
 from .control import TOTAL_SLOTS, ControlBlock, Slot
 from .deadletter import DeadLetters
+from .devtools.latency_trace import open_trace
 from .doc_cache import DocCache
 from .doc_codec import json_body
 from .envelope import EnvelopeError
@@ -131,6 +133,7 @@ class Worker(DedupStage, GateStage, RouteStage, LinksStage):
         self.txn_bytes = FIRST_TXN_BYTES  # ring bytes of the next transaction (slow start)
         self.txn_max_bytes = max(svc.commit_max_bytes, FIRST_TXN_BYTES)
         self.commit_window = svc.commit_window_ms / 1000.0
+        self.commit_idle = svc.commit_idle_ms / 1000.0  # rings empty this long: window ends
         # committed documents kept across transactions; None: every one read from the shard
         self.doc_cache = DocCache(svc.doc_cache_bytes) if svc.doc_cache_bytes else None
         self.trimmer = memory.Trimmer(svc.malloc_trim_interval_ms)  # after commits
@@ -143,6 +146,7 @@ class Worker(DedupStage, GateStage, RouteStage, LinksStage):
         self.attempt: BatchState | None = None  # the current attempt at a batch (process)
         self.blocked_since = self.blocked_log_at = 0.0
         self.blocked_code = 0
+        self.trace = open_trace(f"worker{index}")  # bench only (devtools/latency_trace.py)
 
     # ---- boot ---------------------------------------------------------------------------
     def boot(self) -> None:
@@ -342,14 +346,19 @@ class Worker(DedupStage, GateStage, RouteStage, LinksStage):
 
     def _take(self, sup: list, peers: list, taken: int) -> tuple[list, list]:
         """The ring messages of one transaction, starting with a first take: more are taken
-        until the commit window (`commit_window`, from now) closes, `txn_bytes` are taken
-        or a stop message arrives. Returns (supervisor messages unpacked, peer messages)."""
+        until the commit window (`commit_window`, from now) closes, the rings stayed empty
+        for `commit_idle`, `txn_bytes` are taken or a stop message arrives. Returns
+        (supervisor messages unpacked, peer messages)."""
         msgs = [decode(m) for m in sup]
+        if self.trace is not None:
+            self.trace.took(msgs)
         window = self.commit_window
         if window <= 0 or taken >= self.txn_bytes or any(m[0] == MSG_STOP for m in msgs):
             return msgs, peers
         ctl, me = self.ctl, self.index
-        deadline = time.monotonic() + window
+        now = time.monotonic()
+        deadline, idle = now + window, self.commit_idle
+        quiet_until = now + idle  # the rings empty until then: the window closes
         while taken < self.txn_bytes:
             ctl.heartbeat(me)
             self._check_fence()  # right before taking messages from the rings
@@ -358,12 +367,15 @@ class Worker(DedupStage, GateStage, RouteStage, LinksStage):
                 taken += n
                 peers.extend(more_peers)
                 more = [decode(m) for m in more]
+                if self.trace is not None:
+                    self.trace.took(more)
                 msgs.extend(more)
                 fault_point("worker_commit_window")  # messages taken, nothing committed
                 if any(m[0] == MSG_STOP for m in more):
                     break
+                quiet_until = time.monotonic() + idle
                 continue
-            left = deadline - time.monotonic()
+            left = min(deadline, quiet_until) - time.monotonic()
             if left <= 0:
                 break
             self.inbound.wait(min(left, WINDOW_POLL_S))
@@ -380,6 +392,7 @@ class Worker(DedupStage, GateStage, RouteStage, LinksStage):
         self.retrying = False
         self.dlq_delivered = set()
         failures = 0  # data-disk errors in a row
+        t_close = time.time() if self.trace is not None else 0.0
         while True:
             self.attempt = self._new_attempt()  # nothing of a failed attempt is kept
             if not self.retrying:  # the collector's work, between transactions
@@ -439,7 +452,10 @@ class Worker(DedupStage, GateStage, RouteStage, LinksStage):
             if failures:
                 self._storage_recovered(failures)
             fault_point("worker_after_commit")  # state durable, nothing acked or published
+            txn_bytes = self.txn_bytes
             self._post_commit()
+            if self.trace is not None:
+                self.trace.transaction(t_close, t0, dt, txn_bytes)
             return stop
 
     def _roll_back(self, batch: Batch | None) -> None:

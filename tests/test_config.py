@@ -65,6 +65,7 @@ def test_loads_example() -> None:
     assert cfg.service.workers == 2
     assert cfg.service.dead_letter_topic == "shop.deadletter"
     assert cfg.service.ring_bytes == 16 * 2**20  # default
+    assert (cfg.service.commit_window_ms, cfg.service.commit_idle_ms) == (50, 5)  # defaults
     assert cfg.dedup.bloom_generations == 4
     assert cfg.gate.gap_policy == "skip"
     assert list(cfg.sources) == ["customers", "orders", "payments", "shipments", "inventory",
@@ -219,8 +220,12 @@ def test_env_shortcut_and_generic_disagree() -> None:
 def test_cli_overrides() -> None:
     cfg = load_config(SHOP, {"service.workers": 4, "service.data_dir": "/tmp/x",
                              "kafka.producer.linger.ms": 20, "gate.max_parked_total": 7,
-                             "gate.max_parked_per_key": 7, "kafka.group_id": None}, env={})
+                             "gate.max_parked_per_key": 7, "kafka.group_id": None,
+                             "service.commit_idle_ms": 0,
+                             "kafka.consumer.fetch.wait.max.ms": 500}, env={})
     assert cfg.service.workers == 4
+    assert cfg.service.commit_idle_ms == 0
+    assert cfg.kafka.consumer_conf()["fetch.wait.max.ms"] == 500  # beats our default
     assert cfg.service.data_dir == Path("/tmp/x")
     assert cfg.kafka.producer_conf()["linger.ms"] == 20
     assert cfg.gate.max_parked_total == 7
@@ -293,6 +298,8 @@ INVALID = [
     ("ring_too_small", lambda d: d["service"].update(ring_bytes="2MiB"),
      "config error: service.ring_bytes: must be >= 2*max_record_bytes + 1 MiB = 3 MiB "
      "(got 2 MiB)"),
+    ("commit_idle_negative", lambda d: d["service"].update(commit_idle_ms=-1),
+     "config error: service.commit_idle_ms: must be >= 0 (got -1)"),
     ("key_too_long", lambda d: d["service"].update(max_key_bytes=481),
      "config error: service.max_key_bytes: must be <= 480 (got 481)"),
     ("max_map_below_map", lambda d: d["service"].update(lmdb_map_size="2GiB",
@@ -555,6 +562,7 @@ def test_consumer_and_producer_conf(data: dict) -> None:
         "auto.offset.reset": "latest",  # consumer dict beats default
         "partition.assignment.strategy": "cooperative-sticky",
         "fetch.queue.backoff.ms": 20,
+        "fetch.wait.max.ms": 100,
         "enable.partition.eof": False,
         "queued.max.messages.kbytes": 2048,
         "security.protocol": "SASL_SSL",

@@ -248,13 +248,14 @@ def test_a_merge_error_on_a_cached_document_is_undone(make_cluster):
 
 
 def _window_run(tmp_path: Path, window_ms: int, messages: list[bytes], oracle,
-                pause: float = 0.0, stop_at_once: bool = False) -> dict:
+                pause: float = 0.0, stop_at_once: bool = False, idle_ms: int = 10_000) -> dict:
     """A real worker process on real rings: the messages are put one by one (`pause` s
     between them), then (once all are acknowledged, or at once) a stop message. Returns the
     commits and the acknowledged batch id seen after each put; checks the views."""
     cfg = load_config(None, {"service.workers": 1, "service.data_dir": str(tmp_path / "d"),
                              "service.lmdb_sync": False, "service.shutdown_timeout_ms": 1000,
-                             "service.commit_window_ms": window_ms}, env={})
+                             "service.commit_window_ms": window_ms,
+                             "service.commit_idle_ms": idle_ms}, env={})
     svc = cfg.service
     seg = f"aggtest-win-{uuid.uuid4().hex[:10]}"
     segments = create_segments(seg, 1, svc.ring_bytes,
@@ -329,6 +330,20 @@ def test_the_commit_window_groups_ring_messages_into_one_transaction(tmp_path, w
     assert none["commits"] > n // 3, none
     assert wide["commits"] <= 6, wide
     assert max(wide["acks"]) < n  # nothing acknowledged before its commit
+
+
+def test_rings_empty_for_commit_idle_ms_end_the_window(tmp_path, workload, oracle):
+    """A 5 s window, messages 50 ms apart: with ``commit_idle_ms`` 10 a message is committed
+    once the ring stayed empty 10 ms (about one commit per message); with it off, the window
+    groups them (transactions end only at their size, 128 KiB doubling after a boot)."""
+    msgs = _messages(workload, 50)
+    n = len(msgs)
+    assert n >= 40
+    idle = _window_run(tmp_path / "idle", 5000, msgs, oracle, pause=0.05, idle_ms=10)
+    off = _window_run(tmp_path / "off", 5000, msgs, oracle, pause=0.05, idle_ms=5000)
+    assert idle["commits"] >= n // 2, idle
+    assert off["commits"] <= 8, off
+    assert idle["acks"][n // 2] > off["acks"][n // 2], (idle, off)  # acknowledged sooner
 
 
 def test_a_stop_message_ends_the_window(tmp_path, workload, oracle):

@@ -22,14 +22,20 @@ not when new data arrives, so that setting dominates both figures on it.
 
 from __future__ import annotations
 
+import bisect
 import logging
+import os
+import shutil
 import statistics
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
 from aggregator.devtools import simulate
+from aggregator.devtools.latency_trace import ENV as TRACE_ENV
+from aggregator.devtools.latency_trace import read_dir as read_trace
 from aggregator.routing import slot_of
 from bench import workload as wl
 from bench.stages.service import AggregatorProcess
@@ -59,6 +65,9 @@ class LatencyRun:
     timeline: list = field(default_factory=list)  # per second sent: [s, records, p50, max]
     memory: dict = field(default_factory=dict)
     verified: str = "not checked"
+    breakdown: dict = field(default_factory=dict)  # measure_latency(trace=True): `breakdown`
+    # CPU µs per paced event by process (first paced record sent -> all durable)
+    cpu_us_per_event: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -139,17 +148,27 @@ def _pct(xs: list[float], q: float) -> float:
 
 def measure_latency(bootstrap: str, prefix: str, workers: int, rate: float, seconds: float,
                     seed: int, *, embedded: bool, broker_pid: int | None,
-                    timeout: float, consumer: dict | None = None) -> LatencyRun:
+                    timeout: float, consumer: dict | None = None,
+                    overrides: dict | None = None, trace: bool = False) -> LatencyRun:
+    """`overrides`: extra config overrides of the aggregator; `trace`: the service writes
+    its per-step timestamps (aggregator/devtools/latency_trace.py) and `run.breakdown` says
+    where the latency went (`breakdown`)."""
     run = LatencyRun(workers, round(rate), dict(consumer or {}))
+    trace_dir = tempfile.mkdtemp(prefix="agg-lat-trace-") if trace else None
     n = WARMUP + max(100, int(rate * seconds))
     w = wl.generate(seed, n)
     records = w.records
     oracle = simulate.expected_views(w)
     wl.create(bootstrap, prefix)
     p = AggregatorProcess(bootstrap, prefix, workers, embedded=embedded, broker_pid=broker_pid,
-                          consumer=consumer)
+                          consumer=consumer, overrides=overrides)
     try:
-        p.start()
+        if trace_dir is not None:
+            os.environ[TRACE_ENV] = trace_dir  # inherited by the spawned service
+        try:
+            p.start()
+        finally:
+            os.environ.pop(TRACE_ENV, None)
         prod = PacedProducer(bootstrap, prefix)
         prod.burst(records[:WARMUP])
         p.poller.set_targets(prod.last_offsets())
@@ -158,14 +177,19 @@ def measure_latency(bootstrap: str, prefix: str, workers: int, rate: float, seco
             p.stop_event.set()
             p.finish(60)
             return run
+        t_paced0 = time.monotonic()
         run.achieved_rate = round(prod.paced(records[WARMUP:], rate))
         p.poller.set_targets(prod.last_offsets())
         if not p.poller.wait(timeout):
             run.error = "paced records never became durable"
+        t_paced1 = time.monotonic()
         p.stop_event.set()
         res = p.finish(timeout)
         run.memory = p.sampler.summary()
         run.records = len(records)
+        paced = max(1, len(records) - WARMUP)
+        run.cpu_us_per_event = {k: round(v / paced * 1e6, 1) for k, v in
+                                p.sampler.cpu_between(t_paced0, t_paced1).items()}
         lat = []
         per_second: dict[int, list[float]] = {}
         t_paced = prod.sent_at[WARMUP] if len(records) > WARMUP else 0.0
@@ -184,6 +208,8 @@ def measure_latency(bootstrap: str, prefix: str, workers: int, rate: float, seco
             run.timeline.append([sec, len(xs), round(_pct(xs, 0.5), 1), round(xs[-1], 1)])
         run.measured = len(lat)
         _fill(run, lat)
+        if trace_dir is not None:
+            run.breakdown = breakdown(trace_dir, prod, p.poller, workers, WARMUP)
         if res.get("code") != 0:
             run.error = run.error or f"aggregator exited with code {res.get('code')}"
             return run
@@ -199,6 +225,115 @@ def measure_latency(bootstrap: str, prefix: str, workers: int, rate: float, seco
         return run
     finally:
         p.cleanup()
+        if trace_dir is not None:
+            shutil.rmtree(trace_dir, ignore_errors=True)
+
+
+STEPS = ("fetch", "ring_full", "queued", "window", "apply", "commit", "poll")
+STEP_DOC = {
+    "fetch": "produce() -> dispatched by the supervisor (linger, broker, fetch wait, consume)",
+    "ring_full": "dispatched -> in the worker's ring (waited in pending: ring full, paused)",
+    "queued": "in the ring -> taken by the worker (behind the transaction in front)",
+    "window": "taken -> the commit window closed (waiting for more ring messages)",
+    "apply": "window closed -> LMDB commit started (applying the transaction)",
+    "commit": "LMDB commit (fsync)",
+    "poll": "durable -> seen by the 20 ms poller",
+}
+
+
+def breakdown(trace_dir: str, prod: PacedProducer, poller, workers: int, first: int) -> dict:
+    """Join the service's trace (latency_trace.py) with the producer's send times and the
+    poller: per record from `first` on, the time spent in each of `STEPS` (they add up to
+    its latency). Returns per step p50/p90/p99/mean over all records, the mean of each step
+    over the slowest 1 % and over the records around the median, the consume rounds and the
+    transactions (count, mean bytes budget, mean records)."""
+    sup, wlines = read_trace(trace_dir)
+    topics = next((ln[1] for ln in sup if ln[0] == "topics"), [])
+    tindex = {t: i for i, t in enumerate(topics)}
+    put = {(ln[1], ln[2]): (ln[3], ln[4]) for ln in sup if ln[0] == "put"}
+    rounds = [ln for ln in sup if ln[0] == "round"]
+    # per worker, per (topic index, partition): sorted (first, last, bid, taken, txn)
+    index: list[dict] = [{} for _ in range(workers)]
+    txns: list[tuple] = []
+    for w, lines in wlines.items():
+        for ln in lines:
+            if ln[0] != "txn":
+                continue
+            _, t_close, t_commit, t_durable, _acked, txn_bytes, msgs = ln
+            txn = (t_close, t_commit, t_durable)
+            txns.append((txn_bytes, sum(hi - lo + 1 for m in msgs for _, _, lo, hi in m[2]),
+                         t_durable - t_commit))
+            for bid, t_taken, ranges in msgs:
+                for ti, part, lo, hi in ranges:
+                    index[w].setdefault((ti, part), []).append((lo, hi, bid, t_taken, txn))
+    for per in index:
+        for k, v in per.items():
+            v.sort()
+            per[k] = ([x[0] for x in v], v)
+    rows = []
+    missing = 0
+    for i in range(first, len(prod.sent_at)):
+        where = prod.where[i]
+        if where is None or where[0] not in tindex:
+            missing += 1
+            continue
+        owner = slot_of(prod.keys[i]) % workers
+        seen = poller.history[owner].durable_at((where[0], where[1]), where[2])
+        found = index[owner].get((tindex[where[0]], where[1]))
+        if seen is None or found is None:
+            missing += 1
+            continue
+        los, entries = found
+        j = bisect.bisect_right(los, where[2]) - 1
+        if j < 0 or entries[j][1] < where[2]:
+            missing += 1
+            continue
+        _, _, bid, t_taken, (t_close, t_commit, t_durable) = entries[j]
+        t_disp, t_put = put.get((owner, bid), (t_taken, t_taken))
+        sent = prod.sent_at[i]
+        rows.append((seen - sent, (t_disp - sent, t_put - t_disp, t_taken - t_put,
+                                   t_close - t_taken, t_commit - t_close,
+                                   t_durable - t_commit, seen - t_durable)))
+    out: dict = {"records": len(rows), "missing": missing, "steps": {}}
+    if not rows:
+        return out
+    rows.sort(key=lambda r: r[0])
+    tail = rows[int(0.99 * len(rows)):]
+    mid = rows[int(0.45 * len(rows)):int(0.55 * len(rows)) + 1]
+    for k, name in enumerate(STEPS):
+        xs = sorted(r[1][k] * 1000 for r in rows)
+        out["steps"][name] = {
+            "p50": round(_pct(xs, 0.5), 1), "p90": round(_pct(xs, 0.9), 1),
+            "p99": round(_pct(xs, 0.99), 1), "mean": round(statistics.fmean(xs), 1),
+            "mean_at_p50": round(statistics.fmean(r[1][k] for r in mid) * 1000, 1),
+            "mean_slowest_1pct": round(statistics.fmean(r[1][k] for r in tail) * 1000, 1)}
+    took = sorted((r[2] - r[1]) * 1000 for r in rounds)
+    out["rounds"] = {"count": len(rounds),
+                     "records_mean": round(statistics.fmean(r[3] for r in rounds), 1)
+                     if rounds else 0,
+                     "ms_p50": round(_pct(took, 0.5), 1) if took else 0,
+                     "ms_p99": round(_pct(took, 0.99), 1) if took else 0}
+    out["transactions"] = {
+        "count": len(txns),
+        "budget_bytes_mean": round(statistics.fmean(t[0] for t in txns)) if txns else 0,
+        "records_mean": round(statistics.fmean(t[1] for t in txns), 1) if txns else 0,
+        "commit_ms_mean": round(statistics.fmean(t[2] for t in txns) * 1000, 1) if txns else 0}
+    return out
+
+
+def format_breakdown(b: dict) -> str:
+    """`breakdown` as a text table (ms)."""
+    lines = [f"{'step':<10} {'p50':>7} {'p90':>7} {'p99':>7} {'mean':>7} {'@p50':>7} "
+             f"{'@p99+':>7}  what"]
+    for name in STEPS:
+        s = b["steps"].get(name)
+        if s is None:
+            continue
+        lines.append(f"{name:<10} {s['p50']:>7} {s['p90']:>7} {s['p99']:>7} {s['mean']:>7} "
+                     f"{s['mean_at_p50']:>7} {s['mean_slowest_1pct']:>7}  {STEP_DOC[name]}")
+    lines.append(f"records {b['records']} (missing {b['missing']}); consume rounds "
+                 f"{b.get('rounds')}; transactions {b.get('transactions')}")
+    return "\n".join(lines)
 
 
 def _fill(run, lat: list[float]) -> None:
@@ -232,6 +367,7 @@ class FloorRun:
 
 def floor_consumer(bootstrap: str, topics: list[str], consumer: dict, expected, conn) -> None:
     """Child process: fetch every record and note (CreateTime ms, fetch time ms)."""
+    from aggregator.kafka_clients import consume_ready
     from bench.stages.raw import consumer_conf
 
     conf = {**consumer_conf(bootstrap, "bench-floor"), **consumer}
@@ -242,7 +378,7 @@ def floor_consumer(bootstrap: str, topics: list[str], consumer: dict, expected, 
     deadline = time.monotonic() + 1800
     try:
         while time.monotonic() < deadline:
-            msgs = c.consume(5000, 0.05)
+            msgs = consume_ready(c, 5000, 0.05)  # as the supervisor does
             now = time.time() * 1000
             for m in msgs:
                 if m.error() is None:
