@@ -26,6 +26,7 @@ from libc.string cimport memcpy
 
 import xxhash
 
+from aggregator.doc_codec import json_body
 from aggregator.merge import MergeError
 from aggregator.protocol import REC_OFFSET, REC_PARTITION, REC_SLOT, REC_TOPIC
 from aggregator.routing import SLOTS
@@ -34,6 +35,7 @@ __all__ = ["apply_event", "apply_local", "merge_targets", "set_reference"]
 
 cdef object _hash64 = xxhash.xxh3_64_intdigest
 cdef object _MergeError = MergeError
+cdef object _json_body = json_body
 cdef Py_ssize_t _TOPIC = REC_TOPIC
 cdef Py_ssize_t _PARTITION = REC_PARTITION
 cdef Py_ssize_t _OFFSET = REC_OFFSET
@@ -129,8 +131,12 @@ cdef object _apply_local(object self, object at, object batch, object f, object 
     if chg.enabled and not chg.coalesce:
         vid = f.view_id
         if chg.topics[vid] is not None:
-            if chg.json:
-                data, body = chg.encode_json(doc)
+            if chg.json:  # ChangeEncoder.encode_json; its other cases there
+                body = _json_body(doc)
+                if body is None:
+                    data, body = chg.encode_json(doc)
+                else:
+                    data = body
                 at.bodies[dkey] = (stored["v"], body)
             else:
                 data = chg.encode(doc)

@@ -6,8 +6,9 @@ the same dead letters, count the same stats and log the same lines.
 The records are the shop workload with events that take every rare path mixed in: a view key
 from a data field that is missing, not a string or an integer (bool, float, None, object), an
 integer, a non-dict on the path, too long; a merge error in the second view of an event
-whose first view was merged (undone by replay), and a merge error of a document that the
-same batch changed before.
+whose first view was merged (undone by replay), a merge error of a document that the
+same batch changed before, and a document that is not JSON-exact (its change event encoded by
+the fallback).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import pytest
 
 from aggregator.control import Slot
 from aggregator.devtools import simulate
+from aggregator.devtools.encoder import to_binary
 from aggregator.protocol import Forwarded
 from aggregator.stages import route
 from tests import test_worker as tw
@@ -65,6 +67,14 @@ def _rare_events() -> list[tuple]:
     add("c-2", "p-3", "bad")  # merge error on a document changed in this batch
     add("c-2", "p-3", 1)
     add("c-ü", "p-ö", 5)  # non-ASCII keys
+    # a document that is not JSON-exact (an infinite float: the fallback encoder)
+    topic, key, _, _ = _review(99, "c-3", "p-4", 0)
+    attrs = {"id": "rv-ev-inf", "source": simulate.SOURCES["reviews"].uri,
+             "type": "shop.review.posted", "partitionkey": "rv-inf", "sequence": 1}
+    headers, value = to_binary(attrs, {"review_id": "rv-inf", "product_id": "p-4",
+                                       "customer_id": "c-3", "rating": float("inf")},
+                               "application/msgpack")
+    ev.append((topic, b"rv-inf", value, headers))
     for i in range(40):
         add(f"c-{i % 7}", f"p-{i % 5}", "bad" if i % 9 == 4 else i % 5)
     # a path through a non-dict: data.order_id of a payment (order view) is a list
@@ -143,6 +153,7 @@ def test_compiled_route_stores_publishes_forwards_and_dead_letters_as_the_refere
     assert got["published"] == ref["published"] and got["published"]
     assert got["views"] == ref["views"]
     assert "12345" in got["views"]["customer"] and "7" in got["views"]["product"]
+    assert got["views"]["product"]["p-4"]["rating_sum"] == float("inf")
     assert logs == ref_logs and any("merge error in view" in m for m in logs)
 
 
