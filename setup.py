@@ -59,6 +59,13 @@ extensions = [
         define_macros=macros,
         extra_compile_args=compile_args,
     ),
+    # the compiled twin of the common path of stages/route.py
+    Extension(
+        "aggregator._route",
+        ["aggregator/_route.pyx"],
+        define_macros=macros,
+        extra_compile_args=compile_args,
+    ),
     # forwarded view updates between workers (forwards.py: format 2)
     Extension(
         "aggregator._forwards",

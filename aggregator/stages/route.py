@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 
+from .. import core
 from ..merge import MergeError, get_path
 from ..plan import Feed
 from ..protocol import (
@@ -35,6 +36,13 @@ class RouteStage:
         self.attempt.stats["applied"] += 1
         if not feeds:
             return
+        targets = self._targets(ev, rec, feeds)
+        if targets is not None:
+            self._route(batch, ev, rec, targets)
+
+    def _targets(self, ev, rec, feeds) -> list | None:
+        """(feed, view key, slot) of each feed, or None when a key is missing, not a
+        string or an integer, or too long (the event is dead-lettered)."""
         targets = []
         for f in feeds:
             if f.key_path is None:
@@ -46,19 +54,19 @@ class RouteStage:
                     self._dead_letter(rec, "merge_error",
                                       f"view {f.view}: key field data.{'.'.join(f.key_path)} "
                                       "missing")
-                    return
+                    return None
                 if isinstance(key, bool) or not isinstance(key, (str, int)):
                     self._dead_letter(rec, "merge_error",
                                       f"view {f.view}: key must be a string or integer")
-                    return
+                    return None
                 key = str(key)
                 kb = key.encode()
                 if len(kb) > self.max_key:
                     self._dead_letter(rec, "key_too_long", f"view {f.view}: key too long")
-                    return
+                    return None
                 slot = slot_of(kb)
             targets.append((f, key, slot))
-        self._route(batch, ev, rec, targets)
+        return targets
 
     def _route(self, batch: Batch, ev, rec, targets: list) -> None:
         """Merge into the view keys this worker owns; the others go to their workers."""
@@ -87,15 +95,20 @@ class RouteStage:
                 continue
             dkey = self._apply_local(batch, f, key, slot, ev)
             if dkey is None:
-                for d in applied:
-                    self.attempt.log[d].pop()
-                    self._drop_last_change(d)
-                for d in set(applied):
-                    self._replay(batch, d)
-                self._dead_letter(rec, "merge_error", f"view {f.view}: merge failed")
+                self._undo_event(batch, rec, f, applied)
                 return None
             applied.append(dkey)
         return forwards
+
+    def _undo_event(self, batch: Batch, rec, f: Feed, applied: list[bytes]) -> None:
+        """A merge into view `f` failed: undo the event's updates of the documents in
+        `applied` and dead-letter it."""
+        for d in applied:
+            self.attempt.log[d].pop()
+            self._drop_last_change(d)
+        for d in set(applied):
+            self._replay(batch, d)
+        self._dead_letter(rec, "merge_error", f"view {f.view}: merge failed")
 
     def _apply_local(self, batch: Batch, f: Feed, key: str, slot: int, ev) -> bytes | None:
         """Merge one event into a document of this shard: its key, or None (and the document
@@ -118,8 +131,7 @@ class RouteStage:
         try:  # the document, its version and the source's freshness, in one call
             doc = f.merge.apply_update(stored, ev)
         except MergeError as e:
-            log.warning("worker %d: merge error in view %s: %s", self.index, f.view, e)
-            self._replay(batch, dkey)
+            self._merge_failed(batch, f, dkey, e)
             return None
         at.docs[dkey] = stored
         at.log.setdefault(dkey, []).append((f, ev))
@@ -132,6 +144,11 @@ class RouteStage:
                 data = chg.encode(doc)
             at.changes.append((dkey, f.view_id, key, stored["v"], data))
         return dkey
+
+    def _merge_failed(self, batch: Batch, f: Feed, dkey: bytes, e: MergeError) -> None:
+        """Log a failed merge and rebuild the document as it was before the event."""
+        log.warning("worker %d: merge error in view %s: %s", self.index, f.view, e)
+        self._replay(batch, dkey)
 
     def _drop_last_change(self, dkey: bytes) -> None:
         """Forget the change event of an update that was undone."""
@@ -154,3 +171,25 @@ class RouteStage:
         for f, ev in updates:
             f.merge.apply_update(stored, ev)
         self.attempt.docs[dkey] = stored
+
+
+# The reference methods (what AGGREGATOR_PURE_CORE=1 runs; the twin tests compare with them).
+REFERENCE = {name: getattr(RouteStage, name)
+             for name in ("_apply_event", "_merge_targets", "_apply_local")}
+IMPLEMENTATION = "python"
+
+if core.IMPLEMENTATION == "cython":  # the compiled twins (_route.pyx), as core.py chooses
+    try:
+        from .. import _route
+    except ImportError as exc:
+        raise ImportError(
+            "aggregator: the compiled route stage (aggregator._route) cannot be imported "
+            f"({exc}). Build it with `pip install .` (or `pip install -e .`), or set "
+            f"{core.PURE_ENV}=1 to run the slow pure-Python pipeline on purpose."
+        ) from exc
+    _route.set_reference(RouteStage._route)
+    COMPILED = {"_apply_event": _route.apply_event, "_merge_targets": _route.merge_targets,
+                "_apply_local": _route.apply_local}
+    for _name, _fn in COMPILED.items():
+        setattr(RouteStage, _name, _fn)
+    IMPLEMENTATION = "cython"

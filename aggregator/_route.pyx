@@ -1,0 +1,208 @@
+# cython: language_level=3
+"""Compiled twin of the common path of ``stages/route.py``: an applied event into its views.
+
+``apply_event(worker, batch, ev, rec)`` does what ``RouteStage._apply_event`` →
+``_targets`` → ``_route`` → ``_merge_targets`` → ``_apply_local`` do, in one typed call:
+the feeds of (topic, type), each view key (the partition key, or a string/integer at a
+path of plain dicts below ``data``) and its slot, the owner of the slot, the forwarded
+updates (protocol.UPD_* fields) for other owners, the document (the attempt's ``docs``,
+then the worker's doc cache, then the shard), ``plan.apply_update``, the update log and the
+change event. ``merge_targets`` and ``apply_local`` are the twins of the methods of the
+same names (cluster mode's ``_route`` and the forwarded updates call them).
+
+Every rare path is the reference's own method, called unchanged: a key that is not a
+string/integer found through dicts, or is too long, goes to ``RouteStage._targets`` (which
+computes all keys again, nothing has changed yet, and dead-letters); a merge error to
+``_merge_failed`` then ``_undo_event``; an overridden ``_route`` (cluster mode,
+task_worker.py) is called with the targets. stages/route.py installs these functions on
+``RouteStage`` unless ``AGGREGATOR_PURE_CORE=1``; tests/test_route_twins.py compares the
+two on stores, change events, forwards, dead letters and stats.
+"""
+
+cimport cython
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.unicode cimport PyUnicode_AsUTF8String
+from libc.string cimport memcpy
+
+import xxhash
+
+from aggregator.doc_codec import json_body
+from aggregator.merge import MergeError
+from aggregator.protocol import REC_OFFSET, REC_PARTITION, REC_SLOT, REC_TOPIC
+from aggregator.routing import SLOTS
+
+__all__ = ["apply_event", "apply_local", "merge_targets", "set_reference"]
+
+cdef object _hash64 = xxhash.xxh3_64_intdigest
+cdef object _MergeError = MergeError
+cdef object _json_body = json_body
+cdef Py_ssize_t _TOPIC = REC_TOPIC
+cdef Py_ssize_t _PARTITION = REC_PARTITION
+cdef Py_ssize_t _OFFSET = REC_OFFSET
+cdef Py_ssize_t _SLOT = REC_SLOT
+cdef unsigned long long _SLOTS = SLOTS
+cdef object _MISSING = object()
+cdef object _base_route = None  # RouteStage._route: an override (cluster mode) is called
+
+
+def set_reference(route):
+    """Note the reference ``RouteStage._route`` (subclasses that override it get theirs)."""
+    global _base_route
+    _base_route = route
+
+
+cdef object _view_key(object slot, object view_id, object key):
+    """store.view_key(routing.slot_prefix(slot), view_id, key)."""
+    cdef bytes kb = PyUnicode_AsUTF8String(key)
+    cdef long s = slot
+    cdef long v = view_id
+    if s < 0 or s > 0xFFFF or v < 0 or v > 0xFF:  # the reference's struct/bytes errors
+        from aggregator.routing import slot_prefix
+        from aggregator.store import view_key
+        return view_key(slot_prefix(slot), view_id, key)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(kb)
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, n + 3)
+    cdef char *p = PyBytes_AS_STRING(out)
+    p[0] = <char>((s >> 8) & 0xFF)
+    p[1] = <char>(s & 0xFF)
+    p[2] = <char>v
+    memcpy(p + 3, PyBytes_AS_STRING(kb), n)
+    return out
+
+
+cdef list _targets(object self, object ev, object rec, object feeds):
+    """RouteStage._targets: (feed, key, slot) per feed; None when dead-lettered."""
+    cdef list targets = []
+    cdef Py_ssize_t max_key = self.max_key
+    cdef object f, path, v, k, key
+    cdef bytes kb
+    for f in feeds:
+        path = f.key_path
+        if path is None:
+            targets.append((f, ev.partitionkey, rec[_SLOT]))
+            continue
+        v = ev.data
+        for k in <tuple>path:
+            if type(v) is not dict:
+                return self._targets(ev, rec, feeds)
+            v = (<dict>v).get(k, _MISSING)
+            if v is _MISSING:
+                return self._targets(ev, rec, feeds)
+        if type(v) is str:
+            key = v
+        elif type(v) is int:
+            key = str(v)
+        else:  # bool, None, containers, floats, subclasses: the reference decides
+            return self._targets(ev, rec, feeds)
+        kb = PyUnicode_AsUTF8String(key)
+        if PyBytes_GET_SIZE(kb) > max_key:
+            return self._targets(ev, rec, feeds)
+        targets.append((f, key, <unsigned long long>_hash64(kb) % _SLOTS))
+    return targets
+
+
+cdef object _apply_local(object self, object at, object batch, object f, object key,
+                         object slot, object ev):
+    """RouteStage._apply_local: the document key, or None after a merge error."""
+    dkey = _view_key(slot, f.view_id, key)
+    cdef dict docs = at.docs
+    stored = docs.get(dkey)
+    if stored is None:
+        cache = self.doc_cache
+        if cache is not None:
+            stored = cache.take(dkey)
+        if stored is None:
+            stored = batch.get_doc(dkey)
+            if not stored:
+                stored = {"v": 0, "d": None, "s": {}}
+    try:
+        doc = f.merge.apply_update(stored, ev)
+    except _MergeError as e:
+        self._merge_failed(batch, f, dkey, e)
+        return None
+    docs[dkey] = stored
+    cdef dict lg = at.log
+    entries = lg.get(dkey)
+    if entries is None:
+        entries = []
+        lg[dkey] = entries
+    (<list>entries).append((f, ev))
+    chg = self.changes
+    if chg.enabled and not chg.coalesce:
+        vid = f.view_id
+        if chg.topics[vid] is not None:
+            if chg.json:  # ChangeEncoder.encode_json; its other cases there
+                body = _json_body(doc)
+                if body is None:
+                    data, body = chg.encode_json(doc)
+                else:
+                    data = body
+                at.bodies[dkey] = (stored["v"], body)
+            else:
+                data = chg.encode(doc)
+            (<list>at.changes).append((dkey, vid, key, stored["v"], data))
+    return dkey
+
+
+cdef list _merge_targets(object self, object at, object batch, object ev, object rec,
+                         list targets, object me):
+    """RouteStage._merge_targets: the forwards as (owner, update), or None (undone)."""
+    cdef list applied = []
+    cdef list forwards = []
+    owners = self.key_owners
+    for f, key, slot in targets:
+        owner = slot % owners  # routing.worker_of
+        if owner != me:
+            forwards.append((owner, [f.feed_id, key, slot, ev.id, ev.source, ev.type,
+                                     ev.time, ev.subject, ev.sequence, ev.data,
+                                     ev.partitionkey, rec[_TOPIC], rec[_PARTITION],
+                                     rec[_OFFSET]]))
+            continue
+        dkey = _apply_local(self, at, batch, f, key, slot, ev)
+        if dkey is None:
+            self._undo_event(batch, rec, f, applied)
+            return None
+        applied.append(dkey)
+    return forwards
+
+
+def apply_event(self, batch, ev, rec):
+    """RouteStage._apply_event (see the module docstring)."""
+    at = self.attempt
+    plan = self.plan
+    ti = rec[_TOPIC]
+    etype = ev.type
+    feeds = (<dict>(<list>plan._cache)[ti]).get(etype)
+    if feeds is None:
+        feeds = plan.feeds_for(ti, etype)
+    cdef dict stats = at.stats
+    stats["applied"] += 1
+    if not feeds:
+        return
+    targets = _targets(self, ev, rec, feeds)
+    if targets is None:
+        return
+    if type(self)._route is not _base_route:  # cluster mode's override
+        self._route(batch, ev, rec, targets)
+        return
+    forwards = _merge_targets(self, at, batch, ev, rec, targets, self.index)
+    if not forwards:
+        return
+    cdef dict out = at.out
+    for owner, update in forwards:
+        stats["forwarded"] += 1
+        lst = out.get(owner)
+        if lst is None:
+            lst = []
+            out[owner] = lst
+        (<list>lst).append(update)
+
+
+def merge_targets(self, batch, ev, rec, list targets, me):
+    """RouteStage._merge_targets."""
+    return _merge_targets(self, self.attempt, batch, ev, rec, targets, me)
+
+
+def apply_local(self, batch, f, key, slot, ev):
+    """RouteStage._apply_local."""
+    return _apply_local(self, self.attempt, batch, f, key, slot, ev)

@@ -1,0 +1,169 @@
+"""The compiled route stage (`aggregator._route`) against the reference methods of
+stages/route.py: in-process workers on real LMDB shards fed the same records, once with each,
+must store the same views, publish the same change events, forward the same updates, send
+the same dead letters, count the same stats and log the same lines.
+
+The records are the shop workload with events that take every rare path mixed in: a view key
+from a data field that is missing, not a string or an integer (bool, float, None, object), an
+integer, a non-dict on the path, too long; a merge error in the second view of an event
+whose first view was merged (undone by replay), a merge error of a document that the
+same batch changed before, and a document that is not JSON-exact (its change event encoded by
+the fallback).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+
+import pytest
+
+from aggregator.control import Slot
+from aggregator.devtools import simulate
+from aggregator.devtools.encoder import to_binary
+from aggregator.protocol import Forwarded
+from aggregator.stages import route
+from tests import test_worker as tw
+from tests.test_worker import make_cluster  # noqa: F401 - the fixture
+
+pytestmark = pytest.mark.skipif(route.IMPLEMENTATION != "cython",
+                                reason="AGGREGATOR_PURE_CORE=1: no compiled route stage")
+
+
+def _review(i: int, customer, product, rating, data_extra: dict | None = None) -> tuple:
+    data = {"review_id": f"rv-x{i}", "product_id": product, "rating": rating}
+    if customer is not _ABSENT:
+        data["customer_id"] = customer
+    data.update(data_extra or {})
+    return tw._event("reviews", "shop.review.posted", f"rv-x{i}", 1, data, f"rv-ev-x{i}")
+
+
+_ABSENT = object()
+
+
+def _rare_events() -> list[tuple]:
+    """Reviews (customer view keyed by data.customer_id, then product view keyed by
+    data.product_id whose `add` from data.rating fails on a string)."""
+    ev = []
+    n = 0
+
+    def add(*a, **kw):
+        nonlocal n
+        n += 1
+        ev.append(_review(n, *a, **kw))
+
+    add(_ABSENT, "p-1", 4)  # key field missing
+    add(True, "p-1", 4)  # bool: not a key
+    add(1.5, "p-1", 4)
+    add(None, "p-1", 4)
+    add({"id": "c-1"}, "p-1", 4)
+    add(["c-1"], "p-1", 4)
+    add(12345, "p-2", 3)  # an integer key: "12345"
+    add("c-" + "x" * 500, "p-1", 4)  # key too long
+    add("c-1", "p-" + "y" * 500, 4)  # second view's key too long
+    add("c-1", 7, 5)  # integer product key
+    add("c-1", "p-1", "bad")  # merge error in the second view: the first is undone
+    add("c-2", "p-3", 2)
+    add("c-2", "p-3", "bad")  # merge error on a document changed in this batch
+    add("c-2", "p-3", 1)
+    add("c-ü", "p-ö", 5)  # non-ASCII keys
+    # a document that is not JSON-exact (an infinite float: the fallback encoder)
+    topic, key, _, _ = _review(99, "c-3", "p-4", 0)
+    attrs = {"id": "rv-ev-inf", "source": simulate.SOURCES["reviews"].uri,
+             "type": "shop.review.posted", "partitionkey": "rv-inf", "sequence": 1}
+    headers, value = to_binary(attrs, {"review_id": "rv-inf", "product_id": "p-4",
+                                       "customer_id": "c-3", "rating": float("inf")},
+                               "application/msgpack")
+    ev.append((topic, b"rv-inf", value, headers))
+    for i in range(40):
+        add(f"c-{i % 7}", f"p-{i % 5}", "bad" if i % 9 == 4 else i % 5)
+    # a path through a non-dict: data.order_id of a payment (order view) is a list
+    ev.append(tw._event("payments", "shop.payment.captured", "pay-x1", 1,
+                        {"payment_id": "pay-x1", "order_id": ["o-1"], "customer_id": "c-1",
+                         "amount_cents": 5, "status": "captured"}, "pay-ev-x1"))
+    return ev
+
+
+class RecordingCluster(tw.Cluster):
+    """A Cluster that keeps every forwarded update message the workers exchanged."""
+
+    def __init__(self, *a, **kw) -> None:
+        super().__init__(*a, **kw)
+        self.forwarded: list = []
+
+    def pump(self) -> None:
+        before = {i: len(p) for i, p in self.pending.items()}
+        super().pump()
+        for i, p in self.pending.items():
+            self.forwarded.extend((i, _plain(m)) for m in p[before[i]:])
+
+
+def _plain(msg) -> tuple:
+    """A decoded link message with its updates' `Forwarded` objects as tuples of fields."""
+    *head, updates = msg
+    return (*head, [(feed, key, slot, tuple(getattr(fwd, a) for a in Forwarded.__slots__))
+                    for feed, key, slot, fwd in updates])
+
+
+def _run(tmp_path, sub: str, n: int, records: list) -> dict:
+    c = RecordingCluster(tmp_path / sub, n)
+    try:
+        c.boot()
+        c.feed(c.ring_records(records), random.Random(9), max_batch=120)
+        for w in c.workers:
+            w.publisher.pump()
+        stats = {s.name: c.total(s) for s in (Slot.RECORDS, Slot.APPLIED, Slot.DUPLICATES,
+                                               Slot.STALE, Slot.PARKED, Slot.GAPS_SKIPPED,
+                                               Slot.DEADLETTERED, Slot.FORWARDED)}
+        dlq = [(q_i, rec[:3], reason, msg) for q_i, q in enumerate(c.dlqs)
+               for rec, reason, msg in q.sent]
+        views = c.views()
+    finally:
+        c.close()
+    return {"views": views, "published": c.published, "forwarded": c.forwarded,
+            "dlq": dlq, "stats": stats}
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_compiled_route_stores_publishes_forwards_and_dead_letters_as_the_reference(
+        tmp_path, monkeypatch, caplog, n):
+    w = simulate.generate(13, 1500)
+    records = list(w.records)
+    rare = _rare_events()
+    rng = random.Random(n)
+    for r in rare:  # spread through the workload
+        records.insert(rng.randrange(len(records) + 1), r)
+    caplog.set_level(logging.WARNING, logger="aggregator.worker")
+    got = _run(tmp_path, "compiled", n, records)
+    logs = [r.getMessage() for r in caplog.records]
+    caplog.clear()
+    for name, fn in route.REFERENCE.items():
+        monkeypatch.setattr(route.RouteStage, name, fn)
+    ref = _run(tmp_path, "reference", n, records)
+    ref_logs = [r.getMessage() for r in caplog.records]
+    assert got["dlq"] == ref["dlq"]
+    reasons = {(reason, msg.split(":")[1].strip()) for _, _, reason, msg in got["dlq"]}
+    assert ("merge_error", "key field data.customer_id missing") in reasons
+    assert ("merge_error", "key must be a string or integer") in reasons
+    assert ("key_too_long", "key too long") in reasons
+    assert ("merge_error", "merge failed") in reasons
+    assert got["stats"] == ref["stats"]
+    assert got["forwarded"] == ref["forwarded"]
+    assert (n == 1) == (not got["forwarded"])
+    assert got["published"] == ref["published"] and got["published"]
+    assert got["views"] == ref["views"]
+    assert "12345" in got["views"]["customer"] and "7" in got["views"]["product"]
+    assert got["views"]["product"]["p-4"]["rating_sum"] == float("inf")
+    assert logs == ref_logs and any("merge error in view" in m for m in logs)
+
+
+def test_the_compiled_twins_are_installed():
+    """Unless AGGREGATOR_PURE_CORE=1, the worker runs the compiled route stage; the
+    reference methods stay reachable for the comparison."""
+    from aggregator import _route
+    from aggregator.worker import Worker
+
+    assert Worker._apply_event is _route.apply_event
+    assert Worker._merge_targets is _route.merge_targets
+    assert Worker._apply_local is _route.apply_local
+    assert route.REFERENCE["_apply_event"] is not _route.apply_event
