@@ -9,6 +9,7 @@ service logs it at start-up.
 
 from __future__ import annotations
 
+import importlib
 import os
 
 __all__ = [
@@ -74,3 +75,17 @@ else:
         ) from exc
 
     IMPLEMENTATION = "cython"
+
+
+def compiled(module: str, what: str):
+    """The compiled twin ``aggregator.<module>`` of a pure-Python reference, imported (the
+    modules that choose between twins as this one does call it); an ImportError that says
+    how to build it, or how to run the reference on purpose, when it cannot be imported."""
+    try:
+        return importlib.import_module(f"aggregator.{module}")
+    except ImportError as exc:
+        raise ImportError(
+            f"aggregator: {what} (aggregator.{module}) cannot be imported ({exc}). Build it "
+            f"with `pip install .` (or `pip install -e .`), or set {PURE_ENV}=1 to run the "
+            "slow pure-Python pipeline on purpose."
+        ) from exc

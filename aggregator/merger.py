@@ -19,13 +19,6 @@ if core.IMPLEMENTATION == "python":
 
     IMPLEMENTATION = "python"
 else:
-    try:
-        from ._merge import compile_ops
-    except ImportError as exc:
-        raise ImportError(
-            "aggregator: the compiled merge ops (aggregator._merge) cannot be imported "
-            f"({exc}). Build it with `pip install .` (or `pip install -e .`), or set "
-            f"{core.PURE_ENV}=1 to run the slow pure-Python pipeline on purpose."
-        ) from exc
+    compile_ops = core.compiled("_merge", "the compiled merge ops").compile_ops
 
     IMPLEMENTATION = "cython"

@@ -18,13 +18,6 @@ if core.IMPLEMENTATION == "python":
 
     IMPLEMENTATION = "python"
 else:
-    try:
-        from ._envelope import parse
-    except ImportError as exc:
-        raise ImportError(
-            "aggregator: the compiled envelope parser (aggregator._envelope) cannot be "
-            f"imported ({exc}). Build it with `pip install .` (or `pip install -e .`), or "
-            f"set {core.PURE_ENV}=1 to run the slow pure-Python pipeline on purpose."
-        ) from exc
+    parse = core.compiled("_envelope", "the compiled envelope parser").parse
 
     IMPLEMENTATION = "cython"

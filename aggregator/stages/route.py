@@ -179,14 +179,7 @@ REFERENCE = {name: getattr(RouteStage, name)
 IMPLEMENTATION = "python"
 
 if core.IMPLEMENTATION == "cython":  # the compiled twins (_route.pyx), as core.py chooses
-    try:
-        from .. import _route
-    except ImportError as exc:
-        raise ImportError(
-            "aggregator: the compiled route stage (aggregator._route) cannot be imported "
-            f"({exc}). Build it with `pip install .` (or `pip install -e .`), or set "
-            f"{core.PURE_ENV}=1 to run the slow pure-Python pipeline on purpose."
-        ) from exc
+    _route = core.compiled("_route", "the compiled route stage")
     _route.set_reference(RouteStage._route)
     COMPILED = {"_apply_event": _route.apply_event, "_merge_targets": _route.merge_targets,
                 "_apply_local": _route.apply_local}
