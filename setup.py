@@ -1,6 +1,6 @@
 """Build the compiled extensions ``aggregator._core``, ``aggregator._envelope``,
-``aggregator._frames``, ``aggregator._merge``, ``aggregator._forwards`` and
-``aggregator._publish`` (Cython); metadata lives in pyproject.toml.
+``aggregator._frames``, ``aggregator._merge``, ``aggregator._route``, ``aggregator._forwards``
+and ``aggregator._publish`` (Cython); metadata lives in pyproject.toml.
 
 The extensions are mandatory: a Cython or C compile error fails the build (no optional
 extension, no silent pure-Python install). ``AGGREGATOR_CYTHON_TRACE=1`` makes a debug
@@ -83,6 +83,10 @@ extensions = [
     ),
 ]
 
+# every core: Cython translates the modules in parallel, and the C compiler builds the
+# extensions in parallel (build_ext --parallel), which halves a fresh build on 2 cores
+JOBS = os.cpu_count() or 1
+
 setup(
     ext_modules=cythonize(
         extensions,
@@ -90,5 +94,7 @@ setup(
         annotate=TRACE,
         # A trace build must not reuse a C file generated without tracing (and back).
         force=True,
+        nthreads=JOBS if JOBS > 1 else 0,
     ),
+    options={"build_ext": {"parallel": JOBS}},
 )
