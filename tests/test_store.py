@@ -528,18 +528,7 @@ def test_map_full_then_grow_then_retry(tmp_path):
             b.put_doc(view_key(b"\x00\x01", 0, f"k{i}"), {"v": 1, "d": "x" * 100, "s": {}})
 
     try:
-        grows = 0
-        while True:
-            b = s.begin()
-            try:
-                big(b)
-                b.commit()
-                break
-            except lmdb.MapFullError:
-                b.abort()
-                assert s.grow()
-                grows += 1
-        assert grows >= 1
+        assert _commit_growing(s, big) >= 1
         assert len(list(s.documents(["v"]))) == 1500
     finally:
         s.close()
@@ -620,6 +609,22 @@ def test_reopen_keeps_the_data_and_the_grown_map(shard):
 # ---- WRITEMAP (service.lmdb_writemap) --------------------------------------------------------
 
 
+
+def _commit_growing(shard, fill) -> int:
+    """Apply `fill` in one transaction, growing the map after each MAP_FULL as the worker
+    does (rolled back, grown, applied again); returns how many times it grew."""
+    grows = 0
+    while True:
+        b = shard.begin()
+        try:
+            fill(b)
+            b.commit()
+            return grows
+        except lmdb.MapFullError:
+            b.abort()
+            assert shard.grow()
+            grows += 1
+
 def _allocated(path) -> int:
     return os.stat(path).st_blocks * 512
 
@@ -638,17 +643,7 @@ def test_writemap_allocates_the_map_at_open_and_before_each_grow(tmp_path):
     try:
         assert s.env.flags()["writemap"]
         assert _allocated(path / "data.mdb") >= 64 * KiB
-        grows = 0
-        while True:
-            b = s.begin()
-            try:
-                _docs(b, 1500)
-                b.commit()
-                break
-            except lmdb.MapFullError:
-                b.abort()
-                assert s.grow()
-                grows += 1
+        grows = _commit_growing(s, lambda b: _docs(b, 1500))
         size = s.env.info()["map_size"]
         assert grows >= 1 and size > 64 * KiB
         assert _allocated(path / "data.mdb") >= size
