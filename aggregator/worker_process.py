@@ -59,7 +59,6 @@ def worker_main(config: Config, index: int, prefix: str, log_level: int,
         log.error("worker %d cannot start: %s", index, storage_message(code, path))
         os._exit(1)  # the supervisor tries again, service.max_boot_failures times
     tune_gc(between_batches=True)  # the worker collects between transactions
-    exec(open('/tmp/gcstat2.py').read(), {})
     try:
         code = w.run()
     except Fenced as e:
