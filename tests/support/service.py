@@ -27,7 +27,7 @@ SHOP = ROOT / "examples" / "shop.toml"
 
 def write_config(path: Path, *, bootstrap: str, prefix: str, group: str, data_dir: Path,
                  workers: int, extra: str = "", http_port: int = 0,
-                 http_token: str = "") -> Path:
+                 http_token: str = "", defaults: dict | None = None) -> Path:
     """shop.toml with the test's topics, group, data dir and worker count; the HTTP API on
     `http_port` (0: any free port, so parallel or back-to-back services never collide)."""
     text = SHOP.read_text()
@@ -47,6 +47,7 @@ def write_config(path: Path, *, bootstrap: str, prefix: str, group: str, data_di
                         '"heartbeat.interval.ms" = 500\n"max.poll.interval.ms" = 45000\n')
     data = tomllib.loads(text)
     merge(data, {"http": {"port": http_port, "token": http_token}})
+    merge(data, defaults or {})  # the caller's defaults; `extra` still overrides them
     merge(data, tomllib.loads(extra))  # `extra` may set keys of sections shop.toml has
     path.write_text(tomli_w.dumps(data))
     return path
