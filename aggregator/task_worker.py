@@ -76,6 +76,7 @@ class TaskWorker(Worker):
         self.TT = len(self.topics)  # the tasks topic's partitions are (topic index TT, task)
         self.topics.append(cfg.tasks_topic())
         self.owned: dict[int, list[int]] = {}  # task -> [epoch, batch seq, request id]
+        self.task_since: dict[int, float] = {}  # task -> when restored here (gap clocks)
         self.writer: ChangelogWriter | None = None
         self.reader: ChangelogReader | None = None
         self.change_msgs = None
@@ -93,6 +94,11 @@ class TaskWorker(Worker):
     def _stream_here(self, g: bytes, in_batch: bool = False) -> bool:
         task = ((g[0] << 8) | g[1]) % self.tasks
         return task in (self.attempt.allowed if in_batch else self.owned)
+
+    def _parked_since(self, g: bytes) -> float:
+        """A restored task's parked events wait a full gap timeout from the restore: the
+        handover from their previous owner must not expire them."""
+        return max(self.booted_at, self.task_since.get(((g[0] << 8) | g[1]) % self.tasks, 0.0))
 
     def _process_ring(self, msgs: list, peers: list) -> bool:
         if any(m[0] in _CONTROL for m in msgs):
@@ -259,6 +265,7 @@ class TaskWorker(Worker):
                 if m[0] == MSG_RESTORE:
                     for task in m[2]:
                         self._restore(task, m[1])
+                        self.task_since[task] = time.time()  # its gap clocks restart
                 else:
                     for task in m[2]:
                         self._drop(task)

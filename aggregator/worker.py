@@ -189,6 +189,7 @@ class Worker(DedupStage, GateStage, RouteStage, LinksStage):
         self.gate = core.SequenceGate(g.max_parked_per_key, g.max_parked_total)
         self.gap_timeout = g.gap_timeout_ms / 1000.0
         self.gap_policy = g.gap_policy
+        self.booted_at = time.time()  # gap clocks of events parked before start from here
         self._load_parked()
 
         self.through: dict[tuple[int, int], int] = {}
@@ -268,6 +269,10 @@ class Worker(DedupStage, GateStage, RouteStage, LinksStage):
     def _stream_here(self, g: bytes, in_batch: bool = False) -> bool:
         """Is the sequence stream `g` (gate key) this worker's to load and expire?"""
         return True
+
+    def _parked_since(self, g: bytes) -> float:
+        """When the gap clocks of `g`'s events parked before it start (stages/gate.py)."""
+        return self.booted_at
 
     def _process_ring(self, msgs: list, peers: list) -> bool:
         """Apply messages taken from the rings (peers still packed); True when told to stop."""

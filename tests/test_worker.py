@@ -690,6 +690,24 @@ def test_gap_expires_after_a_restart(make_cluster, policy):
         assert views["product"] == {"p-1": {"stock": 10, "adjustments": 1}}
 
 
+@pytest.mark.parametrize("policy", ["skip", "dead-letter"])
+def test_time_stopped_does_not_count_toward_a_gap(make_cluster, policy):
+    """A worker stopped for longer than gap_timeout_ms: after the restart its parked events
+    wait a full timeout again, so the missing event, read from the backlog right after the
+    restart, still fills the gap (it must not be skipped or dead-lettered at boot)."""
+    c = make_cluster(1, overrides={"gate.gap_timeout_ms": GAP_MS, "gate.gap_policy": policy})
+    c.dispatch(_inventory(c, "p-1", [2, 3]))
+    time.sleep(GAP_MS / 1000 + 0.05)  # stopped: nothing processed while the clock ran
+    w = c.restart(0)
+    w.process([], [])  # a batch at boot, before the backlog: nothing expires
+    assert c.stat(0, Slot.GAPS_SKIPPED) == 0
+    assert c.dlqs[0].sent == []
+    c.dispatch(_inventory(c, "p-1", [1]))
+    assert c.stat(0, Slot.PARKED) == 0
+    assert c.stat(0, Slot.STALE) == 0
+    assert c.views()["product"]["p-1"] == {"stock": 1110, "adjustments": 3}
+
+
 def test_gap_filled_after_a_restart(make_cluster):
     c = make_cluster(1)
     c.dispatch(_inventory(c, "p-1", [2, 3]))

@@ -31,7 +31,13 @@ class GateStage:
 
     def _load_parked(self) -> None:
         """Load every key with parked events into the gate (at boot and after the gate was
-        cleared), so that their gaps expire even if the key never sees another event."""
+        cleared), so that their gaps expire even if the key never sees another event.
+
+        A gap's clock runs only while a worker that could fill it runs: an event parked
+        before `_parked_since(g)` (this worker's boot; cluster mode: when it took the
+        stream's task) counts as parked then. Otherwise a stop longer than
+        `gate.gap_timeout_ms` would skip (or dead-letter) every parked stream at boot,
+        before the backlog that may hold the missing events was read."""
         for g, (row, parked, ti) in self.shard.parked_streams().items():
             if not self._stream_here(g):
                 continue  # state of a task this instance does not own (now)
@@ -39,7 +45,8 @@ class GateStage:
                 last = row[0]
             else:
                 last = (self.plan.initial[ti] if ti < len(self.plan.initial) else 1) - 1
-            self.gate.load(g, last, parked)
+            since = self._parked_since(g)
+            self.gate.load(g, last, [(seq, max(at, since)) for seq, at in parked])
 
     def _gate_apply(self, batch: Batch, kept: list) -> None:
         """Pass new events through the sequence gate and apply them (route.py) in their
