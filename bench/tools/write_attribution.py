@@ -1,0 +1,150 @@
+"""Where a worker's disk writes come from: bytes and pages per record, table by table.
+
+    python -m bench.tools.write_attribution --events 200000
+
+One in-process `Worker` (bench.tools.scale_profile.in_process_worker: shop.toml, every slot,
+a fresh shard, the shipped LMDB settings) applies the seeded workload in transactions of
+`service.commit_max_bytes` of ring messages, as the commit window does under a backlog.
+Measured: `write_bytes` of /proc/self/io per record (what the kernel charged for dirtied
+page-cache pages, an env.sync at the end). Modelled, per transaction and table, from the
+table's pages before the transaction (`txn.stat`) and what the transaction wrote to it:
+
+- random-key tables (views, seq, the current dedup generation): u writes into a table of L
+  leaf pages touch L * (1 - (1 - 1/L)**u) distinct leaves (each a 4 KiB page copied and
+  written once per transaction), plus the branch pages above them (counted whole);
+- append-only blobs (change events, forwarded-update outbox, dedup log): their bytes.
+
+The model's sum is printed next to the measured write_bytes: what the model leaves out is
+LMDB's free-page list and meta pages, and the file system's own writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import time
+
+import msgpack
+
+PAGE = 4096
+RANDOM = ("views", "seq", "dedup")
+
+
+def _write_bytes() -> int:
+    with open("/proc/self/io") as f:
+        for line in f:
+            if line.startswith("write_bytes:"):
+                return int(line.split()[1])
+    return 0
+
+
+def _pages(shard) -> dict[str, tuple[int, int]]:
+    """(leaf + overflow pages, branch pages) of each table of interest; "dedup" = the dedup
+    generations' databases together."""
+    out = {}
+    with shard.env.begin() as txn:
+        for name in ("views", "seq"):
+            st = txn.stat(shard.db[name])
+            out[name] = (st["leaf_pages"] + st["overflow_pages"], st["branch_pages"])
+        leaf = branch = 0
+        for db in shard.dedup_pool.values():
+            st = txn.stat(db)
+            leaf, branch = leaf + st["leaf_pages"], branch + st["branch_pages"]
+        out["dedup"] = (leaf, branch)
+    return out
+
+
+def run(events: int, seed: int) -> dict:
+    from aggregator import store
+    from bench import workload as wl
+    from bench.tools.scale_profile import in_process_worker
+
+    msgs = wl.ring_messages(wl.generate(seed, events), 100, packed=True)
+    writes: collections.Counter = collections.Counter()  # table -> writes this transaction
+    blob_bytes: collections.Counter = collections.Counter()  # table -> bytes, whole run
+    model: collections.Counter = collections.Counter()  # table -> modelled bytes, whole run
+
+    def count(name: str, table: str, n_of, bytes_of=None):
+        real = getattr(store.Batch, name)
+
+        def counted(self, *a, **k):
+            writes[table] += n_of(a)
+            if bytes_of is not None:
+                blob_bytes[table] += bytes_of(a)
+            return real(self, *a, **k)
+        setattr(store.Batch, name, counted)
+
+    saved = {n: getattr(store.Batch, n) for n in
+             ("put_doc", "put_seqs", "mark_seen_many", "put_changes", "put_outbox", "commit")}
+    count("put_doc", "views", lambda a: 1)
+    count("put_seqs", "seq", lambda a: len(a[0]))
+    count("mark_seen_many", "dedup", lambda a: len(a[0]), lambda a: 16 * len(a[0]))
+    count("put_changes", "changes", lambda a: 1, lambda a: len(a[2]))
+    count("put_outbox", "outbox", lambda a: 1, lambda a: len(a[2]))
+    try:
+        with in_process_worker("wattr") as (worker, cfg, _tmp):
+            shard = worker.shard
+            before = _pages(shard)
+            real_commit = saved["commit"]
+
+            def commit(self):
+                nonlocal before
+                real_commit(self)
+                for t in RANDOM:
+                    leaves, branches = before[t]
+                    u = writes.pop(t, 0)
+                    if u and leaves:
+                        touched = leaves * (1 - (1 - 1 / leaves) ** u) + branches
+                        model[t] += touched * PAGE
+                writes.clear()
+                before = _pages(shard)
+            store.Batch.commit = commit
+            txns, cur, size = [], [], 0
+            for m in msgs:
+                cur.append(m)
+                size += len(m)
+                if size >= cfg.service.commit_max_bytes:
+                    txns.append(cur)
+                    cur, size = [], 0
+            if cur:
+                txns.append(cur)
+            wb0, c0 = _write_bytes(), time.process_time()
+            for group in txns:
+                worker.process([msgpack.unpackb(m, raw=False, strict_map_key=False)
+                                for m in group], [])
+            shard.sync()
+            measured, cpu = _write_bytes() - wb0, time.process_time() - c0
+            final = _pages(shard)
+    finally:
+        for n, f in saved.items():
+            setattr(store.Batch, n, f)
+    records = len(msgs) * 100
+    for t in ("changes", "outbox"):
+        model[t] = blob_bytes[t]
+    model["dedup log (ids)"] = blob_bytes["dedup"]
+    return {"records": records, "transactions": len(txns), "cpu_us": cpu / records * 1e6,
+            "measured": measured / records, "model": {t: b / records for t, b in model.items()},
+            "final_pages": final}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--events", "-n", type=int, default=200_000)
+    ap.add_argument("--seed", type=int, default=11)
+    a = ap.parse_args(argv)
+    r = run(a.events, a.seed)
+    print(f"{r['records']:,} records in {r['transactions']} transactions, "
+          f"{r['cpu_us']:.1f} µs CPU per record")
+    print("\n| table | modelled bytes written per record |\n|---|---:|")
+    for t, b in sorted(r["model"].items(), key=lambda kv: -kv[1]):
+        print(f"| {t} | {b:,.0f} |")
+    total = sum(r["model"].values())
+    print(f"| **model, all** | **{total:,.0f}** |")
+    print(f"| measured (/proc/self/io write_bytes) | {r['measured']:,.0f} |")
+    print("\npages at the end (leaf+overflow, branch): "
+          + ", ".join(f"{t} {lp:,}/{bp:,}" for t, (lp, bp) in r["final_pages"].items()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
