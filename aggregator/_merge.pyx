@@ -333,15 +333,9 @@ cdef object _mutate(_Op op, object doc, object v, object eid):
     return doc
 
 
-@cython.final
 cdef class MergePlan:
-    """Compiled ops of one feed: the table and the two-phase apply (module docstring)."""
-    cdef tuple _rows
-    cdef Py_ssize_t _n
-    cdef readonly tuple ops
-    cdef readonly bint writes
-    cdef readonly bint deletes
-    cdef readonly bint atomic
+    """Compiled ops of one feed: the table and the two-phase apply (module docstring).
+    Its fields are declared in _merge.pxd."""
 
     def __init__(self, table):
         table = tuple(table)
