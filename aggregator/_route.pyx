@@ -27,8 +27,11 @@ from libc.string cimport memcpy
 import xxhash
 
 from aggregator._merge cimport MergePlan as CMergePlan
+from aggregator._slots cimport slot_get, slot_offset
 from aggregator.batch_state import BatchState
 from aggregator.doc_codec import json_body
+from aggregator.envelope import Event
+from aggregator.plan import Feed
 from aggregator.merge import MergeError
 from aggregator.protocol import REC_OFFSET, REC_PARTITION, REC_SLOT, REC_TOPIC
 from aggregator.routing import SLOTS
@@ -46,6 +49,36 @@ cdef unsigned long long _SLOTS = SLOTS
 cdef object _MISSING = object()
 cdef object _base_route = None  # RouteStage._route: an override (cluster mode) is called
 cdef object _BatchState = BatchState
+
+# Event and Feed attributes read at their slot offsets (_slots.pxd) when the type is exact
+cdef type _Event = Event
+cdef type _Feed = Feed
+cdef Py_ssize_t _EV_ID = slot_offset(Event, "id")
+cdef Py_ssize_t _EV_SOURCE = slot_offset(Event, "source")
+cdef Py_ssize_t _EV_TYPE = slot_offset(Event, "type")
+cdef Py_ssize_t _EV_TIME = slot_offset(Event, "time")
+cdef Py_ssize_t _EV_SUBJECT = slot_offset(Event, "subject")
+cdef Py_ssize_t _EV_SEQUENCE = slot_offset(Event, "sequence")
+cdef Py_ssize_t _EV_DATA = slot_offset(Event, "data")
+cdef Py_ssize_t _EV_PK = slot_offset(Event, "partitionkey")
+cdef Py_ssize_t _F_ID = slot_offset(Feed, "feed_id")
+cdef Py_ssize_t _F_VIEW_ID = slot_offset(Feed, "view_id")
+cdef Py_ssize_t _F_PATH = slot_offset(Feed, "key_path")
+cdef Py_ssize_t _F_MERGE = slot_offset(Feed, "merge")
+
+
+cdef inline object _ev(object ev, Py_ssize_t offset, str name):
+    """``ev.<name>``."""
+    if type(ev) is _Event:
+        return slot_get(ev, offset, name)
+    return getattr(ev, name)
+
+
+cdef inline object _fd(object f, Py_ssize_t offset, str name):
+    """``f.<name>``."""
+    if type(f) is _Feed:
+        return slot_get(f, offset, name)
+    return getattr(f, name)
 
 
 def set_reference(route):
@@ -132,12 +165,12 @@ cdef list _targets(object self, object ev, object rec, object feeds, Py_ssize_t 
     cdef object data = _MISSING
     cdef bytes kb
     for f in feeds:
-        path = f.key_path
+        path = _fd(f, _F_PATH, "key_path")
         if path is None:
-            targets.append((f, ev.partitionkey, rec[_SLOT]))
+            targets.append((f, _ev(ev, _EV_PK, "partitionkey"), rec[_SLOT]))
             continue
         if data is _MISSING:
-            data = ev.data
+            data = _ev(ev, _EV_DATA, "data")
         v = data
         for k in <tuple>path:
             if type(v) is not dict:
@@ -161,7 +194,7 @@ cdef list _targets(object self, object ev, object rec, object feeds, Py_ssize_t 
 cdef object _apply_local(object self, _Ctx c, object batch, object f, object key,
                          object slot, object ev):
     """RouteStage._apply_local: the document key, or None after a merge error."""
-    vid = f.view_id
+    vid = _fd(f, _F_VIEW_ID, "view_id")
     dkey = _view_key(slot, vid, key)
     cdef dict docs = c.docs
     stored = docs.get(dkey)
@@ -173,7 +206,7 @@ cdef object _apply_local(object self, _Ctx c, object batch, object f, object key
             stored = batch.get_doc(dkey)
             if not stored:
                 stored = {"v": 0, "d": None, "s": {}}
-    m = f.merge
+    m = _fd(f, _F_MERGE, "merge")
     try:
         if type(m) is CMergePlan:  # a C call (merger.py compiles every feed to it)
             doc = (<CMergePlan>m).apply_update(stored, ev)
@@ -214,10 +247,13 @@ cdef list _merge_targets(object self, _Ctx c, object batch, object ev, object re
     for f, key, slot in targets:
         owner = slot % owners  # routing.worker_of
         if owner != me:
-            forwards.append((owner, [f.feed_id, key, slot, ev.id, ev.source, ev.type,
-                                     ev.time, ev.subject, ev.sequence, ev.data,
-                                     ev.partitionkey, rec[_TOPIC], rec[_PARTITION],
-                                     rec[_OFFSET]]))
+            forwards.append((owner, [
+                _fd(f, _F_ID, "feed_id"), key, slot, _ev(ev, _EV_ID, "id"),
+                _ev(ev, _EV_SOURCE, "source"), _ev(ev, _EV_TYPE, "type"),
+                _ev(ev, _EV_TIME, "time"), _ev(ev, _EV_SUBJECT, "subject"),
+                _ev(ev, _EV_SEQUENCE, "sequence"), _ev(ev, _EV_DATA, "data"),
+                _ev(ev, _EV_PK, "partitionkey"), rec[_TOPIC], rec[_PARTITION],
+                rec[_OFFSET]]))
             continue
         dkey = _apply_local(self, c, batch, f, key, slot, ev)
         if dkey is None:
@@ -231,7 +267,7 @@ def apply_event(self, batch, ev, rec):
     """RouteStage._apply_event (see the module docstring)."""
     cdef _Ctx c = _context(self, self.attempt)
     ti = rec[_TOPIC]
-    etype = ev.type
+    etype = _ev(ev, _EV_TYPE, "type")
     feeds = (<dict>c.plan_cache[ti]).get(etype)
     if feeds is None:
         feeds = c.plan.feeds_for(ti, etype)
