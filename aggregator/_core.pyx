@@ -42,6 +42,9 @@ import sys
 
 from xxhash import xxh3_128_digest as _xxh3_128_digest
 
+from aggregator._slots cimport slot_get, slot_offset
+from aggregator.envelope import Event
+
 __all__ = [
     "APPLY",
     "FULL",
@@ -567,6 +570,21 @@ def gate_keys(slots, sources, partitionkeys):
     return keys
 
 
+# Event attributes read at their slot offsets (_slots.pxd) when the type is exact
+cdef type _Event = Event
+cdef Py_ssize_t _EV_ID = slot_offset(Event, "id")
+cdef Py_ssize_t _EV_SOURCE = slot_offset(Event, "source")
+cdef Py_ssize_t _EV_PK = slot_offset(Event, "partitionkey")
+cdef Py_ssize_t _EV_SEQUENCE = slot_offset(Event, "sequence")
+
+
+cdef inline object _ev(object ev, Py_ssize_t offset, str name):
+    """``ev.<name>``."""
+    if type(ev) is _Event:
+        return slot_get(ev, offset, name)
+    return getattr(ev, name)
+
+
 @cython.wraparound(False)
 def dedup_keys(events, Py_ssize_t slot_index):
     """Dedup keys of a batch of ``(event, record)`` pairs: per pair
@@ -589,7 +607,8 @@ def dedup_keys(events, Py_ssize_t slot_index):
     for i in range(n):
         pair = ev[i]
         e = pair[0]
-        keys[i] = _slot_hash_key(h128, _as_ll(pair[1][slot_index]), e.source, e.id,
+        keys[i] = _slot_hash_key(h128, _as_ll(pair[1][slot_index]),
+                                 _ev(e, _EV_SOURCE, "source"), _ev(e, _EV_ID, "id"),
                                  hp + 16 * i)
     return keys, hashes
 
@@ -623,15 +642,15 @@ def gate_batch(events, Py_ssize_t slot_index, Py_ssize_t topic_index,
     for i in range(n):
         pair = ev[i]
         e = pair[0]
-        seq = e.sequence
+        seq = _ev(e, _EV_SEQUENCE, "sequence")
         if seq is None:
             continue
         rec = pair[1]
         ti = rec[topic_index]
         at.append(i)
         slots.append(rec[slot_index])
-        sources.append(e.source)
-        pks.append(e.partitionkey)
+        sources.append(_ev(e, _EV_SOURCE, "source"))
+        pks.append(_ev(e, _EV_PK, "partitionkey"))
         seqs.append(seq)
         tix.append(ti)
         streams.append((tl[ti], rec[partition_index]))

@@ -35,11 +35,28 @@ from cpython.object cimport PyObject
 from cpython.ref cimport Py_INCREF
 
 from aggregator import merge as _ref
+from aggregator._slots cimport slot_get, slot_offset
+from aggregator.envelope import Event
 from aggregator.merge import MergeError
 
 __all__ = ["MergePlan", "compile_ops"]
 
 cdef object _MergeError = MergeError
+
+# Event attributes read at their slot offsets (_slots.pxd) when the type is exact
+cdef type _Event = Event
+cdef dict _EV_OFFSETS = {name: slot_offset(Event, name) for name in Event.__slots__}
+cdef Py_ssize_t _EV_SOURCE = _EV_OFFSETS["source"]
+cdef Py_ssize_t _EV_SEQUENCE = _EV_OFFSETS["sequence"]
+cdef Py_ssize_t _EV_TIME = _EV_OFFSETS["time"]
+cdef Py_ssize_t _EV_DATA = _EV_OFFSETS["data"]
+
+
+cdef inline object _ev(object ev, Py_ssize_t offset, str name):
+    """``ev.<name>``."""
+    if type(ev) is _Event:
+        return slot_get(ev, offset, name)
+    return getattr(ev, name)
 
 cdef enum:
     OP_SET = 0
@@ -94,12 +111,14 @@ cdef class _Op:
     cdef bint root      # merge into the root (empty path)
     cdef int src
     cdef str src_attr
+    cdef Py_ssize_t src_off  # src_attr's Event slot offset, -1: not a slot
     cdef tuple src_path
     cdef str src_missing  # the MergeError message of a missing value
     cdef object literal
     cdef bint has_id
     cdef int id_src
     cdef str id_attr
+    cdef Py_ssize_t id_off
     cdef tuple id_path
     cdef str id_missing
     cdef tuple fields   # None: no projection
@@ -131,21 +150,29 @@ cdef class _Op:
         self.id_path = tuple(entry.id_path)
         self.id_src = SRC_DATA if self.id_path else SRC_ATTR
         self.id_missing = f"{entry.where}: event has no {entry.id_text!r}" if self.has_id else ""
+        self.src_off = _EV_OFFSETS.get(self.src_attr, -1) if self.src == SRC_ATTR else -1
+        self.id_off = _EV_OFFSETS.get(self.id_attr, -1) if self.id_src == SRC_ATTR else -1
         self.fields = tuple(entry.fields) if entry.fields is not None else None
         self.negate = entry.negate
         self.clone = entry.clone
 
 
-cdef object _event_value(object ev, int src, str attr, tuple path, str missing):
-    """merge._event_getter: an event attribute (None is missing) or a path below data."""
+cdef object _event_value(object ev, int src, str attr, Py_ssize_t off, tuple path,
+                         str missing):
+    """merge._event_getter: an event attribute (None is missing) or a path below data
+    (`off`: the attribute's Event slot offset, -1 if it is none)."""
     cdef object v
     cdef PyObject* hit
     if src == SRC_ATTR:
-        v = getattr(ev, attr, None)
+        if off >= 0 and type(ev) is _Event:
+            hit = (<PyObject**>(<char*><PyObject*>ev + off))[0]
+            v = <object>hit if hit is not NULL else None
+        else:
+            v = getattr(ev, attr, None)
         if v is None:
             raise _MergeError(missing)
         return v
-    v = ev.data
+    v = _ev(ev, _EV_DATA, "data")
     for k in path:
         if not isinstance(v, dict):
             raise _MergeError(missing)
@@ -166,7 +193,7 @@ cdef object _value(_Op op, object ev):
         return op.literal
     if op.src == SRC_LITERAL_COPY:
         return _clone(op.literal)
-    v = _event_value(ev, op.src, op.src_attr, op.src_path, op.src_missing)
+    v = _event_value(ev, op.src, op.src_attr, op.src_off, op.src_path, op.src_missing)
     if op.fields is not None:
         if not isinstance(v, dict):
             raise _MergeError(f"{op.where}: 'fields' needs an object, got {type(v).__name__}")
@@ -192,7 +219,8 @@ cdef object _value(_Op op, object ev):
 
 cdef str _entry_id(_Op op, object ev):
     """merge._entry_id: a string, or a number as its string."""
-    cdef object x = _event_value(ev, op.id_src, op.id_attr, op.id_path, op.id_missing)
+    cdef object x = _event_value(ev, op.id_src, op.id_attr, op.id_off, op.id_path,
+                                 op.id_missing)
     t = type(x)
     if t is str:
         return <str>x
@@ -333,15 +361,9 @@ cdef object _mutate(_Op op, object doc, object v, object eid):
     return doc
 
 
-@cython.final
 cdef class MergePlan:
-    """Compiled ops of one feed: the table and the two-phase apply (module docstring)."""
-    cdef tuple _rows
-    cdef Py_ssize_t _n
-    cdef readonly tuple ops
-    cdef readonly bint writes
-    cdef readonly bint deletes
-    cdef readonly bint atomic
+    """Compiled ops of one feed: the table and the two-phase apply (module docstring).
+    Its fields are declared in _merge.pxd."""
 
     def __init__(self, table):
         table = tuple(table)
@@ -403,7 +425,8 @@ cdef class MergePlan:
         doc = self.apply(stored["d"], event)
         stored["d"] = doc
         stored["v"] = stored["v"] + 1
-        stored["s"][event.source] = [event.sequence, event.time]
+        fresh = [_ev(event, _EV_SEQUENCE, "sequence"), _ev(event, _EV_TIME, "time")]
+        stored["s"][_ev(event, _EV_SOURCE, "source")] = fresh
         return doc
 
     def __len__(self):

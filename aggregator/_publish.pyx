@@ -20,6 +20,7 @@ A failed delivery leaves its seq unmarked (the watermark stops there) and counts
 sends again from `delivered + 1`, as the reference publisher does.
 """
 
+cimport cython
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint64_t, uintptr_t
 from libc.string cimport memcpy, memset
 from libc.stdlib cimport calloc, free, malloc, realloc
@@ -205,9 +206,6 @@ cdef extern from *:
     void agg_vu_header(agg_vu *v, const char *name, const void *p, size_t n)
     int agg_ce_time(int64_t ms, char *out)
 
-cdef extern from "<stdio.h>":
-    int snprintf(char *buf, size_t n, const char *fmt, ...)
-
 cdef enum:
     BLOB_FORMAT = 1
     BLOB_HEAD = 16  # <BBHIq: format, flags, 0, count, ms
@@ -216,6 +214,22 @@ cdef enum:
     MAX_VIEWS = 256
 
 cdef bint _loaded = False
+
+
+@cython.cdivision(True)
+cdef inline int _decimal(uint64_t v, char *out) noexcept:
+    """``"%llu" % v`` into `out` (at least 20 bytes; no terminating NUL); its length."""
+    cdef char tmp[20]
+    cdef int n = 0, i
+    while True:
+        tmp[n] = <char>(48 + v % 10)
+        n += 1
+        v //= 10
+        if v == 0:
+            break
+    for i in range(n):
+        out[i] = tmp[n - 1 - i]
+    return n
 
 
 def library_path() -> str:
@@ -381,7 +395,7 @@ cdef class BlobProducer:
             src, src_len = <const char *>b, len(b)
             b = self.names[vid]
             name, name_len = <const char *>b, len(b)
-            ver_len = snprintf(ver, sizeof(ver), "%llu", <unsigned long long>version)
+            ver_len = _decimal(version, ver)
             cid = self._id_buffer(name_len + ver_len + klen + 2)
             memcpy(cid, name, name_len)
             cid[name_len] = 58  # ":"

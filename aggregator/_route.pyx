@@ -26,7 +26,12 @@ from libc.string cimport memcpy
 
 import xxhash
 
+from aggregator._merge cimport MergePlan as CMergePlan
+from aggregator._slots cimport slot_get, slot_offset
+from aggregator.batch_state import BatchState
 from aggregator.doc_codec import json_body
+from aggregator.envelope import Event
+from aggregator.plan import Feed
 from aggregator.merge import MergeError
 from aggregator.protocol import REC_OFFSET, REC_PARTITION, REC_SLOT, REC_TOPIC
 from aggregator.routing import SLOTS
@@ -43,12 +48,95 @@ cdef Py_ssize_t _SLOT = REC_SLOT
 cdef unsigned long long _SLOTS = SLOTS
 cdef object _MISSING = object()
 cdef object _base_route = None  # RouteStage._route: an override (cluster mode) is called
+cdef object _BatchState = BatchState
+
+# Event and Feed attributes read at their slot offsets (_slots.pxd) when the type is exact
+cdef type _Event = Event
+cdef type _Feed = Feed
+cdef Py_ssize_t _EV_ID = slot_offset(Event, "id")
+cdef Py_ssize_t _EV_SOURCE = slot_offset(Event, "source")
+cdef Py_ssize_t _EV_TYPE = slot_offset(Event, "type")
+cdef Py_ssize_t _EV_TIME = slot_offset(Event, "time")
+cdef Py_ssize_t _EV_SUBJECT = slot_offset(Event, "subject")
+cdef Py_ssize_t _EV_SEQUENCE = slot_offset(Event, "sequence")
+cdef Py_ssize_t _EV_DATA = slot_offset(Event, "data")
+cdef Py_ssize_t _EV_PK = slot_offset(Event, "partitionkey")
+cdef Py_ssize_t _F_ID = slot_offset(Feed, "feed_id")
+cdef Py_ssize_t _F_VIEW_ID = slot_offset(Feed, "view_id")
+cdef Py_ssize_t _F_PATH = slot_offset(Feed, "key_path")
+cdef Py_ssize_t _F_MERGE = slot_offset(Feed, "merge")
+
+
+cdef inline object _ev(object ev, Py_ssize_t offset, str name):
+    """``ev.<name>``."""
+    if type(ev) is _Event:
+        return slot_get(ev, offset, name)
+    return getattr(ev, name)
+
+
+cdef inline object _fd(object f, Py_ssize_t offset, str name):
+    """``f.<name>``."""
+    if type(f) is _Feed:
+        return slot_get(f, offset, name)
+    return getattr(f, name)
 
 
 def set_reference(route):
     """Note the reference ``RouteStage._route`` (subclasses that override it get theirs)."""
     global _base_route
     _base_route = route
+
+
+@cython.final
+cdef class _Ctx:
+    """What the route stage reads of the worker and of its attempt, read once per attempt
+    (kept in the attempt's ``route`` slot, batch_state.py) instead of once per event: none
+    of these attributes is reassigned during an attempt (worker.py sets them at boot,
+    BatchState at its creation; a test that changes one between batches gets a new
+    attempt, hence a new context)."""
+    cdef dict docs, log, bodies, stats, out
+    cdef list changes
+    cdef object cache       # worker.doc_cache (None: off)
+    cdef object plan
+    cdef list plan_cache    # plan._cache
+    cdef Py_ssize_t max_key
+    cdef object me          # worker.index
+    cdef object owners      # worker.key_owners
+    cdef object chg         # worker.changes (ChangeEncoder)
+    cdef bint chg_on        # chg.enabled and not chg.coalesce
+    cdef object chg_topics  # chg.topics: view id -> topic or None
+    cdef bint chg_json
+    cdef bint override      # type(worker)._route is not the reference's (cluster mode)
+
+    def __cinit__(self, object stage, object at):
+        self.docs = at.docs
+        self.log = at.log
+        self.bodies = at.bodies
+        self.stats = at.stats
+        self.out = at.out
+        self.changes = at.changes
+        self.cache = stage.doc_cache
+        self.plan = stage.plan
+        self.plan_cache = self.plan._cache
+        self.max_key = stage.max_key
+        self.me = stage.index
+        self.owners = stage.key_owners
+        chg = stage.changes
+        self.chg = chg
+        self.chg_on = chg.enabled and not chg.coalesce
+        self.chg_topics = chg.topics if self.chg_on else None
+        self.chg_json = chg.json if self.chg_on else False
+        self.override = type(stage)._route is not _base_route
+
+
+cdef inline _Ctx _context(object stage, object at):
+    """The attempt's `_Ctx` (made at its first event)."""
+    cdef object c = getattr(at, "route", None)
+    if c is None:
+        c = _Ctx(stage, at)
+        if isinstance(at, _BatchState):
+            at.route = c
+    return <_Ctx>c
 
 
 cdef object _view_key(object slot, object view_id, object key):
@@ -70,18 +158,20 @@ cdef object _view_key(object slot, object view_id, object key):
     return out
 
 
-cdef list _targets(object self, object ev, object rec, object feeds):
+cdef list _targets(object self, object ev, object rec, object feeds, Py_ssize_t max_key):
     """RouteStage._targets: (feed, key, slot) per feed; None when dead-lettered."""
     cdef list targets = []
-    cdef Py_ssize_t max_key = self.max_key
     cdef object f, path, v, k, key
+    cdef object data = _MISSING
     cdef bytes kb
     for f in feeds:
-        path = f.key_path
+        path = _fd(f, _F_PATH, "key_path")
         if path is None:
-            targets.append((f, ev.partitionkey, rec[_SLOT]))
+            targets.append((f, _ev(ev, _EV_PK, "partitionkey"), rec[_SLOT]))
             continue
-        v = ev.data
+        if data is _MISSING:
+            data = _ev(ev, _EV_DATA, "data")
+        v = data
         for k in <tuple>path:
             if type(v) is not dict:
                 return self._targets(ev, rec, feeds)
@@ -101,64 +191,71 @@ cdef list _targets(object self, object ev, object rec, object feeds):
     return targets
 
 
-cdef object _apply_local(object self, object at, object batch, object f, object key,
+cdef object _apply_local(object self, _Ctx c, object batch, object f, object key,
                          object slot, object ev):
     """RouteStage._apply_local: the document key, or None after a merge error."""
-    dkey = _view_key(slot, f.view_id, key)
-    cdef dict docs = at.docs
+    vid = _fd(f, _F_VIEW_ID, "view_id")
+    dkey = _view_key(slot, vid, key)
+    cdef dict docs = c.docs
     stored = docs.get(dkey)
     if stored is None:
-        cache = self.doc_cache
+        cache = c.cache
         if cache is not None:
             stored = cache.take(dkey)
         if stored is None:
             stored = batch.get_doc(dkey)
             if not stored:
                 stored = {"v": 0, "d": None, "s": {}}
+    m = _fd(f, _F_MERGE, "merge")
     try:
-        doc = f.merge.apply_update(stored, ev)
+        if type(m) is CMergePlan:  # a C call (merger.py compiles every feed to it)
+            doc = (<CMergePlan>m).apply_update(stored, ev)
+        else:
+            doc = m.apply_update(stored, ev)
     except _MergeError as e:
         self._merge_failed(batch, f, dkey, e)
         return None
     docs[dkey] = stored
-    cdef dict lg = at.log
+    cdef dict lg = c.log
     entries = lg.get(dkey)
     if entries is None:
         entries = []
         lg[dkey] = entries
     (<list>entries).append((f, ev))
-    chg = self.changes
-    if chg.enabled and not chg.coalesce:
-        vid = f.view_id
-        if chg.topics[vid] is not None:
-            if chg.json:  # ChangeEncoder.encode_json; its other cases there
+    if c.chg_on:
+        if c.chg_topics[vid] is not None:
+            chg = c.chg
+            if c.chg_json:  # ChangeEncoder.encode_json; its other cases there
                 body = _json_body(doc)
                 if body is None:
                     data, body = chg.encode_json(doc)
                 else:
                     data = body
-                at.bodies[dkey] = (stored["v"], body)
+                c.bodies[dkey] = (stored["v"], body)
             else:
                 data = chg.encode(doc)
-            (<list>at.changes).append((dkey, vid, key, stored["v"], data))
+            c.changes.append((dkey, vid, key, stored["v"], data))
     return dkey
 
 
-cdef list _merge_targets(object self, object at, object batch, object ev, object rec,
+cdef list _merge_targets(object self, _Ctx c, object batch, object ev, object rec,
                          list targets, object me):
     """RouteStage._merge_targets: the forwards as (owner, update), or None (undone)."""
     cdef list applied = []
     cdef list forwards = []
-    owners = self.key_owners
+    owners = c.owners
     for f, key, slot in targets:
         owner = slot % owners  # routing.worker_of
         if owner != me:
-            forwards.append((owner, [f.feed_id, key, slot, ev.id, ev.source, ev.type,
-                                     ev.time, ev.subject, ev.sequence, ev.data,
-                                     ev.partitionkey, rec[_TOPIC], rec[_PARTITION],
-                                     rec[_OFFSET]]))
+            forwards.append((owner, [
+                _fd(f, _F_ID, "feed_id"), key, slot, _ev(ev, _EV_ID, "id"),
+                _ev(ev, _EV_SOURCE, "source"), _ev(ev, _EV_TYPE, "type"),
+                _ev(ev, _EV_TIME, "time"), _ev(ev, _EV_SUBJECT, "subject"),
+                _ev(ev, _EV_SEQUENCE, "sequence"), _ev(ev, _EV_DATA, "data"),
+                _ev(ev, _EV_PK, "partitionkey"), rec[_TOPIC], rec[_PARTITION],
+                rec[_OFFSET]]))
             continue
-        dkey = _apply_local(self, at, batch, f, key, slot, ev)
+        dkey = _apply_local(self, c, batch, f, key, slot, ev)
         if dkey is None:
             self._undo_event(batch, rec, f, applied)
             return None
@@ -168,27 +265,26 @@ cdef list _merge_targets(object self, object at, object batch, object ev, object
 
 def apply_event(self, batch, ev, rec):
     """RouteStage._apply_event (see the module docstring)."""
-    at = self.attempt
-    plan = self.plan
+    cdef _Ctx c = _context(self, self.attempt)
     ti = rec[_TOPIC]
-    etype = ev.type
-    feeds = (<dict>(<list>plan._cache)[ti]).get(etype)
+    etype = _ev(ev, _EV_TYPE, "type")
+    feeds = (<dict>c.plan_cache[ti]).get(etype)
     if feeds is None:
-        feeds = plan.feeds_for(ti, etype)
-    cdef dict stats = at.stats
+        feeds = c.plan.feeds_for(ti, etype)
+    cdef dict stats = c.stats
     stats["applied"] += 1
     if not feeds:
         return
-    targets = _targets(self, ev, rec, feeds)
+    targets = _targets(self, ev, rec, feeds, c.max_key)
     if targets is None:
         return
-    if type(self)._route is not _base_route:  # cluster mode's override
+    if c.override:  # cluster mode's _route
         self._route(batch, ev, rec, targets)
         return
-    forwards = _merge_targets(self, at, batch, ev, rec, targets, self.index)
+    forwards = _merge_targets(self, c, batch, ev, rec, targets, c.me)
     if not forwards:
         return
-    cdef dict out = at.out
+    cdef dict out = c.out
     for owner, update in forwards:
         stats["forwarded"] += 1
         lst = out.get(owner)
@@ -200,9 +296,9 @@ def apply_event(self, batch, ev, rec):
 
 def merge_targets(self, batch, ev, rec, list targets, me):
     """RouteStage._merge_targets."""
-    return _merge_targets(self, self.attempt, batch, ev, rec, targets, me)
+    return _merge_targets(self, _context(self, self.attempt), batch, ev, rec, targets, me)
 
 
 def apply_local(self, batch, f, key, slot, ev):
     """RouteStage._apply_local."""
-    return _apply_local(self, self.attempt, batch, f, key, slot, ev)
+    return _apply_local(self, _context(self, self.attempt), batch, f, key, slot, ev)

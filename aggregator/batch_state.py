@@ -20,7 +20,7 @@ class BatchState:
     __slots__ = (
         "through", "link_in", "out", "seqpart", "parked", "stats", "totals", "seen_log",
         "log_pruned", "ack", "docs", "log", "changes", "chg_out", "pruned", "outmsg",
-        "pruned_out", "bloom_saved", "dlq", "stop", "doc_bytes", "bodies",
+        "pruned_out", "bloom_saved", "dlq", "stop", "doc_bytes", "bodies", "route",
     )
 
     def __init__(self) -> None:
@@ -51,6 +51,7 @@ class BatchState:
         self.bloom_saved = False  # the bloom filter's generation stored
         self.dlq: list[tuple] = []  # dead letters sent (not again on a retry)
         self.stop = False  # a stop message was among the batch's
+        self.route = None  # the compiled route stage's reads of worker and attempt (_route.pyx)
 
 
 class TaskBatchState(BatchState):

@@ -1,0 +1,45 @@
+# Reading a ``__slots__`` attribute of a plain Python class by its offset (no attribute
+# lookup): `slot_offset` finds the offset once, at a module's import, from the class's
+# member descriptor (the same offset ``obj.name`` reads through); `slot_get` reads it. The
+# caller checks ``type(obj) is cls`` first (an exact type: a subclass could override the
+# attribute) and otherwise uses getattr. Used for envelope.Event and plan.Feed on the
+# per-event paths of _route.pyx, _merge.pyx and _core.pyx.
+
+from cpython.object cimport PyObject
+
+
+cdef extern from "Python.h":
+    ctypedef struct PyMemberDef:
+        const char* name
+        int type
+        Py_ssize_t offset
+        int flags
+    ctypedef struct PyMemberDescrObject:
+        PyMemberDef* d_member
+
+cdef extern from "structmember.h":  # the 3.11 names (3.12 adds Py_T_OBJECT_EX, ...)
+    int T_OBJECT_EX
+    int READONLY
+
+
+cdef inline Py_ssize_t slot_offset(type cls, str name) except -1:
+    """The offset of slot `name` of `cls` (ImportError if it is not a plain object slot of
+    a class without __dict__ or its own attribute machinery)."""
+    if ("__dict__" in dir(cls) or cls.__getattribute__ is not object.__getattribute__
+            or hasattr(cls, "__getattr__")):
+        raise ImportError(f"{cls.__qualname__} is not a plain __slots__ class")
+    d = cls.__dict__.get(name)
+    if type(d).__name__ != "member_descriptor":
+        raise ImportError(f"{cls.__qualname__}.{name} is not a slot")
+    cdef PyMemberDef* m = (<PyMemberDescrObject*>d).d_member
+    if m.type != T_OBJECT_EX:
+        raise ImportError(f"{cls.__qualname__}.{name} is not an object slot")
+    return m.offset
+
+
+cdef inline object slot_get(object o, Py_ssize_t offset, str name):
+    """``o.<name>`` read at `offset` (an empty slot: getattr, i.e. its AttributeError)."""
+    cdef PyObject* p = (<PyObject**>(<char*><PyObject*>o + offset))[0]
+    if p is NULL:
+        return getattr(o, name)
+    return <object>p
