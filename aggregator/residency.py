@@ -43,6 +43,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -92,7 +93,9 @@ def resident_shared_pages(fd: int) -> int:
 class MapResidency:
     """Keeps the pages of one data file mapped in this process under a budget (bytes > 0).
 
-    Open it in the process that uses the shard (the descriptor is of /proc/self at open).
+    Open it in the process that uses the shard (the descriptor is of /proc/self at open). A
+    worker process writes one shard; where one process writes several (tests), each budget
+    also counts the others' pages, which only makes it drop sooner.
     """
 
     def __init__(self, data_file: Path, budget: int):
@@ -100,6 +103,7 @@ class MapResidency:
         self.budget_pages = max(1, budget // PAGE)
         self.fd = os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC)
         self.drops = 0
+        self.drop_ns = 0  # time spent in drops (madvise, /proc/self/maps)
         self.dropped_pages = 0  # estimate: growth of the resident shared pages at each drop
         # what is resident besides the map (code, the rings' shmem, the map pages touched so
         # far) counts from here; after a drop, from what stays
@@ -117,10 +121,12 @@ class MapResidency:
 
     def drop(self) -> None:
         """Unmap every resident page of the data file's shared mappings in this process."""
+        t0 = time.perf_counter_ns()
         for start, end in shared_mappings(self.data_file):
             drop_pages(start, end)
         self.drops += 1
         self.baseline = resident_shared_pages(self.fd)
+        self.drop_ns += time.perf_counter_ns() - t0
 
     def rebase(self) -> None:
         """Count from what is resident now: after the map was unmapped and mapped again
