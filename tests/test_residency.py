@@ -192,3 +192,11 @@ def test_shared_mappings_finds_the_map_where_it_is(tmp_path):
         assert end - start == 2 * MiB
     finally:
         s.close()
+
+
+def test_the_default_is_documented():
+    from aggregator.config import load_config
+
+    svc = load_config(None, {}, env={}).service
+    doc = (Path(__file__).parent.parent / "docs" / "configuration.md").read_text()
+    assert f"| `lmdb_resident_bytes` | size, ≥ 0 | `{svc.lmdb_resident_bytes >> 20} MiB` |" in doc
