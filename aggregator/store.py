@@ -319,8 +319,12 @@ class Shard:
         self.env = self._open_env()
         self._open_dbs()
         # a writer's budget for the map pages resident in this process (0: none; residency.py)
-        self.residency = (MapResidency(self.path / "data.mdb", resident_bytes)
-                          if resident_bytes > 0 and not readonly else None)
+        self.residency: MapResidency | None = None
+        if resident_bytes > 0 and not readonly:
+            try:
+                self.residency = MapResidency(self.path / "data.mdb", resident_bytes)
+            except OSError as e:  # no /proc (not Linux): the pages stay mapped
+                log.warning("%s: no resident budget for the map (%s)", self.path, e)
 
     def after_commit(self) -> None:
         """After each commit (`Batch`, `RawWrite`), between transactions: keep the map's
@@ -329,7 +333,7 @@ class Shard:
         if self.residency is not None:
             try:
                 self.residency.after_commit()
-            except OSError as e:
+            except (OSError, ValueError) as e:
                 log.warning("%s: map pages not dropped (%s): residency budget off", self.path, e)
                 self.residency.close()
                 self.residency = None
