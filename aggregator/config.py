@@ -313,6 +313,10 @@ class ServiceConfig(BaseModel):
     # 5-7 -> 0.6-2.4 µs/record, commit wall 67 -> 23 ms at 2 MiB, disk writes 14.9 -> 4.4
     # KB/record (docs/configuration.md)
     lmdb_writemap: bool = True
+    # per worker: the data.mdb pages kept mapped (resident) in the worker; past it, after a
+    # commit, the map's pages are unmapped (madvise DONTNEED: they stay in the page cache,
+    # the next touch is a minor fault). 0: unbounded (store.py, residency.py)
+    lmdb_resident_bytes: Size = Field(64 * MiB, ge=0)
     # a worker's transaction (worker.py): ring messages are taken into it for up to
     # commit_window_ms after its first one, or until commit_max_bytes of them (0: one take)
     commit_window_ms: Int = Field(50, ge=0, le=10_000)

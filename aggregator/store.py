@@ -106,6 +106,7 @@ import msgpack
 
 from .datadir import FILE_MODE
 from .doc_codec import json_body, pack_record, record_live, unpack_record
+from .residency import MapResidency
 
 log = logging.getLogger(__name__)
 
@@ -298,6 +299,7 @@ class Shard:
         sync: bool = True,
         readonly: bool = False,
         writemap: bool = False,
+        resident_bytes: int = 0,
     ):
         self.path = Path(path)
         self.map_size = map_size
@@ -316,6 +318,25 @@ class Shard:
             _allocate_lock_file(self.path / "lock.mdb")
         self.env = self._open_env()
         self._open_dbs()
+        # a writer's budget for the map pages resident in this process (0: none; residency.py)
+        self.residency: MapResidency | None = None
+        if resident_bytes > 0 and not readonly:
+            try:
+                self.residency = MapResidency(self.path / "data.mdb", resident_bytes)
+            except OSError as e:  # no /proc (not Linux): the pages stay mapped
+                log.warning("%s: no resident budget for the map (%s)", self.path, e)
+
+    def after_commit(self) -> None:
+        """After each commit (`Batch`, `RawWrite`), between transactions: keep the map's
+        resident pages under the budget (`MapResidency.after_commit`). Never raises: the
+        transaction is committed, and a failed madvise only leaves the pages mapped."""
+        if self.residency is not None:
+            try:
+                self.residency.after_commit()
+            except (OSError, ValueError) as e:
+                log.warning("%s: map pages not dropped (%s): residency budget off", self.path, e)
+                self.residency.close()
+                self.residency = None
 
     def _open_env(self) -> lmdb.Environment:
         """lmdb.open with the shard's options; with WRITEMAP, the data file's blocks are
@@ -610,6 +631,8 @@ class Shard:
             _allocate_map(self.path / "data.mdb", new)
         self.env.set_mapsize(new)  # only valid with no write transaction open
         self.map_size = new
+        if self.residency is not None:  # LMDB mapped it again: nothing of it resident now
+            self.residency.rebase()
         log.warning("%s: LMDB map grown from %d to %d bytes", self.path, size, new)
         return True
 
@@ -619,10 +642,14 @@ class Shard:
         self.env.close()
         self.env = self._open_env()
         self._open_dbs()
+        if self.residency is not None:
+            self.residency.rebase()
         log.warning("%s: LMDB environment reopened", self.path)
 
     def close(self) -> None:
         self.env.close()
+        if self.residency is not None:
+            self.residency.close()
 
 
 @contextlib.contextmanager
@@ -1024,6 +1051,7 @@ class Batch(_IndexWrites):
         self._write_index()
         self.txn.commit()
         self._adopt_index()
+        self.shard.after_commit()
 
     def abort(self) -> None:
         self._dx = self._topics = None
@@ -1104,6 +1132,7 @@ class RawWrite(_IndexWrites):
         self._write_index()
         self.txn.commit()
         self._adopt_index()
+        self.shard.after_commit()
 
     def abort(self) -> None:
         self._dx = self._topics = None

@@ -153,7 +153,8 @@ class Worker(DedupStage, GateStage, RouteStage, LinksStage):
         cfg, svc = self.cfg, self.cfg.service
         self.shard = Shard(shard_path(svc.data_dir, self.index), map_size=svc.lmdb_map_size,
                            max_map_size=svc.lmdb_max_map_size, sync=svc.lmdb_sync,
-                           writemap=svc.lmdb_writemap)
+                           writemap=svc.lmdb_writemap,
+                           resident_bytes=svc.lmdb_resident_bytes)
         self.shard.check_layout(shard=self.index, workers=self.workers, slots=SLOTS)
         self.epoch = self.shard.claim_writer()  # fences a previous worker; read state after
         views = assign_view_ids(self.shard.get_meta("views"), list(cfg.views))

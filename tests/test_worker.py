@@ -1144,6 +1144,23 @@ def test_lmdb_writemap_switch_opens_the_shard_so(make_cluster, workload, oracle,
                        ).service.lmdb_writemap is False
 
 
+@pytest.mark.parametrize("writemap", [False, True])
+def test_lmdb_resident_budget_drops_map_pages_and_the_views_are_the_same(
+        make_cluster, workload, oracle, writemap):
+    """service.lmdb_resident_bytes: with a budget smaller than a transaction's pages the
+    workers unmap their shard's pages after (nearly) every commit; the views are the same."""
+    c = make_cluster(2, overrides={"service.lmdb_writemap": writemap,
+                                   "service.lmdb_resident_bytes": 64 * 1024})
+    c.feed(c.ring_records(workload.records), random.Random(37))
+    assert all(w.shard.residency.drops > 0 for w in c.workers)
+    assert_views(c.views(), oracle)
+    assert load_config(None, {}, env={}).service.lmdb_resident_bytes == 64 << 20  # the default
+    cfg = load_config(None, {}, env={"AGGREGATOR__SERVICE__LMDB_RESIDENT_BYTES": "0"})
+    assert cfg.service.lmdb_resident_bytes == 0
+    c0 = make_cluster(1, "zero", overrides={"service.lmdb_resident_bytes": 0})
+    assert c0.workers[0].shard.residency is None  # 0: unbounded, no check at all
+
+
 def test_writemap_grow_refused_by_the_disk_is_retried(make_cluster, workload, oracle,
                                                       monkeypatch, caplog):
     """service.lmdb_writemap: the map's blocks are allocated before it grows; a disk that
