@@ -42,7 +42,7 @@ import sys
 
 from xxhash import xxh3_128_digest as _xxh3_128_digest
 
-from aggregator._slots cimport slot_get, slot_offset
+from aggregator._slots cimport slot_attr, slot_offset
 from aggregator.envelope import Event
 
 __all__ = [
@@ -579,10 +579,7 @@ cdef Py_ssize_t _EV_SEQUENCE = slot_offset(Event, "sequence")
 
 
 cdef inline object _ev(object ev, Py_ssize_t offset, str name):
-    """``ev.<name>``."""
-    if type(ev) is _Event:
-        return slot_get(ev, offset, name)
-    return getattr(ev, name)
+    return slot_attr(ev, _Event, offset, name)  # ``ev.<name>``
 
 
 @cython.wraparound(False)

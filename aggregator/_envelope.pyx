@@ -39,6 +39,8 @@ from cpython.ref cimport Py_DECREF
 from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
 from libc.string cimport memcmp
 
+from aggregator._slots cimport slot_offset
+
 import base64
 import binascii
 
@@ -499,20 +501,9 @@ def parse(value, headers, key, Py_ssize_t max_bytes=1 << 20, Py_ssize_t max_key_
 # __dict__, no __setattr__, object.__new__); an incompatible `Event` fails the import.
 
 cdef extern from "Python.h":
-    ctypedef struct PyMemberDef:
-        const char* name
-        int type
-        Py_ssize_t offset
-        int flags
-    ctypedef struct PyMemberDescrObject:
-        PyMemberDef* d_member
     ctypedef struct PyTypeObject:
         PyObject* (*tp_alloc)(PyTypeObject*, Py_ssize_t)
     void Py_INCREF(object o)
-
-cdef extern from "structmember.h":  # the 3.11 names (3.12 adds Py_T_OBJECT_EX, ...)
-    int T_OBJECT_EX
-    int READONLY
 
 cdef Py_ssize_t _SLOT_OFFSET[12]
 cdef PyTypeObject* _EVENT_TYPE = <PyTypeObject*>Event
@@ -527,14 +518,7 @@ cdef _event_layout():
         raise ImportError("aggregator._envelope: envelope.Event is no longer a plain "
                           "__slots__ class; rebuild this module's construction of it")
     for i, name in enumerate(slots):
-        d = Event.__dict__[name]
-        if type(d).__name__ != "member_descriptor":
-            raise ImportError(f"aggregator._envelope: Event.{name} is a {type(d).__name__}, "
-                              "not a slot")
-        m = (<PyMemberDescrObject*>d).d_member
-        if m.type != T_OBJECT_EX or m.flags & READONLY:
-            raise ImportError(f"aggregator._envelope: Event.{name} is not a writable slot")
-        _SLOT_OFFSET[i] = m.offset
+        _SLOT_OFFSET[i] = slot_offset(Event, name, True)  # ImportError if not a writable slot
 
 
 _event_layout()

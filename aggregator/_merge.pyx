@@ -35,7 +35,7 @@ from cpython.object cimport PyObject
 from cpython.ref cimport Py_INCREF
 
 from aggregator import merge as _ref
-from aggregator._slots cimport slot_get, slot_offset
+from aggregator._slots cimport slot_attr, slot_offset
 from aggregator.envelope import Event
 from aggregator.merge import MergeError
 
@@ -53,10 +53,7 @@ cdef Py_ssize_t _EV_DATA = _EV_OFFSETS["data"]
 
 
 cdef inline object _ev(object ev, Py_ssize_t offset, str name):
-    """``ev.<name>``."""
-    if type(ev) is _Event:
-        return slot_get(ev, offset, name)
-    return getattr(ev, name)
+    return slot_attr(ev, _Event, offset, name)  # ``ev.<name>``
 
 cdef enum:
     OP_SET = 0

@@ -27,7 +27,7 @@ from libc.string cimport memcpy
 import xxhash
 
 from aggregator._merge cimport MergePlan as CMergePlan
-from aggregator._slots cimport slot_get, slot_offset
+from aggregator._slots cimport slot_attr, slot_offset
 from aggregator.batch_state import BatchState
 from aggregator.doc_codec import json_body
 from aggregator.envelope import Event
@@ -68,17 +68,11 @@ cdef Py_ssize_t _F_MERGE = slot_offset(Feed, "merge")
 
 
 cdef inline object _ev(object ev, Py_ssize_t offset, str name):
-    """``ev.<name>``."""
-    if type(ev) is _Event:
-        return slot_get(ev, offset, name)
-    return getattr(ev, name)
+    return slot_attr(ev, _Event, offset, name)  # ``ev.<name>``
 
 
 cdef inline object _fd(object f, Py_ssize_t offset, str name):
-    """``f.<name>``."""
-    if type(f) is _Feed:
-        return slot_get(f, offset, name)
-    return getattr(f, name)
+    return slot_attr(f, _Feed, offset, name)  # ``f.<name>``
 
 
 def set_reference(route):

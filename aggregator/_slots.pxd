@@ -1,9 +1,10 @@
 # Reading a ``__slots__`` attribute of a plain Python class by its offset (no attribute
 # lookup): `slot_offset` finds the offset once, at a module's import, from the class's
-# member descriptor (the same offset ``obj.name`` reads through); `slot_get` reads it. The
-# caller checks ``type(obj) is cls`` first (an exact type: a subclass could override the
-# attribute) and otherwise uses getattr. Used for envelope.Event and plan.Feed on the
-# per-event paths of _route.pyx, _merge.pyx and _core.pyx.
+# member descriptor (the same offset ``obj.name`` reads through); `slot_get` reads it, and
+# `slot_attr` does when ``type(obj) is cls`` (an exact type: a subclass could override the
+# attribute), otherwise getattr. Used for envelope.Event and plan.Feed on the per-event paths
+# of _route.pyx, _merge.pyx and _core.pyx; _envelope.pyx writes a new Event's slots at the
+# offsets (``writable=True``).
 
 from cpython.object cimport PyObject
 
@@ -22,9 +23,10 @@ cdef extern from "structmember.h":  # the 3.11 names (3.12 adds Py_T_OBJECT_EX, 
     int READONLY
 
 
-cdef inline Py_ssize_t slot_offset(type cls, str name) except -1:
+cdef inline Py_ssize_t slot_offset(type cls, str name, bint writable=False) except -1:
     """The offset of slot `name` of `cls` (ImportError if it is not a plain object slot of
-    a class without __dict__ or its own attribute machinery)."""
+    a class without __dict__ or its own attribute machinery; `writable`: nor a read-only
+    one)."""
     if ("__dict__" in dir(cls) or cls.__getattribute__ is not object.__getattribute__
             or hasattr(cls, "__getattr__")):
         raise ImportError(f"{cls.__qualname__} is not a plain __slots__ class")
@@ -32,8 +34,9 @@ cdef inline Py_ssize_t slot_offset(type cls, str name) except -1:
     if type(d).__name__ != "member_descriptor":
         raise ImportError(f"{cls.__qualname__}.{name} is not a slot")
     cdef PyMemberDef* m = (<PyMemberDescrObject*>d).d_member
-    if m.type != T_OBJECT_EX:
-        raise ImportError(f"{cls.__qualname__}.{name} is not an object slot")
+    if m.type != T_OBJECT_EX or (writable and m.flags & READONLY):
+        raise ImportError(f"{cls.__qualname__}.{name} is not a{' writable' if writable else 'n'}"
+                          " object slot")
     return m.offset
 
 
@@ -43,3 +46,11 @@ cdef inline object slot_get(object o, Py_ssize_t offset, str name):
     if p is NULL:
         return getattr(o, name)
     return <object>p
+
+
+cdef inline object slot_attr(object o, type cls, Py_ssize_t offset, str name):
+    """``o.<name>``: read at `offset` when `o` is exactly a `cls` (a subclass could override
+    the attribute), else through getattr."""
+    if type(o) is cls:
+        return slot_get(o, offset, name)
+    return getattr(o, name)

@@ -26,16 +26,10 @@ import time
 
 import msgpack
 
+from bench.tools.write_path import _write_bytes
+
 PAGE = 4096
 RANDOM = ("views", "seq", "dedup")
-
-
-def _write_bytes() -> int:
-    with open("/proc/self/io") as f:
-        for line in f:
-            if line.startswith("write_bytes:"):
-                return int(line.split()[1])
-    return 0
 
 
 def _pages(shard) -> dict[str, tuple[int, int]]:
