@@ -633,7 +633,7 @@ class Shard:
         self.map_size = new
         if self.residency is not None:  # LMDB mapped it again: nothing of it resident now
             self.residency.rebase()
-        log.warning("%s: LMDB map grown from %d to %d bytes", self.path, size, new)
+        log.info("%s: LMDB map grown from %d to %d bytes", self.path, size, new)  # routine
         return True
 
     def reopen(self) -> None:
