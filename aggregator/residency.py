@@ -49,7 +49,6 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -109,8 +108,6 @@ class MapResidency:
         self.budget_pages = max(1, budget // PAGE)
         self.fd = os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC)
         self.drops = 0
-        self.drop_ns = 0  # time spent in drops (madvise, /proc/self/maps)
-        self.dropped_pages = 0  # estimate: growth of the resident shared pages at each drop
         # what is resident besides the map (code, the rings' shmem, the map pages touched so
         # far) counts from here; after a drop, from what stays
         self.baseline = resident_shared_pages(self.fd)
@@ -122,17 +119,14 @@ class MapResidency:
         if grown <= self.budget_pages:
             return False
         self.drop()
-        self.dropped_pages += grown
         return True
 
     def drop(self) -> None:
         """Unmap every resident page of the data file's shared mappings in this process."""
-        t0 = time.perf_counter_ns()
         for start, end in shared_mappings(self.data_file):
             drop_pages(start, end)
         self.drops += 1
         self.baseline = resident_shared_pages(self.fd)
-        self.drop_ns += time.perf_counter_ns() - t0
 
     def rebase(self) -> None:
         """Count from what is resident now: after the map was unmapped and mapped again
