@@ -12,8 +12,8 @@ import time
 
 from aggregator.devtools import simulate
 
-MAX_POLL_MS = 6000  # librdkafka: >= session.timeout.ms (6000 in the test config)
-STALL_S = 12
+MAX_POLL_MS = 4000  # librdkafka: >= session.timeout.ms (2000 in the test config)
+STALL_S = 8
 STALL_AT = 200  # loop iteration
 
 

@@ -103,13 +103,13 @@ def group_id() -> str:
 
 @pytest.fixture
 def consumer_config(bootstrap, group_id) -> dict[str, object]:
-    """Consumer settings that join a group in about 3 s on Tansu (see BROKER.md)."""
+    """Consumer settings that join a group in about 1 s on Tansu (see BROKER.md)."""
     return {
         "bootstrap.servers": bootstrap,
         "group.id": group_id,
         "auto.offset.reset": "earliest",
         "enable.auto.commit": False,
-        "session.timeout.ms": 6000,
+        "session.timeout.ms": 2000,
         "heartbeat.interval.ms": 500,
         "fetch.queue.backoff.ms": 20,
     }

@@ -43,7 +43,7 @@ def write_config(path: Path, *, bootstrap: str, prefix: str, group: str, data_di
     # SIGKILLed member holds its partitions for the whole of it. max.poll.interval.ms: a
     # supervisor stuck for longer leaves the group within a test's time (default 5 min).
     text = text.replace('[kafka.consumer]\n',
-                        '[kafka.consumer]\n"session.timeout.ms" = 6000\n'
+                        '[kafka.consumer]\n"session.timeout.ms" = 2000\n'
                         '"heartbeat.interval.ms" = 500\n"max.poll.interval.ms" = 45000\n')
     data = tomllib.loads(text)
     merge(data, {"http": {"port": http_port, "token": http_token}})
