@@ -64,6 +64,7 @@ class ProcStats:
     cpu_last: float = 0.0
     breakdown: dict | None = None  # smaps_breakdown() near the peak RSS
     breakdown_rss: int = 0  # the RSS when it was read
+    written: int = 0  # write_bytes of /proc/<pid>/io (since it started; + reaped children)
 
 
 @dataclass
@@ -93,6 +94,7 @@ class ProcessSampler:
         self.samples: list[Sample] = []
         self.peak_rss_total = 0
         self.peak_pss_total = 0
+        self.peak_written_total = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="sampler", daemon=True)
         self._handles: dict[int, psutil.Process] = {}
@@ -142,13 +144,14 @@ class ProcessSampler:
     def sample(self, with_pss: bool = False) -> None:
         now = time.monotonic()
         cpu: dict[int, float] = {}
-        rss_total = pss_total = 0
+        rss_total = pss_total = written_total = 0
         for p in self._tree():
             try:
                 with p.oneshot():
                     rss = p.memory_info().rss
                     ct = p.cpu_times()
                     pss = p.memory_full_info().pss if with_pss else 0
+                    written = p.io_counters().write_bytes
             except psutil.Error:
                 continue
             st = self.procs.get(p.pid)
@@ -166,6 +169,7 @@ class ProcessSampler:
             cpu[p.pid] = c
             st.peak_rss = max(st.peak_rss, rss)
             st.peak_pss = max(st.peak_pss, pss)
+            st.written = max(st.written, written)
             if (self.breakdown and p.pid not in self.extra
                     and rss > st.breakdown_rss + max(MiB, st.breakdown_rss // 50)):
                 b = smaps_breakdown(p.pid)
@@ -174,7 +178,9 @@ class ProcessSampler:
             if p.pid not in self.extra:
                 rss_total += rss
                 pss_total += pss
+                written_total += written
         self.samples.append(Sample(now, cpu, rss_total))
+        self.peak_written_total = max(self.peak_written_total, written_total)
         self.peak_rss_total = max(self.peak_rss_total, rss_total)
         self.peak_pss_total = max(self.peak_pss_total, pss_total)
 
@@ -201,6 +207,13 @@ class ProcessSampler:
             out[st.label] = out.get(st.label, 0.0) + used
         return out
 
+    def written_total(self) -> int:
+        """Bytes the counted processes caused to be written to storage since they started
+        (/proc/<pid>/io ``write_bytes``; a page dirtied through a file mapping counts when
+        it is dirtied): the largest sum over one sample. Not a sum of each process's last
+        value: a parent that reaps a child adds the child's counts to its own."""
+        return self.peak_written_total
+
     def summary(self) -> dict:
         per: dict[str, dict] = {}
         for pid, st in sorted(self.procs.items()):
@@ -211,13 +224,15 @@ class ProcessSampler:
                 name = f"{st.label}#{k}"
             per[name] = {"pid": pid, "peak_rss_mib": _mib(st.peak_rss),
                          "peak_pss_mib": _mib(st.peak_pss),
-                         "cpu_s": round(st.cpu_last - (st.cpu_first or 0.0), 3)}
+                         "cpu_s": round(st.cpu_last - (st.cpu_first or 0.0), 3),
+                         "written_mib": _mib(st.written)}
             if st.breakdown is not None:
                 per[name]["breakdown"] = {
                     "at_rss_mib": _mib(st.breakdown_rss),
                     "rss_mib": {k: _mib(v["rss"]) for k, v in st.breakdown.items()},
                     "pss_mib": {k: _mib(v["pss"]) for k, v in st.breakdown.items()}}
         return {"processes": per, "peak_rss_total_mib": _mib(self.peak_rss_total),
+                "written_bytes_total": self.written_total(),
                 "peak_pss_total_mib": _mib(self.peak_pss_total),
                 "samples": len(self.samples), "interval_s": self.interval}
 

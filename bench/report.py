@@ -17,6 +17,7 @@ BAR_CPU_US_PER_EVENT = 15.0  # issue 13: service CPU (broker excluded), one chan
 BAR_VS_RAW = 0.35
 BAR_STAGE_SCALING = 1.8
 BAR_RSS_MIB = 900  # issue 14
+BAR_DISK_BYTES_PER_EVENT = 2000  # issue 14: /proc/<pid>/io write_bytes of the service
 BAR_RING_RECORDS_PER_S = 1_000_000
 BAR_BLOOM_CONTAINS_PER_S = 10_000_000
 
@@ -113,6 +114,9 @@ def bars(results: dict) -> list[dict]:
                     below=True))
     out.append(_bar("peak PSS, all aggregator processes (sum)", pss, BAR_RSS_MIB, "MiB",
                     below=True))
+    disk = agg2.get("disk_bytes_per_record") if agg2 else None
+    out.append(_bar(f"{label}: disk writes, bytes per event", disk and round(disk),
+                    BAR_DISK_BYTES_PER_EVENT, " B", below=True))
     ring = (results.get("ring") or {}).get("raw-300B/get_many", {}).get("records_per_s")
     out.append(_bar("ring, 300 B records between two processes", ring,
                     BAR_RING_RECORDS_PER_S, "/s"))
@@ -176,8 +180,8 @@ def markdown(results: dict, png: str | None = None) -> str:
     if results.get("aggregator") or raw or base:
         lines += ["## End to end (cold start, pre-loaded topics)", "",
                   "| run | events/s | window s | × baseline | × raw | CPU s / M events "
-                  "| peak RSS sum MiB | peak PSS sum MiB | verified |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+                  "| peak RSS sum MiB | peak PSS sum MiB | disk KB / event | verified |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
         b_rate = base.get("events_per_s") if base.get("ok") else None
         r_rate = raw.get("events_per_s") if raw.get("ok") else None
         for r in results.get("aggregator", []):
@@ -191,7 +195,9 @@ def markdown(results: dict, png: str | None = None) -> str:
                 f"{_f(_ratio(ok_rate, b_rate), '.2f')} | "
                 f"{_f(_ratio(ok_rate, r_rate), '.2f')} | "
                 f"{_f(r['cpu_s_per_million'], '.1f')} | {_f(mem.get('peak_rss_total_mib'))} | "
-                f"{_f(mem.get('peak_pss_total_mib'))} | {r['verified']} |")
+                f"{_f(mem.get('peak_pss_total_mib'))} | "
+                f"{_f((r.get('disk_bytes_per_record') or 0) / 1000 or None, '.2f')} | "
+                f"{r['verified']} |")
         for label, r in (("hand-written in-memory baseline", base),
                          ("50-line floor loop (no gate, no merge ops, nothing durable)",
                           results.get("floor") or {}),
@@ -203,7 +209,7 @@ def markdown(results: dict, png: str | None = None) -> str:
                     f"| {label} | {rate} | {_f(r.get('window_s'), '.2f')}"
                     f" | | | {_f(r.get('cpu_s_per_million'), '.1f')} | "
                     f"{_f(mem.get('peak_rss_total_mib'))} | {_f(mem.get('peak_pss_total_mib'))}"
-                    f" | {r.get('verified', '–')} |")
+                    f" | | {r.get('verified', '–')} |")
         lines += ["", "Window: first record fetched → last offset of every partition durable "
                   "in every LMDB shard (polled every 20 ms); group join and worker boot "
                   "excluded. CPU: all processes of the run within the window (broker "

@@ -262,7 +262,8 @@ class Harness:
                 self.fail(f"aggregator workers={n}: {r.error} ({r.verified})")
             self.done(f"aggregator workers={n}: {r.events_per_s:,.0f} events/s over "
                       f"{r.window_s:.2f} s, CPU {r.cpu_s_per_million:.1f} s/M events, peak "
-                      f"RSS {r.memory.get('peak_rss_total_mib', 0):,.0f} MiB, {r.verified}")
+                      f"RSS {r.memory.get('peak_rss_total_mib', 0):,.0f} MiB, disk writes "
+                      f"{r.disk_bytes_per_record / 1000:.2f} KB/event, {r.verified}")
         if a.latency_seconds > 0:
             self.latency(embedded, broker_pid, run_id, measure_latency)
 

@@ -105,6 +105,9 @@ class AggRun:
     window_start: str = "first record fetched"
     cpu_s: dict = field(default_factory=dict)  # within the window, by process label
     cpu_s_per_million: float = 0.0
+    # bytes the service's processes caused to be written to storage per record consumed,
+    # whole run (boot to exit; /proc/<pid>/io write_bytes): issue 14's disk-writes figure
+    disk_bytes_per_record: float = 0.0
     memory: dict = field(default_factory=dict)
     stats: dict = field(default_factory=dict)
     poller: dict = field(default_factory=dict)
@@ -196,6 +199,8 @@ def measure_throughput(loaded: wl.Loaded, bootstrap: str, workers: int, oracle: 
                       "mean_poll_ms": round(1000 * p.poller.poll_seconds
                                             / max(1, p.poller.polls), 3)}
         run.memory = p.sampler.summary()
+        if run.records:
+            run.disk_bytes_per_record = p.sampler.written_total() / run.records
         if res.get("code") != 0:
             run.error = f"aggregator exited with code {res.get('code')}"
             return run
