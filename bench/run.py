@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 import uuid
 from pathlib import Path
 
@@ -81,6 +82,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--name", default=None, help="output file name (default: quick or full)")
     ap.add_argument("--timeout", type=float, default=1800, help="per-run timeout, seconds")
     ap.add_argument("--json", action="store_true", help="print the result JSON on stdout")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    dest="settings",
+                    help="a config setting of the aggregator's e2e runs, dotted (repeatable), "
+                         "e.g. --set service.commit_max_bytes=8MiB; the value is read as TOML "
+                         "when it parses, else as a string (the environment is ignored)")
     args = ap.parse_args(argv)
     args.workers_list = sorted({int(x) for x in args.workers.split(",") if x.strip()})
     if not args.workers_list or min(args.workers_list) < 1:
@@ -95,6 +101,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.latency_seconds is None:
         args.latency_seconds = 2.0 if args.quick else 20.0
     args.name = args.name or ("quick" if args.quick else "full")
+    args.overrides = {}
+    for item in args.settings:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            ap.error(f"--set {item!r}: expected KEY=VALUE")
+        try:
+            args.overrides[key.strip()] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            args.overrides[key.strip()] = value
     args.latency_variants = []
     for v in args.latency_fetch_wait_ms.split(","):
         v = v.strip()
@@ -117,6 +132,7 @@ class Harness:
             "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
             "machine": report.machine(),
             "source": report.source(),
+            "settings": args.overrides,  # --set: config of the e2e aggregator runs
             "failures": [],
         }
         self.broker = None
@@ -255,7 +271,7 @@ class Harness:
             self.step(f"aggregator w={n}", "cold start")
             r = measure_throughput(
                 loaded, self.bootstrap, n, self.oracle, embedded=embedded,
-                broker_pid=broker_pid, timeout=a.timeout,
+                broker_pid=broker_pid, timeout=a.timeout, overrides=a.overrides,
                 on_tick=lambda f: self.progress.update(self.task, detail=f"{f:.0%} durable"))
             self.results["aggregator"].append(r.to_json())
             if not r.ok:
