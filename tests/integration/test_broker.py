@@ -130,7 +130,9 @@ def test_wait_group_settled_waits_out_a_rebalance(bootstrap, create_topic, consu
     topic = create_topic("settle")
     group = consumer_config["group.id"]
     assigned: list = []
-    c = Consumer({**consumer_config, "partition.assignment.strategy": "cooperative-sticky"})
+    # a 6 s session: Tansu answers the join after ~3 s, time enough to see it unsettled
+    c = Consumer({**consumer_config, "partition.assignment.strategy": "cooperative-sticky",
+                  "session.timeout.ms": 6000})
     try:
         c.subscribe([topic], on_assign=lambda _c, parts: assigned.extend(parts))
         c.poll(0.5)  # the join is on its way: Tansu answers it after half the session timeout
