@@ -110,14 +110,17 @@ from .residency import MapResidency
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 3
-FORMATS_IN_PLACE = (2,)  # read as they are; stamped FORMAT_VERSION when a worker opens them
-_DBS = ("views", "seq", "parked", "offsets", "links", "outbox", "changes", "dedup_log", "meta")
+FORMAT_VERSION = 4
+FORMATS_IN_PLACE = (2, 3)  # read as they are; stamped FORMAT_VERSION when a worker opens them
+_DBS = ("views", "seq", "seq_log", "parked", "offsets", "links", "outbox", "changes",
+        "dedup_log", "meta")
 FORMAT1_DBS = ("dedup", "dedup_gen")  # format 1's dedup index (read by the migration only)
 DEDUP_POOL = 66  # dedup.<g % DEDUP_POOL>: more than dedup.bloom_generations (<= 64) + 1
 HOT, SEALED = b"h", b"s"  # the two keys of a generation's database (format 2 above)
 SLOTS_ALL = 1 << 16  # sealed_below of a fully sealed generation (above every slot)
 SEQ_ROW = struct.Struct(">qHi")  # last applied sequence, topic index, partition
+SEQ_KEY_BYTES = 18  # a seq key: slot prefix (2) + gate hash (16)
+SEQ_LOG_ENTRY = SEQ_KEY_BYTES + SEQ_ROW.size  # a seq_log entry: seq key + SEQ_ROW (32 bytes)
 NO_TOPIC = 0xFFFF
 _U64 = struct.Struct(">Q")
 _I64 = struct.Struct(">q")
@@ -241,6 +244,33 @@ def parse_seq_value(value: bytes, topics: list[str]) -> list:
     ``seq_topics``)."""
     last, ti, part = SEQ_ROW.unpack(value)
     return [last, "" if ti == NO_TOPIC or ti >= len(topics) else topics[ti], part]
+
+
+def seq_log_rows(txn, db) -> tuple[dict[bytes, bytes], int, int]:
+    """The ``seq_log`` of a shard read in `txn` (`db` its handle, or None: no log): ({seq
+    key: latest SEQ_ROW logged}, last log key, rows logged). Records in key order, entries
+    in a record in order: the later row of a key wins."""
+    rows: dict[bytes, bytes] = {}
+    last = n = 0
+    if db is None:
+        return rows, last, n
+    size, k = SEQ_LOG_ENTRY, SEQ_KEY_BYTES
+    for key, value in txn.cursor(db=db):
+        value = bytes(value)
+        for i in range(0, len(value), size):
+            rows[value[i:i + k]] = value[i + k:i + size]
+        n += len(value) // size
+        last = _U64.unpack(key)[0]
+    return rows, last, n
+
+
+def write_seq_checkpoint(txn, seq_db, log_db, rows: dict[bytes, bytes]) -> None:
+    """A checkpoint of the sequence log in `txn`: `rows` (the latest row of every stream
+    logged since the last checkpoint) into ``seq`` in one sorted putmulti, and the log
+    emptied (mdb_drop of its pages: they go to the free list, no entry is visited)."""
+    if rows:
+        txn.cursor(db=seq_db).putmulti(sorted(rows.items()))
+    txn.drop(log_db, delete=False)
 
 
 def parse_seq_value_v1(value: bytes) -> list:
@@ -373,6 +403,27 @@ class Shard:
                                              self.get_meta("dedup_index", [])]
         self.seq_topics: list[str] = list(self.get_meta("seq_topics", []))
         self.topic_ix = {t: i for i, t in enumerate(self.seq_topics)}
+        # the sequence log (format 4): rows logged since the last checkpoint, in memory
+        with self.env.begin() as txn:
+            self.seq_pending, self.seq_log_last, self.seq_logged = seq_log_rows(
+                txn, self.db.get("seq_log"))
+
+    def fold_seq_log(self) -> int:
+        """Checkpoint the sequence log in a transaction of its own (for the writers of
+        ``seq`` rows that bypass the log: cluster mode, `RawWrite.put_seq`); returns the
+        streams written (0: the log was empty)."""
+        if not self.seq_logged:
+            return 0
+        n = len(self.seq_pending)
+        with self.env.begin(write=True) as txn:
+            write_seq_checkpoint(txn, self.db["seq"], self.db["seq_log"], self.seq_pending)
+        self.seq_pending, self.seq_log_last, self.seq_logged = {}, 0, 0
+        return n
+
+    def seq_rows(self) -> Iterator[tuple[bytes, bytes]]:
+        """(key, SEQ_ROW) of every stream, in key order: ``seq`` with the log overlaid."""
+        with self.env.begin() as txn:
+            yield from Snapshot(txn, self.db, self.dedup_pool).seq_rows()
 
     def dedup_db(self, generation: int):
         """The database of a dedup generation (format 2)."""
@@ -548,12 +599,13 @@ class Shard:
         ascending, topic index of its first parked record)."""
         out: dict[bytes, tuple[list | None, list[tuple[int, float]], int]] = {}
         with self.env.begin() as txn:
+            logged = seq_log_rows(txn, self.db.get("seq_log"))[0]  # the log overlaid
             for k, v in txn.cursor(db=self.db["parked"]):
                 g, seq = bytes(k[:-8]), _U64.unpack(k[-8:])[0]
                 parked_at, record = _unpack(v)
                 entry = out.get(g)
                 if entry is None:
-                    raw = txn.get(g, db=self.db["seq"])
+                    raw = logged.get(g) or txn.get(g, db=self.db["seq"])
                     row = None if raw is None else parse_seq_value(raw, self.seq_topics)
                     entry = out[g] = (row, [], record[0])
                 entry[1].append((seq, parked_at))
@@ -798,7 +850,8 @@ class _IndexWrites:
 class Batch(_IndexWrites):
     """One write transaction: everything a batch changes, committed at once or not at all."""
 
-    __slots__ = ("shard", "txn", "_db", "_seen", "_dx", "_topics")
+    __slots__ = ("shard", "txn", "_db", "_seen", "_dx", "_topics", "_seqp", "_seq_next",
+                 "_seq_n", "_seq_ckpt")
 
     def __init__(self, shard: Shard):
         self.shard = shard
@@ -807,6 +860,7 @@ class Batch(_IndexWrites):
         self._seen: dict[int, list[bytes]] = {}  # generation -> hashes marked seen (runs
         # of 16-byte hashes, in the order they were marked)
         self._init_index()
+        self._init_seq_log()
         mine = shard.writer_epoch
         if mine is not None:  # fencing: one get per transaction (see Shard.claim_writer)
             raw = self.txn.get(WRITER_EPOCH, db=self._db["meta"])
@@ -941,27 +995,84 @@ class Batch(_IndexWrites):
         e[1] = last + 1 if cur.set_key(HOT) else SLOTS_ALL
         return moved
 
-    # sequences and parked events
+    # sequences (the log: see the format notes) and parked events
+    def _init_seq_log(self) -> None:
+        self._seqp: dict[bytes, bytes] = {}  # rows logged in this transaction (since its
+        # checkpoint, if it made one)
+        self._seq_next = self.shard.seq_log_last  # last log key used
+        self._seq_n = 0  # rows logged in this transaction (since its checkpoint)
+        self._seq_ckpt = False  # this transaction made a checkpoint
+
     def get_seq(self, gkey: bytes) -> list | None:
-        """[last, topic, partition] of a stream's seq row, or None."""
-        raw = self.txn.get(gkey, db=self._db["seq"])
+        """[last, topic, partition] of a stream's seq row (the log overlaid), or None."""
+        raw = self._seqp.get(gkey)
+        if raw is None and not self._seq_ckpt:
+            raw = self.shard.seq_pending.get(gkey)
         if raw is None:
-            return None
+            raw = self.txn.get(gkey, db=self._db["seq"])
+            if raw is None:
+                return None
         return parse_seq_value(raw, self.shard.seq_topics if self._topics is None
                                else self._topics)
 
     def put_seq(self, gkey: bytes, last: int, topic: str, partition: int) -> None:
-        self.txn.put(gkey, SEQ_ROW.pack(last, self._topic_index(topic), partition),
-                     db=self._db["seq"])
+        self.put_seqs([(gkey, last, topic, partition)])
 
     def put_seqs(self, rows: list[tuple[bytes, int, str, int]]) -> None:
-        """`put_seq` of each ``(gkey, last, topic, partition)``: one commit's dirty keys,
-        in one cursor call."""
+        """Log the rows ``(gkey, last, topic, partition)`` (one commit's dirty keys) as one
+        appended ``seq_log`` record; `checkpoint_seqs` moves them into ``seq``."""
         if not rows:
             return
+        pack, tix, seqp = SEQ_ROW.pack, self._topic_index, self._seqp
+        parts = []
+        for gkey, last, topic, partition in rows:
+            if len(gkey) != SEQ_KEY_BYTES:
+                raise ValueError(f"seq key of {len(gkey)} bytes, not {SEQ_KEY_BYTES}")
+            row = seqp[gkey] = pack(last, tix(topic), partition)
+            parts.append(gkey)
+            parts.append(row)
+        self._seq_next += 1
+        self._seq_n += len(rows)
+        if not self.txn.put(_U64.pack(self._seq_next), b"".join(parts),
+                            db=self._db["seq_log"], append=True):
+            raise ShardError(f"{self.shard.path}: seq_log key {self._seq_next} out of order")
+
+    def write_seqs(self, rows: list[tuple[bytes, int, str, int]]) -> None:
+        """The rows straight into ``seq``, in one cursor call, bypassing the log (cluster
+        mode: changelog.CapturingBatch; its shard's log is folded at boot)."""
+        if not rows:
+            return
+        if self.shard.seq_logged or self._seq_n:
+            raise ShardError(f"{self.shard.path}: seq rows written past a non-empty log")
         pack, tix = SEQ_ROW.pack, self._topic_index
         self.txn.cursor(db=self._db["seq"]).putmulti(
             [(gkey, pack(last, tix(topic), partition)) for gkey, last, topic, partition in rows])
+
+    @property
+    def seq_log_rows(self) -> int:
+        """Rows in the sequence log with this transaction's (since the last checkpoint)."""
+        return self._seq_n if self._seq_ckpt else self.shard.seq_logged + self._seq_n
+
+    def checkpoint_seqs(self) -> int:
+        """A checkpoint in this transaction: the latest row of every stream logged since the
+        last one into ``seq``, the log emptied (`write_seq_checkpoint`); returns how many
+        streams."""
+        rows = dict(self.shard.seq_pending) if not self._seq_ckpt else {}
+        rows.update(self._seqp)
+        write_seq_checkpoint(self.txn, self._db["seq"], self._db["seq_log"], rows)
+        self._seqp, self._seq_next, self._seq_n, self._seq_ckpt = {}, 0, 0, True
+        return len(rows)
+
+    def _adopt_seq_log(self) -> None:
+        """After the commit: the shard takes the transaction's log state."""
+        shard = self.shard
+        if self._seq_ckpt:
+            shard.seq_pending, shard.seq_logged = self._seqp, self._seq_n
+        elif self._seqp:
+            shard.seq_pending.update(self._seqp)
+            shard.seq_logged += self._seq_n
+        shard.seq_log_last = self._seq_next
+        self._seqp, self._seq_n, self._seq_ckpt = {}, 0, False
 
     def park(self, gkey: bytes, seq: int, parked_at: float, record: list) -> None:
         self.txn.put(gkey + _U64.pack(seq), _pack([parked_at, record]), db=self._db["parked"])
@@ -1051,10 +1162,12 @@ class Batch(_IndexWrites):
         self._write_index()
         self.txn.commit()
         self._adopt_index()
+        self._adopt_seq_log()
         self.shard.after_commit()
 
     def abort(self) -> None:
         self._dx = self._topics = None
+        self._seqp, self._seq_n, self._seq_ckpt = {}, 0, False
         try:
             self.txn.abort()
         except lmdb.Error:
@@ -1094,7 +1207,11 @@ class RawWrite(_IndexWrites):
             self._put_seen(skey, generation)
 
     def put_seq(self, gkey: bytes, last: int, topic: str, partition: int) -> None:
-        """A seq row from its fields (the topic by name: see the shard's ``seq_topics``)."""
+        """A seq row from its fields (the topic by name: see the shard's ``seq_topics``),
+        straight into ``seq``: only on a shard whose sequence log is empty (a new shard of
+        the reshard; cluster mode folds the log at boot, `Shard.fold_seq_log`)."""
+        if self.shard.seq_logged:
+            raise ShardError(f"{self.shard.path}: seq rows written past a non-empty log")
         self.txn.put(gkey, SEQ_ROW.pack(last, self._topic_index(topic), partition),
                      db=self._db["seq"])
 
@@ -1152,10 +1269,11 @@ class Snapshot:
     """One read transaction (a consistent snapshot) over named databases; a database that
     does not exist (yet) reads as empty. Closed by its owner: it pins its pages."""
 
-    __slots__ = ("txn", "_db", "_pool", "_index")
+    __slots__ = ("txn", "_db", "_pool", "_index", "_logged")
 
     def __init__(self, txn, dbs: dict, pool: dict | None = None):
         self.txn, self._db, self._pool = txn, dbs, pool or {}
+        self._logged: dict[bytes, bytes] | None = None
         raw = self.get("meta", b"dedup_index")
         self._index = [] if raw is None else _unpack(raw)
 
@@ -1189,6 +1307,37 @@ class Snapshot:
     def get(self, table: str, key: bytes) -> bytes | None:
         db = self._db.get(table)
         return None if db is None else self.txn.get(key, db=db)
+
+    def seq_logged(self) -> dict[bytes, bytes]:
+        """{seq key: SEQ_ROW} of the rows logged since the last checkpoint (read once)."""
+        if self._logged is None:
+            self._logged = seq_log_rows(self.txn, self._db.get("seq_log"))[0]
+        return self._logged
+
+    def seq_rows(self, prefix: bytes = b"") -> Iterator[tuple[bytes, bytes]]:
+        """(key, SEQ_ROW) of the streams whose key starts with `prefix`, in key order:
+        ``seq`` with the sequence log overlaid (what a worker reads)."""
+        logged = self.seq_logged()
+        extra = sorted((k, v) for k, v in logged.items() if k.startswith(prefix))
+        i = 0
+        for k, v in self.rows("seq", prefix):
+            k = bytes(k)
+            while i < len(extra) and extra[i][0] < k:
+                yield extra[i]
+                i += 1
+            if i < len(extra) and extra[i][0] == k:
+                yield extra[i]
+                i += 1
+            else:
+                yield k, bytes(v)
+        yield from extra[i:]
+
+    def seq_entries(self) -> int:
+        """Streams in ``seq`` with the log overlaid."""
+        seq = self._db.get("seq")
+        logged = self.seq_logged()
+        new = sum(1 for k in logged if seq is None or self.txn.get(k, db=seq) is None)
+        return self.entries("seq") + new
 
     def rows(self, table: str, prefix: bytes = b"", start: bytes | None = None):
         """(key, value) of a table whose key starts with `prefix` (and is >= `start`), in
