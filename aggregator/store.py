@@ -13,7 +13,11 @@ dedup.<i>      b"h" (hot) or b"s" (sealed); DUPSORT   S + identity hash (16) per
                generation g, i = g % DEDUP_POOL       16+2 bytes each, no node headers)
 seq            S + gate hash (16)                     SEQ_ROW: last (8, signed) + topic
                                                       index (2, meta ``seq_topics``) +
-                                                      partition (4, signed)
+                                                      partition (4, signed), as of the
+                                                      last checkpoint (see seq_log)
+seq_log        log seq (8)                            one commit's dirty seq rows: entries
+                                                      of S + gate hash (16) + SEQ_ROW
+                                                      (32 bytes each; format 4)
 parked         S + gate hash (16) + seq (8)           msgpack [parked_at, record]
 offsets        topic + b"\\0" + partition (4)          through offset (8, signed)
 links          source worker (2)                      last applied link seq (8)
@@ -29,12 +33,26 @@ dedup_log      log seq (8)                            generation (8) + identity 
 meta           name                                   msgpack value
 =============  =====================================  ====================================
 
-Format 3 (this build) is format 2 with the ``"j"`` form of ``views`` records (below) and
-``outbox`` rows of forwards.py's binary format 2 (format-1 msgpack rows are still read). A
-format-2 shard is read as it is and stamped 3 when a worker opens it (`Shard.check_layout`;
-its records are all ``"d"`` and its outbox rows format 1, both read by format 3), so that a
-build of format 2 then refuses it ("data format 3") instead of misreading what format 3
-writes. Format 1 is migrated by reshard.py (`aggregator migrate`). What format 2 brought:
+Format 4 (this build) is format 3 with the sequence log: a worker's commit appends its dirty
+``seq`` rows as one ``seq_log`` record (sequential key: appended pages, ~32 bytes per row)
+instead of putting them at random keys of ``seq``; once the rows logged since the last
+checkpoint reach ``gate.seq_checkpoint_rows``, a batch's transaction also checkpoints: the
+latest row of every stream logged since goes into ``seq`` in one sorted putmulti and the log
+is emptied (mdb_drop), so ``seq`` pages are rewritten once per checkpoint, not once per
+commit. A stream's row is the one of the log if it has one (the later record, and the later
+entry in a record, wins), else the one of ``seq``: every reader overlays the log (the worker
+from memory, `Shard.seq_pending`, loaded from the log at open; `Shard.parked_streams`,
+`Snapshot.seq_rows` for the reshard and the tools). Cluster mode writes ``seq`` directly
+(`Batch.write_seqs`, changelog.py: its restore and task drop write that table as it is) and
+folds a log left by a non-cluster run at boot (`Shard.fold_seq_log`). Formats 2 and 3 (no
+``seq_log``, every row in ``seq``) are read as they are and stamped 4 when a worker opens
+them (`Shard.check_layout`), so that an older build then refuses the directory ("data format
+4") instead of missing the logged rows.
+
+Format 3 is format 2 with the ``"j"`` form of ``views`` records (below) and ``outbox`` rows
+of forwards.py's binary format 2 (format-1 msgpack rows are still read); a format-2 shard's
+records are all ``"d"`` and its outbox rows format 1, both read by format 3 and 4. Format 1
+is migrated by reshard.py (`aggregator migrate`). What format 2 brought:
 
 - the dedup index: meta ``dedup_index`` = [[generation, sealed_below], ...] lists the live
   generations, oldest first. A generation's ids go to its database under key b"h" as they
@@ -1023,17 +1041,17 @@ class Batch(_IndexWrites):
         appended ``seq_log`` record; `checkpoint_seqs` moves them into ``seq``."""
         if not rows:
             return
-        pack, tix, seqp = SEQ_ROW.pack, self._topic_index, self._seqp
-        parts = []
-        for gkey, last, topic, partition in rows:
-            if len(gkey) != SEQ_KEY_BYTES:
-                raise ValueError(f"seq key of {len(gkey)} bytes, not {SEQ_KEY_BYTES}")
-            row = seqp[gkey] = pack(last, tix(topic), partition)
-            parts.append(gkey)
-            parts.append(row)
+        pack, tix = SEQ_ROW.pack, self._topic_index
+        keys = [r[0] for r in rows]
+        if set(map(len, keys)) != {SEQ_KEY_BYTES}:
+            raise ValueError(f"seq keys of {sorted(set(map(len, keys)))} bytes, not "
+                             f"{SEQ_KEY_BYTES}")
+        vals = [pack(last, tix(topic), partition) for _, last, topic, partition in rows]
+        self._seqp.update(zip(keys, vals))
         self._seq_next += 1
         self._seq_n += len(rows)
-        if not self.txn.put(_U64.pack(self._seq_next), b"".join(parts),
+        if not self.txn.put(_U64.pack(self._seq_next),
+                            b"".join(itertools.chain.from_iterable(zip(keys, vals))),
                             db=self._db["seq_log"], append=True):
             raise ShardError(f"{self.shard.path}: seq_log key {self._seq_next} out of order")
 

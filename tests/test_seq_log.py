@@ -149,7 +149,7 @@ def test_fold_and_the_writers_that_bypass_the_log(shard):
 
 def test_a_seq_key_of_another_size_is_refused(shard):
     b = shard.begin()
-    with pytest.raises(ValueError, match="seq key"):
+    with pytest.raises(ValueError, match="seq keys"):
         b.put_seqs([(b"short", 1, "a", 0)])
     b.abort()
 
