@@ -54,7 +54,7 @@ def _pages(shard) -> dict[str, tuple[int, int]]:
     return out
 
 
-def run(events: int, seed: int) -> dict:
+def run(events: int, seed: int, overrides: dict | None = None) -> dict:
     from aggregator import store
     from bench import workload as wl
     from bench.tools.scale_profile import in_process_worker
@@ -93,7 +93,7 @@ def run(events: int, seed: int) -> dict:
     count("put_changes", "changes", lambda a: 1, lambda a: len(a[2]))
     count("put_outbox", "outbox", lambda a: 1, lambda a: len(a[2]))
     try:
-        with in_process_worker("wattr") as (worker, cfg, _tmp):
+        with in_process_worker("wattr", overrides) as (worker, cfg, _tmp):
             shard = worker.shard
             before = _pages(shard)
             real_commit = saved["commit"]
@@ -155,8 +155,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--events", "-n", type=int, default=200_000)
     ap.add_argument("--seed", type=int, default=11)
+    ap.add_argument("--seq-checkpoint-rows", type=int, default=None,
+                    help="gate.seq_checkpoint_rows (default: the config's)")
     a = ap.parse_args(argv)
-    r = run(a.events, a.seed)
+    r = run(a.events, a.seed, None if a.seq_checkpoint_rows is None else
+            {"gate.seq_checkpoint_rows": a.seq_checkpoint_rows})
     print(f"{r['records']:,} records in {r['transactions']} transactions, "
           f"{r['cpu_us']:.1f} µs CPU per record")
     print("\n| table | modelled bytes written per record |\n|---|---:|")
