@@ -1388,9 +1388,13 @@ class Snapshot:
                    if name.startswith("dedup.") and db is not None)
 
     def entries_of(self) -> dict[str, int]:
-        """Entries per database of this snapshot that exists."""
-        return {name: self.txn.stat(db)["entries"] for name, db in self._db.items()
-                if db is not None}
+        """Entries per database of this snapshot that exists (``seq``: the streams, the
+        sequence log overlaid; ``seq_log``: its records)."""
+        out = {name: self.txn.stat(db)["entries"] for name, db in self._db.items()
+               if db is not None}
+        if "seq" in out and self._db.get("seq_log") is not None:
+            out["seq"] = self.seq_entries()
+        return out
 
     def names(self) -> list[str]:
         """The named databases of the shard (the main database's keys)."""

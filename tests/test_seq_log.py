@@ -123,6 +123,7 @@ def test_readers_see_the_log_overlaid(shard):
                 for k, v in snap.seq_rows(gk(2, 0)[:2])} == \
             {gk(2, 1): [4, "a", 0], gk(2, 2): [6, "a", 0]}
         assert snap.seq_entries() == 3 and snap.entries("seq") == 2
+        assert snap.entries_of()["seq"] == 3  # what `aggregator stats` shows
     finally:
         snap.close()
 
