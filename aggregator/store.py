@@ -37,7 +37,7 @@ Format 4 (this build) is format 3 with the sequence log: a worker's commit appen
 ``seq`` rows as one ``seq_log`` record (sequential key: appended pages, ~32 bytes per row)
 instead of putting them at random keys of ``seq``; once the rows logged since the last
 checkpoint reach ``gate.seq_checkpoint_rows``, a batch's transaction also checkpoints: the
-latest row of every stream logged since goes into ``seq`` in one sorted putmulti and the log
+latest row of every stream logged since goes into ``seq`` in one putmulti and the log
 is emptied (mdb_drop), so ``seq`` pages are rewritten once per checkpoint, not once per
 commit. A stream's row is the one of the log if it has one (the later record, and the later
 entry in a record, wins), else the one of ``seq``: every reader overlays the log (the worker
@@ -284,10 +284,11 @@ def seq_log_rows(txn, db) -> tuple[dict[bytes, bytes], int, int]:
 
 def write_seq_checkpoint(txn, seq_db, log_db, rows: dict[bytes, bytes]) -> None:
     """A checkpoint of the sequence log in `txn`: `rows` (the latest row of every stream
-    logged since the last checkpoint) into ``seq`` in one sorted putmulti, and the log
+    logged since the last checkpoint) into ``seq`` in one putmulti, and the log
     emptied (mdb_drop of its pages: they go to the free list, no entry is visited)."""
-    if rows:
-        txn.cursor(db=seq_db).putmulti(sorted(rows.items()))
+    if rows:  # in the map's order: sorting the keys first cost more CPU than it saved in
+        # LMDB (30k rows into a 200k-row table: sort 12-36 ms + putmulti 17 ms, unsorted 23 ms)
+        txn.cursor(db=seq_db).putmulti(rows.items())
     txn.drop(log_db, delete=False)
 
 

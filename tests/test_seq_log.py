@@ -1,5 +1,5 @@
 """The sequence log of format 4 (store.py): each commit's dirty seq rows appended as one
-``seq_log`` record, checkpointed into ``seq`` (one sorted putmulti, the log dropped) in the
+``seq_log`` record, checkpointed into ``seq`` (one putmulti, the log dropped) in the
 transaction of a batch; every reader sees ``seq`` with the log overlaid."""
 
 from __future__ import annotations
