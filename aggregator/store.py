@@ -1288,11 +1288,12 @@ class Snapshot:
     """One read transaction (a consistent snapshot) over named databases; a database that
     does not exist (yet) reads as empty. Closed by its owner: it pins its pages."""
 
-    __slots__ = ("txn", "_db", "_pool", "_index", "_logged")
+    __slots__ = ("txn", "_db", "_pool", "_index", "_logged", "_logged_slots")
 
     def __init__(self, txn, dbs: dict, pool: dict | None = None):
         self.txn, self._db, self._pool = txn, dbs, pool or {}
         self._logged: dict[bytes, bytes] | None = None
+        self._logged_slots: dict[bytes, list[tuple[bytes, bytes]]] | None = None
         raw = self.get("meta", b"dedup_index")
         self._index = [] if raw is None else _unpack(raw)
 
@@ -1336,8 +1337,14 @@ class Snapshot:
     def seq_rows(self, prefix: bytes = b"") -> Iterator[tuple[bytes, bytes]]:
         """(key, SEQ_ROW) of the streams whose key starts with `prefix`, in key order:
         ``seq`` with the sequence log overlaid (what a worker reads)."""
-        logged = self.seq_logged()
-        extra = sorted((k, v) for k, v in logged.items() if k.startswith(prefix))
+        if len(prefix) == 2:  # a slot (the reshard): the logged rows indexed by slot once
+            if self._logged_slots is None:
+                self._logged_slots = {}
+                for k, v in self.seq_logged().items():
+                    self._logged_slots.setdefault(k[:2], []).append((k, v))
+            extra = sorted(self._logged_slots.get(bytes(prefix), ()))
+        else:
+            extra = sorted((k, v) for k, v in self.seq_logged().items() if k.startswith(prefix))
         i = 0
         for k, v in self.rows("seq", prefix):
             k = bytes(k)
