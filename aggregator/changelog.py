@@ -124,14 +124,16 @@ class CapturingBatch(Batch):
                 for skey in cur.iternext_dup():
                     self.log.append((DEDUP, bytes(skey), None))
 
+    # cluster mode writes seq rows straight into ``seq`` (`Batch.write_seqs`), not through
+    # the sequence log: the restore and the task drop write that table as it is (RawWrite)
     def put_seq(self, gkey: bytes, last: int, topic: str, partition: int) -> None:
         # the changelog keeps format 1's portable row (topic by name): shards number their
         # topics each their own way (store.py, meta seq_topics)
-        super().put_seq(gkey, last, topic, partition)
+        self.write_seqs([(gkey, last, topic, partition)])
         self.log.append((SEQ, gkey, _pack([last, topic, partition])))
 
     def put_seqs(self, rows: list[tuple[bytes, int, str, int]]) -> None:
-        super().put_seqs(rows)
+        self.write_seqs(rows)
         self.log.extend((SEQ, gkey, _pack([last, topic, partition]))
                         for gkey, last, topic, partition in rows)
 

@@ -474,6 +474,8 @@ class GateConfig(BaseModel):
     gap_timeout_ms: Int = Field(30_000, ge=1)
     gap_policy: Literal["skip", "dead-letter"] = "skip"
     max_cached_keys: Int = Field(200_000, ge=1)  # sequence states kept in memory per worker
+    # rows in the sequence log after which a commit checkpoints them into seq (store.py)
+    seq_checkpoint_rows: Int = Field(32_768, ge=1)
 
     @model_validator(mode="after")
     def _totals(self) -> GateConfig:

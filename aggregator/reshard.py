@@ -5,7 +5,8 @@ exists. Every per-key LMDB key starts with its 2-byte slot (routing.py), so slot
 whole from old shard `s % N` to new shard `s % M`. Per table:
 
 - ``views``, ``parked``: copied slot by slot, unchanged (documents keep their version and
-  parked events move with their stream); ``seq`` rows too, their topic index translated to
+  parked events move with their stream); ``seq`` rows too (with the sequence log of format 4
+  overlaid), their topic index translated to
   the new shard's topic table (meta ``seq_topics``: the old shards' tables merged).
 - dedup ids: copied slot by slot; generations are shifted so that every old shard's current
   bloom generation becomes the new current one G = max over old shards (so one merged shard
@@ -308,7 +309,17 @@ class _Old:
         return self.snap.get(table, key) if self.present else None
 
     def entries(self, table: str) -> int:
-        return self.snap.entries(table) if self.present else 0
+        """Rows of a table (``seq``: the streams, the sequence log overlaid)."""
+        if not self.present:
+            return 0
+        return self.snap.seq_entries() if table == "seq" else self.snap.entries(table)
+
+    def seq_rows(self, prefix: bytes):
+        """(key, seq row) of the streams in a slot: ``seq`` with the sequence log overlaid
+        (format 4; older formats have no log)."""
+        if not self.present:
+            return iter(())
+        return self.snap.seq_rows(prefix)
 
     def close(self) -> None:
         if self.present:
@@ -565,7 +576,7 @@ class Resharder:
                                 continue
                             w.put("dedup", k, gen)
                     elif table == "seq":
-                        for k, v in olds[src].rows(table, slot_prefix(s)):
+                        for k, v in olds[src].seq_rows(slot_prefix(s)):
                             n += 1
                             w.put("seq", k, olds[src].seq_row(v))
                     else:

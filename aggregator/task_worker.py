@@ -72,6 +72,9 @@ class TaskWorker(Worker):
 
     def _boot_tasks(self) -> None:
         cfg = self.cfg
+        # cluster mode writes seq rows without the sequence log (changelog.CapturingBatch):
+        # the rows a non-cluster run left logged go into seq first
+        self.shard.fold_seq_log()
         self.tasks = self.key_owners = cfg.cluster.tasks
         self.TT = len(self.topics)  # the tasks topic's partitions are (topic index TT, task)
         self.topics.append(cfg.tasks_topic())

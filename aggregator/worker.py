@@ -635,7 +635,10 @@ class Worker(DedupStage, GateStage, RouteStage, LinksStage):
                 row = batch.get_seq(g)
                 tp = (row[1], row[2]) if row is not None else ("", -1)
             rows.append((g, last, tp[0], tp[1]))
-        batch.put_seqs(rows)
+        batch.put_seqs(rows)  # one appended seq_log record (store.py)
+        if batch.seq_log_rows >= self.cfg.gate.seq_checkpoint_rows:
+            batch.checkpoint_seqs()  # the logged rows into seq, the log emptied
+            fault_point("seq_checkpoint")  # checkpoint written, not committed
         for (ti, part), off in self.attempt.through.items():
             batch.put_offset(self.topics[ti], part, off)
         if self.publisher is not None:

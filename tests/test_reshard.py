@@ -28,7 +28,7 @@ from aggregator.doc_codec import unpack_record
 from aggregator.forwards import decode as decode_forward
 from aggregator.plan import ViewPlan
 from aggregator.routing import SLOTS, slot_of
-from aggregator.store import TOTALS, Shard, shard_path
+from aggregator.store import TOTALS, Shard, parse_seq_value, shard_path
 from tests import test_worker
 from tests.test_worker import (
     Cluster,
@@ -113,6 +113,8 @@ class Snapshot:
         self.pending: dict[tuple[str, str], int] = {}  # forwarded updates not yet applied
         self.meta: list[dict] = []
         self.totals: list[dict] = []  # each shard's meta "totals" (store.TOTALS)
+        self.seq: dict[bytes, list] = {}  # stream -> [last, topic, partition], log overlaid
+        self.logged = 0  # seq rows in the shards' sequence logs (not checkpointed)
         shards = sorted(data_dir.glob("shard-*"), key=lambda p: int(p.name[6:]))
         self.n = len(shards)
         plan = ViewPlan(cfg, {v: i for i, v in enumerate(cfg.views)})
@@ -135,6 +137,10 @@ class Snapshot:
                     assert doc not in self.docs, f"{doc} in shards {self.owner[doc]} and {i}"
                     self.docs[doc] = unpack_record(v)
                     self.owner[doc] = i
+            for k, v in s.seq_rows():
+                assert int.from_bytes(k[:2], "big") % self.n == i and k not in self.seq
+                self.seq[k] = parse_seq_value(v, s.seq_topics)
+            self.logged += s.seq_logged
             self.offsets.append(s.offsets())
             st = s.stat()
             self.parked += st["parked"]
@@ -174,6 +180,8 @@ def check_reshard(before: Snapshot, after: Snapshot, stats, m: int) -> None:
     # links and outbox start again from 0: nothing is pending between the new shards
     assert after.pending == {} and all(x["link_out"] == {} for x in after.meta)
     assert after.parked == before.parked == stats.parked
+    # every stream's sequence row, the old shards' logs overlaid, in the new seq tables
+    assert after.seq == before.seq and after.logged == 0
     # no change event lost: the old unpublished ones, plus one per applied forwarded update
     assert stats.changes == before.unpublished
     assert after.unpublished == before.unpublished + stats.forwarded
@@ -208,10 +216,18 @@ def do_reshard(cfg, data_dir: Path, m: int):
 # ---- 4 → 7 → 2 → 4 ---------------------------------------------------------------------------
 
 
-def test_reshard_4_7_2_4_keeps_everything_exact(tmp_path, clusters, workload, oracle):
+@pytest.mark.parametrize("ckpt", [32_768, 60], ids=["seq-logged", "seq-checkpointed"])
+def test_reshard_4_7_2_4_keeps_everything_exact(tmp_path, clusters, workload, oracle, ckpt):
+    """`ckpt` (gate.seq_checkpoint_rows): every sequence row still in the shards' logs (the
+    default, for this workload), or checkpoints every few batches (rows in both places)."""
     data = tmp_path / "data"
     published: list = []
     offsets: dict = {}
+    base = clusters
+
+    def clusters(data, n, published, offsets, overrides=None):
+        return base(data, n, published, offsets,
+                    {"gate.seq_checkpoint_rows": ckpt, **(overrides or {})})
     c = clusters(data, 4, published, offsets)
     recs = c.ring_records(workload.records)
     q = len(recs) // 4
@@ -232,6 +248,7 @@ def test_reshard_4_7_2_4_keeps_everything_exact(tmp_path, clusters, workload, or
 
     before, after, stats = do_reshard(c.cfg, data, 7)
     assert stats.forwarded > 0 and stats.changes > 0 and stats.parked == 2
+    assert before.logged > 0 and len(before.seq) > before.logged * (ckpt < 1000)
     assert any(len({o.get(tp) for o in before.offsets}) > 1 for tp in before.offsets[0]), \
         "the old through-offsets should differ"
     resh_docs = {d: after.docs[d]["d"] for d in after.docs if "resh" in d[1]}

@@ -89,27 +89,34 @@ def test_check_layout_refuses_another_format(shard):
         shard.check_layout(shard=0, workers=1, slots=4096)
 
 
-def test_a_format2_shard_is_stamped_3_and_read_as_it_is(tmp_path):
-    """Format 3 only adds the "j" form of views records: a format-2 shard (all "d") opens as
-    it is, is stamped 3 (a format-2 build then refuses it) and needs no migration."""
+@pytest.mark.parametrize("fmt", [2, 3])
+def test_an_older_shard_is_stamped_and_read_as_it_is(tmp_path, fmt):
+    """Format 3 only added the "j" form of views records, format 4 the sequence log: a
+    format-2 or format-3 shard (all "d", seq rows only in seq, no seq_log database) opens as
+    it is, is stamped 4 (an older build then refuses it) and needs no migration."""
     from aggregator.reshard import needs_migration
     from aggregator.store import FORMATS_IN_PLACE, view_key
 
-    assert FORMAT_VERSION == 3 and FORMATS_IN_PLACE == (2,)
+    assert FORMAT_VERSION == 4 and FORMATS_IN_PLACE == (2, 3)
     s = Shard(tmp_path / "shard-0", sync=False)
     s.check_layout(shard=0, workers=1, slots=4096)
-    s.put_meta(format=2)
+    s.put_meta(format=fmt)
     dkey = view_key(b"\0\1", 0, "k")
-    with s.env.begin(write=True, db=s.db["views"]) as txn:  # a record as format 2 wrote it
-        txn.put(dkey, msgpack.packb({"v": 3, "d": {"a": [1, 2]}, "s": {"src": [3, None]}}))
+    with s.env.begin(write=True) as txn:  # a record and a seq row as format 2/3 wrote them
+        txn.put(dkey, msgpack.packb({"v": 3, "d": {"a": [1, 2]}, "s": {"src": [3, None]}}),
+                db=s.db["views"])
+        txn.put(gk(1, 1), SEQ_ROW.pack(9, 0, 2), db=s.db["seq"])
+        txn.put(b"seq_topics", msgpack.packb(["t"]), db=s.db["meta"])
+        txn.drop(s.db["seq_log"], delete=True)  # older builds had no such database
     s.close()
     assert not needs_migration(tmp_path)
     s = Shard(tmp_path / "shard-0", sync=False)
     s.check_layout(shard=0, workers=1, slots=4096)
-    assert s.get_meta("format") == 3
+    assert s.get_meta("format") == 4
     b = s.begin()
     try:
         assert b.get_doc(dkey) == {"v": 3, "d": {"a": [1, 2]}, "s": {"src": [3, None]}}
+        assert b.get_seq(gk(1, 1)) == [9, "t", 2]
     finally:
         b.abort()
     s.close()
@@ -345,6 +352,8 @@ def test_seq_round_trip(shard):
     b = shard.begin()
     assert b.get_seq(gk(7, 3)) == [-1, "", -1]  # no topic known (a gap expired alone)
     assert b.get_seq(gk(7, 4)) == [2, "t2", 0]
+    assert b.txn.get(gk(7, 4), db=shard.db["seq"]) is None  # logged, not checkpointed
+    b.checkpoint_seqs()
     raw = b.txn.get(gk(7, 4), db=shard.db["seq"])
     assert len(raw) == SEQ_ROW.size == 14
     b.abort()

@@ -9,8 +9,9 @@ record of each, on the same batch, in one run.
   _publish.pack_blob;
 - ``dedup_keys``: dedup keys of a batch (slot prefix + identity hash) and the bloom input —
   `routing.identity_hash` per event (the former DedupStage) vs _core.dedup_keys;
-- ``put_seqs``: a commit's dirty seq rows, `Batch.put_seq` per row vs `Batch.put_seqs`
-  (one cursor putmulti);
+- ``put_seqs``: a commit's dirty seq rows, `Batch.write_seqs` (one putmulti at random keys
+  of ``seq``: what format 3 did per commit, and cluster mode still does) vs `Batch.put_seqs`
+  (format 4: one appended ``seq_log`` record; its checkpoints are not in this figure);
 - ``gate_batch``: the gate stage's inputs (gate keys, sequences, strict modes, the streams'
   topic/partition, the first topic of each key) — built event by event as the former
   GateStage._gate_apply did vs _core.gate_batch;
@@ -136,10 +137,9 @@ def bench_dedup(run, n, rnd, repeat):
 
             rows = [(k, rnd.randrange(1, 10**6), "orders", rnd.randrange(8)) for k in skeys]
 
-            def seq_one_by_one():  # the former Batch.put_seqs
+            def seq_direct():  # format 3's Batch.put_seqs, now Batch.write_seqs
                 b = shard.begin()
-                for row in rows:
-                    b.put_seq(*row)
+                b.write_seqs(rows)
                 b.txn.abort()
 
             def seq_many():
@@ -147,7 +147,7 @@ def bench_dedup(run, n, rnd, repeat):
                 b.put_seqs(rows)
                 b.txn.abort()
 
-            run("put_seqs", seq_one_by_one, seq_many)
+            run("put_seqs", seq_direct, seq_many)
         finally:
             shard.close()
 

@@ -5,7 +5,8 @@ it stored, to compare two builds (or the compiled and the pure core) on the same
 
 Prints the process CPU per record of `Worker.process` (5,000-record batches, one worker, a
 real LMDB shard, as bench.tools.scale_profile) and sha256 prefixes of the views (read_views),
-the seq rows and dedup log, the dedup index (each generation's ids, sorted) and the change
+the seq rows (with the sequence log overlaid: the same digest whether a row was checkpointed
+or not) and dedup log, the dedup index (each generation's ids, sorted) and the change
 outbox records (seq, view, key, version, data). Two builds that store the same state print
 the same digests. Run a build from another tree with ``PYTHONPATH=<tree>`` from that tree.
 """
@@ -26,12 +27,13 @@ from bench.tools.scale_profile import BATCH, batches, in_process_worker
 
 def digests(shard) -> dict[str, str]:
     seq = hashlib.sha256()
+    for k, v in shard.seq_rows():  # seq with the sequence log overlaid (format 4)
+        seq.update(b"seq" + k + v)
     with shard.env.begin() as txn:
-        for name in ("seq", "dedup_log"):
-            db = shard.db.get(name)
-            if db is not None:
-                for k, v in txn.cursor(db=db):
-                    seq.update(name.encode() + bytes(k) + bytes(v))
+        db = shard.db.get("dedup_log")
+        if db is not None:
+            for k, v in txn.cursor(db=db):
+                seq.update(b"dedup_log" + bytes(k) + bytes(v))
     dedup = hashlib.sha256()
     for gen, hashes in shard.dedup_generations():
         ids = sorted(hashes[i:i + 16] for i in range(0, len(hashes), 16))

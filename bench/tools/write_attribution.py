@@ -12,7 +12,13 @@ table's pages before the transaction (`txn.stat`) and what the transaction wrote
 - random-key tables (views, seq, the current dedup generation): u writes into a table of L
   leaf pages touch L * (1 - (1 - 1/L)**u) distinct leaves (each a 4 KiB page copied and
   written once per transaction), plus the branch pages above them (counted whole);
-- append-only blobs (change events, forwarded-update outbox, dedup log): their bytes.
+- append-only blobs (change events, forwarded-update outbox, dedup log, sequence log):
+  their bytes;
+- ``seq``: written by the checkpoints of the sequence log (format 4), u = the streams a
+  checkpoint writes.
+
+The transactions that checkpoint the sequence log are also reported on their own (their
+measured write_bytes and CPU, and the modelled seq pages they dirty) next to the others.
 
 The model's sum is printed next to the measured write_bytes: what the model leaves out is
 LMDB's free-page list and meta pages, and the file system's own writes.
@@ -48,7 +54,7 @@ def _pages(shard) -> dict[str, tuple[int, int]]:
     return out
 
 
-def run(events: int, seed: int) -> dict:
+def run(events: int, seed: int, overrides: dict | None = None) -> dict:
     from aggregator import store
     from bench import workload as wl
     from bench.tools.scale_profile import in_process_worker
@@ -69,27 +75,46 @@ def run(events: int, seed: int) -> dict:
         setattr(store.Batch, name, counted)
 
     saved = {n: getattr(store.Batch, n) for n in
-             ("put_doc", "put_seqs", "mark_seen_many", "put_changes", "put_outbox", "commit")}
+             ("put_doc", "put_seqs", "checkpoint_seqs", "mark_seen_many", "put_changes",
+              "put_outbox", "commit")}
     count("put_doc", "views", lambda a: 1)
-    count("put_seqs", "seq", lambda a: len(a[0]))
+    count("put_seqs", "seq_log", lambda a: 0, lambda a: store.SEQ_LOG_ENTRY * len(a[0]))
+    ckpt_rows: list[int] = []  # streams written by each checkpoint of this transaction
+
+    def checkpoint(self):
+        n = saved["checkpoint_seqs"](self)
+        writes["seq"] += n
+        ckpt_rows.append(n)
+        return n
+    store.Batch.checkpoint_seqs = checkpoint
+    per_txn: list[tuple[bool, int, float, float]] = []  # (checkpoint?, write_bytes, cpu s,
+    # modelled seq bytes)
     count("mark_seen_many", "dedup", lambda a: len(a[0]), lambda a: 16 * len(a[0]))
     count("put_changes", "changes", lambda a: 1, lambda a: len(a[2]))
     count("put_outbox", "outbox", lambda a: 1, lambda a: len(a[2]))
     try:
-        with in_process_worker("wattr") as (worker, cfg, _tmp):
+        with in_process_worker("wattr", overrides) as (worker, cfg, _tmp):
             shard = worker.shard
             before = _pages(shard)
             real_commit = saved["commit"]
 
+            seq_model = [0.0]
+
             def commit(self):
                 nonlocal before
                 real_commit(self)
+                seq_model[0] = 0.0
                 for t in RANDOM:
                     leaves, branches = before[t]
                     u = writes.pop(t, 0)
                     if u and leaves:
                         touched = leaves * (1 - (1 - 1 / leaves) ** u) + branches
                         model[t] += touched * PAGE
+                        if t == "seq":
+                            seq_model[0] = touched * PAGE
+                    elif u and t == "seq":  # the first checkpoint: a new table, u rows
+                        seq_model[0] = u * 40 / 0.75  # key, row, node header; fill
+                        model[t] += seq_model[0]
                 writes.clear()
                 before = _pages(shard)
             store.Batch.commit = commit
@@ -104,8 +129,12 @@ def run(events: int, seed: int) -> dict:
                 txns.append(cur)
             wb0, c0 = _write_bytes(), time.process_time()
             for group in txns:
+                ckpt_rows.clear()
+                w0, t0 = _write_bytes(), time.process_time()
                 worker.process([msgpack.unpackb(m, raw=False, strict_map_key=False)
                                 for m in group], [])
+                per_txn.append((bool(ckpt_rows), _write_bytes() - w0,
+                                time.process_time() - t0, seq_model[0]))
             shard.sync()
             measured, cpu = _write_bytes() - wb0, time.process_time() - c0
             final = _pages(shard)
@@ -113,20 +142,24 @@ def run(events: int, seed: int) -> dict:
         for n, f in saved.items():
             setattr(store.Batch, n, f)
     records = len(msgs) * 100
-    for t in ("changes", "outbox"):
+    for t in ("changes", "outbox", "seq_log"):
         model[t] = blob_bytes[t]
     model["dedup log (ids)"] = blob_bytes["dedup"]
     return {"records": records, "transactions": len(txns), "cpu_us": cpu / records * 1e6,
             "measured": measured / records, "model": {t: b / records for t, b in model.items()},
-            "final_pages": final}
+            "final_pages": final, "per_txn": per_txn,
+            "checkpoint_rows": worker.cfg.gate.seq_checkpoint_rows}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--events", "-n", type=int, default=200_000)
     ap.add_argument("--seed", type=int, default=11)
+    ap.add_argument("--seq-checkpoint-rows", type=int, default=None,
+                    help="gate.seq_checkpoint_rows (default: the config's)")
     a = ap.parse_args(argv)
-    r = run(a.events, a.seed)
+    r = run(a.events, a.seed, None if a.seq_checkpoint_rows is None else
+            {"gate.seq_checkpoint_rows": a.seq_checkpoint_rows})
     print(f"{r['records']:,} records in {r['transactions']} transactions, "
           f"{r['cpu_us']:.1f} µs CPU per record")
     print("\n| table | modelled bytes written per record |\n|---|---:|")
@@ -137,6 +170,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| measured (/proc/self/io write_bytes) | {r['measured']:,.0f} |")
     print("\npages at the end (leaf+overflow, branch): "
           + ", ".join(f"{t} {lp:,}/{bp:,}" for t, (lp, bp) in r["final_pages"].items()))
+    print(f"\ntransactions (gate.seq_checkpoint_rows = {r['checkpoint_rows']:,}):\n"
+          "| | n | write_bytes mean / max (MiB) | CPU mean / max (ms) | seq pages (model) |\n"
+          "|---|---:|---:|---:|---:|")
+    for name, ck in (("with a seq checkpoint", True), ("the others", False)):
+        xs = [x for x in r["per_txn"] if x[0] == ck]
+        if not xs:
+            continue
+        wb, cpu, sm = [x[1] for x in xs], [x[2] for x in xs], [x[3] for x in xs]
+        print(f"| {name} | {len(xs)} | {sum(wb) / len(xs) / 2**20:.1f} / {max(wb) / 2**20:.1f} "
+              f"| {sum(cpu) / len(xs) * 1e3:.0f} / {max(cpu) * 1e3:.0f} "
+              f"| {sum(sm) / len(xs) / PAGE:,.0f} |")
     return 0
 
 

@@ -197,3 +197,43 @@ def test_workers_killed_in_the_middle_of_a_generation_drop(chaos):
         w.stats["duplicates"] + len(w.events) - len(applied), got
     print(f"kills at dedup_drop: {kills}; totals: {got}")
     report.assert_ok()
+
+
+SMALL_SEQ_LOG = """
+[gate]
+seq_checkpoint_rows = 300
+"""
+
+
+def test_workers_killed_in_the_middle_of_a_seq_checkpoint(chaos):
+    """A small sequence log (a checkpoint every 300 logged rows) makes every worker
+    checkpoint its seq rows every few commits; each worker process SIGKILLs itself at its
+    2nd checkpoint, inside the batch transaction that writes it (fault point
+    ``seq_checkpoint``), so its replacement reads the log back, redoes the batch and dies at
+    its next checkpoint. Then a restart without faults: the views (in order per stream: a
+    lost or stale sequence row would apply events twice or park them) and the totals are
+    exact."""
+    w = simulate.generate(25, TOTALS_EVENTS)
+    run = chaos(w, name="kill workers in a seq checkpoint").produce()
+    svc = run.start(extra=SMALL_SEQ_LOG, env={"AGGREGATOR_FAULTS": "seq_checkpoint=2"})
+    t0 = time.monotonic()
+    while run.committed_total() < run.total():
+        run._check_alive()
+        assert time.monotonic() - t0 < 300, f"no end\n{svc.log()[-3000:]}"
+        time.sleep(0.2)
+    kills = svc.log().count("exited with code -9")
+    pids = svc.worker_pids()
+    svc.kill()
+    _wait_gone(pids)
+    run.report.faults.append(Fault("workers SIGKILLed at seq_checkpoint", t0, f"{kills} kills"))
+    assert kills >= 2, svc.log()[-3000:]
+    run.start(extra=SMALL_SEQ_LOG)
+    run.svc.wait_workers(2)
+    report = run.finish()
+    applied = simulate.applied_events(w)
+    got = shard_totals(run.data_dir)
+    assert got["applied"] == len(applied), got
+    assert got["duplicates"] + got["stale"] == \
+        w.stats["duplicates"] + len(w.events) - len(applied), got
+    print(f"kills at seq_checkpoint: {kills}; totals: {got}")
+    report.assert_ok()
