@@ -594,6 +594,27 @@ class Shard:
             self.live = _live_tables(txn, live, self.dedup_index)
         return sum(len(t) for t in self.live.values()), moved
 
+    def close_live_dedup(self) -> int:
+        """The way back for a writer of format 3's hot key (the cluster mode's task worker
+        on a shard a worker wrote): the unsealed ids of dedup_live go under their
+        generation's HOT key and dedup_live is emptied, in one transaction. Returns the ids
+        moved."""
+        live = self.db["dedup_live"]
+        moved = 0
+        with self.env.begin(write=True) as txn:
+            if not txn.stat(live)["entries"]:
+                return 0
+            below = dict(self.dedup_index)
+            for gen, ids in list(_live_entries(txn, live, self.dedup_index)):
+                keys = [(HOT, k) for k in (ids[i:i + LIVE_REC]
+                                           for i in range(0, len(ids), LIVE_REC))
+                        if key_slot(k) >= below[gen]]
+                txn.cursor(db=self.dedup_db(gen)).putmulti(keys, dupdata=True)
+                moved += len(keys)
+            txn.drop(live, delete=False)
+        self.live = None
+        return moved
+
     def dedup_log_after(self, after: int) -> Iterator[tuple[int, int, bytes]]:
         """(log seq, generation, identity hashes) of the dedup log with seq > after."""
         db = self.db.get("dedup_log")

@@ -177,3 +177,74 @@ def test_a_kill_before_the_commit_leaves_an_exact_index(make_cluster, workload, 
     assert len(ids) == len(set(ids))
     c.feed(c.ring_records(workload.records[:600]), random.Random(10))
     assert_views(c.views(), oracle)
+
+
+def _keys(n: int, rng: random.Random) -> list[bytes]:
+    return [rng.randrange(1 << 16).to_bytes(2, "big") + rng.randbytes(16) for _ in range(n)]
+
+
+def test_store_round_trip_hot_to_live_and_back(tmp_path):
+    """Shard level: ids marked seen under HOT (format 3), moved to dedup_live by
+    open_live_dedup, new ones appended there (and seen within and after their batch), a
+    generation sealed from its table and its entries pruned, then moved back under HOT by
+    close_live_dedup (the cluster mode's writer): every id is seen by each, once."""
+    rng = random.Random(1)
+    path = tmp_path / "shard-0"
+    s = Shard(path, sync=False)
+    old = _keys(3000, rng)
+    b = s.begin()
+    b.mark_seen_many(old, 0)
+    b.commit()
+    assert _hot_ids(s) == 3000
+    assert s.open_live_dedup() == (3000, 3000)
+    assert _hot_ids(s) == 0
+    new = _keys(2000, rng)
+    b = s.begin()
+    b.mark_seen_many(new[:1000], 1)
+    assert b.seen(new[0]) and b.seen(old[0]) and not b.seen(new[1500])
+    b.abort()  # nothing of it stays
+    b = s.begin()
+    assert not b.seen(new[0])
+    b.mark_seen_many(new, 1)
+    assert b.seal_dedup(1, 500) >= 500  # generation 0 from its table
+    b.commit()
+    b = s.begin()
+    assert all(b.seen(k) for k in old + new)
+    assert not any(b.seen(k) for k in _keys(200, rng))
+    while b.seal_dedup(1, 500):
+        pass
+    b.commit()
+    assert dict(s.dedup_index)[0] == SLOTS_ALL and 0 not in s.live
+    assert {g for g, _ in _live_entries(s)} == {1}  # generation 0's entries pruned
+    assert sorted(h for _, h in s.dedup_entries()) == sorted(k[2:] for k in old + new)
+    s.close()
+    s = Shard(path, sync=False)
+    assert s.close_live_dedup() == 2000
+    assert _hot_ids(s) == 2000 and not _live_entries(s)
+    b = s.begin()
+    assert all(b.seen(k) for k in old + new)
+    b.abort()
+    assert s.open_live_dedup() == (2000, 2000)
+    s.close()
+
+
+def test_the_reference_table_and_the_compiled_one_store_the_same(make_cluster, workload,
+                                                                 oracle, monkeypatch):
+    """The workload through a small window (rotations, seals, drops) once with the compiled
+    table and once with idtable_ref's: the same dedup index, totals and views."""
+    from aggregator import _idtable, idtable_ref
+
+    out = []
+    for i, impl in enumerate((_idtable.IdTable, idtable_ref.IdTable)):
+        monkeypatch.setattr(store_mod, "IdTable", impl)
+        c = make_cluster(1, sub=f"d{i}", overrides=SMALL)
+        c.feed(c.ring_records(workload.records), random.Random(12), max_batch=70)
+        c.feed(c.ring_records(workload.records[-900:]), random.Random(13), max_batch=70)
+        w = c.workers[0]
+        assert all(type(t) is impl for t in w.shard.live.values())
+        out.append((sorted(w.shard.dedup_entries()), w.shard.totals(),
+                    [list(e) for e in w.shard.dedup_index]))
+        assert_views(c.views(), oracle)
+    assert out[0][0] == out[1][0] and out[0][2] == out[1][2]
+    assert {k: v for k, v in out[0][1].items() if k != "since"} == \
+        {k: v for k, v in out[1][1].items() if k != "since"}

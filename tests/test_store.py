@@ -95,7 +95,7 @@ def test_a_format2_shard_is_stamped_3_and_read_as_it_is(tmp_path):
     from aggregator.reshard import needs_migration
     from aggregator.store import FORMATS_IN_PLACE, view_key
 
-    assert FORMAT_VERSION == 3 and FORMATS_IN_PLACE == (2,)
+    assert FORMAT_VERSION == 4 and FORMATS_IN_PLACE == (2, 3)
     s = Shard(tmp_path / "shard-0", sync=False)
     s.check_layout(shard=0, workers=1, slots=4096)
     s.put_meta(format=2)
@@ -106,7 +106,7 @@ def test_a_format2_shard_is_stamped_3_and_read_as_it_is(tmp_path):
     assert not needs_migration(tmp_path)
     s = Shard(tmp_path / "shard-0", sync=False)
     s.check_layout(shard=0, workers=1, slots=4096)
-    assert s.get_meta("format") == 3
+    assert s.get_meta("format") == FORMAT_VERSION
     b = s.begin()
     try:
         assert b.get_doc(dkey) == {"v": 3, "d": {"a": [1, 2]}, "s": {"src": [3, None]}}

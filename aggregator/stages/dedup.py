@@ -64,6 +64,8 @@ class DedupStage:
             n, moved = shard.open_live_dedup()
             live = f"; {n} unsealed ids in memory" + (f" ({moved} moved from the hot key)"
                                                       if moved else "")
+        elif shard.close_live_dedup():
+            live = "; the unsealed ids of dedup_live moved to the hot key"
         self.shard_token = shard.get_meta("shard_token")
         if self.shard_token is None:
             self.shard_token = os.urandom(16).hex()
