@@ -928,7 +928,8 @@ class _IndexWrites:
 class Batch(_IndexWrites):
     """One write transaction: everything a batch changes, committed at once or not at all."""
 
-    __slots__ = ("shard", "txn", "_db", "_seen", "_live_new", "_live_seq", "_dx", "_topics")
+    __slots__ = ("shard", "txn", "_db", "_seen", "_live_new", "_live_seq", "_pending", "_dx",
+                 "_topics")
 
     def __init__(self, shard: Shard):
         self.shard = shard
@@ -939,6 +940,7 @@ class Batch(_IndexWrites):
         self._live_new: dict[int, list[bytes]] = {}  # generation -> unsealed ids marked
         # seen (runs of S + hash), for dedup_live and the shard's tables (shard.live only)
         self._live_seq = shard.live_seq
+        self._pending: dict[int, list] = {}  # _pending_has: this transaction's ids, as a set
         self._init_index()
         mine = shard.writer_epoch
         if mine is not None:  # fencing: one get per transaction (see Shard.claim_writer)
@@ -1009,13 +1011,18 @@ class Batch(_IndexWrites):
         new.append(b"".join(skeys))
 
     def _pending_has(self, generation: int, skey: bytes) -> bool:
-        for run in self._live_new.get(generation, ()):
-            i = run.find(skey)
-            while i >= 0:
-                if i % LIVE_REC == 0:
-                    return True
-                i = run.find(skey, i + 1)
-        return False
+        runs = self._live_new.get(generation)
+        if not runs:
+            return False
+        pend = self._pending  # generation -> (runs read, their ids): built on demand
+        got = pend.get(generation)
+        if got is None:
+            got = pend[generation] = [0, set()]
+        if got[0] < len(runs):
+            for run in runs[got[0]:]:
+                got[1].update(run[i:i + LIVE_REC] for i in range(0, len(run), LIVE_REC))
+            got[0] = len(runs)
+        return skey in got[1]
 
     def _put_hot(self, skeys: list[bytes], generation: int) -> None:
         """Format 3's write of new ids: random inserts under HOT (cluster mode, tools)."""
@@ -1161,7 +1168,7 @@ class Batch(_IndexWrites):
                 t = tables[gen] = IdTable()
             for run in runs:
                 t.add(run)
-        self._live_new = {}
+        self._live_new, self._pending = {}, {}
         unsealed = {g for g, below in shard.dedup_index if below < SLOTS_ALL}
         for gen in [g for g in tables if g not in unsealed]:
             del tables[gen]
@@ -1285,7 +1292,7 @@ class Batch(_IndexWrites):
 
     def abort(self) -> None:
         self._dx = self._topics = None
-        self._live_new = {}
+        self._live_new, self._pending = {}, {}
         try:
             self.txn.abort()
         except lmdb.Error:
