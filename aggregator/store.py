@@ -1120,7 +1120,7 @@ class Batch(_IndexWrites):
 
     def _seal_live(self, generation: int, budget: int) -> int:
         """seal_dedup of format 4: the slice comes from the generation's table (sorted);
-        dedup_live keeps the ids until the generation is sealed whole (`_prune_live`). A
+        dedup_live keeps the ids until the generation is sealed whole (`_write_live`). A
         generation this transaction marked ids in waits for the next one (the tables take
         them at the commit)."""
         if generation in self._live_new:

@@ -98,9 +98,11 @@ def _seal(shard, current: int) -> None:
         try:
             moved = b.seal_dedup(current, 200_000)
             b.commit()
-        except BaseException:
+        except Exception as e:  # noqa: BLE001 - MapFullError: grow and redo
             b.abort()
-            raise
+            if "MDB_MAP_FULL" not in str(e) or not shard.grow():
+                raise
+            continue
         if not moved and all(e[1] >= 1 << 16 for e in shard.dedup_index if e[0] < current):
             return
 
