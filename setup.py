@@ -1,6 +1,6 @@
 """Build the compiled extensions ``aggregator._core``, ``aggregator._envelope``,
-``aggregator._frames``, ``aggregator._merge``, ``aggregator._route``, ``aggregator._forwards``
-and ``aggregator._publish`` (Cython); metadata lives in pyproject.toml.
+``aggregator._frames``, ``aggregator._merge``, ``aggregator._route``, ``aggregator._forwards``,
+``aggregator._publish`` and ``aggregator._idtable`` (Cython); metadata lives in pyproject.toml.
 
 The extensions are mandatory: a Cython or C compile error fails the build (no optional
 extension, no silent pure-Python install). ``AGGREGATOR_CYTHON_TRACE=1`` makes a debug
@@ -80,6 +80,13 @@ extensions = [
         define_macros=macros,
         extra_compile_args=compile_args,
         libraries=["dl"],
+    ),
+    # the unsealed dedup ids of a worker (idtable.py chooses between it and idtable_ref)
+    Extension(
+        "aggregator._idtable",
+        ["aggregator/_idtable.pyx"],
+        define_macros=macros,
+        extra_compile_args=compile_args,
     ),
 ]
 

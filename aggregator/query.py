@@ -124,8 +124,9 @@ class ShardReader:
         tables = tuple(n for n in names or () if not n.startswith("dedup."))
         entries = self.read(tables, lambda snap: snap.entries_of())
         if entries is not None and names and any(n.startswith("dedup.") for n in names):
-            entries["dedup"] = self.read(tuple(n for n in names if n.startswith("dedup.")),
-                                         lambda snap: snap.dedup_entries())
+            entries["dedup"] = self.read(  # with the unsealed ids of dedup_live (format 4)
+                (*(n for n in names if n.startswith("dedup.")), "dedup_live", "meta"),
+                lambda snap: snap.dedup_entries())
         with self._lock:
             opened = self._reader.info()
             if entries is None or opened is None:

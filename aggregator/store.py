@@ -30,10 +30,16 @@ changes        first change seq (8) + last (8)        one commit's change events
                                                       ms, json?] (one change event)
 dedup_log      log seq (8)                            generation (8) + identity hashes
                                                       (16 each): the ids a batch added
+dedup_live     entry seq (8)                          generation (8) + S + identity hash
+                                                      (18 each): a batch's ids of a
+                                                      generation not sealed yet (format 4)
 meta           name                                   msgpack value
 =============  =====================================  ====================================
 
-Format 4 (this build) is format 3 with the sequence log: a worker's commit appends its dirty
+Format 4 (this build) is format 3 with two appended tables in place of random-key writes
+per event: the sequence log and the unsealed dedup ids.
+
+The sequence log: a worker's commit appends its dirty
 ``seq`` rows as one ``seq_log`` record (sequential key: appended pages, ~32 bytes per row)
 instead of putting them at random keys of ``seq``; once the rows logged since the last
 checkpoint reach ``gate.seq_checkpoint_rows``, a batch's transaction also checkpoints: the
@@ -48,6 +54,20 @@ folds a log left by a non-cluster run at boot (`Shard.fold_seq_log`). Formats 2 
 ``seq_log``, every row in ``seq``) are read as they are and stamped 4 when a worker opens
 them (`Shard.check_layout`), so that an older build then refuses the directory ("data format
 4") instead of missing the logged rows.
+
+The unsealed dedup ids are in ``dedup_live`` instead of
+under the generations' HOT key: a batch appends its new ids (S + hash, in its own
+transaction, one entry per generation), the worker keeps each unsealed generation's ids in
+memory (idtable.py: a compact open-addressing table, 22-34 bytes per id, read from
+``dedup_live`` at boot) and confirms a "maybe" of the bloom filter there, and
+`Batch.seal_dedup` appends the generation's ids to SEALED in slot order from that table (in
+slices, ``sealed_below`` as in format 2); once a generation is sealed whole or dropped, its
+``dedup_live`` entries are deleted from the front and its table freed. No random-key write
+per new id is left. A format-3 shard is read as it is and stamped 4 when a worker opens it;
+the worker's boot moves whatever is under HOT (format 3's unsealed ids, a reshard's or
+restore's output) into ``dedup_live`` in one transaction (`Shard.open_live_dedup`). HOT stays
+readable and writable: the cluster mode's task workers (their changelog captures the
+writes), `RawWrite.set_seen` (reshard, restore) and tools write there.
 
 Format 3 is format 2 with the ``"j"`` form of ``views`` records (below) and ``outbox`` rows
 of forwards.py's binary format 2 (format-1 msgpack rows are still read); a format-2 shard's
@@ -110,6 +130,7 @@ instead of a transaction, before it writes anything.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import errno
 import itertools
@@ -124,6 +145,7 @@ import msgpack
 
 from .datadir import FILE_MODE
 from .doc_codec import json_body, pack_record, record_live, unpack_record
+from .idtable import IdTable
 from .residency import MapResidency
 
 log = logging.getLogger(__name__)
@@ -131,10 +153,12 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 4
 FORMATS_IN_PLACE = (2, 3)  # read as they are; stamped FORMAT_VERSION when a worker opens them
 _DBS = ("views", "seq", "seq_log", "parked", "offsets", "links", "outbox", "changes",
-        "dedup_log", "meta")
+        "dedup_log", "dedup_live", "meta")
 FORMAT1_DBS = ("dedup", "dedup_gen")  # format 1's dedup index (read by the migration only)
 DEDUP_POOL = 66  # dedup.<g % DEDUP_POOL>: more than dedup.bloom_generations (<= 64) + 1
 HOT, SEALED = b"h", b"s"  # the two keys of a generation's database (format 2 above)
+LIVE_REC = 18  # a dedup_live id: S + identity hash
+LIVE_CHUNK = 1 << 16  # ids per dedup_live entry written by the boot's move of HOT ids
 SLOTS_ALL = 1 << 16  # sealed_below of a fully sealed generation (above every slot)
 SEQ_ROW = struct.Struct(">qHi")  # last applied sequence, topic index, partition
 SEQ_KEY_BYTES = 18  # a seq key: slot prefix (2) + gate hash (16)
@@ -367,6 +391,10 @@ class Shard:
             _allocate_lock_file(self.path / "lock.mdb")
         self.env = self._open_env()
         self._open_dbs()
+        # the unsealed dedup ids of each generation (format 4), once the worker opened them
+        # (open_live_dedup); None: they are written under HOT (cluster mode, tools)
+        self.live: dict[int, IdTable] | None = None
+        self.live_seq = 0  # last dedup_live key written
         # a writer's budget for the map pages resident in this process (0: none; residency.py)
         self.residency: MapResidency | None = None
         if resident_bytes > 0 and not readonly:
@@ -574,32 +602,90 @@ class Shard:
 
     def dedup_entries(self) -> Iterator[tuple[int, bytes]]:
         """(generation, identity hash) of the dedup index, oldest generation first (in a
-        generation: sealed ids, then hot ones)."""
+        generation: sealed ids, then hot ones, then the unsealed ones of dedup_live)."""
         with self.env.begin() as txn:
-            for gen, _ in self.dedup_index:
+            tables = _live_tables(txn, self.db.get("dedup_live"), self.dedup_index)
+            for gen, below in self.dedup_index:
                 cur = txn.cursor(db=self.dedup_db(gen))
                 for key in (SEALED, HOT):
                     if cur.set_key(key):
                         for v in cur.iternext_dup():
                             yield gen, v[2:]
+                if gen in tables:
+                    hashes = tables[gen].hashes(below)
+                    for i in range(0, len(hashes), 16):
+                        yield gen, hashes[i:i + 16]
 
     def dedup_generations(self) -> Iterator[tuple[int, bytes]]:
         """(generation, its identity hashes joined, 16 bytes each): the boot's rebuild of the
         bloom filter, in one call per generation."""
         with self.env.begin() as txn:
-            for gen, _ in self.dedup_index:
+            tables = (self.live if self.live is not None else
+                      _live_tables(txn, self.db.get("dedup_live"), self.dedup_index))
+            for gen, below in self.dedup_index:
                 cur = txn.cursor(db=self.dedup_db(gen))
                 parts = []
                 for key in (SEALED, HOT):
                     if cur.set_key(key):
                         parts.extend(v[2:] for v in cur.iternext_dup())
+                if gen in tables:
+                    parts.append(tables[gen].hashes(below))
                 if parts:
                     yield gen, b"".join(parts)
 
     def dedup_count(self) -> int:
-        """Ids in the dedup index."""
+        """Ids in the dedup index (the unsealed ids of dedup_live included)."""
         with self.env.begin() as txn:
-            return sum(txn.stat(self.dedup_db(g))["entries"] for g, _ in self.dedup_index)
+            n = sum(txn.stat(self.dedup_db(g))["entries"] for g, _ in self.dedup_index)
+            return n + _live_count(txn, self.db.get("dedup_live"), self.dedup_index)
+
+    def open_live_dedup(self) -> tuple[int, int]:
+        """The writer's switch to format 4's unsealed dedup ids (the worker, at boot): the
+        ids still under HOT (a format-3 shard, a reshard's or restore's output) move into
+        dedup_live entries in one transaction (a kill before its commit leaves them under
+        HOT, and the next boot moves them), then every unsealed generation's ids are read
+        into its `IdTable`. Returns (ids in the tables, ids moved from HOT)."""
+        moved = 0
+        live = self.db["dedup_live"]
+        with self.env.begin(write=True) as txn:
+            cur = txn.cursor(db=live)
+            seq = _U64.unpack(cur.key())[0] if cur.last() else 0
+            for gen, below in self.dedup_index:
+                dcur = txn.cursor(db=self.dedup_db(gen))
+                if not dcur.set_key(HOT):
+                    continue
+                ids = [v for v in dcur.iternext_dup() if key_slot(v) >= below]
+                for i in range(0, len(ids), LIVE_CHUNK):
+                    seq += 1
+                    txn.put(_U64.pack(seq), _U64.pack(gen) + b"".join(ids[i:i + LIVE_CHUNK]),
+                            db=live, append=True)
+                moved += len(ids)
+                txn.delete(HOT, db=self.dedup_db(gen))  # the key with all its duplicates
+            self.live_seq = seq
+        with self.env.begin() as txn:
+            self.live = _live_tables(txn, live, self.dedup_index)
+        return sum(len(t) for t in self.live.values()), moved
+
+    def close_live_dedup(self) -> int:
+        """The way back for a writer of format 3's hot key (the cluster mode's task worker
+        on a shard a worker wrote): the unsealed ids of dedup_live go under their
+        generation's HOT key and dedup_live is emptied, in one transaction. Returns the ids
+        moved."""
+        live = self.db["dedup_live"]
+        moved = 0
+        with self.env.begin(write=True) as txn:
+            if not txn.stat(live)["entries"]:
+                return 0
+            below = dict(self.dedup_index)
+            for gen, ids in list(_live_entries(txn, live, self.dedup_index)):
+                keys = [(HOT, k) for k in (ids[i:i + LIVE_REC]
+                                           for i in range(0, len(ids), LIVE_REC))
+                        if key_slot(k) >= below[gen]]
+                txn.cursor(db=self.dedup_db(gen)).putmulti(keys, dupdata=True)
+                moved += len(keys)
+            txn.drop(live, delete=False)
+        self.live = None
+        return moved
 
     def dedup_log_after(self, after: int) -> Iterator[tuple[int, int, bytes]]:
         """(log seq, generation, identity hashes) of the dedup log with seq > after."""
@@ -665,7 +751,8 @@ class Shard:
                 out[name] = txn.stat(db)["entries"]
             if "dedup" not in self.db:
                 out["dedup"] = sum(txn.stat(self.dedup_db(g))["entries"]
-                                   for g, _ in self.dedup_index)
+                                   for g, _ in self.dedup_index) + _live_count(
+                    txn, self.db.get("dedup_live"), self.dedup_index)
         return out
 
     def dedup_bytes(self) -> tuple[int, int]:
@@ -780,6 +867,40 @@ def _allocate_map(path: Path, size: int) -> None:
         os.close(fd)
 
 
+def _live_entries(txn, db, index: list) -> Iterator[tuple[int, bytes]]:
+    """(generation, S + hash ids joined) of the dedup_live entries of the unsealed generations
+    of `index`."""
+    if db is None:
+        return
+    unsealed = {g for g, below in index if below < SLOTS_ALL}
+    for _, v in txn.cursor(db=db):
+        gen = _U64.unpack(v[:8])[0]
+        if gen in unsealed:
+            yield gen, bytes(v[8:])
+
+
+def _live_tables(txn, db, index: list) -> dict[int, IdTable]:
+    """The unsealed ids of each generation of `index` (dedup_live) in an IdTable."""
+    tables: dict[int, IdTable] = {}
+    for gen, ids in _live_entries(txn, db, index):
+        t = tables.get(gen)
+        if t is None:
+            t = tables[gen] = IdTable()
+        t.add(ids)
+    return tables
+
+
+def _live_count(txn, db, index: list) -> int:
+    """Unsealed ids of dedup_live not yet under SEALED (the slots from sealed_below on)."""
+    below = dict(index)
+    n = 0
+    for gen, ids in _live_entries(txn, db, index):
+        b = below[gen]
+        n += sum(1 for i in range(0, len(ids), LIVE_REC) if key_slot(ids[i:i + 2]) >= b) \
+            if b > 0 else len(ids) // LIVE_REC
+    return n
+
+
 class _IndexWrites:
     """What `Batch` and `RawWrite` share: the dedup index and the seq topic table of format 2,
     changed in the transaction and adopted by the shard when it commits."""
@@ -829,10 +950,21 @@ class _IndexWrites:
 
     def seen(self, skey: bytes) -> bool:
         slot = key_slot(skey)
+        live = self.shard.live
         for gen, sealed_below in self._index():
+            if live is not None and slot >= sealed_below:  # unsealed: the generation's table
+                t = live.get(gen)
+                if (t is not None and skey in t) or self._pending_has(gen, skey):
+                    return True
+                continue
             cur = self.txn.cursor(db=self.shard.dedup_db(gen))
             if cur.set_key_dup(SEALED if slot < sealed_below else HOT, skey):
                 return True
+        return False
+
+    def _pending_has(self, generation: int, skey: bytes) -> bool:
+        """Whether this transaction marked `skey` seen in `generation` (format 4's unsealed
+        ids: the tables take them at the commit)."""
         return False
 
     def _topic_index(self, topic: str) -> int:
@@ -869,8 +1001,8 @@ class _IndexWrites:
 class Batch(_IndexWrites):
     """One write transaction: everything a batch changes, committed at once or not at all."""
 
-    __slots__ = ("shard", "txn", "_db", "_seen", "_dx", "_topics", "_seqp", "_seq_next",
-                 "_seq_n", "_seq_ckpt")
+    __slots__ = ("shard", "txn", "_db", "_seen", "_live_new", "_live_seq", "_pending", "_dx",
+                 "_topics", "_seqp", "_seq_next", "_seq_n", "_seq_ckpt")
 
     def __init__(self, shard: Shard):
         self.shard = shard
@@ -878,6 +1010,10 @@ class Batch(_IndexWrites):
         self._db = shard.db
         self._seen: dict[int, list[bytes]] = {}  # generation -> hashes marked seen (runs
         # of 16-byte hashes, in the order they were marked)
+        self._live_new: dict[int, list[bytes]] = {}  # generation -> unsealed ids marked
+        # seen (runs of S + hash), for dedup_live and the shard's tables (shard.live only)
+        self._live_seq = shard.live_seq
+        self._pending: dict[int, list] = {}  # _pending_has: this transaction's ids, as a set
         self._init_index()
         self._init_seq_log()
         mine = shard.writer_epoch
@@ -907,7 +1043,10 @@ class Batch(_IndexWrites):
 
     # dedup index (seen: _IndexWrites)
     def mark_seen(self, skey: bytes, generation: int) -> None:
-        self._put_seen(skey, generation)
+        if self.shard.live is not None:
+            self._mark_live([skey], generation)
+        else:
+            self._put_seen(skey, generation)
         seen = self._seen.get(generation)
         if seen is None:
             seen = self._seen[generation] = []
@@ -920,16 +1059,53 @@ class Batch(_IndexWrites):
         caller has them (core.dedup_keys)."""
         if not skeys:
             return
+        if self.shard.live is not None:
+            self._mark_live(skeys, generation)
+        else:
+            self._put_hot(skeys, generation)
+        seen = self._seen.get(generation)
+        if seen is None:
+            seen = self._seen[generation] = []
+        seen.append(b"".join([k[2:] for k in skeys]) if hashes is None else hashes)
+
+    def _mark_live(self, skeys: list[bytes], generation: int) -> None:
+        """Format 4: unsealed ids go to dedup_live at the commit (appended, `_write_live`)
+        and into the generation's table after it; an id of a slot already sealed (not the
+        current generation: a rare case) goes under SEALED at once, as `_put_seen`."""
+        below = self._entry(generation)[1]
+        if below > 0:
+            sealed = [k for k in skeys if key_slot(k) < below]
+            if sealed:
+                self.txn.cursor(db=self.shard.dedup_db(generation)).putmulti(
+                    [(SEALED, k) for k in sealed], dupdata=True)
+                skeys = [k for k in skeys if key_slot(k) >= below]
+        new = self._live_new.get(generation)
+        if new is None:
+            new = self._live_new[generation] = []
+        new.append(b"".join(skeys))
+
+    def _pending_has(self, generation: int, skey: bytes) -> bool:
+        runs = self._live_new.get(generation)
+        if not runs:
+            return False
+        pend = self._pending  # generation -> (runs read, their ids): built on demand
+        got = pend.get(generation)
+        if got is None:
+            got = pend[generation] = [0, set()]
+        if got[0] < len(runs):
+            for run in runs[got[0]:]:
+                got[1].update(run[i:i + LIVE_REC] for i in range(0, len(run), LIVE_REC))
+            got[0] = len(runs)
+        return skey in got[1]
+
+    def _put_hot(self, skeys: list[bytes], generation: int) -> None:
+        """Format 3's write of new ids: random inserts under HOT (cluster mode, tools)."""
         below = self._entry(generation)[1]
         if below <= 0:  # nothing sealed in this generation (the current one, as a rule)
             items = zip(itertools.repeat(HOT), skeys)
         else:  # under SEALED or HOT by slot, as _put_seen
             items = [(SEALED if key_slot(k) < below else HOT, k) for k in skeys]
         self.txn.cursor(db=self.shard.dedup_db(generation)).putmulti(items, dupdata=True)
-        seen = self._seen.get(generation)
-        if seen is None:
-            seen = self._seen[generation] = []
-        seen.append(b"".join([k[2:] for k in skeys]) if hashes is None else hashes)
 
     @property
     def seen_count(self) -> int:
@@ -992,6 +1168,8 @@ class Batch(_IndexWrites):
                 break
         else:
             return 0
+        if self.shard.live is not None:
+            return self._seal_live(e[0], budget)
         e = next(x for x in self._index_w() if x[0] == e[0])
         db = self.shard.dedup_db(e[0])
         cur = self.txn.cursor(db=db)
@@ -1013,6 +1191,61 @@ class Batch(_IndexWrites):
                 cur.delete()  # the first duplicate left: the next one moves up
         e[1] = last + 1 if cur.set_key(HOT) else SLOTS_ALL
         return moved
+
+    def _seal_live(self, generation: int, budget: int) -> int:
+        """seal_dedup of format 4: the slice comes from the generation's table (sorted);
+        dedup_live keeps the ids until the generation is sealed whole (`_write_live`). A
+        generation this transaction marked ids in waits for the next one (the tables take
+        them at the commit)."""
+        if generation in self._live_new:
+            return 0
+        table = self.shard.live.get(generation)
+        e = next(x for x in self._index_w() if x[0] == generation)
+        if table is None:
+            e[1] = SLOTS_ALL
+            return 0
+        keys, e[1] = table.seal_slice(e[1], budget)
+        cur = self.txn.cursor(db=self.shard.dedup_db(generation))
+        for i in range(0, len(keys), LIVE_REC):
+            v = keys[i:i + LIVE_REC]
+            if not cur.put(SEALED, v, dupdata=True, append=True):
+                cur.put(SEALED, v, dupdata=True)  # a sealed-range id written out of order
+        return len(keys) // LIVE_REC
+
+    def _write_live(self) -> None:
+        """Before the commit: this transaction's unsealed ids appended to dedup_live (one
+        entry per generation), and the entries of generations sealed or dropped pruned from
+        the front (entries come in generation order, save those a boot moved from HOT)."""
+        live = self._db["dedup_live"]
+        seq = self.shard.live_seq
+        for gen in sorted(self._live_new):
+            ids = b"".join(self._live_new[gen])
+            if ids:
+                seq += 1
+                self.txn.put(_U64.pack(seq), _U64.pack(gen) + ids, db=live, append=True)
+        if self._dx is not None:
+            unsealed = {g for g, below in self._dx if below < SLOTS_ALL}
+            cur = self.txn.cursor(db=live)
+            while cur.first() and _U64.unpack(cur.value()[:8])[0] not in unsealed:
+                cur.delete()
+        self._live_seq = seq
+
+    def _adopt_live(self) -> None:
+        """After the commit: the shard's tables take this transaction's unsealed ids; the
+        tables of generations sealed whole or dropped are freed."""
+        shard = self.shard
+        shard.live_seq = self._live_seq
+        tables = shard.live
+        for gen, runs in self._live_new.items():
+            t = tables.get(gen)
+            if t is None:
+                t = tables[gen] = IdTable()
+            for run in runs:
+                t.add(run)
+        self._live_new, self._pending = {}, {}
+        unsealed = {g for g, below in shard.dedup_index if below < SLOTS_ALL}
+        for gen in [g for g in tables if g not in unsealed]:
+            del tables[gen]
 
     # sequences (the log: see the format notes) and parked events
     def _init_seq_log(self) -> None:
@@ -1178,15 +1411,21 @@ class Batch(_IndexWrites):
     def commit(self) -> None:
         """Commit; raises lmdb.MapFullError (the caller aborts, grows and retries), or a
         data-disk error (see storage_errno); either way nothing of the transaction is kept."""
+        live = self.shard.live is not None
+        if live:
+            self._write_live()
         self._write_index()
         self.txn.commit()
         self._adopt_index()
         self._adopt_seq_log()
+        if live:
+            self._adopt_live()
         self.shard.after_commit()
 
     def abort(self) -> None:
         self._dx = self._topics = None
         self._seqp, self._seq_n, self._seq_ckpt = {}, 0, False
+        self._live_new, self._pending = {}, {}
         try:
             self.txn.abort()
         except lmdb.Error:
@@ -1288,7 +1527,7 @@ class Snapshot:
     """One read transaction (a consistent snapshot) over named databases; a database that
     does not exist (yet) reads as empty. Closed by its owner: it pins its pages."""
 
-    __slots__ = ("txn", "_db", "_pool", "_index", "_logged", "_logged_slots")
+    __slots__ = ("txn", "_db", "_pool", "_index", "_logged", "_logged_slots", "_live")
 
     def __init__(self, txn, dbs: dict, pool: dict | None = None):
         self.txn, self._db, self._pool = txn, dbs, pool or {}
@@ -1296,6 +1535,21 @@ class Snapshot:
         self._logged_slots: dict[bytes, list[tuple[bytes, bytes]]] | None = None
         raw = self.get("meta", b"dedup_index")
         self._index = [] if raw is None else _unpack(raw)
+        self._live: dict[int, list[bytes]] | None = None  # dedup_rows: unsealed ids, sorted
+
+    def _live_sorted(self) -> dict[int, list[bytes]]:
+        """Per unsealed generation, its ids of dedup_live not yet under SEALED, sorted (read
+        once, for dedup_rows' slot by slot calls)."""
+        if self._live is None:
+            below = dict(self._index)
+            out: dict[int, set[bytes]] = {}
+            for gen, ids in _live_entries(self.txn, self._db.get("dedup_live"), self._index):
+                b = below[gen]
+                out.setdefault(gen, set()).update(
+                    k for k in (ids[i:i + LIVE_REC] for i in range(0, len(ids), LIVE_REC))
+                    if key_slot(k) >= b)
+            self._live = {g: sorted(ids) for g, ids in out.items()}
+        return self._live
 
     def seq_topics(self) -> list[str]:
         raw = self.get("meta", b"seq_topics")
@@ -1323,6 +1577,12 @@ class Snapshot:
                     yield bytes(v), gen
                     if not cur.next_dup():
                         break
+            ids = self._live_sorted().get(gen)
+            if ids:
+                i = bisect.bisect_left(ids, prefix)
+                while i < len(ids) and ids[i].startswith(prefix):
+                    yield ids[i], gen
+                    i += 1
 
     def get(self, table: str, key: bytes) -> bytes | None:
         db = self._db.get(table)
@@ -1387,13 +1647,15 @@ class Snapshot:
         db = self._db.get(table)
         if db is None and table == "dedup":
             return sum(self.txn.stat(self._pool[g % DEDUP_POOL])["entries"]
-                       for g, _ in self._index if g % DEDUP_POOL in self._pool)
+                       for g, _ in self._index if g % DEDUP_POOL in self._pool) + _live_count(
+                self.txn, self._db.get("dedup_live"), self._index)
         return 0 if db is None else self.txn.stat(db)["entries"]
 
     def dedup_entries(self) -> int:
         """Ids in the dedup index, from the databases this snapshot opened (format 2)."""
         return sum(self.txn.stat(db)["entries"] for name, db in self._db.items()
-                   if name.startswith("dedup.") and db is not None)
+                   if name.startswith("dedup.") and db is not None) + _live_count(
+            self.txn, self._db.get("dedup_live"), self._index)
 
     def entries_of(self) -> dict[str, int]:
         """Entries per database of this snapshot that exists (``seq``: the streams, the

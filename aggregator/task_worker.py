@@ -70,6 +70,8 @@ _CONTROL = (MSG_RESTORE, MSG_DROP)
 class TaskWorker(Worker):
     """A worker in cluster mode (see the module docstring)."""
 
+    LIVE_DEDUP = False  # new dedup ids under the hot key, as the changelog captures them
+
     def _boot_tasks(self) -> None:
         cfg = self.cfg
         # cluster mode writes seq rows without the sequence log (changelog.CapturingBatch):

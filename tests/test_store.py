@@ -112,7 +112,7 @@ def test_an_older_shard_is_stamped_and_read_as_it_is(tmp_path, fmt):
     assert not needs_migration(tmp_path)
     s = Shard(tmp_path / "shard-0", sync=False)
     s.check_layout(shard=0, workers=1, slots=4096)
-    assert s.get_meta("format") == 4
+    assert s.get_meta("format") == FORMAT_VERSION
     b = s.begin()
     try:
         assert b.get_doc(dkey) == {"v": 3, "d": {"a": [1, 2]}, "s": {"src": [3, None]}}

@@ -2,7 +2,8 @@
 
 The bloom filter answers "definitely new" for most events; a "maybe" is confirmed against
 the exact LMDB index (store.Batch.seen), so a false positive never drops a new event. An id
-marked seen goes into the batch's transaction, and with it into the dedup log
+marked seen goes into the batch's transaction (appended to dedup_live while its generation is
+not sealed: store.py, format 4), and with it into the dedup log
 (bloom_snapshot.py): a boot restores the saved filter plus the log after it, or rebuilds the
 filter from the whole index. After a rollback the filter keeps what the failed attempt added;
 the retry only looks those up (`_bloom_again`) and lets the exact index decide.
@@ -45,13 +46,26 @@ class AlwaysMaybe:
 
 class DedupStage:
     """Worker methods of the dedup stage (the state: `bloom`, `snap_seq`, `dedup_log_*`).
-    The filter itself comes from `Worker._new_bloom` (the core the worker module chose)."""
+    The filter itself comes from `Worker._new_bloom` (the core the worker module chose).
+
+    `LIVE_DEDUP`: the ids of the generations not sealed yet are appended to dedup_live and
+    confirmed from in-memory tables (store.py, format 4); the cluster mode's task worker
+    keeps format 3's HOT inserts (its changelog captures them)."""
+
+    LIVE_DEDUP = True
 
     def _load_bloom(self) -> None:
         """The bloom filter at boot: the saved one plus the dedup log after it, or else
         rebuilt from the whole dedup index (bloom_snapshot.py says when which)."""
         t0 = time.monotonic()
         shard = self.shard
+        live = ""
+        if self.LIVE_DEDUP:
+            n, moved = shard.open_live_dedup()
+            live = f"; {n} unsealed ids in memory" + (f" ({moved} moved from the hot key)"
+                                                      if moved else "")
+        elif shard.close_live_dedup():
+            live = "; the unsealed ids of dedup_live moved to the hot key"
         self.shard_token = shard.get_meta("shard_token")
         if self.shard_token is None:
             self.shard_token = os.urandom(16).hex()
@@ -80,6 +94,7 @@ class DedupStage:
         self.bloom_saved = gen_meta  # bloom_generation as stored in meta
         self.bloom_dropped = -1  # newest generation dropped from the filter, not yet pruned
         self.ids_unsaved = self._bloom_loaded if self.snap_seq is None else 0
+        self._bloom_how += live
         self._bloom_s = time.monotonic() - t0
 
     def save_bloom(self) -> None:

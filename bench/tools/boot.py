@@ -46,9 +46,12 @@ def _config(data_dir: Path, capacity: int):
                               "dedup.bloom_capacity": capacity}, env={})
 
 
-def prepare(data_dir: Path, ids: int, capacity: int, generations: int) -> None:
+def prepare(data_dir: Path, ids: int, capacity: int, generations: int,
+            seal: bool = True) -> None:
     """A shard with `ids` dedup ids over consecutive generations (the newest partly full),
-    as the worker writes them (store.py: the dedup index of the build that runs this)."""
+    as the worker writes them (store.py: the dedup index of the build that runs this); with
+    `seal`, each generation sealed once the next one starts (a running worker seals it long
+    before the next one fills), else every id stays where it was first written."""
     from aggregator.store import Shard, shard_path
 
     cfg = _config(data_dir, capacity)
@@ -56,6 +59,8 @@ def prepare(data_dir: Path, ids: int, capacity: int, generations: int) -> None:
                   max_map_size=cfg.service.lmdb_max_map_size, sync=False)
     try:
         shard.check_layout(shard=0, workers=1, slots=_slots())
+        if hasattr(shard, "open_live_dedup"):  # format 4: unsealed ids in dedup_live
+            shard.open_live_dedup()
         rng = os.urandom
         gen = 0
         left = ids
@@ -79,10 +84,27 @@ def prepare(data_dir: Path, ids: int, capacity: int, generations: int) -> None:
             left -= n
             if left > 0 or n == capacity:
                 gen += 1
+                if seal:  # the generations before the current one sealed, as a worker does
+                    _seal(shard, gen)
         shard.put_meta(bloom_generation=gen)
         shard.env.sync(True)
     finally:
         shard.close()
+
+
+def _seal(shard, current: int) -> None:
+    while True:
+        b = shard.begin()
+        try:
+            moved = b.seal_dedup(current, 200_000)
+            b.commit()
+        except Exception as e:  # noqa: BLE001 - MapFullError: grow and redo
+            b.abort()
+            if "MDB_MAP_FULL" not in str(e) or not shard.grow():
+                raise
+            continue
+        if not moved and all(e[1] >= 1 << 16 for e in shard.dedup_index if e[0] < current):
+            return
 
 
 def _slots() -> int:
