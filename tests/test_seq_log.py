@@ -20,18 +20,10 @@ from aggregator.store import (
     parse_seq_value,
     seq_log_rows,
 )
+from tests import test_store
+from tests.test_store import gk
 
-
-def gk(slot: int, n: int) -> bytes:
-    return slot.to_bytes(2, "big") + (n + 1000).to_bytes(16, "big")
-
-
-@pytest.fixture(params=[False, True], ids=["pwrite", "writemap"])
-def shard(tmp_path, request):
-    s = Shard(tmp_path / "shard-0", map_size=16 << 20, max_map_size=64 << 20, sync=False,
-              writemap=request.param)
-    yield s
-    s.close()
+shard = test_store.shard  # the same fixture: a shard in each LMDB mode (pwrite, writemap)
 
 
 def _commit(shard: Shard, fn):

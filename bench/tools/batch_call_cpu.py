@@ -23,7 +23,7 @@ DEFAULT_CALLS = "put_seqs,checkpoint_seqs,get_seq,commit,put_doc,get_doc,mark_se
 def run(events: int, seed: int, calls: list[str]) -> tuple[int, float, dict[str, float]]:
     from aggregator import store
     from bench import workload as wl
-    from bench.tools.scale_profile import in_process_worker
+    from bench.tools.scale_profile import in_process_worker, transactions
 
     msgs = wl.ring_messages(wl.generate(seed, events), 100, packed=True)
     spent: collections.Counter = collections.Counter()
@@ -43,15 +43,7 @@ def run(events: int, seed: int, calls: list[str]) -> tuple[int, float, dict[str,
         setattr(store.Batch, n, timed(n, saved[n]))
     try:
         with in_process_worker("callcpu") as (worker, cfg, _tmp):
-            txns, cur, size = [], [], 0
-            for m in msgs:
-                cur.append(m)
-                size += len(m)
-                if size >= cfg.service.commit_max_bytes:
-                    txns.append(cur)
-                    cur, size = [], 0
-            if cur:
-                txns.append(cur)
+            txns = transactions(msgs, cfg.service.commit_max_bytes)
             c0 = time.process_time()
             for group in txns:
                 worker.process([msgpack.unpackb(m, raw=False, strict_map_key=False)

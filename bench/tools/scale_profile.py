@@ -37,6 +37,21 @@ def batches(events: int) -> list:
     return wl.ring_messages(wl.generate(11, events), BATCH)
 
 
+def transactions(msgs: list, max_bytes: int) -> list[list]:
+    """Ring messages grouped as a worker's commit window groups them under load: up to
+    `max_bytes` (``service.commit_max_bytes``) of messages per transaction."""
+    txns, cur, size = [], [], 0
+    for m in msgs:
+        cur.append(m)
+        size += len(m)
+        if size >= max_bytes:
+            txns.append(cur)
+            cur, size = [], 0
+    if cur:
+        txns.append(cur)
+    return txns
+
+
 @contextmanager
 def in_process_worker(tag: str, overrides: dict | None = None
                       ) -> Iterator[tuple[Worker, object, str]]:

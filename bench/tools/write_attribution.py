@@ -57,7 +57,7 @@ def _pages(shard) -> dict[str, tuple[int, int]]:
 def run(events: int, seed: int, overrides: dict | None = None) -> dict:
     from aggregator import store
     from bench import workload as wl
-    from bench.tools.scale_profile import in_process_worker
+    from bench.tools.scale_profile import in_process_worker, transactions
 
     msgs = wl.ring_messages(wl.generate(seed, events), 100, packed=True)
     writes: collections.Counter = collections.Counter()  # table -> writes this transaction
@@ -123,15 +123,7 @@ def run(events: int, seed: int, overrides: dict | None = None) -> dict:
                 writes.clear()
                 before = _pages(shard)
             store.Batch.commit = commit
-            txns, cur, size = [], [], 0
-            for m in msgs:
-                cur.append(m)
-                size += len(m)
-                if size >= cfg.service.commit_max_bytes:
-                    txns.append(cur)
-                    cur, size = [], 0
-            if cur:
-                txns.append(cur)
+            txns = transactions(msgs, cfg.service.commit_max_bytes)
             wb0, c0 = _write_bytes(), time.process_time()
             for group in txns:
                 ckpt_rows.clear()

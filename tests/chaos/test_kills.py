@@ -167,15 +167,14 @@ bloom_generations = 2
 """
 
 
-def test_workers_killed_in_the_middle_of_a_generation_drop(chaos):
-    """Fault 3b: a small dedup window (2 generations of 2,500 ids) makes every worker drop a
-    generation every ~2,500 ids; each worker process SIGKILLs itself at its 2nd drop, inside
-    the batch transaction that drops it (fault point ``dedup_drop``), so its replacement
-    redoes that drop and dies at the next one. Then a restart without faults: the views,
-    the dedup (no double apply) and the totals are exact."""
-    w = simulate.generate(24, TOTALS_EVENTS)
-    run = chaos(w, name="kill workers in a dedup generation drop").produce()
-    svc = run.start(extra=SMALL_WINDOW, env={"AGGREGATOR_FAULTS": "dedup_drop=2"})
+def _kill_at_every_second_visit(chaos, seed: int, extra: str, point: str) -> None:
+    """Each worker process SIGKILLs itself at its 2nd visit of fault point `point`, inside
+    the batch transaction, so its replacement redoes that batch and dies at the next visit;
+    then a restart without faults: the views, the dedup (no double apply) and the totals are
+    exact."""
+    w = simulate.generate(seed, TOTALS_EVENTS)
+    run = chaos(w, name=f"kill workers at {point}").produce()
+    svc = run.start(extra=extra, env={"AGGREGATOR_FAULTS": f"{point}=2"})
     t0 = time.monotonic()
     while run.committed_total() < run.total():
         run._check_alive()
@@ -185,9 +184,9 @@ def test_workers_killed_in_the_middle_of_a_generation_drop(chaos):
     pids = svc.worker_pids()
     svc.kill()
     _wait_gone(pids)
-    run.report.faults.append(Fault("workers SIGKILLed at dedup_drop", t0, f"{kills} kills"))
+    run.report.faults.append(Fault(f"workers SIGKILLed at {point}", t0, f"{kills} kills"))
     assert kills >= 2, svc.log()[-3000:]
-    run.start(extra=SMALL_WINDOW)
+    run.start(extra=extra)
     run.svc.wait_workers(2)
     report = run.finish()
     applied = simulate.applied_events(w)
@@ -195,8 +194,15 @@ def test_workers_killed_in_the_middle_of_a_generation_drop(chaos):
     assert got["applied"] == len(applied), got  # a duplicate beyond the window: stale
     assert got["duplicates"] + got["stale"] == \
         w.stats["duplicates"] + len(w.events) - len(applied), got
-    print(f"kills at dedup_drop: {kills}; totals: {got}")
+    print(f"kills at {point}: {kills}; totals: {got}")
     report.assert_ok()
+
+
+def test_workers_killed_in_the_middle_of_a_generation_drop(chaos):
+    """Fault 3b: a small dedup window (2 generations of 2,500 ids) makes every worker drop a
+    generation every ~2,500 ids; each worker process SIGKILLs itself at its 2nd drop, inside
+    the batch transaction that drops it (fault point ``dedup_drop``)."""
+    _kill_at_every_second_visit(chaos, 24, SMALL_WINDOW, "dedup_drop")
 
 
 SMALL_SEQ_LOG = """
@@ -209,31 +215,7 @@ def test_workers_killed_in_the_middle_of_a_seq_checkpoint(chaos):
     """A small sequence log (a checkpoint every 300 logged rows) makes every worker
     checkpoint its seq rows every few commits; each worker process SIGKILLs itself at its
     2nd checkpoint, inside the batch transaction that writes it (fault point
-    ``seq_checkpoint``), so its replacement reads the log back, redoes the batch and dies at
-    its next checkpoint. Then a restart without faults: the views (in order per stream: a
-    lost or stale sequence row would apply events twice or park them) and the totals are
-    exact."""
-    w = simulate.generate(25, TOTALS_EVENTS)
-    run = chaos(w, name="kill workers in a seq checkpoint").produce()
-    svc = run.start(extra=SMALL_SEQ_LOG, env={"AGGREGATOR_FAULTS": "seq_checkpoint=2"})
-    t0 = time.monotonic()
-    while run.committed_total() < run.total():
-        run._check_alive()
-        assert time.monotonic() - t0 < 300, f"no end\n{svc.log()[-3000:]}"
-        time.sleep(0.2)
-    kills = svc.log().count("exited with code -9")
-    pids = svc.worker_pids()
-    svc.kill()
-    _wait_gone(pids)
-    run.report.faults.append(Fault("workers SIGKILLed at seq_checkpoint", t0, f"{kills} kills"))
-    assert kills >= 2, svc.log()[-3000:]
-    run.start(extra=SMALL_SEQ_LOG)
-    run.svc.wait_workers(2)
-    report = run.finish()
-    applied = simulate.applied_events(w)
-    got = shard_totals(run.data_dir)
-    assert got["applied"] == len(applied), got
-    assert got["duplicates"] + got["stale"] == \
-        w.stats["duplicates"] + len(w.events) - len(applied), got
-    print(f"kills at seq_checkpoint: {kills}; totals: {got}")
-    report.assert_ok()
+    ``seq_checkpoint``), so its replacement reads the log back and redoes the batch. The
+    views are exact in order per stream (a lost or stale sequence row would apply events
+    twice or park them)."""
+    _kill_at_every_second_visit(chaos, 25, SMALL_SEQ_LOG, "seq_checkpoint")
