@@ -110,6 +110,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             args.overrides[key.strip()] = tomllib.loads(f"v = {value}")["v"]
         except tomllib.TOMLDecodeError:
             args.overrides[key.strip()] = value
+    if args.overrides:  # a wrong key or value: one line now, not a broken run later
+        from aggregator.config import ConfigError, load_config
+
+        try:
+            load_config(wl.CONFIG_PATH, args.overrides, env={})
+        except ConfigError as e:
+            ap.error(f"--set: {str(e).splitlines()[0]}")
     args.latency_variants = []
     for v in args.latency_fetch_wait_ms.split(","):
         v = v.strip()

@@ -67,22 +67,12 @@ def run_variant(msgs_path: str, writemap: bool, max_bytes: int) -> dict:
     """One variant, in this process (the child)."""
     from aggregator.control import Slot
     from aggregator.store import read_views
-    from bench.tools.scale_profile import in_process_worker
+    from bench.tools.scale_profile import in_process_worker, transactions
     from bench.tools.worker_digest import digests
 
     with open(msgs_path, "rb") as f:
         packed = msgpack.unpackb(f.read(), raw=False)
-    txns: list[list[bytes]] = []
-    cur: list[bytes] = []
-    size = 0
-    for m in packed:
-        cur.append(m)
-        size += len(m)
-        if size >= max_bytes:
-            txns.append(cur)
-            cur, size = [], 0
-    if cur:
-        txns.append(cur)
+    txns = transactions(packed, max_bytes)
     records = len(packed) * MSG_RECORDS
     overrides = {"service.lmdb_writemap": writemap, "service.commit_max_bytes": max_bytes}
     from aggregator import store
