@@ -35,6 +35,7 @@ import argparse
 import cProfile
 import json
 import pstats
+import shutil
 import tempfile
 import time
 import uuid
@@ -232,6 +233,7 @@ def run(fmt: int, rounds: list, profile: cProfile.Profile | None,
                 producer.purge()
             w.close()
         segments.close()
+        shutil.rmtree(tmp, ignore_errors=True)  # a WRITEMAP shard's file takes its whole map
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -200,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
             except subprocess.TimeoutExpired:
                 svc.kill()
         broker.stop()
+        shutil.rmtree(tmp, ignore_errors=True)  # the data dir takes ~1 GB of disk
 
 
 def cycle_stats(result: dict) -> list[dict]:

@@ -53,11 +53,13 @@ def transactions(msgs: list, max_bytes: int) -> list[list]:
 
 
 @contextmanager
-def in_process_worker(tag: str, overrides: dict | None = None
+def in_process_worker(tag: str, overrides: dict | None = None, keep: bool = False
                       ) -> Iterator[tuple[Worker, object, str]]:
     """(worker, config, temp dir): one booted `Worker` of shop.toml owning every slot, on a
     fresh shard in a temp dir, dead letters discarded, the collector tuned as in a worker
-    process; closed afterwards (the change producer purged). `overrides`: more config."""
+    process; closed afterwards (the change producer purged) and the temp dir removed (a
+    WRITEMAP shard's file takes its whole map on disk) unless `keep`, where the caller
+    removes it. `overrides`: more config."""
     tmp = tempfile.mkdtemp(prefix=f"agg-{tag}-")
     cfg = load_config(wl.CONFIG_PATH, {"service.workers": 1, "service.data_dir": tmp + "/data",
                                        "service.ring_bytes": 8 << 20, **(overrides or {})},
@@ -78,6 +80,8 @@ def in_process_worker(tag: str, overrides: dict | None = None
         worker.inbound.close()
         worker.ctl.close()
         segments.close()
+        if not keep:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,11 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--top", type=int, default=22)
     args = ap.parse_args(argv)
     msgs = batches(args.events)
-    with in_process_worker("scale") as (worker, _, tmp):
-        try:
-            return _profile(worker, msgs, args.top)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)  # WRITEMAP: the file takes its whole map
+    with in_process_worker("scale") as (worker, _, _tmp):
+        return _profile(worker, msgs, args.top)
 
 
 def _profile(worker: Worker, msgs: list, top: int) -> int:

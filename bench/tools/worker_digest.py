@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--events", type=int, default=60_000)
     args = ap.parse_args(argv)
     msgs = batches(args.events)
-    with in_process_worker("digest") as (worker, cfg, tmp):
+    with in_process_worker("digest", keep=True) as (worker, cfg, tmp):
         t = time.process_time()
         for m in msgs:
             worker.process([m], [])
