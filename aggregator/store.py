@@ -386,10 +386,19 @@ class Shard:
                              sync=sync, metasync=sync, readahead=False, readonly=readonly,
                              lock=True, max_readers=256, mode=FILE_MODE,
                              writemap=self.writemap)
+        self._unsynced_mark: Path | None = None  # this writer's marker (`_mark_unsynced`)
+        stale: list[Path] = []
         if not readonly:
             self.path.mkdir(parents=True, exist_ok=True)
+            stale = _unsynced_marks(self.path)  # raises after an OS restart (see there)
             _allocate_lock_file(self.path / "lock.mdb")
         self.env = self._open_env()
+        if stale:  # an unsynced writer of this boot died: the page cache has its commits
+            self.env.sync(True)
+            for mark in stale:
+                mark.unlink(missing_ok=True)
+        if not readonly and not sync:
+            self._unsynced_mark = _mark_unsynced(self.path)
         self._open_dbs()
         # the unsealed dedup ids of each generation (format 4), once the worker opened them
         # (open_live_dedup); None: they are written under HOT (cluster mode, tools)
@@ -805,6 +814,11 @@ class Shard:
         log.warning("%s: LMDB environment reopened", self.path)
 
     def close(self) -> None:
+        if self._unsynced_mark is not None:  # a clean close: every commit on disk
+            self.env.sync(True)
+            self._unsynced_mark.unlink(missing_ok=True)
+            _fsync_dir(self.path)
+            self._unsynced_mark = None
         self.env.close()
         if self.residency is not None:
             self.residency.close()
@@ -813,6 +827,78 @@ class Shard:
 @contextlib.contextmanager
 def _no_txn():
     yield None
+
+
+UNSYNCED = "unsynced."  # + the writer's pid: a shard written without fsync per commit
+BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+
+
+def _boot_id() -> str:
+    try:
+        return BOOT_ID.read_text().strip()
+    except OSError:  # not Linux: no way to tell an OS restart from a process restart
+        return ""
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _mark_unsynced(path: Path) -> Path:
+    """Before a writer with ``sync=False`` (service.lmdb_sync = false) commits anything: a
+    durable marker holding this machine's boot id, removed by `Shard.close` after a sync.
+
+    Without fsync a commit is in the page cache only. A process crash loses nothing (the
+    kernel still writes the pages back), but an OS crash or power loss can lose the last
+    commits and, with MDB_WRITEMAP, leave a meta page on disk that points at pages never
+    written (LMDB's documentation of MDB_NOSYNC): the shard may be silently inconsistent.
+    The marker is how the next open tells the two apart (`_unsynced_marks`)."""
+    mark = path / f"{UNSYNCED}{os.getpid()}"
+    with open(mark, "w") as f:
+        f.write(_boot_id() + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(path)
+    return mark
+
+
+def _unsynced_marks(path: Path) -> list[Path]:
+    """The markers of unsynced writers of this boot that are gone (their commits are in the
+    page cache: the caller syncs, then removes them); raises ShardError for a marker of an
+    earlier boot: its writer did not close the shard before the machine went down."""
+    now, stale = _boot_id(), []
+    for mark in sorted(path.glob(UNSYNCED + "*")):
+        try:
+            boot = mark.read_text().strip()
+        except OSError:
+            continue
+        if boot != now or not now:
+            raise ShardError(
+                f"{path}: written with service.lmdb_sync = false by a process that did not "
+                f"close it before the machine restarted (boot id {boot or '?'}, now "
+                f"{now or 'unknown'}): its last commits may be lost and, with lmdb_writemap, "
+                "its pages inconsistent, so the exactly-once state cannot be trusted. "
+                "Restore the shard from a copy, or remove the data directory to rebuild "
+                "(cluster mode restores a removed shard from its changelog); to open it as it "
+                f"is anyway, remove {mark}")
+        pid = mark.name[len(UNSYNCED):]
+        if not (pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid))):
+            stale.append(mark)
+    return stale
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _allocate_lock_file(path: Path) -> None:
