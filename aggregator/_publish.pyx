@@ -9,7 +9,8 @@ used here with dlsym, declared below after librdkafka's rdkafka.h. Nothing links
 at build time, so the wheel's hashed file name never matters.
 
 A blob (changes.py, `pack_blob`) holds a commit's change events with consecutive sequence
-numbers. `BlobProducer.produce` hands those after `sent` to librdkafka with
+numbers; the outbox may store it compressed, and the publisher hands it here as `pack_blob`
+wrote it (changes.open_blob). `BlobProducer.produce` hands those after `sent` to librdkafka with
 `rd_kafka_produceva` (key, value and the CloudEvents headers copied by librdkafka), each
 with its seq as the message opaque, and stops at a full queue. The delivery-report callback
 (run by `rd_kafka_poll`/`rd_kafka_flush` in the calling thread, no Python) marks the seq in
@@ -208,6 +209,7 @@ cdef extern from *:
 
 cdef enum:
     BLOB_FORMAT = 1
+    BLOB_LZ4 = 2  # flag: the body is an LZ4 block (changes.compress_blob; never handed here)
     BLOB_HEAD = 16  # <BBHIq: format, flags, 0, count, ms
     BLOB_REC = 18  # <HIiQ: view id, key length, data length (-1: null), version
     RING = 1 << 18  # delivery flags: more than librdkafka's queue may hold in flight
@@ -340,6 +342,8 @@ cdef class BlobProducer:
         cdef Py_ssize_t size = blob.shape[0]
         if size < BLOB_HEAD or blob[0] != BLOB_FORMAT:
             raise ValueError("not a change outbox blob of format 1")
+        if blob[1] & BLOB_LZ4:
+            raise ValueError("a compressed change outbox blob: changes.open_blob it first")
         cdef const uint8_t *p = &blob[0]
         cdef bint is_json = p[1] & 1
         cdef uint64_t count = _u(p + 4, 4)
