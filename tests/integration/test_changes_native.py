@@ -121,6 +121,25 @@ def test_headers_are_those_of_a_change_event(broker, bootstrap):
     assert "content-type" not in dict(b[2])
 
 
+def test_a_full_producer_queue_loses_and_repeats_nothing(broker, bootstrap):
+    """librdkafka's queue holds 10 messages: most produce calls fail (QUEUE_FULL; the native
+    publisher then frees the headers list it built, as the produce did not take it) and are
+    made again after a poll. Both publishers put the same 300 records on the wire, once."""
+    rows = [(i % 2, f"k{i % 37}", i + 1, b'{"i":%d}' % i if i % 5 else None)
+            for i in range(300)]
+    blob = pack_blob(rows, 1_700_000_000_000, True)
+    got = {}
+    for impl in IMPLS:
+        prefix = unique_name("chg") + "."
+        broker.create_topics([f"{prefix}{v}.changes" for v in VIEWS[:2]], 2)
+        cfg = make_config(bootstrap, prefix, **{"queue.buffering.max.messages": 10,
+                                                "linger.ms": 0})
+        assert publish(impl, cfg, [(1, 300, blob)]) == 300
+        got[impl] = records(bootstrap, prefix)
+    assert got["native"] == got["python"]
+    assert sum(len(rs) for parts in got["native"].values() for rs in parts.values()) == 300
+
+
 @pytest.mark.parametrize("impl", list(IMPLS))
 def test_an_upgraded_outbox_is_published_whole(impl, broker, bootstrap, tmp_path):
     """Format 1 rows (one event each) followed by blobs, read from LMDB after a restart."""
