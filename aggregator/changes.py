@@ -1,9 +1,10 @@
 """Change events: every change of a view document, published through a transactional outbox.
 
 A worker writes the changes of a transaction into its shard's `changes` table in that same
-LMDB transaction, as one blob (`pack_blob`) keyed by the range of per-shard change sequence
-numbers they take. After the commit, a publisher produces the changes in sequence order with
-an idempotent producer and learns which were delivered; the worker prunes a blob in a later
+LMDB transaction, as one blob (`pack_blob`; stored as an LZ4 block when that pays,
+`compress_blob`) keyed by the range of per-shard change sequence numbers they take. After
+the commit, a publisher produces the changes in sequence order with an idempotent producer
+and learns which were delivered; the worker prunes a blob in a later
 transaction once all of it was delivered. Two publishers, with the same records on the wire:
 `NativeChangePublisher` (the default) hands a whole blob to librdkafka in one compiled loop
 (aggregator/_publish.pyx) and tallies the delivery reports in C; `ChangePublisher`, in plain
