@@ -9,8 +9,10 @@ used here with dlsym, declared below after librdkafka's rdkafka.h. Nothing links
 at build time, so the wheel's hashed file name never matters.
 
 A blob (changes.py, `pack_blob`) holds a commit's change events with consecutive sequence
-numbers. `BlobProducer.produce` hands those after `sent` to librdkafka with
-`rd_kafka_produceva` (key, value and the CloudEvents headers copied by librdkafka), each
+numbers; the outbox may store it compressed, and the publisher hands it here as `pack_blob`
+wrote it (changes.open_blob). `BlobProducer.produce` hands those after `sent` to librdkafka with
+`rd_kafka_produceva` (key and value copied by librdkafka; the CloudEvents headers as one list
+built to size, `agg_ce_headers`, which the produce takes over), each
 with its seq as the message opaque, and stops at a full queue. The delivery-report callback
 (run by `rd_kafka_poll`/`rd_kafka_flush` in the calling thread, no Python) marks the seq in
 a ring of flags; `poll()` advances the watermark `delivered` over the marked prefix, so the
@@ -54,7 +56,7 @@ cdef extern from *:
     } agg_msg;                                       /* rd_kafka_message_t */
 
     enum { AGG_V_RKT = 2, AGG_V_VALUE = 4, AGG_V_KEY = 5, AGG_V_OPAQUE = 6,
-           AGG_V_MSGFLAGS = 7, AGG_V_HEADER = 9 };
+           AGG_V_MSGFLAGS = 7, AGG_V_HEADER = 9, AGG_V_HEADERS = 10 };
     #define AGG_MSG_F_COPY 0x2
     #define AGG_ERR_QUEUE_FULL (-184)
     #define AGG_PURGE_QUEUE 0x1
@@ -82,6 +84,10 @@ cdef extern from *:
     static int (*agg_outq_len)(void *rk);
     static int (*agg_purge)(void *rk, int flags);
     static const char *(*agg_err2str)(int err);
+    static void *(*agg_headers_new)(size_t initial_count);
+    static void (*agg_headers_destroy)(void *hdrs);
+    static int (*agg_header_add)(void *hdrs, const char *name, ssize_t name_size,
+                                 const void *value, ssize_t value_size);
     static int (*agg_fatal_error)(void *rk, char *errstr, size_t errstr_size);
 
     static const char *agg_load(const char *path) {
@@ -109,6 +115,9 @@ cdef extern from *:
         AGG_SYM(agg_purge, "rd_kafka_purge")
         AGG_SYM(agg_err2str, "rd_kafka_err2str")
         AGG_SYM(agg_fatal_error, "rd_kafka_fatal_error")
+        AGG_SYM(agg_headers_new, "rd_kafka_headers_new")
+        AGG_SYM(agg_headers_destroy, "rd_kafka_headers_destroy")
+        AGG_SYM(agg_header_add, "rd_kafka_header_add")
         #undef AGG_SYM
         return NULL;
     }
@@ -150,10 +159,28 @@ cdef extern from *:
     static inline void agg_vu_mem(agg_vu *v, int type, const void *p, size_t n) {
         v->vtype = type; v->u.mem.ptr = (void *)p; v->u.mem.size = n;
     }
-    static inline void agg_vu_header(agg_vu *v, const char *name, const void *p, size_t n) {
-        v->vtype = AGG_V_HEADER; v->u.header.name = name; v->u.header.val = p;
-        v->u.header.size = (ssize_t)n;
+    /* A change event's CloudEvents headers, in their order, as one list sized for them (8, or
+       9 with content-type): produceva's VTYPE_HEADER would start a list of 8 and grow it
+       for the 9th, and strlen every name. The caller owns the list until a produce takes it. */
+    #define AGG_HDR(name, v, n) agg_header_add(h, name, sizeof(name) - 1, v, (ssize_t)(n))
+    static void *agg_ce_headers(const char *cid, size_t cid_len, const char *src,
+                                size_t src_len, const void *key, size_t klen,
+                                const char *ver, size_t ver_len, const char *when,
+                                size_t when_len, const char *ct, size_t ct_len) {
+        void *h = agg_headers_new(ct ? 9 : 8);
+        AGG_HDR("ce_specversion", "1.0", 3);
+        AGG_HDR("ce_id", cid, cid_len);
+        AGG_HDR("ce_source", src, src_len);
+        if (ct) AGG_HDR("ce_type", "aggregator.view.changed", 23);
+        else AGG_HDR("ce_type", "aggregator.view.deleted", 23);
+        AGG_HDR("ce_subject", key, klen);
+        AGG_HDR("ce_partitionkey", key, klen);
+        AGG_HDR("ce_sequence", ver, ver_len);
+        AGG_HDR("ce_time", when, when_len);
+        if (ct) AGG_HDR("content-type", ct, ct_len);
+        return h;
     }
+    #undef AGG_HDR
     /* RFC 3339 UTC with milliseconds (changes.ce_time): 24 bytes into out. */
     static int agg_ce_time(int64_t ms, char *out) {
         time_t s = (time_t)(ms / 1000);
@@ -173,7 +200,7 @@ cdef extern from *:
         uint64_t errors
         int last_err
         char last_reason[256]
-    int AGG_V_RKT, AGG_V_VALUE, AGG_V_KEY, AGG_V_OPAQUE, AGG_V_MSGFLAGS
+    int AGG_V_RKT, AGG_V_VALUE, AGG_V_KEY, AGG_V_OPAQUE, AGG_V_MSGFLAGS, AGG_V_HEADERS
     int AGG_MSG_F_COPY, AGG_ERR_QUEUE_FULL, AGG_PURGE_QUEUE, AGG_PURGE_INFLIGHT
     const char *agg_load(const char *path)
     void *agg_conf_new()
@@ -203,11 +230,15 @@ cdef extern from *:
     void agg_vu_ptr(agg_vu *v, int type, void *p)
     void agg_vu_int(agg_vu *v, int type, int i)
     void agg_vu_mem(agg_vu *v, int type, const void *p, size_t n)
-    void agg_vu_header(agg_vu *v, const char *name, const void *p, size_t n)
     int agg_ce_time(int64_t ms, char *out)
+    void agg_headers_destroy(void *hdrs)
+    void *agg_ce_headers(const char *cid, size_t cid_len, const char *src, size_t src_len,
+                         const void *key, size_t klen, const char *ver, size_t ver_len,
+                         const char *when, size_t when_len, const char *ct, size_t ct_len)
 
 cdef enum:
     BLOB_FORMAT = 1
+    BLOB_LZ4 = 2  # flag: the body is an LZ4 block (changes.compress_blob; never handed here)
     BLOB_HEAD = 16  # <BBHIq: format, flags, 0, count, ms
     BLOB_REC = 18  # <HIiQ: view id, key length, data length (-1: null), version
     RING = 1 << 18  # delivery flags: more than librdkafka's queue may hold in flight
@@ -340,6 +371,8 @@ cdef class BlobProducer:
         cdef Py_ssize_t size = blob.shape[0]
         if size < BLOB_HEAD or blob[0] != BLOB_FORMAT:
             raise ValueError("not a change outbox blob of format 1")
+        if blob[1] & BLOB_LZ4:
+            raise ValueError("a compressed change outbox blob: changes.open_blob it first")
         cdef const uint8_t *p = &blob[0]
         cdef bint is_json = p[1] & 1
         cdef uint64_t count = _u(p + 4, 4)
@@ -362,8 +395,13 @@ cdef class BlobProducer:
         cdef Py_ssize_t name_len
         cdef char *cid
         cdef void *err
+        cdef void *hdrs
+        cdef const char *ct = b"application/msgpack"
+        cdef size_t ct_len = 19
         cdef int code
         cdef bytes b
+        if is_json:
+            ct, ct_len = b"application/json", 16
         for k in range(count):
             if pos + BLOB_REC > size:
                 raise ValueError("change outbox blob truncated")
@@ -408,25 +446,13 @@ cdef class BlobProducer:
             agg_vu_mem(&vus[n], AGG_V_KEY, key, klen); n += 1
             agg_vu_mem(&vus[n], AGG_V_VALUE, data, dlen if dlen > 0 else 0); n += 1
             agg_vu_ptr(&vus[n], AGG_V_OPAQUE, <void *><uintptr_t>seq); n += 1
-            agg_vu_header(&vus[n], b"ce_specversion", b"1.0", 3); n += 1
-            agg_vu_header(&vus[n], b"ce_id", cid, name_len + ver_len + klen + 2); n += 1
-            agg_vu_header(&vus[n], b"ce_source", src, src_len); n += 1
-            if data != NULL:
-                agg_vu_header(&vus[n], b"ce_type", b"aggregator.view.changed", 23); n += 1
-            else:
-                agg_vu_header(&vus[n], b"ce_type", b"aggregator.view.deleted", 23); n += 1
-            agg_vu_header(&vus[n], b"ce_subject", key, klen); n += 1
-            agg_vu_header(&vus[n], b"ce_partitionkey", key, klen); n += 1
-            agg_vu_header(&vus[n], b"ce_sequence", ver, ver_len); n += 1
-            agg_vu_header(&vus[n], b"ce_time", when, when_len); n += 1
-            if data != NULL:
-                if is_json:
-                    agg_vu_header(&vus[n], b"content-type", b"application/json", 16)
-                else:
-                    agg_vu_header(&vus[n], b"content-type", b"application/msgpack", 19)
-                n += 1
+            hdrs = agg_ce_headers(cid, name_len + ver_len + klen + 2, src, src_len, key, klen,
+                                  ver, ver_len, when, when_len,
+                                  NULL if data == NULL else ct, ct_len)
+            agg_vu_ptr(&vus[n], AGG_V_HEADERS, hdrs); n += 1
             err = agg_produceva(self.rk, vus, n)
             if err != NULL:
+                agg_headers_destroy(hdrs)  # a failed produce leaves them to the caller
                 code = agg_error_code(err)
                 msg = agg_error_string(err).decode(errors="replace")
                 agg_error_destroy(err)

@@ -1,9 +1,10 @@
 """Change events: every change of a view document, published through a transactional outbox.
 
 A worker writes the changes of a transaction into its shard's `changes` table in that same
-LMDB transaction, as one blob (`pack_blob`) keyed by the range of per-shard change sequence
-numbers they take. After the commit, a publisher produces the changes in sequence order with
-an idempotent producer and learns which were delivered; the worker prunes a blob in a later
+LMDB transaction, as one blob (`pack_blob`; stored as an LZ4 block when that pays,
+`compress_blob`) keyed by the range of per-shard change sequence numbers they take. After
+the commit, a publisher produces the changes in sequence order with an idempotent producer
+and learns which were delivered; the worker prunes a blob in a later
 transaction once all of it was delivered. Two publishers, with the same records on the wire:
 `NativeChangePublisher` (the default) hands a whole blob to librdkafka in one compiled loop
 (aggregator/_publish.pyx) and tallies the delivery reports in C; `ChangePublisher`, in plain
@@ -34,6 +35,7 @@ import time
 from collections import deque
 from typing import Iterable, Iterator
 
+import lz4.block
 import msgpack
 import orjson
 from confluent_kafka import KafkaException, Producer
@@ -74,6 +76,7 @@ class ChangeEncoder:
         self.json = config.changes.format == "json"
         self.content_type = b"application/json" if self.json else b"application/msgpack"
         self.source = config.changes.source
+        self.compress = config.changes.compress_blobs
 
     def publishes(self, view_id: int) -> bool:
         return self.topics[view_id] is not None
@@ -112,13 +115,24 @@ class ChangeEncoder:
         each row on) as one outbox blob."""
         return pack_blob(rows, int(time.time() * 1000), self.json, first)
 
+    def stored(self, blob: bytes) -> bytes:
+        """The outbox value of a blob: compressed (`compress_blob`) unless
+        ``changes.compress_blobs`` is off."""
+        return compress_blob(blob) if self.compress else blob
+
 
 # A blob: a head, then per change event a record head, its key and its data (none: a
 # tombstone). Little-endian, no padding; read by `blob_records` and by _publish.pyx.
+# A compressed blob (flag BLOB_LZ4, format 5 shards) keeps the head as it is, then holds
+# the length of the body (u32) and the body (everything after the head) as one LZ4 block.
 BLOB_FORMAT = 1
 _BLOB_HEAD = struct.Struct("<BBHIq")  # format, flags (1: data is JSON), 0, count, unix ms
 _BLOB_REC = struct.Struct("<HIiQ")  # view id, key length, data length (-1: null), version
+_BODY_LEN = struct.Struct("<I")  # a compressed blob's body length, after the head
 BLOB_JSON = 1
+BLOB_LZ4 = 2
+COMPRESS_MIN = 256  # bytes of body below which a blob is stored as it is
+_LZ4_MAX = 0x7E000000  # LZ4_MAX_INPUT_SIZE: a larger body is stored as it is
 
 
 def pack_blob_ref(rows: Iterable[tuple], ms: int, is_json: bool, first: int = 0) -> bytes:
@@ -150,8 +164,46 @@ else:
     from ._publish import pack_blob  # noqa: E402 - the compiled twin, chosen as core.py does
 
 
+def compress_blob(blob: bytes) -> bytes:
+    """A blob with its body as one LZ4 block (lz4.block, default mode) and BLOB_LZ4 set in
+    its flags, or the blob as it is when its body is under COMPRESS_MIN bytes or would not
+    get smaller. Deterministic: the same blob gives the same bytes (the compiled and the pure
+    pipeline both write through here, after their `pack_blob`)."""
+    size = len(blob) - _BLOB_HEAD.size
+    if size < COMPRESS_MIN or size > _LZ4_MAX:
+        return blob
+    block = lz4.block.compress(memoryview(blob)[_BLOB_HEAD.size:], store_size=False)
+    if len(block) + _BODY_LEN.size >= size:
+        return blob
+    head = bytearray(blob[:_BLOB_HEAD.size])
+    head[1] |= BLOB_LZ4
+    return b"".join((head, _BODY_LEN.pack(size), block))
+
+
+def open_blob(blob: bytes) -> bytes:
+    """The blob as `pack_blob` wrote it: a compressed one decompressed (the head's flag
+    BLOB_LZ4 cleared), any other as it is. What _publish.BlobProducer.produce takes."""
+    if len(blob) < _BLOB_HEAD.size or not blob[1] & BLOB_LZ4:
+        return blob
+    if blob[0] != BLOB_FORMAT:
+        raise ValueError(f"change outbox blob of format {blob[0]} (this build reads "
+                         f"{BLOB_FORMAT})")
+    (size,) = _BODY_LEN.unpack_from(blob, _BLOB_HEAD.size)
+    try:
+        body = lz4.block.decompress(memoryview(blob)[_BLOB_HEAD.size + _BODY_LEN.size:],
+                                    uncompressed_size=size)
+    except lz4.block.LZ4BlockError as e:
+        raise ValueError(f"change outbox blob: corrupt LZ4 body ({e})") from e
+    if len(body) != size:
+        raise ValueError("change outbox blob: LZ4 body of the wrong length")
+    head = bytearray(blob[:_BLOB_HEAD.size])
+    head[1] &= ~BLOB_LZ4 & 0xFF
+    return b"".join((head, body))
+
+
 def blob_records(blob: bytes) -> tuple[int, bool, list[tuple[int, bytes, int, bytes | None]]]:
-    """(ms, data is JSON, [(view id, key, version, data)]) of a blob."""
+    """(ms, data is JSON, [(view id, key, version, data)]) of a blob, compressed or not."""
+    blob = open_blob(blob)
     fmt, flags, _, n, ms = _BLOB_HEAD.unpack_from(blob)
     if fmt != BLOB_FORMAT:
         raise ValueError(f"change outbox blob of format {fmt} (this build reads {BLOB_FORMAT})")
@@ -174,12 +226,15 @@ def blob_records(blob: bytes) -> tuple[int, bool, list[tuple[int, bytes, int, by
 
 
 def outbox_blobs(rows: Iterable[tuple[bytes, bytes]]) -> Iterator[tuple[int, int, bytes]]:
-    """(first seq, last seq, blob) of change outbox rows (store.Shard.changes_after); a row
-    of format 1 (one msgpack entry) comes out as a blob of one event."""
+    """(first seq, last seq, blob) of change outbox rows (store.Shard.changes_after), each
+    blob as `pack_blob` wrote it (a compressed one decompressed: `open_blob`); a row of
+    format 1 (one msgpack entry) comes out as a blob of one event."""
     for key, value in rows:
         first, last, is_blob = parse_change_key(key)
         value = bytes(value)
-        if not is_blob:
+        if is_blob:
+            value = open_blob(value)
+        else:
             vid, k, version, data, ms, *rest = msgpack.unpackb(value, raw=False)
             value = pack_blob([(vid, k, version, data)], ms, rest[0] if rest else True)
         yield first, last, value

@@ -706,6 +706,7 @@ class ChangesConfig(BaseModel):
     #                         one per change
     format: Literal["json", "msgpack"] = "json"  # data encoding of the change events
     source: str = Field("/aggregator", min_length=1)  # CloudEvents `source` prefix
+    compress_blobs: bool = True  # LZ4 of the change outbox blobs (changes.compress_blob)
 
 
 class Config(BaseModel):

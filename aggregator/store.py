@@ -36,7 +36,15 @@ dedup_live     entry seq (8)                          generation (8) + S + ident
 meta           name                                   msgpack value
 =============  =====================================  ====================================
 
-Format 4 (this build) is format 3 with two appended tables in place of random-key writes
+Format 5 (this build) is format 4 with change outbox blobs that may be compressed: a blob
+whose body (everything after its 16-byte head) is at least 256 bytes and gets smaller is
+stored with flag 2 (BLOB_LZ4) in its head, the body's length (u32) and the body as one LZ4
+block (changes.py, `compress_blob`; ``changes.compress_blobs`` turns it off). Every reader
+goes through `changes.outbox_blobs` / `blob_records`, which take both forms, so a format-4
+shard is read as it is and stamped 5 when a worker opens it; an older build then refuses the
+directory instead of misreading a compressed blob.
+
+Format 4 is format 3 with two appended tables in place of random-key writes
 per event: the sequence log and the unsealed dedup ids.
 
 The sequence log: a worker's commit appends its dirty
@@ -150,8 +158,8 @@ from .residency import MapResidency
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 4
-FORMATS_IN_PLACE = (2, 3)  # read as they are; stamped FORMAT_VERSION when a worker opens them
+FORMAT_VERSION = 5
+FORMATS_IN_PLACE = (2, 3, 4)  # read as they are; stamped FORMAT_VERSION when a worker opens them
 _DBS = ("views", "seq", "seq_log", "parked", "offsets", "links", "outbox", "changes",
         "dedup_log", "dedup_live", "meta")
 FORMAT1_DBS = ("dedup", "dedup_gen")  # format 1's dedup index (read by the migration only)

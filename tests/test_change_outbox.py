@@ -1,32 +1,42 @@
-"""The change outbox: one blob per commit (changes.pack_blob / blob_records), its rows in a
+"""The change outbox: one blob per commit (changes.pack_blob / blob_records; stored as an LZ4
+block when it pays, changes.compress_blob), its rows in a
 real LMDB shard (store: keyed by the seq range, read from the one holding a seq, pruned a
 blob at a time) next to rows of format 1, and the change-event producer's settings."""
 
 from __future__ import annotations
 
+import os
+
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aggregator.changes import (
+    BLOB_LZ4,
+    COMPRESS_MIN,
     ChangeEncoder,
     blob_records,
+    compress_blob,
+    open_blob,
     outbox_blobs,
     outbox_records,
     pack_blob,
     publisher_conf,
 )
 from aggregator.config import config_from_dict
-from aggregator.store import Shard
+from aggregator.store import FORMAT_VERSION, Shard
+
+_CFG = {
+    "kafka": {"bootstrap_servers": "x", "group_id": "g"},
+    "sources": {"s": {"topic": "src"}},
+    "views": {"v": {"changes_topic": "c", "feeds": [
+        {"source": "s", "types": ["t"], "key": "partitionkey",
+         "ops": [{"op": "set", "path": "x", "from": "data"}]}]}},
+}
 
 
 def config(**kafka):
-    return config_from_dict({
-        "kafka": {"bootstrap_servers": "x", "group_id": "g", **kafka},
-        "sources": {"s": {"topic": "src"}},
-        "views": {"v": {"changes_topic": "c", "feeds": [
-            {"source": "s", "types": ["t"], "key": "partitionkey",
-             "ops": [{"op": "set", "path": "x", "from": "data"}]}]}},
-    }, env={})
+    return config_from_dict({**_CFG, "kafka": {**_CFG["kafka"], **kafka}}, env={})
 
 
 rows = st.lists(st.tuples(st.integers(0, 65535), st.text(max_size=20),
@@ -73,6 +83,65 @@ def test_rows_are_read_from_the_one_holding_a_seq_and_pruned_whole(tmp_path):
         assert b.prune_changes(9) == 1
         b.commit()
         assert shard.count_changes_after(0) == 0 and shard.last_change_seq() == 0
+    finally:
+        shard.close()
+
+
+def doc_rows(n, start=0):
+    return [(0, f"customer-{i}", i + 1, b'{"id":"customer-%d","name":"N %d","orders":[]}'
+             % (i, i)) for i in range(start, start + n)]
+
+
+def test_a_blob_is_stored_compressed_when_it_pays():
+    enc = ChangeEncoder(config(), ["v"])
+    raw = enc.blob(doc_rows(50))
+    stored = enc.stored(raw)
+    assert stored[1] & BLOB_LZ4 and len(stored) * 3 < len(raw)
+    assert open_blob(stored) == raw and blob_records(stored) == blob_records(raw)
+    small = enc.blob([(0, "k", 1, b"{}")])  # body under COMPRESS_MIN: as it is
+    assert len(small) - 16 < COMPRESS_MIN and enc.stored(small) == small
+    noise = enc.blob([(0, "k", 1, os.urandom(600))])
+    assert enc.stored(noise) == noise  # would not get smaller
+    off = ChangeEncoder(config_from_dict({**_CFG, "changes": {"compress_blobs": False}},
+                                         env={}), ["v"])
+    assert off.stored(raw) == raw
+
+
+def test_a_damaged_compressed_blob_is_refused():
+    stored = compress_blob(ChangeEncoder(config(), ["v"]).blob(doc_rows(20)))
+    for bad in (stored[:-5], stored[:20] + bytes(len(stored) - 20)):
+        with pytest.raises(ValueError, match="change outbox blob"):
+            blob_records(bad)
+
+
+def test_a_format_4_outbox_is_read_next_to_compressed_blobs(tmp_path):
+    """A format-4 shard (plain blobs) is stamped 5 when opened; its blobs and the
+    compressed ones written after are read alike (what the publisher and reshard read)."""
+    enc = ChangeEncoder(config(), ["v"])
+    path = tmp_path / "shard-0"
+    shard = Shard(path, map_size=16 << 20)
+    try:
+        shard.check_layout(shard=0, workers=1, slots=4096)
+        shard.put_meta(format=4)
+        b = shard.begin()
+        b.put_changes(1, 30, enc.blob(doc_rows(30)))  # as format 4 wrote it
+        b.commit()
+    finally:
+        shard.close()
+    shard = Shard(path, map_size=16 << 20)
+    try:
+        shard.check_layout(shard=0, workers=1, slots=4096)
+        assert shard.get_meta("format") == FORMAT_VERSION == 5
+        b = shard.begin()
+        b.put_changes(31, 60, enc.stored(enc.blob(doc_rows(30, 30))))
+        b.commit()
+        values = [v for _, v in shard.changes_after(0)]
+        assert not values[0][1] & BLOB_LZ4 and values[1][1] & BLOB_LZ4
+        recs = list(outbox_records(shard.changes_after(0)))
+        assert [r[:5] for r in recs] == [(i + 1, v, k, ver, d) for i, (v, k, ver, d)
+                                         in enumerate(doc_rows(60))]
+        assert [f for f, _, blob in outbox_blobs(shard.changes_after(40))] == [31]
+        assert all(not blob[1] & BLOB_LZ4 for _, _, blob in outbox_blobs(shard.changes_after(0)))
     finally:
         shard.close()
 

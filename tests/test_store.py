@@ -97,7 +97,7 @@ def test_an_older_shard_is_stamped_and_read_as_it_is(tmp_path, fmt):
     from aggregator.reshard import needs_migration
     from aggregator.store import FORMATS_IN_PLACE, view_key
 
-    assert FORMAT_VERSION == 4 and FORMATS_IN_PLACE == (2, 3)
+    assert FORMAT_VERSION == 5 and FORMATS_IN_PLACE == (2, 3, 4)
     s = Shard(tmp_path / "shard-0", sync=False)
     s.check_layout(shard=0, workers=1, slots=4096)
     s.put_meta(format=fmt)

@@ -79,8 +79,8 @@ class LinksStage:
             first = self.change_seq + 1
             last = self.change_seq + len(rows)
             blob = self.changes.blob(rows, 1)  # fields after the doc key
-            batch.put_changes(first, last, blob)
-            self.attempt.chg_out.append((first, last, blob))
+            batch.put_changes(first, last, self.changes.stored(blob))  # LZ4 unless off
+            self.attempt.chg_out.append((first, last, blob))  # the publisher's: as it is
             batch.put_meta("change_seq", last)
         delivered = self.publisher.published
         if delivered > self.changes_pruned:

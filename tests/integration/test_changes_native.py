@@ -1,8 +1,8 @@
 """The native change-event publisher (changes.NativeChangePublisher over aggregator._publish)
 against the reference (changes.ChangePublisher), on a real broker: the same outbox blobs give
 the same records — keys, values, headers, partitions and per-partition order — and both learn
-the same delivered sequence; an outbox of format 1 rows and blobs (an upgraded shard) is
-published whole from LMDB by both.
+the same delivered sequence; an outbox of format 1 rows and blobs, plain (format 4) and
+compressed (format 5), is published whole from LMDB by both.
 """
 
 from __future__ import annotations
@@ -121,6 +121,25 @@ def test_headers_are_those_of_a_change_event(broker, bootstrap):
     assert "content-type" not in dict(b[2])
 
 
+def test_a_full_producer_queue_loses_and_repeats_nothing(broker, bootstrap):
+    """librdkafka's queue holds 10 messages: most produce calls fail (QUEUE_FULL; the native
+    publisher then frees the headers list it built, as the produce did not take it) and are
+    made again after a poll. Both publishers put the same 300 records on the wire, once."""
+    rows = [(i % 2, f"k{i % 37}", i + 1, b'{"i":%d}' % i if i % 5 else None)
+            for i in range(300)]
+    blob = pack_blob(rows, 1_700_000_000_000, True)
+    got = {}
+    for impl in IMPLS:
+        prefix = unique_name("chg") + "."
+        broker.create_topics([f"{prefix}{v}.changes" for v in VIEWS[:2]], 2)
+        cfg = make_config(bootstrap, prefix, **{"queue.buffering.max.messages": 10,
+                                                "linger.ms": 0})
+        assert publish(impl, cfg, [(1, 300, blob)]) == 300
+        got[impl] = records(bootstrap, prefix)
+    assert got["native"] == got["python"]
+    assert sum(len(rs) for parts in got["native"].values() for rs in parts.values()) == 300
+
+
 @pytest.mark.parametrize("impl", list(IMPLS))
 def test_an_upgraded_outbox_is_published_whole(impl, broker, bootstrap, tmp_path):
     """Format 1 rows (one event each) followed by blobs, read from LMDB after a restart."""
@@ -134,21 +153,27 @@ def test_an_upgraded_outbox_is_published_whole(impl, broker, bootstrap, tmp_path
         for seq in range(1, 4):  # written by a build before blobs
             b.put_change(seq, enc.entry(0, f"old-{seq}", seq, enc.encode({"n": seq})))
         b.put_changes(4, 5, enc.blob([(0, "new-4", 1, b"4"), (1, "new-5", 1, None)]))
-        b.put_changes(6, 6, enc.blob([(0, "new-6", 1, b"6")]))
+        b.put_changes(6, 6, enc.blob([(0, "new-6", 1, b"6")]))  # format 4: as it is
+        big = enc.blob([(0, f"lz-{i}", 1, b'{"n":%d,"pad":"%s"}' % (i, b"x" * 50))
+                        for i in range(7, 10)])
+        assert len(enc.stored(big)) < len(big)  # format 5: compressed
+        b.put_changes(7, 9, enc.stored(big))
         b.commit()
-        assert shard.count_changes_after(1) == 5 and shard.last_change_seq() == 6
+        assert shard.count_changes_after(1) == 8 and shard.last_change_seq() == 9
         assert publish(impl, cfg, [], published=1, read_after=shard.changes_after,
-                       last=shard.last_change_seq()) == 6
+                       last=shard.last_change_seq()) == 9
         b = shard.begin()
         assert b.prune_changes(4) == 3  # rows 1..3; the blob 4..5 is not all delivered
-        assert b.prune_changes(6) == 2
+        assert b.prune_changes(9) == 3
         b.commit()
         assert shard.count_changes_after(0) == 0
     finally:
         shard.close()
     got = records(bootstrap, prefix)
     keys = sorted(k for parts in got["a"].values() for k, _, _ in parts)
-    assert keys == [b"new-4", b"new-6", b"old-2", b"old-3"]
+    assert keys == [b"lz-7", b"lz-8", b"lz-9", b"new-4", b"new-6", b"old-2", b"old-3"]
+    lz = sorted((k, v) for parts in got["a"].values() for k, v, _ in parts if k[:3] == b"lz-")
+    assert lz[0] == (b"lz-7", b'{"n":7,"pad":"%s"}' % (b"x" * 50))
     assert [k for parts in got["b"].values() for k, _, _ in parts] == [b"new-5"]
 
 
@@ -175,8 +200,8 @@ def test_undelivered_events_are_sent_again(impl, broker, bootstrap):
     def read_after(seq):
         return ((k, v) for k, v in sorted(outbox.items()) if parse_change_key(k)[1] > seq)
 
-    def commit(first, last, blob):
-        outbox[change_range_key(first, last)] = blob
+    def commit(first, last, blob):  # as the worker: LMDB's compressed, the publisher's not
+        outbox[change_range_key(first, last)] = enc.stored(blob)
         pub.committed([(first, last, blob)])
 
     pub = IMPLS[impl](cfg, enc, read_after, 0, 0)
