@@ -35,12 +35,14 @@ from typing import Any, Callable
 
 import msgpack
 
-from .doc_codec import unpack_record
+from .doc_codec import record_live, unpack_record
 from .metrics import read_status
 from .routing import slot_of, slot_prefix, worker_of
 from .store import (
+    DOC_LOG_EPOCH,
     TOTALS_KEY,
     SharedReader,
+    doc_log_entries,
     normalize_totals,
     parse_view_key,
     shard_path,
@@ -72,6 +74,67 @@ class BadCursor(QueryError, ValueError):
     """The cursor was not produced by :meth:`Views.list_keys` for this data directory."""
 
 
+_LEN = 0xFFFFFFFF
+_DOC_NAMES = ("views", "doc_log", "meta")  # what a document read opens
+
+
+class DocLogIndex:
+    """A reader's index of one shard's document log (store.py, format 5): where the latest
+    record of each document logged since the last checkpoint is, so that a request reads
+    only the log records appended since the previous one, and a document's bytes straight
+    from the log record that holds it.
+
+    Per document one int: log key << 65 | offset << 33 | length << 1 | live (0: deleted),
+    ~200 bytes per logged document with its key. The worker bumps meta ``doc_log_epoch`` in
+    every checkpoint (the log is emptied and its keys start again at 1): a new epoch drops
+    the index.
+    """
+
+    __slots__ = ("epoch", "last", "where", "_keys")
+
+    def __init__(self):
+        self.epoch: int | None = None
+        self.last = 0  # last log key read
+        self.where: dict[bytes, int] = {}
+        self._keys: list[bytes] | None = None  # sorted keys of `where`, made on demand
+
+    def refresh(self, snap) -> None:
+        """Catch up with the log as of `snap` (opened with ``_DOC_NAMES``)."""
+        raw = snap.get("meta", DOC_LOG_EPOCH)
+        epoch = 0 if raw is None else _unpack(raw)
+        if epoch != self.epoch:
+            self.epoch, self.last, self.where, self._keys = epoch, 0, {}, None
+        where = self.where
+        for n, value in snap.doc_log_after(self.last):
+            for dkey, off, length in doc_log_entries(value):
+                where[dkey] = 0 if length < 0 else (
+                    n << 65 | off << 33 | length << 1
+                    | record_live(value[off:off + length]))
+            self.last = n
+            self._keys = None
+
+    def keys(self) -> list[bytes]:
+        if self._keys is None:
+            self._keys = sorted(self.where)
+        return self._keys
+
+    def live(self, dkey: bytes) -> bool:
+        return bool(self.where[dkey] & 1)
+
+    def record(self, snap, dkey: bytes) -> bytes | None:
+        """The stored bytes of a document (the log overlaid), or None."""
+        w = self.where.get(dkey)
+        if w is None:
+            raw = snap.get("views", dkey)
+        elif w == 0:
+            return None
+        else:
+            off, length = (w >> 33) & _LEN, (w >> 1) & _LEN
+            rec = snap.get("doc_log", (w >> 65).to_bytes(8, "big"))
+            raw = rec[off:off + length]
+        return None if raw is None else bytes(raw)
+
+
 class ShardReader:
     """One shard's LMDB environment, opened read-only on first use (store.SharedReader)."""
 
@@ -80,18 +143,28 @@ class ShardReader:
         self._reader = SharedReader(path, log)
         self._views: list[str] | None = None  # meta "views": view names in id order
         self._lock = threading.Lock()
+        self.doc_log = DocLogIndex()  # read and changed under _lock (read_docs)
 
-    def read(self, names: tuple[str, ...], fn):
+    def read(self, names: tuple[str, ...], fn, buffers: bool = False, doc_log: bool = True):
         """Run ``fn(snapshot) -> value`` in one read transaction (a store.Snapshot over the
-        databases ``names``, a missing one reading as empty); None if no shard yet."""
+        databases ``names``, a missing one reading as empty); None if no shard yet.
+        `buffers`: values are buffers valid until `fn` returns."""
         with self._lock:
-            snap = self._reader.snapshot(names)
+            snap = self._reader.snapshot(names, buffers=buffers, doc_log=doc_log)
             if snap is None:
                 return None
             try:
                 return fn(snap)
             finally:
                 snap.close()
+
+    def read_docs(self, fn):
+        """``fn(snapshot, doc_log_index)`` in one read transaction over ``views`` with the
+        document log, the index caught up first (values are buffers until `fn` returns)."""
+        def run(snap):
+            self.doc_log.refresh(snap)
+            return fn(snap, self.doc_log)
+        return self.read(_DOC_NAMES, run, buffers=True, doc_log=False)
 
     def view_ids(self, refresh: bool = False) -> list[str]:
         """View names in id order (``meta["views"]``); [] before the worker booted."""
@@ -240,7 +313,7 @@ class Views:
             return None
         lkey = view_key(slot_prefix(slot), vid, key)
 
-        raw = shard.read(("views",), lambda snap: snap.get("views", lkey))
+        raw = shard.read_docs(lambda snap, docs: docs.record(snap, lkey))
         if raw is None:
             return None
         rec = unpack_record(raw)
@@ -285,12 +358,13 @@ class Views:
         if vid is None:
             return []
 
-        def fn(snap):
+        def fn(snap, docs):
             serves = None if self.serves is None else (
                 lambda slot: self.serves(slot) == index)  # noqa: B023 - used at once
-            return list(snap.view_keys(vid, after, limit, serves))
+            overlay = (docs.keys(), docs.live) if docs.where else None
+            return list(snap.view_keys(vid, after, limit, serves, overlay))
 
-        return shard.read(("views",), fn) or []
+        return shard.read_docs(fn) or []
 
     def stats(self) -> list[dict]:
         """Per shard: path, entries per database, map size, file size (see ShardReader)."""

@@ -121,7 +121,7 @@ def test_migration_keeps_views_offsets_totals_parked_and_the_dedup_window(
         s = Shard(shard_path(data, i), readonly=True)
         try:
             meta = s.meta_items()
-            assert meta["format"] == FORMAT_VERSION == 4
+            assert meta["format"] == FORMAT_VERSION == 5
             assert meta["bloom_generation"] == before["gen"][i]  # not shifted: same shard
             assert "dedup_log_seq" in meta and "shard_token" in meta  # carried
             for name in TOTALS:

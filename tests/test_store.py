@@ -97,7 +97,7 @@ def test_an_older_shard_is_stamped_and_read_as_it_is(tmp_path, fmt):
     from aggregator.reshard import needs_migration
     from aggregator.store import FORMATS_IN_PLACE, view_key
 
-    assert FORMAT_VERSION == 4 and FORMATS_IN_PLACE == (2, 3)
+    assert FORMAT_VERSION == 5 and FORMATS_IN_PLACE == (2, 3, 4)
     s = Shard(tmp_path / "shard-0", sync=False)
     s.check_layout(shard=0, workers=1, slots=4096)
     s.put_meta(format=fmt)
@@ -108,6 +108,7 @@ def test_an_older_shard_is_stamped_and_read_as_it_is(tmp_path, fmt):
         txn.put(gk(1, 1), SEQ_ROW.pack(9, 0, 2), db=s.db["seq"])
         txn.put(b"seq_topics", msgpack.packb(["t"]), db=s.db["meta"])
         txn.drop(s.db["seq_log"], delete=True)  # older builds had no such database
+        txn.drop(s.db["doc_log"], delete=True)  # (format 4 had seq_log, not doc_log)
     s.close()
     assert not needs_migration(tmp_path)
     s = Shard(tmp_path / "shard-0", sync=False)
@@ -701,7 +702,7 @@ READER = textwrap.dedent("""
     offsets = r.offsets()
     r.close()
     shared = SharedReader(path)
-    snap = shared.snapshot(("offsets", "views"))
+    snap = shared.snapshot(("offsets", "views", "doc_log"))  # views with the log overlaid
     views = snap.entries("views")
     through = parse_offset_value(snap.get("offsets", offset_key("t", 3)))
     snap.close()

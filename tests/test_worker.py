@@ -1495,7 +1495,7 @@ def test_a_format3_data_dir_goes_on_where_it_stopped(make_cluster, workload, ora
             txn.put(b"format", msgpack.packb(3), db=s.db["meta"])
         s.close()
     c.boot()
-    assert [w.shard.get_meta("format") for w in c.workers] == [4, 4]
+    assert [w.shard.get_meta("format") for w in c.workers] == [5, 5]
     assert c.total(Slot.PARKED) == parked
     applied = c.total(Slot.APPLIED)
     c.feed(recs[:half], rng)  # redelivered: skipped by the through-offsets it kept
