@@ -1146,13 +1146,21 @@ class Batch(_IndexWrites):
         `doc_codec.json_body` when the caller has it (bytes, or None: not JSON-exact); True
         (the default) decides here."""
         raw = pack_record(record, json_body(record["d"]) if body is True else body)
-        self._docp[dkey] = raw
-        self._doc_n += _DOC_HEAD.size + len(dkey) + len(raw)
+        self._log_doc(dkey, raw)
         return len(raw)
 
     def delete_doc(self, dkey: bytes) -> None:
-        self._docp[dkey] = None
-        self._doc_n += _DOC_HEAD.size + len(dkey)
+        self._log_doc(dkey, None)
+
+    def _log_doc(self, dkey: bytes, raw: bytes | None) -> None:
+        """This transaction's latest record of a document (one entry per key in its log
+        record); `_doc_n` counts the bytes of the record's entries."""
+        docp = self._docp
+        old = docp.get(dkey, _ABSENT)
+        if old is not _ABSENT:
+            self._doc_n -= _DOC_HEAD.size + len(dkey) + (0 if old is None else len(old))
+        docp[dkey] = raw
+        self._doc_n += _DOC_HEAD.size + len(dkey) + (0 if raw is None else len(raw))
 
     def write_doc(self, dkey: bytes, raw: bytes | None) -> None:
         """A packed record straight into ``views`` (None: the key deleted), bypassing the log

@@ -249,7 +249,7 @@ def test_the_migrate_command(tmp_path):
             "--workers", "2"]
     res = CliRunner().invoke(cli_main, args)
     assert res.exit_code == 0, res.output
-    assert "migrated to format 4" in res.output
+    assert "migrated to format 5" in res.output
     res = CliRunner().invoke(cli_main, args)
     assert res.exit_code == 0 and "nothing to do" in res.output
     assert not reshard.needs_migration(data)
