@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import sys
 import time
 
 import msgpack
@@ -149,6 +150,9 @@ def run(events: int, seed: int, overrides: dict | None = None) -> dict:
                 before = _pages(shard)
             store.Batch.commit = commit
             txns = transactions(msgs, cfg.service.commit_max_bytes)
+            peak = [0, 0, 0]  # the largest doc_pending: bytes in Python objects, documents,
+            # bytes of their records
+            untimed = 0.0
             wb0, c0 = _write_bytes(), time.process_time()
             for group in txns:
                 ckpt_rows.clear()
@@ -159,8 +163,15 @@ def run(events: int, seed: int, overrides: dict | None = None) -> dict:
                 per_txn.append((bool(ckpt_rows), _write_bytes() - w0,
                                 time.process_time() - t0, seq_model[0], bool(docs_ckpt),
                                 views_model[0]))
+                t1 = time.process_time()  # the worker's map of logged documents (format 5)
+                pend = getattr(shard, "doc_pending", {})
+                size = sys.getsizeof(pend) + sum(sys.getsizeof(k) + sys.getsizeof(v)
+                                                 for k, v in pend.items())
+                if size > peak[0]:
+                    peak[:] = [size, len(pend), sum(len(v or b"") for v in pend.values())]
+                untimed += time.process_time() - t1
             shard.sync()
-            measured, cpu = _write_bytes() - wb0, time.process_time() - c0
+            measured, cpu = _write_bytes() - wb0, time.process_time() - c0 - untimed
             final = _pages(shard)
     finally:
         for n, f in saved.items():
@@ -175,7 +186,8 @@ def run(events: int, seed: int, overrides: dict | None = None) -> dict:
             "measured": measured / records, "model": {t: b / records for t, b in model.items()},
             "final_pages": final, "per_txn": per_txn,
             "checkpoint_rows": worker.cfg.gate.seq_checkpoint_rows,
-            "doc_checkpoint_bytes": worker.cfg.service.doc_checkpoint_bytes}
+            "doc_checkpoint_bytes": worker.cfg.service.doc_checkpoint_bytes,
+            "doc_pending_peak": peak}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -203,6 +215,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| measured (/proc/self/io write_bytes) | {r['measured']:,.0f} |")
     print("\npages at the end (leaf+overflow, branch): "
           + ", ".join(f"{t} {lp:,}/{bp:,}" for t, (lp, bp) in r["final_pages"].items()))
+    size, n, raw = r["doc_pending_peak"]
+    if n:
+        print(f"\nlogged documents in memory at most (Shard.doc_pending): {n:,} documents, "
+              f"{raw / 2**20:.1f} MiB of records, {size / 2**20:.1f} MiB as Python objects")
     print(f"\ntransactions (gate.seq_checkpoint_rows = {r['checkpoint_rows']:,}, "
           f"service.doc_checkpoint_bytes = {r['doc_checkpoint_bytes']:,}):\n"
           "| | n | write_bytes mean / max (MiB) | CPU mean / max (ms) | seq pages (model) "
