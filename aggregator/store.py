@@ -7,7 +7,12 @@ database       key                                    value
 =============  =====================================  ====================================
 views          S + view id (1 byte) + view key        msgpack {"v": version, "j": JSON of
                                                       the doc, "s": {source: [seq, time]}}
-                                                      or {"v", "d": doc, "s"} (see below)
+                                                      or {"v", "d": doc, "s"} (see below),
+                                                      as of the last checkpoint (doc_log)
+doc_log        log seq (8)                            one commit's documents: per document
+                                                      key length (2) + record length (4,
+                                                      0xFFFFFFFF: deleted) + key + record
+                                                      (as in views; format 5)
 dedup.<i>      b"h" (hot) or b"s" (sealed); DUPSORT   S + identity hash (16) per duplicate
                + DUPFIXED: one database per dedup     (sorted, fixed size: LMDB packs them
                generation g, i = g % DEDUP_POOL       16+2 bytes each, no node headers)
@@ -36,7 +41,25 @@ dedup_live     entry seq (8)                          generation (8) + S + ident
 meta           name                                   msgpack value
 =============  =====================================  ====================================
 
-Format 4 (this build) is format 3 with two appended tables in place of random-key writes
+Format 5 (this build) is format 4 with the document log: a worker's commit appends its
+documents (the packed records of ``views``, or deletes) as one ``doc_log`` record
+(sequential key: contiguous overflow pages, about the documents' size on disk) instead of
+putting them at random keys of ``views`` (one 4 KiB page per update once the table outgrows
+a transaction). Once the bytes logged since the last checkpoint reach
+``service.doc_checkpoint_bytes``, a batch's transaction also checkpoints: the latest record
+of every document logged since goes into ``views`` (one sorted putmulti, then the deletes),
+the log is emptied (mdb_drop) and meta ``doc_log_epoch`` is bumped. A document's record is
+the log's if it has one (the later record wins; a deleted entry hides the ``views`` row),
+else the one of ``views``: every reader overlays the log (the worker from memory,
+`Shard.doc_pending`, loaded from the log at open; `Snapshot` with the log's database:
+`Shard.documents`, `Shard.stat`, `read_views`, the reshard; query.py keeps its own index of
+the log per shard, read incrementally, dropped when ``doc_log_epoch`` changes). Cluster mode
+writes ``views`` directly (`Batch.write_doc`, changelog.py) and folds a log left by a
+non-cluster run at boot (`Shard.fold_doc_log`); the reshard and the restore write ``views``
+as they did. A format-4 shard (no ``doc_log``) is read as it is and stamped 5 when a worker
+opens it, so that an older build then refuses it instead of missing the logged documents.
+
+Format 4 is format 3 with two appended tables in place of random-key writes
 per event: the sequence log and the unsealed dedup ids.
 
 The sequence log: a worker's commit appends its dirty
@@ -51,8 +74,8 @@ from memory, `Shard.seq_pending`, loaded from the log at open; `Shard.parked_str
 `Snapshot.seq_rows` for the reshard and the tools). Cluster mode writes ``seq`` directly
 (`Batch.write_seqs`, changelog.py: its restore and task drop write that table as it is) and
 folds a log left by a non-cluster run at boot (`Shard.fold_seq_log`). Formats 2 and 3 (no
-``seq_log``, every row in ``seq``) are read as they are and stamped 4 when a worker opens
-them (`Shard.check_layout`), so that an older build then refuses the directory ("data format
+``seq_log``, every row in ``seq``) are read as they are and stamped 4 (now 5) when a worker
+opens them (`Shard.check_layout`), so that an older build then refuses the directory ("data format
 4") instead of missing the logged rows.
 
 The unsealed dedup ids are in ``dedup_live`` instead of
