@@ -14,6 +14,11 @@ allows next to the one writer (the worker) and any number of other readers. Rule
   per-shard lock ensures) and begins again.
 - **Shards that do not exist yet** (the service has not booted) read as empty; they are
   opened on first use once ``data.mdb`` appears.
+- **The document log** (store.py, format 5): documents committed since the worker's last
+  checkpoint are in ``doc_log``, not yet in ``views``. Each shard keeps a `DocLogIndex`
+  (document key -> where its latest record is), caught up in each read transaction with the
+  log records appended since the previous one; a get reads the log record's bytes through a
+  buffer, a listing merges the indexed keys into the ``views`` scan in key order.
 
 Listing order (:meth:`Views.list_keys`): shard 0..N-1, and within a shard the LMDB key order
 of that view's rows, which is slot order (``xxh3_64(key) % 4096``) and then key bytes. It is
@@ -85,9 +90,9 @@ class DocLogIndex:
     from the log record that holds it.
 
     Per document one int: log key << 65 | offset << 33 | length << 1 | live (0: deleted),
-    ~200 bytes per logged document with its key. The worker bumps meta ``doc_log_epoch`` in
-    every checkpoint (the log is emptied and its keys start again at 1): a new epoch drops
-    the index.
+    ~125 bytes per logged document with its key and the sorted key list. The worker bumps
+    meta ``doc_log_epoch`` in every checkpoint (the log is emptied and its keys start again
+    at 1): a new epoch drops the index.
     """
 
     __slots__ = ("epoch", "last", "where", "_keys")
