@@ -89,32 +89,47 @@ class DocLogIndex:
     only the log records appended since the previous one, and a document's bytes straight
     from the log record that holds it.
 
-    Per document one int: log key << 65 | offset << 33 | length << 1 | live (0: deleted),
-    ~125 bytes per logged document with its key and the sorted key list. The worker bumps
-    meta ``doc_log_epoch`` in every checkpoint (the log is emptied and its keys start again
-    at 1): a new epoch drops the index.
+    Per document one int: log key << 67 | offset << 35 | length << 3 | in views << 2 |
+    stored << 1 | live (stored 0: deleted; live: stored and not a tombstone record), ~125
+    bytes per logged document with its key and the sorted key list. ``views`` changes only
+    at a checkpoint, so whether a key is in it is looked up once, and `views_delta` (what
+    the log adds to the entries of ``views``) is kept up to date. The worker bumps meta
+    ``doc_log_epoch`` in every checkpoint (the log is emptied and its keys start again at
+    1): a new epoch drops the index.
     """
 
-    __slots__ = ("epoch", "last", "where", "_keys")
+    __slots__ = ("epoch", "last", "where", "views_delta", "_keys")
 
     def __init__(self):
         self.epoch: int | None = None
         self.last = 0  # last log key read
         self.where: dict[bytes, int] = {}
+        self.views_delta = 0
         self._keys: list[bytes] | None = None  # sorted keys of `where`, made on demand
 
     def refresh(self, snap) -> None:
-        """Catch up with the log as of `snap` (opened with ``_DOC_NAMES``)."""
+        """Catch up with the log as of `snap` (opened with ``_DOC_NAMES``, doc_log=False)."""
         raw = snap.get("meta", DOC_LOG_EPOCH)
         epoch = 0 if raw is None else _unpack(raw)
         if epoch != self.epoch:
             self.epoch, self.last, self.where, self._keys = epoch, 0, {}, None
+            self.views_delta = 0
         where = self.where
         for n, value in snap.doc_log_after(self.last):
             for dkey, off, length in doc_log_entries(value):
-                where[dkey] = 0 if length < 0 else (
-                    n << 65 | off << 33 | length << 1
-                    | record_live(value[off:off + length]))
+                old = where.get(dkey)
+                if old is None:
+                    in_views = snap.get("views", dkey) is not None
+                else:
+                    in_views = bool(old & 4)
+                    self.views_delta -= ((old >> 1) & 1) - in_views
+                if length < 0:
+                    where[dkey] = in_views << 2
+                    self.views_delta -= in_views
+                else:
+                    where[dkey] = (n << 67 | off << 35 | length << 3 | in_views << 2 | 2
+                                   | record_live(value[off:off + length]))
+                    self.views_delta += 1 - in_views
             self.last = n
             self._keys = None
 
@@ -131,11 +146,11 @@ class DocLogIndex:
         w = self.where.get(dkey)
         if w is None:
             raw = snap.get("views", dkey)
-        elif w == 0:
-            return None
+        elif not w & 2:
+            return None  # deleted
         else:
-            off, length = (w >> 33) & _LEN, (w >> 1) & _LEN
-            rec = snap.get("doc_log", (w >> 65).to_bytes(8, "big"))
+            off, length = (w >> 35) & _LEN, (w >> 3) & _LEN
+            rec = snap.get("doc_log", (w >> 67).to_bytes(8, "big"))
             raw = rec[off:off + length]
         return None if raw is None else bytes(raw)
 
@@ -200,7 +215,13 @@ class ShardReader:
         names = self.read((), lambda snap: snap.names())
         # the dedup index's databases count as one, "dedup" (store.py, format 2)
         tables = tuple(n for n in names or () if not n.startswith("dedup."))
-        entries = self.read(tables, lambda snap: snap.entries_of())
+        def count(snap):
+            out = snap.entries_of()
+            if "views" in out and "doc_log" in out:  # with the log overlaid (DocLogIndex)
+                self.doc_log.refresh(snap)
+                out["views"] += self.doc_log.views_delta
+            return out
+        entries = self.read(tables, count, doc_log=False)
         if entries is not None and names and any(n.startswith("dedup.") for n in names):
             entries["dedup"] = self.read(  # with the unsealed ids of dedup_live (format 4)
                 (*(n for n in names if n.startswith("dedup.")), "dedup_live", "meta"),
