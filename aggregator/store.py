@@ -1718,7 +1718,9 @@ class RawWrite(_IndexWrites):
 
 class Snapshot:
     """One read transaction (a consistent snapshot) over named databases; a database that
-    does not exist (yet) reads as empty. Closed by its owner: it pins its pages."""
+    does not exist (yet) reads as empty. Closed by its owner: it pins its pages. With the
+    ``doc_log`` database (format 5), ``views`` reads (get, rows, entries, view_keys) see the
+    document log overlaid, read once on first use."""
 
     __slots__ = ("txn", "_db", "_pool", "_index", "_logged", "_logged_slots", "_live", "_docs",
                  "_doc_keys", "_doc_db")
