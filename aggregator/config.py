@@ -336,6 +336,11 @@ class ServiceConfig(BaseModel):
     # Off by default: as Python objects a hit (cold in the CPU caches) costs about what the
     # LMDB read and unpack it saves (bench/micro/bench_batch.py, bench.tools.commit_window)
     doc_cache_bytes: Size = Field(0, ge=0)
+    # bytes in a worker's document log (store.py, format 5) after which a batch checkpoints
+    # the logged documents into views: it bounds the log on disk and the worker's map of
+    # logged documents (at most this plus ~150 B per document). Larger: fewer views page
+    # rewrites per record (bench/results/doc-log.md), more memory and longer boots
+    doc_checkpoint_bytes: Size = Field(32 * MiB, ge=1)
     # malloc_trim(0) at most this often, after a worker's commit and in the supervisor's
     # loop (memory.py): the pages a transaction freed go back to the kernel; 0: never
     malloc_trim_interval_ms: Int = Field(1000, ge=0)

@@ -14,6 +14,11 @@ allows next to the one writer (the worker) and any number of other readers. Rule
   per-shard lock ensures) and begins again.
 - **Shards that do not exist yet** (the service has not booted) read as empty; they are
   opened on first use once ``data.mdb`` appears.
+- **The document log** (store.py, format 5): documents committed since the worker's last
+  checkpoint are in ``doc_log``, not yet in ``views``. Each shard keeps a `DocLogIndex`
+  (document key -> where its latest record is), caught up in each read transaction with the
+  log records appended since the previous one; a get reads the log record's bytes through a
+  buffer, a listing merges the indexed keys into the ``views`` scan in key order.
 
 Listing order (:meth:`Views.list_keys`): shard 0..N-1, and within a shard the LMDB key order
 of that view's rows, which is slot order (``xxh3_64(key) % 4096``) and then key bytes. It is
@@ -35,12 +40,14 @@ from typing import Any, Callable
 
 import msgpack
 
-from .doc_codec import unpack_record
+from .doc_codec import record_live, unpack_record
 from .metrics import read_status
 from .routing import slot_of, slot_prefix, worker_of
 from .store import (
+    DOC_LOG_EPOCH,
     TOTALS_KEY,
     SharedReader,
+    doc_log_entries,
     normalize_totals,
     parse_view_key,
     shard_path,
@@ -72,6 +79,82 @@ class BadCursor(QueryError, ValueError):
     """The cursor was not produced by :meth:`Views.list_keys` for this data directory."""
 
 
+_LEN = 0xFFFFFFFF
+_DOC_NAMES = ("views", "doc_log", "meta")  # what a document read opens
+
+
+class DocLogIndex:
+    """A reader's index of one shard's document log (store.py, format 5): where the latest
+    record of each document logged since the last checkpoint is, so that a request reads
+    only the log records appended since the previous one, and a document's bytes straight
+    from the log record that holds it.
+
+    Per document one int: log key << 67 | offset << 35 | length << 3 | in views << 2 |
+    stored << 1 | live (stored 0: deleted; live: stored and not a tombstone record), ~125
+    bytes per logged document with its key and the sorted key list. ``views`` changes only
+    at a checkpoint, so whether a key is in it is looked up once, and `views_delta` (what
+    the log adds to the entries of ``views``) is kept up to date. The worker bumps meta
+    ``doc_log_epoch`` in every checkpoint (the log is emptied and its keys start again at
+    1): a new epoch drops the index.
+    """
+
+    __slots__ = ("epoch", "last", "where", "views_delta", "_keys")
+
+    def __init__(self):
+        self.epoch: int | None = None
+        self.last = 0  # last log key read
+        self.where: dict[bytes, int] = {}
+        self.views_delta = 0
+        self._keys: list[bytes] | None = None  # sorted keys of `where`, made on demand
+
+    def refresh(self, snap) -> None:
+        """Catch up with the log as of `snap` (opened with ``_DOC_NAMES``, doc_log=False)."""
+        raw = snap.get("meta", DOC_LOG_EPOCH)
+        epoch = 0 if raw is None else _unpack(raw)
+        if epoch != self.epoch:
+            self.epoch, self.last, self.where, self._keys = epoch, 0, {}, None
+            self.views_delta = 0
+        where = self.where
+        for n, value in snap.doc_log_after(self.last):
+            for dkey, off, length in doc_log_entries(value):
+                old = where.get(dkey)
+                if old is None:
+                    in_views = snap.get("views", dkey) is not None
+                else:
+                    in_views = bool(old & 4)
+                    self.views_delta -= ((old >> 1) & 1) - in_views
+                if length < 0:
+                    where[dkey] = in_views << 2
+                    self.views_delta -= in_views
+                else:
+                    where[dkey] = (n << 67 | off << 35 | length << 3 | in_views << 2 | 2
+                                   | record_live(value[off:off + length]))
+                    self.views_delta += 1 - in_views
+            self.last = n
+            self._keys = None
+
+    def keys(self) -> list[bytes]:
+        if self._keys is None:
+            self._keys = sorted(self.where)
+        return self._keys
+
+    def live(self, dkey: bytes) -> bool:
+        return bool(self.where[dkey] & 1)
+
+    def record(self, snap, dkey: bytes) -> bytes | None:
+        """The stored bytes of a document (the log overlaid), or None."""
+        w = self.where.get(dkey)
+        if w is None:
+            raw = snap.get("views", dkey)
+        elif not w & 2:
+            return None  # deleted
+        else:
+            off, length = (w >> 35) & _LEN, (w >> 3) & _LEN
+            rec = snap.get("doc_log", (w >> 67).to_bytes(8, "big"))
+            raw = rec[off:off + length]
+        return None if raw is None else bytes(raw)
+
+
 class ShardReader:
     """One shard's LMDB environment, opened read-only on first use (store.SharedReader)."""
 
@@ -80,18 +163,28 @@ class ShardReader:
         self._reader = SharedReader(path, log)
         self._views: list[str] | None = None  # meta "views": view names in id order
         self._lock = threading.Lock()
+        self.doc_log = DocLogIndex()  # read and changed under _lock (read_docs)
 
-    def read(self, names: tuple[str, ...], fn):
+    def read(self, names: tuple[str, ...], fn, buffers: bool = False, doc_log: bool = True):
         """Run ``fn(snapshot) -> value`` in one read transaction (a store.Snapshot over the
-        databases ``names``, a missing one reading as empty); None if no shard yet."""
+        databases ``names``, a missing one reading as empty); None if no shard yet.
+        `buffers`: values are buffers valid until `fn` returns."""
         with self._lock:
-            snap = self._reader.snapshot(names)
+            snap = self._reader.snapshot(names, buffers=buffers, doc_log=doc_log)
             if snap is None:
                 return None
             try:
                 return fn(snap)
             finally:
                 snap.close()
+
+    def read_docs(self, fn):
+        """``fn(snapshot, doc_log_index)`` in one read transaction over ``views`` with the
+        document log, the index caught up first (values are buffers until `fn` returns)."""
+        def run(snap):
+            self.doc_log.refresh(snap)
+            return fn(snap, self.doc_log)
+        return self.read(_DOC_NAMES, run, buffers=True, doc_log=False)
 
     def view_ids(self, refresh: bool = False) -> list[str]:
         """View names in id order (``meta["views"]``); [] before the worker booted."""
@@ -122,7 +215,13 @@ class ShardReader:
         names = self.read((), lambda snap: snap.names())
         # the dedup index's databases count as one, "dedup" (store.py, format 2)
         tables = tuple(n for n in names or () if not n.startswith("dedup."))
-        entries = self.read(tables, lambda snap: snap.entries_of())
+        def count(snap):
+            out = snap.entries_of()
+            if "views" in out and "doc_log" in out:  # with the log overlaid (DocLogIndex)
+                self.doc_log.refresh(snap)
+                out["views"] += self.doc_log.views_delta
+            return out
+        entries = self.read(tables, count, doc_log=False)
         if entries is not None and names and any(n.startswith("dedup.") for n in names):
             entries["dedup"] = self.read(  # with the unsealed ids of dedup_live (format 4)
                 (*(n for n in names if n.startswith("dedup.")), "dedup_live", "meta"),
@@ -240,7 +339,7 @@ class Views:
             return None
         lkey = view_key(slot_prefix(slot), vid, key)
 
-        raw = shard.read(("views",), lambda snap: snap.get("views", lkey))
+        raw = shard.read_docs(lambda snap, docs: docs.record(snap, lkey))
         if raw is None:
             return None
         rec = unpack_record(raw)
@@ -285,12 +384,13 @@ class Views:
         if vid is None:
             return []
 
-        def fn(snap):
+        def fn(snap, docs):
             serves = None if self.serves is None else (
                 lambda slot: self.serves(slot) == index)  # noqa: B023 - used at once
-            return list(snap.view_keys(vid, after, limit, serves))
+            overlay = (docs.keys(), docs.live) if docs.where else None
+            return list(snap.view_keys(vid, after, limit, serves, overlay))
 
-        return shard.read(("views",), fn) or []
+        return shard.read_docs(fn) or []
 
     def stats(self) -> list[dict]:
         """Per shard: path, entries per database, map size, file size (see ShardReader)."""

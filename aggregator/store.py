@@ -7,7 +7,12 @@ database       key                                    value
 =============  =====================================  ====================================
 views          S + view id (1 byte) + view key        msgpack {"v": version, "j": JSON of
                                                       the doc, "s": {source: [seq, time]}}
-                                                      or {"v", "d": doc, "s"} (see below)
+                                                      or {"v", "d": doc, "s"} (see below),
+                                                      as of the last checkpoint (doc_log)
+doc_log        log seq (8)                            one commit's documents: per document
+                                                      key length (2) + record length (4,
+                                                      0xFFFFFFFF: deleted) + key + record
+                                                      (as in views; format 5)
 dedup.<i>      b"h" (hot) or b"s" (sealed); DUPSORT   S + identity hash (16) per duplicate
                + DUPFIXED: one database per dedup     (sorted, fixed size: LMDB packs them
                generation g, i = g % DEDUP_POOL       16+2 bytes each, no node headers)
@@ -36,13 +41,33 @@ dedup_live     entry seq (8)                          generation (8) + S + ident
 meta           name                                   msgpack value
 =============  =====================================  ====================================
 
-Format 5 (this build) is format 4 with change outbox blobs that may be compressed: a blob
+Format 5 (this build) is format 4 with the document log and compressed change blobs.
+
+The document log: a worker's commit appends its
+documents (the packed records of ``views``, or deletes) as one ``doc_log`` record
+(sequential key: contiguous overflow pages, about the documents' size on disk) instead of
+putting them at random keys of ``views`` (one 4 KiB page per update once the table outgrows
+a transaction). Once the bytes logged since the last checkpoint reach
+``service.doc_checkpoint_bytes``, a batch's transaction also checkpoints: the latest record
+of every document logged since goes into ``views`` (one sorted putmulti, then the deletes),
+the log is emptied (mdb_drop) and meta ``doc_log_epoch`` is bumped. A document's record is
+the log's if it has one (the later record wins; a deleted entry hides the ``views`` row),
+else the one of ``views``: every reader overlays the log (the worker from memory,
+`Shard.doc_pending`, loaded from the log at open; `Snapshot` with the log's database:
+`Shard.documents`, `Shard.stat`, `read_views`, the reshard; query.py keeps its own index of
+the log per shard, read incrementally, dropped when ``doc_log_epoch`` changes). Cluster mode
+writes ``views`` directly (`Batch.write_doc`, changelog.py) and folds a log left by a
+non-cluster run at boot (`Shard.fold_doc_log`); the reshard and the restore write ``views``
+as they did. A format-4 shard (no ``doc_log``) is read as it is and stamped 5 when a worker
+opens it, so that an older build then refuses it instead of missing the logged documents.
+
+The change outbox blobs may be compressed: a blob
 whose body (everything after its 16-byte head) is at least 256 bytes and gets smaller is
 stored with flag 2 (BLOB_LZ4) in its head, the body's length (u32) and the body as one LZ4
 block (changes.py, `compress_blob`; ``changes.compress_blobs`` turns it off). Every reader
 goes through `changes.outbox_blobs` / `blob_records`, which take both forms, so a format-4
-shard is read as it is and stamped 5 when a worker opens it; an older build then refuses the
-directory instead of misreading a compressed blob.
+shard's blobs are read as they are; an older build refuses a format-5 directory instead of
+misreading a compressed blob.
 
 Format 4 is format 3 with two appended tables in place of random-key writes
 per event: the sequence log and the unsealed dedup ids.
@@ -59,8 +84,8 @@ from memory, `Shard.seq_pending`, loaded from the log at open; `Shard.parked_str
 `Snapshot.seq_rows` for the reshard and the tools). Cluster mode writes ``seq`` directly
 (`Batch.write_seqs`, changelog.py: its restore and task drop write that table as it is) and
 folds a log left by a non-cluster run at boot (`Shard.fold_seq_log`). Formats 2 and 3 (no
-``seq_log``, every row in ``seq``) are read as they are and stamped 4 when a worker opens
-them (`Shard.check_layout`), so that an older build then refuses the directory ("data format
+``seq_log``, every row in ``seq``) are read as they are and stamped 4 (now 5) when a worker
+opens them (`Shard.check_layout`), so that an older build then refuses the directory ("data format
 4") instead of missing the logged rows.
 
 The unsealed dedup ids are in ``dedup_live`` instead of
@@ -161,7 +186,7 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 5
 FORMATS_IN_PLACE = (2, 3, 4)  # read as they are; stamped FORMAT_VERSION when a worker opens them
 _DBS = ("views", "seq", "seq_log", "parked", "offsets", "links", "outbox", "changes",
-        "dedup_log", "dedup_live", "meta")
+        "dedup_log", "dedup_live", "doc_log", "meta")
 FORMAT1_DBS = ("dedup", "dedup_gen")  # format 1's dedup index (read by the migration only)
 DEDUP_POOL = 66  # dedup.<g % DEDUP_POOL>: more than dedup.bloom_generations (<= 64) + 1
 HOT, SEALED = b"h", b"s"  # the two keys of a generation's database (format 2 above)
@@ -173,11 +198,15 @@ SEQ_KEY_BYTES = 18  # a seq key: slot prefix (2) + gate hash (16)
 SEQ_LOG_ENTRY = SEQ_KEY_BYTES + SEQ_ROW.size  # a seq_log entry: seq key + SEQ_ROW (32 bytes)
 NO_TOPIC = 0xFFFF
 _U64 = struct.Struct(">Q")
+_DOC_HEAD = struct.Struct(">HI")  # a doc_log entry: key length, record length (then both)
+DOC_GONE = 0xFFFFFFFF  # the record length of a deleted document's entry (no record bytes)
+DOC_LOG_EPOCH = b"doc_log_epoch"  # meta: bumped by every doc checkpoint (query.py's cache)
 _I64 = struct.Struct(">q")
 _U16 = struct.Struct(">H")
 _PART = struct.Struct(">i")
 
 _pack = msgpack.Packer(use_bin_type=True).pack
+_ABSENT = object()  # not in a map of logged documents (None there: deleted)
 
 
 def _unpack(b: bytes):
@@ -322,6 +351,69 @@ def write_seq_checkpoint(txn, seq_db, log_db, rows: dict[bytes, bytes]) -> None:
         # LMDB (30k rows into a 200k-row table: sort 12-36 ms + putmulti 17 ms, unsorted 23 ms)
         txn.cursor(db=seq_db).putmulti(rows.items())
     txn.drop(log_db, delete=False)
+
+
+def pack_doc_log(docs: dict[bytes, bytes | None]) -> bytes:
+    """One ``doc_log`` record: per document, key length (2) + record length (4) + key +
+    record; a deleted document has the length DOC_GONE and no record bytes."""
+    head, parts = _DOC_HEAD.pack, []
+    for dkey, raw in docs.items():
+        if raw is None:
+            parts += (head(len(dkey), DOC_GONE), dkey)
+        else:
+            parts += (head(len(dkey), len(raw)), dkey, raw)
+    return b"".join(parts)
+
+
+def doc_log_entries(value) -> Iterator[tuple[bytes, int, int]]:
+    """(document key, offset of its record, record length or -1: deleted) of the entries of
+    one ``doc_log`` record (bytes or a buffer), in order."""
+    unpack, hs, n, i = _DOC_HEAD.unpack_from, _DOC_HEAD.size, len(value), 0
+    while i < n:
+        kl, rl = unpack(value, i)
+        i += hs
+        dkey = bytes(value[i:i + kl])
+        i += kl
+        if rl == DOC_GONE:
+            yield dkey, i, -1
+        else:
+            yield dkey, i, rl
+            i += rl
+
+
+def doc_log_rows(txn, db) -> tuple[dict[bytes, bytes | None], int, int]:
+    """The ``doc_log`` of a shard read in `txn` (`db` its handle, or None: no log): ({document
+    key: latest record logged, None if deleted}, last log key, bytes logged). Records in key
+    order, entries in a record in order: the later entry of a key wins."""
+    docs: dict[bytes, bytes | None] = {}
+    last = n = 0
+    if db is None:
+        return docs, last, n
+    for key, value in txn.cursor(db=db):
+        value = bytes(value)
+        for dkey, off, length in doc_log_entries(value):
+            docs[dkey] = None if length < 0 else value[off:off + length]
+        n += len(value)
+        last = _U64.unpack(key)[0]
+    return docs, last, n
+
+
+def write_doc_checkpoint(txn, views_db, log_db, meta_db, docs: dict[bytes, bytes | None]) -> None:
+    """A checkpoint of the document log in `txn`: `docs` (the latest record of every document
+    logged since the last checkpoint, None: deleted) into ``views`` in one sorted putmulti
+    and the deletes, the log emptied (mdb_drop: its pages go to the free list) and meta
+    DOC_LOG_EPOCH bumped (readers that cached the log see that it was dropped)."""
+    if docs:
+        live = sorted((k, v) for k, v in docs.items() if v is not None)
+        cur = txn.cursor(db=views_db)
+        if live:
+            cur.putmulti(live)
+        for k in sorted(k for k, v in docs.items() if v is None):
+            if cur.set_key(k):
+                cur.delete()
+    txn.drop(log_db, delete=False)
+    raw = txn.get(DOC_LOG_EPOCH, db=meta_db)
+    txn.put(DOC_LOG_EPOCH, _pack((0 if raw is None else _unpack(raw)) + 1), db=meta_db)
 
 
 def parse_seq_value_v1(value: bytes) -> list:
@@ -471,6 +563,9 @@ class Shard:
         with self.env.begin() as txn:
             self.seq_pending, self.seq_log_last, self.seq_logged = seq_log_rows(
                 txn, self.db.get("seq_log"))
+            # the document log (format 5): documents logged since the last checkpoint
+            self.doc_pending, self.doc_log_last, self.doc_logged = doc_log_rows(
+                txn, self.db.get("doc_log"))
 
     def fold_seq_log(self) -> int:
         """Checkpoint the sequence log in a transaction of its own (for the writers of
@@ -482,6 +577,19 @@ class Shard:
         with self.env.begin(write=True) as txn:
             write_seq_checkpoint(txn, self.db["seq"], self.db["seq_log"], self.seq_pending)
         self.seq_pending, self.seq_log_last, self.seq_logged = {}, 0, 0
+        return n
+
+    def fold_doc_log(self) -> int:
+        """Checkpoint the document log in a transaction of its own (for the writers of
+        ``views`` that bypass the log: cluster mode); returns the documents written (0: the
+        log was empty)."""
+        if not self.doc_logged:
+            return 0
+        n = len(self.doc_pending)
+        with self.env.begin(write=True) as txn:
+            write_doc_checkpoint(txn, self.db["views"], self.db["doc_log"], self.db["meta"],
+                                 self.doc_pending)
+        self.doc_pending, self.doc_log_last, self.doc_logged = {}, 0, 0
         return n
 
     def seq_rows(self) -> Iterator[tuple[bytes, bytes]]:
@@ -734,11 +842,12 @@ class Shard:
         return out
 
     def documents(self, views: list[str]) -> Iterator[tuple[str, str, dict]]:
-        """(view, key, stored record) for every document in the shard."""
-        with self.env.begin(db=self.db["views"], buffers=False) as txn:
-            for k, v in txn.cursor():
-                vid = k[2]
-                yield views[vid], k[3:].decode(), unpack_record(v)
+        """(view, key, stored record) for every document in the shard, in key order
+        (``views`` with the document log overlaid)."""
+        with self.env.begin(buffers=False) as txn:
+            snap = Snapshot(txn, self.db, self.dedup_pool)
+            for k, v in snap.rows("views"):
+                yield views[k[2]], k[3:].decode(), unpack_record(v)
 
     def meta_items(self) -> dict:
         """Every meta entry, decoded ({} for a shard without the meta database)."""
@@ -766,6 +875,8 @@ class Shard:
         with self.env.begin() as txn:
             for name, db in self.db.items():
                 out[name] = txn.stat(db)["entries"]
+            if "views" in out and self.db.get("doc_log") is not None:  # the log overlaid
+                out["views"] = Snapshot(txn, self.db, self.dedup_pool).entries("views")
             if "dedup" not in self.db:
                 out["dedup"] = sum(txn.stat(self.dedup_db(g))["entries"]
                                    for g, _ in self.dedup_index) + _live_count(
@@ -1096,7 +1207,8 @@ class Batch(_IndexWrites):
     """One write transaction: everything a batch changes, committed at once or not at all."""
 
     __slots__ = ("shard", "txn", "_db", "_seen", "_live_new", "_live_seq", "_pending", "_dx",
-                 "_topics", "_seqp", "_seq_next", "_seq_n", "_seq_ckpt")
+                 "_topics", "_seqp", "_seq_next", "_seq_n", "_seq_ckpt", "_docp", "_doc_next",
+                 "_doc_n", "_doc_ckpt")
 
     def __init__(self, shard: Shard):
         self.shard = shard
@@ -1110,6 +1222,7 @@ class Batch(_IndexWrites):
         self._pending: dict[int, list] = {}  # _pending_has: this transaction's ids, as a set
         self._init_index()
         self._init_seq_log()
+        self._init_doc_log()
         mine = shard.writer_epoch
         if mine is not None:  # fencing: one get per transaction (see Shard.claim_writer)
             raw = self.txn.get(WRITER_EPOCH, db=self._db["meta"])
@@ -1118,22 +1231,101 @@ class Batch(_IndexWrites):
                 self.txn.abort()
                 raise Fenced(shard.path, mine, epoch)
 
-    # documents
+    # documents (the log: see the format notes)
+    def _init_doc_log(self) -> None:
+        self._docp: dict[bytes, bytes | None] = {}  # documents logged in this transaction
+        # (since its checkpoint, if it made one): key -> packed record, None: deleted
+        self._doc_next = self.shard.doc_log_last  # last log key used
+        self._doc_n = 0  # bytes logged in this transaction (since its checkpoint)
+        self._doc_ckpt = False  # this transaction made a checkpoint
+
     def get_doc(self, dkey: bytes) -> dict | None:
-        """The record {"v", "d", "s"} of a document, or None."""
-        raw = self.txn.get(dkey, db=self._db["views"])
+        """The record {"v", "d", "s"} of a document (the log overlaid), or None."""
+        raw = self._docp.get(dkey, _ABSENT)
+        if raw is _ABSENT:
+            if not self._doc_ckpt:
+                raw = self.shard.doc_pending.get(dkey, _ABSENT)
+            if raw is _ABSENT:
+                raw = self.txn.get(dkey, db=self._db["views"])
         return None if raw is None else unpack_record(raw)
 
+    def doc_raw(self, dkey: bytes) -> bytes | None:
+        """The stored bytes of a document's record (the log overlaid), or None."""
+        raw = self._docp.get(dkey, _ABSENT)
+        if raw is _ABSENT:
+            if not self._doc_ckpt:
+                raw = self.shard.doc_pending.get(dkey, _ABSENT)
+            if raw is _ABSENT:
+                raw = self.txn.get(dkey, db=self._db["views"])
+        return raw
+
     def put_doc(self, dkey: bytes, record: dict, body: bytes | None | bool = True) -> int:
-        """Store a document's record {"v", "d", "s"}; returns its stored size in bytes.
-        `body`: the document's `doc_codec.json_body` when the caller has it (bytes, or
-        None: not JSON-exact); True (the default) decides here."""
+        """Store a document's record {"v", "d", "s"} (logged: one appended ``doc_log``
+        record per commit); returns its stored size in bytes. `body`: the document's
+        `doc_codec.json_body` when the caller has it (bytes, or None: not JSON-exact); True
+        (the default) decides here."""
         raw = pack_record(record, json_body(record["d"]) if body is True else body)
-        self.txn.put(dkey, raw, db=self._db["views"])
+        self._log_doc(dkey, raw)
         return len(raw)
 
     def delete_doc(self, dkey: bytes) -> None:
-        self.txn.delete(dkey, db=self._db["views"])
+        self._log_doc(dkey, None)
+
+    def _log_doc(self, dkey: bytes, raw: bytes | None) -> None:
+        """This transaction's latest record of a document (one entry per key in its log
+        record); `_doc_n` counts the bytes of the record's entries."""
+        docp = self._docp
+        old = docp.get(dkey, _ABSENT)
+        if old is not _ABSENT:
+            self._doc_n -= _DOC_HEAD.size + len(dkey) + (0 if old is None else len(old))
+        docp[dkey] = raw
+        self._doc_n += _DOC_HEAD.size + len(dkey) + (0 if raw is None else len(raw))
+
+    def write_doc(self, dkey: bytes, raw: bytes | None) -> None:
+        """A packed record straight into ``views`` (None: the key deleted), bypassing the log
+        (cluster mode: changelog.CapturingBatch; its shard's log is folded at boot)."""
+        if self.shard.doc_logged or self._docp:
+            raise ShardError(f"{self.shard.path}: documents written past a non-empty log")
+        if raw is None:
+            self.txn.delete(dkey, db=self._db["views"])
+        else:
+            self.txn.put(dkey, raw, db=self._db["views"])
+
+    @property
+    def doc_log_bytes(self) -> int:
+        """Bytes in the document log with this transaction's (since the last checkpoint):
+        they bound the shard's `doc_pending` as well."""
+        return self._doc_n if self._doc_ckpt else self.shard.doc_logged + self._doc_n
+
+    def checkpoint_docs(self) -> int:
+        """A checkpoint in this transaction: the latest record of every document logged since
+        the last one into ``views``, the log emptied (`write_doc_checkpoint`); returns how
+        many documents."""
+        docs = self._docp if self._doc_ckpt else {**self.shard.doc_pending, **self._docp}
+        write_doc_checkpoint(self.txn, self._db["views"], self._db["doc_log"],
+                             self._db["meta"], docs)
+        self._docp, self._doc_next, self._doc_n, self._doc_ckpt = {}, 0, 0, True
+        return len(docs)
+
+    def _write_doc_log(self) -> None:
+        """Before the commit: this transaction's documents appended as one doc_log record."""
+        if not self._docp:
+            return
+        self._doc_next += 1
+        if not self.txn.put(_U64.pack(self._doc_next), pack_doc_log(self._docp),
+                            db=self._db["doc_log"], append=True):
+            raise ShardError(f"{self.shard.path}: doc_log key {self._doc_next} out of order")
+
+    def _adopt_doc_log(self) -> None:
+        """After the commit: the shard takes the transaction's log state."""
+        shard = self.shard
+        if self._doc_ckpt:
+            shard.doc_pending, shard.doc_logged = self._docp, self._doc_n
+        elif self._docp:
+            shard.doc_pending.update(self._docp)
+            shard.doc_logged += self._doc_n
+        shard.doc_log_last = self._doc_next
+        self._docp, self._doc_n, self._doc_ckpt = {}, 0, False
 
     # dedup index (seen: _IndexWrites)
     def mark_seen(self, skey: bytes, generation: int) -> None:
@@ -1508,10 +1700,12 @@ class Batch(_IndexWrites):
         live = self.shard.live is not None
         if live:
             self._write_live()
+        self._write_doc_log()
         self._write_index()
         self.txn.commit()
         self._adopt_index()
         self._adopt_seq_log()
+        self._adopt_doc_log()
         if live:
             self._adopt_live()
         self.shard.after_commit()
@@ -1519,6 +1713,7 @@ class Batch(_IndexWrites):
     def abort(self) -> None:
         self._dx = self._topics = None
         self._seqp, self._seq_n, self._seq_ckpt = {}, 0, False
+        self._docp, self._doc_n, self._doc_ckpt = {}, 0, False
         self._live_new, self._pending = {}, {}
         try:
             self.txn.abort()
@@ -1619,12 +1814,21 @@ class RawWrite(_IndexWrites):
 
 class Snapshot:
     """One read transaction (a consistent snapshot) over named databases; a database that
-    does not exist (yet) reads as empty. Closed by its owner: it pins its pages."""
+    does not exist (yet) reads as empty. Closed by its owner: it pins its pages. With the
+    ``doc_log`` database (format 5), ``views`` reads (get, rows, entries, view_keys) see the
+    document log overlaid, read once on first use."""
 
-    __slots__ = ("txn", "_db", "_pool", "_index", "_logged", "_logged_slots", "_live")
+    __slots__ = ("txn", "_db", "_pool", "_index", "_logged", "_logged_slots", "_live", "_docs",
+                 "_doc_keys", "_doc_db")
 
-    def __init__(self, txn, dbs: dict, pool: dict | None = None):
+    def __init__(self, txn, dbs: dict, pool: dict | None = None, doc_log: bool = True):
         self.txn, self._db, self._pool = txn, dbs, pool or {}
+        # the document log (format 5), read on first use when the snapshot has its database
+        # and `doc_log`: ``views`` reads through get, rows, entries and view_keys overlay it
+        # (query.py passes False and overlays its own index of the log)
+        self._doc_db = dbs.get("doc_log") if doc_log else None
+        self._docs: dict[bytes, bytes | None] | None = None
+        self._doc_keys: list[bytes] | None = None  # its keys, sorted
         self._logged: dict[bytes, bytes] | None = None
         self._logged_slots: dict[bytes, list[tuple[bytes, bytes]]] | None = None
         raw = self.get("meta", b"dedup_index")
@@ -1680,7 +1884,67 @@ class Snapshot:
 
     def get(self, table: str, key: bytes) -> bytes | None:
         db = self._db.get(table)
+        if table == "views" and self._doc_db is not None:
+            raw = self.doc_logged().get(key, _ABSENT)
+            if raw is not _ABSENT:
+                return raw
         return None if db is None else self.txn.get(key, db=db)
+
+    def doc_logged(self) -> dict[bytes, bytes | None]:
+        """{document key: latest record logged, None: deleted} of the documents logged since
+        the last checkpoint (read once; empty without the log's database)."""
+        if self._docs is None:
+            self._docs = doc_log_rows(self.txn, self._doc_db)[0]
+            self._doc_keys = sorted(self._docs)
+        return self._docs
+
+    def doc_log_after(self, after: int) -> Iterator[tuple[int, bytes]]:
+        """(log key, record) of the ``doc_log`` records with key > after, in order."""
+        db = self._db.get("doc_log")
+        if db is None:
+            return
+        cur = self.txn.cursor(db=db)
+        if not cur.set_range(_U64.pack(after + 1)):
+            return
+        for k, v in cur:
+            yield _U64.unpack(k)[0], v
+
+    def _doc_range(self, prefix: bytes, start: bytes | None) -> list[bytes]:
+        """The logged document keys that start with `prefix` (and are >= `start`), sorted."""
+        if not self.doc_logged():
+            return []
+        keys = self._doc_keys
+        i = bisect.bisect_left(keys, prefix if start is None or start < prefix else start)
+        j = i
+        while j < len(keys) and keys[j].startswith(prefix):
+            j += 1
+        return keys[i:j]
+
+    def _view_rows(self, prefix: bytes, start: bytes | None):
+        """rows("views"): ``views`` merged with the logged documents (a deleted one left out,
+        a logged one in place of its row), in key order."""
+        docs = self.doc_logged()
+        extra = self._doc_range(prefix, start)
+        i, n = 0, len(extra)
+        db = self._db.get("views")
+        base = () if db is None else self._table_rows(db, prefix, start)
+        for k, v in base:
+            while i < n and extra[i] < k:
+                raw = docs[extra[i]]
+                if raw is not None:
+                    yield extra[i], raw
+                i += 1
+            if i < n and extra[i] == k:
+                raw = docs[extra[i]]
+                if raw is not None:
+                    yield extra[i], raw
+                i += 1
+            else:
+                yield k, v
+        for k in extra[i:]:
+            raw = docs[k]
+            if raw is not None:
+                yield k, raw
 
     def seq_logged(self) -> dict[bytes, bytes]:
         """{seq key: SEQ_ROW} of the rows logged since the last checkpoint (read once)."""
@@ -1722,9 +1986,15 @@ class Snapshot:
     def rows(self, table: str, prefix: bytes = b"", start: bytes | None = None):
         """(key, value) of a table whose key starts with `prefix` (and is >= `start`), in
         key order."""
+        if table == "views" and self._doc_db is not None:
+            yield from self._view_rows(prefix, start)
+            return
         db = self._db.get(table)
         if db is None:
             return
+        yield from self._table_rows(db, prefix, start)
+
+    def _table_rows(self, db, prefix: bytes, start: bytes | None):
         cur = self.txn.cursor(db=db)
         if not cur.set_range(prefix if start is None else start):
             return
@@ -1738,7 +2008,14 @@ class Snapshot:
         return {bytes(k).decode(): _unpack(v) for k, v in self.rows("meta")}
 
     def entries(self, table: str) -> int:
+        """Rows of a table (``views``: the document log overlaid)."""
         db = self._db.get(table)
+        if table == "views" and self._doc_db is not None and self.doc_logged():
+            n = 0 if db is None else self.txn.stat(db)["entries"]
+            for k, raw in self._docs.items():
+                there = db is not None and self.txn.get(k, db=db) is not None
+                n += (raw is not None) - there
+            return n
         if db is None and table == "dedup":
             return sum(self.txn.stat(self._pool[g % DEDUP_POOL])["entries"]
                        for g, _ in self._index if g % DEDUP_POOL in self._pool) + _live_count(
@@ -1753,11 +2030,14 @@ class Snapshot:
 
     def entries_of(self) -> dict[str, int]:
         """Entries per database of this snapshot that exists (``seq``: the streams, the
-        sequence log overlaid; ``seq_log``: its records)."""
+        sequence log overlaid; ``seq_log``: its records; ``views``: the document log
+        overlaid)."""
         out = {name: self.txn.stat(db)["entries"] for name, db in self._db.items()
                if db is not None}
         if "seq" in out and self._db.get("seq_log") is not None:
             out["seq"] = self.seq_entries()
+        if "views" in out:
+            out["views"] = self.entries("views")
         return out
 
     def names(self) -> list[str]:
@@ -1765,9 +2045,78 @@ class Snapshot:
         return [bytes(k).decode() for k, _ in self.txn.cursor()]
 
     def view_keys(self, vid: int, after: bytes | None, limit: int,
-                  serves: Callable[[int], bool] | None = None) -> Iterator[bytes]:
+                  serves: Callable[[int], bool] | None = None,
+                  overlay: tuple[list[bytes], Callable[[bytes], bool]] | None = None
+                  ) -> Iterator[bytes]:
         """Keys ``slot(2) + vid + key`` of live documents in LMDB order, strictly after
         ``after``, at most ``limit``; ``serves(slot)`` filters slots.
+
+        ``overlay``: (sorted keys of logged documents, whether a logged one is live), which
+        take the place of their ``views`` rows (query.py keeps its own from the document
+        log); None: this snapshot's document log, if it has its database.
+        """
+        if limit <= 0:
+            return
+        if overlay is None and self._doc_db is not None and self.doc_logged():
+            docs = self._docs
+
+            def live(k: bytes) -> bool:
+                raw = docs[k]
+                return raw is not None and record_live(raw)
+            overlay = (self._doc_keys, live)
+        rows = self._view_rows_of(vid, after, serves)
+        if overlay is None:
+            n = 0
+            for k, v in rows:
+                if record_live(v):
+                    yield k
+                    n += 1
+                    if n >= limit:
+                        return
+            return
+        keys, live = overlay
+        vb = bytes((vid,))
+        start = bisect.bisect_right(keys, after) if after is not None else 0
+
+        def pending() -> Iterator[bytes]:
+            for i in range(start, len(keys)):
+                k = keys[i]
+                if len(k) >= 3 and k[2:3] == vb and (
+                        serves is None or serves(int.from_bytes(k[:2], "big"))):
+                    yield k
+        pit = pending()
+        p = next(pit, None)
+        n = 0
+        for k, v in rows:
+            while p is not None and p < k:
+                if live(p):
+                    yield p
+                    n += 1
+                    if n >= limit:
+                        return
+                p = next(pit, None)
+            if p is not None and p == k:
+                ok = live(p)
+                p = next(pit, None)
+            else:
+                ok = record_live(v)
+            if ok:
+                yield k
+                n += 1
+                if n >= limit:
+                    return
+        while p is not None:
+            if live(p):
+                yield p
+                n += 1
+                if n >= limit:
+                    return
+            p = next(pit, None)
+
+    def _view_rows_of(self, vid: int, after: bytes | None,
+                      serves: Callable[[int], bool] | None) -> Iterator[tuple[bytes, bytes]]:
+        """(key, value) of the ``views`` rows of view `vid` strictly after `after`, in LMDB
+        order, of the slots `serves` takes.
 
         Rows of other views interleave with this view's (the slot comes first), so the scan
         jumps: on a row of another view it seeks straight to this view's rows in that slot,
@@ -1785,19 +2134,15 @@ class Snapshot:
             found = cur.set_range(after)
             if found and cur.key() == after:
                 found = cur.next()
-        n = 0
-        while found and n < limit:
+        while found:
             k = cur.key()
             if len(k) < 3:
                 found = cur.next()
                 continue
-            slot, kv = k[:2], k[2]
+            slot, kv = bytes(k[:2]), k[2]
             if kv == vid:
-                raw = cur.value()
-                if (serves is None or serves(int.from_bytes(slot, "big"))) and \
-                        record_live(raw):
-                    n += 1
-                    yield bytes(k)
+                if serves is None or serves(int.from_bytes(slot, "big")):
+                    yield bytes(k), cur.value()
                 found = cur.next()
             elif kv < vid:
                 found = cur.set_range(slot + v)  # this view's rows in the same slot
@@ -1866,14 +2211,17 @@ class SharedReader:
             self._dbs[name] = db
         return db
 
-    def snapshot(self, names: tuple[str, ...]) -> Snapshot | None:
+    def snapshot(self, names: tuple[str, ...], buffers: bool = False,
+                 doc_log: bool = True) -> Snapshot | None:
         """A read transaction over the databases `names` (one that does not exist reads as
-        empty); None if the shard does not exist yet. The caller closes it."""
+        empty); None if the shard does not exist yet. The caller closes it. `buffers`:
+        values as buffers into the map, valid until it closes; `doc_log`: see Snapshot."""
         env = self._open()
         if env is None:
             return None
         dbs = {name: self._db(env, name) for name in names}
-        return Snapshot(self._retry_resized(env, lambda: env.begin(buffers=False)), dbs)
+        return Snapshot(self._retry_resized(env, lambda: env.begin(buffers=buffers)), dbs,
+                        doc_log=doc_log)
 
     def info(self) -> tuple[dict, int] | None:
         """(LMDB environment info, page size), or None if not opened."""

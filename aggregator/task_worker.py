@@ -77,6 +77,7 @@ class TaskWorker(Worker):
         # cluster mode writes seq rows without the sequence log (changelog.CapturingBatch):
         # the rows a non-cluster run left logged go into seq first
         self.shard.fold_seq_log()
+        self.shard.fold_doc_log()  # the same for documents (CapturingBatch writes views)
         self.tasks = self.key_owners = cfg.cluster.tasks
         self.TT = len(self.topics)  # the tasks topic's partitions are (topic index TT, task)
         self.topics.append(cfg.tasks_topic())

@@ -639,6 +639,9 @@ class Worker(DedupStage, GateStage, RouteStage, LinksStage):
         if batch.seq_log_rows >= self.cfg.gate.seq_checkpoint_rows:
             batch.checkpoint_seqs()  # the logged rows into seq, the log emptied
             fault_point("seq_checkpoint")  # checkpoint written, not committed
+        if batch.doc_log_bytes >= self.cfg.service.doc_checkpoint_bytes:
+            batch.checkpoint_docs()  # the logged documents into views, the log emptied
+            fault_point("doc_checkpoint")  # checkpoint written, not committed
         for (ti, part), off in self.attempt.through.items():
             batch.put_offset(self.topics[ti], part, off)
         if self.publisher is not None:

@@ -198,7 +198,7 @@ def _store_and_read(shard: Shard, key: str, doc) -> tuple[dict, dict]:
     b = shard.begin()
     try:
         back = b.get_doc(dkey)
-        raw = bytes(b.txn.get(dkey, db=b._db["views"]))
+        raw = bytes(b.doc_raw(dkey))  # the stored form (the document log overlaid)
     finally:
         b.abort()
     return back, msgpack.unpackb(raw, raw=False, strict_map_key=False)
@@ -245,7 +245,7 @@ def test_records_of_the_previous_build_read_as_before(tmp_path):
         b.commit()
         b = s.begin()
         assert b.get_doc(view_key(b"\x00\x00", 0, "old")) == {"v": 2, "d": {"a": [1, 2]}, "s": {}}
-        raw_tomb = b.txn.get(view_key(b"\x00\x00", 0, "gone"), db=b._db["views"])
+        raw_tomb = b.doc_raw(view_key(b"\x00\x00", 0, "gone"))
         assert msgpack.unpackb(raw_tomb) == tomb and not record_live(raw_tomb)
         b.abort()
         snap = s.snapshot()

@@ -115,6 +115,7 @@ class Snapshot:
         self.totals: list[dict] = []  # each shard's meta "totals" (store.TOTALS)
         self.seq: dict[bytes, list] = {}  # stream -> [last, topic, partition], log overlaid
         self.logged = 0  # seq rows in the shards' sequence logs (not checkpointed)
+        self.docs_logged = 0  # documents in the shards' document logs (not checkpointed)
         shards = sorted(data_dir.glob("shard-*"), key=lambda p: int(p.name[6:]))
         self.n = len(shards)
         plan = ViewPlan(cfg, {v: i for i, v in enumerate(cfg.views)})
@@ -129,14 +130,18 @@ class Snapshot:
             self.meta.append({k: s.get_meta(k) for k in
                               ("workers", "shard", "bloom_generation", "change_seq",
                                "changes_published", "link_out", "fingerprint")})
-            with s.env.begin(db=s.db["views"]) as txn:
-                for k, v in txn.cursor():
+            snap = s.snapshot()  # views with the document log overlaid
+            try:
+                for k, v in snap.rows("views"):
                     slot = int.from_bytes(k[:2], "big")
                     assert slot % self.n == i, f"slot {slot} in shard {i} of {self.n}"
                     doc = (views[k[2]], bytes(k[3:]).decode())
                     assert doc not in self.docs, f"{doc} in shards {self.owner[doc]} and {i}"
                     self.docs[doc] = unpack_record(v)
                     self.owner[doc] = i
+            finally:
+                snap.close()
+            self.docs_logged += len(s.doc_pending)
             for k, v in s.seq_rows():
                 assert int.from_bytes(k[:2], "big") % self.n == i and k not in self.seq
                 self.seq[k] = parse_seq_value(v, s.seq_topics)
@@ -182,6 +187,7 @@ def check_reshard(before: Snapshot, after: Snapshot, stats, m: int) -> None:
     assert after.parked == before.parked == stats.parked
     # every stream's sequence row, the old shards' logs overlaid, in the new seq tables
     assert after.seq == before.seq and after.logged == 0
+    assert after.docs_logged == 0  # the reshard writes views (the documents compared above)
     # no change event lost: the old unpublished ones, plus one per applied forwarded update
     assert stats.changes == before.unpublished
     assert after.unpublished == before.unpublished + stats.forwarded
@@ -218,16 +224,18 @@ def do_reshard(cfg, data_dir: Path, m: int):
 
 @pytest.mark.parametrize("ckpt", [32_768, 60], ids=["seq-logged", "seq-checkpointed"])
 def test_reshard_4_7_2_4_keeps_everything_exact(tmp_path, clusters, workload, oracle, ckpt):
-    """`ckpt` (gate.seq_checkpoint_rows): every sequence row still in the shards' logs (the
-    default, for this workload), or checkpoints every few batches (rows in both places)."""
+    """`ckpt` (gate.seq_checkpoint_rows): every sequence row and document still in the
+    shards' logs (the defaults, for this workload), or checkpoints every few batches (rows
+    and documents in both places: service.doc_checkpoint_bytes small as well)."""
     data = tmp_path / "data"
     published: list = []
     offsets: dict = {}
     base = clusters
+    docs = {} if ckpt == 32_768 else {"service.doc_checkpoint_bytes": 20_000}
 
     def clusters(data, n, published, offsets, overrides=None):
         return base(data, n, published, offsets,
-                    {"gate.seq_checkpoint_rows": ckpt, **(overrides or {})})
+                    {"gate.seq_checkpoint_rows": ckpt, **docs, **(overrides or {})})
     c = clusters(data, 4, published, offsets)
     recs = c.ring_records(workload.records)
     q = len(recs) // 4
@@ -249,6 +257,7 @@ def test_reshard_4_7_2_4_keeps_everything_exact(tmp_path, clusters, workload, or
     before, after, stats = do_reshard(c.cfg, data, 7)
     assert stats.forwarded > 0 and stats.changes > 0 and stats.parked == 2
     assert before.logged > 0 and len(before.seq) > before.logged * (ckpt < 1000)
+    assert before.docs_logged > 0  # documents read from the old shards' logs
     assert any(len({o.get(tp) for o in before.offsets}) > 1 for tp in before.offsets[0]), \
         "the old through-offsets should differ"
     resh_docs = {d: after.docs[d]["d"] for d in after.docs if "resh" in d[1]}

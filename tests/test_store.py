@@ -89,11 +89,12 @@ def test_check_layout_refuses_another_format(shard):
         shard.check_layout(shard=0, workers=1, slots=4096)
 
 
-@pytest.mark.parametrize("fmt", [2, 3])
+@pytest.mark.parametrize("fmt", [2, 3, 4])
 def test_an_older_shard_is_stamped_and_read_as_it_is(tmp_path, fmt):
-    """Format 3 only added the "j" form of views records, format 4 the sequence log: a
-    format-2 or format-3 shard (all "d", seq rows only in seq, no seq_log database) opens as
-    it is, is stamped 4 (an older build then refuses it) and needs no migration."""
+    """Format 3 only added the "j" form of views records, format 4 the sequence log, format
+    5 the document log: a format-2, 3 or 4 shard (seq rows only in seq, documents only in
+    views, no log database) opens as it is, is stamped 5 (an older build then refuses it)
+    and needs no migration."""
     from aggregator.reshard import needs_migration
     from aggregator.store import FORMATS_IN_PLACE, view_key
 
@@ -108,6 +109,7 @@ def test_an_older_shard_is_stamped_and_read_as_it_is(tmp_path, fmt):
         txn.put(gk(1, 1), SEQ_ROW.pack(9, 0, 2), db=s.db["seq"])
         txn.put(b"seq_topics", msgpack.packb(["t"]), db=s.db["meta"])
         txn.drop(s.db["seq_log"], delete=True)  # older builds had no such database
+        txn.drop(s.db["doc_log"], delete=True)  # (format 4 had seq_log, not doc_log)
     s.close()
     assert not needs_migration(tmp_path)
     s = Shard(tmp_path / "shard-0", sync=False)
@@ -701,7 +703,7 @@ READER = textwrap.dedent("""
     offsets = r.offsets()
     r.close()
     shared = SharedReader(path)
-    snap = shared.snapshot(("offsets", "views"))
+    snap = shared.snapshot(("offsets", "views", "doc_log"))  # views with the log overlaid
     views = snap.entries("views")
     through = parse_offset_value(snap.get("offsets", offset_key("t", 3)))
     snap.close()

@@ -1473,6 +1473,108 @@ def test_seq_checkpoints_are_exact_through_kills(make_cluster, workload, oracle,
     assert_views(c.views(), oracle)
 
 
+# ---- the document log: checkpoints through kills (format 5) -------------------------------------
+
+
+@pytest.mark.parametrize("where", ["in_checkpoint", "after_checkpoint_commit"])
+def test_doc_checkpoints_are_exact_through_kills(make_cluster, workload, oracle, monkeypatch,
+                                                 where):
+    """A small `service.doc_checkpoint_bytes` makes the workers checkpoint their document
+    log every few batches; every 2nd checkpoint, a worker dies inside the checkpoint's
+    transaction (written, not committed: where the fault point ``doc_checkpoint`` is) or
+    right after its commit, and the records are delivered again. The views, every change
+    event (versions 1..n per document: a document lost between log and checkpoint would
+    restart or repeat a version) and every applied count stay exact."""
+    real = store_mod.Batch.checkpoint_docs
+    made, kills, due = [0], [0], [False]
+
+    def checkpoint(self):
+        n = real(self)
+        made[0] += 1
+        if made[0] % 2 == 0:
+            if where == "in_checkpoint":
+                raise Killed
+            due[0] = True  # this worker's _post_commit, right after its commit
+        return n
+
+    monkeypatch.setattr(store_mod.Batch, "checkpoint_docs", checkpoint)
+    c = make_cluster(2, overrides={"service.doc_checkpoint_bytes": 40_000})
+
+    def arm(w: Worker) -> None:
+        real_post = w._post_commit
+
+        def post_commit():
+            if due[0]:
+                due[0] = False
+                raise Killed
+            real_post()
+
+        w._post_commit = post_commit
+
+    for w in c.workers:
+        arm(w)
+    recs = c.ring_records(workload.records)
+    rng = random.Random(6)
+    i = 0
+    logged_seen = False
+    while i < len(recs):
+        k = rng.randint(20, 200)
+        while True:
+            try:  # (forwarded updates write documents too: settle checkpoints as well)
+                c.dispatch(recs[i:i + k])
+                c.settle()
+                break
+            except Killed:  # every worker starts again and the round is delivered again
+                kills[0] += 1
+                for j in range(c.n):
+                    arm(c.restart(j))
+        logged_seen |= any(w.shard.doc_logged for w in c.workers)
+        i += k
+    print(f"checkpoints {made[0]}, kills {kills[0]}")
+    assert made[0] >= 6 and kills[0] >= 3 and logged_seen, (made, kills)
+    assert c.total(Slot.APPLIED) == len(simulate.applied_events(workload))
+    assert c.total(Slot.PARKED) == 0
+    for w in c.workers:
+        w.publisher.pump()
+    assert_views(c.views(), oracle)
+    assert _rebuild_from_changes(c.published) == oracle
+
+
+def test_a_format4_data_dir_goes_on_where_it_stopped(make_cluster, workload, oracle):
+    """A data directory as format 4 left it (every document in views, no doc_log database,
+    meta format 4): the new build stamps it 5 and goes on from its documents (a document not
+    read would start again at version 1), then logs and checkpoints as usual."""
+    c = make_cluster(2, overrides={"service.doc_checkpoint_bytes": 60_000})
+    recs = c.ring_records(workload.records)
+    half = len(recs) // 2
+    rng = random.Random(3)
+    c.feed(recs[:half], rng)
+    paths = [w.shard.path for w in c.workers]
+    for i in range(c.n):
+        c.stop(i)
+    for p in paths:  # what a format-4 build would have written: documents only in views
+        s = Shard(p, sync=False)
+        s.fold_doc_log()
+        with s.env.begin(write=True) as txn:
+            txn.drop(s.db["doc_log"], delete=True)
+            txn.delete(b"doc_log_epoch", db=s.db["meta"])
+            txn.put(b"format", msgpack.packb(4), db=s.db["meta"])
+        s.close()
+    c.boot()
+    assert [w.shard.get_meta("format") for w in c.workers] == [5, 5]
+    assert not any(w.shard.doc_pending for w in c.workers)
+    applied = c.total(Slot.APPLIED)
+    c.feed(recs[:half], rng)  # redelivered: skipped by the through-offsets it kept
+    assert c.total(Slot.APPLIED) == applied
+    c.feed(recs[half:], rng)
+    assert any(w.shard.doc_logged for w in c.workers)
+    assert c.total(Slot.APPLIED) == len(simulate.applied_events(workload))
+    for w in c.workers:
+        w.publisher.pump()
+    assert_views(c.views(), oracle)
+    assert _rebuild_from_changes(c.published) == oracle
+
+
 def test_a_format3_data_dir_goes_on_where_it_stopped(make_cluster, workload, oracle):
     """A data directory as format 3 left it (every seq row in seq, no seq_log database, meta
     format 3): the new build stamps it 4 and goes on from its sequence rows (the gate starts

@@ -48,9 +48,14 @@ def digests(shard) -> dict[str, str]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--events", type=int, default=60_000)
+    ap.add_argument("--doc-checkpoint-bytes", type=int, default=None,
+                    help="service.doc_checkpoint_bytes (default: the config's): a small one "
+                         "checkpoints the document log within the run")
     args = ap.parse_args(argv)
     msgs = batches(args.events)
-    with in_process_worker("digest", keep=True) as (worker, cfg, tmp):
+    overrides = None if args.doc_checkpoint_bytes is None else \
+        {"service.doc_checkpoint_bytes": args.doc_checkpoint_bytes}
+    with in_process_worker("digest", overrides, keep=True) as (worker, cfg, tmp):
         t = time.process_time()
         for m in msgs:
             worker.process([m], [])

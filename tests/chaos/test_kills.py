@@ -219,3 +219,19 @@ def test_workers_killed_in_the_middle_of_a_seq_checkpoint(chaos):
     views are exact in order per stream (a lost or stale sequence row would apply events
     twice or park them)."""
     _kill_at_every_second_visit(chaos, 25, SMALL_SEQ_LOG, "seq_checkpoint")
+
+
+SMALL_DOC_LOG = """
+[service]
+doc_checkpoint_bytes = 200000
+"""
+
+
+def test_workers_killed_in_the_middle_of_a_doc_checkpoint(chaos):
+    """A small document log (a checkpoint every 200 kB logged) makes every worker checkpoint
+    its documents into views every few commits; each worker process SIGKILLs itself at its
+    2nd checkpoint, inside the batch transaction that writes it (fault point
+    ``doc_checkpoint``), so its replacement reads the log back and redoes the batch. The
+    views are exact (a document lost between log and checkpoint would start again or miss
+    updates)."""
+    _kill_at_every_second_visit(chaos, 26, SMALL_DOC_LOG, "doc_checkpoint")
