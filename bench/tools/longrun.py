@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="agg-longrun-"))
     prefix = f"lr{uuid.uuid4().hex[:8]}."
     group = f"longrun-{uuid.uuid4().hex[:8]}"
-    svc = None
+    svc = probe = None
     try:
         wl.create(broker.bootstrap_servers, prefix)
         overrides = wl.overrides(broker.bootstrap_servers, prefix, workers=args.workers,
@@ -200,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
                 svc.wait(60)
             except subprocess.TimeoutExpired:
                 svc.kill()
+        if probe is not None:
+            probe.close()  # before the broker goes: else librdkafka retries it until exit
         broker.stop()
         shutil.rmtree(tmp, ignore_errors=True)  # the data dir takes ~1 GB of disk
 
