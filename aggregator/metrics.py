@@ -73,6 +73,7 @@ from prometheus_client.registry import Collector
 from .control import ControlBlock, Slot
 from .protocol import COMMIT_BUCKETS_MS, HIST_SLOTS, hist_segment_name, ring_names
 from .ring import Ring, SharedCounters, segment_prefix
+from .runtime import pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -517,7 +518,7 @@ def live_counters(config) -> dict[str, Any] | None:
         rows = []
         for w in range(config.service.workers):
             pid = ctl.get(w, Slot.PID)
-            row: dict[str, Any] = {"worker": w, "pid": pid, "alive": _pid_alive(pid)}
+            row: dict[str, Any] = {"worker": w, "pid": pid, "alive": pid_alive(pid)}
             for slot in Slot:
                 if slot not in (Slot._FIXED, Slot.PID, Slot.HEARTBEAT):
                     row[slot.name.lower()] = ctl.get(w, slot)
@@ -525,15 +526,3 @@ def live_counters(config) -> dict[str, Any] | None:
         return {"workers": rows}
     finally:
         ctl.close()
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

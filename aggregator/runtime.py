@@ -9,6 +9,19 @@ import os
 import signal
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (owned by anyone)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def tune_gc(between_batches: bool = False) -> None:
     """Make the cyclic garbage collector cheap on the hot path.
 

@@ -180,6 +180,7 @@ from .datadir import FILE_MODE
 from .doc_codec import json_body, pack_record, record_live, unpack_record
 from .idtable import IdTable
 from .residency import MapResidency
+from .runtime import pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -1005,19 +1006,9 @@ def _unsynced_marks(path: Path) -> list[Path]:
                 "(cluster mode restores a removed shard from its changelog); to open it as it "
                 f"is anyway, remove {mark}")
         pid = mark.name[len(UNSYNCED):]
-        if not (pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid))):
+        if not (pid.isdigit() and int(pid) != os.getpid() and pid_alive(int(pid))):
             stale.append(mark)
     return stale
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _allocate_lock_file(path: Path) -> None:
@@ -1203,6 +1194,19 @@ class _IndexWrites:
         self._dx = self._topics = None
 
 
+def _adopt_log(pending: dict, logged: int, txn_pending: dict, txn_logged: int,
+               checkpointed: bool) -> tuple[dict, int]:
+    """A shard's (pending entries, entries logged) of an appended log with checkpoints
+    (``seq_log``, ``doc_log``) after a commit that logged `txn_pending` (`txn_logged`
+    entries), after a checkpoint of its own if `checkpointed`."""
+    if checkpointed:
+        return txn_pending, txn_logged
+    if txn_pending:
+        pending.update(txn_pending)
+        return pending, logged + txn_logged
+    return pending, logged
+
+
 class Batch(_IndexWrites):
     """One write transaction: everything a batch changes, committed at once or not at all."""
 
@@ -1241,12 +1245,7 @@ class Batch(_IndexWrites):
 
     def get_doc(self, dkey: bytes) -> dict | None:
         """The record {"v", "d", "s"} of a document (the log overlaid), or None."""
-        raw = self._docp.get(dkey, _ABSENT)
-        if raw is _ABSENT:
-            if not self._doc_ckpt:
-                raw = self.shard.doc_pending.get(dkey, _ABSENT)
-            if raw is _ABSENT:
-                raw = self.txn.get(dkey, db=self._db["views"])
+        raw = self.doc_raw(dkey)
         return None if raw is None else unpack_record(raw)
 
     def doc_raw(self, dkey: bytes) -> bytes | None:
@@ -1319,11 +1318,8 @@ class Batch(_IndexWrites):
     def _adopt_doc_log(self) -> None:
         """After the commit: the shard takes the transaction's log state."""
         shard = self.shard
-        if self._doc_ckpt:
-            shard.doc_pending, shard.doc_logged = self._docp, self._doc_n
-        elif self._docp:
-            shard.doc_pending.update(self._docp)
-            shard.doc_logged += self._doc_n
+        shard.doc_pending, shard.doc_logged = _adopt_log(
+            shard.doc_pending, shard.doc_logged, self._docp, self._doc_n, self._doc_ckpt)
         shard.doc_log_last = self._doc_next
         self._docp, self._doc_n, self._doc_ckpt = {}, 0, False
 
@@ -1604,11 +1600,8 @@ class Batch(_IndexWrites):
     def _adopt_seq_log(self) -> None:
         """After the commit: the shard takes the transaction's log state."""
         shard = self.shard
-        if self._seq_ckpt:
-            shard.seq_pending, shard.seq_logged = self._seqp, self._seq_n
-        elif self._seqp:
-            shard.seq_pending.update(self._seqp)
-            shard.seq_logged += self._seq_n
+        shard.seq_pending, shard.seq_logged = _adopt_log(
+            shard.seq_pending, shard.seq_logged, self._seqp, self._seq_n, self._seq_ckpt)
         shard.seq_log_last = self._seq_next
         self._seqp, self._seq_n, self._seq_ckpt = {}, 0, False
 

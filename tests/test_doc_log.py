@@ -33,6 +33,7 @@ from tests import test_store
 
 from .support.viewdata import VIEWS, lmdb_key, shard_of
 
+_commit, _table = test_store.commit, test_store.table
 shard = test_store.shard  # the same fixture: a shard in each LMDB mode (pwrite, writemap)
 
 
@@ -42,22 +43,6 @@ def dk(slot: int, n: int, vid: int = 0) -> bytes:
 
 def rec(n: int, doc=True) -> dict:
     return {"v": n, "d": {"n": n} if doc else None, "s": {"src": [n, None]}}
-
-
-def _commit(shard: Shard, fn):
-    b = shard.begin()
-    try:
-        out = fn(b)
-        b.commit()
-    except BaseException:
-        b.abort()
-        raise
-    return out
-
-
-def _table(shard: Shard, name: str) -> dict[bytes, bytes]:
-    with shard.env.begin(db=shard.db[name]) as txn:
-        return {bytes(k): bytes(v) for k, v in txn.cursor()}
 
 
 def _overlaid(shard: Shard) -> dict[bytes, dict]:

@@ -23,23 +23,8 @@ from aggregator.store import (
 from tests import test_store
 from tests.test_store import gk
 
+_commit, _table = test_store.commit, test_store.table
 shard = test_store.shard  # the same fixture: a shard in each LMDB mode (pwrite, writemap)
-
-
-def _commit(shard: Shard, fn):
-    b = shard.begin()
-    try:
-        out = fn(b)
-        b.commit()
-    except BaseException:
-        b.abort()
-        raise
-    return out
-
-
-def _table(shard: Shard, name: str) -> dict[bytes, bytes]:
-    with shard.env.begin(db=shard.db[name]) as txn:
-        return {bytes(k): bytes(v) for k, v in txn.cursor()}
 
 
 def _overlaid(shard: Shard) -> dict[bytes, list]:

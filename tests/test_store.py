@@ -52,14 +52,22 @@ def shard(tmp_path, request):
     s.close()
 
 
-def commit(shard: Shard, fn) -> None:
+def commit(shard: Shard, fn):
+    """`fn(batch)` in one transaction, committed (or aborted if it raises); its result."""
     b = shard.begin()
     try:
-        fn(b)
+        out = fn(b)
         b.commit()
     except BaseException:
         b.abort()
         raise
+    return out
+
+
+def table(shard: Shard, name: str) -> dict[bytes, bytes]:
+    """One database's rows as they are in LMDB (no log overlaid)."""
+    with shard.env.begin(db=shard.db[name]) as txn:
+        return {bytes(k): bytes(v) for k, v in txn.cursor()}
 
 
 # ---- layout -----------------------------------------------------------------------------

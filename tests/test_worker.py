@@ -1406,22 +1406,18 @@ def test_saved_bloom_never_misses_an_indexed_id_through_random_kills(make_cluste
     assert_views(c.views(), oracle)
 
 
-# ---- the sequence log: checkpoints through kills -------------------------------------------------
+# ---- the sequence and document logs: checkpoints through kills ---------------------------------
 
 
-@pytest.mark.parametrize("impl", ["cython", "python"])
-@pytest.mark.parametrize("where", ["in_checkpoint", "after_checkpoint_commit"])
-def test_seq_checkpoints_are_exact_through_kills(make_cluster, workload, oracle, monkeypatch,
-                                                 impl, where):
-    """A small `gate.seq_checkpoint_rows` makes the workers checkpoint their sequence log
-    every few batches; every 2nd checkpoint, a worker dies inside the checkpoint's
-    transaction (written, not committed: where the fault point ``seq_checkpoint`` is) or
-    right after its commit, and the records are delivered again. The views, every applied
-    count (no loss and no double apply: a sequence row lost between log and checkpoint would
-    apply its stream's events again, or park them) and the parked events stay exact, with
-    either gate core."""
-    monkeypatch.setattr(worker_mod, "core", CORES[impl])
-    real = store_mod.Batch.checkpoint_seqs
+def _kill_at_every_second_checkpoint(make_cluster, workload, monkeypatch, method: str,
+                                     where: str, overrides: dict, logged, seed: int):
+    """Feed the workload in rounds of 20-200 records through 2 workers whose `Batch.<method>`
+    checkpoints every few batches (`overrides`); every 2nd checkpoint, a worker dies inside
+    the checkpoint's transaction (written, not committed) or right after its commit
+    (`where`), and the round is delivered again to every worker started again. Returns the
+    cluster, after asserting that checkpoints, kills and a non-empty log (`logged(shard)`)
+    were all seen."""
+    real = getattr(store_mod.Batch, method)
     made, kills, due = [0], [0], [False]
 
     def checkpoint(self):
@@ -1433,8 +1429,8 @@ def test_seq_checkpoints_are_exact_through_kills(make_cluster, workload, oracle,
             due[0] = True  # this worker's _post_commit, right after its commit
         return n
 
-    monkeypatch.setattr(store_mod.Batch, "checkpoint_seqs", checkpoint)
-    c = make_cluster(2, overrides={"gate.seq_checkpoint_rows": 150, "gate.max_cached_keys": 30})
+    monkeypatch.setattr(store_mod.Batch, method, checkpoint)
+    c = make_cluster(2, overrides=overrides)
 
     def arm(w: Worker) -> None:
         real_post = w._post_commit
@@ -1450,77 +1446,13 @@ def test_seq_checkpoints_are_exact_through_kills(make_cluster, workload, oracle,
     for w in c.workers:
         arm(w)
     recs = c.ring_records(workload.records)
-    rng = random.Random(5)
+    rng = random.Random(seed)
     i = 0
     logged_seen = False
     while i < len(recs):
         k = rng.randint(20, 200)
         while True:
-            try:
-                c.dispatch(recs[i:i + k])
-                break
-            except Killed:  # every worker starts again and the round is delivered again
-                kills[0] += 1
-                for j in range(c.n):
-                    arm(c.restart(j))
-        c.settle()
-        logged_seen |= any(w.shard.seq_logged for w in c.workers)
-        i += k
-    print(f"checkpoints {made[0]}, kills {kills[0]}")
-    assert made[0] >= 6 and kills[0] >= 3 and logged_seen, (made, kills)
-    assert c.total(Slot.APPLIED) == len(simulate.applied_events(workload))
-    assert c.total(Slot.PARKED) == 0
-    assert_views(c.views(), oracle)
-
-
-# ---- the document log: checkpoints through kills (format 5) -------------------------------------
-
-
-@pytest.mark.parametrize("where", ["in_checkpoint", "after_checkpoint_commit"])
-def test_doc_checkpoints_are_exact_through_kills(make_cluster, workload, oracle, monkeypatch,
-                                                 where):
-    """A small `service.doc_checkpoint_bytes` makes the workers checkpoint their document
-    log every few batches; every 2nd checkpoint, a worker dies inside the checkpoint's
-    transaction (written, not committed: where the fault point ``doc_checkpoint`` is) or
-    right after its commit, and the records are delivered again. The views, every change
-    event (versions 1..n per document: a document lost between log and checkpoint would
-    restart or repeat a version) and every applied count stay exact."""
-    real = store_mod.Batch.checkpoint_docs
-    made, kills, due = [0], [0], [False]
-
-    def checkpoint(self):
-        n = real(self)
-        made[0] += 1
-        if made[0] % 2 == 0:
-            if where == "in_checkpoint":
-                raise Killed
-            due[0] = True  # this worker's _post_commit, right after its commit
-        return n
-
-    monkeypatch.setattr(store_mod.Batch, "checkpoint_docs", checkpoint)
-    c = make_cluster(2, overrides={"service.doc_checkpoint_bytes": 40_000})
-
-    def arm(w: Worker) -> None:
-        real_post = w._post_commit
-
-        def post_commit():
-            if due[0]:
-                due[0] = False
-                raise Killed
-            real_post()
-
-        w._post_commit = post_commit
-
-    for w in c.workers:
-        arm(w)
-    recs = c.ring_records(workload.records)
-    rng = random.Random(6)
-    i = 0
-    logged_seen = False
-    while i < len(recs):
-        k = rng.randint(20, 200)
-        while True:
-            try:  # (forwarded updates write documents too: settle checkpoints as well)
+            try:  # (forwarded updates write documents too: settle inside the round)
                 c.dispatch(recs[i:i + k])
                 c.settle()
                 break
@@ -1528,10 +1460,43 @@ def test_doc_checkpoints_are_exact_through_kills(make_cluster, workload, oracle,
                 kills[0] += 1
                 for j in range(c.n):
                     arm(c.restart(j))
-        logged_seen |= any(w.shard.doc_logged for w in c.workers)
+        logged_seen |= any(logged(w.shard) for w in c.workers)
         i += k
     print(f"checkpoints {made[0]}, kills {kills[0]}")
     assert made[0] >= 6 and kills[0] >= 3 and logged_seen, (made, kills)
+    return c
+
+
+@pytest.mark.parametrize("impl", ["cython", "python"])
+@pytest.mark.parametrize("where", ["in_checkpoint", "after_checkpoint_commit"])
+def test_seq_checkpoints_are_exact_through_kills(make_cluster, workload, oracle, monkeypatch,
+                                                 impl, where):
+    """A small `gate.seq_checkpoint_rows` makes the workers checkpoint their sequence log
+    every few batches, and workers die in and after every 2nd checkpoint (fault point
+    ``seq_checkpoint``). The views, every applied count (no loss and no double apply: a
+    sequence row lost between log and checkpoint would apply its stream's events again, or
+    park them) and the parked events stay exact, with either gate core."""
+    monkeypatch.setattr(worker_mod, "core", CORES[impl])
+    c = _kill_at_every_second_checkpoint(
+        make_cluster, workload, monkeypatch, "checkpoint_seqs", where,
+        {"gate.seq_checkpoint_rows": 150, "gate.max_cached_keys": 30},
+        lambda shard: shard.seq_logged, seed=5)
+    assert c.total(Slot.APPLIED) == len(simulate.applied_events(workload))
+    assert c.total(Slot.PARKED) == 0
+    assert_views(c.views(), oracle)
+
+
+@pytest.mark.parametrize("where", ["in_checkpoint", "after_checkpoint_commit"])
+def test_doc_checkpoints_are_exact_through_kills(make_cluster, workload, oracle, monkeypatch,
+                                                 where):
+    """A small `service.doc_checkpoint_bytes` makes the workers checkpoint their document
+    log every few batches, and workers die in and after every 2nd checkpoint (fault point
+    ``doc_checkpoint``). The views, every change event (versions 1..n per document: a
+    document lost between log and checkpoint would restart or repeat a version) and every
+    applied count stay exact."""
+    c = _kill_at_every_second_checkpoint(
+        make_cluster, workload, monkeypatch, "checkpoint_docs", where,
+        {"service.doc_checkpoint_bytes": 40_000}, lambda shard: shard.doc_logged, seed=6)
     assert c.total(Slot.APPLIED) == len(simulate.applied_events(workload))
     assert c.total(Slot.PARKED) == 0
     for w in c.workers:

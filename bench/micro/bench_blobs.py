@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 import zlib
 
 import lz4.block
@@ -26,6 +25,7 @@ import lz4.frame
 import pytest
 
 from aggregator.changes import compress_blob, open_blob, pack_blob
+from bench.micro.bench_doc_codec import cpu_us_per_item
 from bench.micro.bench_publish import change_rows
 
 COMMIT = 3600
@@ -46,24 +46,14 @@ CODECS = [
 ]
 
 
-def _cpu(fn, items, repeat: int) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        t = time.process_time()
-        for x in items:
-            fn(x)
-        best = min(best, time.process_time() - t)
-    return best
-
-
 def measure(raw: list[bytes], events: int, repeat: int) -> list[dict]:
     size = sum(map(len, raw))
     out = []
     for name, comp, dec in CODECS:
         stored = [comp(b) for b in raw]
         pairs = list(zip(stored, map(len, raw)))
-        c = _cpu(comp, raw, repeat)
-        d = _cpu(lambda p: dec(*p), pairs, repeat)
+        c = cpu_us_per_item(comp, raw, repeat) * len(raw) / 1e6  # seconds, the best loop
+        d = cpu_us_per_item(lambda p: dec(*p), pairs, repeat) * len(pairs) / 1e6
         out.append({"codec": name, "raw_B_per_event": round(size / events, 1),
                     "stored_B_per_event": round(sum(map(len, stored)) / events, 1),
                     "ratio": round(sum(map(len, stored)) / size, 3),
