@@ -49,8 +49,10 @@ def _key(i: int) -> bytes:
 
 def _write(shard: Shard, order: list[int], probe=None) -> dict:
     """Commit the documents of `order` in PER_TXN transactions as the worker does (grow ahead,
-    MAP_FULL: abort, grow, retry); `probe(stage)` is called inside each transaction before the
-    commit and after it. Returns {"txn_peak": the largest Rss one transaction added}."""
+    MAP_FULL: abort, grow, retry), each one a checkpoint of the document log, so that every
+    transaction writes ``views`` at random keys through the map; `probe(stage)` is called
+    inside each transaction before the commit and after it. Returns {"txn_peak": the largest
+    Rss one transaction added}."""
     txn_peak = 0
     for t in range(0, len(order), PER_TXN):
         while True:
@@ -60,6 +62,7 @@ def _write(shard: Shard, order: list[int], probe=None) -> dict:
             try:
                 for i in order[t:t + PER_TXN]:
                     b.put_doc(_key(i), _doc(i))
+                b.checkpoint_docs()  # into views at random keys (not only the appended log)
                 if probe:
                     probe("in")
                 txn_peak = max(txn_peak, map_rss(shard.path / "data.mdb") - before)

@@ -316,13 +316,15 @@ def test_read_only_disk_blocks_then_restart_after_repair(ext4, workload, chaos):
 def test_map_full_at_the_maximum_then_restart_with_more(workload, chaos):
     run = chaos(workload, name="LMDB map full at its maximum, then restart with more")
     run.produce()
-    svc = run.start(extra=service_config("lmdb_map_size = 1048576",  # some batches fit
-                                         "lmdb_max_map_size = 8388608"))
+    # some batches fit; the workload takes ~6 MiB per shard (format 5: documents appended,
+    # dedup ids appended), so 4 MiB runs full part-way
+    svc = run.start(extra=service_config("lmdb_map_size = 1048576",
+                                         "lmdb_max_map_size = 4194304"))
     assert svc.proc.wait(120) == 2, svc.log()[-3000:]
-    fault = run.fault("LMDB map full", lambda: None, detail="lmdb_max_map_size = 8 MiB",
+    fault = run.fault("LMDB map full", lambda: None, detail="lmdb_max_map_size = 4 MiB",
                       measure=False)
     log = svc.log()
-    m = re.search(r"(\S+): LMDB map full at service\.lmdb_max_map_size \(8388608 bytes\): "
+    m = re.search(r"(\S+): LMDB map full at service\.lmdb_max_map_size \(4194304 bytes\): "
                   r"raise service\.lmdb_max_map_size and restart; nothing of the batch was "
                   r"kept", log)
     assert m, log[-3000:]
