@@ -112,3 +112,34 @@ def test_a_live_writers_marker_is_left_alone(tmp_path, boot_id):
     finally:
         live.kill()
         live.wait()
+
+
+def test_a_worker_refuses_the_shard_in_one_line(tmp_path, capfd):
+    """The real worker process (worker_main) on a shard left unsynced before an OS restart:
+    one error line naming the setting and the way out, no traceback, and FATAL_EXIT (the
+    supervisor does not respawn it: the service stops, exit 2)."""
+    import logging
+    import multiprocessing
+
+    from aggregator.protocol import FATAL_EXIT
+    from aggregator.worker_process import worker_main
+    from tests.test_worker import Cluster
+
+    c = Cluster(tmp_path / "data", 1)
+    try:
+        shard = Shard(tmp_path / "data" / "shard-0", map_size=16 << 20, sync=False)
+        shard.put_meta(x=1)
+        shard.close()  # a clean close; then a marker of an earlier boot, as a crash leaves it
+        (tmp_path / "data" / "shard-0" / "unsynced.4242").write_text("an-earlier-boot\n")
+        p = multiprocessing.get_context("spawn").Process(
+            target=worker_main, args=(c.cfg, 0, c.prefix, logging.INFO))
+        p.start()
+        p.join(120)
+        assert p.exitcode == FATAL_EXIT
+        err = capfd.readouterr().err
+        lines = [ln for ln in err.splitlines() if "cannot start" in ln]
+        assert len(lines) == 1, err[-3000:]
+        assert "service.lmdb_sync = false" in lines[0] and "unsynced.4242" in lines[0]
+        assert "Traceback" not in err
+    finally:
+        c.close()
