@@ -24,9 +24,14 @@ JOIN_S = 120  # a join takes ~3 s, ~11 s after a SIGKILLed member (evicted after
 KILL_EVERY = float(os.environ.get("AGGREGATOR_CHAOS_KILL_EVERY", "1.0"))  # s; long mode: 2
 
 
+# the random-kill test's workload: it must outlast three kill-and-recover rounds, and format 5
+# processes 100k events in about that (one CI run ended after two kills)
+RANDOM_KILL_EVENTS = max(EVENTS, 200_000)
+
+
 @pytest.fixture(scope="module")
 def workload():
-    return simulate.generate(21, EVENTS)
+    return simulate.generate(21, RANDOM_KILL_EVENTS)
 
 
 def test_sigkill_a_random_worker_every_2s(workload, chaos):
