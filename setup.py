@@ -1,6 +1,7 @@
 """Build the compiled extensions ``aggregator._core``, ``aggregator._envelope``,
-``aggregator._frames``, ``aggregator._merge``, ``aggregator._route``, ``aggregator._forwards``,
-``aggregator._publish`` and ``aggregator._idtable`` (Cython); metadata lives in pyproject.toml.
+``aggregator._frames``, ``aggregator._merge``, ``aggregator._jdoc``, ``aggregator._route``,
+``aggregator._forwards``, ``aggregator._publish`` and ``aggregator._idtable`` (Cython); metadata
+lives in pyproject.toml.
 
 The extensions are mandatory: a Cython or C compile error fails the build (no optional
 extension, no silent pure-Python install). ``AGGREGATOR_CYTHON_TRACE=1`` makes a debug
@@ -56,6 +57,13 @@ extensions = [
     Extension(
         "aggregator._merge",
         ["aggregator/_merge.pyx"],
+        define_macros=macros,
+        extra_compile_args=compile_args,
+    ),
+    # a compiled plan's ops applied to a document's canonical JSON bytes (_route.pyx)
+    Extension(
+        "aggregator._jdoc",
+        ["aggregator/_jdoc.pyx"],
         define_macros=macros,
         extra_compile_args=compile_args,
     ),

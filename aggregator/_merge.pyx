@@ -34,6 +34,8 @@ from cpython.list cimport PyList_New, PyList_SET_ITEM
 from cpython.object cimport PyObject
 from cpython.ref cimport Py_INCREF
 
+import orjson
+
 from aggregator import merge as _ref
 from aggregator._slots cimport slot_attr, slot_offset
 from aggregator.envelope import Event
@@ -42,6 +44,13 @@ from aggregator.merge import MergeError
 __all__ = ["MergePlan", "compile_ops"]
 
 cdef object _MergeError = MergeError
+cdef object _dumps = orjson.dumps
+
+
+cdef bytes _key_json(str k):
+    """orjson's bytes of a key string, quotes included (raises TypeError if it has a lone
+    surrogate)."""
+    return memoryview(_dumps(k)).tobytes()
 
 # Event attributes read at their slot offsets (_slots.pxd) when the type is exact
 cdef type _Event = Event
@@ -55,25 +64,8 @@ cdef Py_ssize_t _EV_DATA = _EV_OFFSETS["data"]
 cdef inline object _ev(object ev, Py_ssize_t offset, str name):
     return slot_attr(ev, _Event, offset, name)  # ``ev.<name>``
 
-cdef enum:
-    OP_SET = 0
-    OP_MERGE = 1
-    OP_UNSET = 2
-    OP_UPSERT = 3
-    OP_REMOVE = 4
-    OP_ADD = 5
-    OP_DELETE = 6
-
 cdef dict _CODES = {"set": OP_SET, "merge": OP_MERGE, "unset": OP_UNSET, "upsert": OP_UPSERT,
                     "remove": OP_REMOVE, "add": OP_ADD, "delete": OP_DELETE}
-
-cdef enum:
-    SRC_NONE = 0      # unset/remove/delete take no value
-    SRC_LITERAL = 1   # immutable literal, used as is
-    SRC_LITERAL_COPY = 2  # dict/list literal, deep-copied on every use
-    SRC_ATTR = 3      # an event attribute (data, id, time, ...), None is missing
-    SRC_DATA = 4      # a path below event.data
-
 
 cdef object _clone(object v):
     """merge._clone: dicts and lists deep, everything else shared."""
@@ -98,29 +90,8 @@ cdef object _clone(object v):
     return v
 
 
-@cython.final
 cdef class _Op:
-    """One row of the table (see merge.OpEntry)."""
-    cdef int code
-    cdef str where
-    cdef tuple parents  # the path without its last segment
-    cdef str last       # the last segment ("" for merge into the root)
-    cdef bint root      # merge into the root (empty path)
-    cdef int src
-    cdef str src_attr
-    cdef Py_ssize_t src_off  # src_attr's Event slot offset, -1: not a slot
-    cdef tuple src_path
-    cdef str src_missing  # the MergeError message of a missing value
-    cdef object literal
-    cdef bint has_id
-    cdef int id_src
-    cdef str id_attr
-    cdef Py_ssize_t id_off
-    cdef tuple id_path
-    cdef str id_missing
-    cdef tuple fields   # None: no projection
-    cdef bint negate
-    cdef bint clone
+    """One row of the table (see merge.OpEntry); its fields are in _merge.pxd."""
 
     def __init__(self, entry):
         self.code = _CODES[entry.op]
@@ -152,6 +123,14 @@ cdef class _Op:
         self.fields = tuple(entry.fields) if entry.fields is not None else None
         self.negate = entry.negate
         self.clone = entry.clone
+        # the path's segments as orjson writes them as keys (_jdoc.pyx); None: one is not
+        # encodable (a lone surrogate), the byte engine refuses the op
+        try:
+            self.jparents = tuple(_key_json(k) for k in self.parents)
+            self.jlast = _key_json(self.last)
+        except TypeError:
+            self.jparents = None
+            self.jlast = None
 
 
 cdef object _event_value(object ev, int src, str attr, Py_ssize_t off, tuple path,
