@@ -21,15 +21,20 @@ two on stores, change events, forwards, dead letters and stats.
 
 cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.dict cimport PyDict_GetItem
+from cpython.object cimport PyObject
 from cpython.unicode cimport PyUnicode_AsUTF8String
 from libc.string cimport memcpy
 
+import orjson
 import xxhash
 
+cimport aggregator._jdoc as _jdoc
 from aggregator._merge cimport MergePlan as CMergePlan
 from aggregator._slots cimport slot_attr, slot_offset
 from aggregator.batch_state import BatchState
-from aggregator.doc_codec import json_body
+from aggregator._jdoc import REFUSED
+from aggregator.doc_codec import json_body, unpack_stored
 from aggregator.envelope import Event
 from aggregator.plan import Feed
 from aggregator.merge import MergeError
@@ -41,6 +46,9 @@ __all__ = ["apply_event", "apply_local", "merge_targets", "set_reference"]
 cdef object _hash64 = xxhash.xxh3_64_intdigest
 cdef object _MergeError = MergeError
 cdef object _json_body = json_body
+cdef object _unpack_stored = unpack_stored
+cdef object _loads = orjson.loads
+cdef object _REFUSED = REFUSED
 cdef Py_ssize_t _TOPIC = REC_TOPIC
 cdef Py_ssize_t _PARTITION = REC_PARTITION
 cdef Py_ssize_t _OFFSET = REC_OFFSET
@@ -100,6 +108,8 @@ cdef class _Ctx:
     cdef bint chg_on        # chg.enabled and not chg.coalesce
     cdef object chg_topics  # chg.topics: view id -> topic or None
     cdef bint chg_json
+    cdef bint jbytes        # documents merged as their JSON bytes (_jdoc.pyx): unless the
+                            # change events encode documents otherwise (ChangeEncoder.encode)
     cdef bint override      # type(worker)._route is not the reference's (cluster mode)
 
     def __cinit__(self, object stage, object at):
@@ -120,6 +130,7 @@ cdef class _Ctx:
         self.chg_on = chg.enabled and not chg.coalesce
         self.chg_topics = chg.topics if self.chg_on else None
         self.chg_json = chg.json if self.chg_on else False
+        self.jbytes = not chg.enabled or chg.json
         self.override = type(stage)._route is not _base_route
 
 
@@ -185,27 +196,89 @@ cdef list _targets(object self, object ev, object rec, object feeds, Py_ssize_t 
     return targets
 
 
+cdef object _read_doc(_Ctx c, object batch, bytes dkey):
+    """A document's record for an update: the attempt's, the doc cache's (taken), else the
+    shard's (as stored, the JSON bytes not decoded, when the byte engine may take it), else
+    a new one."""
+    stored = c.docs.get(dkey)
+    if stored is None:
+        cache = c.cache
+        if cache is not None:
+            stored = cache.take(dkey)
+        if stored is None:
+            if c.jbytes:
+                raw = batch.doc_raw(dkey)
+                stored = _unpack_stored(raw) if raw is not None else None
+            else:
+                stored = batch.get_doc(dkey)
+            if not stored:
+                stored = {"v": 0, "d": None, "s": {}}
+    return stored
+
+
+cdef object _apply_bytes(_Ctx c, CMergePlan m, dict stored, object ev):
+    """The update on the record's JSON bytes (_jdoc.pyx): the new bytes (``"j"``), None (a
+    tombstone, ``"d": None``) or REFUSED; the record is changed only on success, as
+    `MergePlan.apply_update` changes it (version + 1, the source's freshness). Raises
+    MergeError (the record unchanged)."""
+    cdef object j
+    cdef bint held_j = True  # the record has "j" (else "d")
+    cdef PyObject* hit = PyDict_GetItem(stored, "j")
+    if hit is not NULL:
+        j = <object>hit
+    else:
+        held_j = False
+        hit = PyDict_GetItem(stored, "d")
+        if hit is NULL:
+            return _REFUSED
+        if <object>hit is not None:
+            # a document held as objects (rebuilt by a replay, or not JSON-exact): its
+            # bytes, if it has any, take the byte path from now on
+            j = _json_body(<object>hit)
+            if j is None:
+                _jdoc.count_refused()
+                return _REFUSED
+        else:
+            j = None
+    body = _jdoc.apply(m, j, ev)
+    if body is _REFUSED:
+        return body
+    if body is None:  # a tombstone: "d" where it is, or last (as unpack_record puts it)
+        if held_j:
+            del stored["j"]
+        stored["d"] = None
+    else:
+        if not held_j:
+            del stored["d"]
+        stored["j"] = body
+    stored["v"] = stored["v"] + 1
+    (<dict>stored["s"])[_ev(ev, _EV_SOURCE, "source")] = [
+        _ev(ev, _EV_SEQUENCE, "sequence"), _ev(ev, _EV_TIME, "time")]
+    return body
+
+
 cdef object _apply_local(object self, _Ctx c, object batch, object f, object key,
                          object slot, object ev):
     """RouteStage._apply_local: the document key, or None after a merge error."""
     vid = _fd(f, _F_VIEW_ID, "view_id")
     dkey = _view_key(slot, vid, key)
     cdef dict docs = c.docs
-    stored = docs.get(dkey)
-    if stored is None:
-        cache = c.cache
-        if cache is not None:
-            stored = cache.take(dkey)
-        if stored is None:
-            stored = batch.get_doc(dkey)
-            if not stored:
-                stored = {"v": 0, "d": None, "s": {}}
+    stored = _read_doc(c, batch, dkey)
     m = _fd(f, _F_MERGE, "merge")
+    body = _REFUSED
     try:
-        if type(m) is CMergePlan:  # a C call (merger.py compiles every feed to it)
-            doc = (<CMergePlan>m).apply_update(stored, ev)
+        if c.jbytes and type(m) is CMergePlan:
+            body = _apply_bytes(c, <CMergePlan>m, <dict>stored, ev)
+        if body is not _REFUSED:
+            doc = None  # (the document is its bytes)
         else:
-            doc = m.apply_update(stored, ev)
+            j = stored.pop("j", None)
+            if j is not None:  # to the dict form (unpack_record)
+                stored["d"] = _loads(j)
+            if type(m) is CMergePlan:  # a C call (merger.py compiles every feed to it)
+                doc = (<CMergePlan>m).apply_update(stored, ev)
+            else:
+                doc = m.apply_update(stored, ev)
     except _MergeError as e:
         self._merge_failed(batch, f, dkey, e)
         return None
@@ -216,6 +289,13 @@ cdef object _apply_local(object self, _Ctx c, object batch, object f, object key
         entries = []
         lg[dkey] = entries
     (<list>entries).append((f, ev))
+    if body is not _REFUSED:
+        # the stored record's body (worker._finish) and the change event's data, one
+        # encoding (a tombstone: None, as ChangeEncoder.encode_json(None) gives)
+        c.bodies[dkey] = (stored["v"], body)
+        if c.chg_on and c.chg_topics[vid] is not None:
+            c.changes.append((dkey, vid, key, stored["v"], body))
+        return dkey
     if c.chg_on:
         if c.chg_topics[vid] is not None:
             chg = c.chg

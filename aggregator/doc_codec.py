@@ -18,7 +18,9 @@ tuples (read back as lists) — is found by `core.json_lossless` (compiled; the 
 ``AGGREGATOR_PURE_CORE=1``). A document must never change by being stored, and the test
 suite holds both forms to that (tests/test_doc_codec.py).
 
-Readers get the ``{"v", "d", "s"}`` dict from `unpack_record` whatever the form.
+Readers get the ``{"v", "d", "s"}`` dict from `unpack_record` whatever the form. The compiled
+route stage (_route.pyx) reads the record as stored (`unpack_stored`: ``"j"`` left as bytes)
+and merges into the JSON bytes themselves (_jdoc.pyx); `pack_record` takes either dict.
 """
 
 from __future__ import annotations
@@ -56,14 +58,15 @@ def json_body(doc) -> bytes | None:
 
 
 def pack_record(record: dict, body: bytes | None) -> bytes:
-    """The stored bytes of a record ``{"v", "d", "s", ...}``: with `body` (`json_body` of
-    its document) the ``"j"`` form, with None the ``"d"`` form."""
+    """The stored bytes of a record ``{"v", "d", "s", ...}`` (or ``{"v", "j", "s", ...}``
+    as `unpack_stored` reads it): with `body` (`json_body` of its document) the ``"j"``
+    form, with None the ``"d"`` form."""
     if body is None:
         return _pack(record)
     if len(record) == 3:  # {"v", "d", "s"}
         return _pack({"v": record["v"], "j": body, "s": record["s"]})
     rec = record.copy()
-    del rec["d"]
+    rec.pop("d", None)
     rec["j"] = body
     return _pack(rec)
 
@@ -75,6 +78,18 @@ def unpack_record(raw: bytes) -> dict:
     if body is not None:
         rec["d"] = _loads(body)
     return rec
+
+
+def unpack_stored(raw: bytes) -> dict:
+    """The record of stored bytes as stored: ``{"v", "j": JSON bytes, "s", ...}`` (not
+    decoded) or ``{"v", "d", "s", ...}``."""
+    return _unpack(raw)
+
+
+def record_doc(record: dict):
+    """The document of a record of either dict form (``"d"``, or ``"j"`` decoded)."""
+    body = record.get("j")
+    return record["d"] if body is None else _loads(body)
 
 
 def record_live(raw: bytes) -> bool:

@@ -20,7 +20,13 @@ from aggregator.changes import ChangeEncoder
 from aggregator.config import load_config
 from aggregator.devtools import simulate
 from aggregator.devtools.encoder import to_binary
-from aggregator.doc_codec import json_body, pack_record, record_live, unpack_record
+from aggregator.doc_codec import (
+    json_body,
+    pack_record,
+    record_doc,
+    record_live,
+    unpack_record,
+)
 from aggregator.store import Shard, read_views, view_key
 from tests import test_worker
 
@@ -340,7 +346,7 @@ def test_stored_json_is_the_change_body(tmp_path, workload, oracle, n, coalesce,
             w.publisher.pump()
             if cache:  # the cached documents are those stored
                 for dkey, (stored, _) in w.doc_cache._docs.items():
-                    assert same(stored["d"], w.shard.begin().get_doc(dkey)["d"]) or \
+                    assert same(record_doc(stored), w.shard.begin().get_doc(dkey)["d"]) or \
                         pytest.fail(dkey)
         assert sorted(r for q in c.dlqs for r in q.reasons) == ["merge_error"]
         last = {}
