@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import random
+from pathlib import Path
 
 import pytest
 
@@ -23,8 +24,11 @@ from aggregator.devtools import simulate
 from aggregator.devtools.encoder import to_binary
 from aggregator.protocol import Forwarded
 from aggregator.stages import route
+from aggregator.store import Shard
 from tests import test_worker as tw
 from tests.test_worker import make_cluster  # noqa: F401 - the fixture
+
+_jdoc = pytest.importorskip("aggregator._jdoc")
 
 pytestmark = pytest.mark.skipif(route.IMPLEMENTATION != "cython",
                                 reason="AGGREGATOR_PURE_CORE=1: no compiled route stage")
@@ -105,6 +109,22 @@ def _plain(msg) -> tuple:
                     for feed, key, slot, fwd in updates])
 
 
+def _stored_records(data_dir) -> dict[bytes, bytes]:
+    """Every document's stored record, as bytes (the document log overlaid)."""
+    out = {}
+    for path in sorted(Path(data_dir).glob("shard-*")):
+        shard = Shard(path, readonly=True)
+        try:
+            snap = shard.snapshot()
+            try:
+                out.update((bytes(k), bytes(v)) for k, v in snap.rows("views"))
+            finally:
+                snap.close()
+        finally:
+            shard.close()
+    return out
+
+
 def _run(tmp_path, sub: str, n: int, records: list) -> dict:
     c = RecordingCluster(tmp_path / sub, n)
     try:
@@ -118,10 +138,11 @@ def _run(tmp_path, sub: str, n: int, records: list) -> dict:
         dlq = [(q_i, rec[:3], reason, msg) for q_i, q in enumerate(c.dlqs)
                for rec, reason, msg in q.sent]
         views = c.views()
+        stored = _stored_records(tmp_path / sub)
     finally:
         c.close()
     return {"views": views, "published": c.published, "forwarded": c.forwarded,
-            "dlq": dlq, "stats": stats}
+            "dlq": dlq, "stats": stats, "stored": stored}
 
 
 @pytest.mark.parametrize("n", [1, 2, 3])
@@ -134,7 +155,9 @@ def test_compiled_route_stores_publishes_forwards_and_dead_letters_as_the_refere
     for r in rare:  # spread through the workload
         records.insert(rng.randrange(len(records) + 1), r)
     caplog.set_level(logging.WARNING, logger="aggregator.worker")
+    _jdoc.reset_stats()
     got = _run(tmp_path, "compiled", n, records)
+    jdoc = _jdoc.stats()
     logs = [r.getMessage() for r in caplog.records]
     caplog.clear()
     for name, fn in route.REFERENCE.items():
@@ -152,9 +175,29 @@ def test_compiled_route_stores_publishes_forwards_and_dead_letters_as_the_refere
     assert (n == 1) == (not got["forwarded"])
     assert got["published"] == ref["published"] and got["published"]
     assert got["views"] == ref["views"]
+    assert got["stored"] == ref["stored"] and got["stored"]  # the same bytes, record forms
+    # the documents were merged as JSON bytes; the rare ones (not JSON-exact) were not
+    assert jdoc["applied"] > 1000 and 0 < jdoc["refused"] < 20, jdoc
     assert "12345" in got["views"]["customer"] and "7" in got["views"]["product"]
     assert got["views"]["product"]["p-4"]["rating_sum"] == float("inf")
     assert logs == ref_logs and any("merge error in view" in m for m in logs)
+
+
+def test_the_shop_workload_takes_the_byte_path(tmp_path):
+    """On the shop workload every update of a worker's own documents is merged into the
+    document's JSON bytes (_jdoc.pyx): none refused."""
+    w = simulate.generate(21, 3000)
+    _jdoc.reset_stats()
+    c = tw.Cluster(tmp_path / "data", 1)
+    try:
+        c.boot()
+        c.feed(c.ring_records(list(w.records)), random.Random(3), max_batch=500)
+        applied = c.total(Slot.APPLIED)
+        c.views()
+    finally:
+        c.close()
+    jdoc = _jdoc.stats()
+    assert jdoc["refused"] == 0 and jdoc["applied"] >= applied > 2000, (jdoc, applied)
 
 
 def test_the_compiled_twins_are_installed():
