@@ -122,27 +122,42 @@ cdef inline Py_ssize_t _str_end(const char* p, Py_ssize_t n, Py_ssize_t i) noexc
         i = j + 1
 
 
+# the bytes a nested value's scan stops at: 1 a quote, 2 an opening bracket, 3 a closing one
+cdef unsigned char _STOP[256]
+_STOP[:] = [0] * 256
+_STOP[QUOTE] = 1
+_STOP[LBRACE] = 2
+_STOP[LBRACKET] = 2
+_STOP[RBRACE] = 3
+_STOP[RBRACKET] = 3
+
+
 @cython.boundscheck(False)
 @cython.wraparound(False)
 cdef Py_ssize_t _value_end(const char* p, Py_ssize_t n, Py_ssize_t i) noexcept:
     """`p[i]` starts a value: the index after it."""
     cdef char c = p[i]
-    cdef Py_ssize_t depth = 0
+    cdef Py_ssize_t depth = 1
+    cdef unsigned char k
+    cdef const unsigned char* u = <const unsigned char*>p
     if c == QUOTE:
         return _str_end(p, n, i)
     if c == LBRACE or c == LBRACKET:
+        i += 1
         while True:
-            c = p[i]
-            if c == QUOTE:
+            k = _STOP[u[i]]
+            if k == 0:
+                i += 1
+            elif k == 1:
                 i = _str_end(p, n, i)
-                continue
-            if c == LBRACE or c == LBRACKET:
+            elif k == 2:
                 depth += 1
-            elif c == RBRACE or c == RBRACKET:
+                i += 1
+            else:
                 depth -= 1
+                i += 1
                 if depth == 0:
-                    return i + 1
-            i += 1
+                    return i
     while i < n:
         c = p[i]
         if c == COMMA or c == RBRACE or c == RBRACKET:
@@ -203,17 +218,31 @@ cdef bytes _splice(bytes s, Py_ssize_t a, Py_ssize_t b, const char* x1, Py_ssize
     return out
 
 
+cdef extern from "string.h":
+    void* memmem(const void* haystack, size_t hn, const void* needle, size_t nn) nogil
+
+
 cdef bytes _json(object v):
     """orjson's bytes of an event or computed value, as `json_body` writes it inside the
     document; refused unless JSON-exact."""
     cdef object t = type(v)
+    cdef bytes b
+    cdef const char* q
+    cdef Py_ssize_t n
     try:
-        b = _dumps(v, option=_OPT)
+        b = <bytes>_dumps(v, None, _OPT)
     except TypeError:  # orjson.JSONEncodeError: > 64-bit int, bytes, lone surrogate, ...
         raise _Refused()
-    if not (t is str or t is int or t is bool or v is None) and not _lossless(v):
-        raise _Refused()  # NaN/inf, tuples
-    return <bytes>b
+    if t is str or t is int or t is bool or v is None:
+        return b
+    # json_lossless: NaN/inf are written as null, tuples as arrays; bytes without either
+    # (and strings with neither inside) need no walk
+    q = PyBytes_AS_STRING(b)
+    n = PyBytes_GET_SIZE(b)
+    if (memmem(q, n, "null", 4) != NULL or memchr(q, LBRACKET, n) != NULL) and \
+            not _lossless(v):
+        raise _Refused()
+    return b
 
 
 cdef enum:
