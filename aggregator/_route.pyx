@@ -7,7 +7,10 @@ the feeds of (topic, type), each view key (the partition key, or a string/intege
 path of plain dicts below ``data``) and its slot, the owner of the slot, the forwarded
 updates (protocol.UPD_* fields) for other owners, the document (the attempt's ``docs``,
 then the worker's doc cache, then the shard), ``plan.apply_update``, the update log and the
-change event. ``merge_targets`` and ``apply_local`` are the twins of the methods of the
+change event. A JSON-exact document is merged as its JSON bytes (_jdoc.pyx): its record
+stays ``{"v", "j", "s"}`` (read without decoding ``"j"``), and the new bytes are both the
+change event's body and the stored ``"j"``; an update the byte engine refuses (counted)
+takes the dict path, as do all updates when change events are not JSON. ``merge_targets`` and ``apply_local`` are the twins of the methods of the
 same names (cluster mode's ``_route`` and the forwarded updates call them).
 
 Every rare path is the reference's own method, called unchanged: a key that is not a

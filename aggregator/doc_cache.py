@@ -1,8 +1,9 @@
 """Committed view documents kept in a worker across transactions (service.doc_cache_bytes).
 
 A worker's transaction reads every document it touches and unpacks it (store.Batch.get_doc);
-hot documents are touched again by the next transactions. `DocCache` keeps the unpacked
-stored form (``{"v", "d", "s"}``, as the merge uses it) of recently committed documents,
+hot documents are touched again by the next transactions. `DocCache` keeps the record as
+the merge uses it (``{"v", "j": JSON bytes, "s"}`` for the compiled route stage's byte path,
+``{"v", "d", "s"}`` otherwise) of recently committed documents,
 least recently committed first out, bounded by an estimate of their memory.
 
 Only committed states enter the cache, and an attempt owns what it takes:
