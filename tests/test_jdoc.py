@@ -279,3 +279,29 @@ def test_stats_count_applied_and_refused():
     assert _jdoc.apply(plan, b"{}", ev({"x": math.inf})) is _jdoc.REFUSED
     assert _jdoc.stats() == {"applied": 1, "refused": 1}
     assert orjson.loads(_jdoc.apply(plan, None, ev({"x": "é"}))) == {"a": "é"}
+
+
+@settings(max_examples=3000, deadline=None)
+@given(v=st.one_of(event_values, st.dictionaries(st.text(max_size=4), event_values)))
+def test_values_are_written_as_orjson_writes_them(v):
+    """The bytes of a `set` are orjson's, or the update is refused when they are not
+    exact."""
+    plan = _merge.compile_ops([{"op": "set", "path": "a", "from": "data.x"}])
+    got = _jdoc.apply(plan, None, ev({"x": v}))
+    want = json_body({"a": v})
+    if got is _jdoc.REFUSED:
+        assert want is None
+    else:
+        assert got == want
+
+
+def test_plain_values_edge_cases():
+    plan = _merge.compile_ops([{"op": "set", "path": "a", "from": "data.x"}])
+    d = {"x": 1, "y": 2}
+    del d["x"]  # a dict with a deleted slot before its first entry
+    d["z"] = 3
+    for v in [d, I64 - 1, -I64, I64, 2**64 - 1, -I64 - 1, "\x7f", "\x1f", 'a"b', "a\\b", "é",
+              [[[[]]]], {"": {}}, True, False, None, 0, -0, [1, 2.5], {"k": math.nan}]:
+        got = _jdoc.apply(plan, b'{"b":1}', ev({"x": v}))
+        want = json_body({"b": 1, "a": v})
+        assert got == (want if want is not None else _jdoc.REFUSED), v
