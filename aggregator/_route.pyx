@@ -10,8 +10,9 @@ then the worker's doc cache, then the shard), ``plan.apply_update``, the update 
 change event. A JSON-exact document is merged as its JSON bytes (_jdoc.pyx): its record
 stays ``{"v", "j", "s"}`` (read without decoding ``"j"``), and the new bytes are both the
 change event's body and the stored ``"j"``; an update the byte engine refuses (counted)
-takes the dict path, as do all updates when change events are not JSON. ``merge_targets`` and ``apply_local`` are the twins of the methods of the
-same names (cluster mode's ``_route`` and the forwarded updates call them).
+takes the dict path, as do all updates when change events are not JSON. ``merge_targets``
+and ``apply_local`` are the twins of the methods of the same names (cluster mode's
+``_route`` and the forwarded updates call them).
 
 Every rare path is the reference's own method, called unchanged: a key that is not a
 string/integer found through dicts, or is too long, goes to ``RouteStage._targets`` (which
@@ -232,7 +233,8 @@ cdef object _apply_bytes(_Ctx c, CMergePlan m, dict stored, object ev):
     else:
         held_j = False
         hit = PyDict_GetItem(stored, "d")
-        if hit is NULL:
+        if hit is NULL:  # (no record has neither)
+            _jdoc.count_refused()
             return _REFUSED
         if <object>hit is not None:
             # a document held as objects (rebuilt by a replay, or not JSON-exact): its
@@ -255,7 +257,7 @@ cdef object _apply_bytes(_Ctx c, CMergePlan m, dict stored, object ev):
             del stored["d"]
         stored["j"] = body
     stored["v"] = stored["v"] + 1
-    (<dict>stored["s"])[_ev(ev, _EV_SOURCE, "source")] = [
+    stored["s"][_ev(ev, _EV_SOURCE, "source")] = [
         _ev(ev, _EV_SEQUENCE, "sequence"), _ev(ev, _EV_TIME, "time")]
     return body
 
