@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import os
 import re
 import threading
 import time
@@ -72,6 +73,8 @@ class Sample:
     t: float  # time.monotonic()
     cpu: dict[int, float]  # pid -> user + system seconds
     rss_total: int
+    # pid -> (user, system, main thread user + system) seconds; counted processes only
+    split: dict[int, tuple[float, float, float]] = field(default_factory=dict)
 
 
 class ProcessSampler:
@@ -144,6 +147,7 @@ class ProcessSampler:
     def sample(self, with_pss: bool = False) -> None:
         now = time.monotonic()
         cpu: dict[int, float] = {}
+        split: dict[int, tuple[float, float, float]] = {}
         rss_total = pss_total = written_total = 0
         for p in self._tree():
             try:
@@ -176,10 +180,11 @@ class ProcessSampler:
                 if b is not None:
                     st.breakdown, st.breakdown_rss = b, rss
             if p.pid not in self.extra:
+                split[p.pid] = (ct.user, ct.system, _main_thread_cpu(p))
                 rss_total += rss
                 pss_total += pss
                 written_total += written
-        self.samples.append(Sample(now, cpu, rss_total))
+        self.samples.append(Sample(now, cpu, rss_total, split))
         self.peak_written_total = max(self.peak_written_total, written_total)
         self.peak_rss_total = max(self.peak_rss_total, rss_total)
         self.peak_pss_total = max(self.peak_pss_total, pss_total)
@@ -206,6 +211,25 @@ class ProcessSampler:
             used = max(0.0, self.cpu_at(pid, t1) - self.cpu_at(pid, t0))
             out[st.label] = out.get(st.label, 0.0) + used
         return out
+
+    def cpu_split_between(self, t0: float, t1: float) -> dict[str, dict[str, float]]:
+        """Where each counted process's CPU went between two monotonic times, by label:
+        ``user`` and ``system`` seconds (all threads), and ``main`` (its main thread) against
+        ``threads`` (the others: librdkafka's, a publisher's, ...). From the samples nearest
+        inside the window (100 ms apart), so the edges are approximate."""
+        out: dict[str, dict[str, float]] = {}
+        for pid, st in self.procs.items():
+            inside = [s.split[pid] for s in self.samples if t0 <= s.t <= t1 and pid in s.split]
+            if len(inside) < 2:
+                continue
+            (u0, s0, m0), (u1, s1, m1) = inside[0], inside[-1]
+            d = out.setdefault(st.label, {"user": 0.0, "system": 0.0, "main": 0.0,
+                                          "threads": 0.0})
+            d["user"] += u1 - u0
+            d["system"] += s1 - s0
+            d["main"] += m1 - m0
+            d["threads"] += (u1 + s1 - u0 - s0) - (m1 - m0)
+        return {k: {n: round(v, 3) for n, v in d.items()} for k, d in out.items()}
 
     def written_total(self) -> int:
         """Bytes the counted processes caused to be written to storage since they started
@@ -235,6 +259,19 @@ class ProcessSampler:
                 "written_bytes_total": self.written_total(),
                 "peak_pss_total_mib": _mib(self.peak_pss_total),
                 "samples": len(self.samples), "interval_s": self.interval}
+
+
+def _main_thread_cpu(p: psutil.Process) -> float:
+    """User + system seconds of a process's main thread (its thread id is its pid)."""
+    try:
+        with open(f"/proc/{p.pid}/task/{p.pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def _mib(n: int) -> float:

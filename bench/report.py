@@ -225,6 +225,12 @@ def markdown(results: dict, png: str | None = None) -> str:
                              f"RSS/PSS MiB: {rss}; startup (spawn + boot + group join) "
                              f"{r['startup_s']:.1f} s; the Kafka commit covered everything "
                              f"{r['kafka_committed_s']:.1f} s after the first fetch")
+                split = r.get("cpu_split") or {}
+                if split:
+                    lines.append("  - CPU s by kind: " + "; ".join(
+                        f"{k} user {v['user']:.1f} / system {v['system']:.1f}, main thread "
+                        f"{v['main']:.1f} / other threads {v['threads']:.1f}"
+                        for k, v in sorted(split.items())))
                 st = r.get("stats") or {}
                 if st.get("commits"):
                     lines.append(

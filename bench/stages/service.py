@@ -104,6 +104,8 @@ class AggRun:
     startup_s: float = 0.0  # child start -> first record fetched (boot + group join)
     window_start: str = "first record fetched"
     cpu_s: dict = field(default_factory=dict)  # within the window, by process label
+    # within the window, by process label: user/system, main thread/other threads (seconds)
+    cpu_split: dict = field(default_factory=dict)
     cpu_s_per_million: float = 0.0
     # bytes the service's processes caused to be written to storage per record consumed,
     # whole run (boot to exit; /proc/<pid>/io write_bytes): issue 14's disk-writes figure
@@ -218,6 +220,7 @@ def measure_throughput(loaded: wl.Loaded, bootstrap: str, workers: int, oracle: 
         run.kafka_committed_s = (res["t_kafka"] - t_first) if res.get("t_kafka") else 0.0
         run.startup_s = t_first - res["t_start"]
         run.cpu_s = {k: round(v, 3) for k, v in p.sampler.cpu_between(t_first, t_done).items()}
+        run.cpu_split = p.sampler.cpu_split_between(t_first, t_done)
         service_cpu = sum(v for k, v in run.cpu_s.items() if k != "broker")
         run.cpu_s_per_million = service_cpu / run.records * 1e6
         expected_records = len(loaded.workload.records)
