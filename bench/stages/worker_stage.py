@@ -13,8 +13,9 @@ Window: first message put → every worker has acknowledged its last batch (dura
 and every forwarded update has been applied by its owner (the link counters are quiet).
 The shipped config otherwise (LMDB fsync on). Views are checked against the oracle.
 `StageRun.window`: where the window's CPU went (each worker's main thread, user and system,
-its other threads, its context switches; the broker; the whole machine, whose other tenants
-count too): bench/results/forward-scaling.md reads the scaling from it.
+and how long it waited, runnable, for a core; its other threads; its context switches; the
+broker; the whole machine, whose other tenants count too): bench/results/forward-scaling.md
+reads the scaling from it.
 """
 
 from __future__ import annotations
@@ -118,13 +119,24 @@ def _snapshot(pids: dict[str, int]) -> dict:
         main = [t for t in threads if t.id == pid]
         rest = sum(t.user_time + t.system_time for t in threads if t.id != pid)
         out[name] = {"main_user_s": sum(t.user_time for t in main),
-                     "main_system_s": sum(t.system_time for t in main), "threads_s": rest,
+                     "main_system_s": sum(t.system_time for t in main),
+                     "main_runqueue_s": _runqueue_s(pid), "threads_s": rest,
                      "voluntary": ctx.voluntary, "involuntary": ctx.involuntary}
     m = psutil.cpu_times()
     out["machine"] = {"busy_s": sum(m) - m.idle - getattr(m, "iowait", 0.0),
                       "idle_s": m.idle, "iowait_s": getattr(m, "iowait", 0.0),
                       "steal_s": getattr(m, "steal", 0.0)}
     return out
+
+
+def _runqueue_s(pid: int) -> float:
+    """Seconds the main thread of `pid` was runnable but waited for a core
+    (/proc/<pid>/schedstat: on-CPU ns, run-queue wait ns, timeslices)."""
+    try:
+        with open(f"/proc/{pid}/schedstat") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 def window_cpu(a: dict, b: dict, window_s: float) -> dict:

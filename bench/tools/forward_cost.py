@@ -1,9 +1,8 @@
 """What one forwarded view update costs, by part, and what two workers cost against one.
 
     python -m bench.tools.forward_cost [--events 30000] [--rounds 4]
-    valgrind --tool=callgrind --collect-atstart=no --toggle-collect=_operator_call \\
-        --callgrind-out-file=/tmp/x/fc.%p python -m bench.tools.forward_cost --callgrind
-                                                          # instructions instead of CPU time
+    valgrind --tool=callgrind --callgrind-out-file=/tmp/x/fc.%p \\
+        python -m bench.tools.forward_cost --callgrind /tmp/x/fc.%p   # instructions
 
 Two real `Worker` objects in this process (shop.toml, ``workers = 2``, real LMDB shards and
 peer rings) are fed the seeded shop workload in 5,000-record rounds split by the real
@@ -22,12 +21,12 @@ them, with fresh link sequence numbers, on the warm shards:
 6. ack: worker 0 prunes its outbox up to what worker 1 acknowledged, one transaction.
 
 Each part is printed per forwarded update: CPU µs (this thread's time, best of
-`--repeat`) or, with ``--callgrind`` under valgrind, instructions: each part runs inside
-``operator.call``, the one function callgrind collects in (``--toggle-collect``), and the
-tool dumps callgrind's counters after each part (``callgrind_control --dump``), one file per
-part, read with ``callgrind_annotate`` (the calibration part, an empty call, is taken off
-each). The merge inside "apply" is shown apart (`_route._apply_local`'s inclusive
-instructions in the apply dump), since a local update pays it too.
+`--repeat`) or, with ``--callgrind <valgrind's --callgrind-out-file>`` under valgrind,
+instructions: the tool dumps callgrind's counters after each part (``callgrind_control
+--dump``, which it waits for), one file per part, read with ``callgrind_annotate`` (the
+calibration part, an empty call and a dump, is taken off each). The merge inside "apply"
+is shown apart (`_route._apply_local`'s inclusive instructions in the apply dump), since a
+local update pays it too.
 """
 
 from __future__ import annotations
@@ -108,13 +107,13 @@ class Pair:
 
 
 def run_parts(pair: Pair, batches: list[list], clock) -> tuple[dict, int]:
-    """The six parts over `batches` (lists of updates), each run through `operator.call`
-    (what callgrind collects, ``--toggle-collect=_operator_call``) and then measured by
-    `clock` (called with the part's name); returns ({part: clock's result}, updates)."""
+    """The six parts over `batches` (lists of updates), each measured by `clock` (called
+    with the part's name after it); returns ({part: clock's result}, updates)."""
     w0, w1 = pair.w
     out: dict = {}
     n = sum(len(b) for b in batches)
     st: dict = {"seq": w0.link_out[1], "first": w0.link_out[1] + 1}
+    call = operator.call
 
     def encode():
         msgs, seq = [], st["seq"]
@@ -152,10 +151,10 @@ def run_parts(pair: Pair, batches: list[list], clock) -> tuple[dict, int]:
         batch.commit()
 
     clock("start")
-    operator.call(lambda: None)
+    call(lambda: None)
     out["calibration"] = clock("calibration")  # nothing: what a part's frame costs
     for part, fn in zip(PARTS, (encode, outbox, ring, decode, apply, ack)):
-        operator.call(fn)
+        call(fn)
         out[part] = clock(part)
     # worker 0's own counters follow (as `_post_commit` would have moved them)
     seq = st["seq"]
@@ -178,17 +177,18 @@ def thread_clock():
     return clock
 
 
-def callgrind_clock():
-    """Dumps callgrind's counters after each part (one file per part). Only what runs
-    inside `operator.call` is collected (``--toggle-collect=_operator_call``), so a dump
-    taken a little late (valgrind takes the request when it next polls: the pause below
-    lets it) moves nothing from one part into another."""
+def callgrind_clock(out_file: str):
+    """Dumps callgrind's counters after each part: `out_file`.<n>, one file per part
+    (``callgrind_control --dump``; waits until the file is there)."""
+    n = [len(glob.glob(out_file + ".*"))]
+
     def clock(part: str) -> str:
         subprocess.run(["callgrind_control", "--dump=" + part, str(os.getpid())],
                        check=True, capture_output=True)
-        t = time.monotonic() + 0.3
-        while time.monotonic() < t:
-            pass
+        n[0] += 1
+        deadline = time.monotonic() + 30
+        while not os.path.exists(f"{out_file}.{n[0]}") and time.monotonic() < deadline:
+            time.sleep(0.01)
         return part
 
     return clock
@@ -202,7 +202,7 @@ def dump_ir(pattern: str) -> dict[str, tuple[int, int]]:
         m = re.search(r"^desc: Trigger: Client Request: (.*)$|^desc: Trigger: (.*)$", text,
                       re.M)
         trig = (m.group(1) or m.group(2)) if m else ""
-        part = trig.split("--dump=")[-1].strip() if "--dump=" in trig else trig.strip()
+        part = trig.strip().split(" ")[-1]  # "dump <part>"
         ann = subprocess.run(["callgrind_annotate", "--inclusive=yes", f],
                              capture_output=True, text=True).stdout
         total = re.search(r"^\s*([\d,]+) \(100.0%\)\s+PROGRAM TOTALS", ann, re.M)
@@ -219,8 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=4,
                     help="the last ROUNDS rounds' forwarded updates are measured")
     ap.add_argument("--repeat", type=int, default=3, help="CPU time: best of")
-    ap.add_argument("--callgrind", action="store_true",
-                    help="under valgrind (the command above): instructions")
+    ap.add_argument("--callgrind", metavar="OUT_FILE",
+                    help="under valgrind: its --callgrind-out-file (%%p: this process)")
     args = ap.parse_args(argv)
     rounds = split(wl.ring_messages(wl.generate(11, args.events), 5000))
     pair = Pair()
@@ -234,8 +234,8 @@ def main(argv: list[str] | None = None) -> int:
               f"forwarded updates ({fwd / records:.3f} per record)")
         batches = [b for b in pair.captured[-args.rounds:] if b]
         if args.callgrind:
-            out_file = _callgrind_out()
-            run_parts(pair, batches, callgrind_clock())
+            out_file = args.callgrind.replace("%p", str(os.getpid()))
+            run_parts(pair, batches, callgrind_clock(out_file))
             return _report_ir(out_file, sum(len(b) for b in batches))
         best: dict[str, float] = {}
         n = 0
@@ -251,15 +251,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     finally:
         pair.close()
-
-
-def _callgrind_out() -> str:
-    """The callgrind output file of this process (from its command line)."""
-    with open(f"/proc/{os.getpid()}/cmdline", "rb") as f:
-        for arg in f.read().split(b"\0"):
-            if arg.startswith(b"--callgrind-out-file="):
-                return arg.split(b"=", 1)[1].decode().replace("%p", str(os.getpid()))
-    return f"callgrind.out.{os.getpid()}"
 
 
 def _report_ir(out_file: str, n: int) -> int:
