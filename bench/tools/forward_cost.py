@@ -1,8 +1,8 @@
 """What one forwarded view update costs, by part, and what two workers cost against one.
 
     python -m bench.tools.forward_cost [--events 30000] [--rounds 4]
-    valgrind --tool=callgrind --callgrind-out-file=/tmp/x/fc.%p \\
-        python -m bench.tools.forward_cost --callgrind /tmp/x/fc.%p   # instructions
+    valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file=/tmp/x/fc.%p \\
+        python -m bench.tools.forward_cost --callgrind [--part decode]   # instructions
 
 Two real `Worker` objects in this process (shop.toml, ``workers = 2``, real LMDB shards and
 peer rings) are fed the seeded shop workload in 5,000-record rounds split by the real
@@ -21,21 +21,18 @@ them, with fresh link sequence numbers, on the warm shards:
 6. ack: worker 0 prunes its outbox up to what worker 1 acknowledged, one transaction.
 
 Each part is printed per forwarded update: CPU µs (this thread's time, best of
-`--repeat`) or, with ``--callgrind <valgrind's --callgrind-out-file>`` under valgrind,
-instructions: the tool dumps callgrind's counters after each part (``callgrind_control
---dump``, which it waits for), one file per part, read with ``callgrind_annotate`` (the
-calibration part, an empty call and a dump, is taken off each). The merge inside "apply"
-is shown apart (`_route._apply_local`'s inclusive instructions in the apply dump), since a
-local update pays it too.
+`--repeat`) or, with ``--callgrind`` under valgrind, instructions: the parts (or the one
+`--part`) are instrumented alone (``callgrind_control -i on/off``) and valgrind's output
+file is read with ``callgrind_annotate``: its total over the updates printed, and,
+inclusive, e.g. ``_route._apply_local`` for the merge inside "apply" (a local update pays
+it too), ``_forwards.decode``, ``_forwards.encode_message``.
 """
 
 from __future__ import annotations
 
 import argparse
-import glob
 import operator
 import os
-import re
 import shutil
 import subprocess
 import tempfile
@@ -177,40 +174,23 @@ def thread_clock():
     return clock
 
 
-def callgrind_clock(out_file: str):
-    """Dumps callgrind's counters after each part: `out_file`.<n>, one file per part
-    (``callgrind_control --dump``; waits until the file is there)."""
-    n = [len(glob.glob(out_file + ".*"))]
+def callgrind_clock(only: str | None):
+    """Instruments the parts alone (`only`: that part): ``callgrind_control -i on`` before,
+    ``-i off`` after (valgrind started with ``--instr-atstart=no``); the counts are then
+    read from valgrind's output file with ``callgrind_annotate``."""
+    order = ["start", "calibration", *PARTS]
+    state = {"on": False}
 
     def clock(part: str) -> str:
-        subprocess.run(["callgrind_control", "--dump=" + part, str(os.getpid())],
-                       check=True, capture_output=True)
-        n[0] += 1
-        deadline = time.monotonic() + 30
-        while not os.path.exists(f"{out_file}.{n[0]}") and time.monotonic() < deadline:
-            time.sleep(0.01)
+        k = order.index(part) + 1  # the part that runs next
+        on = k < len(order) and order[k] in PARTS and only in (None, order[k])
+        if on != state["on"]:
+            subprocess.run(["callgrind_control", "-i", "on" if on else "off",
+                            str(os.getpid())], check=True, capture_output=True)
+            state["on"] = on
         return part
 
     return clock
-
-
-def dump_ir(pattern: str) -> dict[str, tuple[int, int]]:
-    """{part: (total Ir, Ir inclusive in _route's _apply_local)} of the dump files."""
-    out = {}
-    for f in sorted(glob.glob(pattern)):
-        text = open(f, errors="replace").read()
-        m = re.search(r"^desc: Trigger: Client Request: (.*)$|^desc: Trigger: (.*)$", text,
-                      re.M)
-        trig = (m.group(1) or m.group(2)) if m else ""
-        part = trig.strip().split(" ")[-1]  # "dump <part>"
-        ann = subprocess.run(["callgrind_annotate", "--inclusive=yes", f],
-                             capture_output=True, text=True).stdout
-        total = re.search(r"^\s*([\d,]+) \(100.0%\)\s+PROGRAM TOTALS", ann, re.M)
-        merge = re.search(r"^\s*([\d,]+) \([ \d.]+%\)\s+\S*_route\.c:"
-                          r"__pyx_f_10aggregator_6_route__apply_local ", ann, re.M)
-        out[part] = (int(total.group(1).replace(",", "")) if total else 0,
-                     int(merge.group(1).replace(",", "")) if merge else 0)
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -219,8 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=4,
                     help="the last ROUNDS rounds' forwarded updates are measured")
     ap.add_argument("--repeat", type=int, default=3, help="CPU time: best of")
-    ap.add_argument("--callgrind", metavar="OUT_FILE",
-                    help="under valgrind: its --callgrind-out-file (%%p: this process)")
+    ap.add_argument("--callgrind", action="store_true",
+                    help="under valgrind --instr-atstart=no: instrument the parts only")
+    ap.add_argument("--part", choices=PARTS, help="with --callgrind: this part alone")
     args = ap.parse_args(argv)
     rounds = split(wl.ring_messages(wl.generate(11, args.events), 5000))
     pair = Pair()
@@ -234,9 +215,10 @@ def main(argv: list[str] | None = None) -> int:
               f"forwarded updates ({fwd / records:.3f} per record)")
         batches = [b for b in pair.captured[-args.rounds:] if b]
         if args.callgrind:
-            out_file = args.callgrind.replace("%p", str(os.getpid()))
-            run_parts(pair, batches, callgrind_clock(out_file))
-            return _report_ir(out_file, sum(len(b) for b in batches))
+            _, n = run_parts(pair, batches, callgrind_clock(args.part))
+            print(f"{n} forwarded updates: {args.part or 'every part'} instrumented "
+                  "(callgrind_annotate <valgrind's output file>; divide by the updates)")
+            return 0
         best: dict[str, float] = {}
         n = 0
         for _ in range(args.repeat):
@@ -251,26 +233,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     finally:
         pair.close()
-
-
-def _report_ir(out_file: str, n: int) -> int:
-    parts = dump_ir(out_file + ".*")
-    if "calibration" not in parts:
-        print(f"no callgrind dumps at {out_file}.* (run under valgrind --tool=callgrind)")
-        return 1
-    cal = parts["calibration"][0]
-    print(f"{n} forwarded updates; instructions per update (less the calibration dump, "
-          f"{cal:,} Ir):")
-    total = 0.0
-    for part in PARTS:
-        ir, merge = parts.get(part, (0, 0))
-        per = (ir - cal) / n
-        total += per
-        extra = f"  (of which the merge, _route._apply_local: {merge / n:,.0f})" \
-            if part == "apply" else ""
-        print(f"  {part:8s} {per:9,.0f}{extra}")
-    print(f"  {'total':8s} {total:9,.0f}")
-    return 0
 
 
 if __name__ == "__main__":
