@@ -11,7 +11,7 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes
 from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE, PyList_New, PyList_SET_ITEM
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from cpython.object cimport PyObject
-from cpython.ref cimport Py_INCREF
+from cpython.ref cimport Py_DECREF, Py_INCREF
 from libc.stdint cimport int16_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcmp, memcpy
 
@@ -22,7 +22,12 @@ from aggregator.protocol import FORWARD_UPDATE as UPDATE
 from aggregator.protocol import FORWARD_VERSION as VERSION
 from aggregator.protocol import MSG_FORWARD, Forwarded, unpack
 
+from aggregator._slots cimport slot_offset
+
 cdef extern from "Python.h":
+    ctypedef struct PyTypeObject:
+        PyObject* (*tp_alloc)(PyTypeObject*, Py_ssize_t)
+    void Py_XDECREF(PyObject*)
     const char* PyUnicode_AsUTF8AndSize(object, Py_ssize_t*) except NULL
     object PyUnicode_DecodeUTF8(const char*, Py_ssize_t, const char*)
     object PyLong_FromLongLong(long long)
@@ -34,6 +39,48 @@ cdef int _VERSION = VERSION
 cdef int _NO_SEQUENCE = NO_SEQUENCE
 cdef object _MSG_FORWARD = MSG_FORWARD
 cdef int[7] _STR = [1, 3, 4, 5, 6, 7, 10]  # view key, id, source, type, time, subject, pk
+
+
+# protocol.Forwarded, made and filled at its slots' offsets (as _envelope.pyx makes Events)
+cdef enum:
+    _F_ID, _F_SOURCE, _F_TYPE, _F_TIME, _F_SUBJECT, _F_SEQUENCE, _F_DATA, _F_PK, _F_ORIGIN, \
+        _F_RAW
+cdef Py_ssize_t _FW[10]
+cdef PyTypeObject* _FWD_TYPE = <PyTypeObject*>Forwarded
+
+
+cdef _forwarded_layout():
+    slots = ("id", "source", "type", "time", "subject", "sequence", "data", "partitionkey",
+             "origin", "raw")
+    if (tuple(sorted(Forwarded.__slots__)) != tuple(sorted(slots))
+            or "__dict__" in dir(Forwarded) or Forwarded.__setattr__ is not object.__setattr__
+            or Forwarded.__new__ is not object.__new__ or len(Forwarded.__mro__) != 2):
+        raise ImportError("aggregator._forwards: protocol.Forwarded is no longer a plain "
+                          "__slots__ class; rebuild this module's construction of it")
+    for i, name in enumerate(slots):
+        _FW[i] = slot_offset(Forwarded, name, True)  # ImportError if not a writable slot
+
+
+_forwarded_layout()
+
+
+cdef inline object _new_forwarded():
+    """``Forwarded.__new__(Forwarded)``: every slot empty."""
+    cdef PyObject* o = _FWD_TYPE.tp_alloc(_FWD_TYPE, 0)
+    if o == NULL:
+        raise MemoryError()
+    cdef object f = <object>o
+    Py_DECREF(f)  # <object> took a second reference
+    return f
+
+
+cdef inline void _fset(object f, int i, object v) noexcept:
+    """``f.<slot i> = v``."""
+    cdef PyObject** at = <PyObject**>(<char*><PyObject*>f + _FW[i])
+    cdef PyObject* old = at[0]
+    Py_INCREF(v)
+    at[0] = <PyObject*>v
+    Py_XDECREF(old)
 
 
 @cython.final
@@ -132,6 +179,279 @@ cdef bint _put_update(_Buf b, list u) except -1:
         memcpy(w + 4, s, n)
         b.n += 4 + n
     return True
+
+
+# ---- the updates' data, msgpack as protocol.pack writes it ---------------------------------
+# `protocol.pack` is ``msgpack.Packer(use_bin_type=True).pack``; `_pack` writes the same bytes
+# for the exact types the events' data holds (None, bool, int, float, str, bytes, list,
+# tuple, dict) and returns False for anything else, a string msgpack would not encode, an int
+# out of 64 bits or nesting deeper than _MAX_DEPTH: that data is then packed by msgpack
+# whole (`pack_data`, or every update's data of `encode_message`), so every value, and every
+# error, is msgpack's own.
+
+cdef enum:
+    _MAX_DEPTH = 64  # msgpack's own limit is 511 levels (DEFAULT_RECURSE_LIMIT)
+
+cdef extern from "Python.h":
+    bint PyUnicode_CheckExact(object)
+    bint PyLong_CheckExact(object)
+    bint PyFloat_CheckExact(object)
+    bint PyBytes_CheckExact(object)
+    bint PyDict_CheckExact(object)
+    bint PyList_CheckExact(object)
+    bint PyTuple_CheckExact(object)
+    double PyFloat_AS_DOUBLE(object)
+    int PyDict_Next(object, Py_ssize_t*, PyObject**, PyObject**)
+    Py_ssize_t PyDict_GET_SIZE(object)
+    Py_ssize_t PyTuple_GET_SIZE(object)
+    PyObject* PyTuple_GET_ITEM(object, Py_ssize_t)
+    # no `except`: the errors are looked at here (PyErr_Occurred) and cleared
+    long long PyLong_AsLongLongAndOverflow(object, int*)
+    unsigned long long PyLong_AsUnsignedLongLong(object)
+    const char* PyUnicode_AsUTF8AndSize_NoErr "PyUnicode_AsUTF8AndSize"(object, Py_ssize_t*)
+    PyObject* PyErr_Occurred()
+    void PyErr_Clear()
+
+cdef object _pack_whole = None  # protocol.pack, bound at first use
+
+
+cdef inline void _be_put16(char* w, uint32_t v) noexcept:
+    w[0] = <char>(v >> 8)
+    w[1] = <char>v
+
+
+cdef inline void _be_put32(char* w, uint32_t v) noexcept:
+    w[0] = <char>(v >> 24)
+    w[1] = <char>(v >> 16)
+    w[2] = <char>(v >> 8)
+    w[3] = <char>v
+
+
+cdef inline void _be_put64(char* w, uint64_t v) noexcept:
+    _be_put32(w, <uint32_t>(v >> 32))
+    _be_put32(w + 4, <uint32_t>v)
+
+
+cdef int _head(_Buf b, Py_ssize_t n, unsigned char fix, unsigned char fixmax,
+               unsigned char c8, unsigned char c16, unsigned char c32) except -1:
+    """A msgpack length head: fix|n below `fixmax`, else the 8 (c8 != 0), 16 or 32 bit form."""
+    cdef char* w = b.room(5)
+    if n < fixmax:
+        w[0] = <char>(fix | n)
+        b.n += 1
+    elif c8 != 0 and n < 0x100:
+        w[0] = <char>c8
+        w[1] = <char>n
+        b.n += 2
+    elif n < 0x10000:
+        w[0] = <char>c16
+        _be_put16(w + 1, <uint32_t>n)
+        b.n += 3
+    else:
+        w[0] = <char>c32
+        _be_put32(w + 1, <uint32_t>n)
+        b.n += 5
+    return 0
+
+
+cdef int _int(_Buf b, object o) except -1:
+    """An int as msgpack's pack_long_long/pack_unsigned_long_long write it; 0: too large."""
+    cdef int overflow = 0
+    cdef long long v = PyLong_AsLongLongAndOverflow(o, &overflow)
+    cdef unsigned long long u
+    cdef char* w = b.room(9)
+    if overflow != 0:
+        if overflow < 0:
+            return 0
+        u = PyLong_AsUnsignedLongLong(o)  # above 2**63 - 1
+        if u == <unsigned long long>-1 and PyErr_Occurred() != NULL:
+            PyErr_Clear()
+            return 0
+        w[0] = <char>0xcf
+        _be_put64(w + 1, u)
+        b.n += 9
+        return 1
+    if v >= 0:
+        u = <unsigned long long>v
+        if u < 0x80:
+            w[0] = <char>u
+            b.n += 1
+        elif u < 0x100:
+            w[0] = <char>0xcc
+            w[1] = <char>u
+            b.n += 2
+        elif u < 0x10000:
+            w[0] = <char>0xcd
+            _be_put16(w + 1, <uint32_t>u)
+            b.n += 3
+        elif u < 0x100000000:
+            w[0] = <char>0xce
+            _be_put32(w + 1, <uint32_t>u)
+            b.n += 5
+        else:
+            w[0] = <char>0xcf
+            _be_put64(w + 1, u)
+            b.n += 9
+    elif v >= -32:
+        w[0] = <char>v
+        b.n += 1
+    elif v >= -128:
+        w[0] = <char>0xd0
+        w[1] = <char>v
+        b.n += 2
+    elif v >= -32768:
+        w[0] = <char>0xd1
+        _be_put16(w + 1, <uint32_t>v)
+        b.n += 3
+    elif v >= -2147483648:
+        w[0] = <char>0xd2
+        _be_put32(w + 1, <uint32_t>v)
+        b.n += 5
+    else:
+        w[0] = <char>0xd3
+        _be_put64(w + 1, <uint64_t>v)
+        b.n += 9
+    return 1
+
+
+cdef int _pack(_Buf b, object o, int depth) except -1:
+    """Append `o` as msgpack; 0 (the buffer's end undefined): msgpack must pack it."""
+    cdef Py_ssize_t n, i, pos
+    cdef const char* s
+    cdef char* w
+    cdef PyObject* k
+    cdef PyObject* v
+    cdef double d
+    cdef uint64_t bits
+    if o is None:
+        b.room(1)[0] = <char>0xc0
+        b.n += 1
+        return 1
+    if o is True:
+        b.room(1)[0] = <char>0xc3
+        b.n += 1
+        return 1
+    if o is False:
+        b.room(1)[0] = <char>0xc2
+        b.n += 1
+        return 1
+    if PyUnicode_CheckExact(o):
+        s = PyUnicode_AsUTF8AndSize_NoErr(o, &n)
+        if s == NULL:  # not encodable (a lone surrogate): msgpack's error
+            PyErr_Clear()
+            return 0
+        if n > 0xFFFFFFFF:
+            return 0
+        _head(b, n, 0xa0, 32, 0xd9, 0xda, 0xdb)
+        memcpy(b.room(n), s, n)
+        b.n += n
+        return 1
+    if PyLong_CheckExact(o):
+        return _int(b, o)
+    if PyFloat_CheckExact(o):
+        d = PyFloat_AS_DOUBLE(o)
+        memcpy(&bits, &d, 8)
+        w = b.room(9)
+        w[0] = <char>0xcb
+        _be_put64(w + 1, bits)
+        b.n += 9
+        return 1
+    if depth >= _MAX_DEPTH:
+        return 0
+    if PyDict_CheckExact(o):
+        n = PyDict_GET_SIZE(o)
+        if n > 0xFFFFFFFF:
+            return 0
+        _head(b, n, 0x80, 16, 0, 0xde, 0xdf)
+        pos = 0
+        while PyDict_Next(o, &pos, &k, &v):
+            if not _pack(b, <object>k, depth + 1) or not _pack(b, <object>v, depth + 1):
+                return 0
+        return 1
+    if PyList_CheckExact(o):
+        n = PyList_GET_SIZE(o)
+        if n > 0xFFFFFFFF:
+            return 0
+        _head(b, n, 0x90, 16, 0, 0xdc, 0xdd)
+        for i in range(n):  # the list is not changed meanwhile: nothing here runs Python
+            if not _pack(b, <object>PyList_GET_ITEM(o, i), depth + 1):
+                return 0
+        return 1
+    if PyTuple_CheckExact(o):
+        n = PyTuple_GET_SIZE(o)
+        _head(b, n, 0x90, 16, 0, 0xdc, 0xdd)
+        for i in range(n):
+            if not _pack(b, <object>PyTuple_GET_ITEM(o, i), depth + 1):
+                return 0
+        return 1
+    if PyBytes_CheckExact(o):
+        n = PyBytes_GET_SIZE(o)
+        if n > 0xFFFFFFFF:
+            return 0
+        _head(b, n, 0, 0, 0xc4, 0xc5, 0xc6)
+        memcpy(b.room(n), PyBytes_AS_STRING(o), n)
+        b.n += n
+        return 1
+    return 0
+
+
+cdef object _msgpack_pack(object o):
+    global _pack_whole
+    if _pack_whole is None:
+        from aggregator.protocol import pack
+        _pack_whole = pack
+    return _pack_whole(o)
+
+
+cdef int _put_bytes(_Buf b, bytes data) except -1:
+    memcpy(b.room(PyBytes_GET_SIZE(data)), PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
+    b.n += PyBytes_GET_SIZE(data)
+    return 0
+
+
+def pack_data(object o):
+    """`protocol.pack(o)` (its bytes; its error), packed here for the common types."""
+    cdef _Buf b = _Buf(256)
+    if not _pack(b, o, 0):
+        return _msgpack_pack(o)
+    return PyBytes_FromStringAndSize(b.p, b.n)
+
+
+def encode_message(object src_, object seq_, list updates):
+    """The whole format 2 message of `updates` (``forwards._message_ref`` of their frames
+    and ``pack([u[UPD_DATA] ...])``), or None if one of them does not fit format 2."""
+    cdef Py_ssize_t k, j, start, count = PyList_GET_SIZE(updates)
+    cdef _Buf b
+    cdef char* w
+    cdef long long src, seq
+    if not (type(src_) is int and type(seq_) is int and 0 <= src_ <= 0xFFFFFFFF and
+            -0x8000000000000000 <= seq_ <= 0x7FFFFFFFFFFFFFFF and count <= 0xFFFFFFFF):
+        HEAD.pack(_MAGIC, _VERSION, 0, src_, seq_, count, 0)  # its error, as the reference
+        return None
+    src = src_
+    seq = seq_
+    b = _Buf(512 * count + 64)
+    w = b.room(24)
+    w[0] = <char>_MAGIC
+    w[1] = <char>_VERSION
+    (<uint16_t*>(w + 2))[0] = 0
+    (<uint32_t*>(w + 4))[0] = <uint32_t>src
+    memcpy(w + 8, &seq, 8)
+    (<uint32_t*>(w + 16))[0] = <uint32_t>count
+    (<uint32_t*>(w + 20))[0] = 0
+    b.n += 24
+    for k in range(count):
+        if not _put_update(b, <list>PyList_GET_ITEM(updates, k)):
+            return None
+    start = b.n
+    _head(b, count, 0x90, 16, 0, 0xdc, 0xdd)
+    for k in range(count):
+        if not _pack(b, (<list>PyList_GET_ITEM(updates, k))[9], 1):
+            b.n = start  # msgpack packs the data array whole: its bytes, its errors
+            _put_bytes(b, _msgpack_pack([(<list>PyList_GET_ITEM(updates, j))[9]
+                                         for j in range(count)]))
+            break
+    return PyBytes_FromStringAndSize(b.p, b.n)
 
 
 def encode_frames(list updates, bint each=False):
@@ -380,7 +700,6 @@ def decode(bytes msg, list keys=None):
     memcpy(&count, p + 16, 4)
     pos = 24
     updates = PyList_New(count)
-    new = Forwarded.__new__
     for k in range(count):
         if pos + 36 > end:
             raise ValueError("forwarded updates: truncated message")
@@ -392,17 +711,18 @@ def decode(bytes msg, list keys=None):
         memcpy(&off, p + pos + 16, 8)
         memcpy(&sequence, p + pos + 24, 8)
         pos += 36
-        fwd = new(Forwarded)
+        fwd = _new_forwarded()  # its data is set below, from the message's data array
         key = _str_at(p, &pos, end)
-        fwd.id = _str_at(p, &pos, end)
-        fwd.source = _str_at(p, &pos, end)
-        fwd.type = _str_at(p, &pos, end)
-        fwd.time = _str_at(p, &pos, end)
-        fwd.subject = _str_at(p, &pos, end)
-        fwd.partitionkey = _str_at(p, &pos, end)
-        fwd.sequence = None if flags & _NO_SEQUENCE else PyLong_FromLongLong(sequence)
-        fwd.origin = [ti, part, PyLong_FromLongLong(off)]
-        fwd.raw = None
+        _fset(fwd, _F_ID, _str_at(p, &pos, end))
+        _fset(fwd, _F_SOURCE, _str_at(p, &pos, end))
+        _fset(fwd, _F_TYPE, _str_at(p, &pos, end))
+        _fset(fwd, _F_TIME, _str_at(p, &pos, end))
+        _fset(fwd, _F_SUBJECT, _str_at(p, &pos, end))
+        _fset(fwd, _F_PK, _str_at(p, &pos, end))
+        _fset(fwd, _F_SEQUENCE,
+              None if flags & _NO_SEQUENCE else PyLong_FromLongLong(sequence))
+        _fset(fwd, _F_ORIGIN, [ti, part, PyLong_FromLongLong(off)])
+        _fset(fwd, _F_RAW, None)
         u = (feed, key, slot, fwd)
         Py_INCREF(u)
         PyList_SET_ITEM(updates, k, u)
@@ -411,7 +731,7 @@ def decode(bytes msg, list keys=None):
         if type(datas) is not list or len(datas) != count:
             raise ValueError("forwarded updates: data count does not match the updates")
         for k in range(count):
-            (<tuple>PyList_GET_ITEM(updates, k))[3].data = datas[k]
+            _fset((<tuple>PyList_GET_ITEM(updates, k))[3], _F_DATA, datas[k])
         return [_MSG_FORWARD, src, seq, updates]
     _project_all(msg, <const unsigned char*>p, pos, end, count, updates, keys)
     return [_MSG_FORWARD, src, seq, updates]
@@ -450,10 +770,10 @@ cdef _project_all(bytes msg, const unsigned char* p, Py_ssize_t pos, Py_ssize_t 
         if kw is not None:
             d = _projected(msg, p, pos, vend, kw[0], kw[1])
         if d is None:
-            fwd.data = _value(msg, p, pos, vend)
+            _fset(fwd, _F_DATA, _value(msg, p, pos, vend))
         else:
-            fwd.data = d
-            fwd.raw = msg[pos:vend]
+            _fset(fwd, _F_DATA, d)
+            _fset(fwd, _F_RAW, PyBytes_FromStringAndSize(<const char*>p + pos, vend - pos))
         pos = vend
     if pos != end:
         raise ValueError("forwarded updates: bytes after the data")

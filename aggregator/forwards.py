@@ -249,14 +249,14 @@ def data_keys(config) -> list:
 
 
 def encode_fast(src: int, first_seq: int, updates: list, limit: int) -> list[bytes]:
-    """`encode_ref` with the updates' fixed parts and strings made by ``_forwards``."""
+    """`encode_ref` with the message (head, the updates' fixed parts and strings, and their
+    data, msgpack written in C for the common types: ``_forwards.encode_message``) made by
+    ``_forwards``."""
     if WRITE_FORMAT == 1:
         return encode_v1(src, first_seq, updates, limit)
-    frames = _forwards.encode_frames(updates)
-    if frames is None:
+    msg = _forwards.encode_message(src, first_seq, updates)  # head, frames, data in C
+    if msg is None:
         return encode_v1(src, first_seq, updates, limit)
-    msg = b"".join([HEAD.pack(MAGIC, VERSION, 0, src, first_seq, len(updates), 0),
-                    frames[0], pack([u[_DATA] for u in updates])])
     if len(msg) <= limit:
         return [msg]
     return _cut(src, first_seq, updates, _forwards.encode_frames(updates, True), limit)

@@ -407,7 +407,7 @@ class Harness:
         for n in a.workers_list:
             self.step(f"worker stage w={n}", f"{len(w.records):,} records")
             r = measure_stage(w, oracle, n, timeout=a.timeout, bootstrap=bootstrap,
-                              prefix=prefix)
+                              prefix=prefix, broker_pid=self.broker.pid if self.broker else None)
             self.results["worker_stage"].append(r.to_json())
             if not r.ok:
                 self.fail(f"worker stage workers={n}: {r.error or r.verified}")

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from aggregator import _forwards, forwards, reshard
+from aggregator import _forwards, forwards, protocol, reshard
 from aggregator.config import default_config_path, load_config
 from aggregator.control import Slot
 from aggregator.plan import ViewPlan
@@ -154,6 +154,84 @@ def test_an_update_format_2_cannot_carry_makes_the_call_write_format_1(encode, f
     msgs = encode(0, 1, [good, bad], 1 << 20)
     assert msgs == forwards.encode_v1(0, 1, [good, bad], 1 << 20)
     assert as_lists(forwards.decode(msgs[0]))[3] == [good, bad]
+
+
+# ---- the data's msgpack, written in C (_forwards.pack_data / encode_message) ---------------
+
+
+class _Str(str):
+    pass
+
+
+class _Int(int):
+    pass
+
+
+class _Dict(dict):
+    pass
+
+
+def _outcome(fn, value):
+    """fn(value)'s bytes, or its error's type and text."""
+    try:
+        return fn(value)
+    except Exception as e:  # noqa: BLE001 - the error is what is compared
+        return (type(e), str(e))
+
+
+odd_values = st.recursive(
+    scalars | st.integers() | st.text(alphabet=st.characters(), max_size=4)
+    | st.builds(_Str, st.text(max_size=4)) | st.builds(_Int, st.integers(-300, 300))
+    | st.just(object()) | st.just("\ud800"),
+    lambda kids: st.lists(kids, max_size=4) | st.tuples(kids, kids)
+    | st.dictionaries(st.text(max_size=4) | st.integers(-5, 5), kids, max_size=4)
+    | st.builds(_Dict, st.dictionaries(st.text(max_size=3), kids, max_size=3)),
+    max_leaves=12)
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(value=odd_values)
+def test_the_compiled_data_packer_writes_msgpacks_bytes_and_raises_its_errors(value):
+    """Every exact common type packed in C, anything else (subclasses, other objects, ints
+    beyond 64 bits, strings that are not UTF-8) by msgpack: the same bytes, the same errors."""
+    assert _outcome(_forwards.pack_data, value) == _outcome(protocol.pack, value)
+
+
+@pytest.mark.parametrize("value", [
+    0, 127, 128, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**63 - 1, 2**63, 2**64 - 1,
+    2**64, -1, -32, -33, -128, -129, -32768, -32769, -2**31, -2**31 - 1, -2**63, -2**63 - 1,
+    0.0, -0.0, 1.5, float("inf"), float("nan"), "", "a" * 31, "a" * 32, "a" * 255,
+    "a" * 256, "a" * 65535, "a" * 65536, "é" * 20, b"", b"x" * 255, b"x" * 256,
+    b"x" * 65536, [0] * 15, [0] * 16, [0] * 65536, {str(i): i for i in range(15)},
+    {str(i): i for i in range(16)}, {i: None for i in range(65536)}, (1, (2,)),
+    [[[]]] * 3])
+def test_the_compiled_data_packer_at_every_length_boundary(value):
+    """(2**64 and -2**63 - 1: msgpack's OverflowError.)"""
+    assert _outcome(_forwards.pack_data, value) == _outcome(protocol.pack, value)
+
+
+@pytest.mark.parametrize("depth", [62, 63, 64, 65, 200, 509, 510, 511, 512])
+def test_deep_data_falls_back_to_msgpack_and_its_nesting_limit(depth):
+    """Deeper than the C packer goes: msgpack packs it (data alone, and the message's data
+    array whole, where its nesting limit counts the array too)."""
+    value: list = []
+    for _ in range(depth):
+        value = [value]
+    assert _outcome(_forwards.pack_data, value) == _outcome(protocol.pack, value)
+    ups = [[1, "k", 2, "id", "/s", "t", None, None, 4, value, "pk", 0, 1, 2]]
+    assert _outcome(lambda u: forwards.encode_fast(0, 1, u, 1 << 30), ups) == \
+        _outcome(lambda u: forwards.encode_ref(0, 1, u, 1 << 30), ups)
+
+
+@pytest.mark.parametrize("data", [_Str("s"), {"a": _Int(5)}, _Dict(a=1), {"a": object()},
+                                  {"a": 2**70}, {"a": "\udc80"}])
+def test_data_the_c_packer_leaves_to_msgpack_gives_the_references_message(data):
+    good = [1, "k", 2, "id", "/s", "t", None, None, 4, {"a": [1, 2.5, None]}, "pk", 0, 1, 2]
+    odd = list(good)
+    odd[9] = data
+    ups = [good, odd, good]
+    assert _outcome(lambda u: forwards.encode_fast(0, 1, u, 1 << 30), ups) == \
+        _outcome(lambda u: forwards.encode_ref(0, 1, u, 1 << 30), ups)
 
 
 @pytest.mark.parametrize("decode", DECODERS)
