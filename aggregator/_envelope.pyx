@@ -39,7 +39,7 @@ from cpython.ref cimport Py_DECREF
 from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
 from libc.string cimport memcmp
 
-from aggregator._slots cimport slot_offset
+from aggregator._slots cimport plain_layout
 
 import base64
 import binascii
@@ -509,19 +509,9 @@ cdef Py_ssize_t _SLOT_OFFSET[12]
 cdef PyTypeObject* _EVENT_TYPE = <PyTypeObject*>Event
 
 
-cdef _event_layout():
-    slots = ("id", "source", "type", "specversion", "time", "subject", "datacontenttype",
-             "dataschema", "partitionkey", "sequence", "data", "extensions")
-    if (tuple(sorted(Event.__slots__)) != tuple(sorted(slots)) or "__dict__" in dir(Event)
-            or Event.__setattr__ is not object.__setattr__
-            or Event.__new__ is not object.__new__ or len(Event.__mro__) != 2):
-        raise ImportError("aggregator._envelope: envelope.Event is no longer a plain "
-                          "__slots__ class; rebuild this module's construction of it")
-    for i, name in enumerate(slots):
-        _SLOT_OFFSET[i] = slot_offset(Event, name, True)  # ImportError if not a writable slot
-
-
-_event_layout()
+plain_layout(Event, ("id", "source", "type", "specversion", "time", "subject",
+                     "datacontenttype", "dataschema", "partitionkey", "sequence", "data",
+                     "extensions"), "_envelope", _SLOT_OFFSET)
 
 
 cdef inline void _put(object ev, int i, object v) noexcept:

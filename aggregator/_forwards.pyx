@@ -22,7 +22,7 @@ from aggregator.protocol import FORWARD_UPDATE as UPDATE
 from aggregator.protocol import FORWARD_VERSION as VERSION
 from aggregator.protocol import MSG_FORWARD, Forwarded, unpack
 
-from aggregator._slots cimport slot_offset
+from aggregator._slots cimport plain_layout
 
 cdef extern from "Python.h":
     ctypedef struct PyTypeObject:
@@ -49,19 +49,8 @@ cdef Py_ssize_t _FW[10]
 cdef PyTypeObject* _FWD_TYPE = <PyTypeObject*>Forwarded
 
 
-cdef _forwarded_layout():
-    slots = ("id", "source", "type", "time", "subject", "sequence", "data", "partitionkey",
-             "origin", "raw")
-    if (tuple(sorted(Forwarded.__slots__)) != tuple(sorted(slots))
-            or "__dict__" in dir(Forwarded) or Forwarded.__setattr__ is not object.__setattr__
-            or Forwarded.__new__ is not object.__new__ or len(Forwarded.__mro__) != 2):
-        raise ImportError("aggregator._forwards: protocol.Forwarded is no longer a plain "
-                          "__slots__ class; rebuild this module's construction of it")
-    for i, name in enumerate(slots):
-        _FW[i] = slot_offset(Forwarded, name, True)  # ImportError if not a writable slot
-
-
-_forwarded_layout()
+plain_layout(Forwarded, ("id", "source", "type", "time", "subject", "sequence", "data",
+                         "partitionkey", "origin", "raw"), "_forwards", _FW)
 
 
 cdef inline object _new_forwarded():

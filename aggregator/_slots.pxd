@@ -40,6 +40,23 @@ cdef inline Py_ssize_t slot_offset(type cls, str name, bint writable=False) exce
     return m.offset
 
 
+cdef inline int plain_layout(type cls, tuple slots, str module, Py_ssize_t* out) except -1:
+    """Fill ``out[i]`` with the writable offset of ``slots[i]`` of `cls`, after checking that
+    `cls` has exactly these slots and nothing that could intercept an attribute write or the
+    allocation (no __dict__, no __setattr__, object.__new__, no base but object): what a
+    module that makes `cls` instances and fills them at the offsets relies on. ImportError
+    naming `module` otherwise."""
+    if (tuple(sorted(cls.__slots__)) != tuple(sorted(slots)) or "__dict__" in dir(cls)
+            or cls.__setattr__ is not object.__setattr__
+            or cls.__new__ is not object.__new__ or len(cls.__mro__) != 2):
+        raise ImportError(f"aggregator.{module}: {cls.__module__}.{cls.__qualname__} is no "
+                          f"longer a plain __slots__ class; rebuild this module's "
+                          f"construction of it")
+    for i, name in enumerate(slots):
+        out[i] = slot_offset(cls, name, True)  # ImportError if not a writable slot
+    return 0
+
+
 cdef inline object slot_get(object o, Py_ssize_t offset, str name):
     """``o.<name>`` read at `offset` (an empty slot: getattr, i.e. its AttributeError)."""
     cdef PyObject* p = (<PyObject**>(<char*><PyObject*>o + offset))[0]

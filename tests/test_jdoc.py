@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
+from functools import partial
 
 import orjson
 import pytest
@@ -18,6 +19,8 @@ from aggregator import merge as ref
 from aggregator.doc_codec import json_body
 from aggregator.envelope import Event
 from aggregator.merge import MergeConfigError, MergeError
+
+from .support import merge_ops as shared
 
 _merge = pytest.importorskip("aggregator._merge")
 _jdoc = pytest.importorskip("aggregator._jdoc")
@@ -62,42 +65,13 @@ event_paths = st.one_of(
 )
 
 
-@st.composite
-def op_specs(draw):
-    op = draw(st.sampled_from(ref.OPS))
-    spec = {"op": op}
-    if op == "delete":
-        return spec
-    spec["path"] = draw(doc_paths) if op != "merge" else draw(st.one_of(st.just(""), doc_paths))
-    if op in ("set", "merge", "upsert", "add"):
-        if draw(st.booleans()):
-            spec["from"] = draw(event_paths)
-        elif op == "add":
-            spec["value"] = draw(st.one_of(ints.filter(lambda i: -I64 <= i < I64),
-                                           st.floats(-1e9, 1e9, allow_nan=False)))
-        elif op == "merge":
-            spec["value"] = draw(objects)
-        else:
-            spec["value"] = draw(json_values)
-        if op != "add" and draw(st.integers(0, 3)) == 0:
-            spec["fields"] = draw(st.lists(st.sampled_from(SEGMENTS), min_size=1, max_size=3))
-    if op in ("upsert", "remove"):
-        spec["id"] = draw(event_paths)
-    if op == "add" and draw(st.booleans()):
-        spec["negate"] = True
-    return spec
-
-
-events = st.builds(
-    lambda data, attrs: Event(data=data, **attrs),
-    st.one_of(event_objects, event_values),
-    st.fixed_dictionaries(
-        {"id": st.sampled_from(["e1", "7", 'q"t', "é"]), "source": st.just("/s"),
-         "type": st.just("t"), "partitionkey": st.just("k")},
-        optional={"time": st.just("2024-01-01T00:00:00Z"), "subject": st.just("sub"),
-                  "sequence": st.integers(0, 2**63 - 1)},
-    ),
-)
+op_specs = partial(
+    shared.op_specs, doc_paths=doc_paths, event_paths=event_paths, objects=objects,
+    json_values=json_values, fields=st.lists(st.sampled_from(SEGMENTS), min_size=1, max_size=3),
+    add_values=st.one_of(ints.filter(lambda i: -I64 <= i < I64),
+                         st.floats(-1e9, 1e9, allow_nan=False)))
+events = shared.events(st.one_of(event_objects, event_values),
+                       st.sampled_from(["e1", "7", 'q"t', "é"]))
 documents = st.one_of(st.none(), objects)
 
 

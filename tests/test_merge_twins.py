@@ -12,6 +12,7 @@ import pathlib
 import subprocess
 import sys
 import tomllib
+from functools import partial
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -21,6 +22,8 @@ from aggregator import merge as ref
 from aggregator.devtools import simulate
 from aggregator.envelope import Event
 from aggregator.merge import MergeConfigError, MergeError
+
+from .support import merge_ops as shared
 
 _merge = pytest.importorskip("aggregator._merge")
 
@@ -88,42 +91,11 @@ event_paths = st.one_of(
 fields = st.lists(st.sampled_from(SEGMENTS), min_size=1, max_size=3)
 
 
-@st.composite
-def op_specs(draw):
-    op = draw(st.sampled_from(ref.OPS))
-    spec = {"op": op}
-    if op == "delete":
-        return spec
-    spec["path"] = draw(doc_paths) if op != "merge" else draw(st.one_of(st.just(""), doc_paths))
-    if op in ("set", "merge", "upsert", "add"):
-        if draw(st.booleans()):
-            spec["from"] = draw(event_paths)
-        elif op == "add":
-            spec["value"] = draw(st.one_of(st.integers(-(2**40), 2**40),
-                                           st.floats(-1e9, 1e9, allow_nan=False)))
-        elif op == "merge":
-            spec["value"] = draw(objects)
-        else:
-            spec["value"] = draw(json_values)
-        if op != "add" and draw(st.integers(0, 3)) == 0:
-            spec["fields"] = draw(fields)
-    if op in ("upsert", "remove"):
-        spec["id"] = draw(event_paths)
-    if op == "add" and draw(st.booleans()):
-        spec["negate"] = True
-    return spec
-
-
-events = st.builds(
-    lambda data, attrs: Event(data=data, **attrs),
-    st.one_of(objects, json_values),
-    st.fixed_dictionaries(
-        {"id": st.sampled_from(["e1", "7"]), "source": st.just("/s"), "type": st.just("t"),
-         "partitionkey": st.just("k")},
-        optional={"time": st.just("2024-01-01T00:00:00Z"), "subject": st.just("sub"),
-                  "sequence": st.integers(0, 2**63 - 1)},
-    ),
-)
+op_specs = partial(
+    shared.op_specs, doc_paths=doc_paths, event_paths=event_paths, objects=objects,
+    json_values=json_values, fields=fields,
+    add_values=st.one_of(st.integers(-(2**40), 2**40), st.floats(-1e9, 1e9, allow_nan=False)))
+events = shared.events(st.one_of(objects, json_values), st.sampled_from(["e1", "7"]))
 documents = st.one_of(st.none(), objects)
 
 
