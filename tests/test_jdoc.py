@@ -118,12 +118,25 @@ def check(specs, doc, event) -> str:
     return "bytes"
 
 
-@settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(specs=st.lists(op_specs(), min_size=1, max_size=6), doc=documents,
-       events_=st.lists(events, min_size=1, max_size=3))
-def test_generated_updates_agree(specs, doc, events_):
-    for event in events_:
-        check(specs, doc, event)
+def _updates_agree(max_examples: int):
+    @settings(max_examples=max_examples, deadline=None,
+              suppress_health_check=[HealthCheck.too_slow])
+    @given(specs=st.lists(op_specs(), min_size=1, max_size=6), doc=documents,
+           events_=st.lists(events, min_size=1, max_size=3))
+    def run(specs, doc, events_):
+        for event in events_:
+            check(specs, doc, event)
+
+    run()
+
+
+def test_generated_updates_agree():
+    _updates_agree(800)  # ~6 s; the long variant below takes ~30 s
+
+
+@pytest.mark.long
+def test_generated_updates_agree_long():
+    _updates_agree(5000)
 
 
 def test_generated_updates_mostly_take_the_byte_path():
@@ -255,18 +268,31 @@ def test_stats_count_applied_and_refused():
     assert orjson.loads(_jdoc.apply(plan, None, ev({"x": "é"}))) == {"a": "é"}
 
 
-@settings(max_examples=3000, deadline=None)
-@given(v=st.one_of(event_values, st.dictionaries(st.text(max_size=4), event_values)))
-def test_values_are_written_as_orjson_writes_them(v):
+def _values_written_as_orjson(max_examples: int):
+    plan = _merge.compile_ops([{"op": "set", "path": "a", "from": "data.x"}])
+
+    @settings(max_examples=max_examples, deadline=None)
+    @given(v=st.one_of(event_values, st.dictionaries(st.text(max_size=4), event_values)))
+    def run(v):
+        got = _jdoc.apply(plan, None, ev({"x": v}))
+        want = json_body({"a": v})
+        if got is _jdoc.REFUSED:
+            assert want is None
+        else:
+            assert got == want
+
+    run()
+
+
+def test_values_are_written_as_orjson_writes_them():
     """The bytes of a `set` are orjson's, or the update is refused when they are not
     exact."""
-    plan = _merge.compile_ops([{"op": "set", "path": "a", "from": "data.x"}])
-    got = _jdoc.apply(plan, None, ev({"x": v}))
-    want = json_body({"a": v})
-    if got is _jdoc.REFUSED:
-        assert want is None
-    else:
-        assert got == want
+    _values_written_as_orjson(800)
+
+
+@pytest.mark.long
+def test_values_are_written_as_orjson_writes_them_long():
+    _values_written_as_orjson(5000)
 
 
 def test_plain_values_edge_cases():
