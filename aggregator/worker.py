@@ -458,6 +458,8 @@ class Worker(DedupStage, GateStage, RouteStage, LinksStage):
             if failures:
                 self._storage_recovered(failures)
             fault_point("worker_after_commit")  # state durable, nothing acked or published
+            if self.attempt.stats["forwarded"]:  # ... and its forwarded updates not yet sent
+                fault_point("worker_after_forwarding_commit")
             txn_bytes = self.txn_bytes
             self._post_commit()
             if self.trace is not None:
