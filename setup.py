@@ -1,7 +1,7 @@
 """Build the compiled extensions ``aggregator._core``, ``aggregator._envelope``,
 ``aggregator._frames``, ``aggregator._merge``, ``aggregator._jdoc``, ``aggregator._route``,
-``aggregator._forwards``, ``aggregator._publish`` and ``aggregator._idtable`` (Cython); metadata
-lives in pyproject.toml.
+``aggregator._loops``, ``aggregator._forwards``, ``aggregator._publish`` and
+``aggregator._idtable`` (Cython); metadata lives in pyproject.toml.
 
 The extensions are mandatory: a Cython or C compile error fails the build (no optional
 extension, no silent pure-Python install). ``AGGREGATOR_CYTHON_TRACE=1`` makes a debug
@@ -71,6 +71,13 @@ extensions = [
     Extension(
         "aggregator._route",
         ["aggregator/_route.pyx"],
+        define_macros=macros,
+        extra_compile_args=compile_args,
+    ),
+    # the worker's per-record loops (worker.py, stages/gate.py)
+    Extension(
+        "aggregator._loops",
+        ["aggregator/_loops.pyx"],
         define_macros=macros,
         extra_compile_args=compile_args,
     ),

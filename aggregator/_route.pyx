@@ -344,6 +344,11 @@ cdef list _merge_targets(object self, _Ctx c, object batch, object ev, object re
 
 def apply_event(self, batch, ev, rec):
     """RouteStage._apply_event (see the module docstring)."""
+    apply_event_c(self, batch, ev, rec)
+
+
+cdef object apply_event_c(object self, object batch, object ev, object rec):
+    """`apply_event` as a C call (_loops.pyx calls it)."""
     cdef _Ctx c = _context(self, self.attempt)
     ti = rec[_TOPIC]
     etype = _ev(ev, _EV_TYPE, "type")

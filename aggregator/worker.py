@@ -540,21 +540,28 @@ class Worker(DedupStage, GateStage, RouteStage, LinksStage):
         at = self.attempt
         if peer_msgs:
             self._apply_forwarded(batch, peer_msgs)
-        events = []
-        through, stats = at.through, at.stats
+        events: list = []
         for records, thr in self._rounds(sup_msgs):
-            for rec in records:
-                tp = (rec[REC_TOPIC], rec[REC_PARTITION])
-                if rec[REC_OFFSET] <= through.get(tp, self.through.get(tp, -1)):
-                    continue  # already applied before a rewind
-                stats["records"] += 1
-                ev = self._parse(rec)
-                if ev is not None:
-                    events.append((ev, rec))
+            self._read_records(records, events)
             self._advance_through(thr)
         if events:
             self._apply_events(batch, events)
         return at.stop
+
+    def _read_records(self, records: list, events: list) -> None:
+        """The records of one supervisor message not applied before a rewind, parsed: the
+        (event, record) pairs appended to `events`, a malformed record dead-lettered.
+        (_loops.read_records is the compiled twin.)"""
+        at = self.attempt
+        through, stats = at.through, at.stats
+        for rec in records:
+            tp = (rec[REC_TOPIC], rec[REC_PARTITION])
+            if rec[REC_OFFSET] <= through.get(tp, self.through.get(tp, -1)):
+                continue  # already applied before a rewind
+            stats["records"] += 1
+            ev = self._parse(rec)
+            if ev is not None:
+                events.append((ev, rec))
 
     def _apply_events(self, batch: Batch, events: list) -> None:
         """Parsed events of the batch: dedup (dedup.py), then the sequence gate and the
@@ -621,23 +628,8 @@ class Worker(DedupStage, GateStage, RouteStage, LinksStage):
     # ---- end of transaction ----------------------------------------------------------------
     def _finish(self, batch: Batch) -> None:
         self._expire_gaps(batch)
-        sizes, bodies = self.attempt.doc_bytes, self.attempt.bodies
-        for dkey, stored in self.attempt.docs.items():
-            # one encoding (doc_codec.py): the JSON body of the last change event, if it was
-            # of this version; else encoded here (and used by a coalesced change event)
-            known = bodies.get(dkey)
-            if known is None or known[0] != stored["v"]:
-                known = bodies[dkey] = (stored["v"], json_body(stored["d"]))
-            sizes[dkey] = batch.put_doc(dkey, stored, known[1])
-        seqpart = self.attempt.seqpart
-        rows = []
-        for g, last in self.gate.dirty():
-            tp = seqpart.get(g)
-            if tp is None:  # a gap expired on a key without events in this batch
-                row = batch.get_seq(g)
-                tp = (row[1], row[2]) if row is not None else ("", -1)
-            rows.append((g, last, tp[0], tp[1]))
-        batch.put_seqs(rows)  # one appended seq_log record (store.py)
+        self._store_docs(batch)
+        batch.put_seqs(self._seq_rows(batch))  # one appended seq_log record (store.py)
         if batch.seq_log_rows >= self.cfg.gate.seq_checkpoint_rows:
             batch.checkpoint_seqs()  # the logged rows into seq, the log emptied
             fault_point("seq_checkpoint")  # checkpoint written, not committed
@@ -651,6 +643,31 @@ class Worker(DedupStage, GateStage, RouteStage, LinksStage):
         self._write_links(batch)
         self._store_dedup(batch)
         self._count(batch)
+
+    def _store_docs(self, batch: Batch) -> None:
+        """The attempt's documents into the batch, with their sizes. One encoding
+        (doc_codec.py): the JSON body of the last change event, if it was of this version;
+        else encoded here (and used by a coalesced change event). (_loops.store_docs is the
+        compiled twin.)"""
+        sizes, bodies = self.attempt.doc_bytes, self.attempt.bodies
+        for dkey, stored in self.attempt.docs.items():
+            known = bodies.get(dkey)
+            if known is None or known[0] != stored["v"]:
+                known = bodies[dkey] = (stored["v"], json_body(stored["d"]))
+            sizes[dkey] = batch.put_doc(dkey, stored, known[1])
+
+    def _seq_rows(self, batch: Batch) -> list:
+        """The sequence rows (gate key, last applied, topic, partition) of the gate's
+        dirty keys. (_loops.seq_rows is the compiled twin.)"""
+        seqpart = self.attempt.seqpart
+        rows = []
+        for g, last in self.gate.dirty():
+            tp = seqpart.get(g)
+            if tp is None:  # a gap expired on a key without events in this batch
+                row = batch.get_seq(g)
+                tp = (row[1], row[2]) if row is not None else ("", -1)
+            rows.append((g, last, tp[0], tp[1]))
+        return rows
 
     def _count(self, batch: Batch) -> None:
         """Add the batch's counts to the shard's totals in its own transaction: a batch is
@@ -737,3 +754,14 @@ class Worker(DedupStage, GateStage, RouteStage, LinksStage):
         if self.publisher is not None:
             self.publisher.close()
         self.shard.close()
+
+
+# The compiled twin of the per-record loop (_loops.pyx), as core.py chooses (stages/gate.py
+# installs its own); tests/test_loops.py compares both.
+REFERENCE_LOOPS = {name: getattr(Worker, name)
+                   for name in ("_read_records", "_store_docs", "_seq_rows")}
+if core.IMPLEMENTATION == "cython":
+    _loops = core.compiled("_loops", "the compiled worker loops")
+    _loops.set_reference(Worker._parse, parse)
+    for _name in REFERENCE_LOOPS:
+        setattr(Worker, _name, getattr(_loops, _name.lstrip("_")))

@@ -68,6 +68,14 @@ class GateStage:
                     codes[i] = gcodes[j]
                 gk_of = dict(zip(at, gkeys))
             ready = [(at[j], g, s) for j, g, s in gready]
+        for i in self._apply_gated(batch, kept, codes, gk_of, ready):
+            self._on_full(batch, gk_of[i], *kept[i])
+
+    def _apply_gated(self, batch: Batch, kept: list, codes, gk_of, ready: list) -> list:
+        """The events of `kept` as the gate decided (`codes`), in their order: applied,
+        parked or counted stale; after each, the parked successors it made ready (`ready`:
+        (position, gate key, sequence)). Returns the positions whose park was full.
+        (_loops.apply_gated is the compiled twin.)"""
         rp = 0
         full = []
         now = time.time()
@@ -86,8 +94,7 @@ class GateStage:
             while rp < len(ready) and ready[rp][0] == i:
                 self._apply_parked(batch, ready[rp][1], ready[rp][2])
                 rp += 1
-        for i in full:
-            self._on_full(batch, gk_of[i], *kept[i])
+        return full
 
     def _load_gate(self, batch: Batch, gkeys: list[bytes], topic_idx: list[int]) -> None:
         missing = self.gate.missing(gkeys)
@@ -166,3 +173,10 @@ class GateStage:
                     if rec is not None:
                         self._dead_letter(rec, "sequence_gap_timeout",
                                           f"gap not filled within {self.gap_timeout}s")
+
+
+# The compiled twin of the loop over the gate's decisions (_loops.pyx), as core.py chooses;
+# tests/test_loops.py compares both.
+REFERENCE_APPLY_GATED = GateStage._apply_gated
+if core.IMPLEMENTATION == "cython":
+    GateStage._apply_gated = core.compiled("_loops", "the compiled worker loops").apply_gated

@@ -1,0 +1,2 @@
+# The compiled route stage's entry for other compiled modules (_loops.pyx).
+cdef object apply_event_c(object self, object batch, object ev, object rec)
