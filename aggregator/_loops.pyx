@@ -14,7 +14,10 @@
   written here (`_record_bytes`: msgpack's bytes of ``{"v", "j", "s"}``, as
   ``doc_codec.pack_record`` packs them) and logged as ``Batch._log_doc`` logs them;
 - ``seq_rows(worker, batch)`` is ``Worker._seq_rows``: the gate's dirty keys as sequence
-  rows.
+  rows;
+- ``apply_updates(worker, batch, updates)`` is ``Worker._apply_updates``: the forwarded
+  view updates of one link message merged (the route stage's `_apply_local` called as a C
+  function when it is the installed one), a merge error dead-lettered.
 
 Both keep the reference's order of calls and effects; what they save is the interpreter's
 per-record work (the loop, the attribute reads, the bound-method calls). An overridden
@@ -35,8 +38,9 @@ import time
 import msgpack
 
 from aggregator._core import APPLY, PARK, STALE
-from aggregator._route cimport apply_event_c
+from aggregator._route cimport apply_event_c, apply_local_c
 from aggregator._route import apply_event as _compiled_apply_event
+from aggregator._route import apply_local as _compiled_apply_local
 from aggregator.doc_codec import json_body, pack_record
 from aggregator.envelope import EnvelopeError
 from aggregator.store import _DOC_HEAD, Batch
@@ -44,8 +48,8 @@ from aggregator.protocol import (
     REC_HEADERS, REC_KEY, REC_OFFSET, REC_PARTITION, REC_TOPIC, REC_VALUE,
 )
 
-__all__ = ["apply_gated", "read_records", "record_bytes", "seq_rows", "set_reference",
-           "store_docs"]
+__all__ = ["apply_gated", "apply_updates", "read_records", "record_bytes", "seq_rows",
+           "set_reference", "store_docs"]
 
 cdef object _EnvelopeError = EnvelopeError
 cdef Py_ssize_t _TOPIC = REC_TOPIC
@@ -58,6 +62,7 @@ cdef object _time = time.time
 cdef object _ref_parse = None  # Worker._parse (the reference): an override is called
 cdef object _parse = None  # parser.parse (the compiled envelope parser)
 cdef object _compiled = _compiled_apply_event
+cdef object _compiled_local = _compiled_apply_local
 cdef object _json_body = json_body
 cdef object _pack_record = pack_record
 cdef object _pack = msgpack.Packer(use_bin_type=True).pack  # doc_codec's packer
@@ -309,3 +314,17 @@ def seq_rows(self, batch):
             tp = (row[1], row[2]) if row is not None else ("", -1)
         rows.append((g, last, tp[0], tp[1]))
     return rows
+
+
+def apply_updates(self, batch, list updates):
+    """Worker._apply_updates (see the module docstring)."""
+    cdef list feeds = self.plan.feeds
+    cdef bint direct = type(self)._apply_local is _compiled_local
+    for feed_id, key, slot, fwd in updates:
+        feed = feeds[feed_id]
+        if direct:
+            done = apply_local_c(self, batch, feed, key, slot, fwd)
+        else:
+            done = self._apply_local(batch, feed, key, slot, fwd)
+        if done is None:
+            self._dead_letter(fwd.record(), "merge_error", f"view {feed.view}: merge failed")

@@ -386,3 +386,9 @@ def merge_targets(self, batch, ev, rec, list targets, me):
 def apply_local(self, batch, f, key, slot, ev):
     """RouteStage._apply_local."""
     return _apply_local(self, _context(self, self.attempt), batch, f, key, slot, ev)
+
+
+cdef object apply_local_c(object self, object batch, object f, object key, object slot,
+                          object ev):
+    """`apply_local` as a C call (_loops.pyx calls it)."""
+    return _apply_local(self, _context(self, self.attempt), batch, f, key, slot, ev)

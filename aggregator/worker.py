@@ -578,12 +578,18 @@ class Worker(DedupStage, GateStage, RouteStage, LinksStage):
             if seq != last + 1:
                 continue  # duplicate (<=) or gap after our restart (the sender resends)
             at.link_in[src] = seq
-            feeds = self.plan.feeds
-            for feed_id, key, slot, fwd in updates:
-                feed = feeds[feed_id]
-                if self._apply_local(batch, feed, key, slot, fwd) is None:
-                    self._dead_letter(fwd.record(), "merge_error",
-                                      f"view {feed.view}: merge failed")
+            self._apply_updates(batch, updates)
+
+    def _apply_updates(self, batch: Batch, updates: list) -> None:
+        """The forwarded view updates of one link message, each merged into its document; a
+        merge error dead-letters the event's record. (_loops.apply_updates is the compiled
+        twin.)"""
+        feeds = self.plan.feeds
+        for feed_id, key, slot, fwd in updates:
+            feed = feeds[feed_id]
+            if self._apply_local(batch, feed, key, slot, fwd) is None:
+                self._dead_letter(fwd.record(), "merge_error",
+                                  f"view {feed.view}: merge failed")
 
     def _rounds(self, sup_msgs: list):
         """(records, through-offsets) of each records message from the supervisor; notes
@@ -759,7 +765,7 @@ class Worker(DedupStage, GateStage, RouteStage, LinksStage):
 # The compiled twin of the per-record loop (_loops.pyx), as core.py chooses (stages/gate.py
 # installs its own); tests/test_loops.py compares both.
 REFERENCE_LOOPS = {name: getattr(Worker, name)
-                   for name in ("_read_records", "_store_docs", "_seq_rows")}
+                   for name in ("_read_records", "_store_docs", "_seq_rows", "_apply_updates")}
 if core.IMPLEMENTATION == "cython":
     _loops = core.compiled("_loops", "the compiled worker loops")
     _loops.set_reference(Worker._parse, parse)
