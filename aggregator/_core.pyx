@@ -24,7 +24,7 @@ from cpython.bytes cimport (
 )
 from cpython.memoryview cimport PyMemoryView_FromObject
 from cpython.long cimport PyLong_AsLongLong, PyLong_CheckExact
-from cpython.mem cimport PyMem_Free, PyMem_Malloc
+from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from cpython.number cimport PyNumber_Index
 from cpython.object cimport PyObject
 from cpython.unicode cimport PyUnicode_Check
@@ -36,10 +36,12 @@ from libc.math cimport isfinite
 cdef extern from "Python.h":
     const char* PyUnicode_AsUTF8AndSize(object s, Py_ssize_t* size) except NULL
 
+import ctypes
 import math
 import struct
 import sys
 
+import xxhash._xxhash
 from xxhash import xxh3_128_digest as _xxh3_128_digest
 
 from aggregator._slots cimport slot_attr, slot_offset
@@ -505,6 +507,53 @@ cdef class BloomFilter:
 
 
 # ===================================================================== gate keys
+# XXH3_128bits called in the xxhash library the ``xxhash`` package ships (as _frames.pyx
+# calls XXH3_64bits): no Python call, no joined bytes and no digest object per key. Bound
+# at import and checked against ``xxhash.xxh3_128_digest``; where it cannot be bound the
+# package's function is called instead.
+ctypedef struct _XXH128:
+    uint64_t low64
+    uint64_t high64
+
+ctypedef _XXH128 (*_xxh3_128_fn)(const void*, size_t) noexcept nogil
+
+cdef _xxh3_128_fn _xxh128 = NULL
+cdef char* _scratch = NULL  # first + NUL + second, hashed in place (grows)
+cdef Py_ssize_t _scratch_size = 0
+
+
+cdef inline void _put_be64(unsigned char* p, uint64_t v) noexcept:
+    cdef int i
+    for i in range(8):
+        p[i] = <unsigned char>(v >> (56 - 8 * i))
+
+
+def _bind_xxh128():
+    """Find XXH3_128bits in the extension of the ``xxhash`` package; None when it matches
+    ``xxh3_128_digest`` on the probes, else the reason it is not used."""
+    global _xxh128
+    try:
+        lib = ctypes.CDLL(xxhash._xxhash.__file__)
+        addr = ctypes.cast(lib.XXH3_128bits, ctypes.c_void_p).value
+    except (OSError, AttributeError) as e:
+        return f"XXH3_128bits not found ({e})"
+    cdef size_t a = addr
+    _xxh128 = <_xxh3_128_fn>a
+    cdef _XXH128 h
+    cdef unsigned char out[16]
+    for probe in (b"", b"a", b"src\x00id-1", bytes(range(256)) * 3):
+        h = _xxh128(PyBytes_AS_STRING(probe), PyBytes_GET_SIZE(probe))
+        _put_be64(out, h.high64)
+        _put_be64(out + 8, h.low64)
+        if out[:16] != _xxh3_128_digest(probe):
+            _xxh128 = NULL
+            return "XXH3_128bits does not match xxhash.xxh3_128_digest"
+    return None
+
+
+XXH128_UNBOUND = _bind_xxh128()  # None: bound (tests/test_core_twins.py checks)
+
+
 cdef inline const char* _utf8(object s, Py_ssize_t* n) except NULL:
     """UTF-8 of a str, like ``str.encode()`` (same errors); TypeError for a non-str."""
     if not PyUnicode_Check(s):
@@ -523,11 +572,34 @@ cdef bytes _slot_hash_key(object h128, long long slot, object first, object seco
     cdef const char* pp
     cdef char* sp
     cdef unsigned char* out
+    global _scratch, _scratch_size
     cdef bytes joined, digest, key
+    cdef _XXH128 h
+    cdef char* grown
     if slot < 0 or slot > 0xFFFF:
         raise OverflowError(f"slot out of range 0..65535: {slot}")
     ps = _utf8(first, &a)
     pp = _utf8(second, &b)
+    if _xxh128 != NULL:
+        if a + 1 + b > _scratch_size:
+            grown = <char*>PyMem_Realloc(_scratch, a + 1 + b + 256)
+            if grown == NULL:
+                raise MemoryError()
+            _scratch = grown
+            _scratch_size = a + 1 + b + 256
+        memcpy(_scratch, ps, a)
+        _scratch[a] = 0
+        memcpy(_scratch + a + 1, pp, b)
+        h = _xxh128(_scratch, a + 1 + b)
+        key = PyBytes_FromStringAndSize(NULL, 18)
+        out = <unsigned char*>PyBytes_AS_STRING(key)
+        out[0] = <unsigned char>(slot >> 8)
+        out[1] = <unsigned char>(slot & 0xFF)
+        _put_be64(out + 2, h.high64)
+        _put_be64(out + 10, h.low64)
+        if digest_out != NULL:
+            memcpy(digest_out, out + 2, 16)
+        return key
     joined = PyBytes_FromStringAndSize(NULL, a + 1 + b)
     sp = PyBytes_AS_STRING(joined)
     memcpy(sp, ps, a)

@@ -108,6 +108,19 @@ def test_dedup_keys_compiled_is_the_reference(rows):
         assert hashes == b"".join(k[2:] for k in want)
 
 
+def test_keys_are_hashed_in_the_xxhash_library():
+    """_core calls XXH3_128bits of the xxhash package's library (bound and checked at
+    import), from a buffer that grows for long sources and ids."""
+    assert _core.XXH128_UNBOUND is None
+    events = [(Ev("s" * n + "ü", "i" * (5000 - n)), [n]) for n in (0, 1, 300, 4999, 5000)]
+    events += [(Ev("", ""), [7]), (Ev("a", "b"), [65535])]
+    keys, hashes = _core.dedup_keys(events, 0)
+    assert keys == ref_keys(events, 0) and hashes == b"".join(k[2:] for k in keys)
+    slots, sources, pks = [r[0] for _, r in events], [e.source for e, _ in events], \
+        [e.id for e, _ in events]
+    assert _core.gate_keys(slots, sources, pks) == core_ref.gate_keys(slots, sources, pks)
+
+
 @pytest.mark.parametrize("row, error", [
     ((Ev("s", "i"), [65536]), OverflowError),
     ((Ev("s", "i"), [-1]), OverflowError),
