@@ -22,7 +22,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aggregator import worker as worker_mod
-from aggregator.control import Slot
 from aggregator.devtools import simulate
 from aggregator.doc_codec import pack_record
 from aggregator.stages import gate
@@ -84,19 +83,11 @@ def _run(tmp_path, sub: str, n: int, records: list) -> dict:
         recs = c.ring_records(records)
         c.feed(recs, random.Random(5), max_batch=150)
         c.feed(recs, random.Random(6), max_batch=400)  # again: every record skipped
-        for w in c.workers:
-            w.publisher.pump()
-        stats = {s.name: c.total(s) for s in (Slot.RECORDS, Slot.APPLIED, Slot.DUPLICATES,
-                                               Slot.STALE, Slot.PARKED, Slot.GAPS_SKIPPED,
-                                               Slot.DEADLETTERED, Slot.FORWARDED)}
-        dlq = [(q_i, rec[:3], reason, msg) for q_i, q in enumerate(c.dlqs)
-               for rec, reason, msg in q.sent]
-        views = c.views()
-        tables = _tables(tmp_path / sub)
+        got = rt.outcome(c)
+        got["tables"] = _tables(tmp_path / sub)
+        return got
     finally:
         c.close()
-    return {"views": views, "published": c.published, "forwarded": c.forwarded,
-            "dlq": dlq, "stats": stats, "tables": tables}
 
 
 @pytest.mark.parametrize("n", [1, 2])

@@ -125,24 +125,28 @@ def _stored_records(data_dir) -> dict[bytes, bytes]:
     return out
 
 
+def outcome(c: RecordingCluster) -> dict:
+    """What a fed cluster did: views, change events (pumped), forwards, dead letters,
+    counters and stored records (its workers are stopped for the views)."""
+    for w in c.workers:
+        w.publisher.pump()
+    stats = {s.name: c.total(s) for s in (Slot.RECORDS, Slot.APPLIED, Slot.DUPLICATES,
+                                           Slot.STALE, Slot.PARKED, Slot.GAPS_SKIPPED,
+                                           Slot.DEADLETTERED, Slot.FORWARDED)}
+    dlq = [(q_i, rec[:3], reason, msg) for q_i, q in enumerate(c.dlqs)
+           for rec, reason, msg in q.sent]
+    return {"views": c.views(), "published": c.published, "forwarded": c.forwarded,
+            "dlq": dlq, "stats": stats, "stored": _stored_records(c.data_dir)}
+
+
 def _run(tmp_path, sub: str, n: int, records: list) -> dict:
     c = RecordingCluster(tmp_path / sub, n)
     try:
         c.boot()
         c.feed(c.ring_records(records), random.Random(9), max_batch=120)
-        for w in c.workers:
-            w.publisher.pump()
-        stats = {s.name: c.total(s) for s in (Slot.RECORDS, Slot.APPLIED, Slot.DUPLICATES,
-                                               Slot.STALE, Slot.PARKED, Slot.GAPS_SKIPPED,
-                                               Slot.DEADLETTERED, Slot.FORWARDED)}
-        dlq = [(q_i, rec[:3], reason, msg) for q_i, q in enumerate(c.dlqs)
-               for rec, reason, msg in q.sent]
-        views = c.views()
-        stored = _stored_records(tmp_path / sub)
+        return outcome(c)
     finally:
         c.close()
-    return {"views": views, "published": c.published, "forwarded": c.forwarded,
-            "dlq": dlq, "stats": stats, "stored": stored}
 
 
 @pytest.mark.parametrize("n", [1, 2, 3])
