@@ -551,7 +551,7 @@ def _bind_xxh128():
     return None
 
 
-XXH128_UNBOUND = _bind_xxh128()  # None: bound (tests/test_core_twins.py checks)
+XXH128_UNBOUND = _bind_xxh128()  # None: bound (tests/test_batch_twins.py checks)
 
 
 cdef inline const char* _utf8(object s, Py_ssize_t* n) except NULL:

@@ -19,15 +19,14 @@
   view updates of one link message merged (the route stage's `_apply_local` called as a C
   function when it is the installed one), a merge error dead-lettered.
 
-Both keep the reference's order of calls and effects; what they save is the interpreter's
+Each keeps its reference's order of calls and effects; what they save is the interpreter's
 per-record work (the loop, the attribute reads, the bound-method calls). An overridden
-``_parse`` or ``_apply_event`` is called as the reference calls it; the compiled route stage
-(_route.pyx) is called directly when it is the installed ``_apply_event``. worker.py and
+``_parse``, ``_apply_event`` or ``_apply_local`` is called as the reference calls it; the
+compiled route stage (_route.pyx) is called directly when it is the installed one. worker.py and
 stages/gate.py install these unless ``AGGREGATOR_PURE_CORE=1``; tests/test_loops.py runs a
 worker through both and compares what it stored, published and counted.
 """
 
-cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.dict cimport PyDict_GetItem
 from cpython.object cimport PyObject

@@ -762,7 +762,7 @@ class Worker(DedupStage, GateStage, RouteStage, LinksStage):
         self.shard.close()
 
 
-# The compiled twin of the per-record loop (_loops.pyx), as core.py chooses (stages/gate.py
+# The compiled twins of the per-record loops (_loops.pyx), as core.py chooses (stages/gate.py
 # installs its own); tests/test_loops.py compares both.
 REFERENCE_LOOPS = {name: getattr(Worker, name)
                    for name in ("_read_records", "_store_docs", "_seq_rows", "_apply_updates")}

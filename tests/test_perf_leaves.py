@@ -60,3 +60,10 @@ def test_the_report_leaves_out_the_harness_and_counts_main_threads():
     assert "pids [200]: 4 samples of the main threads; other threads: rdk:broker1 1" in text
     assert "25.0 %  _PyObject_Malloc  [libpython3.11.so.1.0]" in text
     assert "25.00 %  page fault: anonymous" in text and "25.00 %  msync" in text
+
+
+def test_an_unreadable_file_is_one_line_and_exit_code_2(capsys, tmp_path):
+    """With or without perf installed: one line on stderr, exit code 2, no traceback."""
+    assert pl.main([str(tmp_path / "missing.data")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("perf_leaves: ")

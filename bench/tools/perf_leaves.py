@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import re
 import subprocess
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -129,9 +130,17 @@ def main(argv: list[str] | None = None) -> int:
                          "processes after the harness)")
     ap.add_argument("--top", type=int, default=40)
     a = ap.parse_args(argv)
-    out = subprocess.run(["perf", "script", "-i", a.data, "-F", "comm,pid,tid,ip,sym,dso"],
-                         capture_output=True, text=True, check=True).stdout
-    print(report(parse(out.splitlines()), a.pid or None, a.top))
+    try:
+        done = subprocess.run(["perf", "script", "-i", a.data, "-F", "comm,pid,tid,ip,sym,dso"],
+                              capture_output=True, text=True)
+    except FileNotFoundError:
+        print("perf_leaves: `perf` is not installed (Debian: linux-perf)", file=sys.stderr)
+        return 2
+    if done.returncode != 0:
+        why = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        print(f"perf_leaves: perf script could not read {a.data}: {why}", file=sys.stderr)
+        return 2
+    print(report(parse(done.stdout.splitlines()), a.pid or None, a.top))
     return 0
 
 
