@@ -31,8 +31,16 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import lmdb
+import msgpack
+from confluent_kafka import Consumer, TopicPartition
+
+from aggregator.cluster import FORWARD_HEADER
 from aggregator.devtools import simulate
+from aggregator.protocol import UPD_ID, UPD_KEY
 from aggregator.ring import cleanup_stale, segment_prefix
+from aggregator.routing import slot_of
+from aggregator.store import offset_key
 from tests.support.chaos import (
     VIEWS,
     ChaosRun,
@@ -243,6 +251,7 @@ class ClusterRun(ChaosRun):
         super().__init__(broker, workdir, workload, workers=workers, name=name,
                          extra_config=extra, changes=changes, **kw)
         self.cluster = cluster
+        self.tasks = tasks
         self.instances: list[Instance] = []
         self.report = ClusterReport(name, workload.unique_events, len(workload.records))
         self.expected = simulate.expected_views(workload)
@@ -523,10 +532,61 @@ class ClusterRun(ChaosRun):
             check_dead_letters(r, self.bootstrap, self.prefix, self.bad)
         if not r.ok:
             print(self.diagnostics(), flush=True)
+            if r.lost:  # last: the tail of a CI log shows it
+                print("\n".join(self.lost_updates(docs)), flush=True)
         if stop:
             self.stop_all()
         r.seconds = time.monotonic() - self.t0
         return r
+
+    def lost_updates(self, docs: dict, limit: int = 4) -> list[str]:
+        """Where the updates of a few documents below the oracle's version went: per
+        document its task, the through-offset of the task in each instance's shards, and per
+        one of its last events whether it was local to the task or a forward, and the
+        forward's offsets in the tasks topic (MISSING: never written). Then each instance's
+        warnings and errors, counted."""
+        tasks = self.tasks
+        topic = f"{self.group}.tasks"
+        applied = simulate.applied_events(self.workload)
+        out = ["lost-update forensics:"]
+        n = 0
+        for view in ("customer", "order", "product"):
+            for key, want in sorted(self.versions[view].items()):
+                got = docs[view].get(key, {}).get("v", 0)
+                if got >= want or n >= limit:
+                    continue
+                n += 1
+                task = slot_of(key.encode()) % tasks
+                fwd: dict[str, list[int]] = {}
+                recs = _read_partition(self.bootstrap, topic, task)
+                for off, name, value in recs:
+                    if name == FORWARD_HEADER:
+                        u = msgpack.unpackb(value, raw=False)
+                        if u[UPD_KEY] == key:
+                            fwd.setdefault(u[UPD_ID], []).append(off)
+                through = {i.index: _shard_through(i.data_dir, topic, task)
+                           for i in self.instances}
+                out.append(f"{view}/{key} v{got} want v{want}: task {task}, {len(recs)} "
+                           f"records; through per instance/shard {through}")
+                evs = [e for e in applied if any(
+                    v == view and (e.partitionkey if w == "partitionkey" else
+                                   str(e.data[w])) == key
+                    for v, w in simulate._TARGETS[e.type])]
+                for e in evs[-4:]:
+                    src = slot_of(e.partitionkey.encode()) % tasks
+                    where = ("local" if src == task else
+                             f"forward at {fwd.get(e.id, 'MISSING')}")
+                    out.append(f"  {e.type} {e.partitionkey} seq {e.sequence} (task {src}): "
+                               f"{where}")
+        for inst in self.instances:
+            counts: dict[str, int] = {}
+            for line in inst.svc.log().splitlines():
+                if (" WARNING " in line or " ERROR " in line) and "dead-letter " not in line:
+                    msg = line.split(" ", 3)[-1][:150]
+                    counts[msg] = counts.get(msg, 0) + 1
+            out.append(f"instance {inst.index}: {sum(counts.values())} warnings/errors")
+            out += [f"  {c}x {m}" for m, c in sorted(counts.items(), key=lambda x: -x[1])[:8]]
+        return out
 
     def version_examples(self, docs: dict) -> list[str]:
         """A few keys per kind of difference: missing, wrong content, version low/high."""
@@ -589,6 +649,47 @@ class ClusterRun(ChaosRun):
         super().close()  # SIGKILLs what still runs, removes the shared memory
         for inst in self.instances:
             _kill_ours(_wait_gone(inst.pids, 5))
+
+
+def _read_partition(bootstrap: str, topic: str, part: int) -> list[tuple[int, str, bytes]]:
+    """(offset, last header's name, value) of every record of one partition."""
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": "forensics",
+                  "enable.partition.eof": True, "enable.auto.commit": False})
+    c.assign([TopicPartition(topic, part, 0)])
+    out = []
+    deadline = time.monotonic() + 30
+    try:
+        while time.monotonic() < deadline:
+            msgs = c.consume(5000, 2)
+            for m in msgs:
+                if m.error():
+                    return out
+                h = m.headers()
+                out.append((m.offset(), h[-1][0] if h else "", m.value()))
+    finally:
+        c.close()
+    return out
+
+
+def _shard_through(data_dir: Path, topic: str, task: int) -> dict[str, int]:
+    """The through-offset of a task in each shard of an instance's data dir."""
+    out = {}
+    for path in sorted(Path(data_dir).glob("shard-*")):
+        try:
+            env = lmdb.open(str(path), readonly=True, lock=False, max_dbs=64)
+        except lmdb.Error:
+            continue
+        try:
+            db = env.open_db(b"offsets", create=False)
+            with env.begin(db=db) as txn:
+                raw = txn.get(offset_key(topic, task))
+            if raw is not None:
+                out[path.name] = int.from_bytes(raw, "big", signed=True)
+        except lmdb.Error:
+            pass
+        finally:
+            env.close()
+    return out
 
 
 def _wait_gone(pids, timeout: float) -> set[int]:
