@@ -559,11 +559,19 @@ class ClusterRun(ChaosRun):
                 task = slot_of(key.encode()) % tasks
                 fwd: dict[str, list[int]] = {}
                 recs = _read_partition(self.bootstrap, topic, task)
+                raw = _read_partition(self.bootstrap, topic, task, "read_uncommitted")
                 for off, name, value in recs:
                     if name == FORWARD_HEADER:
                         u = msgpack.unpackb(value, raw=False)
                         if u[UPD_KEY] == key:
                             fwd.setdefault(u[UPD_ID], []).append(off)
+                offs = [r[0] for r in recs]
+                gaps = [(a, b) for a, b in zip(offs, offs[1:]) if b != a + 1]
+                if gaps or (offs and offs[0] != 0):
+                    out.append(f"  offset gaps in the tasks topic: {gaps[:5]} (first {offs[0]})")
+                if len(raw) != len(recs):
+                    out.append(f"  read_committed {len(recs)} records, read_uncommitted "
+                               f"{len(raw)}")
                 through = {i.index: _shard_through(i.data_dir, topic, task)
                            for i in self.instances}
                 out.append(f"{view}/{key} v{got} want v{want}: task {task}, {len(recs)} "
@@ -651,10 +659,12 @@ class ClusterRun(ChaosRun):
             _kill_ours(_wait_gone(inst.pids, 5))
 
 
-def _read_partition(bootstrap: str, topic: str, part: int) -> list[tuple[int, str, bytes]]:
+def _read_partition(bootstrap: str, topic: str, part: int, isolation: str = "read_committed"
+                    ) -> list[tuple[int, str, bytes]]:
     """(offset, last header's name, value) of every record of one partition."""
     c = Consumer({"bootstrap.servers": bootstrap, "group.id": "forensics",
-                  "enable.partition.eof": True, "enable.auto.commit": False})
+                  "enable.partition.eof": True, "enable.auto.commit": False,
+                  "isolation.level": isolation})
     c.assign([TopicPartition(topic, part, 0)])
     out = []
     deadline = time.monotonic() + 30
