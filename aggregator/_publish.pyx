@@ -11,8 +11,11 @@ at build time, so the wheel's hashed file name never matters.
 A blob (changes.py, `pack_blob`) holds a commit's change events with consecutive sequence
 numbers; the outbox may store it compressed, and the publisher hands it here as `pack_blob`
 wrote it (changes.open_blob). `BlobProducer.produce` hands those after `sent` to librdkafka with
-`rd_kafka_produceva` (key and value copied by librdkafka; the CloudEvents headers as one list
-built to size, `agg_ce_headers`, which the produce takes over), each
+`rd_kafka_produceva` (the key copied by librdkafka; the value copied too unless the blob is a
+`bytes` object, which is immutable: then librdkafka reads the value where it lies in the blob,
+and the producer holds the blob until every event produced from it was delivered, or until
+the producer is destroyed; the CloudEvents headers as one list built to size,
+`agg_ce_headers`, which the produce takes over), each
 with its seq as the message opaque, and stops at a full queue. The delivery-report callback
 (run by `rd_kafka_poll`/`rd_kafka_flush` in the calling thread, no Python) marks the seq in
 a ring of flags; `poll()` advances the watermark `delivered` over the marked prefix, so the
@@ -30,6 +33,7 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize
 
 import struct as _struct
+from collections import deque as _deque
 
 cdef extern from *:
     """
@@ -312,6 +316,7 @@ cdef class BlobProducer:
     cdef list dropped  # (view id, key, version) of events of views without a topic
     cdef char *idbuf
     cdef size_t idcap
+    cdef object held  # deque of (last seq produced from it, blob): values not copied
 
     def __cinit__(self):
         self.rk = NULL
@@ -351,6 +356,7 @@ cdef class BlobProducer:
         self.sources = list(sources)
         self.names = list(names)
         self.dropped = []
+        self.held = _deque()
         self.sent = sent
         self.delivered = sent
 
@@ -363,11 +369,15 @@ cdef class BlobProducer:
             self.idbuf, self.idcap = p, n
         return self.idbuf
 
-    def produce(self, uint64_t first, const uint8_t[::1] blob) -> int:
+    def produce(self, uint64_t first, object blob_obj) -> int:
         """Hand the blob's events with seq > `sent` to librdkafka, in order, until its queue
-        (or the delivery ring) is full; returns the new `sent`."""
+        (or the delivery ring) is full; returns the new `sent`. A `bytes` blob is not copied:
+        the producer holds it until its events are delivered."""
         if self.rk == NULL:
             raise RuntimeError("producer closed")
+        cdef const uint8_t[::1] blob = blob_obj
+        cdef int vflags = 0 if type(blob_obj) is bytes else AGG_MSG_F_COPY
+        cdef uint64_t sent_before = self.sent
         cdef Py_ssize_t size = blob.shape[0]
         if size < BLOB_HEAD or blob[0] != BLOB_FORMAT:
             raise ValueError("not a change outbox blob of format 1")
@@ -442,7 +452,7 @@ cdef class BlobProducer:
             memcpy(cid + name_len + ver_len + 2, key, klen)
             n = 0
             agg_vu_ptr(&vus[n], AGG_V_RKT, self.rkts[vid]); n += 1
-            agg_vu_int(&vus[n], AGG_V_MSGFLAGS, AGG_MSG_F_COPY); n += 1
+            agg_vu_int(&vus[n], AGG_V_MSGFLAGS, vflags); n += 1
             agg_vu_mem(&vus[n], AGG_V_KEY, key, klen); n += 1
             agg_vu_mem(&vus[n], AGG_V_VALUE, data, dlen if dlen > 0 else 0); n += 1
             agg_vu_ptr(&vus[n], AGG_V_OPAQUE, <void *><uintptr_t>seq); n += 1
@@ -462,6 +472,8 @@ cdef class BlobProducer:
                 raise KafkaException(KafkaError(code, msg))
             self.sent = seq
             seq += 1
+        if vflags == 0 and self.sent != sent_before:
+            self.held.append((self.sent, blob_obj))  # librdkafka reads the values there
         return self.sent
 
     def take_dropped(self) -> list:
@@ -480,6 +492,9 @@ cdef class BlobProducer:
             d += 1
             done[d & mask] = 0
         self.delivered = d
+        held = self.held
+        while held and held[0][0] <= d:  # every event produced from it delivered
+            held.popleft()
         return d
 
     def flush(self, int timeout_ms) -> int:
@@ -489,6 +504,11 @@ cdef class BlobProducer:
             with nogil:
                 agg_flush(self.rk, timeout_ms)
         return self.poll()
+
+    @property
+    def held_blobs(self) -> int:
+        """Blobs held because librdkafka reads event values in them (not delivered yet)."""
+        return len(self.held) if self.held is not None else 0
 
     @property
     def outstanding(self) -> int:
@@ -536,6 +556,8 @@ cdef class BlobProducer:
             with nogil:
                 agg_destroy(self.rk)
             self.rk = NULL
+        if self.held is not None:  # librdkafka holds no value any more
+            self.held.clear()
 
     def __dealloc__(self):
         self._destroy()
