@@ -859,6 +859,63 @@ cdef object _name(const char* p, Py_ssize_t n):
     return s
 
 
+# Whole (name, value) header pairs by their bytes, for the headers whose values repeat by
+# design (the CloudEvents specversion, source and type, the content types): the reader hands
+# out the same immutable tuple instead of a new tuple and bytes per record (an entry is
+# replaced on a collision). Per-event values (id, time, partition key, sequence, subject)
+# are not looked up: they would only evict the others.
+cdef enum:
+    PAIR_CACHE = 256  # a power of two
+    PAIR_VALUE_MAX = 96
+
+cdef PyObject* _pair_obj[PAIR_CACHE]
+cdef Py_ssize_t _pair_nlen[PAIR_CACHE]
+cdef Py_ssize_t _pair_vlen[PAIR_CACHE]
+cdef char _pair_raw[PAIR_CACHE][NAME_MAX + PAIR_VALUE_MAX]
+memset(_pair_obj, 0, sizeof(_pair_obj))
+
+
+cdef inline bint _repeating(const char* p, Py_ssize_t n) noexcept:
+    """Whether a header name (as sent, case included) is one whose values repeat."""
+    if n == 14:
+        return memcmp(p, b"ce_specversion", 14) == 0
+    if n == 9:
+        return memcmp(p, b"ce_source", 9) == 0
+    if n == 7:
+        return memcmp(p, b"ce_type", 7) == 0
+    if n == 12:
+        return memcmp(p, b"content-type", 12) == 0
+    if n == 18:
+        return memcmp(p, b"ce_datacontenttype", 18) == 0
+    return False
+
+
+cdef object _pair(object name, const char* np, Py_ssize_t nlen, const char* vp,
+                  Py_ssize_t vlen):
+    """The (name, value) tuple of a repeating header, shared between records."""
+    cdef size_t h = <size_t>nlen * 2654435761u
+    cdef Py_ssize_t i
+    cdef tuple t
+    for i in range(nlen):
+        h = (h ^ <uint8_t>np[i]) * 16777619u
+    for i in range(vlen):
+        h = (h ^ <uint8_t>vp[i]) * 16777619u
+    h = (h ^ (h >> 15)) & (PAIR_CACHE - 1)
+    if _pair_obj[h] != NULL and _pair_nlen[h] == nlen and _pair_vlen[h] == vlen and \
+            memcmp(_pair_raw[h], np, nlen) == 0 and \
+            memcmp(_pair_raw[h] + nlen, vp, vlen) == 0:
+        return <object>_pair_obj[h]
+    t = (name, PyBytes_FromStringAndSize(vp, vlen))
+    Py_INCREF(t)
+    Py_XDECREF(_pair_obj[h])
+    _pair_obj[h] = <PyObject*>t
+    _pair_nlen[h] = nlen
+    _pair_vlen[h] = vlen
+    memcpy(_pair_raw[h], np, nlen)
+    memcpy(_pair_raw[h] + nlen, vp, vlen)
+    return t
+
+
 cdef inline object _field(const char* base, Py_ssize_t* p, Py_ssize_t end, int32_t n):
     if n == -1:
         return None
@@ -923,9 +980,14 @@ def read_frames(msg):
                 if nlen < 0 or p + nlen > end:
                     raise ValueError("frames message: field beyond its frame")
                 name = _name(base + p, nlen)
-                p += nlen
-                hval = _field(base, &p, end, hvlen)
-                pair = (name, hval)
+                if 0 <= hvlen <= PAIR_VALUE_MAX and nlen <= NAME_MAX and \
+                        p + nlen + hvlen <= end and _repeating(base + p, nlen):
+                    pair = _pair(name, base + p, nlen, base + p + nlen, hvlen)
+                    p += nlen + hvlen
+                else:
+                    p += nlen
+                    hval = _field(base, &p, end, hvlen)
+                    pair = (name, hval)
                 Py_INCREF(pair)
                 PyList_SET_ITEM(hl, k, pair)
             headers = hl

@@ -309,6 +309,31 @@ def test_reference_frames_round_trip_through_both_readers(records, thr):
     assert _frames.read_frames(out[0]) == want
 
 
+def test_repeating_headers_are_shared_and_read_exactly():
+    """The compiled reader hands out one (name, value) tuple for the repeating CloudEvents
+    headers (specversion, source, type, content types) instead of a new one per record;
+    per-event headers, other names, None values and values over the cache's limit are
+    read as before. 600 distinct types (more than the cache holds) collide and replace
+    each other; every record still equals the reference reader's."""
+    records = []
+    for i in range(3000):
+        hdrs = [("ce_specversion", b"1.0"), ("ce_id", b"id-%d" % i),
+                ("ce_source", b"/s/%d" % (i % 3)), ("ce_type", b"t.%d" % (i * 7919 % 600)),
+                ("content-type", b"application/json"), ("ce_datacontenttype", None),
+                ("CE_TYPE", b"upper is another name"), ("ce_source", b"x" * (90 + i % 10)),
+                ("ce_sequence", b"%d" % i)]
+        records.append((i % 5, i % 3, i, b"k%d" % i, b"{}", hdrs, 17, i % 4096))
+    msg = frame_messages([pack_frame(*r) for r in records], [], 1, 1 << 24)[0]
+    fast, ref = _frames.read_frames(msg)[3], read_frames(msg)[3]
+    assert fast == ref == [list(r) for r in records]
+    assert fast[0][5][0] is fast[2999][5][0]  # ("ce_specversion", b"1.0") shared
+    assert fast[0][5][2] is fast[3][5][2]  # the same source
+    assert fast[0][5][4] is fast[1][5][4]  # content-type
+    assert fast[0][5][1] is not fast[1][5][1]  # ce_id: per event
+    assert fast[0][5][6] is not fast[1][5][6]  # another name (case counts)
+    assert fast[0][5][5] == ("ce_datacontenttype", None)
+
+
 def test_non_utf8_header_names_survive():
     name = b"ce_\xff\xfe".decode("utf-8", "surrogateescape")
     msg = frame_messages([pack_frame(0, 0, 0, None, b"", [(name, b"v"), ("n", None)], 0, 1)],
