@@ -35,6 +35,18 @@ def wait_owns(run, inst, timeout: float = 120) -> None:
         time.sleep(0.25)
 
 
+def two_instances(cluster, workload, name: str, env: dict | None = None):
+    """Two instances of two workers, 8 tasks, started together after 30 % of the records;
+    the rest produced once both own tasks; converged (the instances left running)."""
+    run = cluster(workload, name=name, tasks=8, workers=2)
+    run.produce(0, 0.3)
+    insts = [run.start_instance(env=env), run.start_instance(env=env)]
+    for inst in insts:
+        wait_owns(run, inst)
+    run.produce(0.3, 1.0)
+    return run, insts, run.finish(all_own=True, stop=False)
+
+
 def worker_tasks(inst) -> dict[int, float]:
     return {int(w): n for (w,), n in inst.api().labeled("aggregator_worker_tasks").items()}
 
@@ -78,13 +90,7 @@ def test_two_by_two_placement_is_balanced(workload, cluster):
     """No fault: two instances of two workers, 8 tasks; the group gives each instance 4 (in
     the runs of issue 17, all odd or all even: `task % workers` left a worker idle). Each
     worker holds 2 tasks and applies events."""
-    run = cluster(workload, name="2x2 placement", tasks=8, workers=2)
-    run.produce(0, 0.3)
-    insts = [run.start_instance(), run.start_instance()]
-    for inst in insts:
-        wait_owns(run, inst)
-    run.produce(0.3, 1.0)
-    report = run.finish(all_own=True, stop=False)
+    run, insts, report = two_instances(cluster, workload, "2x2 placement")
     try:
         report.assert_ok()
         for inst in insts:
@@ -103,14 +109,8 @@ def test_a_fetch_that_left_records_out_is_read_again(workload, cluster):
     forward per task as such a fetch would (fault `tasks-fetch-hole`): the next record
     of the task shows the hole, the partition is read again from it, and the views are
     exact."""
-    hole = {"AGGREGATOR_FAULTS": "tasks-fetch-hole"}
-    run = cluster(workload, name="fetch holes", tasks=8, workers=2)
-    run.produce(0, 0.3)
-    insts = [run.start_instance(env=hole), run.start_instance(env=hole)]
-    for inst in insts:
-        wait_owns(run, inst)
-    run.produce(0.3, 1.0)
-    report = run.finish(all_own=True, stop=False)
+    run, insts, report = two_instances(cluster, workload, "fetch holes",
+                                       {"AGGREGATOR_FAULTS": "tasks-fetch-hole"})
     try:
         report.assert_ok()
         logs = [inst.svc.log() for inst in insts]
