@@ -412,68 +412,70 @@ cdef class BlobProducer:
         cdef bytes b
         if is_json:
             ct, ct_len = b"application/json", 16
-        for k in range(count):
-            if pos + BLOB_REC > size:
-                raise ValueError("change outbox blob truncated")
-            vid = <unsigned int>_u(p + pos, 2)
-            klen = <unsigned int>_u(p + pos + 2, 4)
-            dlen = <int32_t>_u(p + pos + 6, 4)
-            version = _u(p + pos + 10, 8)
-            pos += BLOB_REC
-            if pos + klen + (dlen if dlen > 0 else 0) > size:
-                raise ValueError("change outbox blob truncated")
-            key = p + pos
-            pos += klen
-            data = NULL
-            if dlen >= 0:
-                data = p + pos
-                pos += dlen
-            if seq <= self.sent:
-                seq += 1
-                continue
-            if seq - self.delivered > self.tally.mask:
-                break  # the delivery ring is full: poll first
-            if vid >= <unsigned int>self.nviews or self.rkts[vid] == NULL:
-                self.dropped.append((vid, (<const char *>key)[:klen], version))
-                self.tally.done[seq & self.tally.mask] = 1
+        try:
+            for k in range(count):
+                if pos + BLOB_REC > size:
+                    raise ValueError("change outbox blob truncated")
+                vid = <unsigned int>_u(p + pos, 2)
+                klen = <unsigned int>_u(p + pos + 2, 4)
+                dlen = <int32_t>_u(p + pos + 6, 4)
+                version = _u(p + pos + 10, 8)
+                pos += BLOB_REC
+                if pos + klen + (dlen if dlen > 0 else 0) > size:
+                    raise ValueError("change outbox blob truncated")
+                key = p + pos
+                pos += klen
+                data = NULL
+                if dlen >= 0:
+                    data = p + pos
+                    pos += dlen
+                if seq <= self.sent:
+                    seq += 1
+                    continue
+                if seq - self.delivered > self.tally.mask:
+                    break  # the delivery ring is full: poll first
+                if vid >= <unsigned int>self.nviews or self.rkts[vid] == NULL:
+                    self.dropped.append((vid, (<const char *>key)[:klen], version))
+                    self.tally.done[seq & self.tally.mask] = 1
+                    self.sent = seq
+                    seq += 1
+                    continue
+                b = self.sources[vid]
+                src, src_len = <const char *>b, len(b)
+                b = self.names[vid]
+                name, name_len = <const char *>b, len(b)
+                ver_len = _decimal(version, ver)
+                cid = self._id_buffer(name_len + ver_len + klen + 2)
+                memcpy(cid, name, name_len)
+                cid[name_len] = 58  # ":"
+                memcpy(cid + name_len + 1, ver, ver_len)
+                cid[name_len + 1 + ver_len] = 58
+                memcpy(cid + name_len + ver_len + 2, key, klen)
+                n = 0
+                agg_vu_ptr(&vus[n], AGG_V_RKT, self.rkts[vid]); n += 1
+                agg_vu_int(&vus[n], AGG_V_MSGFLAGS, vflags); n += 1
+                agg_vu_mem(&vus[n], AGG_V_KEY, key, klen); n += 1
+                agg_vu_mem(&vus[n], AGG_V_VALUE, data, dlen if dlen > 0 else 0); n += 1
+                agg_vu_ptr(&vus[n], AGG_V_OPAQUE, <void *><uintptr_t>seq); n += 1
+                hdrs = agg_ce_headers(cid, name_len + ver_len + klen + 2, src, src_len, key, klen,
+                                      ver, ver_len, when, when_len,
+                                      NULL if data == NULL else ct, ct_len)
+                agg_vu_ptr(&vus[n], AGG_V_HEADERS, hdrs); n += 1
+                err = agg_produceva(self.rk, vus, n)
+                if err != NULL:
+                    agg_headers_destroy(hdrs)  # a failed produce leaves them to the caller
+                    code = agg_error_code(err)
+                    msg = agg_error_string(err).decode(errors="replace")
+                    agg_error_destroy(err)
+                    if code == AGG_ERR_QUEUE_FULL:
+                        break
+                    from confluent_kafka import KafkaError, KafkaException
+                    raise KafkaException(KafkaError(code, msg))
                 self.sent = seq
                 seq += 1
-                continue
-            b = self.sources[vid]
-            src, src_len = <const char *>b, len(b)
-            b = self.names[vid]
-            name, name_len = <const char *>b, len(b)
-            ver_len = _decimal(version, ver)
-            cid = self._id_buffer(name_len + ver_len + klen + 2)
-            memcpy(cid, name, name_len)
-            cid[name_len] = 58  # ":"
-            memcpy(cid + name_len + 1, ver, ver_len)
-            cid[name_len + 1 + ver_len] = 58
-            memcpy(cid + name_len + ver_len + 2, key, klen)
-            n = 0
-            agg_vu_ptr(&vus[n], AGG_V_RKT, self.rkts[vid]); n += 1
-            agg_vu_int(&vus[n], AGG_V_MSGFLAGS, vflags); n += 1
-            agg_vu_mem(&vus[n], AGG_V_KEY, key, klen); n += 1
-            agg_vu_mem(&vus[n], AGG_V_VALUE, data, dlen if dlen > 0 else 0); n += 1
-            agg_vu_ptr(&vus[n], AGG_V_OPAQUE, <void *><uintptr_t>seq); n += 1
-            hdrs = agg_ce_headers(cid, name_len + ver_len + klen + 2, src, src_len, key, klen,
-                                  ver, ver_len, when, when_len,
-                                  NULL if data == NULL else ct, ct_len)
-            agg_vu_ptr(&vus[n], AGG_V_HEADERS, hdrs); n += 1
-            err = agg_produceva(self.rk, vus, n)
-            if err != NULL:
-                agg_headers_destroy(hdrs)  # a failed produce leaves them to the caller
-                code = agg_error_code(err)
-                msg = agg_error_string(err).decode(errors="replace")
-                agg_error_destroy(err)
-                if code == AGG_ERR_QUEUE_FULL:
-                    break
-                from confluent_kafka import KafkaError, KafkaException
-                raise KafkaException(KafkaError(code, msg))
-            self.sent = seq
-            seq += 1
-        if vflags == 0 and self.sent != sent_before:
-            self.held.append((self.sent, blob_obj))  # librdkafka reads the values there
+        finally:  # also when it raises after handing over some of the blob's events
+            if vflags == 0 and self.sent != sent_before:
+                self.held.append((self.sent, blob_obj))  # librdkafka reads the values there
         return self.sent
 
     def take_dropped(self) -> list:

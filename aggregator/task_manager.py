@@ -420,13 +420,18 @@ class Holes:
     over as it would a compacted range (a read of the partition later has it). Its records
     would never be applied. `check` says where to read the partition again from; a hole that
     retention also removed from the log (its start moved past it) is let be, with a
-    warning."""
+    warning; so is one read again `TRIES` times in a row, with an error (offsets that are
+    really missing: a compacted or transactional topic given as the tasks topic), rather
+    than stall the task."""
+
+    TRIES = 5
 
     def __init__(self, topic: str, low_watermark: Callable[[int], int]):
         self.topic = topic
         self.low_watermark = low_watermark  # task -> the partition's first offset, -1: unknown
         self.count = 0  # holes read again
         self._logged = 0.0
+        self._same: tuple[int, int, int, int] = (-1, -1, -1, 0)  # task, want, off, tries
 
     def check(self, task: int, want: int, off: int) -> int | None:
         """A record at `off` came where `want` was next (want < off): the offset to read
@@ -436,6 +441,15 @@ class Holes:
             log.warning("tasks topic %s[%d]: records %d..%d were deleted before they were "
                         "read (the partition starts at %d now)", self.topic, task, want,
                         off - 1, low)
+            return None
+        t, w, o, tries = self._same
+        tries = tries + 1 if (t, w, o) == (task, want, off) else 1
+        self._same = (task, want, off, tries)
+        if tries > self.TRIES:
+            log.error("tasks topic %s[%d]: offsets %d..%d are missing from every read (%d "
+                      "tries): going on without them (is the topic compacted, or written "
+                      "in transactions?)", self.topic, task, want, off - 1, self.TRIES)
+            self._same = (-1, -1, -1, 0)
             return None
         start = max(want, low)
         self.count += 1
@@ -551,7 +565,8 @@ class ClusterSupervisor(Supervisor):
             return
         self.stats.consumed += len(msgs)
         for tp, off in through.items():
-            self.next_offset[tp] = off + 1
+            if tp[1] not in holes:  # else where `_hole` sought to
+                self.next_offset[tp] = off + 1
         for h in self.handles:
             mine = {tp: o for tp, o in through.items() if wof[tp[1]] == h.index}
             if not mine:

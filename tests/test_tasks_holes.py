@@ -34,3 +34,15 @@ def test_a_hole_partly_removed_is_read_from_the_partition_start():
     assert h.check(0, 100, 117) == 110
     unknown = Holes("g.tasks", lambda task: -1)  # the watermark query failed
     assert unknown.check(0, 100, 117) == 100
+
+
+def test_a_hole_that_every_read_shows_is_given_up(caplog):
+    """Offsets really missing from the log (a compacted or transactional topic given as the
+    tasks topic): after `TRIES` reads the task goes on, with an error, instead of stalling."""
+    h = Holes("g.tasks", lambda task: 0)
+    with caplog.at_level(logging.WARNING, logger="aggregator.task_manager"):
+        assert [h.check(2, 40, 45) for _ in range(Holes.TRIES)] == [40] * Holes.TRIES
+        assert h.check(2, 40, 45) is None
+    assert "offsets 40..44 are missing from every read (5 tries): going on" in caplog.text
+    assert h.check(2, 40, 45) == 40  # counted anew
+    assert h.check(2, 46, 50) == 46 and h.check(2, 40, 45) == 40  # another hole between

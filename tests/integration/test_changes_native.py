@@ -263,3 +263,28 @@ def test_blobs_are_held_until_their_values_are_delivered(broker, bootstrap):
         for key, value, _ in (r for rs in parts.values() for r in rs):
             got[(view, key)] = value
     assert got == want
+
+
+def test_a_produce_that_fails_midway_holds_the_events_it_handed_over(broker, bootstrap):
+    """librdkafka refuses an event mid-blob (larger than message.max.bytes): the produce
+    raises, and the blob stays held for the events it had handed over without a copy until
+    they are delivered."""
+    prefix = unique_name("chg") + "."
+    broker.create_topics([f"{prefix}{v}.changes" for v in VIEWS[:2]], 2)
+    cfg = make_config(bootstrap, prefix, **{"message.max.bytes": 2000, "linger.ms": 200})
+    rows = [(0, "a", 1, b'{"x":1}'), (1, "b", 2, b'{"y":2}'),
+            (0, "c", 3, b"[" + b"0," * 1500 + b"0]")]
+    blob = pack_blob(rows, 1_700_000_000_000, True)
+    enc = ChangeEncoder(cfg, VIEWS)
+    pub = NativeChangePublisher(cfg, enc, lambda s: iter(()), 0, 0)
+    pub.committed([(1, 3, blob)])
+    del blob
+    with pytest.raises(Exception, match="(?i)too large|size"):
+        pub.pump()
+    assert pub.producer.sent == 2 and pub.producer.held_blobs == 1
+    pub.producer.flush(10_000)
+    assert pub.producer.delivered == 2 and pub.producer.held_blobs == 0
+    pub.close()
+    got = records(bootstrap, prefix)
+    assert [r[:2] for rs in got["a"].values() for r in rs] == [(b"a", b'{"x":1}')]
+    assert [r[:2] for rs in got["b"].values() for r in rs] == [(b"b", b'{"y":2}')]
