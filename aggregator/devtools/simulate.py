@@ -986,11 +986,16 @@ def expected_versions(workload: Workload) -> dict[str, dict[str, int]]:
     also where the document's content would not tell (a "latest" state set twice)."""
     out: dict[str, dict[str, int]] = {"customer": {}, "order": {}, "product": {}}
     for ev in applied_events(workload):
-        for view, where in _TARGETS[ev.type]:
-            key = ev.partitionkey if where == "partitionkey" else str(ev.data[where])
+        for view, key in targets(ev):
             docs = out[view]
             docs[key] = docs.get(key, 0) + 1
     return out
+
+
+def targets(ev: SimEvent) -> list[tuple[str, str]]:
+    """(view, key) of each document the event updates in shop.toml."""
+    return [(view, ev.partitionkey if where == "partitionkey" else str(ev.data[where]))
+            for view, where in _TARGETS[ev.type]]
 
 
 # ---- malformed records ---------------------------------------------------------------------

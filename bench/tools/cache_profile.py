@@ -14,7 +14,8 @@ lines (the EPYC's L2 per core), not valgrind's guess from the host.
 The measured region is `Worker.process` of batches 2 to N of the shop workload's records
 (the first batch warms the shard and the caches; the records of batches 2..N are counted),
 each batch decoded from a frames ring message inside the region as the worker's `_take` does
-(`frames.decode`): one booted worker owning every slot, a real LMDB shard, change events on
+(`frames.decode`; the messages as the supervisor frames them: bench.stages.worker_stage's
+`encode_rounds`): one booted worker owning every slot, a real LMDB shard, change events on
 (bench.tools.scale_profile.in_process_worker). `PYTHONHASHSEED=0` for repeatable dict layouts.
 
 The tool runs itself under valgrind (``--child``) and reads the result with
@@ -42,19 +43,15 @@ EVENTS = ("Ir", "Dr", "Dw", "I1mr", "D1mr", "D1mw", "ILmr", "DLmr", "DLmw")
 def child(events: int, batch: int, count_file: str) -> None:
     """The measured run (under valgrind): instrumentation on around batches 2..N; the
     number of records measured goes to `count_file`."""
+    from aggregator.config import load_config
     from aggregator.frames import decode
-    from aggregator.protocol import frame_messages, pack_frame
     from bench import workload as wl
+    from bench.stages.worker_stage import encode_rounds
     from bench.tools.scale_profile import in_process_worker
 
-    msgs = wl.ring_messages(wl.generate(11, events), batch)
-    raw = []
-    for m in msgs:
-        frames = [pack_frame(r[0], r[1], r[2], r[3], r[4],
-                             [(h[0], h[1]) for h in r[5]] if r[5] is not None else None,
-                             r[6], r[7]) for r in m[3]]
-        (one,) = frame_messages(frames, m[2], m[1], 1 << 30)
-        raw.append(one)
+    topics = load_config(wl.CONFIG_PATH, {}, env={}).topics()
+    records = wl.generate(11, events).records
+    (raw,) = encode_rounds(records, 1, topics, batch, 1 << 30)  # one worker: one per round
     with in_process_worker("cache") as (worker, _cfg, tmp):
         worker.process([decode(raw[0])], [])
         subprocess.run(["callgrind_control", "-i", "on"], check=True, capture_output=True)
@@ -62,7 +59,7 @@ def child(events: int, batch: int, count_file: str) -> None:
             worker.process([decode(m)], [])
         subprocess.run(["callgrind_control", "-i", "off"], check=True, capture_output=True)
     shutil.rmtree(tmp, ignore_errors=True)
-    Path(count_file).write_text(str(sum(len(m[3]) for m in msgs[1:])))
+    Path(count_file).write_text(str(len(records) - batch))
 
 
 def _split(line: str) -> tuple[list[int], str]:

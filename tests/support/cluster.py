@@ -31,16 +31,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import lmdb
 import msgpack
-from confluent_kafka import Consumer, TopicPartition
 
 from aggregator.cluster import FORWARD_HEADER
 from aggregator.devtools import simulate
 from aggregator.protocol import UPD_ID, UPD_KEY
 from aggregator.ring import cleanup_stale, segment_prefix
 from aggregator.routing import slot_of
-from aggregator.store import offset_key
+from aggregator.store import SharedReader, offset_key
 from tests.support.chaos import (
     VIEWS,
     ChaosRun,
@@ -50,7 +48,7 @@ from tests.support.chaos import (
     check_dead_letters,
     check_views,
 )
-from tests.support.service import Service
+from tests.support.service import Service, read_topic
 
 CLUSTER_TOML = "[cluster]\nenabled = true\ntasks = {tasks}\n"
 CONVERGE_S = 400.0  # a group join after a SIGKILLed member can take long on Tansu
@@ -548,44 +546,38 @@ class ClusterRun(ChaosRun):
         tasks = self.tasks
         topic = f"{self.group}.tasks"
         applied = simulate.applied_events(self.workload)
+        parts: dict[int, list] = {}  # task -> its records of the tasks topic, in order
+        for m in read_topic(self.bootstrap, topic, timeout=30, quiet=1.0):
+            parts.setdefault(m.partition(), []).append(m)
         out = ["lost-update forensics:"]
-        n = 0
-        for view in ("customer", "order", "product"):
-            for key, want in sorted(self.versions[view].items()):
-                got = docs[view].get(key, {}).get("v", 0)
-                if got >= want or n >= limit:
-                    continue
-                n += 1
-                task = slot_of(key.encode()) % tasks
-                fwd: dict[str, list[int]] = {}
-                recs = _read_partition(self.bootstrap, topic, task)
-                raw = _read_partition(self.bootstrap, topic, task, "read_uncommitted")
-                for off, name, value in recs:
-                    if name == FORWARD_HEADER:
-                        u = msgpack.unpackb(value, raw=False)
-                        if u[UPD_KEY] == key:
-                            fwd.setdefault(u[UPD_ID], []).append(off)
-                offs = [r[0] for r in recs]
-                gaps = [(a, b) for a, b in zip(offs, offs[1:]) if b != a + 1]
-                if gaps or (offs and offs[0] != 0):
-                    out.append(f"  offset gaps in the tasks topic: {gaps[:5]} (first {offs[0]})")
-                if len(raw) != len(recs):
-                    out.append(f"  read_committed {len(recs)} records, read_uncommitted "
-                               f"{len(raw)}")
-                through = {i.index: _shard_through(i.data_dir, topic, task)
-                           for i in self.instances}
-                out.append(f"{view}/{key} v{got} want v{want}: task {task}, {len(recs)} "
-                           f"records; through per instance/shard {through}")
-                evs = [e for e in applied if any(
-                    v == view and (e.partitionkey if w == "partitionkey" else
-                                   str(e.data[w])) == key
-                    for v, w in simulate._TARGETS[e.type])]
-                for e in evs[-4:]:
-                    src = slot_of(e.partitionkey.encode()) % tasks
-                    where = ("local" if src == task else
-                             f"forward at {fwd.get(e.id, 'MISSING')}")
-                    out.append(f"  {e.type} {e.partitionkey} seq {e.sequence} (task {src}): "
-                               f"{where}")
+        lost = [(view, key, want, docs[view].get(key, {}).get("v", 0))
+                for view in VIEWS for key, want in sorted(self.versions[view].items())
+                if docs[view].get(key, {}).get("v", 0) < want][:limit]
+        for view, key, want, got in lost:
+            task = slot_of(key.encode()) % tasks
+            recs = sorted(parts.get(task, []), key=lambda m: m.offset())
+            fwd: dict[str, list[int]] = {}
+            for m in recs:
+                h = m.headers()
+                if h and h[-1][0] == FORWARD_HEADER:
+                    u = msgpack.unpackb(m.value(), raw=False)
+                    if u[UPD_KEY] == key:
+                        fwd.setdefault(u[UPD_ID], []).append(m.offset())
+            through = {i.index: _shard_through(i.data_dir, topic, task)
+                       for i in self.instances}
+            out.append(f"{view}/{key} v{got} want v{want}: task {task}, {len(recs)} records; "
+                       f"through per instance/shard {through}")
+            offs = [m.offset() for m in recs]
+            gaps = [(a, b) for a, b in zip(offs, offs[1:]) if b != a + 1]
+            if gaps or (offs and offs[0] != 0):
+                out.append(f"  offset gaps in the tasks topic: {gaps[:5]} (first {offs[0]})")
+            evs = [e for e in applied if (view, key) in simulate.targets(e)]
+            for e in evs[-4:]:
+                src = slot_of(e.partitionkey.encode()) % tasks
+                where = ("local" if src == task else
+                         f"forward at {fwd.get(e.id, 'MISSING')}")
+                out.append(f"  {e.type} {e.partitionkey} seq {e.sequence} (task {src}): "
+                           f"{where}")
         for inst in self.instances:
             counts: dict[str, int] = {}
             for line in inst.svc.log().splitlines():
@@ -659,46 +651,20 @@ class ClusterRun(ChaosRun):
             _kill_ours(_wait_gone(inst.pids, 5))
 
 
-def _read_partition(bootstrap: str, topic: str, part: int, isolation: str = "read_committed"
-                    ) -> list[tuple[int, str, bytes]]:
-    """(offset, last header's name, value) of every record of one partition."""
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": "forensics",
-                  "enable.partition.eof": True, "enable.auto.commit": False,
-                  "isolation.level": isolation})
-    c.assign([TopicPartition(topic, part, 0)])
-    out = []
-    deadline = time.monotonic() + 30
-    try:
-        while time.monotonic() < deadline:
-            msgs = c.consume(5000, 2)
-            for m in msgs:
-                if m.error():
-                    return out
-                h = m.headers()
-                out.append((m.offset(), h[-1][0] if h else "", m.value()))
-    finally:
-        c.close()
-    return out
-
-
 def _shard_through(data_dir: Path, topic: str, task: int) -> dict[str, int]:
     """The through-offset of a task in each shard of an instance's data dir."""
     out = {}
     for path in sorted(Path(data_dir).glob("shard-*")):
+        reader = SharedReader(path)
+        snap = reader.snapshot(("offsets",))
         try:
-            env = lmdb.open(str(path), readonly=True, lock=False, max_dbs=64)
-        except lmdb.Error:
-            continue
-        try:
-            db = env.open_db(b"offsets", create=False)
-            with env.begin(db=db) as txn:
-                raw = txn.get(offset_key(topic, task))
-            if raw is not None:
-                out[path.name] = int.from_bytes(raw, "big", signed=True)
-        except lmdb.Error:
-            pass
+            raw = snap.get("offsets", offset_key(topic, task)) if snap is not None else None
         finally:
-            env.close()
+            if snap is not None:
+                snap.close()
+            reader.close()
+        if raw is not None:
+            out[path.name] = int.from_bytes(raw, "big", signed=True)
     return out
 
 
