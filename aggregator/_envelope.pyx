@@ -37,6 +37,8 @@ from cpython.long cimport PyLong_FromLongLong
 from cpython.object cimport PyObject
 from cpython.ref cimport Py_DECREF
 from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
+
+from aggregator._gc cimport PyObject_GC_UnTrack
 from libc.string cimport memcmp
 
 from aggregator._slots cimport plain_layout
@@ -529,6 +531,7 @@ cdef object _new_event(str eid, str source, str etype, object time, object subje
         raise MemoryError()
     cdef object ev = <object>o
     Py_DECREF(ev)  # <object> took a second reference
+    PyObject_GC_UnTrack(o)  # a per-record container (_gc.pxd)
     _put(ev, 0, eid)
     _put(ev, 1, source)
     _put(ev, 2, etype)

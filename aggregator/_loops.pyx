@@ -32,6 +32,8 @@ from cpython.dict cimport PyDict_GetItem
 from cpython.object cimport PyObject
 from libc.string cimport memcpy
 
+from aggregator._gc cimport untracked
+
 import time
 
 import msgpack
@@ -130,7 +132,7 @@ def read_records(self, list records, list events):
                         self._dead_letter(rec, e.reason, str(e))
                         ev = None
             if ev is not None:
-                events.append((ev, rec))
+                events.append(untracked((ev, rec)))  # _gc.pxd
     finally:
         stats["records"] += counted
 

@@ -30,6 +30,8 @@ from cpython.object cimport PyObject
 from cpython.unicode cimport PyUnicode_AsUTF8String
 from libc.string cimport memcpy
 
+from aggregator._gc cimport untracked
+
 import orjson
 import xxhash
 
@@ -168,15 +170,17 @@ cdef object _view_key(object slot, object view_id, object key):
 
 
 cdef list _targets(object self, object ev, object rec, object feeds, Py_ssize_t max_key):
-    """RouteStage._targets: (feed, key, slot) per feed; None when dead-lettered."""
-    cdef list targets = []
+    """RouteStage._targets: (feed, key, slot) per feed; None when dead-lettered. The
+    lists and tuples made per event here and below are untracked by the cyclic collector
+    (_gc.pxd)."""
+    cdef list targets = untracked([])
     cdef object f, path, v, k, key
     cdef object data = _MISSING
     cdef bytes kb
     for f in feeds:
         path = _fd(f, _F_PATH, "key_path")
         if path is None:
-            targets.append((f, _ev(ev, _EV_PK, "partitionkey"), rec[_SLOT]))
+            targets.append(untracked((f, _ev(ev, _EV_PK, "partitionkey"), rec[_SLOT])))
             continue
         if data is _MISSING:
             data = _ev(ev, _EV_DATA, "data")
@@ -196,7 +200,7 @@ cdef list _targets(object self, object ev, object rec, object feeds, Py_ssize_t 
         kb = PyUnicode_AsUTF8String(key)
         if PyBytes_GET_SIZE(kb) > max_key:
             return self._targets(ev, rec, feeds)
-        targets.append((f, key, <unsigned long long>_hash64(kb) % _SLOTS))
+        targets.append(untracked((f, key, <unsigned long long>_hash64(kb) % _SLOTS)))
     return targets
 
 
@@ -257,8 +261,8 @@ cdef object _apply_bytes(_Ctx c, CMergePlan m, dict stored, object ev):
             del stored["d"]
         stored["j"] = body
     stored["v"] = stored["v"] + 1
-    stored["s"][_ev(ev, _EV_SOURCE, "source")] = [
-        _ev(ev, _EV_SEQUENCE, "sequence"), _ev(ev, _EV_TIME, "time")]
+    stored["s"][_ev(ev, _EV_SOURCE, "source")] = untracked([
+        _ev(ev, _EV_SEQUENCE, "sequence"), _ev(ev, _EV_TIME, "time")])
     return body
 
 
@@ -291,15 +295,15 @@ cdef object _apply_local(object self, _Ctx c, object batch, object f, object key
     cdef dict lg = c.log
     entries = lg.get(dkey)
     if entries is None:
-        entries = []
+        entries = untracked([])
         lg[dkey] = entries
-    (<list>entries).append((f, ev))
+    (<list>entries).append(untracked((f, ev)))
     if body is not _REFUSED:
         # the stored record's body (worker._finish) and the change event's data, one
         # encoding (a tombstone: None, as ChangeEncoder.encode_json(None) gives)
-        c.bodies[dkey] = (stored["v"], body)
+        c.bodies[dkey] = untracked((stored["v"], body))
         if c.chg_on and c.chg_topics[vid] is not None:
-            c.changes.append((dkey, vid, key, stored["v"], body))
+            c.changes.append(untracked((dkey, vid, key, stored["v"], body)))
         return dkey
     if c.chg_on:
         if c.chg_topics[vid] is not None:
@@ -320,19 +324,19 @@ cdef object _apply_local(object self, _Ctx c, object batch, object f, object key
 cdef list _merge_targets(object self, _Ctx c, object batch, object ev, object rec,
                          list targets, object me):
     """RouteStage._merge_targets: the forwards as (owner, update), or None (undone)."""
-    cdef list applied = []
-    cdef list forwards = []
+    cdef list applied = untracked([])
+    cdef list forwards = untracked([])
     owners = c.owners
     for f, key, slot in targets:
         owner = slot % owners  # routing.worker_of
         if owner != me:
-            forwards.append((owner, [
+            forwards.append(untracked((owner, untracked([
                 _fd(f, _F_ID, "feed_id"), key, slot, _ev(ev, _EV_ID, "id"),
                 _ev(ev, _EV_SOURCE, "source"), _ev(ev, _EV_TYPE, "type"),
                 _ev(ev, _EV_TIME, "time"), _ev(ev, _EV_SUBJECT, "subject"),
                 _ev(ev, _EV_SEQUENCE, "sequence"), _ev(ev, _EV_DATA, "data"),
                 _ev(ev, _EV_PK, "partitionkey"), rec[_TOPIC], rec[_PARTITION],
-                rec[_OFFSET]]))
+                rec[_OFFSET]]))))
             continue
         dkey = _apply_local(self, c, batch, f, key, slot, ev)
         if dkey is None:

@@ -20,7 +20,7 @@ class BatchState:
     __slots__ = (
         "through", "link_in", "out", "seqpart", "parked", "stats", "totals", "seen_log",
         "log_pruned", "ack", "docs", "log", "changes", "chg_out", "pruned", "outmsg",
-        "pruned_out", "bloom_saved", "dlq", "stop", "doc_bytes", "bodies", "route",
+        "pruned_out", "bloom_saved", "dlq", "stop", "doc_bytes", "bodies", "route", "full",
     )
 
     def __init__(self) -> None:
@@ -52,6 +52,9 @@ class BatchState:
         self.dlq: list[tuple] = []  # dead letters sent (not again on a retry)
         self.stop = False  # a stop message was among the batch's
         self.route = None  # the compiled route stage's reads of worker and attempt (_route.pyx)
+        # (gate key, event, record) whose park was full, left for the gap policy until the
+        # transaction's last pass (worker.py `_apply`); None: handled at once (gate.py)
+        self.full: list | None = None
 
 
 class TaskBatchState(BatchState):

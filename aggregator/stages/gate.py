@@ -51,7 +51,9 @@ class GateStage:
     def _gate_apply(self, batch: Batch, kept: list) -> None:
         """Pass new events through the sequence gate and apply them (route.py) in their
         order: apply, park or drop (stale); parked successors a gap-filler makes ready
-        right after it; an overflowing park by the gap policy (`_on_full`), last."""
+        right after it; an overflowing park by the gap policy (`_on_full`), last: after
+        these events, or after the last pass of the transaction when the worker collects
+        them (`BatchState.full`, worker.py `_apply`), as one pass over it would."""
         at, gkeys, seqs, tix, modes, streams = core.gate_batch(
             kept, REC_SLOT, REC_TOPIC, REC_PARTITION, self.topics, self.plan.strict)
         ready: list = []
@@ -68,8 +70,12 @@ class GateStage:
                     codes[i] = gcodes[j]
                 gk_of = dict(zip(at, gkeys))
             ready = [(at[j], g, s) for j, g, s in gready]
+        full = self.attempt.full  # the worker's passes over one transaction: after the last
         for i in self._apply_gated(batch, kept, codes, gk_of, ready):
-            self._on_full(batch, gk_of[i], *kept[i])
+            if full is not None:
+                full.append((gk_of[i], *kept[i]))
+            else:
+                self._on_full(batch, gk_of[i], *kept[i])
 
     def _apply_gated(self, batch: Batch, kept: list, codes, gk_of, ready: list) -> list:
         """The events of `kept` as the gate decided (`codes`), in their order: applied,
