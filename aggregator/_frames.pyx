@@ -16,6 +16,17 @@ handed to ``routing_key`` itself, so the outcome is the same by construction. Th
 
 Frames are written into one growing C buffer per worker and cut into ring messages at the
 end of the round. Inner loops run on raw pointers whose bounds are checked explicitly.
+
+A consumed confluent-kafka ``Message`` is read at its C fields (topic, key, value,
+partition, offset, timestamp; `agg_cfl_message`, the layout of confluent-kafka 2.x) and its
+headers where librdkafka holds them until ``headers()`` is called (``rd_kafka_header_get_all``
+of the library confluent-kafka loaded): no accessor call and none of the ~25 objects
+``headers()`` makes per record (a list, a tuple, a str and a bytes per header). The router
+trusts the layout only after one consumed message's fields, headers included, equalled what
+its accessors return (`_cfl_check`); otherwise, and for any other message type, a record
+whose headers are taken already, a header name outside ASCII, an oversized value or a mapped
+topic, it calls the accessors as before. tests/integration/test_route_in_place.py holds the
+frames of both ways to each other on a real broker.
 """
 
 cimport cython
@@ -25,6 +36,8 @@ from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from cpython.object cimport PyObject
 from cpython.ref cimport Py_INCREF, Py_XDECREF
 from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE, PyTuple_New, PyTuple_SET_ITEM
+
+from aggregator._gc cimport PyObject_GC_UnTrack
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcmp, memcpy, memset
 
@@ -56,6 +69,94 @@ cdef extern from "string.h" nogil:
 ctypedef uint64_t (*xxh3_fn)(const void*, size_t) noexcept nogil
 
 cdef xxh3_fn _xxh3 = NULL
+
+cdef extern from "string.h" nogil:
+    size_t strlen(const char*)
+
+# confluent-kafka's Message object (confluent_kafka.h, 2.x): the fields `FrameRouter.route`
+# reads where they lie instead of calling the accessors; `_cfl_check` holds a consumed
+# message's fields to the accessors' answers before the router relies on them.
+cdef extern from *:
+    """
+    typedef struct {
+        PyObject_HEAD
+        PyObject *topic;
+        PyObject *value;
+        PyObject *key;
+        PyObject *headers;      /* the Python list, once headers() made it */
+        void *c_headers;        /* librdkafka's rd_kafka_headers_t until then */
+        PyObject *error;        /* None or NULL: no error */
+        int32_t partition;
+        int64_t offset;
+        int32_t leader_epoch;
+        int64_t timestamp;
+        int tstype;
+    } agg_cfl_message;
+    """
+    ctypedef struct agg_cfl_message:
+        PyObject* topic
+        PyObject* value
+        PyObject* key
+        PyObject* headers
+        void* c_headers
+        PyObject* error
+        int32_t partition
+        int64_t offset
+        int64_t timestamp
+        int tstype
+
+# librdkafka's rd_kafka_header_get_all and rd_kafka_header_cnt (rdkafka.h), taken from the
+# library confluent-kafka loaded (`_bind_headers`)
+ctypedef int (*hdr_get_all_fn)(const void*, size_t, const char**, const void**,
+                               size_t*) noexcept nogil
+ctypedef size_t (*hdr_cnt_fn)(const void*) noexcept nogil
+cdef hdr_get_all_fn _hdr_get_all = NULL
+cdef hdr_cnt_fn _hdr_cnt = NULL
+
+
+def _bind_headers():
+    """The Message type of confluent-kafka, with librdkafka's header readers bound; None
+    when either is missing (the router then calls the accessors)."""
+    global _hdr_get_all, _hdr_cnt
+    try:
+        from confluent_kafka import Message
+        from aggregator._publish import library_path
+        lib = ctypes.CDLL(library_path())
+        get_all = ctypes.cast(lib.rd_kafka_header_get_all, ctypes.c_void_p).value
+        cnt = ctypes.cast(lib.rd_kafka_header_cnt, ctypes.c_void_p).value
+    except (ImportError, OSError, AttributeError):
+        return None
+    cdef size_t a = get_all, c = cnt
+    _hdr_get_all = <hdr_get_all_fn>a
+    _hdr_cnt = <hdr_cnt_fn>c
+    return Message
+
+
+cdef inline bint _no_error(agg_cfl_message* cm) noexcept:
+    return cm.error == NULL or cm.error == <PyObject*>None
+
+
+cdef bint _ascii(const char* p, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n):
+        if <uint8_t>p[i] >= 0x80:
+            return False
+    return True
+
+
+cdef list _c_headers_list(const void* hdrs):
+    """The (name, value) list confluent-kafka's headers() makes of librdkafka's headers (names
+    as UTF-8 str, a null value as None)."""
+    cdef list out = []
+    cdef size_t idx = 0, size = 0
+    cdef const char* name = NULL
+    cdef const void* val = NULL
+    while _hdr_get_all(hdrs, idx, &name, &val, &size) == 0:
+        idx += 1
+        out.append((PyUnicode_DecodeUTF8(name, strlen(name), NULL),
+                    None if val == NULL else PyBytes_FromStringAndSize(<const char*>val,
+                                                                       size)))
+    return out
 
 
 def _bind_xxh3():
@@ -461,6 +562,10 @@ cdef class FrameRouter:
     cdef Py_ssize_t nthr
     cdef Py_ssize_t thr_cap
     cdef dict ct_json  # content-type bytes -> reads as JSON (routing_key's detect rule)
+    # confluent-kafka Messages read at their fields (see agg_cfl_message): -1 not checked
+    # yet, 0 no (the accessors), 1 yes; `cfl_type` their type (None: not available)
+    cdef int cfl
+    cdef object cfl_type
 
     def __cinit__(self, int workers, dict tindex, detect, route_fns, Py_ssize_t max_bytes):
         if workers < 1:
@@ -474,6 +579,8 @@ cdef class FrameRouter:
             raise ValueError("detect and route_fns differ in length")
         self.max_bytes = max_bytes
         self.ct_json = {}
+        self.cfl = -1
+        self.cfl_type = None
         self.detect_c = <bint*>PyMem_Malloc(max(self.ntopics, 1) * sizeof(bint))
         self.mapped_c = <bint*>PyMem_Malloc(max(self.ntopics, 1) * sizeof(bint))
         self.bufs = <Buf*>PyMem_Malloc(workers * sizeof(Buf))
@@ -579,6 +686,53 @@ cdef class FrameRouter:
                 structured = self._reads_as_json(ct)
         else:
             structured = detect and not has_ce
+        return self._route_tail(value, key, structured, rk, rklen)
+
+    cdef int _route_h(self, object value, const void* hdrs, object key, bint detect,
+                      const char** rk, Py_ssize_t* rklen) except -1:
+        """`_route_c` of a message whose headers are still librdkafka's (`hdrs`): the same
+        answer, read from them in place. RK_DEFER for a header name outside ASCII."""
+        cdef bint pk_seen = False, has_ce = False, structured
+        cdef size_t idx = 0, size = 0
+        cdef const char* name = NULL
+        cdef const void* val = NULL
+        cdef const char* ctp = NULL  # the first content-type with a value (None: NULL)
+        cdef Py_ssize_t ctn = 0, nlen
+        while _hdr_get_all(hdrs, idx, &name, &val, &size) == 0:
+            idx += 1
+            nlen = strlen(name)
+            if not _ascii(name, nlen):
+                return RK_DEFER
+            if nlen == 15 and _ieq(name, b"ce_partitionkey", 15):
+                if not pk_seen:
+                    pk_seen = True
+                    if val == NULL:
+                        continue
+                    if size:
+                        rk[0] = <const char*>val
+                        rklen[0] = size
+                        return RK_FOUND
+            elif nlen == 12 and _ieq(name, b"content-type", 12):
+                if ctp == NULL:
+                    ctp = <const char*>val
+                    ctn = size
+            elif nlen > 3 and _ieq(name, b"ce_", 3):
+                has_ce = True
+        if ctp != NULL:
+            structured = ctn >= 28 and _ieq(ctp, b"application/cloudevents+json", 28)
+            if not structured and detect and not has_ce:
+                structured = self._reads_as_json(PyBytes_FromStringAndSize(ctp, ctn))
+        else:
+            structured = detect and not has_ce
+        return self._route_tail(value, key, structured, rk, rklen)
+
+    cdef int _route_tail(self, object value, object key, bint structured, const char** rk,
+                         Py_ssize_t* rklen) except -1:
+        """The end of `_route_c`: the partition key of a structured event's value, else
+        the Kafka key."""
+        cdef const uint8_t* vp
+        cdef Py_ssize_t pk_at = 0, pk_len = 0, vlen
+        cdef int r
         if structured and value is not None:
             if type(value) is not bytes:
                 return RK_DEFER
@@ -691,6 +845,108 @@ cdef class FrameRouter:
         b.n += size
         return 0
 
+    cdef int _put_h(self, Buf* b, int32_t ti, int32_t part, int64_t off, uint16_t slot,
+                    int64_t ts, object key, object value, const void* hdrs) except -1:
+        """`_put` of a message whose headers are still librdkafka's (`hdrs`): the same frame,
+        written from them in place. Returns 1 without writing when a header name is outside
+        ASCII (the caller takes the headers() list and `_put`)."""
+        cdef Py_ssize_t klen = -1, vlen = -1, size = FRAME_HEAD_SIZE, nh = 0, nlen
+        cdef size_t idx = 0, hsize = 0
+        cdef const char* name = NULL
+        cdef const void* val = NULL
+        cdef char* p
+        if key is not None:
+            if type(key) is not bytes:
+                raise TypeError("record key must be bytes or None")
+            klen = PyBytes_GET_SIZE(key)
+            size += klen
+        if value is not None:
+            if type(value) is not bytes:
+                raise TypeError("record value must be bytes or None")
+            vlen = PyBytes_GET_SIZE(value)
+            size += vlen
+        while _hdr_get_all(hdrs, idx, &name, &val, &hsize) == 0:
+            idx += 1
+            nlen = strlen(name)
+            if not _ascii(name, nlen):
+                return 1
+            size += HDR_ITEM + nlen + (<Py_ssize_t>hsize if val != NULL else 0)
+        nh = idx
+        if size > 0xFFFFFFFF:
+            raise ValueError("record too large for a frame")
+        _reserve(b, size)
+        p = b.p + b.n
+        _st32(p, <uint32_t>size)
+        _st32(p + 4, <uint32_t>ti)
+        _st32(p + 8, <uint32_t>part)
+        _st16(p + 12, slot)
+        _st16(p + 14, 0)
+        _st64(p + 16, off)
+        _st64(p + 24, ts)
+        _st32(p + 32, <uint32_t><int32_t>klen)
+        _st32(p + 36, <uint32_t><int32_t>vlen)
+        _st32(p + 40, <uint32_t><int32_t>nh)
+        p += FRAME_HEAD_SIZE
+        if klen > 0:
+            memcpy(p, PyBytes_AS_STRING(key), klen)
+            p += klen
+        if vlen > 0:
+            memcpy(p, PyBytes_AS_STRING(value), vlen)
+            p += vlen
+        idx = 0
+        while _hdr_get_all(hdrs, idx, &name, &val, &hsize) == 0:
+            idx += 1
+            nlen = strlen(name)
+            _st32(p, <uint32_t>nlen)
+            _st32(p + 4, <uint32_t><int32_t>(-1 if val == NULL else <Py_ssize_t>hsize))
+            p += HDR_ITEM
+            memcpy(p, name, nlen)
+            p += nlen
+            if val != NULL and hsize > 0:
+                memcpy(p, val, hsize)
+                p += hsize
+        b.n += size
+        return 0
+
+    cdef int _cfl_check(self, object m) except -1:
+        """Hold the fields of a consumed confluent-kafka Message `m`, read where
+        agg_cfl_message says they are, to what its accessors answer: `cfl` becomes 1 when
+        all agree (the headers too: librdkafka's, read here, against the list headers()
+        then makes of them), 0 when one does not; it stays -1 for a message that cannot
+        tell (an error, no headers, headers already taken)."""
+        cdef agg_cfl_message* cm = <agg_cfl_message*><PyObject*>m
+        if m.error() is not None or cm.headers != NULL:
+            return 0
+        topic, value, key = m.topic(), m.value(), m.key()
+        if (cm.topic != <PyObject*>topic or
+                (cm.value == NULL and value is not None) or
+                (cm.value != NULL and cm.value != <PyObject*>value) or
+                (cm.key == NULL and key is not None) or
+                (cm.key != NULL and cm.key != <PyObject*>key) or
+                cm.partition != m.partition() or cm.offset != m.offset() or
+                (cm.tstype, cm.timestamp) != m.timestamp() or not _no_error(cm)):
+            self.cfl = 0
+            return 0
+        if cm.c_headers == NULL:
+            return 0  # no headers: the next message tells
+        try:
+            mine = _c_headers_list(cm.c_headers)
+        except UnicodeDecodeError:
+            return 0  # a name headers() cannot make a str of: the next message tells
+        if _hdr_cnt(cm.c_headers) != <size_t>len(mine):
+            self.cfl = 0
+            return 0
+        theirs = m.headers()
+        self.cfl = 1 if (cm.headers == <PyObject*>theirs and cm.c_headers == NULL
+                         and theirs == mine) else 0
+        return 0
+
+    @property
+    def reads_messages_in_place(self):
+        """1: confluent-kafka Messages are read at their fields (checked), 0: through their
+        accessors, -1: not decided yet (tests)."""
+        return self.cfl
+
     def routing_key(self, value, headers, key, int ti):
         """(routing key or None, decided in C?) of one record of topic index `ti` (tests)."""
         cdef const char* rk = NULL
@@ -710,11 +966,13 @@ cdef class FrameRouter:
         cdef const char* rk = NULL
         cdef object m, err, topic, last_topic = None, value, key, headers, fn, pyrk
         cdef int32_t ti = -1, part
-        cdef int64_t off, ts
+        cdef int64_t off, ts = 0
         cdef int r
         cdef uint16_t slot
         cdef list errors = [], oversized = []
         cdef list counts = [0] * self.ntopics
+        cdef const void* hdrs
+        cdef agg_cfl_message* cm
         cdef int64_t* cnt = <int64_t*>PyMem_Malloc(max(self.ntopics, 1) * sizeof(int64_t))
         if cnt == NULL:
             raise MemoryError()
@@ -722,25 +980,74 @@ cdef class FrameRouter:
         self.nthr = 0
         for w in range(n):
             self.bufs[w].n = 0
+        if self.cfl < 0 and self.cfl_type is None:
+            self.cfl_type = _bind_headers()
+            if self.cfl_type is None:
+                self.cfl = 0
         try:
             for m in msgs:
-                err = m.error()
-                if err is not None:
-                    errors.append(err)
-                    continue
-                topic = m.topic()
+                # a consumed Message is read at its fields (agg_cfl_message), its headers
+                # where librdkafka holds them: no call, no header tuples (`_cfl_check`)
+                hdrs = NULL
+                if self.cfl != 0 and type(m) is self.cfl_type:
+                    if self.cfl < 0:
+                        self._cfl_check(m)
+                    cm = <agg_cfl_message*><PyObject*>m
+                    if self.cfl == 1 and _no_error(cm) and cm.topic != NULL:
+                        topic = <object>cm.topic
+                        part = cm.partition
+                        off = cm.offset
+                        value = <object>cm.value if cm.value != NULL else None
+                        key = <object>cm.key if cm.key != NULL else None
+                        ts = cm.timestamp
+                        if cm.headers == NULL:
+                            hdrs = cm.c_headers
+                            headers = None
+                        else:
+                            headers = <object>cm.headers
+                    else:
+                        cm = NULL
+                else:
+                    cm = NULL
+                if cm == NULL:
+                    err = m.error()
+                    if err is not None:
+                        errors.append(err)
+                        continue
+                    topic = m.topic()
+                    part = m.partition()
+                    off = m.offset()
+                    value = m.value()
+                    key = m.key()
+                    headers = m.headers()
                 if topic is not last_topic:
                     ti = self.tindex[topic]
                     if ti < 0 or ti >= self.ntopics:
                         raise ValueError(f"topic index {ti} of {topic!r} out of range")
                     last_topic = topic
                 cnt[ti] += 1
-                part = m.partition()
-                off = m.offset()
                 self._through(ti, part, off, &hint)
-                value = m.value()
-                key = m.key()
-                headers = m.headers()
+                if hdrs != NULL:
+                    if self.mapped_c[ti] or (value is not None and
+                                             len(value) > self.max_bytes):
+                        headers = m.headers()  # rare paths: the list
+                        hdrs = NULL
+                    else:
+                        r = self._route_h(value, hdrs, key, self.detect_c[ti], &rk, &rklen)
+                        if r == RK_DEFER:
+                            headers = m.headers()
+                            hdrs = NULL
+                        else:
+                            slot = <uint16_t>(_xxh3(rk, rklen) % NSLOTS) \
+                                if r == RK_FOUND else 0
+                            if self._put_h(&self.bufs[slot % n], ti, part, off, slot, ts, key,
+                                           value, hdrs) == 0:
+                                continue
+                            headers = m.headers()  # a name outside ASCII: the list
+                            hdrs = NULL
+                            self._put(&self.bufs[slot % n], ti, part, off, slot, ts, key,
+                                      value, headers)
+                            continue
                 if value is not None and len(value) > self.max_bytes:
                     oversized.append([ti, part, off, key, value, headers])
                     continue
@@ -762,7 +1069,8 @@ cdef class FrameRouter:
                         rklen = PyBytes_GET_SIZE(pyrk)
                         r = RK_FOUND
                 slot = <uint16_t>(_xxh3(rk, rklen) % NSLOTS) if r == RK_FOUND else 0
-                ts = m.timestamp()[1]
+                if cm == NULL:
+                    ts = m.timestamp()[1]
                 self._put(&self.bufs[slot % n], ti, part, off, slot, ts, key, value, headers)
             for i in range(self.ntopics):
                 counts[i] = cnt[i]
@@ -906,6 +1214,7 @@ cdef object _pair(object name, const char* np, Py_ssize_t nlen, const char* vp,
             memcmp(_pair_raw[h] + nlen, vp, vlen) == 0:
         return <object>_pair_obj[h]
     t = (name, PyBytes_FromStringAndSize(vp, vlen))
+    PyObject_GC_UnTrack(<void*>t)
     Py_INCREF(t)
     Py_XDECREF(_pair_obj[h])
     _pair_obj[h] = <PyObject*>t
@@ -971,6 +1280,7 @@ def read_frames(msg):
             if hcount < 0 or <Py_ssize_t>hcount * HDR_ITEM > end - p:
                 raise ValueError("frames message: bad header count")
             hl = PyList_New(hcount)
+            PyObject_GC_UnTrack(<void*>hl)  # see _gc.pxd
             for k in range(hcount):
                 if p + HDR_ITEM > end:
                     raise ValueError("frames message: field beyond its frame")
@@ -988,6 +1298,7 @@ def read_frames(msg):
                     p += nlen
                     hval = _field(base, &p, end, hvlen)
                     pair = (name, hval)
+                    PyObject_GC_UnTrack(<void*>pair)
                 Py_INCREF(pair)
                 PyList_SET_ITEM(hl, k, pair)
             headers = hl
@@ -995,6 +1306,7 @@ def read_frames(msg):
             raise ValueError("frames message: frame length does not match its fields")
         rec = [_ldi32(base + pos + 4), _ldi32(base + pos + 8), _ld64(base + pos + 16), key,
                value, headers, _ld64(base + pos + 24), _ld16(base + pos + 12)]
+        PyObject_GC_UnTrack(<void*>rec)
         Py_INCREF(rec)
         PyList_SET_ITEM(records, j, rec)
         pos = end
