@@ -27,7 +27,7 @@ import logging
 
 import msgpack
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient
+from confluent_kafka.admin import AdminClient, ConfigResource
 
 from .admin import AdminError, create_topics
 from .config import Config
@@ -66,7 +66,8 @@ class ClusterError(RuntimeError):
 
 def ensure_topics(cfg: Config) -> None:
     """Create the tasks and changelog topics if missing; refuse ones with another
-    partition count (a task is a partition: changing the count would move keys)."""
+    partition count (a task is a partition: changing the count would move keys) or another
+    cleanup policy (`check_cleanup`)."""
     tasks = cfg.cluster.tasks
     admin = AdminClient(quiet(cfg.kafka.admin_conf(), "admin client")[0])
     wanted = {cfg.tasks_topic(): {"cleanup.policy": "delete"},
@@ -94,6 +95,47 @@ def ensure_topics(cfg: Config) -> None:
                 f"topic {topic} has {have} partitions but cluster.tasks = {tasks}: the task "
                 "count is fixed for the life of a deployment (set cluster.tasks to "
                 f"{have}, or use new topics: cluster.tasks_topic / cluster.changelog_topic)")
+    check_cleanup(admin, cfg)
+
+
+def check_cleanup(admin: AdminClient, cfg: Config) -> None:
+    """Refuse a tasks topic that compaction may thin out or a changelog that retention may
+    empty, as the broker reports their ``cleanup.policy``:
+
+    - the tasks topic must not be compacted: a task's records are read by offset, a gap is
+      taken for records a fetch left out and read again (task_manager.Holes), and compaction
+      would drop forwarded updates and source records that share a key;
+    - the changelog must be compacted: it is a task's whole state for the next owner's
+      restore, and deleting by time or size would lose documents and dedup ids.
+
+    A broker that does not answer DescribeConfigs, or leaves a policy out (Tansu reports
+    only what the topic was created with), is let be with a warning."""
+    want = {cfg.tasks_topic(): False, cfg.changelog_topic(): True}  # compacted?
+    try:
+        res = admin.describe_configs([ConfigResource(ConfigResource.Type.TOPIC, t)
+                                      for t in want])
+        got = {r.name: f.result(timeout=cfg.kafka.startup_timeout_s) for r, f in res.items()}
+    except (KafkaException, ValueError, TypeError, TimeoutError) as e:
+        log.warning("cannot read the cleanup.policy of the cluster topics (%s): not checked", e)
+        return
+    for topic, compacted in want.items():
+        entry = got.get(topic, {}).get("cleanup.policy")
+        if entry is None or entry.value is None:
+            log.warning("the broker does not report the cleanup.policy of topic %s: not "
+                        "checked (it must be %s)", topic, "compact" if compacted else "delete")
+            continue
+        policy = {p.strip() for p in entry.value.split(",")}
+        if compacted and policy != {"compact"}:
+            raise ClusterError(
+                f"topic {topic} has cleanup.policy={entry.value}, but the changelog must be "
+                "compacted only (cleanup.policy=compact): retention would delete the state a "
+                "restore needs. Set cleanup.policy=compact on it, or use a new topic: "
+                "cluster.changelog_topic")
+        if not compacted and "compact" in policy:
+            raise ClusterError(
+                f"topic {topic} has cleanup.policy={entry.value}, but the tasks topic must not "
+                "be compacted: compaction would drop records that share a key. Set "
+                "cleanup.policy=delete on it, or use a new topic: cluster.tasks_topic")
 
 
 def ingest_producer_conf(cfg: Config) -> dict:
