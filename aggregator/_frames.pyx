@@ -539,6 +539,42 @@ cdef int _reserve(Buf* b, Py_ssize_t extra) except -1:
     return 0
 
 
+cdef Py_ssize_t _field_len(object o, str what) except -2:
+    """The length of a record's key or value: -1 for None (TypeError unless bytes)."""
+    if o is None:
+        return -1
+    if type(o) is not bytes:
+        raise TypeError(f"record {what} must be bytes or None")
+    return PyBytes_GET_SIZE(o)
+
+
+cdef char* _frame_start(Buf* b, Py_ssize_t size, int32_t ti, int32_t part, int64_t off,
+                        uint16_t slot, int64_t ts, object key, Py_ssize_t klen, object value,
+                        Py_ssize_t vlen, Py_ssize_t nh) except NULL:
+    """Room for a frame of `size` bytes in `b`, its head, key and value written: where its
+    headers go (the caller ends with ``b.n += size``)."""
+    _reserve(b, size)
+    cdef char* p = b.p + b.n
+    _st32(p, <uint32_t>size)
+    _st32(p + 4, <uint32_t>ti)
+    _st32(p + 8, <uint32_t>part)
+    _st16(p + 12, slot)
+    _st16(p + 14, 0)
+    _st64(p + 16, off)
+    _st64(p + 24, ts)
+    _st32(p + 32, <uint32_t><int32_t>klen)
+    _st32(p + 36, <uint32_t><int32_t>vlen)
+    _st32(p + 40, <uint32_t><int32_t>nh)
+    p += FRAME_HEAD_SIZE
+    if klen > 0:
+        memcpy(p, PyBytes_AS_STRING(key), klen)
+        p += klen
+    if vlen > 0:
+        memcpy(p, PyBytes_AS_STRING(value), vlen)
+        p += vlen
+    return p
+
+
 cdef struct Thr:
     int32_t ti
     int32_t part
@@ -766,16 +802,9 @@ cdef class FrameRouter:
         cdef const char* np
         cdef char* p
         cdef list encoded = None  # names outside ASCII, UTF-8 with surrogateescape
-        if key is not None:
-            if type(key) is not bytes:
-                raise TypeError("record key must be bytes or None")
-            klen = PyBytes_GET_SIZE(key)
-            size += klen
-        if value is not None:
-            if type(value) is not bytes:
-                raise TypeError("record value must be bytes or None")
-            vlen = PyBytes_GET_SIZE(value)
-            size += vlen
+        klen = _field_len(key, "key")
+        vlen = _field_len(value, "value")
+        size += (klen if klen > 0 else 0) + (vlen if vlen > 0 else 0)
         if headers is not None:
             if type(headers) is not list:
                 headers = [tuple(h) for h in headers]
@@ -806,25 +835,7 @@ cdef class FrameRouter:
                     size += PyBytes_GET_SIZE(hv)
         if size > 0xFFFFFFFF:
             raise ValueError("record too large for a frame")
-        _reserve(b, size)
-        p = b.p + b.n
-        _st32(p, <uint32_t>size)
-        _st32(p + 4, <uint32_t>ti)
-        _st32(p + 8, <uint32_t>part)
-        _st16(p + 12, slot)
-        _st16(p + 14, 0)
-        _st64(p + 16, off)
-        _st64(p + 24, ts)
-        _st32(p + 32, <uint32_t><int32_t>klen)
-        _st32(p + 36, <uint32_t><int32_t>vlen)
-        _st32(p + 40, <uint32_t><int32_t>nh)
-        p += FRAME_HEAD_SIZE
-        if klen > 0:
-            memcpy(p, PyBytes_AS_STRING(key), klen)
-            p += klen
-        if vlen > 0:
-            memcpy(p, PyBytes_AS_STRING(value), vlen)
-            p += vlen
+        p = _frame_start(b, size, ti, part, off, slot, ts, key, klen, value, vlen, nh)
         for i in range(nh if nh > 0 else 0):
             item = <object>PyList_GET_ITEM(headers, i)
             hv = <object>PyTuple_GET_ITEM(item, 1)
@@ -855,16 +866,9 @@ cdef class FrameRouter:
         cdef const char* name = NULL
         cdef const void* val = NULL
         cdef char* p
-        if key is not None:
-            if type(key) is not bytes:
-                raise TypeError("record key must be bytes or None")
-            klen = PyBytes_GET_SIZE(key)
-            size += klen
-        if value is not None:
-            if type(value) is not bytes:
-                raise TypeError("record value must be bytes or None")
-            vlen = PyBytes_GET_SIZE(value)
-            size += vlen
+        klen = _field_len(key, "key")
+        vlen = _field_len(value, "value")
+        size += (klen if klen > 0 else 0) + (vlen if vlen > 0 else 0)
         while _hdr_get_all(hdrs, idx, &name, &val, &hsize) == 0:
             idx += 1
             nlen = strlen(name)
@@ -874,25 +878,7 @@ cdef class FrameRouter:
         nh = idx
         if size > 0xFFFFFFFF:
             raise ValueError("record too large for a frame")
-        _reserve(b, size)
-        p = b.p + b.n
-        _st32(p, <uint32_t>size)
-        _st32(p + 4, <uint32_t>ti)
-        _st32(p + 8, <uint32_t>part)
-        _st16(p + 12, slot)
-        _st16(p + 14, 0)
-        _st64(p + 16, off)
-        _st64(p + 24, ts)
-        _st32(p + 32, <uint32_t><int32_t>klen)
-        _st32(p + 36, <uint32_t><int32_t>vlen)
-        _st32(p + 40, <uint32_t><int32_t>nh)
-        p += FRAME_HEAD_SIZE
-        if klen > 0:
-            memcpy(p, PyBytes_AS_STRING(key), klen)
-            p += klen
-        if vlen > 0:
-            memcpy(p, PyBytes_AS_STRING(value), vlen)
-            p += vlen
+        p = _frame_start(b, size, ti, part, off, slot, ts, key, klen, value, vlen, nh)
         idx = 0
         while _hdr_get_all(hdrs, idx, &name, &val, &hsize) == 0:
             idx += 1
