@@ -1006,7 +1006,9 @@ cdef class FrameRouter:
                     value = m.value()
                     key = m.key()
                     headers = m.headers()
-                if topic is not last_topic:
+                # confluent-kafka makes a new str per Message: equal to the last one, no
+                # hash of it and no lookup
+                if topic is not last_topic and (last_topic is None or topic != last_topic):
                     ti = self.tindex[topic]
                     if ti < 0 or ti >= self.ntopics:
                         raise ValueError(f"topic index {ti} of {topic!r} out of range")
