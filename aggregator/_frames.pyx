@@ -599,7 +599,8 @@ cdef class FrameRouter:
     cdef Py_ssize_t thr_cap
     cdef dict ct_json  # content-type bytes -> reads as JSON (routing_key's detect rule)
     # confluent-kafka Messages read at their fields (see agg_cfl_message): -1 not checked
-    # yet, 0 no (the accessors), 1 yes; `cfl_type` their type (None: not available)
+    # yet, 0 no (the accessors), 2 the fields but not yet the headers (no message with
+    # headers was checked), 1 fields and headers; `cfl_type` their type (None: not available)
     cdef int cfl
     cdef object cfl_type
 
@@ -898,8 +899,9 @@ cdef class FrameRouter:
         """Hold the fields of a consumed confluent-kafka Message `m`, read where
         agg_cfl_message says they are, to what its accessors answer: `cfl` becomes 1 when
         all agree (the headers too: librdkafka's, read here, against the list headers()
-        then makes of them), 0 when one does not; it stays -1 for a message that cannot
-        tell (an error, no headers, headers already taken)."""
+        then makes of them), 0 when one does not, 2 when the fields agree and `m` cannot
+        tell about the headers (it has none, or a name headers() cannot decode); it is
+        left as it was for a message that cannot tell at all (an error, headers taken)."""
         cdef agg_cfl_message* cm = <agg_cfl_message*><PyObject*>m
         if m.error() is not None or cm.headers != NULL:
             return 0
@@ -914,11 +916,13 @@ cdef class FrameRouter:
             self.cfl = 0
             return 0
         if cm.c_headers == NULL:
-            return 0  # no headers: the next message tells
+            self.cfl = 2  # no headers: a message with some tells
+            return 0
         try:
             mine = _c_headers_list(cm.c_headers)
         except UnicodeDecodeError:
-            return 0  # a name headers() cannot make a str of: the next message tells
+            self.cfl = 2  # a name headers() cannot make a str of: the next message tells
+            return 0
         if _hdr_cnt(cm.c_headers) != <size_t>len(mine):
             self.cfl = 0
             return 0
@@ -929,8 +933,9 @@ cdef class FrameRouter:
 
     @property
     def reads_messages_in_place(self):
-        """1: confluent-kafka Messages are read at their fields (checked), 0: through their
-        accessors, -1: not decided yet (tests)."""
+        """1: confluent-kafka Messages are read at their fields and headers (checked), 2: at
+        their fields (the headers not checked yet), 0: through their accessors, -1: not
+        decided yet (tests)."""
         return self.cfl
 
     def routing_key(self, value, headers, key, int ti):
@@ -976,21 +981,26 @@ cdef class FrameRouter:
                 # where librdkafka holds them: no call, no header tuples (`_cfl_check`)
                 hdrs = NULL
                 if self.cfl != 0 and type(m) is self.cfl_type:
-                    if self.cfl < 0:
-                        self._cfl_check(m)
                     cm = <agg_cfl_message*><PyObject*>m
-                    if self.cfl == 1 and _no_error(cm) and cm.topic != NULL:
+                    if self.cfl < 0 or (self.cfl == 2 and cm.c_headers != NULL
+                                        and cm.headers == NULL):
+                        self._cfl_check(m)
+                    if self.cfl > 0 and _no_error(cm) and cm.topic != NULL:
                         topic = <object>cm.topic
                         part = cm.partition
                         off = cm.offset
                         value = <object>cm.value if cm.value != NULL else None
                         key = <object>cm.key if cm.key != NULL else None
                         ts = cm.timestamp
-                        if cm.headers == NULL:
+                        if cm.headers != NULL:
+                            headers = <object>cm.headers
+                        elif cm.c_headers == NULL:
+                            headers = None
+                        elif self.cfl == 1:
                             hdrs = cm.c_headers
                             headers = None
-                        else:
-                            headers = <object>cm.headers
+                        else:  # headers not checked yet (a name headers() cannot decode)
+                            headers = m.headers()
                     else:
                         cm = NULL
                 else:
