@@ -428,7 +428,8 @@ def smaps_breakdown(pid: int) -> dict[str, dict[str, int]] | None:
       sum counts a touched page twice; PSS splits it);
     - ``lmdb``: the LMDB map files (``*.mdb``, file-backed, shared with readers);
     - ``code_files``: every other file mapping (the interpreter, .so libraries, locale).
-    None when the process is gone or unreadable."""
+    None when the process is gone or unreadable, or has no mapping left (a process that is
+    exiting: its smaps reads empty while its RSS was still read a moment before)."""
     out = {k: {"rss": 0, "pss": 0, "anon": 0} for k in BREAKDOWN}
     try:
         with open(f"/proc/{pid}/smaps", "rb") as f:
@@ -446,6 +447,8 @@ def smaps_breakdown(pid: int) -> dict[str, dict[str, int]] | None:
             if key in ("Rss", "Pss", "Anonymous"):
                 i = {"Rss": 5, "Pss": 6, "Anonymous": 7}[key]
                 maps[-1][i] = int(rest.split()[0]) * 1024
+    if not maps:
+        return None
     for n, (start, end, perms, inode, path, rss, pss, anon) in enumerate(maps):
         if not rss:
             continue

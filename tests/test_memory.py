@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import lmdb
@@ -130,3 +131,21 @@ def test_smaps_breakdown_of_a_gone_process():
     p = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                        capture_output=True, text=True, check=True)
     assert smaps_breakdown(int(p.stdout)) is None
+
+
+def test_smaps_breakdown_of_an_exiting_process_is_none():
+    """A process that has exited but is not reaped yet (a zombie: what the sampler may meet
+    at the end of a run) reads an empty smaps: no breakdown, rather than one of zeros."""
+    p = subprocess.Popen(["true"])
+    try:
+        for _ in range(500):
+            with open(f"/proc/{p.pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    break
+            time.sleep(0.01)
+        else:
+            raise AssertionError("the child did not exit")
+        assert smaps_breakdown(p.pid) is None
+    finally:
+        p.wait()
+    assert smaps_breakdown(os.getpid())["code_files"]["rss"] > 0
