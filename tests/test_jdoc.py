@@ -259,6 +259,24 @@ def test_strings_with_escaped_quotes_and_brackets_are_skipped():
     assert check([{"op": "add", "path": "e", "from": "data.v"}], doc, ev({"v": 2})) == "bytes"
 
 
+def test_long_strings_are_skipped_at_every_offset_of_a_quote_or_backslash():
+    """Strings holding an escaped quote, backslashes or a multi-byte character at every
+    offset, and a string ending where the bytes end, are skipped exactly (the members after
+    them are found)."""
+    plan = _merge.compile_ops([{"op": "add", "path": "k", "from": "data.v"}])
+    for n in range(0, 26):
+        for mark in ('\\"', "\\\\", "é", '"', "\\"):
+            for at in range(0, n + 1):
+                s = "x" * at + mark + "y" * (n - at)
+                doc = {"a": s, "b": {"c": [s, {s: s}]}, "k": 1}
+                assert check([{"op": "add", "path": "k", "from": "data.v"}], doc,
+                             ev({"v": 2})) == "bytes"
+        # the member found is the last one, its string ending at the bytes' end
+        doc = {"k": 1, "z": "q" * n}
+        assert orjson.loads(_jdoc.apply(plan, json_body(doc), ev({"v": 1}))) == \
+            {"k": 2, "z": "q" * n}
+
+
 def test_stats_count_applied_and_refused():
     _jdoc.reset_stats()
     plan = _merge.compile_ops([{"op": "set", "path": "a", "from": "data.x"}])
