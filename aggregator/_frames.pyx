@@ -22,11 +22,14 @@ partition, offset, timestamp; `agg_cfl_message`, the layout of confluent-kafka 2
 headers where librdkafka holds them until ``headers()`` is called (``rd_kafka_header_get_all``
 of the library confluent-kafka loaded): no accessor call and none of the ~25 objects
 ``headers()`` makes per record (a list, a tuple, a str and a bytes per header). The router
-trusts the layout only after one consumed message's fields, headers included, equalled what
-its accessors return (`_cfl_check`); otherwise, and for any other message type, a record
-whose headers are taken already, a header name outside ASCII, an oversized value or a mapped
-topic, it calls the accessors as before. tests/integration/test_route_in_place.py holds the
-frames of both ways to each other on a real broker.
+trusts the layout in two steps (`_cfl_check`, `reads_messages_in_place`): the fields, once
+one consumed message's fields equalled what its accessors return; the headers too, once the
+first message that has headers gave, read through librdkafka, the list ``headers()`` then
+made of them (a message checked, or one whose header names ``headers()`` cannot decode, is
+framed from the list ``headers()`` made). Otherwise, and for any other message type, a
+record whose headers are taken already, a header name outside ASCII, an oversized value or
+a mapped topic, it calls the accessors as before. tests/integration/test_route_in_place.py
+holds the frames of both ways to each other on a real broker.
 """
 
 cimport cython
