@@ -1,7 +1,7 @@
 """Build the compiled extensions ``aggregator._core``, ``aggregator._envelope``,
 ``aggregator._frames``, ``aggregator._merge``, ``aggregator._jdoc``, ``aggregator._route``,
-``aggregator._loops``, ``aggregator._forwards``, ``aggregator._publish`` and
-``aggregator._idtable`` (Cython); metadata lives in pyproject.toml.
+``aggregator._loops``, ``aggregator._forwards``, ``aggregator._publish``,
+``aggregator._fresh`` and ``aggregator._idtable`` (Cython); metadata lives in pyproject.toml.
 
 The extensions are mandatory: a Cython or C compile error fails the build (no optional
 extension, no silent pure-Python install). ``AGGREGATOR_CYTHON_TRACE=1`` makes a debug
@@ -95,6 +95,13 @@ extensions = [
         define_macros=macros,
         extra_compile_args=compile_args,
         libraries=["dl"],
+    ),
+    # a stored document's freshness map kept as its msgpack bytes (_route.pyx, _loops.pyx)
+    Extension(
+        "aggregator._fresh",
+        ["aggregator/_fresh.pyx"],
+        define_macros=macros,
+        extra_compile_args=compile_args,
     ),
     # the unsealed dedup ids of a worker (idtable.py chooses between it and idtable_ref)
     Extension(

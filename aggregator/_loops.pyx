@@ -12,7 +12,8 @@
 - ``store_docs(worker, batch)`` is ``Worker._store_docs``: the attempt's documents into the
   batch. With the shard's own ``Batch.put_doc`` (not cluster mode's), the record bytes are
   written here (`_record_bytes`: msgpack's bytes of ``{"v", "j", "s"}``, as
-  ``doc_codec.pack_record`` packs them) and logged as ``Batch._log_doc`` logs them;
+  ``doc_codec.pack_record`` packs them; a `Fresh` ``"s"``, _fresh.pyx, gives its own bytes)
+  and logged as ``Batch._log_doc`` logs them;
 - ``seq_rows(worker, batch)`` is ``Worker._seq_rows``: the gate's dirty keys as sequence
   rows;
 - ``apply_updates(worker, batch, updates)`` is ``Worker._apply_updates``: the forwarded
@@ -32,6 +33,7 @@ from cpython.dict cimport PyDict_GetItem
 from cpython.object cimport PyObject
 from libc.string cimport memcpy
 
+from aggregator._fresh cimport Fresh
 from aggregator._gc cimport untracked
 
 import time
@@ -214,18 +216,19 @@ cdef inline char* _put_uint(char* p, unsigned long long v):
 
 cdef object _record_bytes(dict stored, object body):
     """``doc_codec.pack_record(stored, body)``: written here for a record of three keys with
-    JSON bytes (``{"v": int >= 0, "j"/"d": ..., "s": dict}`` and `body` bytes: "s" packed by
-    msgpack itself), else pack_record's."""
+    JSON bytes (``{"v": int >= 0, "j"/"d": ..., "s": dict or Fresh}`` and `body` bytes: "s"
+    packed by msgpack itself, or a Fresh's bytes with its entries, _fresh.pyx), else
+    pack_record's."""
     if type(body) is not bytes or len(stored) != 3:
         return _pack_record(stored, body)
     cdef PyObject* hv = PyDict_GetItem(stored, "v")
     cdef PyObject* hs = PyDict_GetItem(stored, "s")
     if hv is NULL or hs is NULL or type(<object>hv) is not int \
-            or type(<object>hs) is not dict \
+            or (type(<object>hs) is not dict and type(<object>hs) is not Fresh) \
             or <object>hv < 0 or <object>hv > 0xFFFFFFFFFFFFFFFF:
         return _pack_record(stored, body)
     cdef unsigned long long v = <object>hv
-    cdef bytes sb = _pack(<object>hs)
+    cdef bytes sb = (<Fresh>hs).packed() if type(<object>hs) is Fresh else _pack(<object>hs)
     cdef Py_ssize_t nb = PyBytes_GET_SIZE(body)
     cdef Py_ssize_t ns = PyBytes_GET_SIZE(sb)
     cdef Py_ssize_t binh = 2 if nb <= 0xFF else (3 if nb <= 0xFFFF else 5)

@@ -8,8 +8,9 @@ path of plain dicts below ``data``) and its slot, the owner of the slot, the for
 updates (protocol.UPD_* fields) for other owners, the document (the attempt's ``docs``,
 then the worker's doc cache, then the shard), ``plan.apply_update``, the update log and the
 change event. A JSON-exact document is merged as its JSON bytes (_jdoc.pyx): its record
-stays ``{"v", "j", "s"}`` (read without decoding ``"j"``), and the new bytes are both the
-change event's body and the stored ``"j"``; an update the byte engine refuses (counted)
+stays ``{"v", "j", "s"}`` (read without decoding ``"j"``, and ``"s"`` kept as its msgpack
+bytes: _fresh.pyx), and the new bytes are both the change event's body and the stored
+``"j"``; an update the byte engine refuses (counted)
 takes the dict path, as do all updates when change events are not JSON. ``merge_targets``
 and ``apply_local`` are the twins of the methods of the same names (cluster mode's
 ``_route`` and the forwarded updates call them).
@@ -36,11 +37,12 @@ import orjson
 import xxhash
 
 cimport aggregator._jdoc as _jdoc
+from aggregator._fresh cimport Fresh, read_record
 from aggregator._merge cimport MergePlan as CMergePlan
 from aggregator._slots cimport slot_attr, slot_offset
 from aggregator.batch_state import BatchState
 from aggregator._jdoc import REFUSED
-from aggregator.doc_codec import json_body, unpack_stored
+from aggregator.doc_codec import json_body
 from aggregator.envelope import Event
 from aggregator.plan import Feed
 from aggregator.merge import MergeError
@@ -52,7 +54,6 @@ __all__ = ["apply_event", "apply_local", "merge_targets", "set_reference"]
 cdef object _hash64 = xxhash.xxh3_64_intdigest
 cdef object _MergeError = MergeError
 cdef object _json_body = json_body
-cdef object _unpack_stored = unpack_stored
 cdef object _loads = orjson.loads
 cdef object _REFUSED = REFUSED
 cdef Py_ssize_t _TOPIC = REC_TOPIC
@@ -214,9 +215,9 @@ cdef object _read_doc(_Ctx c, object batch, bytes dkey):
         if cache is not None:
             stored = cache.take(dkey)
         if stored is None:
-            if c.jbytes:
+            if c.jbytes:  # "s" kept as stored (_fresh.pyx)
                 raw = batch.doc_raw(dkey)
-                stored = _unpack_stored(raw) if raw is not None else None
+                stored = read_record(raw) if raw is not None else None
             else:
                 stored = batch.get_doc(dkey)
             if not stored:
@@ -261,8 +262,12 @@ cdef object _apply_bytes(_Ctx c, CMergePlan m, dict stored, object ev):
             del stored["d"]
         stored["j"] = body
     stored["v"] = stored["v"] + 1
-    stored["s"][_ev(ev, _EV_SOURCE, "source")] = untracked([
-        _ev(ev, _EV_SEQUENCE, "sequence"), _ev(ev, _EV_TIME, "time")])
+    fresh = stored["s"]
+    entry = untracked([_ev(ev, _EV_SEQUENCE, "sequence"), _ev(ev, _EV_TIME, "time")])
+    if type(fresh) is Fresh:
+        (<Fresh>fresh).put(_ev(ev, _EV_SOURCE, "source"), entry)
+    else:
+        fresh[_ev(ev, _EV_SOURCE, "source")] = entry
     return body
 
 

@@ -19,8 +19,9 @@ tuples (read back as lists) — is found by `core.json_lossless` (compiled; the 
 suite holds both forms to that (tests/test_doc_codec.py).
 
 Readers get the ``{"v", "d", "s"}`` dict from `unpack_record` whatever the form. The compiled
-route stage (_route.pyx) reads the record as stored (`unpack_stored`: ``"j"`` left as bytes)
-and merges into the JSON bytes themselves (_jdoc.pyx); `pack_record` takes either dict.
+route stage (_route.pyx) reads the record as stored (_fresh.pyx: ``"j"`` left as bytes, ``"s"``
+kept as its msgpack bytes in a `Fresh`; `unpack_stored` for other records) and merges into
+the JSON bytes themselves (_jdoc.pyx); `pack_record` takes either dict, and a `Fresh`.
 """
 
 from __future__ import annotations
@@ -59,8 +60,12 @@ def json_body(doc) -> bytes | None:
 
 def pack_record(record: dict, body: bytes | None) -> bytes:
     """The stored bytes of a record ``{"v", "d", "s", ...}`` (or ``{"v", "j", "s", ...}``
-    as `unpack_stored` reads it): with `body` (`json_body` of its document) the ``"j"``
-    form, with None the ``"d"`` form."""
+    as `unpack_stored` reads it; ``"s"`` a dict, or the compiled route stage's `Fresh`,
+    _fresh.pyx): with `body` (`json_body` of its document) the ``"j"`` form, with None the
+    ``"d"`` form."""
+    fresh = record.get("s")
+    if fresh is not None and type(fresh) is not dict:  # a Fresh (_fresh.pyx): as its dict
+        record = {**record, "s": fresh.as_dict()}
     if body is None:
         return _pack(record)
     if len(record) == 3:  # {"v", "d", "s"}
