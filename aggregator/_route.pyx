@@ -272,11 +272,8 @@ cdef object _apply_bytes(_Ctx c, CMergePlan m, dict stored, object ev):
 
 
 cdef object _apply_local(object self, _Ctx c, object batch, object f, object key,
-                         object slot, object ev, object rec=None):
-    """RouteStage._apply_local: the document key, or None after a merge error. With the
-    event's record `rec`, the update log keeps ``(f, None, rec)`` instead of ``(f, ev)``:
-    the event and its data are freed with their pass (worker.APPLY_CHUNK) instead of at
-    the commit, and a replay (rare) parses the record again (RouteStage._replay)."""
+                         object slot, object ev):
+    """RouteStage._apply_local: the document key, or None after a merge error."""
     vid = _fd(f, _F_VIEW_ID, "view_id")
     dkey = _view_key(slot, vid, key)
     cdef dict docs = c.docs
@@ -305,7 +302,7 @@ cdef object _apply_local(object self, _Ctx c, object batch, object f, object key
     if entries is None:
         entries = untracked([])
         lg[dkey] = entries
-    (<list>entries).append(untracked((f, ev)) if rec is None else untracked((f, None, rec)))
+    (<list>entries).append(untracked((f, ev)))
     if body is not _REFUSED:
         # the stored record's body (worker._finish) and the change event's data, one
         # encoding (a tombstone: None, as ChangeEncoder.encode_json(None) gives)
@@ -346,7 +343,7 @@ cdef list _merge_targets(object self, _Ctx c, object batch, object ev, object re
                 _ev(ev, _EV_PK, "partitionkey"), rec[_TOPIC], rec[_PARTITION],
                 rec[_OFFSET]]))))
             continue
-        dkey = _apply_local(self, c, batch, f, key, slot, ev, rec)
+        dkey = _apply_local(self, c, batch, f, key, slot, ev)
         if dkey is None:
             self._undo_event(batch, rec, f, applied)
             return None

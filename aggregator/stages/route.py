@@ -168,10 +168,7 @@ class RouteStage:
             self.attempt.docs.pop(dkey, None)
             return
         stored = batch.get_doc(dkey) or {"v": 0, "d": None, "s": {}}
-        for entry in updates:
-            f, ev = entry[0], entry[1]
-            if ev is None:  # (f, None, record): the compiled stage logs an event's record
-                ev = self._parse(entry[2])  # (_route.pyx): parsed again, the same event
+        for f, ev in updates:
             f.merge.apply_update(stored, ev)
         self.attempt.docs[dkey] = stored
 
