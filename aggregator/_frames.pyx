@@ -41,6 +41,7 @@ from cpython.ref cimport Py_INCREF, Py_XDECREF
 from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE, PyTuple_New, PyTuple_SET_ITEM
 
 from aggregator._gc cimport PyObject_GC_UnTrack
+from aggregator._utf8 cimport utf8_ok
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcmp, memcpy, memset
 
@@ -238,52 +239,7 @@ cdef inline int64_t _ld64(const char* p) noexcept nogil:
     return v
 
 
-# ---- UTF-8 and JSON: what bytes.decode("utf-8") and the stdlib's C scanner accept --------
-
-cdef bint _utf8_ok(const uint8_t* s, Py_ssize_t n) noexcept nogil:
-    """Strict UTF-8 (no overlongs, no surrogates, at most U+10FFFF), as bytes.decode."""
-    cdef Py_ssize_t i = 0
-    cdef uint8_t c, c1
-    while i < n:
-        c = s[i]
-        if c < 0x80:
-            i += 1
-            continue
-        if c < 0xC2:
-            return False
-        if c < 0xE0:
-            if i + 1 >= n or (s[i + 1] & 0xC0) != 0x80:
-                return False
-            i += 2
-            continue
-        if c < 0xF0:
-            if i + 2 >= n:
-                return False
-            c1 = s[i + 1]
-            if (c1 & 0xC0) != 0x80 or (s[i + 2] & 0xC0) != 0x80:
-                return False
-            if c == 0xE0 and c1 < 0xA0:
-                return False
-            if c == 0xED and c1 >= 0xA0:
-                return False
-            i += 3
-            continue
-        if c < 0xF5:
-            if i + 3 >= n:
-                return False
-            c1 = s[i + 1]
-            if ((c1 & 0xC0) != 0x80 or (s[i + 2] & 0xC0) != 0x80
-                    or (s[i + 3] & 0xC0) != 0x80):
-                return False
-            if c == 0xF0 and c1 < 0x90:
-                return False
-            if c == 0xF4 and c1 >= 0x90:
-                return False
-            i += 4
-            continue
-        return False
-    return True
-
+# ---- JSON: what the stdlib's C scanner accepts (UTF-8: _utf8.pxd) ------------------------
 
 cdef inline bint _hex(uint8_t c) noexcept nogil:
     return (c >= 48 and c <= 57) or (c >= 65 and c <= 70) or (c >= 97 and c <= 102)
@@ -448,7 +404,7 @@ cdef int _scan_partitionkey(const uint8_t* s, Py_ssize_t n, Py_ssize_t* pk_at,
     cdef bint esc, have = False, pk_esc = False
     if n == 0 or s[0] != 123:
         return RK_NONE
-    if not _utf8_ok(s, n):
+    if not utf8_ok(s, n):
         return RK_NONE
     sc.s, sc.n, sc.defer = s, n, False
     i = _ws(s, 1, n)

@@ -31,6 +31,8 @@ from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from libc.stdint cimport uint8_t, uint64_t
 from libc.string cimport memcmp, memcpy
 
+from aggregator._utf8 cimport utf8_ok
+
 import msgpack
 
 from aggregator.doc_codec import unpack_stored
@@ -61,49 +63,6 @@ cdef inline uint64_t _be(const uint8_t* p, int n) noexcept:
     for i in range(n):
         v = (v << 8) | p[i]
     return v
-
-
-cdef bint _utf8(const uint8_t* s, Py_ssize_t n) noexcept:
-    """Whether s[:n] is UTF-8 as Python's strict decoder accepts it (no overlong forms, no
-    surrogates, nothing beyond U+10FFFF)."""
-    cdef Py_ssize_t i = 0
-    cdef uint8_t c, c1
-    cdef uint64_t w
-    while i < n:
-        c = s[i]
-        if c < 0x80:
-            i += 1
-            while i + 8 <= n:  # ASCII, eight bytes at a time
-                memcpy(&w, s + i, 8)
-                if w & 0x8080808080808080ULL:
-                    break
-                i += 8
-        elif c < 0xC2:
-            return False
-        elif c < 0xE0:
-            if i + 2 > n or (s[i + 1] & 0xC0) != 0x80:
-                return False
-            i += 2
-        elif c < 0xF0:
-            if i + 3 > n:
-                return False
-            c1 = s[i + 1]
-            if (c1 & 0xC0) != 0x80 or (s[i + 2] & 0xC0) != 0x80 or \
-                    (c == 0xE0 and c1 < 0xA0) or (c == 0xED and c1 >= 0xA0):
-                return False
-            i += 3
-        elif c < 0xF5:
-            if i + 4 > n:
-                return False
-            c1 = s[i + 1]
-            if (c1 & 0xC0) != 0x80 or (s[i + 2] & 0xC0) != 0x80 or \
-                    (s[i + 3] & 0xC0) != 0x80 or (c == 0xF0 and c1 < 0x90) or \
-                    (c == 0xF4 and c1 >= 0x90):
-                return False
-            i += 4
-        else:
-            return False
-    return True
 
 
 cdef Py_ssize_t _str_at(const uint8_t* p, Py_ssize_t n, Py_ssize_t i,
@@ -157,7 +116,7 @@ cdef Py_ssize_t _skip(const uint8_t* p, Py_ssize_t n, Py_ssize_t i, Py_ssize_t d
         return i + 1
     if 0xA0 <= c <= 0xBF or c == 0xD9 or c == 0xDA or c == 0xDB:
         ln = _str_at(p, n, i, &s)
-        if ln < 0 or ((flags & CHECK) and not _utf8(p + s, ln)):
+        if ln < 0 or ((flags & CHECK) and not utf8_ok(p + s, ln)):
             return -1
         return s + ln
     if 0x80 <= c <= 0x8F:

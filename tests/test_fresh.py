@@ -135,3 +135,33 @@ def test_pack_record_takes_a_fresh_map():
     got["s"]["payments"] = [2, "t2"]
     want = {"v": 3, "d": None, "s": {"orders": [1, "t1"], "payments": [2, "t2"]}}
     assert pack_record(got, b'{"a":1}') == record(want["s"])
+
+
+# bytes around every boundary of UTF-8: ASCII runs (the eight-byte path), lead bytes
+# C0..C2, E0/ED/EF, F0/F4/F5, continuation bytes 80/9F/A0/BF, truncation
+_pieces = st.sampled_from([b"a" * 7, b"b" * 9, b"\xc2\x80", b"\xdf\xbf", b"\xc0\x80",
+                           b"\xc1\xbf", b"\xe0\xa0\x80", b"\xe0\x9f\xbf", b"\xed\x9f\xbf",
+                           b"\xed\xa0\x80", b"\xef\xbf\xbf", b"\xf0\x90\x80\x80",
+                           b"\xf0\x8f\xbf\xbf", b"\xf4\x8f\xbf\xbf", b"\xf4\x90\x80\x80",
+                           b"\xf5\x80\x80\x80", b"\x80", b"\xbf", b"\xe0", b"\xf0\x90",
+                           b"\xff", b"\x00"])
+
+
+@settings(max_examples=400, deadline=None)
+@given(raw=st.one_of(st.lists(_pieces, max_size=8).map(b"".join), st.binary(max_size=40)))
+def test_strings_are_checked_as_utf8_decoding_checks_them(raw):
+    """A freshness map's string is taken exactly when bytes.decode("utf-8") takes it (the
+    validator of _utf8.pxd, which _frames.pyx uses for routing keys too)."""
+    s = _pack({"src": [1, "x" * len(raw)]})
+    s = s.replace(_pack("x" * len(raw)), _pack("x" * len(raw))[:-len(raw) or None] + raw) \
+        if raw else s
+    record_bytes = b"\x83\xa1v\x01\xa1j\xc4\x02{}\xa1s" + s
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        with pytest.raises(UnicodeDecodeError):
+            _fresh.read(record_bytes)
+        return
+    got = _fresh.read(record_bytes)
+    assert type(got["s"]) is _fresh.Fresh
+    assert got["s"].as_dict() == {"src": [1, raw.decode("utf-8")]}
