@@ -310,13 +310,6 @@ cdef class Fresh:
     """A freshness map as its msgpack bytes plus the entries set since (see the module
     docstring); a mapping on demand."""
 
-    def __cinit__(self):
-        self.raw = None
-        self.off = 0
-        self.end = 0
-        self.pending = None
-        self.d = None
-
     cdef int put(self, object source, object entry) except -1:
         """``s[source] = entry``."""
         if self.d is not None:
