@@ -180,7 +180,7 @@ class ProcessSampler:
             if (self.breakdown and p.pid not in self.extra
                     and rss > st.breakdown_rss + max(MiB, st.breakdown_rss // 50)):
                 b = smaps_breakdown(p.pid)
-                if b is not None:
+                if b is not None and not _shrank_since(p, rss):
                     st.breakdown, st.breakdown_rss = b, rss
             if p.pid not in self.extra:
                 split[p.pid] = (ct.user, ct.system, _main_thread_cpu(p))
@@ -410,6 +410,18 @@ BREAKDOWN = ("heap", "thread_arenas", "anon_other", "stacks", "shm", "lmdb", "co
 _ARENA_HEAP = 64 << 20  # glibc's HEAP_MAX_SIZE on 64-bit: a non-main arena's heaps, aligned
 _GUARD_MAX = 1 << 20  # a thread stack's PROT_NONE guard (one page unless set larger)
 _MAP_HEAD = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) (\S{4}) \S+ \S+ (\d+)\s*(.*)$")
+
+
+def _shrank_since(p: psutil.Process, rss: int) -> bool:
+    """Whether `p`'s RSS has dropped well below `rss` (read just before its smaps) or `p` is
+    gone: a process that is exiting unmaps its libraries and arenas while its smaps is being
+    read, and that read is a part of the process, not the process (a worker at its exit read
+    code_files 20.6 MiB of 30.7 and summed 55 MiB against the 71 MiB RSS read before)."""
+    try:
+        after = p.memory_info().rss
+    except psutil.Error:
+        return True
+    return after < rss - max(MiB, rss // 50)
 
 
 def smaps_breakdown(pid: int) -> dict[str, dict[str, int]] | None:
