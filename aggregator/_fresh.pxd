@@ -8,6 +8,9 @@ cdef class Fresh:
     cdef dict pending       # source -> entry set since (None: none)
     cdef dict d             # the map as a dict, once something asked for one (else None)
     cdef int put(self, object source, object entry) except -1
+    cdef object swap(self, object source, object entry)
+    cdef int unswap(self, object source, object old) except -1
+    cdef Fresh clone(self)
     cdef dict as_dict_c(self)
     cdef bytes packed(self)
     cdef bytes _merged(self)

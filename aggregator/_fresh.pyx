@@ -46,6 +46,7 @@ cdef extern from "Python.h":
     long long PyLong_AsLongLongAndOverflow(object v, int* overflow) except? -1
 
 cdef object _unpackb = msgpack.unpackb
+cdef object _UNSET = object()  # `Fresh.swap`: no entry set before
 cdef object _pack = msgpack.Packer(use_bin_type=True).pack  # doc_codec's packer's options
 cdef object _unpack_stored = unpack_stored
 cdef Py_ssize_t _MAX_DEPTH = 32  # deeper "s" values: read by msgpack
@@ -319,6 +320,39 @@ cdef class Fresh:
             self.pending = {}
         self.pending[source] = entry
         return 0
+
+    cdef object swap(self, object source, object entry):
+        """``s[source] = entry``; returns what `unswap` takes to set it back: the entry it
+        replaced among those set since the map was read (or in the dict), else `_UNSET`
+        (the map's own entry, if any, shows again)."""
+        cdef dict m = self.d
+        if m is None:
+            m = self.pending
+            if m is None:
+                m = self.pending = {}
+        old = m.get(source, _UNSET)
+        m[source] = entry
+        return old
+
+    cdef int unswap(self, object source, object old) except -1:
+        """Undo `swap(source, ...)` that returned `old` (nothing set since but what later
+        swaps, undone first, set)."""
+        cdef dict m = self.d if self.d is not None else self.pending
+        if old is _UNSET:
+            del m[source]
+        else:
+            m[source] = old
+        return 0
+
+    cdef Fresh clone(self):
+        """A copy that later changes of either do not reach (the map's bytes shared)."""
+        cdef Fresh f = Fresh.__new__(Fresh)
+        f.raw = self.raw
+        f.off = self.off
+        f.end = self.end
+        f.pending = dict(self.pending) if self.pending is not None else None
+        f.d = dict(self.d) if self.d is not None else None
+        return f
 
     cdef dict as_dict_c(self):
         """The map as msgpack decodes its bytes, the entries set since applied; held from

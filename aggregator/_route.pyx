@@ -33,6 +33,9 @@ from libc.string cimport memcpy
 
 from aggregator._gc cimport untracked
 
+import logging
+from copy import deepcopy
+
 import orjson
 import xxhash
 
@@ -64,6 +67,9 @@ cdef unsigned long long _SLOTS = SLOTS
 cdef object _MISSING = object()
 cdef object _base_route = None  # RouteStage._route: an override (cluster mode) is called
 cdef object _BatchState = BatchState
+cdef object _log = logging.getLogger("aggregator.worker")  # stages/route.py's lines
+cdef object _deepcopy = deepcopy
+cdef object _NONE_BEFORE = object()  # _Undo: no entry before
 
 # Event and Feed attributes read at their slot offsets (_slots.pxd) when the type is exact
 cdef type _Event = Event
@@ -80,6 +86,7 @@ cdef Py_ssize_t _F_ID = slot_offset(Feed, "feed_id")
 cdef Py_ssize_t _F_VIEW_ID = slot_offset(Feed, "view_id")
 cdef Py_ssize_t _F_PATH = slot_offset(Feed, "key_path")
 cdef Py_ssize_t _F_MERGE = slot_offset(Feed, "merge")
+cdef Py_ssize_t _F_VIEW = slot_offset(Feed, "view")
 
 
 cdef inline object _ev(object ev, Py_ssize_t offset, str name):
@@ -225,11 +232,11 @@ cdef object _read_doc(_Ctx c, object batch, bytes dkey):
     return stored
 
 
-cdef object _apply_bytes(_Ctx c, CMergePlan m, dict stored, object ev):
+cdef object _apply_bytes(_Ctx c, CMergePlan m, dict stored, object ev, _Undo u):
     """The update on the record's JSON bytes (_jdoc.pyx): the new bytes (``"j"``), None (a
     tombstone, ``"d": None``) or REFUSED; the record is changed only on success, as
-    `MergePlan.apply_update` changes it (version + 1, the source's freshness). Raises
-    MergeError (the record unchanged)."""
+    `MergePlan.apply_update` changes it (version + 1, the source's freshness), and then `u`
+    (unless None) notes what it was. Raises MergeError (the record unchanged)."""
     cdef object j
     cdef bint held_j = True  # the record has "j" (else "d")
     cdef PyObject* hit = PyDict_GetItem(stored, "j")
@@ -253,6 +260,8 @@ cdef object _apply_bytes(_Ctx c, CMergePlan m, dict stored, object ev):
     body = _jdoc.apply(m, j, ev)
     if body is _REFUSED:
         return body
+    if u is not None:
+        u.snap = stored.copy()
     if body is None:  # a tombstone: "d" where it is, or last (as unpack_record puts it)
         if held_j:
             del stored["j"]
@@ -264,28 +273,110 @@ cdef object _apply_bytes(_Ctx c, CMergePlan m, dict stored, object ev):
     stored["v"] = stored["v"] + 1
     fresh = stored["s"]
     entry = untracked([_ev(ev, _EV_SEQUENCE, "sequence"), _ev(ev, _EV_TIME, "time")])
+    source = _ev(ev, _EV_SOURCE, "source")
     if type(fresh) is Fresh:
-        (<Fresh>fresh).put(_ev(ev, _EV_SOURCE, "source"), entry)
+        old = (<Fresh>fresh).swap(source, entry)
     else:
-        fresh[_ev(ev, _EV_SOURCE, "source")] = entry
+        old = fresh.get(source, _NONE_BEFORE) if u is not None else None
+        fresh[source] = entry
+    if u is not None:
+        u.source = source
+        u.old = old
     return body
 
 
+@cython.final
+cdef class _Undo:
+    """One update of a document by an event, as it can be set back when a later view of the
+    same event fails (or, on the dict path, when the update itself fails: the merge may
+    have changed the document before it raised). Lives as long as the event's pass."""
+    cdef bytes dkey
+    cdef dict record   # the document's record, changed in place
+    cdef dict snap     # its items before the update (a shallow copy: None until it changes)
+    cdef bint whole    # the dict path: snap's "d" and "s" are copies to put back; else the
+                       # byte path: "s" stays and `source`'s entry is set back to `old`
+    cdef bint in_docs  # the record was in the attempt's documents before
+    cdef object body   # the attempt's `bodies` entry before (_NONE_BEFORE: none)
+    cdef object source, old
+
+
+cdef _Undo _undo_for(_Ctx c, bytes dkey, dict stored, bint in_docs):
+    cdef _Undo u = _Undo.__new__(_Undo)
+    u.dkey = dkey
+    u.record = stored
+    u.in_docs = in_docs
+    cdef PyObject* hit = PyDict_GetItem(c.bodies, dkey)
+    u.body = <object>hit if hit is not NULL else _NONE_BEFORE
+    return u
+
+
+cdef int _restore(_Ctx c, _Undo u, bint counted) except -1:
+    """Set the document of `u` back to what it was before its update (`counted`: the update
+    was done and logged)."""
+    cdef dict rec = u.record
+    cdef object s
+    if u.snap is not None:
+        rec.clear()
+        rec.update(u.snap)
+        if not u.whole:
+            s = rec["s"]
+            if type(s) is Fresh:
+                (<Fresh>s).unswap(u.source, u.old)
+            elif u.old is _NONE_BEFORE:
+                del s[u.source]
+            else:
+                s[u.source] = u.old
+    if u.body is _NONE_BEFORE:
+        c.bodies.pop(u.dkey, None)
+    else:
+        c.bodies[u.dkey] = u.body
+    if counted:
+        c.log[u.dkey] = c.log[u.dkey] - 1
+    if not u.in_docs:
+        c.docs.pop(u.dkey, None)
+    return 0
+
+
 cdef object _apply_local(object self, _Ctx c, object batch, object f, object key,
-                         object slot, object ev):
-    """RouteStage._apply_local: the document key, or None after a merge error."""
+                         object slot, object ev, list undo):
+    """RouteStage._apply_local: the document key, or None after a merge error.
+
+    When documents are merged as their bytes (`c.jbytes`), what an update changed is not
+    kept for the transaction (the reference logs every event, to rebuild a document by
+    replaying them): the byte engine does not change a document it fails on, the dict path
+    takes a copy first and puts it back if it fails, and `undo` (a list, when a later view
+    of the event may still fail) gets what each update changed (`_Undo`), for
+    `_merge_targets` to set back. The log then counts the updates per document (coalesced
+    change events read which documents changed). Otherwise the reference's log and
+    replay."""
+    if not c.jbytes:
+        return _apply_local_logged(self, c, batch, f, key, slot, ev)
     vid = _fd(f, _F_VIEW_ID, "view_id")
     dkey = _view_key(slot, vid, key)
     cdef dict docs = c.docs
-    stored = _read_doc(c, batch, dkey)
+    cdef PyObject* hit = PyDict_GetItem(docs, dkey)
+    cdef bint in_docs = hit is not NULL
+    stored = <object>hit if in_docs else _read_doc(c, batch, dkey)
     m = _fd(f, _F_MERGE, "merge")
+    cdef _Undo u = _undo_for(c, dkey, stored, in_docs) if undo is not None else None
     body = _REFUSED
     try:
-        if c.jbytes and type(m) is CMergePlan:
-            body = _apply_bytes(c, <CMergePlan>m, <dict>stored, ev)
+        if type(m) is CMergePlan:
+            body = _apply_bytes(c, <CMergePlan>m, <dict>stored, ev, u)
         if body is not _REFUSED:
             doc = None  # (the document is its bytes)
         else:
+            # the dict path may change the document before it fails: a copy to put back
+            if u is None:
+                u = _undo_for(c, dkey, stored, in_docs)
+            u.whole = True
+            snap = (<dict>stored).copy()
+            d = snap.get("d")
+            if d is not None:
+                snap["d"] = _deepcopy(d)
+            s = snap["s"]
+            snap["s"] = (<Fresh>s).clone() if type(s) is Fresh else s.copy()
+            u.snap = snap
             j = stored.pop("j", None)
             if j is not None:  # to the dict form (unpack_record)
                 stored["d"] = _loads(j)
@@ -294,15 +385,18 @@ cdef object _apply_local(object self, _Ctx c, object batch, object f, object key
             else:
                 doc = m.apply_update(stored, ev)
     except _MergeError as e:
-        self._merge_failed(batch, f, dkey, e)
+        # RouteStage._merge_failed's line; the document as it was before the update
+        _log.warning("worker %d: merge error in view %s: %s", self.index,
+                     _fd(f, _F_VIEW, "view"), e)
+        if u is not None and u.whole:
+            _restore(c, u, False)
         return None
     docs[dkey] = stored
     cdef dict lg = c.log
-    entries = lg.get(dkey)
-    if entries is None:
-        entries = untracked([])
-        lg[dkey] = entries
-    (<list>entries).append(untracked((f, ev)))
+    hit = PyDict_GetItem(lg, dkey)
+    lg[dkey] = (<object>hit + 1) if hit is not NULL else 1
+    if undo is not None:
+        undo.append(u)
     if body is not _REFUSED:
         # the stored record's body (worker._finish) and the change event's data, one
         # encoding (a tombstone: None, as ChangeEncoder.encode_json(None) gives)
@@ -310,6 +404,13 @@ cdef object _apply_local(object self, _Ctx c, object batch, object f, object key
         if c.chg_on and c.chg_topics[vid] is not None:
             c.changes.append(untracked((dkey, vid, key, stored["v"], body)))
         return dkey
+    _dict_change(c, dkey, vid, key, stored, doc)
+    return dkey
+
+
+cdef int _dict_change(_Ctx c, bytes dkey, object vid, object key, dict stored,
+                      object doc) except -1:
+    """The change event (and the stored body) of an update merged as objects."""
     if c.chg_on:
         if c.chg_topics[vid] is not None:
             chg = c.chg
@@ -323,15 +424,59 @@ cdef object _apply_local(object self, _Ctx c, object batch, object f, object key
             else:
                 data = chg.encode(doc)
             c.changes.append((dkey, vid, key, stored["v"], data))
+    return 0
+
+
+cdef object _apply_local_logged(object self, _Ctx c, object batch, object f, object key,
+                                object slot, object ev):
+    """`_apply_local` with the reference's update log and its replay after a merge error
+    (change events that are not JSON: every update takes the dict path)."""
+    vid = _fd(f, _F_VIEW_ID, "view_id")
+    dkey = _view_key(slot, vid, key)
+    stored = _read_doc(c, batch, dkey)
+    m = _fd(f, _F_MERGE, "merge")
+    try:
+        j = stored.pop("j", None)
+        if j is not None:  # to the dict form (unpack_record)
+            stored["d"] = _loads(j)
+        if type(m) is CMergePlan:  # a C call (merger.py compiles every feed to it)
+            doc = (<CMergePlan>m).apply_update(stored, ev)
+        else:
+            doc = m.apply_update(stored, ev)
+    except _MergeError as e:
+        self._merge_failed(batch, f, dkey, e)
+        return None
+    c.docs[dkey] = stored
+    cdef dict lg = c.log
+    entries = lg.get(dkey)
+    if entries is None:
+        entries = untracked([])
+        lg[dkey] = entries
+    (<list>entries).append(untracked((f, ev)))
+    _dict_change(c, dkey, vid, key, stored, doc)
     return dkey
 
 
 cdef list _merge_targets(object self, _Ctx c, object batch, object ev, object rec,
                          list targets, object me):
-    """RouteStage._merge_targets: the forwards as (owner, update), or None (undone)."""
-    cdef list applied = untracked([])
+    """RouteStage._merge_targets: the forwards as (owner, update), or None (undone: with
+    the byte engine (`c.jbytes`) the event's updates before the failing view are set back
+    from their `_Undo`s and its change events dropped, as the reference's replay and
+    `_drop_last_change` leave them; else the reference's `_undo_event`)."""
+    cdef list applied = None
+    cdef list undo = None
     cdef list forwards = untracked([])
+    cdef Py_ssize_t i = 0, last = -1, nchg = 0
     owners = c.owners
+    if c.jbytes:
+        for f, key, slot in targets:  # the last view of this worker's: nothing after it
+            if slot % owners == me:   # can fail, so it needs no undo
+                last = i
+            i += 1
+        nchg = len(c.changes)
+    else:
+        applied = untracked([])
+    i = 0
     for f, key, slot in targets:
         owner = slot % owners  # routing.worker_of
         if owner != me:
@@ -342,12 +487,27 @@ cdef list _merge_targets(object self, _Ctx c, object batch, object ev, object re
                 _ev(ev, _EV_SEQUENCE, "sequence"), _ev(ev, _EV_DATA, "data"),
                 _ev(ev, _EV_PK, "partitionkey"), rec[_TOPIC], rec[_PARTITION],
                 rec[_OFFSET]]))))
+            i += 1
             continue
-        dkey = _apply_local(self, c, batch, f, key, slot, ev)
-        if dkey is None:
-            self._undo_event(batch, rec, f, applied)
-            return None
-        applied.append(dkey)
+        if applied is not None:
+            dkey = _apply_local(self, c, batch, f, key, slot, ev, None)
+            if dkey is None:
+                self._undo_event(batch, rec, f, applied)
+                return None
+            applied.append(dkey)
+        else:
+            if i < last and undo is None:
+                undo = untracked([])
+            dkey = _apply_local(self, c, batch, f, key, slot, ev, undo if i < last else None)
+            if dkey is None:
+                if undo is not None:
+                    for k in range(len(undo) - 1, -1, -1):
+                        _restore(c, <_Undo>undo[k], True)
+                    del c.changes[nchg:]
+                self._dead_letter(rec, "merge_error",
+                                  f"view {_fd(f, _F_VIEW, 'view')}: merge failed")
+                return None
+        i += 1
     return forwards
 
 
@@ -394,10 +554,10 @@ def merge_targets(self, batch, ev, rec, list targets, me):
 
 def apply_local(self, batch, f, key, slot, ev):
     """RouteStage._apply_local."""
-    return _apply_local(self, _context(self, self.attempt), batch, f, key, slot, ev)
+    return _apply_local(self, _context(self, self.attempt), batch, f, key, slot, ev, None)
 
 
 cdef object apply_local_c(object self, object batch, object f, object key, object slot,
                           object ev):
     """`apply_local` as a C call (_loops.pyx calls it)."""
-    return _apply_local(self, _context(self, self.attempt), batch, f, key, slot, ev)
+    return _apply_local(self, _context(self, self.attempt), batch, f, key, slot, ev, None)

@@ -42,7 +42,9 @@ class BatchState:
         # JSON bytes, or None when not JSON-exact), made by the change event of that version
         # or at the store, used by both (one encoding, see doc_codec.py)
         self.bodies: dict[bytes, tuple[int, bytes | None]] = {}
-        self.log: dict[bytes, list] = {}  # document key -> updates applied (for undo)
+        # document key -> updates applied (for undo), or their count (the compiled route
+        # stage's byte path, which undoes without them: _route.pyx)
+        self.log: dict[bytes, list | int] = {}
         self.changes: list[tuple] = []  # change events, one per version (not coalesced)
         self.chg_out: list[tuple[int, int, bytes]] = []  # (first, last change seq, blob)
         self.pruned = 0  # change events pruned up to this seq

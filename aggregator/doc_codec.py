@@ -67,6 +67,10 @@ def pack_record(record: dict, body: bytes | None) -> bytes:
     if fresh is not None and type(fresh) is not dict:  # a Fresh (_fresh.pyx): as its dict
         record = {**record, "s": fresh.as_dict()}
     if body is None:
+        if len(record) == 3 and "d" in record and "v" in record and "s" in record:
+            # in this order whatever the dict's (a record read in the "j" form gets its
+            # "d" last, a new one has it second): the bytes say the record, not its history
+            return _pack({"v": record["v"], "d": record["d"], "s": record["s"]})
         return _pack(record)
     if len(record) == 3:  # {"v", "d", "s"}
         return _pack({"v": record["v"], "j": body, "s": record["s"]})
