@@ -1192,34 +1192,29 @@ cdef inline object _field(const char* base, Py_ssize_t* p, Py_ssize_t end, int32
     return o
 
 
-def read_frames(msg):
-    """Compiled twin of protocol.read_frames."""
-    cdef const unsigned char[::1] view = msg
-    cdef const char* base
-    cdef Py_ssize_t total = view.shape[0], pos, end, p, k
-    cdef uint32_t count, nthr, size, j
+cdef Py_ssize_t _field_end(Py_ssize_t p, Py_ssize_t end, int32_t n) except -1:
+    """Where a field of `n` bytes (-1: None) at `p` ends; raises if beyond its frame."""
+    if n == -1:
+        return p
+    if n < 0 or p + n > end:
+        raise ValueError("frames message: field beyond its frame")
+    return p + n
+
+
+cdef inline bint _shared_pair(const char* base, Py_ssize_t p, Py_ssize_t end, int32_t nlen,
+                              int32_t hvlen) noexcept:
+    """Whether the header at `p` (name, then value) is read as a shared `_pair`."""
+    return 0 <= hvlen <= PAIR_VALUE_MAX and nlen <= NAME_MAX and \
+        p + nlen + hvlen <= end and _repeating(base + p, nlen)
+
+
+cdef Py_ssize_t _walk(const char* base, Py_ssize_t total, Py_ssize_t pos, uint32_t count,
+                      Py_ssize_t* starts) except -1:
+    """Check the `count` frames from `pos` as `read_frames` reads them (the same errors, in
+    the same order), their starts into `starts`; nothing is made."""
+    cdef uint32_t j, size
+    cdef Py_ssize_t end, p, k
     cdef int32_t nlen, hvlen, hcount
-    cdef list thr, records, rec, hl
-    cdef object name, hval
-    if total < MSG_HEAD:
-        raise ValueError("frames message: truncated head")
-    base = <const char*>&view[0]
-    if (<const uint8_t*>base)[0] != MAGIC or (<const uint8_t*>base)[1] != VERSION:
-        raise ValueError(f"frames message: magic {<uint8_t>base[0]:#x} version "
-                         f"{<uint8_t>base[1]}")
-    count = _ld32(base + 4)
-    bid = PyLong_FromLongLong(_ld64(base + 8))
-    nthr = _ld32(base + 16)
-    pos = MSG_HEAD
-    if pos + <Py_ssize_t>nthr * THR_SIZE > total:
-        raise ValueError("frames message: truncated through-offsets")
-    thr = []
-    for j in range(nthr):
-        thr.append([_ldi32(base + pos), _ldi32(base + pos + 4), _ld64(base + pos + 8)])
-        pos += THR_SIZE
-    records = PyList_New(count) if count <= <uint32_t>(total // FRAME_HEAD_SIZE) else None
-    if records is None:
-        raise ValueError("frames message: truncated frame head")
     for j in range(count):
         if pos + FRAME_HEAD_SIZE > total:
             raise ValueError("frames message: truncated frame head")
@@ -1228,16 +1223,12 @@ def read_frames(msg):
         if size < FRAME_HEAD_SIZE or end > total:
             raise ValueError("frames message: bad frame length")
         p = pos + FRAME_HEAD_SIZE
-        key = _field(base, &p, end, _ldi32(base + pos + 32))
-        value = _field(base, &p, end, _ldi32(base + pos + 36))
+        p = _field_end(p, end, _ldi32(base + pos + 32))
+        p = _field_end(p, end, _ldi32(base + pos + 36))
         hcount = _ldi32(base + pos + 40)
-        if hcount == -1:
-            headers = None
-        else:
+        if hcount != -1:
             if hcount < 0 or <Py_ssize_t>hcount * HDR_ITEM > end - p:
                 raise ValueError("frames message: bad header count")
-            hl = PyList_New(hcount)
-            PyObject_GC_UnTrack(<void*>hl)  # see _gc.pxd
             for k in range(hcount):
                 if p + HDR_ITEM > end:
                     raise ValueError("frames message: field beyond its frame")
@@ -1246,27 +1237,170 @@ def read_frames(msg):
                 p += HDR_ITEM
                 if nlen < 0 or p + nlen > end:
                     raise ValueError("frames message: field beyond its frame")
-                name = _name(base + p, nlen)
-                if 0 <= hvlen <= PAIR_VALUE_MAX and nlen <= NAME_MAX and \
-                        p + nlen + hvlen <= end and _repeating(base + p, nlen):
-                    pair = _pair(name, base + p, nlen, base + p + nlen, hvlen)
+                if _shared_pair(base, p, end, nlen, hvlen):
                     p += nlen + hvlen
                 else:
-                    p += nlen
-                    hval = _field(base, &p, end, hvlen)
-                    pair = (name, hval)
-                    PyObject_GC_UnTrack(<void*>pair)
-                Py_INCREF(pair)
-                PyList_SET_ITEM(hl, k, pair)
-            headers = hl
+                    p = _field_end(p + nlen, end, hvlen)
         if p != end:
             raise ValueError("frames message: frame length does not match its fields")
-        rec = [_ldi32(base + pos + 4), _ldi32(base + pos + 8), _ld64(base + pos + 16), key,
-               value, headers, _ld64(base + pos + 24), _ld16(base + pos + 12)]
-        PyObject_GC_UnTrack(<void*>rec)
-        Py_INCREF(rec)
-        PyList_SET_ITEM(records, j, rec)
+        starts[j] = pos
         pos = end
     if pos != total:
         raise ValueError("frames message: bytes after the last frame")
+    return 0
+
+
+cdef list _record(const char* base, Py_ssize_t pos):
+    """The record of the frame at `pos` (checked by `_walk`): [topic index, partition,
+    offset, key, value, headers, timestamp, slot]."""
+    cdef Py_ssize_t end = pos + _ld32(base + pos)
+    cdef Py_ssize_t p = pos + FRAME_HEAD_SIZE, k
+    cdef int32_t nlen, hvlen, hcount
+    cdef list hl, rec
+    cdef object name, hval
+    key = _field(base, &p, end, _ldi32(base + pos + 32))
+    value = _field(base, &p, end, _ldi32(base + pos + 36))
+    hcount = _ldi32(base + pos + 40)
+    if hcount == -1:
+        headers = None
+    else:
+        hl = PyList_New(hcount)
+        PyObject_GC_UnTrack(<void*>hl)  # see _gc.pxd
+        for k in range(hcount):
+            nlen = _ldi32(base + p)
+            hvlen = _ldi32(base + p + 4)
+            p += HDR_ITEM
+            name = _name(base + p, nlen)
+            if _shared_pair(base, p, end, nlen, hvlen):
+                pair = _pair(name, base + p, nlen, base + p + nlen, hvlen)
+                p += nlen + hvlen
+            else:
+                p += nlen
+                hval = _field(base, &p, end, hvlen)
+                pair = (name, hval)
+                PyObject_GC_UnTrack(<void*>pair)
+            Py_INCREF(pair)
+            PyList_SET_ITEM(hl, k, pair)
+        headers = hl
+    rec = [_ldi32(base + pos + 4), _ldi32(base + pos + 8), _ld64(base + pos + 16), key,
+           value, headers, _ld64(base + pos + 24), _ld16(base + pos + 12)]
+    PyObject_GC_UnTrack(<void*>rec)
+    return rec
+
+
+cdef Py_ssize_t _head(const char* base, Py_ssize_t total, uint32_t* count, list thr
+                      ) except -1:
+    """The message head and through-offsets (into `thr`): where the frames start (the
+    batch id is the int64 at 8)."""
+    cdef uint32_t nthr, j
+    cdef Py_ssize_t pos
+    if total < MSG_HEAD:
+        raise ValueError("frames message: truncated head")
+    if (<const uint8_t*>base)[0] != MAGIC or (<const uint8_t*>base)[1] != VERSION:
+        raise ValueError(f"frames message: magic {<uint8_t>base[0]:#x} version "
+                         f"{<uint8_t>base[1]}")
+    count[0] = _ld32(base + 4)
+    nthr = _ld32(base + 16)
+    pos = MSG_HEAD
+    if pos + <Py_ssize_t>nthr * THR_SIZE > total:
+        raise ValueError("frames message: truncated through-offsets")
+    for j in range(nthr):
+        thr.append([_ldi32(base + pos), _ldi32(base + pos + 4), _ld64(base + pos + 8)])
+        pos += THR_SIZE
+    if count[0] > <uint32_t>(total // FRAME_HEAD_SIZE):
+        raise ValueError("frames message: truncated frame head")
+    return pos
+
+
+cdef Py_ssize_t* _starts(uint32_t count) except NULL:
+    cdef Py_ssize_t* starts = <Py_ssize_t*>PyMem_Malloc((count or 1) * sizeof(Py_ssize_t))
+    if starts == NULL:
+        raise MemoryError()
+    return starts
+
+
+def read_frames(msg):
+    """Compiled twin of protocol.read_frames."""
+    cdef const unsigned char[::1] view = msg
+    cdef Py_ssize_t total = view.shape[0], pos
+    cdef const char* base = NULL
+    cdef uint32_t count, j
+    cdef list thr = [], records
+    if total:
+        base = <const char*>&view[0]
+    pos = _head(base, total, &count, thr)
+    bid = PyLong_FromLongLong(_ld64(base + 8))
+    cdef Py_ssize_t* starts = _starts(count)
+    try:
+        _walk(base, total, pos, count, starts)
+        records = PyList_New(count)
+        for j in range(count):
+            rec = _record(base, starts[j])
+            Py_INCREF(rec)
+            PyList_SET_ITEM(records, j, rec)
+    finally:
+        PyMem_Free(starts)
     return [MSG_RECORDS, bid, thr, records]
+
+
+@cython.final
+cdef class FrameRecords:
+    """The records of a frames message, made when they are read (`read_frames_lazy`): the
+    message was checked whole, as `read_frames` checks it, so making one cannot fail. A
+    sequence: ``len``, an index or a slice (a new list of new records each time), and
+    iteration."""
+    cdef bytes msg
+    cdef Py_ssize_t* starts
+    cdef Py_ssize_t n
+
+    def __dealloc__(self):
+        PyMem_Free(self.starts)
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        cdef Py_ssize_t k, start, stop, step, count
+        cdef const char* base = PyBytes_AS_STRING(self.msg)
+        cdef list out
+        if isinstance(i, slice):
+            start, stop, step = i.indices(self.n)
+            out = []
+            for k in range(start, stop, step):
+                out.append(_record(base, self.starts[k]))
+            return out
+        k = i
+        if k < 0:
+            k += self.n
+        if k < 0 or k >= self.n:
+            raise IndexError("frame record index out of range")
+        return _record(base, self.starts[k])
+
+    def __iter__(self):
+        cdef Py_ssize_t k
+        for k in range(self.n):
+            yield _record(PyBytes_AS_STRING(self.msg), self.starts[k])
+
+    def __repr__(self):
+        return f"<FrameRecords of {self.n}>"
+
+
+def read_frames_lazy(msg):
+    """`read_frames`, the records made as they are read (`FrameRecords`) for a bytes
+    message (else `read_frames`): the worker reads a message's records a pass at a time
+    (worker._apply), each made just before its pass and freed after it, instead of all of
+    them up front."""
+    if type(msg) is not bytes:
+        return read_frames(msg)
+    cdef Py_ssize_t total = PyBytes_GET_SIZE(msg), pos
+    cdef const char* base = PyBytes_AS_STRING(msg)
+    cdef uint32_t count
+    cdef list thr = []
+    pos = _head(base, total, &count, thr)
+    bid = PyLong_FromLongLong(_ld64(base + 8))
+    cdef FrameRecords fr = FrameRecords.__new__(FrameRecords)
+    fr.starts = _starts(count)
+    fr.msg = msg
+    _walk(base, total, pos, count, fr.starts)
+    fr.n = count
+    return [MSG_RECORDS, bid, thr, fr]

@@ -5,7 +5,8 @@ record it finds the routing key (the rules of envelope.routing_key, or the input
 `route` for a non-CloudEvents source), hashes it to a slot (routing.slot_of) and appends
 the record's binary frame (protocol.py has the format) to its worker's buffer; then it cuts
 each worker's buffer into ring messages. The worker turns a frames message back into the
-list the rest of it reads (`decode`).
+list the rest of it reads (`decode`; `decode_lazy`, the worker's: its records made as they
+are read).
 
 ``aggregator._frames`` is the compiled implementation; `FrameRouterRef` below and
 protocol.read_frames are the readable reference, run when ``AGGREGATOR_PURE_CORE=1``
@@ -24,7 +25,8 @@ from .envelope import routing_key
 from .protocol import FRAMES_MAGIC, frame_messages, pack_frame, read_frames, unpack
 from .routing import SLOTS, slot_of
 
-__all__ = ["IMPLEMENTATION", "FrameRouter", "FrameRouterRef", "Round", "decode", "read"]
+__all__ = ["IMPLEMENTATION", "FrameRouter", "FrameRouterRef", "Round", "decode", "decode_lazy",
+           "read", "read_lazy"]
 
 
 class Round:
@@ -95,11 +97,12 @@ assert SLOTS == 4096  # the compiled router hashes modulo 4096
 
 if core.IMPLEMENTATION == "python":
     FrameRouter = FrameRouterRef
-    read = read_frames
+    read = read_lazy = read_frames
     IMPLEMENTATION = "python"
 else:
     from ._frames import FrameRouter  # noqa: F401 - re-exported
     from ._frames import read_frames as read
+    from ._frames import read_frames_lazy as read_lazy
 
     IMPLEMENTATION = "cython"
 
@@ -107,3 +110,10 @@ else:
 def decode(msg) -> list:
     """A supervisor → worker ring message as a list: frames (`read`) or msgpack."""
     return read(msg) if msg[0] == FRAMES_MAGIC else unpack(msg)
+
+
+def decode_lazy(msg) -> list:
+    """`decode`, but a frames message's records are a sequence that makes each record when
+    it is read (compiled: `_frames.FrameRecords`; the message is checked whole first, with
+    `read`'s errors), so the worker makes a pass's records right before the pass."""
+    return read_lazy(msg) if msg[0] == FRAMES_MAGIC else unpack(msg)

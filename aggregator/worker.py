@@ -64,7 +64,7 @@ from .doc_cache import DocCache
 from .doc_codec import json_body
 from .envelope import EnvelopeError
 from .faults import fault_flag, fault_point
-from .frames import decode
+from .frames import decode_lazy
 from .mapping import apply as apply_mapping
 from .mapping import plans_by_topic
 from .metrics import record_commit
@@ -115,6 +115,7 @@ FIRST_TXN_BYTES = 128 << 10
 # earlier pass is found in the gate, and the gap policy of the parks that were full runs
 # after the last pass (BatchState.full). bench.tools.cache_profile: last-level misses per
 # record 440 -> 411 (256) / 403 (128) against one pass; tests/test_loops.py compares them.
+# The records themselves are made a pass at a time too (frames.decode_lazy in `_take`).
 APPLY_CHUNK = 256
 WINDOW_POLL_S = 0.002  # within a commit window: longest sleep between looks at the rings
 STORAGE_RETRY_S = (0.5, 5.0)  # pause before retrying a batch the data disk refused: min, max
@@ -365,7 +366,7 @@ class Worker(DedupStage, GateStage, RouteStage, LinksStage):
         until the commit window (`commit_window`, from now) closes, the rings stayed empty
         for `commit_idle`, `txn_bytes` are taken or a stop message arrives. Returns
         (supervisor messages unpacked, peer messages)."""
-        msgs = [decode(m) for m in sup]
+        msgs = [decode_lazy(m) for m in sup]
         if self.trace is not None:
             self.trace.took(msgs)
         window = self.commit_window
@@ -382,7 +383,7 @@ class Worker(DedupStage, GateStage, RouteStage, LinksStage):
             if more or more_peers:
                 taken += n
                 peers.extend(more_peers)
-                more = [decode(m) for m in more]
+                more = [decode_lazy(m) for m in more]
                 if self.trace is not None:
                     self.trace.took(more)
                 msgs.extend(more)
@@ -557,8 +558,9 @@ class Worker(DedupStage, GateStage, RouteStage, LinksStage):
         at.full = []
         for records, thr in self._rounds(sup_msgs):
             for i in range(0, len(records), step):
-                self._read_records(records[i:i + step] if len(records) > step else records,
-                                   events)
+                # (a frames message's records are made here, a pass at a time: frames.py)
+                self._read_records(records if len(records) <= step and type(records) is list
+                                   else records[i:i + step], events)
                 if len(events) >= step:
                     self._apply_events(batch, events)
                     events = []

@@ -307,6 +307,23 @@ def test_reference_frames_round_trip_through_both_readers(records, thr):
     want = [MSG_RECORDS, 7, thr, [list(r) for r in records]]
     assert read_frames(out[0]) == want
     assert _frames.read_frames(out[0]) == want
+    _lazy_reads_as(out[0], want)
+
+
+def _lazy_reads_as(msg: bytes, want: list) -> None:
+    """`read_frames_lazy` gives `want`: its head, and its records however they are read."""
+    kind, bid, thr, recs = _frames.read_frames_lazy(msg)
+    assert [kind, bid, thr] == want[:3] and type(recs) is _frames.FrameRecords
+    n = len(want[3])
+    assert len(recs) == n and list(recs) == want[3] and recs[:] == want[3]
+    for a, b, step in [(0, n, 1), (1, n - 1, 1), (0, n, 2), (n - 1, -1, -1), (0, 256, 1)]:
+        assert recs[a:b:step] == want[3][a:b:step]
+    for i in range(-n, n):
+        assert recs[i] == want[3][i]
+    for i in (n, -n - 1):
+        with pytest.raises(IndexError):
+            recs[i]
+    assert recs[0:1] is not recs[0:1] and (not n or recs[0] is not recs[0])  # made anew
 
 
 def test_repeating_headers_are_shared_and_read_exactly():
@@ -356,6 +373,43 @@ def test_truncated_or_extended_messages_are_refused_by_both_readers(records, dat
     for reader in (read_frames, _frames.read_frames):
         with pytest.raises(ValueError):
             reader(bad)
+    with pytest.raises(ValueError) as eager:
+        _frames.read_frames(bad)
+    with pytest.raises(ValueError) as lazy:  # checked whole before a record is made
+        _frames.read_frames_lazy(bad)
+    assert str(lazy.value) == str(eager.value)
+
+
+@settings(deadline=None)
+@given(records_st.filter(bool), st.data())
+def test_the_lazy_reader_refuses_or_reads_what_the_reader_does(records, data):
+    """Bytes of a message changed at random (frame lengths, field lengths, header counts):
+    `read_frames_lazy` raises the error the compiled `read_frames` raises, or reads the same
+    records, and both refuse what the reference refuses."""
+    frames_ = [pack_frame(*r) for r in records]
+    msg = bytearray(frame_messages(frames_, [], 1, 1 << 22)[0])
+    heads, at = [], len(msg) - sum(len(f) for f in frames_)
+    for f in frames_:  # the bytes of each frame's head, its lengths at 32..43 above all
+        heads += [at + k for k in range(44)] + [at + k for k in range(32, 44)] * 3
+        at += len(f)
+    for _ in range(data.draw(st.integers(1, 4))):
+        i = data.draw(st.sampled_from(heads) | st.integers(24, len(msg) - 1))
+        msg[i] = data.draw(st.sampled_from([0, 1, 0xFF, 0x7F, msg[i] ^ 1, msg[i] + 1 & 0xFF]))
+    msg = bytes(msg)
+    try:
+        ref = read_frames(msg)
+    except ValueError:
+        ref = None  # (the compiled readers check more up front: their messages differ)
+    try:
+        want = _frames.read_frames(msg)
+    except ValueError as e:
+        assert ref is None
+        with pytest.raises(ValueError) as lazy:
+            _frames.read_frames_lazy(msg)
+        assert str(lazy.value) == str(e)
+    else:
+        assert want == ref
+        _lazy_reads_as(msg, want)
 
 
 def test_a_frame_that_lies_about_its_length_is_refused():
@@ -363,7 +417,7 @@ def test_a_frame_that_lies_about_its_length_is_refused():
     f[0] += 1  # claims one byte more than its fields
     msg = frame_messages([bytes(f), pack_frame(0, 0, 1, None, None, None, 0, 0)], [], 1,
                          1 << 20)[0]
-    for reader in (read_frames, _frames.read_frames):
+    for reader in (read_frames, _frames.read_frames, _frames.read_frames_lazy):
         with pytest.raises(ValueError):
             reader(msg)
 
