@@ -377,13 +377,7 @@ cdef object _apply_local(object self, _Ctx c, object batch, object f, object key
             s = snap["s"]
             snap["s"] = (<Fresh>s).clone() if type(s) is Fresh else s.copy()
             u.snap = snap
-            j = stored.pop("j", None)
-            if j is not None:  # to the dict form (unpack_record)
-                stored["d"] = _loads(j)
-            if type(m) is CMergePlan:  # a C call (merger.py compiles every feed to it)
-                doc = (<CMergePlan>m).apply_update(stored, ev)
-            else:
-                doc = m.apply_update(stored, ev)
+            doc = _merge_dict(m, <dict>stored, ev)
     except _MergeError as e:
         # RouteStage._merge_failed's line; the document as it was before the update
         _log.warning("worker %d: merge error in view %s: %s", self.index,
@@ -406,6 +400,17 @@ cdef object _apply_local(object self, _Ctx c, object batch, object f, object key
         return dkey
     _dict_change(c, dkey, vid, key, stored, doc)
     return dkey
+
+
+cdef object _merge_dict(object m, dict stored, object ev):
+    """The update merged as objects (`apply_update`), the record turned to the dict form
+    first (unpack_record); raises MergeError (the document perhaps part-changed)."""
+    j = stored.pop("j", None)
+    if j is not None:
+        stored["d"] = _loads(j)
+    if type(m) is CMergePlan:  # a C call (merger.py compiles every feed to it)
+        return (<CMergePlan>m).apply_update(stored, ev)
+    return m.apply_update(stored, ev)
 
 
 cdef int _dict_change(_Ctx c, bytes dkey, object vid, object key, dict stored,
@@ -436,13 +441,7 @@ cdef object _apply_local_logged(object self, _Ctx c, object batch, object f, obj
     stored = _read_doc(c, batch, dkey)
     m = _fd(f, _F_MERGE, "merge")
     try:
-        j = stored.pop("j", None)
-        if j is not None:  # to the dict form (unpack_record)
-            stored["d"] = _loads(j)
-        if type(m) is CMergePlan:  # a C call (merger.py compiles every feed to it)
-            doc = (<CMergePlan>m).apply_update(stored, ev)
-        else:
-            doc = m.apply_update(stored, ev)
+        doc = _merge_dict(m, <dict>stored, ev)
     except _MergeError as e:
         self._merge_failed(batch, f, dkey, e)
         return None

@@ -290,17 +290,20 @@ class ConfigCluster(RecordingCluster):
         self.tindex = {t: i for i, t in enumerate(self.cfg.topics())}
 
 
-@pytest.mark.parametrize("n,coalesce", [(1, False), (2, False), (1, True), (3, True)])
+@pytest.mark.parametrize("n,coalesce,fmt", [(1, False, "json"), (2, False, "json"),
+                                            (1, True, "json"), (3, True, "json"),
+                                            (2, False, "msgpack")])
 def test_a_failing_event_sets_back_what_its_transaction_changed_as_the_reference(
-        tmp_path, monkeypatch, caplog, n, coalesce):
+        tmp_path, monkeypatch, caplog, n, coalesce, fmt):
     """The compiled stage keeps no update log (_route.pyx `_Undo`); the reference rebuilds
     each document by replaying the transaction's updates. In one transaction, with the
     documents of every failing event changed earlier in it: the same stores, change events
-    (one per update, or coalesced), dead letters, stats and log lines."""
+    (one per update, or coalesced; JSON or msgpack), dead letters, stats and log lines."""
     config = tmp_path / "shop-pair.toml"
     config.write_text((Path(__file__).parents[1] / "examples" / "shop.toml").read_text()
                       + _PAIR_VIEW)
-    overrides = {"changes.coalesce": coalesce}
+    overrides = {"changes.coalesce": coalesce, "changes.format": fmt}  # msgpack: the
+    # compiled stage's dict path with the reference's log and replay
 
     def run(sub: str) -> dict:
         c = ConfigCluster(tmp_path / sub, n, config, overrides)
