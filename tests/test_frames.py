@@ -316,7 +316,8 @@ def _lazy_reads_as(msg: bytes, want: list) -> None:
     assert [kind, bid, thr] == want[:3] and type(recs) is _frames.FrameRecords
     n = len(want[3])
     assert len(recs) == n and list(recs) == want[3] and recs[:] == want[3]
-    for a, b, step in [(0, n, 1), (1, n - 1, 1), (0, n, 2), (n - 1, -1, -1), (0, 256, 1)]:
+    for a, b, step in [(0, n, 1), (1, n - 1, 1), (0, n, 2), (n - 1, -1, -1), (0, 256, 1),
+                       (None, None, -1), (-2, 0, -2)]:
         assert recs[a:b:step] == want[3][a:b:step]
     for i in range(-n, n):
         assert recs[i] == want[3][i]

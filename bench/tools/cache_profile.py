@@ -14,9 +14,10 @@ lines (the EPYC's L2 per core), not valgrind's guess from the host.
 The measured region is `Worker.process` of batches 2 to N of the shop workload's records
 (the first batch warms the shard and the caches; the records of batches 2..N are counted),
 each batch decoded from a frames ring message inside the region as the worker's `_take` does
-(`frames.decode`; the messages as the supervisor frames them: bench.stages.worker_stage's
-`encode_rounds`): one booted worker owning every slot, a real LMDB shard, change events on
-(bench.tools.scale_profile.in_process_worker). `PYTHONHASHSEED=0` for repeatable dict layouts.
+(`frames.decode_lazy`: its records made a pass at a time; the messages as the supervisor
+frames them: bench.stages.worker_stage's `encode_rounds`): one booted worker owning every
+slot, a real LMDB shard, change events on (bench.tools.scale_profile.in_process_worker).
+`PYTHONHASHSEED=0` for repeatable dict layouts.
 
 The tool runs itself under valgrind (``--child``) and reads the result with
 callgrind_annotate. Prints per record: instructions (Ir), last-level read and write misses
@@ -44,7 +45,7 @@ def child(events: int, batch: int, count_file: str) -> None:
     """The measured run (under valgrind): instrumentation on around batches 2..N; the
     number of records measured goes to `count_file`."""
     from aggregator.config import load_config
-    from aggregator.frames import decode
+    from aggregator.frames import decode_lazy as decode  # the worker's own (`_take`)
     from bench import workload as wl
     from bench.stages.worker_stage import encode_rounds
     from bench.tools.scale_profile import in_process_worker
