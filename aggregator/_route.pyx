@@ -213,22 +213,27 @@ cdef list _targets(object self, object ev, object rec, object feeds, Py_ssize_t 
 
 
 cdef object _read_doc(_Ctx c, object batch, bytes dkey):
-    """A document's record for an update: the attempt's, the doc cache's (taken), else the
-    shard's (as stored, the JSON bytes not decoded, when the byte engine may take it), else
-    a new one."""
+    """A document's record for an update: the attempt's, else `_load_doc`."""
     stored = c.docs.get(dkey)
+    return stored if stored is not None else _load_doc(c, batch, dkey)
+
+
+cdef object _load_doc(_Ctx c, object batch, bytes dkey):
+    """A record the attempt does not hold: the doc cache's (taken), else the shard's (as
+    stored, the JSON bytes not decoded, when the byte engine may take it), else a new
+    one."""
+    stored = None
+    cache = c.cache
+    if cache is not None:
+        stored = cache.take(dkey)
     if stored is None:
-        cache = c.cache
-        if cache is not None:
-            stored = cache.take(dkey)
-        if stored is None:
-            if c.jbytes:  # "s" kept as stored (_fresh.pyx)
-                raw = batch.doc_raw(dkey)
-                stored = read_record(raw) if raw is not None else None
-            else:
-                stored = batch.get_doc(dkey)
-            if not stored:
-                stored = {"v": 0, "d": None, "s": {}}
+        if c.jbytes:  # "s" kept as stored (_fresh.pyx)
+            raw = batch.doc_raw(dkey)
+            stored = read_record(raw) if raw is not None else None
+        else:
+            stored = batch.get_doc(dkey)
+        if not stored:
+            stored = {"v": 0, "d": None, "s": {}}
     return stored
 
 
@@ -356,7 +361,7 @@ cdef object _apply_local(object self, _Ctx c, object batch, object f, object key
     cdef dict docs = c.docs
     cdef PyObject* hit = PyDict_GetItem(docs, dkey)
     cdef bint in_docs = hit is not NULL
-    stored = <object>hit if in_docs else _read_doc(c, batch, dkey)
+    stored = <object>hit if in_docs else _load_doc(c, batch, dkey)
     m = _fd(f, _F_MERGE, "merge")
     cdef _Undo u = _undo_for(c, dkey, stored, in_docs) if undo is not None else None
     body = _REFUSED
