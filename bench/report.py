@@ -249,12 +249,14 @@ def markdown(results: dict, png: str | None = None) -> str:
     floor = results.get("latency_floor") or []
     if lat or floor:
         lines += ["## Latency under paced load", "",
-                  "| measured | consumer settings | target/s | achieved/s | records | p50 ms "
+                  "| measured | client settings | target/s | achieved/s | records | p50 ms "
                   "| p90 ms | p99 ms | max ms | verified |",
                   "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
 
         def settings(r: dict) -> str:
-            return ", ".join(f"{k}={v}" for k, v in r.get("consumer", {}).items()) or "defaults"
+            c = ", ".join(f"{k}={v}" for k, v in r.get("consumer", {}).items()) or "defaults"
+            p = ", ".join(f"{k}={v}" for k, v in (r.get("producer") or {}).items())
+            return f"consumer {c}; paced producer {p}" if p else c
 
         for f in floor:
             lines.append(f"| produce → fetched, bare consumer | {settings(f)} | "
@@ -269,7 +271,10 @@ def markdown(results: dict, png: str | None = None) -> str:
         lines += ["", "State committed: the first 20 ms poll at which the shard owning the "
                   "record's key has its offset durable in LMDB (late by up to one poll). "
                   "Fetched: the bare consumer's clock minus the record's CreateTime (1 ms). "
-                  "The paced rate is a fraction of the measured maximum (see the command).",
+                  "The paced rate is a fraction of the measured maximum (see the command). "
+                  "The paced producer (bench/stages/latency.py) runs on the same cores as the "
+                  "broker and the service: its linger.ms sets how many produce requests the "
+                  "broker serves per event.",
                   ""]
     stage = results.get("worker_stage") or []
     if stage:

@@ -75,6 +75,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="comma-separated fetch.wait.max.ms values for the latency runs; "
                          "'default' keeps librdkafka's (500 ms). Each value gets a floor run "
                          "(bare consumer) and an aggregator run (default: default)")
+    ap.add_argument("--latency-linger-ms", default=None,
+                    help="comma-separated linger.ms values of the paced producer (the load "
+                         "generator, on the same cores as the broker): each with each "
+                         "fetch.wait.max.ms value (default 5,50; --quick 5)")
     ap.add_argument("--stage-events", type=int, default=None,
                     help="events for --stage worker (default: --events)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results",
@@ -117,13 +121,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             load_config(wl.CONFIG_PATH, args.overrides, env={})
         except ConfigError as e:
             ap.error(f"--set: {str(e).splitlines()[0]}")
-    args.latency_variants = []
+    consumers = []
     for v in args.latency_fetch_wait_ms.split(","):
         v = v.strip()
         if v and v != "default" and not v.isdigit():
             ap.error(f"--latency-fetch-wait-ms: {v!r} is not a number of ms or 'default'")
         if v:
-            args.latency_variants.append({} if v == "default" else {"fetch.wait.max.ms": int(v)})
+            consumers.append({} if v == "default" else {"fetch.wait.max.ms": int(v)})
+    if args.latency_linger_ms is None:
+        args.latency_linger_ms = "5" if args.quick else "5,50"
+    lingers = []
+    for v in args.latency_linger_ms.split(","):
+        v = v.strip()
+        if v and not v.isdigit():
+            ap.error(f"--latency-linger-ms: {v!r} is not a number of ms")
+        if v:
+            lingers.append(int(v))
+    # (consumer settings, paced producer settings) of each latency run
+    args.latency_variants = [(c, {"linger.ms": ms}) for ms in lingers for c in consumers]
     return args
 
 
@@ -166,8 +181,8 @@ class Harness:
                 out += ["raw", "baseline", "floor"]
             out += [f"aggregator w={w}" for w in a.workers_list]
             if a.latency_seconds > 0:
-                for v in a.latency_variants:
-                    out += [f"latency floor {v}", f"latency {v}"]
+                for c, p in a.latency_variants:
+                    out += [f"latency floor {c} {p}", f"latency {c} {p}"]
         if "worker" in a.stages:
             out += [f"worker stage w={w}" for w in a.workers_list]
         if "ring" in a.stages:
@@ -364,12 +379,13 @@ class Harness:
                 self.done("latency: skipped")
             return
         rate = a.latency_fraction * ref["events_per_s"]
-        for k, variant in enumerate(a.latency_variants):
-            shown = ", ".join(f"{x}={y}" for x, y in variant.items()) or "client defaults"
+        for k, (variant, producer) in enumerate(a.latency_variants):
+            shown = ", ".join(f"{x}={y}" for x, y in variant.items()) or "consumer defaults"
+            shown += ", producer " + ", ".join(f"{x}={y}" for x, y in producer.items())
             self.step("latency floor", f"bare consumer at {rate:,.0f}/s, {shown}")
             f = measure_floor(self.bootstrap, f"bench{run_id}floor{k}.", rate,
                               a.latency_seconds, a.seed + 2000, consumer=variant,
-                              timeout=a.timeout)
+                              timeout=a.timeout, producer=producer)
             self.results["latency_floor"].append(f.to_json())
             if not f.ok:
                 self.fail(f"latency floor ({shown}): {f.error}")
@@ -379,7 +395,7 @@ class Harness:
                       f"{shown}")
             r = measure(self.bootstrap, f"bench{run_id}lat{k}.", n, rate, a.latency_seconds,
                         a.seed + 1000, embedded=embedded, broker_pid=broker_pid,
-                        timeout=a.timeout, consumer=variant)
+                        timeout=a.timeout, consumer=variant, producer=producer)
             self.results["latency"].append(r.to_json())
             if not r.ok:
                 self.fail(f"latency workers={n} ({shown}): {r.error or r.verified}")

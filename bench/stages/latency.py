@@ -23,6 +23,8 @@ not when new data arrives, so that setting dominates both figures on it.
 from __future__ import annotations
 
 import bisect
+import contextlib
+import gc
 import logging
 import os
 import shutil
@@ -51,6 +53,7 @@ class LatencyRun:
     workers: int
     target_rate: float
     consumer: dict = field(default_factory=dict)  # extra librdkafka consumer settings
+    producer: dict = field(default_factory=dict)  # the paced producer's extra settings
     ok: bool = False
     error: str = ""
     achieved_rate: float = 0.0
@@ -76,11 +79,13 @@ class LatencyRun:
 class PacedProducer:
     """Produces records at a fixed rate and keeps each one's send time and offset."""
 
-    def __init__(self, bootstrap: str, prefix: str) -> None:
+    def __init__(self, bootstrap: str, prefix: str, producer: dict | None = None) -> None:
+        """`producer`: librdkafka settings over the defaults below (e.g. a longer
+        ``linger.ms``: fewer, larger produce requests for the broker on the same cores)."""
         self.prefix = prefix
         self.p = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True,
                            "acks": "all", "linger.ms": 5,
-                           "queue.buffering.max.messages": 500_000})
+                           "queue.buffering.max.messages": 500_000, **(producer or {})})
         self.sent_at: list[float] = []
         self.where: list[tuple[str, int, int] | None] = []
         self.keys: list[bytes] = []
@@ -142,6 +147,30 @@ class PacedProducer:
         return out
 
 
+@contextlib.contextmanager
+def steady_pacing():
+    """No garbage-collector pause in this process while it paces the load and polls.
+
+    The workload (hundreds of thousands of records: millions of objects) lives in this
+    process, and a collection of the oldest generation traverses all of it with the GIL
+    held. The paced producer then sends nothing and the `DurablePoller` thread polls nothing
+    for up to a second or more, after which the producer catches up at several times the
+    rate: a burst the service is then measured on, and a poll late by that pause. Frozen
+    (`gc.freeze`), what exists before the run is never traversed; disabled, the collector
+    does not run at all while the records are paced (what they allocate is freed by
+    reference counting; the frozen and the cyclic garbage are collected after)."""
+    gc.collect()
+    gc.freeze()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+        gc.unfreeze()
+
+
 def _pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q * len(xs)))]
 
@@ -149,11 +178,13 @@ def _pct(xs: list[float], q: float) -> float:
 def measure_latency(bootstrap: str, prefix: str, workers: int, rate: float, seconds: float,
                     seed: int, *, embedded: bool, broker_pid: int | None,
                     timeout: float, consumer: dict | None = None,
-                    overrides: dict | None = None, trace: bool = False) -> LatencyRun:
+                    overrides: dict | None = None, trace: bool = False,
+                    producer: dict | None = None) -> LatencyRun:
     """`overrides`: extra config overrides of the aggregator; `trace`: the service writes
     its per-step timestamps (aggregator/devtools/latency_trace.py) and `run.breakdown` says
-    where the latency went (`breakdown`)."""
-    run = LatencyRun(workers, round(rate), dict(consumer or {}))
+    where the latency went (`breakdown`); `producer`: the paced producer's extra librdkafka
+    settings (`PacedProducer`)."""
+    run = LatencyRun(workers, round(rate), dict(consumer or {}), dict(producer or {}))
     trace_dir = tempfile.mkdtemp(prefix="agg-lat-trace-") if trace else None
     n = WARMUP + max(100, int(rate * seconds))
     w = wl.generate(seed, n)
@@ -169,20 +200,21 @@ def measure_latency(bootstrap: str, prefix: str, workers: int, rate: float, seco
             p.start()
         finally:
             os.environ.pop(TRACE_ENV, None)
-        prod = PacedProducer(bootstrap, prefix)
-        prod.burst(records[:WARMUP])
-        p.poller.set_targets(prod.last_offsets())
-        if not p.poller.wait(timeout):
-            run.error = "warm-up records never became durable"
-            p.stop_event.set()
-            p.finish(60)
-            return run
-        t_paced0 = time.monotonic()
-        run.achieved_rate = round(prod.paced(records[WARMUP:], rate))
-        p.poller.set_targets(prod.last_offsets())
-        if not p.poller.wait(timeout):
-            run.error = "paced records never became durable"
-        t_paced1 = time.monotonic()
+        prod = PacedProducer(bootstrap, prefix, producer)
+        with steady_pacing():
+            prod.burst(records[:WARMUP])
+            p.poller.set_targets(prod.last_offsets())
+            if not p.poller.wait(timeout):
+                run.error = "warm-up records never became durable"
+                p.stop_event.set()
+                p.finish(60)
+                return run
+            t_paced0 = time.monotonic()
+            run.achieved_rate = round(prod.paced(records[WARMUP:], rate))
+            p.poller.set_targets(prod.last_offsets())
+            if not p.poller.wait(timeout):
+                run.error = "paced records never became durable"
+            t_paced1 = time.monotonic()
         p.stop_event.set()
         res = p.finish(timeout)
         run.memory = p.sampler.summary()
@@ -350,6 +382,7 @@ class FloorRun:
 
     target_rate: float
     consumer: dict = field(default_factory=dict)
+    producer: dict = field(default_factory=dict)  # the paced producer's extra settings
     ok: bool = False
     error: str = ""
     achieved_rate: float = 0.0
@@ -391,10 +424,11 @@ def floor_consumer(bootstrap: str, topics: list[str], consumer: dict, expected, 
 
 
 def measure_floor(bootstrap: str, prefix: str, rate: float, seconds: float, seed: int, *,
-                  consumer: dict | None = None, timeout: float = 600) -> FloorRun:
+                  consumer: dict | None = None, timeout: float = 600,
+                  producer: dict | None = None) -> FloorRun:
     import multiprocessing as mp
 
-    run = FloorRun(round(rate), dict(consumer or {}))
+    run = FloorRun(round(rate), dict(consumer or {}), dict(producer or {}))
     records = wl.generate(seed, WARMUP + max(100, int(rate * seconds))).records
     topics = wl.create(bootstrap, prefix)
     ctx = mp.get_context("spawn")
@@ -405,11 +439,12 @@ def measure_floor(bootstrap: str, prefix: str, rate: float, seconds: float, seed
     proc.start()
     send.close()
     try:
-        prod = PacedProducer(bootstrap, prefix)
+        prod = PacedProducer(bootstrap, prefix, producer)
         prod.burst(records[:WARMUP])
         time.sleep(1.0)  # the consumer is connected and has fetched the warm-up
         t_paced = time.time() * 1000
-        run.achieved_rate = round(prod.paced(records[WARMUP:], rate))
+        with steady_pacing():
+            run.achieved_rate = round(prod.paced(records[WARMUP:], rate))
         expected.value = len(records)
         if not recv.poll(timeout):
             run.error = "the floor consumer did not see every record"

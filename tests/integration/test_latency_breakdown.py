@@ -13,9 +13,14 @@ from bench.tools import latency_breakdown
 def test_every_record_is_traced_and_its_steps_add_up(tmp_path, capsys):
     out = tmp_path / "lat.json"
     assert latency_breakdown.main(["--rate", "400", "--seconds", "3", "--json", str(out),
-                                   "--set", "service.commit_idle_ms=5"]) == 0
+                                   "--set", "service.commit_idle_ms=5",
+                                   "--producer", "linger.ms=20", "--floor"]) == 0
     r = json.loads(out.read_text())
     assert r["ok"] and r["verified"] == "PASSED"
+    assert r["producer"] == {"linger.ms": 20}
+    floor = r["floor"]  # the bare consumer on the same paced load and producer settings
+    assert floor["ok"] and floor["producer"] == {"linger.ms": 20}
+    assert floor["measured"] == r["measured"] and 0 < floor["p50_ms"] <= floor["p99_ms"]
     b = r["breakdown"]
     assert b["missing"] == 0 and b["records"] == r["measured"] > 1000
     assert set(b["steps"]) == set(STEPS)
