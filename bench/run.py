@@ -121,25 +121,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             load_config(wl.CONFIG_PATH, args.overrides, env={})
         except ConfigError as e:
             ap.error(f"--set: {str(e).splitlines()[0]}")
-    consumers = []
-    for v in args.latency_fetch_wait_ms.split(","):
-        v = v.strip()
-        if v and v != "default" and not v.isdigit():
-            ap.error(f"--latency-fetch-wait-ms: {v!r} is not a number of ms or 'default'")
-        if v:
-            consumers.append({} if v == "default" else {"fetch.wait.max.ms": int(v)})
     if args.latency_linger_ms is None:
         args.latency_linger_ms = "5" if args.quick else "5,50"
-    lingers = []
-    for v in args.latency_linger_ms.split(","):
-        v = v.strip()
-        if v and not v.isdigit():
-            ap.error(f"--latency-linger-ms: {v!r} is not a number of ms")
-        if v:
-            lingers.append(int(v))
+    consumers = _settings_list(ap, args.latency_fetch_wait_ms, "--latency-fetch-wait-ms",
+                               "fetch.wait.max.ms", allow_default=True)
+    producers = _settings_list(ap, args.latency_linger_ms, "--latency-linger-ms", "linger.ms")
     # (consumer settings, paced producer settings) of each latency run
-    args.latency_variants = [(c, {"linger.ms": ms}) for ms in lingers for c in consumers]
+    args.latency_variants = [(c, p) for p in producers for c in consumers]
     return args
+
+
+def _settings_list(ap: argparse.ArgumentParser, text: str, flag: str, key: str,
+                   allow_default: bool = False) -> list[dict]:
+    """Comma-separated ms values of one librdkafka setting: one settings dict each
+    ('default', where allowed: the client's own value, an empty dict)."""
+    out = []
+    for v in (x.strip() for x in text.split(",")):
+        if not v:
+            continue
+        if allow_default and v == "default":
+            out.append({})
+        elif v.isdigit():
+            out.append({key: int(v)})
+        else:
+            ap.error(f"{flag}: {v!r} is not a number of ms" +
+                     (" or 'default'" if allow_default else ""))
+    return out
 
 
 class Harness:

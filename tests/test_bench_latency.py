@@ -10,29 +10,43 @@ from bench.run import parse_args
 from bench.stages.latency import steady_pacing
 
 
-def test_steady_pacing_freezes_and_stops_the_collector_then_restores_it():
+@pytest.fixture
+def collector():
+    """An enabled collector with nothing frozen, and set back so after the test."""
+    gc.unfreeze()
+    gc.enable()
+    yield
+    gc.unfreeze()
+    gc.enable()
+
+
+def test_steady_pacing_freezes_and_stops_the_collector_then_restores_it(collector):
     held = [[i] for i in range(1000)]  # containers the collector would traverse
-    assert gc.isenabled()
     with steady_pacing():
         assert not gc.isenabled()
         assert gc.get_freeze_count() >= len(held)
     assert gc.isenabled() and gc.get_freeze_count() == 0
 
 
-def test_steady_pacing_restores_the_collector_after_an_error():
+def test_steady_pacing_restores_the_collector_after_an_error(collector):
     with pytest.raises(RuntimeError), steady_pacing():
         raise RuntimeError("paced run failed")
     assert gc.isenabled() and gc.get_freeze_count() == 0
 
 
-def test_steady_pacing_leaves_a_disabled_collector_disabled():
+def test_steady_pacing_leaves_a_disabled_collector_disabled(collector):
     gc.disable()
-    try:
-        with steady_pacing():
-            assert not gc.isenabled()
+    with steady_pacing():
         assert not gc.isenabled()
-    finally:
-        gc.enable()
+    assert not gc.isenabled()
+
+
+def test_steady_pacing_leaves_an_earlier_freeze_frozen(collector):
+    gc.freeze()  # as a worker's runtime.tune_gc does
+    frozen = gc.get_freeze_count()
+    with steady_pacing():
+        pass
+    assert gc.get_freeze_count() >= frozen > 0
 
 
 def test_latency_variants_pair_each_fetch_wait_with_each_producer_linger():
@@ -44,3 +58,7 @@ def test_latency_variants_pair_each_fetch_wait_with_each_producer_linger():
                                      ({"fetch.wait.max.ms": 10}, {"linger.ms": 20})]
     with pytest.raises(SystemExit):
         parse_args(["--latency-linger-ms", "5ms"])
+    with pytest.raises(SystemExit):
+        parse_args(["--latency-linger-ms", "default"])  # the producer's has no 'default'
+    with pytest.raises(SystemExit):
+        parse_args(["--latency-fetch-wait-ms", "soon"])

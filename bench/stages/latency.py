@@ -158,7 +158,9 @@ def steady_pacing():
     rate: a burst the service is then measured on, and a poll late by that pause. Frozen
     (`gc.freeze`), what exists before the run is never traversed; disabled, the collector
     does not run at all while the records are paced (what they allocate is freed by
-    reference counting; the frozen and the cyclic garbage are collected after)."""
+    reference counting; the frozen and the cyclic garbage are collected after). What was
+    frozen before stays frozen: unfreezing cannot tell it from what this froze."""
+    frozen_before = gc.get_freeze_count()
     gc.collect()
     gc.freeze()
     enabled = gc.isenabled()
@@ -168,7 +170,8 @@ def steady_pacing():
     finally:
         if enabled:
             gc.enable()
-        gc.unfreeze()
+        if not frozen_before:
+            gc.unfreeze()
 
 
 def _pct(xs: list[float], q: float) -> float:
