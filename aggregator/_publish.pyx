@@ -26,10 +26,12 @@ sends again from `delivered + 1`, as the reference publisher does.
 """
 
 cimport cython
-from libc.stdint cimport int32_t, int64_t, uint8_t, uint64_t, uintptr_t
-from libc.string cimport memcpy, memset
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t, uintptr_t
+from libc.string cimport memcmp, memcpy, memset
 from libc.stdlib cimport calloc, free, malloc, realloc
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.dict cimport PyDict_GetItem
+from cpython.object cimport PyObject
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize
 
 import struct as _struct
@@ -243,6 +245,8 @@ cdef extern from *:
 cdef enum:
     BLOB_FORMAT = 1
     BLOB_LZ4 = 2  # flag: the body is an LZ4 block (changes.compress_blob; never handed here)
+    BLOB_JSON = 1  # flag: the data is JSON
+    BLOB_LOGGED = 4  # flag: data left out, in the doc_log (changes.stored_blob; never here)
     BLOB_HEAD = 16  # <BBHIq: format, flags, 0, count, ms
     BLOB_REC = 18  # <HIiQ: view id, key length, data length (-1: null), version
     RING = 1 << 18  # delivery flags: more than librdkafka's queue may hold in flight
@@ -383,6 +387,8 @@ cdef class BlobProducer:
             raise ValueError("not a change outbox blob of format 1")
         if blob[1] & BLOB_LZ4:
             raise ValueError("a compressed change outbox blob: changes.open_blob it first")
+        if blob[1] & BLOB_LOGGED:
+            raise ValueError("a logged change outbox blob: changes.resolve_stored it first")
         cdef const uint8_t *p = &blob[0]
         cdef bint is_json = p[1] & 1
         cdef uint64_t count = _u(p + 4, 4)
@@ -661,4 +667,86 @@ def pack_blob(rows, long long ms, bint is_json, Py_ssize_t first=0):
         if dlen:
             memcpy(p, PyBytes_AS_STRING(data), dlen)
             p += dlen
+    return out
+
+
+def stored_blob(bytes blob, rows, dict bodies, dict logged, uint64_t log_key,
+                Py_ssize_t first=1):
+    """changes.stored_blob_ref in two C passes over the blob (which records to leave out
+    and the size, then one bytes object filled in place); the same bytes, or None."""
+    cdef const unsigned char* b = <const unsigned char*>PyBytes_AS_STRING(blob)
+    cdef Py_ssize_t size = PyBytes_GET_SIZE(blob), pos = BLOB_HEAD, end, total, i
+    cdef list rl = rows if type(rows) is list else list(rows)
+    cdef uint64_t n, klen, version
+    cdef int32_t dlen
+    cdef unsigned int vid
+    cdef object row, dkey, data, body
+    cdef tuple t, known
+    cdef PyObject* hit
+    cdef Py_ssize_t elided = 0
+    if size < BLOB_HEAD or b[0] != BLOB_FORMAT or b[1] & (BLOB_LZ4 | BLOB_LOGGED) or \
+            not b[1] & BLOB_JSON:
+        return None
+    n = _u(b + 4, 4)
+    if <uint64_t>len(rl) != n:
+        raise ValueError(f"{len(rl)} change rows for a blob of {n}")
+    cdef bytearray keep = bytearray(n)  # 1: the record's data is left out
+    total = BLOB_HEAD + 8
+    for i in range(<Py_ssize_t>n):  # pass 1: which records, and the size
+        if pos + BLOB_REC > size:
+            raise ValueError("change outbox blob truncated")
+        vid = <unsigned int>_u(b + pos, 2)
+        klen = _u(b + pos + 2, 4)
+        dlen = <int32_t>_u(b + pos + 6, 4)
+        version = _u(b + pos + 10, 8)
+        end = pos + BLOB_REC + <Py_ssize_t>klen + (dlen if dlen > 0 else 0)
+        if end > size:
+            raise ValueError("change outbox blob truncated")
+        row = rl[i]
+        t = row if type(row) is tuple else tuple(row)
+        dkey = t[first - 1]
+        data = t[first + 3]
+        if dlen >= 0 and vid <= 0xFF and type(dkey) is bytes and \
+                PyBytes_GET_SIZE(dkey) == <Py_ssize_t>klen + 3:
+            hit = PyDict_GetItem(bodies, dkey)
+            if hit is not NULL and type(<object>hit) is tuple and len(<tuple>hit) == 2:
+                known = <tuple>hit
+                body = known[1]
+                if body is not None and known[0] == version and \
+                        (body is data or body == data) and \
+                        (<const unsigned char*>PyBytes_AS_STRING(dkey))[2] == vid and \
+                        memcmp(PyBytes_AS_STRING(dkey) + 3, b + pos + BLOB_REC, klen) == 0:
+                    hit = PyDict_GetItem(logged, dkey)
+                    if hit is not NULL and <object>hit is not None:
+                        keep[i] = 1
+                        elided += 1
+        total += (BLOB_REC + <Py_ssize_t>klen + 2) if keep[i] else end - pos
+        pos = end
+    if pos != size:
+        raise ValueError("change outbox blob: trailing bytes")
+    if elided == 0:
+        return None
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, total)
+    cdef unsigned char* p = <unsigned char*>PyBytes_AS_STRING(out)
+    memcpy(p, b, BLOB_HEAD)
+    p[1] |= BLOB_LOGGED
+    _le64(p + BLOB_HEAD, log_key)
+    p += BLOB_HEAD + 8
+    pos = BLOB_HEAD
+    for i in range(<Py_ssize_t>n):  # pass 2: fill in place
+        klen = _u(b + pos + 2, 4)
+        dlen = <int32_t>_u(b + pos + 6, 4)
+        end = pos + BLOB_REC + <Py_ssize_t>klen + (dlen if dlen > 0 else 0)
+        if keep[i]:
+            memcpy(p, b + pos, BLOB_REC + klen)
+            _le32(p + 6, <uint64_t><uint32_t>(<int32_t>-2))
+            p += BLOB_REC + klen
+            row = rl[i]
+            dkey = row[first - 1]
+            memcpy(p, PyBytes_AS_STRING(dkey), 2)
+            p += 2
+        else:
+            memcpy(p, b + pos, end - pos)
+            p += end - pos
+        pos = end
     return out

@@ -1,11 +1,13 @@
 """Change events: every change of a view document, published through a transactional outbox.
 
 A worker writes the changes of a transaction into its shard's `changes` table in that same
-LMDB transaction, as one blob (`pack_blob`; stored as an LZ4 block when that pays,
-`compress_blob`) keyed by the range of per-shard change sequence numbers they take. After
-the commit, a publisher produces the changes in sequence order with an idempotent producer
-and learns which were delivered; the worker prunes a blob in a later
-transaction once all of it was delivered. Two publishers, with the same records on the wire:
+LMDB transaction, as one blob (`pack_blob`; stored without the data that the transaction's
+``doc_log`` record also holds, `stored_blob`, then as an LZ4 block when that pays,
+`compress_blob`) keyed by the range of per-shard change sequence
+numbers they take. After the commit, a publisher produces the changes in sequence order
+with an idempotent producer and learns which were delivered; the worker prunes a blob in a
+later transaction once all of it was delivered. Two publishers, with the same records on the
+wire:
 `NativeChangePublisher` (the default) hands a whole blob to librdkafka in one compiled loop
 (aggregator/_publish.pyx) and tallies the delivery reports in C; `ChangePublisher`, in plain
 Python over confluent-kafka, is the reference (``AGGREGATOR_PURE_CORE=1`` selects it).
@@ -42,9 +44,9 @@ from confluent_kafka import KafkaException, Producer
 
 from . import core
 from .config import CHANGES_PRODUCER_DEFAULTS, Config
-from .doc_codec import json_body
+from .doc_codec import json_body, unpack_stored
 from .kafka_clients import quiet, redact_text
-from .store import parse_change_key
+from .store import doc_log_entries, parse_change_key
 
 log = logging.getLogger(__name__)
 
@@ -115,9 +117,16 @@ class ChangeEncoder:
         each row on) as one outbox blob."""
         return pack_blob(rows, int(time.time() * 1000), self.json, first)
 
-    def stored(self, blob: bytes) -> bytes:
-        """The outbox value of a blob: compressed (`compress_blob`) unless
+    def stored(self, blob: bytes, rows: list | None = None, bodies: dict | None = None,
+               logged: dict | None = None, log_key: int = 0) -> bytes:
+        """The outbox value of a blob: with `rows` (the blob's (doc key, view id, key,
+        version, data) rows), the transaction's `bodies` (doc key -> (version, JSON body),
+        Worker._store_docs) and `logged` (doc key -> record, what the transaction's
+        ``doc_log`` record `log_key` holds: store.Batch.logged_docs), without the data that
+        record also holds (`stored_blob`); then compressed (`compress_blob`) unless
         ``changes.compress_blobs`` is off."""
+        if rows is not None:
+            blob = stored_blob(blob, rows, bodies or {}, logged or {}, log_key) or blob
         return compress_blob(blob) if self.compress else blob
 
 
@@ -131,6 +140,15 @@ _BLOB_REC = struct.Struct("<HIiQ")  # view id, key length, data length (-1: null
 _BODY_LEN = struct.Struct("<I")  # a compressed blob's body length, after the head
 BLOB_JSON = 1
 BLOB_LZ4 = 2
+# A logged blob (flag BLOB_LOGGED, format 6 shards; `stored_blob`): its body starts with the
+# key (u64) of its commit's ``doc_log`` record, and a record whose data length is
+# DLEN_LOGGED holds no data but the 2-byte slot prefix of its document (after its key): its
+# data is the JSON body of that document's record in that ``doc_log`` record (the version
+# the same). The shard's readers put the data back (`resolve_stored`, store.py) before
+# anything else reads the blob.
+BLOB_LOGGED = 4
+DLEN_LOGGED = -2
+_LOG_KEY = struct.Struct("<Q")
 COMPRESS_MIN = 256  # bytes of body below which a blob is stored as it is
 _LZ4_MAX = 0x7E000000  # LZ4_MAX_INPUT_SIZE: a larger body is stored as it is
 
@@ -182,7 +200,8 @@ def compress_blob(blob: bytes) -> bytes:
 
 def open_blob(blob: bytes) -> bytes:
     """The blob as `pack_blob` wrote it: a compressed one decompressed (the head's flag
-    BLOB_LZ4 cleared), any other as it is. What _publish.BlobProducer.produce takes."""
+    BLOB_LZ4 cleared), any other as it is. What _publish.BlobProducer.produce takes (a
+    logged blob, BLOB_LOGGED, stays one: `resolve_stored` puts its data back)."""
     if len(blob) < _BLOB_HEAD.size or not blob[1] & BLOB_LZ4:
         return blob
     if blob[0] != BLOB_FORMAT:
@@ -207,6 +226,9 @@ def blob_records(blob: bytes) -> tuple[int, bool, list[tuple[int, bytes, int, by
     fmt, flags, _, n, ms = _BLOB_HEAD.unpack_from(blob)
     if fmt != BLOB_FORMAT:
         raise ValueError(f"change outbox blob of format {fmt} (this build reads {BLOB_FORMAT})")
+    if flags & BLOB_LOGGED:
+        raise ValueError("a logged change outbox blob: its shard's reader puts its data back "
+                         "first (changes.resolve_stored)")
     pos = _BLOB_HEAD.size
     out = []
     for _ in range(n):
@@ -223,6 +245,106 @@ def blob_records(blob: bytes) -> tuple[int, bool, list[tuple[int, bytes, int, by
     if pos != len(blob):
         raise ValueError("change outbox blob: trailing bytes")
     return ms, bool(flags & BLOB_JSON), out
+
+
+def stored_blob_ref(blob: bytes, rows: Iterable[tuple], bodies: dict, logged: dict,
+                    log_key: int, first: int = 1) -> bytes | None:
+    """The outbox form of a commit's blob (as `pack_blob` wrote it from `rows`, whose fields
+    from index `first` on are (view id, key, version, data) and whose field ``first - 1`` is
+    the document's key) without the data that the commit's ``doc_log`` record (key
+    `log_key`) also holds (flag BLOB_LOGGED), or None when there is none.
+
+    A record's data is left out when it is JSON, the document's last version in the
+    transaction, and stored as that very body: `bodies` (Worker._store_docs: doc key ->
+    (version, JSON body or None)) holds the record's version and its data, and `logged`
+    (store.Batch.logged_docs: doc key -> record, None for a delete) holds the document. Its
+    key must be ``slot(2) + view id + key`` (store.view_key): the reader makes it again from
+    the record and the 2 bytes kept. `resolve_stored` gives the blob back. The reference of
+    the compiled `stored_blob` (_publish.pyx), which ``AGGREGATOR_PURE_CORE=1`` replaces with
+    this one."""
+    fmt, flags, _, n, ms = _BLOB_HEAD.unpack_from(blob)
+    if fmt != BLOB_FORMAT or flags & (BLOB_LZ4 | BLOB_LOGGED) or not flags & BLOB_JSON:
+        return None
+    rows = list(rows)
+    if len(rows) != n:
+        raise ValueError(f"{len(rows)} change rows for a blob of {n}")
+    parts = [b"", _LOG_KEY.pack(log_key)]
+    pos, rec, elided = _BLOB_HEAD.size, _BLOB_REC.size, 0
+    for row in rows:
+        vid, klen, dlen, version = _BLOB_REC.unpack_from(blob, pos)
+        kb = blob[pos + rec:pos + rec + klen]
+        end = pos + rec + klen + max(dlen, 0)
+        dkey, data = row[first - 1], row[first + 3]
+        known = bodies.get(dkey) if dlen >= 0 else None
+        if known is not None and known[1] is not None and known[0] == version and \
+                (known[1] is data or known[1] == data) and vid <= 0xFF and \
+                type(dkey) is bytes and len(dkey) == klen + 3 and dkey[2] == vid and \
+                dkey[3:] == kb and logged.get(dkey) is not None:
+            parts += (_BLOB_REC.pack(vid, klen, DLEN_LOGGED, version), kb, dkey[:2])
+            elided += 1
+        else:
+            parts.append(blob[pos:end])
+        pos = end
+    if pos != len(blob):
+        raise ValueError("change outbox blob: trailing bytes")
+    if not elided:
+        return None
+    parts[0] = _BLOB_HEAD.pack(fmt, flags | BLOB_LOGGED, 0, n, ms)
+    return b"".join(parts)
+
+
+if core.IMPLEMENTATION == "python":  # AGGREGATOR_PURE_CORE=1
+    stored_blob = stored_blob_ref
+else:
+    from ._publish import stored_blob  # noqa: E402 - the compiled twin
+
+
+def logged_key(blob: bytes) -> int | None:
+    """The ``doc_log`` key a stored blob's data is in (None: not a logged blob); `blob` as
+    stored (compressed or not)."""
+    if len(blob) < _BLOB_HEAD.size or blob[0] != BLOB_FORMAT or not blob[1] & BLOB_LOGGED:
+        return None
+    return _LOG_KEY.unpack_from(open_blob(blob), _BLOB_HEAD.size)[0]
+
+
+def resolve_stored(blob: bytes, log_record=None) -> bytes:
+    """A stored blob (`stored_blob`; compressed or not) as `pack_blob` wrote it: each
+    left-out data put back from `log_record`, the value of its ``doc_log`` record
+    (`logged_key`). ValueError when the record does not hold a document at its version as
+    JSON."""
+    blob = open_blob(blob)
+    fmt, flags, _, n, ms = _BLOB_HEAD.unpack_from(blob)
+    if not flags & BLOB_LOGGED:
+        return blob
+    if log_record is None:
+        raise ValueError("a logged change outbox blob without its document log record")
+    index = {dkey: (off, length) for dkey, off, length in doc_log_entries(log_record)}
+    parts = [_BLOB_HEAD.pack(fmt, flags & ~BLOB_LOGGED, 0, n, ms)]
+    pos, rec = _BLOB_HEAD.size + _LOG_KEY.size, _BLOB_REC.size
+    for _ in range(n):
+        vid, klen, dlen, version = _BLOB_REC.unpack_from(blob, pos)
+        kstart = pos + rec
+        if dlen != DLEN_LOGGED:
+            end = kstart + klen + max(dlen, 0)
+            parts.append(blob[pos:end])
+            pos = end
+            continue
+        kb = blob[kstart:kstart + klen]
+        dkey = blob[kstart + klen:kstart + klen + 2] + bytes((vid,)) + kb
+        at = index.get(dkey)
+        body = None
+        if at is not None and at[1] >= 0:
+            record = unpack_stored(bytes(log_record[at[0]:at[0] + at[1]]))
+            if record.get("v") == version:
+                body = record.get("j")
+        if type(body) is not bytes:
+            raise ValueError(f"logged change event {vid}:{version}:{kb!r}: its document "
+                             "log record does not hold that version as JSON")
+        parts += (_BLOB_REC.pack(vid, klen, len(body), version), kb, body)
+        pos = kstart + klen + 2
+    if pos != len(blob):
+        raise ValueError("change outbox blob: trailing bytes")
+    return b"".join(parts)
 
 
 def outbox_blobs(rows: Iterable[tuple[bytes, bytes]]) -> Iterator[tuple[int, int, bytes]]:

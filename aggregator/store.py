@@ -30,7 +30,8 @@ outbox         target worker (2) + link seq (8)       forwarded view updates (fo
                                                       format 2; format 1 msgpack still read)
 changes        first change seq (8) + last (8)        one commit's change events: a blob
                                                       (changes.py, `pack_blob`), not yet
-                                                      all delivered
+                                                      all delivered; format 6: the data
+                                                      its doc_log record holds left out
                (format 1 rows: change seq (8))        msgpack [view id, key, version, data,
                                                       ms, json?] (one change event)
 dedup_log      log seq (8)                            generation (8) + identity hashes
@@ -41,7 +42,20 @@ dedup_live     entry seq (8)                          generation (8) + S + ident
 meta           name                                   msgpack value
 =============  =====================================  ====================================
 
-Format 5 (this build) is format 4 with the document log and compressed change blobs.
+Format 6 (this build) is format 5 with logged change blobs: a commit's change event
+whose data is the JSON body of its document's record in the commit's ``doc_log`` record
+(when it is the document's last version in the commit) is stored without it, as a
+reference to that record (changes.py, `stored_blob`: flag BLOB_LOGGED, the record's key,
+per such event its document's slot): that data is written to disk once instead of twice,
+and the blob's LZ4 reads less. The readers of the outbox put it back
+(`changes.resolve_stored`): `Shard.changes_after` (the publisher reading the outbox after a
+restart or a failure) and `Snapshot.rows` (the reshard, the tools). A checkpoint empties
+the log, so it first rewrites the outbox's logged blobs with their data
+(`write_doc_checkpoint`): every blob of the outbox can be made whole at every commit. A
+format-5 shard is read as it is and stamped 6 when a worker opens it, so that an older
+build then refuses it instead of misreading a logged blob.
+
+Format 5 is format 4 with the document log and compressed change blobs.
 
 The document log: a worker's commit appends its
 documents (the packed records of ``views``, or deletes) as one ``doc_log`` record
@@ -184,8 +198,8 @@ from .runtime import pid_alive
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 5
-FORMATS_IN_PLACE = (2, 3, 4)  # read as they are; stamped FORMAT_VERSION when a worker opens them
+FORMAT_VERSION = 6
+FORMATS_IN_PLACE = (2, 3, 4, 5)  # read as they are; stamped FORMAT_VERSION when a worker opens them
 _DBS = ("views", "seq", "seq_log", "parked", "offsets", "links", "outbox", "changes",
         "dedup_log", "dedup_live", "doc_log", "meta")
 FORMAT1_DBS = ("dedup", "dedup_gen")  # format 1's dedup index (read by the migration only)
@@ -399,11 +413,16 @@ def doc_log_rows(txn, db) -> tuple[dict[bytes, bytes | None], int, int]:
     return docs, last, n
 
 
-def write_doc_checkpoint(txn, views_db, log_db, meta_db, docs: dict[bytes, bytes | None]) -> None:
+def write_doc_checkpoint(txn, views_db, log_db, meta_db, docs: dict[bytes, bytes | None],
+                         changes_db=None) -> None:
     """A checkpoint of the document log in `txn`: `docs` (the latest record of every document
     logged since the last checkpoint, None: deleted) into ``views`` in one sorted putmulti
-    and the deletes, the log emptied (mdb_drop: its pages go to the free list) and meta
-    DOC_LOG_EPOCH bumped (readers that cached the log see that it was dropped)."""
+    and the deletes, the logged change blobs of the outbox (`changes_db`) rewritten with
+    their data (`resolve_changes`: the log they refer to goes), the log emptied (mdb_drop:
+    its pages go to the free list) and meta DOC_LOG_EPOCH bumped (readers that cached the
+    log see that it was dropped)."""
+    if changes_db is not None:
+        resolve_changes(txn, changes_db, log_db)
     if docs:
         live = sorted((k, v) for k, v in docs.items() if v is not None)
         cur = txn.cursor(db=views_db)
@@ -415,6 +434,45 @@ def write_doc_checkpoint(txn, views_db, log_db, meta_db, docs: dict[bytes, bytes
     txn.drop(log_db, delete=False)
     raw = txn.get(DOC_LOG_EPOCH, db=meta_db)
     txn.put(DOC_LOG_EPOCH, _pack((0 if raw is None else _unpack(raw)) + 1), db=meta_db)
+
+
+def resolved_change(txn, log_db, key: bytes, value) -> bytes:
+    """A change outbox row's value with the data of a logged blob (changes.stored_blob) put
+    back from the ``doc_log`` record it refers to (changes.resolve_stored; uncompressed),
+    any other value as it is (bytes). ShardError when that record is missing or does not
+    hold the data."""
+    from .changes import BLOB_LOGGED, logged_key, open_blob, resolve_stored
+
+    value = bytes(value)
+    if len(key) != 16 or len(value) < 2 or not value[1] & BLOB_LOGGED:
+        return value
+    value = open_blob(value)  # LZ4 (if any) undone once, for both calls below
+    lk = logged_key(value)
+    record = txn.get(_U64.pack(lk), db=log_db) if log_db is not None else None
+    if record is None:
+        raise ShardError(f"change outbox blob {parse_change_key(key)[:2]}: its document log "
+                         f"record {lk} is missing")
+    try:
+        return resolve_stored(value, record)
+    except ValueError as e:
+        raise ShardError(f"change outbox blob {parse_change_key(key)[:2]}: {e}") from e
+
+
+def resolve_changes(txn, changes_db, log_db) -> int:
+    """Rewrite every logged blob of the change outbox whole (`resolved_change`; compressed
+    again if it was: changes.compress_blob), before the document log it refers to is
+    emptied; returns how many. Most commits' blobs were delivered and pruned by then: this
+    reads a few rows."""
+    from .changes import BLOB_LOGGED, BLOB_LZ4, compress_blob
+
+    todo = []
+    for k, v in txn.cursor(db=changes_db):
+        if len(k) == 16 and len(v) > 1 and v[1] & BLOB_LOGGED:
+            full = resolved_change(txn, log_db, bytes(k), v)
+            todo.append((bytes(k), compress_blob(full) if v[1] & BLOB_LZ4 else full))
+    for k, v in todo:
+        txn.put(k, v, db=changes_db)
+    return len(todo)
 
 
 def parse_seq_value_v1(value: bytes) -> list:
@@ -589,7 +647,7 @@ class Shard:
         n = len(self.doc_pending)
         with self.env.begin(write=True) as txn:
             write_doc_checkpoint(txn, self.db["views"], self.db["doc_log"], self.db["meta"],
-                                 self.doc_pending)
+                                 self.doc_pending, self.db["changes"])
         self.doc_pending, self.doc_log_last, self.doc_logged = {}, 0, 0
         return n
 
@@ -702,7 +760,9 @@ class Shard:
 
     def changes_after(self, after: int) -> Iterator[tuple[bytes, bytes]]:
         """(key, value) rows of the change outbox, in order, from the one that holds change
-        seq after + 1 (it may start before it: see `parse_change_key`)."""
+        seq after + 1 (it may start before it: see `parse_change_key`); a logged blob with
+        its data put back (`resolved_change`)."""
+        log_db = self.db.get("doc_log")
         with self.env.begin(db=self.db["changes"]) as txn:
             cur = txn.cursor()
             if cur.set_range(_U64.pack(after + 1)):
@@ -711,7 +771,8 @@ class Shard:
             elif not cur.last() or parse_change_key(cur.key())[1] <= after:
                 return
             for k, v in cur:
-                yield bytes(k), bytes(v)
+                k = bytes(k)
+                yield k, resolved_change(txn, log_db, k, v)
 
     def count_changes_after(self, after: int) -> int:
         """How many change events of the outbox have seq > after."""
@@ -1302,9 +1363,24 @@ class Batch(_IndexWrites):
         many documents."""
         docs = self._docp if self._doc_ckpt else {**self.shard.doc_pending, **self._docp}
         write_doc_checkpoint(self.txn, self._db["views"], self._db["doc_log"],
-                             self._db["meta"], docs)
+                             self._db["meta"], docs, self._db["changes"])
         self._docp, self._doc_next, self._doc_n, self._doc_ckpt = {}, 0, 0, True
         return len(docs)
+
+    def logged_docs(self) -> dict[bytes, bytes | None]:
+        """The documents this transaction's ``doc_log`` record will hold (key -> record,
+        None: deleted; empty after a checkpoint in this transaction, which wrote them into
+        ``views``): what a change blob may refer to (changes.stored_blob)."""
+        return self._docp
+
+    @property
+    def doc_log_txn_bytes(self) -> int:
+        """Bytes this transaction logs (its part of `doc_log_bytes`)."""
+        return self._doc_n
+
+    def next_doc_log_key(self) -> int:
+        """The key of this transaction's ``doc_log`` record, if it writes one."""
+        return self._doc_next + 1
 
     def _write_doc_log(self) -> None:
         """Before the commit: this transaction's documents appended as one doc_log record."""
@@ -1978,12 +2054,18 @@ class Snapshot:
 
     def rows(self, table: str, prefix: bytes = b"", start: bytes | None = None):
         """(key, value) of a table whose key starts with `prefix` (and is >= `start`), in
-        key order."""
+        key order (``changes``: a logged blob with its data put back, `resolved_change`)."""
         if table == "views" and self._doc_db is not None:
             yield from self._view_rows(prefix, start)
             return
         db = self._db.get(table)
         if db is None:
+            return
+        if table == "changes":
+            log_db = self._db.get("doc_log")
+            for k, v in self._table_rows(db, prefix, start):
+                k = bytes(k)
+                yield k, resolved_change(self.txn, log_db, k, v)
             return
         yield from self._table_rows(db, prefix, start)
 

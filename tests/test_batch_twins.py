@@ -287,3 +287,81 @@ def test_changelog_batch_logs_batch_calls_as_single_ones(tmp_path):
             shard.close()
     assert logs[0] == logs[1]
     assert logs[0][1] == 20 and all(logs[0][3])
+
+
+MODES = ("logged", "equal_copy", "older_version", "no_body", "body_none", "not_logged",
+         "logged_delete", "other_dkey")
+logged_rows = st.lists(st.tuples(st.integers(0, 300), st.text(max_size=12),
+                                 st.integers(0, 2**64 - 1),
+                                 st.none() | st.binary(max_size=40),
+                                 st.sampled_from(MODES), st.binary(min_size=2, max_size=2)),
+                       max_size=25)
+
+
+def logged_case(spec):
+    """(rows, bodies, logged docs, the doc_log record) of a commit: each row a (doc key,
+    view id, key, version, data) change, its `mode` deciding what bodies/logged say of it."""
+    from aggregator.doc_codec import pack_record
+    from aggregator.store import pack_doc_log
+
+    rows, bodies, logged = [], {}, {}
+    for vid, key, version, data, mode, slot in spec:
+        dkey = slot + bytes((vid & 0xFF,)) + key.encode()
+        if mode == "other_dkey":
+            dkey = dkey + b"x"
+        rows.append((dkey, vid, key, version, data))
+        if mode == "no_body" or data is None:
+            continue
+        body = bytes(data) if mode == "equal_copy" else data  # equal, not the same object
+        v = version if mode != "older_version" else version ^ 1
+        bodies[dkey] = (v, None if mode == "body_none" else body)
+        if mode == "logged_delete":
+            logged[dkey] = None
+        elif mode != "not_logged":
+            logged[dkey] = pack_record({"v": v, "d": None, "s": {}}, bodies[dkey][1])
+    return rows, bodies, logged, pack_doc_log(logged)
+
+
+@settings(max_examples=400, deadline=None)
+@given(logged_rows, st.integers(0, 2**64 - 1), st.booleans())
+def test_stored_blob_compiled_is_the_reference_and_resolves(spec, log_key, is_json):
+    """The outbox form without the data the commit's doc_log record holds: both builds give
+    the same bytes (or both None), and `resolve_stored` with that record gives the blob
+    back as pack_blob wrote it."""
+    rows, bodies, logged, record = logged_case(spec)
+    blob = changes.pack_blob_ref(rows, 1_700_000_000_000, is_json, 1)
+    want = changes.stored_blob_ref(blob, rows, bodies, logged, log_key)
+    assert _publish.stored_blob(blob, rows, bodies, logged, log_key) == want
+    assert _publish.stored_blob(blob, iter(rows), bodies, logged, log_key) == want
+    elidable = is_json and any(m in ("logged", "equal_copy") and d is not None and v <= 0xFF
+                               for v, _, _, d, m, _ in spec)
+    if want is None:  # nothing to leave out: the blob is stored as it is
+        assert not elidable
+        return
+    assert elidable and want[1] == blob[1] | changes.BLOB_LOGGED
+    assert want[0] == blob[0] and want[2:16] == blob[2:16]
+    assert changes.logged_key(want) == log_key
+    stored = changes.compress_blob(want)
+    assert changes.logged_key(stored) == log_key
+    assert changes.resolve_stored(stored, record) == blob
+    assert changes.resolve_stored(want, record) == blob
+    with pytest.raises(ValueError, match="logged change outbox blob"):
+        changes.blob_records(want)
+
+
+def test_a_logged_blob_without_its_record_is_refused():
+    from aggregator.doc_codec import pack_record
+    from aggregator.store import pack_doc_log
+
+    spec = [(1, "a", 3, b'{"x":1}', "logged", b"\x00\x07"),
+            (1, "b", 1, b'{"y":1}', "no_body", b"\x00\x07")]
+    rows, bodies, logged, record = logged_case(spec)
+    blob = changes.pack_blob_ref(rows, 5, True, 1)
+    stored = changes.stored_blob_ref(blob, rows, bodies, logged, 9)
+    assert changes.resolve_stored(stored, record) == blob
+    other = pack_doc_log({rows[0][0]: pack_record({"v": 4, "d": None, "s": {}}, b"{}")})
+    for bad in (pack_doc_log({}), other):
+        with pytest.raises(ValueError, match="does not hold that version"):
+            changes.resolve_stored(stored, bad)
+    with pytest.raises(ValueError, match="without its document log record"):
+        changes.resolve_stored(stored)

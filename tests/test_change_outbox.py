@@ -115,7 +115,7 @@ def test_a_damaged_compressed_blob_is_refused():
 
 
 def test_a_format_4_outbox_is_read_next_to_compressed_blobs(tmp_path):
-    """A format-4 shard (plain blobs) is stamped 5 when opened; its blobs and the
+    """A format-4 shard (plain blobs) is stamped 6 when opened; its blobs and the
     compressed ones written after are read alike (what the publisher and reshard read)."""
     enc = ChangeEncoder(config(), ["v"])
     path = tmp_path / "shard-0"
@@ -131,7 +131,7 @@ def test_a_format_4_outbox_is_read_next_to_compressed_blobs(tmp_path):
     shard = Shard(path, map_size=16 << 20)
     try:
         shard.check_layout(shard=0, workers=1, slots=4096)
-        assert shard.get_meta("format") == FORMAT_VERSION == 5
+        assert shard.get_meta("format") == FORMAT_VERSION == 6
         b = shard.begin()
         b.put_changes(31, 60, enc.stored(enc.blob(doc_rows(30, 30))))
         b.commit()

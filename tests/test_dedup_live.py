@@ -92,7 +92,7 @@ def test_a_format3_shard_is_upgraded_and_dedups_exactly(tmp_path, workload, orac
     c.boot(0)
     w = c.workers[0]
     shard = w.shard
-    assert shard.get_meta("format") == store_mod.FORMAT_VERSION == 5
+    assert shard.get_meta("format") == store_mod.FORMAT_VERSION == 6
     assert _hot_ids(shard) == 0
     assert sum(n for _, n in _live_entries(shard)) > 0
     assert _index_ids(shard) == before  # the same ids, each once

@@ -415,7 +415,7 @@ def test_a_format4_shard_without_a_doc_log_reads_as_it_is(tmp_path):
     r.close()
     s = Shard(path, sync=False)
     s.check_layout(shard=0, workers=1, slots=SLOTS)
-    assert s.get_meta("format") == 5
+    assert s.get_meta("format") == 6
     b = s.begin()
     assert b.get_doc(lmdb_key(0, "old")) == rec(3)
     b.put_doc(lmdb_key(0, "new"), rec(4))

@@ -28,7 +28,7 @@ from aggregator.doc_codec import unpack_record
 from aggregator.forwards import decode as decode_forward
 from aggregator.plan import ViewPlan
 from aggregator.routing import SLOTS, slot_of
-from aggregator.store import TOTALS, Shard, parse_seq_value, shard_path
+from aggregator.store import TOTALS, Shard, parse_seq_value, resolved_change, shard_path
 from tests import test_worker
 from tests.test_worker import (
     Cluster,
@@ -448,7 +448,9 @@ def dump(data_dir: Path) -> dict:
             with s.env.begin() as txn:
                 for name, db in sorted(s.db.items()):
                     rows = [(bytes(k), bytes(v)) for k, v in txn.cursor(db=db)]
-                    if name == "changes":
+                    if name == "changes":  # logged blobs with their data (format 6)
+                        rows = [(k, resolved_change(txn, s.db.get("doc_log"), k, v))
+                                for k, v in rows]
                         rows = [r[:5] for r in outbox_records(rows)]
                     out[(path.name, name)] = rows
         finally:

@@ -79,7 +79,10 @@ class LinksStage:
             first = self.change_seq + 1
             last = self.change_seq + len(rows)
             blob = self.changes.blob(rows, 1)  # fields after the doc key
-            batch.put_changes(first, last, self.changes.stored(blob))  # LZ4 unless off
+            # without the data the commit's doc_log record holds (LZ4 unless off)
+            logged = batch.logged_docs() if self._may_log_changes(batch) else None
+            batch.put_changes(first, last, self.changes.stored(
+                blob, rows, self.attempt.bodies, logged, batch.next_doc_log_key()))
             self.attempt.chg_out.append((first, last, blob))  # the publisher's: as it is
             batch.put_meta("change_seq", last)
         delivered = self.publisher.published
@@ -87,6 +90,14 @@ class LinksStage:
             batch.prune_changes(delivered)
             batch.put_meta("changes_published", delivered)
             self.attempt.pruned = delivered
+
+    def _may_log_changes(self, batch: Batch) -> bool:
+        """May this commit's change blob leave out the data its ``doc_log`` record holds?
+        Not when two more commits like it would reach the checkpoint: a checkpoint rewrites
+        the logged blobs not yet delivered with their data (store.write_doc_checkpoint),
+        and the last commits' blobs usually are not; written whole, they need not be."""
+        return batch.doc_log_bytes + 2 * batch.doc_log_txn_bytes < \
+            self.cfg.service.doc_checkpoint_bytes
 
     def _pump_outbox(self) -> None:
         """Send committed outbox messages to their shards, in link-sequence order."""
