@@ -48,7 +48,7 @@ whose data is the JSON body of its document's record in the commit's ``doc_log``
 reference to that record (changes.py, `stored_blob`: flag BLOB_LOGGED, the record's key,
 per such event its document's slot): that data is written to disk once instead of twice,
 and the blob's LZ4 reads less. The readers of the outbox put it back
-(`changes.resolve_stored`): `Shard.changes_after` (the publisher reading the outbox after a
+(`change_blobs.resolve_stored`): `Shard.changes_after` (the publisher reading the outbox after a
 restart or a failure) and `Snapshot.rows` (the reshard, the tools). A checkpoint empties
 the log, so it first rewrites the outbox's logged blobs with their data
 (`write_doc_checkpoint`): every blob of the outbox can be made whole at every commit. A
@@ -190,6 +190,14 @@ from typing import Callable, Iterator
 import lmdb
 import msgpack
 
+from .change_blobs import (
+    BLOB_LOGGED,
+    BLOB_LZ4,
+    compress_blob,
+    logged_key,
+    open_blob,
+    resolve_stored,
+)
 from .datadir import FILE_MODE
 from .doc_codec import json_body, pack_record, record_live, unpack_record
 from .idtable import IdTable
@@ -396,6 +404,12 @@ def doc_log_entries(value) -> Iterator[tuple[bytes, int, int]]:
             i += rl
 
 
+def doc_log_docs(value) -> dict[bytes, bytes | None]:
+    """The documents of one ``doc_log`` record: key -> record (None: deleted)."""
+    return {dkey: None if length < 0 else bytes(value[off:off + length])
+            for dkey, off, length in doc_log_entries(value)}
+
+
 def doc_log_rows(txn, db) -> tuple[dict[bytes, bytes | None], int, int]:
     """The ``doc_log`` of a shard read in `txn` (`db` its handle, or None: no log): ({document
     key: latest record logged, None if deleted}, last log key, bytes logged). Records in key
@@ -437,12 +451,10 @@ def write_doc_checkpoint(txn, views_db, log_db, meta_db, docs: dict[bytes, bytes
 
 
 def resolved_change(txn, log_db, key: bytes, value) -> bytes:
-    """A change outbox row's value with the data of a logged blob (changes.stored_blob) put
-    back from the ``doc_log`` record it refers to (changes.resolve_stored; uncompressed),
-    any other value as it is (bytes). ShardError when that record is missing or does not
-    hold the data."""
-    from .changes import BLOB_LOGGED, logged_key, open_blob, resolve_stored
-
+    """A change outbox row's value with the data of a logged blob (change_blobs.stored_blob)
+    put back from the ``doc_log`` record it refers to (change_blobs.resolve_stored;
+    uncompressed), any other value as it is (bytes). ShardError when that record is
+    missing or does not hold the data."""
     value = bytes(value)
     if len(key) != 16 or len(value) < 2 or not value[1] & BLOB_LOGGED:
         return value
@@ -453,7 +465,7 @@ def resolved_change(txn, log_db, key: bytes, value) -> bytes:
         raise ShardError(f"change outbox blob {parse_change_key(key)[:2]}: its document log "
                          f"record {lk} is missing")
     try:
-        return resolve_stored(value, record)
+        return resolve_stored(value, doc_log_docs(record))
     except ValueError as e:
         raise ShardError(f"change outbox blob {parse_change_key(key)[:2]}: {e}") from e
 
@@ -463,8 +475,6 @@ def resolve_changes(txn, changes_db, log_db) -> int:
     again if it was: changes.compress_blob), before the document log it refers to is
     emptied; returns how many. Most commits' blobs were delivered and pruned by then: this
     reads a few rows."""
-    from .changes import BLOB_LOGGED, BLOB_LZ4, compress_blob
-
     todo = []
     for k, v in txn.cursor(db=changes_db):
         if len(k) == 16 and len(v) > 1 and v[1] & BLOB_LOGGED:
@@ -1370,7 +1380,7 @@ class Batch(_IndexWrites):
     def logged_docs(self) -> dict[bytes, bytes | None]:
         """The documents this transaction's ``doc_log`` record will hold (key -> record,
         None: deleted; empty after a checkpoint in this transaction, which wrote them into
-        ``views``): what a change blob may refer to (changes.stored_blob)."""
+        ``views``): what a change blob may refer to (change_blobs.stored_blob)."""
         return self._docp
 
     @property

@@ -299,10 +299,11 @@ logged_rows = st.lists(st.tuples(st.integers(0, 300), st.text(max_size=12),
 
 
 def logged_case(spec):
-    """(rows, bodies, logged docs, the doc_log record) of a commit: each row a (doc key,
-    view id, key, version, data) change, its `mode` deciding what bodies/logged say of it."""
+    """(rows, bodies, logged docs, the documents of the doc_log record) of a commit: each
+    row a (doc key, view id, key, version, data) change, its `mode` deciding what
+    bodies/logged say of it."""
     from aggregator.doc_codec import pack_record
-    from aggregator.store import pack_doc_log
+    from aggregator.store import doc_log_docs, pack_doc_log
 
     rows, bodies, logged = [], {}, {}
     for vid, key, version, data, mode, slot in spec:
@@ -319,15 +320,15 @@ def logged_case(spec):
             logged[dkey] = None
         elif mode != "not_logged":
             logged[dkey] = pack_record({"v": v, "d": None, "s": {}}, bodies[dkey][1])
-    return rows, bodies, logged, pack_doc_log(logged)
+    return rows, bodies, logged, doc_log_docs(pack_doc_log(logged))
 
 
 @settings(max_examples=400, deadline=None)
 @given(logged_rows, st.integers(0, 2**64 - 1), st.booleans())
 def test_stored_blob_compiled_is_the_reference_and_resolves(spec, log_key, is_json):
     """The outbox form without the data the commit's doc_log record holds: both builds give
-    the same bytes (or both None), and `resolve_stored` with that record gives the blob
-    back as pack_blob wrote it."""
+    the same bytes (or both None), and `resolve_stored` with that record's documents gives
+    the blob back as pack_blob wrote it."""
     rows, bodies, logged, record = logged_case(spec)
     blob = changes.pack_blob_ref(rows, 1_700_000_000_000, is_json, 1)
     want = changes.stored_blob_ref(blob, rows, bodies, logged, log_key)
@@ -351,7 +352,7 @@ def test_stored_blob_compiled_is_the_reference_and_resolves(spec, log_key, is_js
 
 def test_a_logged_blob_without_its_record_is_refused():
     from aggregator.doc_codec import pack_record
-    from aggregator.store import pack_doc_log
+    from aggregator.store import doc_log_docs, pack_doc_log
 
     spec = [(1, "a", 3, b'{"x":1}', "logged", b"\x00\x07"),
             (1, "b", 1, b'{"y":1}', "no_body", b"\x00\x07")]
@@ -359,8 +360,9 @@ def test_a_logged_blob_without_its_record_is_refused():
     blob = changes.pack_blob_ref(rows, 5, True, 1)
     stored = changes.stored_blob_ref(blob, rows, bodies, logged, 9)
     assert changes.resolve_stored(stored, record) == blob
-    other = pack_doc_log({rows[0][0]: pack_record({"v": 4, "d": None, "s": {}}, b"{}")})
-    for bad in (pack_doc_log({}), other):
+    other = doc_log_docs(pack_doc_log({rows[0][0]: pack_record({"v": 4, "d": None, "s": {}},
+                                                                 b"{}")}))
+    for bad in ({}, other, {rows[0][0]: None}):
         with pytest.raises(ValueError, match="does not hold that version"):
             changes.resolve_stored(stored, bad)
     with pytest.raises(ValueError, match="without its document log record"):

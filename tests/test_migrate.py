@@ -121,7 +121,7 @@ def test_migration_keeps_views_offsets_totals_parked_and_the_dedup_window(
         s = Shard(shard_path(data, i), readonly=True)
         try:
             meta = s.meta_items()
-            assert meta["format"] == FORMAT_VERSION == 5
+            assert meta["format"] == FORMAT_VERSION == 6
             assert meta["bloom_generation"] == before["gen"][i]  # not shifted: same shard
             assert "dedup_log_seq" in meta and "shard_token" in meta  # carried
             for name in TOTALS:
@@ -249,7 +249,7 @@ def test_the_migrate_command(tmp_path):
             "--workers", "2"]
     res = CliRunner().invoke(cli_main, args)
     assert res.exit_code == 0, res.output
-    assert "migrated to format 5" in res.output
+    assert "migrated to format 6" in res.output
     res = CliRunner().invoke(cli_main, args)
     assert res.exit_code == 0 and "nothing to do" in res.output
     assert not reshard.needs_migration(data)

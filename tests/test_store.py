@@ -100,13 +100,13 @@ def test_check_layout_refuses_another_format(shard):
 @pytest.mark.parametrize("fmt", [2, 3, 4])
 def test_an_older_shard_is_stamped_and_read_as_it_is(tmp_path, fmt):
     """Format 3 only added the "j" form of views records, format 4 the sequence log, format
-    5 the document log: a format-2, 3 or 4 shard (seq rows only in seq, documents only in
-    views, no log database) opens as it is, is stamped 5 (an older build then refuses it)
-    and needs no migration."""
+    5 the document log, format 6 logged change blobs: a format-2, 3 or 4 shard (seq rows
+    only in seq, documents only in views, no log database) opens as it is, is stamped 6 (an
+    older build then refuses it) and needs no migration."""
     from aggregator.reshard import needs_migration
     from aggregator.store import FORMATS_IN_PLACE, view_key
 
-    assert FORMAT_VERSION == 5 and FORMATS_IN_PLACE == (2, 3, 4)
+    assert FORMAT_VERSION == 6 and FORMATS_IN_PLACE == (2, 3, 4, 5)
     s = Shard(tmp_path / "shard-0", sync=False)
     s.check_layout(shard=0, workers=1, slots=4096)
     s.put_meta(format=fmt)

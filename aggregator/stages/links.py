@@ -80,7 +80,7 @@ class LinksStage:
             last = self.change_seq + len(rows)
             blob = self.changes.blob(rows, 1)  # fields after the doc key
             # without the data the commit's doc_log record holds (LZ4 unless off)
-            logged = batch.logged_docs() if self._may_log_changes(batch) else None
+            logged = batch.logged_docs() if self._may_log_changes(batch, len(rows)) else None
             batch.put_changes(first, last, self.changes.stored(
                 blob, rows, self.attempt.bodies, logged, batch.next_doc_log_key()))
             self.attempt.chg_out.append((first, last, blob))  # the publisher's: as it is
@@ -91,13 +91,16 @@ class LinksStage:
             batch.put_meta("changes_published", delivered)
             self.attempt.pruned = delivered
 
-    def _may_log_changes(self, batch: Batch) -> bool:
-        """May this commit's change blob leave out the data its ``doc_log`` record holds?
-        Not when two more commits like it would reach the checkpoint: a checkpoint rewrites
-        the logged blobs not yet delivered with their data (store.write_doc_checkpoint),
-        and the last commits' blobs usually are not; written whole, they need not be."""
+    def _may_log_changes(self, batch: Batch, changes: int) -> bool:
+        """May this commit's blob of `changes` change events leave out the data its
+        ``doc_log`` record holds? A checkpoint rewrites the logged blobs not yet delivered
+        with their data (store.write_doc_checkpoint), which costs more than writing them
+        whole: not when two more commits like this one would reach the checkpoint (the
+        last commits' blobs are usually not delivered by then), nor when the publisher is
+        behind by more than a few such commits (a broker outage: they would all be)."""
         return batch.doc_log_bytes + 2 * batch.doc_log_txn_bytes < \
-            self.cfg.service.doc_checkpoint_bytes
+            self.cfg.service.doc_checkpoint_bytes and \
+            self.publisher.backlog <= 4 * changes
 
     def _pump_outbox(self) -> None:
         """Send committed outbox messages to their shards, in link-sequence order."""
